@@ -1,0 +1,252 @@
+// Python bindings: the only file that knows Python.
+//
+// Invariants:
+// - Arguments are checked by the native classes; this file converts types, releases the GIL around
+//   anything that may block, and maps expertflow::Error to expertflow.ExpertFlowError.
+// - Arenas are handed out as one-dimensional uint8 DLPack tensors that own a reference to the arena,
+//   so views stay valid after the pool or cache object is closed or collected.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <optional>
+
+#include "dlpack.h"
+#include "expertflow/backend.h"
+#include "expertflow/cache.h"
+#include "expertflow/error.h"
+#include "expertflow/pool.h"
+#include "expertflow/runtime.h"
+
+namespace py = pybind11;
+using namespace expertflow;
+
+namespace {
+
+struct ArenaView {
+  std::shared_ptr<Buffer> buffer;
+  int64_t shape[1];
+  DLManagedTensor managed;
+};
+
+py::capsule arena_dlpack(const std::shared_ptr<Buffer>& buffer) {
+  EF_CHECK(buffer != nullptr, "the arena was released");
+  auto* view = new ArenaView{buffer, {static_cast<int64_t>(buffer->bytes())}, {}};
+  DLTensor& t = view->managed.dl_tensor;
+  t.data = buffer->data();
+  const bool on_gpu = buffer->kind() == Buffer::Kind::kDevice && buffer->backend()->is_gpu();
+  t.device = on_gpu ? DLDevice{kDLCUDA, buffer->backend()->device_index()} : DLDevice{kDLCPU, 0};
+  t.ndim = 1;
+  t.dtype = DLDataType{kDLUInt, 8, 1};
+  t.shape = view->shape;
+  t.strides = nullptr;
+  t.byte_offset = 0;
+  view->managed.manager_ctx = view;
+  view->managed.deleter = [](DLManagedTensor* self) { delete static_cast<ArenaView*>(self->manager_ctx); };
+  return py::capsule(&view->managed, "dltensor", [](PyObject* capsule) {
+    // A consumer renames the capsule to "used_dltensor" and owns it; otherwise we free it here.
+    if (PyCapsule_IsValid(capsule, "dltensor")) {
+      auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+      managed->deleter(managed);
+    } else {
+      PyErr_Clear();
+    }
+  });
+}
+
+Stream as_stream(uintptr_t handle) { return reinterpret_cast<Stream>(handle); }
+
+py::dict stats_dict(const RuntimeStats& s) {
+  py::dict d;
+  d["accesses"] = s.accesses;
+  d["hits"] = s.hits;
+  d["misses"] = s.misses;
+  d["prefetch_hits"] = s.prefetch_hits;
+  d["prefetches"] = s.prefetches;
+  d["wasted_prefetches"] = s.wasted_prefetches;
+  d["cancelled_prefetches"] = s.cancelled_prefetches;
+  d["evictions"] = s.evictions;
+  d["bytes_copied"] = s.bytes_copied;
+  d["prefetch_bytes"] = s.prefetch_bytes;
+  d["demand_bytes"] = s.demand_bytes;
+  d["stalls"] = s.stalls;
+  d["stall_ms"] = s.stall_ms;
+  return d;
+}
+
+py::dict slot_dict(const SlotMeta& m) {
+  py::dict d;
+  d["layer"] = m.layer;
+  d["expert"] = m.expert;
+  d["pin_count"] = m.pin_count;
+  d["plan_priority"] = m.plan_priority;
+  d["last_use"] = m.last_use;
+  d["use_count"] = m.use_count;
+  d["prefetched_unused"] = m.prefetched_unused;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ExpertFlow native runtime: pinned expert pool, slot cache, copy engine.";
+  static py::exception<Error> error_type(m, "ExpertFlowError", PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      py::set_error(error_type, e.what());
+    }
+  });
+  m.attr("TENSOR_ALIGNMENT") = kTensorAlignment;
+  m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
+        "Empty when a CUDA device is usable by this build; otherwise the reason.");
+
+  py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
+      .def_property_readonly("name", &Backend::name)
+      .def_property_readonly("is_gpu", &Backend::is_gpu)
+      .def_property_readonly("device_index", &Backend::device_index);
+  m.def("make_backend", &make_backend, py::arg("name"));
+
+  py::class_<ExpertPool, std::shared_ptr<ExpertPool>>(m, "ExpertPool")
+      .def(py::init([](std::shared_ptr<Backend> backend, std::vector<int> num_experts,
+                       std::vector<std::vector<py::tuple>> layer_tensors) {
+             std::vector<ExpertLayout> layouts;
+             for (const auto& tensors : layer_tensors) {
+               std::vector<TensorSpec> specs;
+               for (const auto& t : tensors) {
+                 EF_CHECK(t.size() == 4, "a tensor spec is (name, dtype, shape, itemsize), got " << t.size() << " fields");
+                 TensorSpec spec;
+                 spec.name = t[0].cast<std::string>();
+                 spec.dtype = t[1].cast<std::string>();
+                 spec.shape = t[2].cast<std::vector<int64_t>>();
+                 spec.itemsize = t[3].cast<size_t>();
+                 specs.push_back(std::move(spec));
+               }
+               layouts.push_back(ExpertLayout::pack(std::move(specs)));
+             }
+             return std::make_shared<ExpertPool>(std::move(backend), std::move(num_experts), std::move(layouts));
+           }),
+           py::arg("backend"), py::arg("num_experts"), py::arg("layer_tensors"))
+      .def_property_readonly("num_layers", &ExpertPool::num_layers)
+      .def_property_readonly("total_bytes", &ExpertPool::total_bytes)
+      .def_property_readonly("max_expert_bytes", &ExpertPool::max_expert_bytes)
+      .def_property_readonly("backend", &ExpertPool::backend)
+      .def("num_experts", &ExpertPool::num_experts, py::arg("layer"))
+      .def("expert_bytes", &ExpertPool::expert_bytes, py::arg("layer"))
+      .def("expert_offset",
+           [](const ExpertPool& p, int layer, int expert) {
+             return static_cast<size_t>(p.expert_data(layer, expert) - p.arena()->data());
+           },
+           py::arg("layer"), py::arg("expert"), "Byte offset of the expert in the pinned arena.")
+      .def("layout",
+           [](const ExpertPool& p, int layer) {
+             py::list out;
+             for (const auto& t : p.layout(layer).tensors) {
+               out.append(py::make_tuple(t.name, t.dtype, t.shape, t.itemsize, t.offset, t.nbytes));
+             }
+             return out;
+           },
+           py::arg("layer"), "[(name, dtype, shape, itemsize, offset, nbytes)] of every expert of the layer.")
+      .def("write",
+           [](ExpertPool& p, int layer, int expert, int tensor, py::buffer data, size_t offset) {
+             py::buffer_info info = data.request();
+             EF_CHECK(PyBuffer_IsContiguous(info.view(), 'C'),
+                      "the source of layer " << layer << " expert " << expert
+                                             << " is not contiguous; make it contiguous first");
+             const size_t bytes = static_cast<size_t>(info.size) * static_cast<size_t>(info.itemsize);
+             py::gil_scoped_release nogil;
+             p.write(layer, expert, tensor, info.ptr, bytes, offset);
+           },
+           py::arg("layer"), py::arg("expert"), py::arg("tensor"), py::arg("data"), py::arg("offset") = 0,
+           "Copies a contiguous buffer (numpy array, memoryview of an mmap) into one tensor of an expert.")
+      .def("write_from_address",
+           [](ExpertPool& p, int layer, int expert, int tensor, uintptr_t address, size_t bytes, size_t offset) {
+             EF_CHECK(address != 0 || bytes == 0, "source address is null");
+             py::gil_scoped_release nogil;
+             p.write(layer, expert, tensor, reinterpret_cast<const void*>(address), bytes, offset);
+           },
+           py::arg("layer"), py::arg("expert"), py::arg("tensor"), py::arg("address"), py::arg("nbytes"),
+           py::arg("offset") = 0, "Copies raw host bytes (e.g. a CPU tensor's data_ptr()) into one tensor of an expert.")
+      .def("arena_dlpack", [](const ExpertPool& p) { return arena_dlpack(p.arena()); },
+           "The whole pinned arena as a uint8 DLPack capsule.");
+
+  py::class_<SlotCache>(m, "SlotCache")
+      .def(py::init([](int num_slots, const std::string& policy) { return SlotCache(num_slots, parse_policy(policy)); }),
+           py::arg("num_slots"), py::arg("policy"))
+      .def_property_readonly("num_slots", &SlotCache::num_slots)
+      .def("find", &SlotCache::find, py::arg("layer"), py::arg("expert"))
+      .def("layer_count", &SlotCache::layer_count, py::arg("layer"))
+      .def("set_layer_quotas", &SlotCache::set_layer_quotas, py::arg("quotas"))
+      .def("access",
+           [](SlotCache& c, int layer, const std::vector<int>& experts, std::optional<std::vector<uint64_t>> next_uses) {
+             return c.access(layer, experts, next_uses ? &*next_uses : nullptr);
+           },
+           py::arg("layer"), py::arg("experts"), py::arg("next_uses") = py::none(),
+           "Demand-paging access of one layer's experts; returns the number of hits.")
+      .def("resident", [](const SlotCache& c) {
+        py::list out;
+        for (const auto& s : c.slots()) out.append(py::make_tuple(s.layer, s.expert));
+        return out;
+      });
+
+  py::class_<Runtime, std::shared_ptr<Runtime>>(m, "Runtime")
+      .def(py::init([](std::shared_ptr<ExpertPool> pool, int num_slots, size_t slot_bytes, const std::string& policy,
+                       size_t chunk_bytes, int max_chunks_in_flight) {
+             RuntimeOptions options;
+             options.num_slots = num_slots;
+             options.slot_bytes = slot_bytes;
+             options.policy = policy;
+             options.copy.chunk_bytes = chunk_bytes;
+             options.copy.max_chunks_in_flight = max_chunks_in_flight;
+             return std::make_shared<Runtime>(std::move(pool), options);
+           }),
+           py::arg("pool"), py::arg("num_slots"), py::arg("slot_bytes") = 0, py::arg("policy") = "lru_with_correction",
+           py::arg("chunk_bytes") = size_t{4} << 20, py::arg("max_chunks_in_flight") = 2)
+      .def_property_readonly("num_slots", &Runtime::num_slots)
+      .def_property_readonly("slot_bytes", &Runtime::slot_bytes)
+      .def_property_readonly("policy", [](const Runtime& r) { return policy_name(r.policy()); })
+      .def_property_readonly("pool", &Runtime::pool)
+      .def("prefetch",
+           [](Runtime& r, const std::vector<std::tuple<int, int, float>>& plan) {
+             std::vector<PlanItem> items;
+             items.reserve(plan.size());
+             for (const auto& [layer, expert, priority] : plan) items.push_back(PlanItem{layer, expert, priority});
+             py::gil_scoped_release nogil;
+             r.prefetch(items);
+           },
+           py::arg("plan"))
+      .def("acquire",
+           [](Runtime& r, int layer, const std::vector<int>& experts, uintptr_t stream) {
+             py::gil_scoped_release nogil;
+             return r.acquire(layer, experts, as_stream(stream));
+           },
+           py::arg("layer"), py::arg("experts"), py::arg("stream") = 0)
+      .def("release",
+           [](Runtime& r, int layer, const std::vector<int>& experts, uintptr_t stream) {
+             py::gil_scoped_release nogil;
+             r.release(layer, experts, as_stream(stream));
+           },
+           py::arg("layer"), py::arg("experts"), py::arg("stream") = 0)
+      .def("set_layer_quotas", &Runtime::set_layer_quotas, py::arg("quotas"))
+      .def("stats", [](Runtime& r) { return stats_dict(r.stats()); })
+      .def("reset_stats", &Runtime::reset_stats)
+      .def("slot_table",
+           [](Runtime& r) {
+             py::list out;
+             for (const auto& s : r.slot_table()) out.append(slot_dict(s));
+             return out;
+           })
+      .def("synchronize", &Runtime::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("pause_prefetch", &Runtime::pause_prefetch)
+      .def("resume_prefetch", &Runtime::resume_prefetch)
+      .def("close", &Runtime::close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("closed", &Runtime::closed)
+      .def("arena_dlpack",
+           [](Runtime& r) {
+             EF_CHECK(!r.closed(), "the expert cache is closed; create a new one");
+             return arena_dlpack(r.arena());
+           },
+           "The slot arena (num_slots * slot_bytes) as a uint8 DLPack capsule on the backend's device.");
+}

@@ -1,0 +1,330 @@
+// CopyEngine: host-side prefetch queue, chunked submission, demand loads. See copy_engine.h.
+#include "expertflow/copy_engine.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "expertflow/error.h"
+
+namespace expertflow {
+
+namespace {
+// How often the dispatcher re-checks a demand load it holds prefetches back for.
+constexpr auto kDemandPoll = std::chrono::microseconds(20);
+}  // namespace
+
+CopyEngine::CopyEngine(std::shared_ptr<Backend> backend, int num_slots, CopyEngineOptions options)
+    : backend_(std::move(backend)), options_(options) {
+  EF_CHECK(num_slots > 0, "the copy engine needs at least one slot, got " << num_slots);
+  EF_CHECK(options_.chunk_bytes >= 4096, "chunk_bytes must be at least 4096, got " << options_.chunk_bytes);
+  EF_CHECK(options_.max_chunks_in_flight >= 1,
+           "max_chunks_in_flight must be at least 1, got " << options_.max_chunks_in_flight);
+  jobs_.resize(static_cast<size_t>(num_slots));
+  try {
+    prefetch_stream_ = backend_->create_stream(false);
+    demand_stream_ = backend_->create_stream(true);
+    for (int s = 0; s < num_slots; ++s) {
+      ready_events_.push_back(backend_->create_event(false));
+      free_events_.push_back(backend_->create_event(false));
+    }
+    for (int i = 0; i <= options_.max_chunks_in_flight; ++i) chunk_events_.push_back(backend_->create_event(false));
+  } catch (...) {
+    close();
+    throw;
+  }
+  dispatcher_ = std::thread([this] { run_dispatcher(); });
+}
+
+CopyEngine::~CopyEngine() { close(); }
+
+void CopyEngine::close() noexcept {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (closed_) return;
+    closed_ = true;
+    stopping_ = true;
+    queue_.clear();
+  }
+  dispatcher_cv_.notify_all();
+  idle_cv_.notify_all();
+  if (dispatcher_.joinable()) dispatcher_.join();
+  try {
+    if (prefetch_stream_) backend_->synchronize_stream(prefetch_stream_);
+    if (demand_stream_) backend_->synchronize_stream(demand_stream_);
+  } catch (...) {
+    // Closing must not throw; a failed device is reported by the call that meets it first.
+  }
+  for (Event e : ready_events_) backend_->destroy_event(e);
+  for (Event e : free_events_) backend_->destroy_event(e);
+  for (Event e : chunk_events_) backend_->destroy_event(e);
+  for (auto& t : stalls_pending_) {
+    backend_->destroy_event(t.start);
+    backend_->destroy_event(t.end);
+  }
+  for (auto& t : stall_timers_free_) {
+    backend_->destroy_event(t.start);
+    backend_->destroy_event(t.end);
+  }
+  ready_events_.clear();
+  free_events_.clear();
+  chunk_events_.clear();
+  stalls_pending_.clear();
+  stall_timers_free_.clear();
+  backend_->destroy_stream(prefetch_stream_);
+  backend_->destroy_stream(demand_stream_);
+  prefetch_stream_ = demand_stream_ = nullptr;
+}
+
+void CopyEngine::check_slot(int slot) const {
+  EF_CHECK(slot >= 0 && slot < static_cast<int>(jobs_.size()),
+           "slot " << slot << " is out of range (num_slots=" << jobs_.size() << ")");
+}
+
+void CopyEngine::rethrow_dispatcher_error_locked() {
+  EF_CHECK(!closed_, "the copy engine is closed");
+  EF_CHECK(dispatcher_error_.empty(), "the prefetch dispatcher failed: " << dispatcher_error_);
+}
+
+void CopyEngine::prefetch(int slot, const void* src, void* dst, size_t bytes, float priority) {
+  std::lock_guard<std::mutex> lk(mu_);
+  rethrow_dispatcher_error_locked();
+  check_slot(slot);
+  Job& job = jobs_[slot];
+  EF_CHECK(job.state == JobState::kNone || job.state == JobState::kSubmitted,
+           "slot " << slot << " already has an unfinished copy");
+  job = Job{static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), bytes, 0, priority, next_sequence_++,
+            JobState::kQueued};
+  queue_.emplace(-priority, job.sequence, slot);
+  dispatcher_cv_.notify_all();
+}
+
+void CopyEngine::set_priority(int slot, float priority) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  Job& job = jobs_[slot];
+  if (job.state != JobState::kQueued) return;
+  queue_.erase(QueueKey{-job.priority, job.sequence, slot});
+  job.priority = priority;
+  queue_.emplace(-priority, job.sequence, slot);
+}
+
+bool CopyEngine::cancel(int slot) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  Job& job = jobs_[slot];
+  if (job.state != JobState::kQueued) return false;
+  queue_.erase(QueueKey{-job.priority, job.sequence, slot});
+  job = Job{};
+  idle_cv_.notify_all();
+  return true;
+}
+
+CopyEngine::JobState CopyEngine::job_state(int slot) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  return jobs_[slot].state;
+}
+
+void CopyEngine::submit_demand_locked(int slot, size_t from) {
+  Job& job = jobs_[slot];
+  if (from == 0) {
+    backend_->wait(demand_stream_, free_events_[slot]);
+    backend_->wait(demand_stream_, ready_events_[slot]);
+  } else {
+    // The first chunks went out on the prefetch stream: the rest must land after them.
+    backend_->record(ready_events_[slot], prefetch_stream_);
+    backend_->wait(demand_stream_, ready_events_[slot]);
+  }
+  const size_t remaining = job.bytes - from;
+  if (remaining > 0) backend_->copy_to_device_async(job.dst + from, job.src + from, remaining, demand_stream_);
+  backend_->record(ready_events_[slot], demand_stream_);
+  stats_.demand_bytes += remaining;
+  job.submitted = job.bytes;
+  job.state = JobState::kSubmitted;
+  demand_in_flight_.push_back(slot);
+}
+
+void CopyEngine::demand(int slot, const void* src, void* dst, size_t bytes) {
+  std::lock_guard<std::mutex> lk(mu_);
+  rethrow_dispatcher_error_locked();
+  check_slot(slot);
+  Job& job = jobs_[slot];
+  EF_CHECK(job.state == JobState::kNone || job.state == JobState::kSubmitted,
+           "slot " << slot << " already has an unfinished copy");
+  job = Job{static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), bytes, 0, 0, next_sequence_++,
+            JobState::kQueued};
+  submit_demand_locked(slot, 0);
+}
+
+bool CopyEngine::promote(int slot) {
+  std::lock_guard<std::mutex> lk(mu_);
+  rethrow_dispatcher_error_locked();
+  check_slot(slot);
+  Job& job = jobs_[slot];
+  if (job.state == JobState::kQueued) {
+    queue_.erase(QueueKey{-job.priority, job.sequence, slot});
+    submit_demand_locked(slot, 0);
+    return true;
+  }
+  if (job.state == JobState::kStarted) {
+    current_ = -1;
+    submit_demand_locked(slot, job.submitted);
+    if (queue_.empty()) idle_cv_.notify_all();
+    return true;
+  }
+  return false;
+}
+
+bool CopyEngine::wait_ready(int slot, Stream compute) {
+  Event ready;
+  StallTimer timer{};
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    rethrow_dispatcher_error_locked();
+    check_slot(slot);
+    EF_CHECK(jobs_[slot].state == JobState::kNone || jobs_[slot].state == JobState::kSubmitted,
+             "slot " << slot << " is waited on before its copy was submitted; promote it first");
+    harvest_stalls_locked();
+    ready = ready_events_[slot];
+    if (backend_->query(ready)) return false;
+    if (stall_timers_free_.empty()) {
+      timer.start = backend_->create_event(true);
+      timer.end = backend_->create_event(true);
+    } else {
+      timer = stall_timers_free_.back();
+      stall_timers_free_.pop_back();
+    }
+    ++stats_.num_stalls;
+  }
+  // Outside the lock: on the host backend the null compute stream blocks right here.
+  backend_->record(timer.start, compute);
+  backend_->wait(compute, ready);
+  backend_->record(timer.end, compute);
+  std::lock_guard<std::mutex> lk(mu_);
+  stalls_pending_.push_back(timer);
+  return true;
+}
+
+void CopyEngine::release(int slot, Stream compute) {
+  std::lock_guard<std::mutex> lk(mu_);
+  rethrow_dispatcher_error_locked();
+  check_slot(slot);
+  backend_->record(free_events_[slot], compute);
+}
+
+void CopyEngine::harvest_stalls_locked() {
+  while (!stalls_pending_.empty() && backend_->query(stalls_pending_.front().end)) {
+    StallTimer t = stalls_pending_.front();
+    stalls_pending_.pop_front();
+    stats_.stall_ms += backend_->elapsed_ms(t.start, t.end);
+    stall_timers_free_.push_back(t);
+  }
+}
+
+void CopyEngine::pause() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    paused_ = true;
+  }
+  idle_cv_.notify_all();
+}
+
+void CopyEngine::resume() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    paused_ = false;
+  }
+  dispatcher_cv_.notify_all();
+}
+
+void CopyEngine::synchronize() {
+  {
+    std::unique_lock<std::mutex> lk(mu_);
+    rethrow_dispatcher_error_locked();
+    idle_cv_.wait(lk, [&] {
+      return paused_ || stopping_ || !dispatcher_error_.empty() || (queue_.empty() && current_ < 0);
+    });
+    rethrow_dispatcher_error_locked();
+  }
+  backend_->synchronize_stream(prefetch_stream_);
+  backend_->synchronize_stream(demand_stream_);
+}
+
+CopyStats CopyEngine::stats() {
+  std::lock_guard<std::mutex> lk(mu_);
+  harvest_stalls_locked();
+  return stats_;
+}
+
+void CopyEngine::reset_stats() {
+  std::lock_guard<std::mutex> lk(mu_);
+  harvest_stalls_locked();
+  stats_ = CopyStats{};
+}
+
+bool CopyEngine::demand_outstanding_locked() {
+  demand_in_flight_.erase(std::remove_if(demand_in_flight_.begin(), demand_in_flight_.end(),
+                                         [&](int slot) { return backend_->query(ready_events_[slot]); }),
+                          demand_in_flight_.end());
+  return !demand_in_flight_.empty();
+}
+
+void CopyEngine::submit_chunk_locked() {
+  if (current_ < 0) {
+    current_ = std::get<2>(*queue_.begin());
+    queue_.erase(queue_.begin());
+  }
+  const int slot = current_;
+  Job& job = jobs_[slot];
+  if (job.submitted == 0) {
+    backend_->wait(prefetch_stream_, free_events_[slot]);
+    backend_->wait(prefetch_stream_, ready_events_[slot]);
+    job.state = JobState::kStarted;
+  }
+  const size_t n = std::min(options_.chunk_bytes, job.bytes - job.submitted);
+  backend_->copy_to_device_async(job.dst + job.submitted, job.src + job.submitted, n, prefetch_stream_);
+  Event chunk_done = chunk_events_[next_chunk_event_++ % chunk_events_.size()];
+  backend_->record(chunk_done, prefetch_stream_);
+  chunks_in_flight_.push_back(chunk_done);
+  job.submitted += n;
+  stats_.prefetch_bytes += n;
+  if (job.submitted == job.bytes) {
+    backend_->record(ready_events_[slot], prefetch_stream_);
+    job.state = JobState::kSubmitted;
+    current_ = -1;
+    if (queue_.empty()) idle_cv_.notify_all();
+  }
+}
+
+void CopyEngine::run_dispatcher() {
+  std::unique_lock<std::mutex> lk(mu_);
+  try {
+    while (!stopping_) {
+      while (!chunks_in_flight_.empty() && backend_->query(chunks_in_flight_.front())) chunks_in_flight_.pop_front();
+      const bool have_work = !paused_ && (current_ >= 0 || !queue_.empty());
+      if (!have_work && chunks_in_flight_.empty()) {
+        dispatcher_cv_.wait(lk);
+        continue;
+      }
+      if (have_work && demand_outstanding_locked()) {
+        dispatcher_cv_.wait_for(lk, kDemandPoll);
+        continue;
+      }
+      if (!have_work || static_cast<int>(chunks_in_flight_.size()) >= options_.max_chunks_in_flight) {
+        // Only this thread records or pops chunk events, so the oldest stays valid while unlocked.
+        Event oldest = chunks_in_flight_.front();
+        lk.unlock();
+        backend_->synchronize(oldest);
+        lk.lock();
+        continue;
+      }
+      submit_chunk_locked();
+    }
+  } catch (const std::exception& e) {
+    if (!lk.owns_lock()) lk.lock();
+    dispatcher_error_ = e.what();
+  }
+  idle_cv_.notify_all();
+}
+
+}  // namespace expertflow

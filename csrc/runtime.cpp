@@ -1,0 +1,258 @@
+// Runtime: prefetch / acquire / release over pool, cache and copy engine. See runtime.h.
+#include "expertflow/runtime.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <set>
+#include <utility>
+
+#include "expertflow/error.h"
+
+namespace expertflow {
+
+namespace {
+
+RuntimeOptions validated(const std::shared_ptr<ExpertPool>& pool, RuntimeOptions options) {
+  EF_CHECK(pool != nullptr, "the runtime needs an expert pool");
+  EF_CHECK(options.num_slots > 0, "num_slots must be at least 1, got " << options.num_slots);
+  if (options.slot_bytes == 0) options.slot_bytes = pool->max_expert_bytes();
+  options.slot_bytes = align_up(options.slot_bytes, kTensorAlignment);
+  for (int l = 0; l < pool->num_layers(); ++l) {
+    EF_CHECK(pool->expert_bytes(l) <= options.slot_bytes,
+             "an expert of layer " << l << " takes " << pool->expert_bytes(l) << " bytes, more than slot_bytes="
+                                   << options.slot_bytes << "; raise slot_bytes to at least " << pool->expert_bytes(l));
+  }
+  return options;
+}
+
+}  // namespace
+
+Runtime::Runtime(std::shared_ptr<ExpertPool> pool, RuntimeOptions options)
+    : pool_(std::move(pool)),
+      options_(validated(pool_, std::move(options))),
+      policy_(parse_policy(options_.policy)),
+      cache_(options_.num_slots, policy_) {
+  EF_CHECK(policy_ != Policy::kBelady, "policy 'belady' needs the future and exists for trace replay only; "
+                                       "choose lru, lfu or lru_with_correction");
+  arena_ = std::make_shared<Buffer>(pool_->backend(), Buffer::Kind::kDevice,
+                                    options_.slot_bytes * static_cast<size_t>(options_.num_slots));
+  engine_ = std::make_unique<CopyEngine>(pool_->backend(), options_.num_slots, options_.copy);
+}
+
+Runtime::~Runtime() { close(); }
+
+void Runtime::close() noexcept {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (closed_) return;
+  closed_ = true;
+  if (engine_) engine_->close();
+  arena_.reset();
+}
+
+bool Runtime::closed() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return closed_;
+}
+
+void Runtime::check_open() const { EF_CHECK(!closed_, "the expert cache is closed; create a new one"); }
+
+bool Runtime::may_take_locked(int slot) { return engine_->job_state(slot) != CopyEngine::JobState::kStarted; }
+
+void Runtime::evict_locked(int slot) {
+  const SlotMeta& m = cache_.slot(slot);
+  if (m.empty()) return;
+  if (engine_->cancel(slot)) {
+    ++stats_.cancelled_prefetches;
+  } else {
+    ++stats_.evictions;
+    if (m.prefetched_unused) ++stats_.wasted_prefetches;
+  }
+  cache_.clear(slot);
+}
+
+void Runtime::prefetch(const std::vector<PlanItem>& plan) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  std::set<std::pair<int, int>> wanted;
+  for (const PlanItem& item : plan) {
+    pool_->check_expert(item.layer, item.expert);
+    EF_CHECK(std::isfinite(item.priority) && item.priority > 0,
+             "plan priority of layer " << item.layer << " expert " << item.expert << " is " << item.priority
+                                       << "; priorities must be finite and > 0");
+    wanted.emplace(item.layer, item.expert);
+  }
+  cache_.clear_plan_priorities();
+  for (int s = 0; s < cache_.num_slots(); ++s) {
+    const SlotMeta& m = cache_.slot(s);
+    if (!m.empty() && !wanted.count({m.layer, m.expert}) && engine_->cancel(s)) {
+      ++stats_.cancelled_prefetches;
+      cache_.clear(s);
+    }
+  }
+  std::vector<PlanItem> ordered(plan);
+  std::stable_sort(ordered.begin(), ordered.end(),
+                   [](const PlanItem& a, const PlanItem& b) { return a.priority > b.priority; });
+  for (const PlanItem& item : ordered) {
+    int s = cache_.find(item.layer, item.expert);
+    if (s >= 0) {
+      const float priority = std::max(cache_.slot(s).plan_priority, item.priority);
+      cache_.set_plan_priority(s, priority);
+      engine_->set_priority(s, priority);
+      continue;
+    }
+    s = cache_.pick_slot(item.layer, item.priority, [this](int slot) { return may_take_locked(slot); });
+    if (s < 0) continue;  // every slot holds something at least as wanted
+    evict_locked(s);
+    cache_.assign(s, item.layer, item.expert);
+    cache_.set_plan_priority(s, item.priority);
+    cache_.set_prefetched_unused(s, true);
+    engine_->prefetch(s, pool_->expert_data(item.layer, item.expert), slot_data(s), pool_->expert_bytes(item.layer),
+                      item.priority);
+    ++stats_.prefetches;
+  }
+}
+
+std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, Stream compute) {
+  std::vector<int> slots(experts.size(), -1);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    check_open();
+    for (int expert : experts) pool_->check_expert(layer, expert);
+    EF_CHECK(std::set<int>(experts.begin(), experts.end()).size() == experts.size(),
+             "acquire of layer " << layer << " lists an expert twice; pass each expert once");
+    EF_CHECK(static_cast<int>(experts.size()) <= cache_.num_slots(),
+             "capacity of " << cache_.num_slots() << " slots is smaller than the " << experts.size()
+                            << " experts layer " << layer << " needs at once; give the cache at least "
+                            << experts.size() << " slots");
+    for (size_t i = 0; i < experts.size(); ++i) {
+      slots[i] = cache_.find(layer, experts[i]);
+      if (slots[i] >= 0) cache_.pin(slots[i]);
+    }
+    std::vector<size_t> missed;
+    for (size_t i = 0; i < experts.size(); ++i) {
+      if (slots[i] >= 0) continue;
+      const int s = cache_.pick_slot(layer, std::numeric_limits<float>::infinity(),
+                                     [this](int slot) { return may_take_locked(slot); });
+      if (s < 0) {
+        for (int pinned : slots) {
+          if (pinned >= 0) cache_.unpin(pinned);
+        }
+        for (size_t j : missed) cache_.clear(slots[j]);
+        EF_CHECK(false, "no slot is free for layer " << layer << " expert " << experts[i] << ": all "
+                                                     << cache_.num_slots()
+                                                     << " slots are pinned or mid-copy; release experts before "
+                                                        "acquiring more, or give the cache more slots");
+      }
+      evict_locked(s);
+      cache_.assign(s, layer, experts[i]);
+      cache_.pin(s);
+      slots[i] = s;
+      missed.push_back(i);
+    }
+    for (size_t i = 0; i < experts.size(); ++i) {
+      const int s = slots[i];
+      if (std::find(missed.begin(), missed.end(), i) != missed.end()) {
+        engine_->demand(s, pool_->expert_data(layer, experts[i]), slot_data(s), pool_->expert_bytes(layer));
+        ++stats_.misses;
+      } else {
+        engine_->promote(s);
+        ++stats_.hits;
+        if (cache_.slot(s).prefetched_unused) ++stats_.prefetch_hits;
+      }
+      cache_.set_prefetched_unused(s, false);
+      cache_.touch(s);
+    }
+    stats_.accesses += experts.size();
+    if (policy_ == Policy::kLruWithCorrection) {
+      for (int s = 0; s < cache_.num_slots(); ++s) {
+        const SlotMeta& m = cache_.slot(s);
+        if (m.layer == layer && m.plan_priority > 0 && std::find(slots.begin(), slots.end(), s) == slots.end()) {
+          cache_.set_plan_priority(s, 0);
+          engine_->set_priority(s, 0);
+        }
+      }
+    }
+  }
+  // Pinned slots cannot change hands, so waiting needs no cache lock (and must not hold it: on the
+  // host backend the wait blocks this thread until the bytes land).
+  for (int s : slots) engine_->wait_ready(s, compute);
+  return slots;
+}
+
+void Runtime::release(int layer, const std::vector<int>& experts, Stream compute) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  std::vector<int> slots;
+  for (int expert : experts) {
+    pool_->check_expert(layer, expert);
+    const int s = cache_.find(layer, expert);
+    const int already = static_cast<int>(std::count(slots.begin(), slots.end(), s));
+    EF_CHECK(s >= 0 && cache_.slot(s).pin_count > already,
+             "release of layer " << layer << " expert " << expert
+                                 << " which is not acquired (released twice, or never acquired)");
+    slots.push_back(s);
+  }
+  for (int s : slots) {
+    cache_.unpin(s);
+    engine_->release(s, compute);
+  }
+}
+
+void Runtime::set_layer_quotas(std::vector<int> quotas) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  EF_CHECK(quotas.size() <= static_cast<size_t>(pool_->num_layers()),
+           "got quotas for " << quotas.size() << " layers but the pool has " << pool_->num_layers());
+  cache_.set_layer_quotas(std::move(quotas));
+}
+
+RuntimeStats Runtime::stats() {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  RuntimeStats out = stats_;
+  const CopyStats copy = engine_->stats();
+  out.prefetch_bytes = copy.prefetch_bytes;
+  out.demand_bytes = copy.demand_bytes;
+  out.bytes_copied = copy.prefetch_bytes + copy.demand_bytes;
+  out.stalls = copy.num_stalls;
+  out.stall_ms = copy.stall_ms;
+  return out;
+}
+
+void Runtime::reset_stats() {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  stats_ = RuntimeStats{};
+  engine_->reset_stats();
+}
+
+std::vector<SlotMeta> Runtime::slot_table() {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  return cache_.slots();
+}
+
+void Runtime::synchronize() {
+  CopyEngine* engine;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    check_open();
+    engine = engine_.get();
+  }
+  engine->synchronize();
+}
+
+void Runtime::pause_prefetch() {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  engine_->pause();
+}
+
+void Runtime::resume_prefetch() {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  engine_->resume();
+}
+
+}  // namespace expertflow

@@ -1,0 +1,60 @@
+// Backend: the only place that talks to CUDA or emulates it.
+//
+// Invariants:
+// - Streams and events are opaque handles. A null Stream is the caller's compute stream: on CUDA the
+//   legacy default stream, on the host backend the calling thread itself (work on it runs inline).
+// - Event semantics follow CUDA: wait(stream, event) and synchronize(event) refer to the event's most
+//   recent record at the time of the call; an event never recorded counts as complete.
+// - Work submitted to one stream runs in submission order; different streams run concurrently.
+// - Allocation failures throw with the size asked for; free/destroy never throw.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+namespace expertflow {
+
+using Stream = void*;
+using Event = void*;
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string name() const = 0;
+  // True when "device" memory is GPU memory (compute must run on the GPU to read slots).
+  virtual bool is_gpu() const = 0;
+  virtual int device_index() const = 0;
+
+  virtual void* alloc_pinned(size_t bytes) = 0;
+  virtual void free_pinned(void* ptr) noexcept = 0;
+  virtual void* alloc_device(size_t bytes) = 0;
+  virtual void free_device(void* ptr) noexcept = 0;
+
+  // high_priority: the demand stream; otherwise the prefetch stream.
+  virtual Stream create_stream(bool high_priority) = 0;
+  virtual void destroy_stream(Stream stream) noexcept = 0;
+  virtual Event create_event(bool timing) = 0;
+  virtual void destroy_event(Event event) noexcept = 0;
+
+  virtual void copy_to_device_async(void* dst, const void* src, size_t bytes, Stream stream) = 0;
+  virtual void record(Event event, Stream stream) = 0;
+  virtual void wait(Stream stream, Event event) = 0;
+  virtual bool query(Event event) = 0;
+  virtual void synchronize(Event event) = 0;
+  virtual void synchronize_stream(Stream stream) = 0;
+  // Milliseconds between two completed timing events.
+  virtual float elapsed_ms(Event start, Event end) = 0;
+};
+
+// "auto" picks CUDA when a GPU is visible, else host; "cuda" without a GPU throws with the reason.
+std::shared_ptr<Backend> make_backend(const std::string& name);
+std::shared_ptr<Backend> make_host_backend();
+// Empty string when a CUDA device is usable; otherwise why not.
+std::string cuda_unavailable_reason();
+#ifdef EXPERTFLOW_WITH_CUDA
+std::shared_ptr<Backend> make_cuda_backend(int device_index);
+#endif
+
+}  // namespace expertflow

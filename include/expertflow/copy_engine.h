@@ -1,0 +1,135 @@
+// CopyEngine: moves experts from the pinned pool into device slots on two streams.
+//
+// Invariants:
+// - Demand loads are submitted at once, from the caller's thread, on the demand stream. Prefetches wait
+//   in a host-side queue ordered by priority (then arrival) and a dispatcher thread submits them in
+//   chunks of chunk_bytes on the prefetch stream, with at most max_chunks_in_flight chunks unfinished
+//   and none while a demand load is unfinished. Stream priority does not reorder host-to-device copies
+//   on the GPU (measured on the H200), so this host-side throttle is what lets a demand load overtake a
+//   long prefetch: it waits for at most the chunks already in flight.
+// - Each slot has at most one unfinished job. A job is queued (no chunk submitted), started (some
+//   chunks submitted; only the dispatcher's current job) or submitted (all chunks submitted; the slot's
+//   ready event is recorded after the last one). Only queued jobs can be cancelled.
+// - Before the first byte of a job lands, its stream waits on the slot's free event (recorded on the
+//   compute stream when the slot's last reader released it) and on the slot's previous ready event:
+//   weights are never overwritten while read, and two jobs for one slot never interleave.
+// - Compute waits on a slot only after its job is submitted, so it never waits on a stale record.
+#pragma once
+
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "expertflow/backend.h"
+
+namespace expertflow {
+
+struct CopyEngineOptions {
+  size_t chunk_bytes = size_t{4} << 20;
+  int max_chunks_in_flight = 2;
+};
+
+struct CopyStats {
+  uint64_t prefetch_bytes = 0;
+  uint64_t demand_bytes = 0;
+  uint64_t num_stalls = 0;   // compute had to wait for a copy still in flight
+  double stall_ms = 0;       // how long compute waited, measured with events on the compute stream
+};
+
+class CopyEngine {
+ public:
+  enum class JobState { kNone, kQueued, kStarted, kSubmitted };
+
+  CopyEngine(std::shared_ptr<Backend> backend, int num_slots, CopyEngineOptions options);
+  ~CopyEngine();
+  CopyEngine(const CopyEngine&) = delete;
+  CopyEngine& operator=(const CopyEngine&) = delete;
+
+  // Queues a copy of `bytes` from src to dst for `slot`. The slot must have no unfinished job.
+  void prefetch(int slot, const void* src, void* dst, size_t bytes, float priority);
+  void set_priority(int slot, float priority);  // no-op unless the slot's job is queued
+  bool cancel(int slot);                        // removes a queued job; false when none is queued
+  JobState job_state(int slot);
+  // Copies now on the demand stream. The slot must have no unfinished job.
+  void demand(int slot, const void* src, void* dst, size_t bytes);
+  // Moves the rest of a queued or started prefetch of `slot` to the demand stream; no-op otherwise.
+  // Returns true when a job was promoted.
+  bool promote(int slot);
+  // Makes `compute` wait until the slot's bytes have landed. Returns true when it had to wait.
+  bool wait_ready(int slot, Stream compute);
+  // Compute on `compute` stops reading the slot once it reaches this point.
+  void release(int slot, Stream compute);
+
+  void pause();   // the dispatcher submits no new prefetch chunk until resume()
+  void resume();
+  // Waits until every submitted copy has landed and, unless paused, every queued one too.
+  void synchronize();
+  CopyStats stats();
+  void reset_stats();
+  void close() noexcept;  // stops the dispatcher, drops queued jobs, waits for copies in flight
+
+  Stream prefetch_stream() const { return prefetch_stream_; }
+  Stream demand_stream() const { return demand_stream_; }
+  const CopyEngineOptions& options() const { return options_; }
+
+ private:
+  struct Job {
+    const uint8_t* src = nullptr;
+    uint8_t* dst = nullptr;
+    size_t bytes = 0;
+    size_t submitted = 0;
+    float priority = 0;
+    uint64_t sequence = 0;
+    JobState state = JobState::kNone;
+  };
+  struct StallTimer {
+    Event start;
+    Event end;
+  };
+  using QueueKey = std::tuple<float, uint64_t, int>;  // (-priority, arrival, slot)
+
+  void run_dispatcher();
+  void submit_chunk_locked();
+  bool demand_outstanding_locked();
+  void submit_demand_locked(int slot, size_t from);
+  void harvest_stalls_locked();
+  void check_slot(int slot) const;
+  void rethrow_dispatcher_error_locked();
+
+  std::shared_ptr<Backend> backend_;
+  CopyEngineOptions options_;
+  Stream prefetch_stream_ = nullptr;
+  Stream demand_stream_ = nullptr;
+  std::vector<Event> ready_events_;
+  std::vector<Event> free_events_;
+  std::vector<Event> chunk_events_;
+  size_t next_chunk_event_ = 0;
+
+  std::mutex mu_;
+  std::condition_variable dispatcher_cv_;
+  std::condition_variable idle_cv_;
+  std::vector<Job> jobs_;
+  std::set<QueueKey> queue_;
+  int current_ = -1;                  // slot whose job the dispatcher is submitting
+  std::deque<Event> chunks_in_flight_;
+  std::vector<int> demand_in_flight_;
+  std::deque<StallTimer> stalls_pending_;
+  std::vector<StallTimer> stall_timers_free_;
+  uint64_t next_sequence_ = 0;
+  CopyStats stats_;
+  bool paused_ = false;
+  bool stopping_ = false;
+  bool closed_ = false;
+  std::string dispatcher_error_;
+  std::thread dispatcher_;
+};
+
+}  // namespace expertflow

@@ -1,0 +1,94 @@
+// ExpertPool: every expert of every MoE layer, once, in one page-locked host arena.
+//
+// Invariants:
+// - An expert's tensors are packed contiguously, each starting at a multiple of kTensorAlignment bytes
+//   from the expert's start, and every expert starts at a multiple of kTensorAlignment in the arena:
+//   one expert moves to the GPU with one copy, and its tensors can be viewed in place at any dtype.
+// - Layouts are fixed at construction; only bytes change afterwards (write()).
+// - The arena is freed by the last owner of its Buffer, so zero-copy views handed out keep it alive.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "expertflow/backend.h"
+
+namespace expertflow {
+
+constexpr size_t kTensorAlignment = 256;
+
+inline size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
+
+// One allocation from a backend, released on destruction (pinned host or device memory).
+class Buffer {
+ public:
+  enum class Kind { kPinned, kDevice };
+  Buffer(std::shared_ptr<Backend> backend, Kind kind, size_t bytes);
+  ~Buffer();
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  uint8_t* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  Kind kind() const { return kind_; }
+  const std::shared_ptr<Backend>& backend() const { return backend_; }
+
+ private:
+  std::shared_ptr<Backend> backend_;
+  Kind kind_;
+  size_t bytes_;
+  uint8_t* data_ = nullptr;
+};
+
+struct TensorSpec {
+  std::string name;
+  std::string dtype;            // carried for the caller ("bfloat16", "float32", ...)
+  std::vector<int64_t> shape;
+  size_t itemsize = 0;
+  size_t offset = 0;            // from the expert's first byte; multiple of kTensorAlignment
+  size_t nbytes = 0;
+};
+
+struct ExpertLayout {
+  std::vector<TensorSpec> tensors;
+  size_t expert_bytes = 0;      // packed size, a multiple of kTensorAlignment
+
+  // Fills offsets and sizes; throws on empty names, duplicate names or non-positive sizes.
+  static ExpertLayout pack(std::vector<TensorSpec> tensors);
+  int tensor_index(const std::string& name) const;  // throws when absent
+};
+
+class ExpertPool {
+ public:
+  // layer_layouts[l] is the layout of every expert of layer l; num_experts[l] how many experts it has.
+  ExpertPool(std::shared_ptr<Backend> backend, std::vector<int> num_experts, std::vector<ExpertLayout> layer_layouts);
+
+  int num_layers() const { return static_cast<int>(num_experts_.size()); }
+  int num_experts(int layer) const;
+  const ExpertLayout& layout(int layer) const;
+  size_t max_expert_bytes() const { return max_expert_bytes_; }
+  size_t total_bytes() const { return arena_->bytes(); }
+
+  const uint8_t* expert_data(int layer, int expert) const;
+  size_t expert_bytes(int layer) const { return layout(layer).expert_bytes; }
+  // Copies `bytes` from src into tensor `tensor` of (layer, expert) at byte `offset` within the tensor.
+  void write(int layer, int expert, int tensor, const void* src, size_t bytes, size_t offset = 0);
+  // Throws unless 0 <= layer < num_layers and 0 <= expert < num_experts(layer).
+  void check_expert(int layer, int expert) const;
+
+  const std::shared_ptr<Buffer>& arena() const { return arena_; }
+  const std::shared_ptr<Backend>& backend() const { return backend_; }
+
+ private:
+  std::shared_ptr<Backend> backend_;
+  std::vector<int> num_experts_;
+  std::vector<ExpertLayout> layouts_;
+  std::vector<size_t> layer_offsets_;
+  size_t max_expert_bytes_ = 0;
+  std::shared_ptr<Buffer> arena_;
+};
+
+}  // namespace expertflow

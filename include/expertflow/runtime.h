@@ -1,0 +1,102 @@
+// Runtime: the pool, the slot cache and the copy engine behind prefetch / acquire / release.
+//
+// Invariants:
+// - Slots are allocated once (num_slots x slot_bytes, one device arena) and every expert fits a slot.
+// - acquire() pins the requested experts before loading any miss, so one call never evicts its own
+//   experts; it returns only after every returned slot is either landed or awaited by `compute`.
+// - A pinned slot is never evicted or overwritten; release() unpins and records the free event.
+// - prefetch(plan) replaces the previous plan: plan priorities are reset, queued prefetches the new
+//   plan does not name are cancelled, and a prefetch only evicts slots of lower plan priority.
+// - lru_with_correction demotes a layer's planned-but-unrequested experts to priority 0 when that
+//   layer's experts are acquired: its router has spoken, so those prefetches were wrong.
+// - One mutex serialises cache state; the copy engine's own lock is taken only inside it.
+// - After close() every call throws; the arena lives on while zero-copy views of it exist.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "expertflow/cache.h"
+#include "expertflow/copy_engine.h"
+#include "expertflow/pool.h"
+
+namespace expertflow {
+
+struct RuntimeOptions {
+  int num_slots = 0;
+  size_t slot_bytes = 0;  // 0: the pool's largest expert
+  std::string policy = "lru_with_correction";
+  CopyEngineOptions copy;
+};
+
+struct PlanItem {
+  int layer = 0;
+  int expert = 0;
+  float priority = 1;  // > 0; higher loads first and is evicted last
+};
+
+struct RuntimeStats {
+  uint64_t accesses = 0;
+  uint64_t hits = 0;
+  uint64_t misses = 0;
+  uint64_t prefetch_hits = 0;        // first acquire of an expert a prefetch brought in
+  uint64_t prefetches = 0;           // prefetch copies queued
+  uint64_t wasted_prefetches = 0;    // prefetched, then evicted without being acquired
+  uint64_t cancelled_prefetches = 0; // dropped from the queue before any byte moved
+  uint64_t evictions = 0;
+  uint64_t bytes_copied = 0;
+  uint64_t prefetch_bytes = 0;
+  uint64_t demand_bytes = 0;
+  uint64_t stalls = 0;
+  double stall_ms = 0;
+};
+
+class Runtime {
+ public:
+  Runtime(std::shared_ptr<ExpertPool> pool, RuntimeOptions options);
+  ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  void prefetch(const std::vector<PlanItem>& plan);
+  // Slots holding `experts` of `layer`, in order. `compute` will read them (null: see backend.h).
+  std::vector<int> acquire(int layer, const std::vector<int>& experts, Stream compute);
+  void release(int layer, const std::vector<int>& experts, Stream compute);
+  void set_layer_quotas(std::vector<int> quotas);
+
+  RuntimeStats stats();
+  void reset_stats();
+  std::vector<SlotMeta> slot_table();
+  void synchronize();
+  void pause_prefetch();
+  void resume_prefetch();
+  void close() noexcept;
+  bool closed();
+
+  int num_slots() const { return options_.num_slots; }
+  size_t slot_bytes() const { return options_.slot_bytes; }
+  Policy policy() const { return policy_; }
+  const std::shared_ptr<ExpertPool>& pool() const { return pool_; }
+  const std::shared_ptr<Buffer>& arena() const { return arena_; }
+
+ private:
+  void check_open() const;
+  uint8_t* slot_data(int slot) const { return arena_->data() + options_.slot_bytes * static_cast<size_t>(slot); }
+  void evict_locked(int slot);
+  bool may_take_locked(int slot);
+
+  std::shared_ptr<ExpertPool> pool_;
+  RuntimeOptions options_;
+  Policy policy_;
+  std::shared_ptr<Buffer> arena_;
+  std::unique_ptr<CopyEngine> engine_;
+  SlotCache cache_;
+  RuntimeStats stats_;
+  std::mutex mu_;
+  bool closed_ = false;
+};
+
+}  // namespace expertflow

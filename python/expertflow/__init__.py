@@ -1,0 +1,20 @@
+"""ExpertFlow: run Mixture-of-Experts models on a GPU far smaller than the model.
+
+Every expert lives once in pinned host memory (:class:`ExpertPool`); the GPU holds a cache of expert
+slots (:class:`ExpertCache`) fed by a copy engine that keeps host-to-device copies behind compute.
+"""
+
+from .runtime import POLICIES, ExpertCache, ExpertFlowError, ExpertPool, LayerSpec, TensorSpec, get_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POLICIES",
+    "ExpertCache",
+    "ExpertFlowError",
+    "ExpertPool",
+    "LayerSpec",
+    "TensorSpec",
+    "get_backend",
+    "__version__",
+]

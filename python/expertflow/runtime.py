@@ -1,0 +1,400 @@
+"""Typed Python surface of the native runtime: pinned expert pool and GPU slot cache.
+
+The native core (``expertflow._C``) knows raw pointers, byte sizes, streams and events. This module
+adds what PyTorch users expect: torch dtypes and shapes, zero-copy tensor views of the pinned pool and
+of the slot arena, torch streams, context managers.
+
+Example::
+
+    spec = [TensorSpec("w1", torch.bfloat16, (14336, 4096)), TensorSpec("w2", torch.bfloat16, (4096, 14336))]
+    with ExpertPool.uniform(num_layers=32, num_experts=8, tensors=spec) as pool:
+        pool.set_expert(0, 3, {"w1": w1, "w2": w2})
+        with ExpertCache(pool, num_slots=64) as cache:
+            cache.prefetch([(0, 3, 1.0), (0, 5, 0.5)])
+            (weights,) = cache.acquire(0, [3])      # {"w1": tensor on the device, "w2": ...}
+            y = x @ weights["w1"].T
+            cache.release(0, [3])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from . import _C
+from ._C import ExpertFlowError
+
+__all__ = [
+    "ExpertFlowError",
+    "TensorSpec",
+    "LayerSpec",
+    "ExpertPool",
+    "ExpertCache",
+    "POLICIES",
+    "get_backend",
+]
+
+#: Cache policies of the runtime (``belady`` needs the future and exists only in trace replay).
+POLICIES = ("lru", "lfu", "lru_with_correction")
+
+StreamLike = Union[None, int, "torch.cuda.Stream"]
+PlanEntry = Union[tuple[int, int], tuple[int, int, float]]
+
+
+def get_backend(name: str | None = None) -> _C.Backend:
+    """Returns a backend: ``name``, else ``$EXPERTFLOW_BACKEND``, else ``"auto"``.
+
+    ``auto`` takes CUDA when this build has it and a GPU is visible, else the host backend, whose
+    "device" arena is host memory and whose copies run on worker threads. ``cuda`` where none is
+    usable raises :class:`ExpertFlowError` with the reason.
+    """
+    return _C.make_backend(name or os.environ.get("EXPERTFLOW_BACKEND", "auto"))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of an expert, e.g. ``TensorSpec("w1", torch.bfloat16, (ffn, hidden))``."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Every expert of one MoE layer: how many, and the tensors each one holds."""
+
+    num_experts: int
+    tensors: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class _PackedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _views(arena: torch.Tensor, base: int, layout: Sequence[_PackedTensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for t in layout:
+        start = base + t.offset
+        out[t.name] = arena[start : start + t.nbytes].view(t.dtype).view(t.shape)
+    return out
+
+
+class ExpertPool:
+    """Every expert of every MoE layer, once, in page-locked host memory.
+
+    Each expert's tensors are packed contiguously (256-byte aligned) so one expert moves with one copy.
+    Fill it with :meth:`set_expert` or :meth:`write_tensor` (torch tensors, numpy arrays, or raw byte
+    ranges such as a memoryview of a memory-mapped safetensors file); read it back through the
+    zero-copy views of :meth:`expert`.
+    """
+
+    def __init__(self, layers: Sequence[LayerSpec], backend: _C.Backend | str | None = None) -> None:
+        if not layers:
+            raise ExpertFlowError("an expert pool needs at least one MoE layer")
+        self.backend = backend if isinstance(backend, _C.Backend) else get_backend(backend)
+        self.layers = tuple(layers)
+        native_specs = [
+            [(t.name, _dtype_name(t.dtype), list(t.shape), torch.empty((), dtype=t.dtype).element_size()) for t in spec.tensors]
+            for spec in self.layers
+        ]
+        self._native = _C.ExpertPool(self.backend, [spec.num_experts for spec in self.layers], native_specs)
+        self._layouts: list[tuple[_PackedTensor, ...]] = []
+        for l, spec in enumerate(self.layers):
+            dtypes = {t.name: t.dtype for t in spec.tensors}
+            self._layouts.append(
+                tuple(
+                    _PackedTensor(name, dtypes[name], tuple(shape), offset, nbytes)
+                    for name, _, shape, _, offset, nbytes in self._native.layout(l)
+                )
+            )
+        self._arena: torch.Tensor | None = torch.from_dlpack(self._native.arena_dlpack())
+
+    @classmethod
+    def uniform(
+        cls, num_layers: int, num_experts: int, tensors: Sequence[TensorSpec], backend: _C.Backend | str | None = None
+    ) -> ExpertPool:
+        """A pool whose ``num_layers`` layers each hold ``num_experts`` experts of the same tensors."""
+        if num_layers < 1:
+            raise ExpertFlowError(f"num_layers must be at least 1, got {num_layers}")
+        return cls([LayerSpec(num_experts, tuple(tensors))] * num_layers, backend)
+
+    @property
+    def native(self) -> _C.ExpertPool:
+        return self._native
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def total_bytes(self) -> int:
+        return self._native.total_bytes
+
+    def num_experts(self, layer: int) -> int:
+        return self._native.num_experts(layer)
+
+    def expert_bytes(self, layer: int) -> int:
+        """Packed size of one expert of ``layer``, a multiple of 256."""
+        return self._native.expert_bytes(layer)
+
+    def layout(self, layer: int) -> tuple[_PackedTensor, ...]:
+        self._native.num_experts(layer)  # validates the layer
+        return self._layouts[layer]
+
+    def _tensor(self, layer: int, name: str) -> tuple[int, _PackedTensor]:
+        for index, packed in enumerate(self.layout(layer)):
+            if packed.name == name:
+                return index, packed
+        names = ", ".join(t.name for t in self._layouts[layer])
+        raise ExpertFlowError(f"layer {layer} experts have no tensor '{name}'; they have: {names}")
+
+    def write_tensor(self, layer: int, expert: int, name: str, data: Any, offset: int = 0) -> None:
+        """Copies one tensor of an expert into the pool.
+
+        ``data``: a torch tensor or numpy array of the declared dtype and shape, or any contiguous
+        bytes-like object (``bytes``, a memoryview of an mmap) holding raw bytes, written at byte
+        ``offset`` of the tensor.
+        """
+        self._check_open()
+        index, packed = self._tensor(layer, name)
+        where = f"tensor '{name}' of layer {layer} expert {expert}"
+        if isinstance(data, np.ndarray):
+            data = torch.from_numpy(data)
+        if isinstance(data, torch.Tensor):
+            if data.dtype != packed.dtype:
+                raise ExpertFlowError(f"{where} is {packed.dtype} in the pool but the source is {data.dtype}; convert it first")
+            if tuple(data.shape) != packed.shape or offset:
+                raise ExpertFlowError(f"{where} has shape {packed.shape} in the pool but the source has {tuple(data.shape)}")
+            data = data.detach().to("cpu").contiguous()
+            self._native.write_from_address(layer, expert, index, data.data_ptr(), data.numel() * data.element_size(), 0)
+            return
+        self._native.write(layer, expert, index, memoryview(data).cast("B"), offset)
+
+    def set_expert(self, layer: int, expert: int, tensors: Mapping[str, Any]) -> None:
+        """Copies every tensor of one expert into the pool; ``tensors`` maps each declared name to data."""
+        declared = {t.name for t in self.layout(layer)}
+        missing, extra = declared - set(tensors), set(tensors) - declared
+        if missing or extra:
+            raise ExpertFlowError(
+                f"layer {layer} expert {expert}: missing tensors {sorted(missing)}, unknown tensors {sorted(extra)}"
+            )
+        for name, data in tensors.items():
+            self.write_tensor(layer, expert, name, data)
+
+    def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Zero-copy CPU views of one expert's tensors in the pinned pool."""
+        self._check_open()
+        return _views(self._arena, self._native.expert_offset(layer, expert), self.layout(layer))
+
+    def expert_bytes_view(self, layer: int, expert: int) -> torch.Tensor:
+        """The expert's packed bytes, ``[expert_bytes(layer)]`` uint8, zero-copy."""
+        self._check_open()
+        start = self._native.expert_offset(layer, expert)
+        return self._arena[start : start + self.expert_bytes(layer)]
+
+    def _check_open(self) -> None:
+        if self._arena is None:
+            raise ExpertFlowError("the expert pool is closed; create a new one")
+
+    def close(self) -> None:
+        """Drops this object's hold on the pinned memory (views handed out keep it alive)."""
+        self._arena = None
+
+    def __enter__(self) -> ExpertPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ExpertCache:
+    """A fixed set of device slots holding experts of an :class:`ExpertPool`.
+
+    ``num_slots`` slots of ``slot_bytes`` each (default: the pool's largest expert) are allocated
+    once. :meth:`prefetch` takes a plan; :meth:`acquire` returns zero-copy tensors of the requested
+    experts, demand-loading misses on the high-priority stream and making the compute stream wait
+    for copies still in flight; :meth:`release` lets their slots be reused once the compute stream
+    has passed that point.
+
+    Policies: ``lru``, ``lfu`` and ``lru_with_correction`` (lowest plan priority first, least
+    recently used among equals; a layer's planned experts that its router did not ask for are
+    demoted to priority 0 when the layer is acquired).
+    """
+
+    def __init__(
+        self,
+        pool: ExpertPool,
+        num_slots: int,
+        *,
+        slot_bytes: int | None = None,
+        policy: str = "lru_with_correction",
+        chunk_bytes: int = 4 << 20,
+        max_chunks_in_flight: int = 2,
+        experts_per_token: int | None = None,
+    ) -> None:
+        if experts_per_token is not None and num_slots < experts_per_token:
+            raise ExpertFlowError(
+                f"capacity of {num_slots} slots is smaller than one layer's {experts_per_token} experts per token; "
+                f"give the cache at least {experts_per_token} slots"
+            )
+        self.pool = pool
+        self._native = _C.Runtime(pool.native, num_slots, slot_bytes or 0, policy, chunk_bytes, max_chunks_in_flight)
+        self._arena: torch.Tensor | None = torch.from_dlpack(self._native.arena_dlpack())
+        self._gpu = pool.backend.is_gpu
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        # Layers with identical layouts share views of a slot.
+        self._layout_ids: list[int] = []
+        seen: dict[tuple[_PackedTensor, ...], int] = {}
+        for l in range(pool.num_layers):
+            self._layout_ids.append(seen.setdefault(pool.layout(l), len(seen)))
+
+    @property
+    def native(self) -> _C.Runtime:
+        return self._native
+
+    @property
+    def num_slots(self) -> int:
+        return self._native.num_slots
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._native.slot_bytes
+
+    @property
+    def policy(self) -> str:
+        return self._native.policy
+
+    @property
+    def device(self) -> torch.device:
+        self._check_open()
+        return self._arena.device
+
+    def _stream_handle(self, stream: StreamLike) -> int:
+        if stream is None:
+            return torch.cuda.current_stream(self._arena.device).cuda_stream if self._gpu else 0
+        if isinstance(stream, int):
+            return stream
+        return stream.cuda_stream
+
+    def _check_open(self) -> None:
+        if self._arena is None:
+            raise ExpertFlowError("the expert cache is closed; create a new one")
+
+    def prefetch(self, plan: Iterable[PlanEntry]) -> None:
+        """Replaces the prefetch plan: ``(layer, expert[, priority])`` entries, priority > 0 (default 1).
+
+        Higher priorities load first and are evicted last; queued prefetches the new plan does not
+        name are cancelled.
+        """
+        self._check_open()
+        items = [(int(p[0]), int(p[1]), float(p[2]) if len(p) > 2 else 1.0) for p in plan]
+        self._native.prefetch(items)
+
+    def acquire_slots(self, layer: int, experts: Sequence[int], stream: StreamLike = None) -> list[int]:
+        """Pins ``experts`` of ``layer`` and returns their slot indices (see :meth:`acquire`)."""
+        self._check_open()
+        return self._native.acquire(layer, [int(e) for e in experts], self._stream_handle(stream))
+
+    def slot_tensors(self, slot: int, layer: int) -> dict[str, torch.Tensor]:
+        """Zero-copy views of ``slot`` laid out as an expert of ``layer``."""
+        self._check_open()
+        key = (slot, self._layout_ids[layer])
+        views = self._views.get(key)
+        if views is None:
+            if not 0 <= slot < self.num_slots:
+                raise ExpertFlowError(f"slot {slot} is out of range (num_slots={self.num_slots})")
+            views = _views(self._arena, slot * self.slot_bytes, self.pool.layout(layer))
+            self._views[key] = views
+        return views
+
+    def acquire(self, layer: int, experts: Sequence[int], stream: StreamLike = None) -> list[dict[str, torch.Tensor]]:
+        """Pins ``experts`` of ``layer`` and returns, per expert, its tensors in device slots.
+
+        Misses are demand-loaded at once; ``stream`` (default: the current stream; on the host
+        backend the calling thread) is made to wait for any copy still in flight, so work queued on
+        it afterwards reads complete weights. Call :meth:`release` when that work is queued.
+        """
+        slots = self.acquire_slots(layer, experts, stream)
+        return [self.slot_tensors(s, layer) for s in slots]
+
+    def release(self, layer: int, experts: Sequence[int], stream: StreamLike = None) -> None:
+        """Unpins experts; their slots may be overwritten once ``stream`` passes this point."""
+        self._check_open()
+        self._native.release(layer, [int(e) for e in experts], self._stream_handle(stream))
+
+    def set_layer_quotas(self, quotas: Sequence[int | None] | Mapping[int, int]) -> None:
+        """Caps how many slots each layer may hold (None or missing: no cap); may change every step."""
+        self._check_open()
+        if isinstance(quotas, Mapping):
+            dense = [-1] * self.pool.num_layers
+            for layer, q in quotas.items():
+                dense[layer] = q
+        else:
+            dense = [-1 if q is None else q for q in quotas]
+        self._native.set_layer_quotas(dense)
+
+    def stats(self) -> dict[str, float]:
+        """Counters since creation or :meth:`reset_stats`.
+
+        ``accesses``, ``hits``, ``misses``, ``prefetch_hits``, ``prefetches``, ``wasted_prefetches``,
+        ``cancelled_prefetches``, ``evictions``, ``bytes_copied`` (= ``prefetch_bytes`` +
+        ``demand_bytes``), ``stalls`` and ``stall_ms`` (time the compute stream waited on copies).
+        """
+        self._check_open()
+        return self._native.stats()
+
+    def reset_stats(self) -> None:
+        self._check_open()
+        self._native.reset_stats()
+
+    def slot_table(self) -> list[dict[str, Any]]:
+        """Per slot: layer, expert (-1 when empty), pin_count, plan_priority, last_use, use_count."""
+        self._check_open()
+        return self._native.slot_table()
+
+    def synchronize(self) -> None:
+        """Waits until every queued and in-flight copy has landed (submitted ones only when paused)."""
+        self._check_open()
+        self._native.synchronize()
+
+    def pause_prefetch(self) -> None:
+        """Holds queued prefetches on the host (demand loads still run) until :meth:`resume_prefetch`."""
+        self._check_open()
+        self._native.pause_prefetch()
+
+    def resume_prefetch(self) -> None:
+        self._check_open()
+        self._native.resume_prefetch()
+
+    def close(self) -> None:
+        """Stops the copy engine and frees the slots; every later call raises. Idempotent."""
+        if self._arena is None:
+            return
+        self._views.clear()
+        self._arena = None
+        self._native.close()
+
+    def __enter__(self) -> ExpertCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
