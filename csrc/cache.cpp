@@ -38,12 +38,12 @@ int SlotCache::quota(int layer) const {
 }
 
 int SlotCache::pick_slot(int layer, float below_priority, const std::function<bool(int)>& allowed) const {
-  std::vector<int> own, over, all;
+  std::vector<int> own, others, over, all;
   for (int s = 0; s < num_slots(); ++s) {
     const SlotMeta& m = slots_[s];
     if (m.empty() || m.pin_count > 0 || !(m.plan_priority < below_priority) || !allowed(s)) continue;
     all.push_back(s);
-    if (m.layer == layer) own.push_back(s);
+    (m.layer == layer ? own : others).push_back(s);
     const int q = quota(m.layer);
     if (q >= 0 && layer_count(m.layer) > q) over.push_back(s);
   }
@@ -53,6 +53,7 @@ int SlotCache::pick_slot(int layer, float below_priority, const std::function<bo
     if (slots_[s].empty() && allowed(s)) return s;
   }
   if (!over.empty()) return choose_victim(policy_, slots_, over);
+  if (q >= 0 && !others.empty()) return choose_victim(policy_, slots_, others);  // below its quota
   return choose_victim(policy_, slots_, all);
 }
 

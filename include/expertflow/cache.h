@@ -4,8 +4,9 @@
 // - Each resident (layer, expert) is in exactly one slot, and the map agrees with the slots.
 // - A pinned slot (pin_count > 0) is never chosen as a victim.
 // - Slots are chosen in this order: when the layer has a quota and holds at least that many slots,
-//   one of its own slots; else an empty slot; else a slot of a layer above its quota; else any
-//   candidate. Quotas steer placement; they never make a load fail while some candidate exists.
+//   one of its own slots; else an empty slot; else a slot of a layer above its quota; else, for a
+//   layer below its quota, another layer's slot; else any candidate. Quotas steer placement; they
+//   never make a load fail while some candidate exists.
 // - The cache holds no memory and does no copies: it is pure bookkeeping, shared by the runtime and
 //   by trace replay, and not thread-safe (the runtime serialises access).
 #pragma once

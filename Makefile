@@ -1,0 +1,42 @@
+# `make demo` and `make test` do all their set-up from a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED_TRACE := ../shared/data/traces/mixtral-8x7b-instruct.gsm8k.jsonl
+SYNTHETIC_TRACE := build/synthetic-trace.jsonl
+
+.PHONY: demo test native-test python-test install clean
+
+$(VENV)/.deps-installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch: the pinned CPU wheel where torch is missing (an unpinned torch pulls a multi-GB CUDA build).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q numpy pybind11 tqdm pytest hypothesis ninja cmake setuptools wheel
+	touch $@
+
+install: $(VENV)/.deps-installed
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+demo: install
+	@if [ -f $(SHARED_TRACE) ]; then \
+		trace=$(SHARED_TRACE); \
+	else \
+		echo "../shared/data is absent: replaying a synthetic trace made by 'expertflow synth-trace' instead"; \
+		$(VENV)/bin/expertflow synth-trace --out $(SYNTHETIC_TRACE); \
+		trace=$(SYNTHETIC_TRACE); \
+	fi; \
+	$(VENV)/bin/expertflow replay --trace $$trace --capacity 10%,25%,50% --policy lru,lfu,lru_with_correction,belady
+
+native-test: $(VENV)/.deps-installed
+	$(VENV)/bin/cmake -S . -B build/native -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+		-DEXPERTFLOW_BUILD_PYTHON=OFF -DEXPERTFLOW_BUILD_TESTS=ON > /dev/null
+	$(VENV)/bin/cmake --build build/native
+	$(VENV)/bin/ctest --test-dir build/native --output-on-failure
+
+python-test: install
+	$(PY) -m pytest -q tests
+
+test: native-test python-test
+
+clean:
+	rm -rf build python/expertflow/_C*.so

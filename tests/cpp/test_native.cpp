@@ -1,0 +1,291 @@
+// Native tests of the torch-free core: pool packing, policy victim choice, cache bookkeeping and
+// copy engine ordering, on the host backend. Run by CTest; prints "N passed, M failed".
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <iostream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "expertflow/backend.h"
+#include "expertflow/cache.h"
+#include "expertflow/copy_engine.h"
+#include "expertflow/error.h"
+#include "expertflow/pool.h"
+#include "expertflow/runtime.h"
+
+using namespace expertflow;
+
+namespace {
+
+struct Failure {
+  std::string what;
+};
+
+#define EXPECT(cond)                                                                          \
+  do {                                                                                        \
+    if (!(cond)) throw Failure{std::string(__FILE__ ":") + std::to_string(__LINE__) + ": " #cond}; \
+  } while (0)
+
+template <typename F>
+void expect_error(F&& f, const std::string& fragment) {
+  try {
+    f();
+  } catch (const Error& e) {
+    if (std::string(e.what()).find(fragment) == std::string::npos) {
+      throw Failure{std::string("error '") + e.what() + "' lacks '" + fragment + "'"};
+    }
+    return;
+  }
+  throw Failure{"expected an error containing '" + fragment + "'"};
+}
+
+// Logs every copy submitted (stream, destination, bytes), delegating the work to the host backend.
+class RecordingBackend final : public Backend {
+ public:
+  struct Copy {
+    Stream stream;
+    void* dst;
+    size_t bytes;
+  };
+  std::shared_ptr<Backend> inner = make_host_backend();
+  std::mutex mu;
+  std::vector<Copy> copies;
+
+  std::string name() const override { return "recording"; }
+  bool is_gpu() const override { return false; }
+  int device_index() const override { return -1; }
+  void* alloc_pinned(size_t b) override { return inner->alloc_pinned(b); }
+  void free_pinned(void* p) noexcept override { inner->free_pinned(p); }
+  void* alloc_device(size_t b) override { return inner->alloc_device(b); }
+  void free_device(void* p) noexcept override { inner->free_device(p); }
+  Stream create_stream(bool hp) override { return inner->create_stream(hp); }
+  void destroy_stream(Stream s) noexcept override { inner->destroy_stream(s); }
+  Event create_event(bool t) override { return inner->create_event(t); }
+  void destroy_event(Event e) noexcept override { inner->destroy_event(e); }
+  void copy_to_device_async(void* dst, const void* src, size_t bytes, Stream s) override {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      copies.push_back({s, dst, bytes});
+    }
+    inner->copy_to_device_async(dst, src, bytes, s);
+  }
+  void record(Event e, Stream s) override { inner->record(e, s); }
+  void wait(Stream s, Event e) override { inner->wait(s, e); }
+  bool query(Event e) override { return inner->query(e); }
+  void synchronize(Event e) override { inner->synchronize(e); }
+  void synchronize_stream(Stream s) override { inner->synchronize_stream(s); }
+  float elapsed_ms(Event a, Event b) override { return inner->elapsed_ms(a, b); }
+};
+
+TensorSpec spec(const std::string& name, std::vector<int64_t> shape, size_t itemsize) {
+  TensorSpec t;
+  t.name = name;
+  t.dtype = "raw";
+  t.shape = std::move(shape);
+  t.itemsize = itemsize;
+  return t;
+}
+
+void test_pool_packing() {
+  auto layout = ExpertLayout::pack({spec("w1", {7, 33}, 2), spec("b", {1}, 4), spec("w2", {33}, 4)});
+  EXPECT(layout.tensors[0].offset == 0 && layout.tensors[0].nbytes == 462);
+  EXPECT(layout.tensors[1].offset == 512 && layout.tensors[1].nbytes == 4);
+  EXPECT(layout.tensors[2].offset == 768 && layout.tensors[2].nbytes == 132);
+  EXPECT(layout.expert_bytes == 1024);
+  ExpertPool pool(make_host_backend(), {3, 5}, {layout, ExpertLayout::pack({spec("x", {1}, 1)})});
+  EXPECT(pool.total_bytes() == 3 * 1024 + 5 * 256);
+  EXPECT(pool.expert_data(1, 0) == pool.expert_data(0, 2) + 1024);
+  EXPECT(reinterpret_cast<uintptr_t>(pool.expert_data(1, 4)) % kTensorAlignment == 0);
+  std::vector<uint8_t> src(132, 9);
+  pool.write(0, 1, 2, src.data(), src.size());
+  EXPECT(pool.expert_data(0, 1)[768] == 9 && pool.expert_data(0, 1)[768 + 131] == 9);
+  expect_error([&] { pool.write(0, 1, 2, src.data(), 133); }, "overruns tensor 'w2'");
+  expect_error([&] { pool.expert_data(2, 0); }, "unknown layer 2");
+  expect_error([&] { pool.expert_data(1, 5); }, "unknown expert 5 of layer 1");
+  expect_error([&] { ExpertLayout::pack({spec("a", {1}, 1), spec("a", {1}, 1)}); }, "listed twice");
+}
+
+void test_policy_victims() {
+  std::vector<SlotMeta> slots(4);
+  auto set = [&](int i, uint64_t last, uint64_t count, float prio, uint64_t next) {
+    slots[i].layer = 0;
+    slots[i].expert = i;
+    slots[i].last_use = last;
+    slots[i].use_count = count;
+    slots[i].plan_priority = prio;
+    slots[i].next_use = next;
+  };
+  set(0, 10, 5, 2.0f, 100);
+  set(1, 20, 1, 0.0f, kNeverUsedAgain);
+  set(2, 5, 9, 1.0f, 50);
+  set(3, 30, 1, 0.0f, kNeverUsedAgain);
+  const std::vector<int> all{0, 1, 2, 3};
+  EXPECT(choose_victim(Policy::kLru, slots, all) == 2);
+  EXPECT(choose_victim(Policy::kLfu, slots, all) == 1);                // fewest uses, older of the tie
+  EXPECT(choose_victim(Policy::kLruWithCorrection, slots, all) == 1);  // priority 0, older
+  EXPECT(choose_victim(Policy::kBelady, slots, all) == 1);             // never again, older
+  EXPECT(choose_victim(Policy::kBelady, slots, {0, 2}) == 0);          // farther next use
+  EXPECT(choose_victim(Policy::kLru, slots, {}) == -1);
+  expect_error([] { parse_policy("fifo"); }, "unknown cache policy 'fifo'");
+}
+
+void test_cache_pins_and_quotas() {
+  SlotCache cache(3, Policy::kLru);
+  auto any = [](int) { return true; };
+  for (int e = 0; e < 3; ++e) {
+    const int s = cache.pick_slot(0, 1e9f, any);
+    EXPECT(s == e);  // empty slots first, lowest index
+    cache.assign(s, 0, e);
+    cache.touch(s);
+  }
+  cache.pin(0);
+  EXPECT(cache.pick_slot(1, 1e9f, any) == 1);  // slot 0 is older but pinned
+  EXPECT(cache.pick_slot(1, 1e9f, [](int s) { return s != 1; }) == 2);
+  cache.unpin(0);
+  expect_error([&] { cache.unpin(0); }, "slot 0 is not pinned");
+  expect_error([&] { cache.assign(1, 0, 0); }, "already resident");
+  cache.set_layer_quotas({1, 3});
+  EXPECT(cache.pick_slot(0, 1e9f, any) == 0);  // layer 0 at 3 > quota 1: its own LRU slot
+  EXPECT(cache.pick_slot(1, 1e9f, any) == 0);  // layer 1 below quota: takes layer 0's excess
+  cache.set_plan_priority(0, 2.0f);
+  EXPECT(cache.pick_slot(1, 1.5f, any) == 1);  // a prefetch at 1.5 may not evict priority 2
+  // Replay access: a layer's resident experts are never victims of its own misses.
+  SlotCache replay(2, Policy::kLru);
+  EXPECT(replay.access(0, {0, 1}, nullptr) == 0);
+  EXPECT(replay.access(0, {1, 2}, nullptr) == 1);
+  EXPECT(replay.find(0, 1) >= 0 && replay.find(0, 2) >= 0 && replay.find(0, 0) < 0);
+  expect_error([&] { replay.access(0, {0, 1, 2}, nullptr); }, "capacity 2 is smaller than the 3 experts");
+}
+
+void test_copy_engine_priority_order_and_chunks() {
+  auto backend = std::make_shared<RecordingBackend>();
+  constexpr size_t kChunk = 4096, kBytes = 3 * kChunk + 100;
+  std::vector<uint8_t> src(4 * kBytes), dst(4 * kBytes, 0);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 7 + 3);
+  CopyEngine engine(backend, 4, CopyEngineOptions{kChunk, 1});
+  engine.pause();
+  const float priority[4] = {1.0f, 3.0f, 2.0f, 0.5f};
+  for (int s = 0; s < 4; ++s) engine.prefetch(s, &src[s * kBytes], &dst[s * kBytes], kBytes, priority[s]);
+  EXPECT(engine.cancel(3));  // cancelled before any byte moved
+  EXPECT(!engine.cancel(3));
+  engine.resume();
+  engine.synchronize();
+  EXPECT(std::memcmp(src.data(), dst.data(), 3 * kBytes) == 0);
+  EXPECT(dst[3 * kBytes] == 0 && dst[4 * kBytes - 1] == 0);
+  std::vector<int> order;
+  for (const auto& c : backend->copies) {
+    EXPECT(c.bytes <= kChunk && c.stream == engine.prefetch_stream());
+    const int slot = static_cast<int>((static_cast<uint8_t*>(c.dst) - dst.data()) / kBytes);
+    if (order.empty() || order.back() != slot) order.push_back(slot);
+  }
+  EXPECT((order == std::vector<int>{1, 2, 0}));  // by priority, each job whole before the next
+  EXPECT(backend->copies.size() == 3 * 4);
+  EXPECT(engine.stats().prefetch_bytes == 3 * kBytes);
+}
+
+void test_copy_engine_demand_overtakes_queue() {
+  auto backend = std::make_shared<RecordingBackend>();
+  constexpr size_t kBytes = 64 << 10;
+  std::vector<uint8_t> src(3 * kBytes, 5), dst(3 * kBytes, 0);
+  CopyEngine engine(backend, 3, CopyEngineOptions{4096, 2});
+  engine.pause();
+  engine.prefetch(0, &src[0], &dst[0], kBytes, 1.0f);
+  engine.prefetch(1, &src[kBytes], &dst[kBytes], kBytes, 1.0f);
+  engine.demand(2, &src[2 * kBytes], &dst[2 * kBytes], kBytes);
+  EXPECT(engine.wait_ready(2, nullptr) || dst[2 * kBytes] == 5);
+  EXPECT(dst[2 * kBytes + kBytes - 1] == 5);
+  EXPECT(engine.job_state(0) == CopyEngine::JobState::kQueued);  // the queue did not have to drain
+  EXPECT(engine.promote(1));  // a queued prefetch needed now moves to the demand stream
+  engine.wait_ready(1, nullptr);
+  EXPECT(dst[kBytes] == 5 && dst[2 * kBytes - 1] == 5);
+  EXPECT(backend->copies.size() == 2 && backend->copies[0].stream == engine.demand_stream() &&
+         backend->copies[1].stream == engine.demand_stream());
+  expect_error([&] { engine.prefetch(1, &src[0], &dst[0], kBytes, 1.0f); engine.demand(1, &src[0], &dst[0], kBytes); },
+               "already has an unfinished copy");
+}
+
+void test_copy_waits_for_the_slot_to_be_freed() {
+  // Compute (a host stream) is held up behind a long copy, then reads the slot and releases it.
+  // A prefetch of new bytes into that slot must not land before compute has read the old ones.
+  auto backend = make_host_backend();
+  constexpr size_t kBytes = 4096, kBig = size_t{256} << 20;
+  std::vector<uint8_t> old_bytes(kBytes, 1), new_bytes(kBytes, 2), slot(old_bytes), seen(kBytes, 0);
+  std::vector<uint8_t> big_src(kBig, 3), big_dst(kBig, 0);
+  Stream blocker = backend->create_stream(false);
+  Stream compute = backend->create_stream(false);
+  Event gate = backend->create_event(false);
+  backend->copy_to_device_async(big_dst.data(), big_src.data(), kBig, blocker);
+  backend->record(gate, blocker);
+  backend->wait(compute, gate);
+  backend->copy_to_device_async(seen.data(), slot.data(), kBytes, compute);  // compute reads the slot
+  {
+    CopyEngine engine(backend, 1, CopyEngineOptions{4096, 2});
+    engine.release(0, compute);
+    engine.prefetch(0, new_bytes.data(), slot.data(), kBytes, 1.0f);
+    engine.synchronize();
+    backend->synchronize_stream(compute);
+  }
+  EXPECT(seen[0] == 1 && seen[kBytes - 1] == 1);  // compute saw the old expert, untorn
+  EXPECT(slot[0] == 2 && slot[kBytes - 1] == 2);  // and the new one landed after
+  backend->destroy_event(gate);
+  backend->destroy_stream(compute);
+  backend->destroy_stream(blocker);
+}
+
+void test_runtime_round_trip() {
+  auto backend = make_host_backend();
+  auto pool = std::make_shared<ExpertPool>(backend, std::vector<int>{4, 4},
+                                           std::vector<ExpertLayout>(2, ExpertLayout::pack({spec("w", {1000}, 4)})));
+  for (int l = 0; l < 2; ++l)
+    for (int e = 0; e < 4; ++e) {
+      std::vector<uint8_t> bytes(4000, static_cast<uint8_t>(l * 16 + e));
+      pool->write(l, e, 0, bytes.data(), bytes.size());
+    }
+  RuntimeOptions options;
+  options.num_slots = 3;
+  options.policy = "lru";
+  Runtime runtime(pool, options);
+  runtime.prefetch({{1, 2, 1.0f}});
+  auto slots = runtime.acquire(1, {2, 3}, nullptr);
+  EXPECT(runtime.arena()->data()[runtime.slot_bytes() * slots[0]] == 18);
+  EXPECT(runtime.arena()->data()[runtime.slot_bytes() * slots[1] + 3999] == 19);
+  runtime.release(1, {2, 3}, nullptr);
+  expect_error([&] { runtime.release(1, {2}, nullptr); }, "not acquired");
+  const RuntimeStats s = runtime.stats();
+  EXPECT(s.hits == 1 && s.misses == 1 && s.prefetch_hits == 1 && s.bytes_copied == 2 * 4096);
+  runtime.close();
+  expect_error([&] { runtime.acquire(0, {0}, nullptr); }, "closed");
+}
+
+}  // namespace
+
+int main() {
+  const std::vector<std::pair<std::string, std::function<void()>>> tests = {
+      {"pool_packing", test_pool_packing},
+      {"policy_victims", test_policy_victims},
+      {"cache_pins_and_quotas", test_cache_pins_and_quotas},
+      {"copy_engine_priority_order_and_chunks", test_copy_engine_priority_order_and_chunks},
+      {"copy_engine_demand_overtakes_queue", test_copy_engine_demand_overtakes_queue},
+      {"copy_waits_for_the_slot_to_be_freed", test_copy_waits_for_the_slot_to_be_freed},
+      {"runtime_round_trip", test_runtime_round_trip},
+  };
+  int passed = 0, failed = 0;
+  for (const auto& [name, fn] : tests) {
+    try {
+      fn();
+      ++passed;
+      std::cout << "PASS " << name << "\n";
+    } catch (const Failure& f) {
+      ++failed;
+      std::cout << "FAIL " << name << ": " << f.what << "\n";
+    } catch (const std::exception& e) {
+      ++failed;
+      std::cout << "FAIL " << name << ": unexpected exception: " << e.what() << "\n";
+    }
+  }
+  std::cout << passed << " passed, " << failed << " failed\n";
+  return failed == 0 ? 0 : 1;
+}
