@@ -62,11 +62,11 @@ def make_pool(num_experts: int, size: int) -> ef.ExpertPool:
     return pool
 
 
-def engine_bandwidth(size: int, chunk: int, reps: int) -> float:
+def engine_bandwidth(size: int, chunk: int, max_in_flight: int, reps: int) -> float:
     """GB/s of prefetch plans of ≈2 GB of ``size``-byte experts, prefetch() to last byte landed."""
     n = max(2, (2048 * MB) // size)
     pool = make_pool(2 * n, size)
-    with ef.ExpertCache(pool, num_slots=n, chunk_bytes=chunk) as cache:
+    with ef.ExpertCache(pool, num_slots=n, chunk_bytes=chunk, max_chunks_in_flight=max_in_flight) as cache:
         plans = [[(0, e, 1.0) for e in range(n)], [(0, e, 1.0) for e in range(n, 2 * n)]]
         rep = [0]
 
@@ -159,10 +159,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    sizes = [r["expert_mb"] for r in result["bandwidth"] if r["chunk_mb"] == result["default_chunk_mb"]]
-    for chunk in sorted({r["chunk_mb"] for r in result["bandwidth"]}):
-        rows = [r for r in result["bandwidth"] if r["chunk_mb"] == chunk]
-        ax.plot([r["expert_mb"] for r in rows], [r["engine_gbps"] for r in rows], marker="o", label=f"CopyEngine, {chunk:g} MB chunks")
+    sizes = sorted({r["expert_mb"] for r in result["bandwidth"]})
+    for chunk, in_flight in sorted({(r["chunk_mb"], r["max_chunks_in_flight"]) for r in result["bandwidth"]}):
+        rows = [r for r in result["bandwidth"] if (r["chunk_mb"], r["max_chunks_in_flight"]) == (chunk, in_flight)]
+        ax.plot([r["expert_mb"] for r in rows], [r["engine_gbps"] for r in rows], marker="o",
+                linestyle="-" if in_flight == 2 else ":", label=f"engine, {chunk:g} MB chunks x {in_flight}")
     ax.plot(sizes, [result["raw_gbps"][str(s)] for s in sizes], marker="s", color="black", label="raw cudaMemcpyAsync")
     ax.axhline(0.95 * result["ceiling_gbps"], color="gray", linestyle="--", label="95% of ceiling")
     ax.set_xscale("log")
@@ -170,7 +171,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("expert size (MB)")
     ax.set_ylabel("host-to-device GB/s")
     ax.set_title(f"ExpertFlow copy engine, {result['device']}")
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -181,7 +182,6 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--sizes-mb", default="4,16,64,336")
     parser.add_argument("--chunks-mb", default="2,4,8,16")
-    parser.add_argument("--default-chunk-mb", type=float, default=4)
     args = parser.parse_args()
     if not torch.cuda.is_available() or ef.get_backend().name != "cuda":
         raise SystemExit("benchmarks/copy_engine.py needs a CUDA GPU and expertflow's CUDA backend")
@@ -192,17 +192,18 @@ def main() -> None:
         "host": platform.node(),
         "torch": torch.__version__,
         "reps": args.reps,
-        "default_chunk_mb": args.default_chunk_mb,
         "raw_gbps": {str(s): raw_ceiling(s * MB, args.reps) for s in sorted(set(sizes + [4, 16]))},
     }
     result["ceiling_gbps"] = max(result["raw_gbps"].values())
     result["bandwidth"] = []
     for chunk in chunks:
-        for s in sizes:
-            gbps = engine_bandwidth(s * MB, int(chunk * MB), args.reps)
-            result["bandwidth"].append(
-                {"expert_mb": s, "chunk_mb": chunk, "engine_gbps": gbps, "share_of_ceiling": gbps / result["ceiling_gbps"]}
-            )
+        for in_flight in (1, 2):
+            for s in sizes:
+                gbps = engine_bandwidth(s * MB, int(chunk * MB), in_flight, args.reps)
+                result["bandwidth"].append({
+                    "expert_mb": s, "chunk_mb": chunk, "max_chunks_in_flight": in_flight,
+                    "engine_gbps": gbps, "share_of_ceiling": gbps / result["ceiling_gbps"],
+                })
     result["demand"] = []
     for chunk in chunks:
         for in_flight in (1, 2):
@@ -219,9 +220,10 @@ def main() -> None:
 
     print(f"{result['device']}: pinned ceiling {result['ceiling_gbps']:.1f} GB/s; raw by size " +
           ", ".join(f"{k} MB {v:.1f}" for k, v in result["raw_gbps"].items()))
-    print(f"{'expert MB':>9} {'chunk MB':>8} {'GB/s':>6} {'of ceiling':>10}")
+    print(f"{'expert MB':>9} {'chunk MB':>8} {'in flight':>9} {'GB/s':>6} {'of ceiling':>10}")
     for r in result["bandwidth"]:
-        print(f"{r['expert_mb']:>9} {r['chunk_mb']:>8g} {r['engine_gbps']:>6.1f} {r['share_of_ceiling']:>10.1%}")
+        print(f"{r['expert_mb']:>9} {r['chunk_mb']:>8g} {r['max_chunks_in_flight']:>9} {r['engine_gbps']:>6.1f} "
+              f"{r['share_of_ceiling']:>10.1%}")
     print(f"{'chunk MB':>8} {'in flight':>9} {'64MB alone ms':>13} {'under 1GB prefetch ms':>21} {'bound ms':>8}")
     for r in result["demand"]:
         print(f"{r['chunk_mb']:>8g} {r['max_chunks_in_flight']:>9} {r['demand_alone_ms']:>13.2f} "

@@ -8,6 +8,8 @@
 //   stream that reaches it completes it. wait()/synchronize() capture the number current at the call,
 //   which gives CUDA's "most recent record" semantics; number 0 (never recorded) is already complete.
 // - Destroying a stream drains its queue first, so no operation outlives the memory it touches.
+// - An event handle owns a shared reference; queued operations hold their own, so destroying an
+//   event whose record or wait is still queued (legal in CUDA) frees it only once they have run.
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -15,6 +17,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -53,6 +56,10 @@ struct HostEvent {
     cv.wait(lk, [&] { return completed >= number; });
   }
 };
+
+using EventRef = std::shared_ptr<HostEvent>;
+
+EventRef& event_ref(Event event) { return *static_cast<EventRef*>(event); }
 
 class HostStream {
  public:
@@ -116,8 +123,8 @@ class HostBackend final : public Backend {
 
   Stream create_stream(bool /*high_priority*/) override { return new HostStream(); }
   void destroy_stream(Stream stream) noexcept override { delete static_cast<HostStream*>(stream); }
-  Event create_event(bool /*timing*/) override { return new HostEvent(); }
-  void destroy_event(Event event) noexcept override { delete static_cast<HostEvent*>(event); }
+  Event create_event(bool /*timing*/) override { return new EventRef(std::make_shared<HostEvent>()); }
+  void destroy_event(Event event) noexcept override { delete static_cast<EventRef*>(event); }
 
   void copy_to_device_async(void* dst, const void* src, size_t bytes, Stream stream) override {
     if (stream == nullptr) {
@@ -127,7 +134,7 @@ class HostBackend final : public Backend {
     static_cast<HostStream*>(stream)->submit([dst, src, bytes] { std::memcpy(dst, src, bytes); });
   }
   void record(Event event, Stream stream) override {
-    auto* ev = static_cast<HostEvent*>(event);
+    EventRef ev = event_ref(event);
     const uint64_t number = ev->next_record();
     if (stream == nullptr) {
       ev->complete(number);
@@ -136,7 +143,7 @@ class HostBackend final : public Backend {
     static_cast<HostStream*>(stream)->submit([ev, number] { ev->complete(number); });
   }
   void wait(Stream stream, Event event) override {
-    auto* ev = static_cast<HostEvent*>(event);
+    EventRef ev = event_ref(event);
     uint64_t number;
     {
       std::lock_guard<std::mutex> lk(ev->mu);
@@ -149,7 +156,7 @@ class HostBackend final : public Backend {
     static_cast<HostStream*>(stream)->submit([ev, number] { ev->wait_for(number); });
   }
   bool query(Event event) override {
-    auto* ev = static_cast<HostEvent*>(event);
+    HostEvent* ev = event_ref(event).get();
     std::lock_guard<std::mutex> lk(ev->mu);
     return ev->completed >= ev->recorded;
   }
@@ -158,10 +165,10 @@ class HostBackend final : public Backend {
     if (stream != nullptr) static_cast<HostStream*>(stream)->drain();
   }
   float elapsed_ms(Event start, Event end) override {
-    auto* a = static_cast<HostEvent*>(start);
-    auto* b = static_cast<HostEvent*>(end);
-    synchronize(a);
-    synchronize(b);
+    HostEvent* a = event_ref(start).get();
+    HostEvent* b = event_ref(end).get();
+    synchronize(start);
+    synchronize(end);
     std::lock_guard<std::mutex> la(a->mu);
     std::lock_guard<std::mutex> lb(b->mu);
     return std::chrono::duration<float, std::milli>(b->completed_at - a->completed_at).count();

@@ -91,14 +91,7 @@ py::dict slot_dict(const SlotMeta& m) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ExpertFlow native runtime: pinned expert pool, slot cache, copy engine.";
-  static py::exception<Error> error_type(m, "ExpertFlowError", PyExc_RuntimeError);
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const Error& e) {
-      py::set_error(error_type, e.what());
-    }
-  });
+  py::register_exception<Error>(m, "ExpertFlowError", PyExc_RuntimeError);
   m.attr("TENSOR_ALIGNMENT") = kTensorAlignment;
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
         "Empty when a CUDA device is usable by this build; otherwise the reason.");
@@ -203,7 +196,7 @@ PYBIND11_MODULE(_C, m) {
              return std::make_shared<Runtime>(std::move(pool), options);
            }),
            py::arg("pool"), py::arg("num_slots"), py::arg("slot_bytes") = 0, py::arg("policy") = "lru_with_correction",
-           py::arg("chunk_bytes") = size_t{4} << 20, py::arg("max_chunks_in_flight") = 2)
+           py::arg("chunk_bytes") = size_t{8} << 20, py::arg("max_chunks_in_flight") = 2)
       .def_property_readonly("num_slots", &Runtime::num_slots)
       .def_property_readonly("slot_bytes", &Runtime::slot_bytes)
       .def_property_readonly("policy", [](const Runtime& r) { return policy_name(r.policy()); })

@@ -187,3 +187,10 @@ def test_views_outlive_close():
     cache.release(0, [3])
     cache.close()
     assert_expert(weights, pool, 0, 3)  # the arena lives while views of it exist
+
+
+def test_slot_arena_allocation_failure_names_the_size(backend_name):
+    pool = make_filled_pool(backend_name)
+    what = "GPU" if backend_name == "cuda" else "host-backend slot arena"
+    with pytest.raises(ef.ExpertFlowError, match=f"could not allocate 1099511627776000 bytes of {what} memory"):
+        ef.ExpertCache(pool, num_slots=1000, slot_bytes=1 << 40)

@@ -33,7 +33,7 @@
 namespace expertflow {
 
 struct CopyEngineOptions {
-  size_t chunk_bytes = size_t{4} << 20;
+  size_t chunk_bytes = size_t{8} << 20;  // measured on the H200: docs/benchmarks.md
   int max_chunks_in_flight = 2;
 };
 

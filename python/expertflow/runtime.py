@@ -247,7 +247,7 @@ class ExpertCache:
         *,
         slot_bytes: int | None = None,
         policy: str = "lru_with_correction",
-        chunk_bytes: int = 4 << 20,
+        chunk_bytes: int = 8 << 20,
         max_chunks_in_flight: int = 2,
         experts_per_token: int | None = None,
     ) -> None:
