@@ -24,7 +24,7 @@ NUM_LAYERS, NUM_EXPERTS = 3, 6
 PRIORITIES = st.sampled_from([0.5, 1.0, 2.0, 3.0])
 LAYERS = st.integers(0, NUM_LAYERS - 1)
 EXPERTS = st.integers(0, NUM_EXPERTS - 1)
-SETTINGS = settings(max_examples=60, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck))
+SETTINGS = settings(max_examples=100, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def checksum(t: torch.Tensor) -> int:
