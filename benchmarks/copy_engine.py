@@ -99,23 +99,23 @@ def demand_under_load(chunk: int, max_in_flight: int, reps: int, prefetch_mb: in
     loaded, alone = [], []
     with ef.ExpertCache(pool, num_slots=n_prefetch + 1, chunk_bytes=chunk, max_chunks_in_flight=max_in_flight) as cache:
         demand_ids = iter(range(2 * n_prefetch, 2 * n_prefetch + 2 * n_demand))
+
+        def timed_miss() -> float:
+            e = next(demand_ids)
+            t0 = time.perf_counter()
+            cache.acquire(0, [e])
+            stream.synchronize()
+            ms = (time.perf_counter() - t0) * 1e3
+            cache.release(0, [e])
+            return ms
+
         for rep in range(reps + 1):
             base = (rep % 2) * n_prefetch
             cache.prefetch([(0, e, 1.0) for e in range(base, base + n_prefetch)])
             time.sleep(0.001)  # the prefetch is now streaming
-            e = next(demand_ids)
-            t0 = time.perf_counter()
-            cache.acquire(0, [e])
-            stream.synchronize()
-            t_loaded = (time.perf_counter() - t0) * 1e3
-            cache.release(0, [e])
+            t_loaded = timed_miss()
             cache.synchronize()
-            e = next(demand_ids)
-            t0 = time.perf_counter()
-            cache.acquire(0, [e])
-            stream.synchronize()
-            t_alone = (time.perf_counter() - t0) * 1e3
-            cache.release(0, [e])
+            t_alone = timed_miss()
             if rep:  # the first round warms up
                 loaded.append(t_loaded)
                 alone.append(t_alone)

@@ -85,8 +85,7 @@ void CopyEngine::rethrow_dispatcher_error_locked() {
   EF_CHECK(dispatcher_error_.empty(), "the prefetch dispatcher failed: " << dispatcher_error_);
 }
 
-void CopyEngine::prefetch(int slot, const void* src, void* dst, size_t bytes, float priority) {
-  std::lock_guard<std::mutex> lk(mu_);
+CopyEngine::Job& CopyEngine::new_job_locked(int slot, const void* src, void* dst, size_t bytes, float priority) {
   rethrow_dispatcher_error_locked();
   check_slot(slot);
   Job& job = jobs_[slot];
@@ -94,6 +93,12 @@ void CopyEngine::prefetch(int slot, const void* src, void* dst, size_t bytes, fl
            "slot " << slot << " already has an unfinished copy");
   job = Job{static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), bytes, 0, priority, next_sequence_++,
             JobState::kQueued};
+  return job;
+}
+
+void CopyEngine::prefetch(int slot, const void* src, void* dst, size_t bytes, float priority) {
+  std::lock_guard<std::mutex> lk(mu_);
+  const Job& job = new_job_locked(slot, src, dst, bytes, priority);
   queue_.emplace(-priority, job.sequence, slot);
   dispatcher_cv_.notify_all();
 }
@@ -146,13 +151,7 @@ void CopyEngine::submit_demand_locked(int slot, size_t from) {
 
 void CopyEngine::demand(int slot, const void* src, void* dst, size_t bytes) {
   std::lock_guard<std::mutex> lk(mu_);
-  rethrow_dispatcher_error_locked();
-  check_slot(slot);
-  Job& job = jobs_[slot];
-  EF_CHECK(job.state == JobState::kNone || job.state == JobState::kSubmitted,
-           "slot " << slot << " already has an unfinished copy");
-  job = Job{static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), bytes, 0, 0, next_sequence_++,
-            JobState::kQueued};
+  new_job_locked(slot, src, dst, bytes, 0);
   submit_demand_locked(slot, 0);
 }
 

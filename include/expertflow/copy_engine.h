@@ -96,6 +96,7 @@ class CopyEngine {
   };
   using QueueKey = std::tuple<float, uint64_t, int>;  // (-priority, arrival, slot)
 
+  Job& new_job_locked(int slot, const void* src, void* dst, size_t bytes, float priority);
   void run_dispatcher();
   void submit_chunk_locked();
   bool demand_outstanding_locked();
