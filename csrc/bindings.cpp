@@ -211,11 +211,18 @@ PYBIND11_MODULE(_C, m) {
            },
            py::arg("plan"))
       .def("acquire",
-           [](Runtime& r, int layer, const std::vector<int>& experts, uintptr_t stream) {
+           [](Runtime& r, int layer, const std::vector<int>& experts, uintptr_t stream, bool wait) {
              py::gil_scoped_release nogil;
-             return r.acquire(layer, experts, as_stream(stream));
+             return r.acquire(layer, experts, as_stream(stream), wait);
            },
-           py::arg("layer"), py::arg("experts"), py::arg("stream") = 0)
+           py::arg("layer"), py::arg("experts"), py::arg("stream") = 0, py::arg("wait") = true)
+      .def("wait_ready",
+           [](Runtime& r, int slot, uintptr_t stream) {
+             py::gil_scoped_release nogil;
+             r.wait_ready(slot, as_stream(stream));
+           },
+           py::arg("slot"), py::arg("stream") = 0)
+      .def("is_ready", &Runtime::is_ready, py::arg("slot"))
       .def("release",
            [](Runtime& r, int layer, const std::vector<int>& experts, uintptr_t stream) {
              py::gil_scoped_release nogil;

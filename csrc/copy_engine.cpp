@@ -204,6 +204,14 @@ bool CopyEngine::wait_ready(int slot, Stream compute) {
   return true;
 }
 
+bool CopyEngine::is_ready(int slot) {
+  std::lock_guard<std::mutex> lk(mu_);
+  rethrow_dispatcher_error_locked();
+  check_slot(slot);
+  const JobState state = jobs_[slot].state;
+  return (state == JobState::kNone || state == JobState::kSubmitted) && backend_->query(ready_events_[slot]);
+}
+
 void CopyEngine::release(int slot, Stream compute) {
   std::lock_guard<std::mutex> lk(mu_);
   rethrow_dispatcher_error_locked();

@@ -113,7 +113,7 @@ void Runtime::prefetch(const std::vector<PlanItem>& plan) {
   }
 }
 
-std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, Stream compute) {
+std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, Stream compute, bool wait) {
   std::vector<int> slots(experts.size(), -1);
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -176,8 +176,30 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
   }
   // Pinned slots cannot change hands, so waiting needs no cache lock (and must not hold it: on the
   // host backend the wait blocks this thread until the bytes land).
-  for (int s : slots) engine_->wait_ready(s, compute);
+  if (wait) {
+    for (int s : slots) engine_->wait_ready(s, compute);
+  }
   return slots;
+}
+
+void Runtime::check_acquired_locked(int slot) const {
+  check_open();
+  EF_CHECK(slot >= 0 && slot < cache_.num_slots() && cache_.slot(slot).pin_count > 0,
+           "slot " << slot << " is not acquired; wait only on slots that acquire() returned and that are not released");
+}
+
+void Runtime::wait_ready(int slot, Stream compute) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    check_acquired_locked(slot);
+  }
+  engine_->wait_ready(slot, compute);
+}
+
+bool Runtime::is_ready(int slot) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_acquired_locked(slot);
+  return engine_->is_ready(slot);
 }
 
 void Runtime::release(int layer, const std::vector<int>& experts, Stream compute) {

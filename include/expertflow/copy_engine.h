@@ -65,6 +65,8 @@ class CopyEngine {
   bool promote(int slot);
   // Makes `compute` wait until the slot's bytes have landed. Returns true when it had to wait.
   bool wait_ready(int slot, Stream compute);
+  // True when the slot's bytes have landed (never blocks).
+  bool is_ready(int slot);
   // Compute on `compute` stops reading the slot once it reaches this point.
   void release(int slot, Stream compute);
 

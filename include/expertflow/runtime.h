@@ -63,7 +63,11 @@ class Runtime {
 
   void prefetch(const std::vector<PlanItem>& plan);
   // Slots holding `experts` of `layer`, in order. `compute` will read them (null: see backend.h).
-  std::vector<int> acquire(int layer, const std::vector<int>& experts, Stream compute);
+  // With wait=false the caller makes `compute` wait per slot (wait_ready), e.g. hits before misses.
+  std::vector<int> acquire(int layer, const std::vector<int>& experts, Stream compute, bool wait = true);
+  // Makes `compute` wait for an acquired slot's bytes; is_ready() tells without waiting.
+  void wait_ready(int slot, Stream compute);
+  bool is_ready(int slot);
   void release(int layer, const std::vector<int>& experts, Stream compute);
   void set_layer_quotas(std::vector<int> quotas);
 
@@ -84,6 +88,7 @@ class Runtime {
 
  private:
   void check_open() const;
+  void check_acquired_locked(int slot) const;
   uint8_t* slot_data(int slot) const { return arena_->data() + options_.slot_bytes * static_cast<size_t>(slot); }
   void evict_locked(int slot);
   bool may_take_locked(int slot);

@@ -6,6 +6,13 @@ slots (:class:`ExpertCache`) fed by a copy engine that keeps host-to-device copi
 
 from .runtime import POLICIES, ExpertCache, ExpertFlowError, ExpertPool, LayerSpec, TensorSpec, get_backend
 
+
+def from_pretrained(*args, **kwargs):
+    """Loads a local MoE checkpoint with offloaded experts; see :func:`expertflow.loader.from_pretrained`."""
+    from .loader import from_pretrained as load
+
+    return load(*args, **kwargs)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -15,6 +22,7 @@ __all__ = [
     "ExpertPool",
     "LayerSpec",
     "TensorSpec",
+    "from_pretrained",
     "get_backend",
     "__version__",
 ]

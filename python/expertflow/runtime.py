@@ -309,10 +309,26 @@ class ExpertCache:
         items = [(int(p[0]), int(p[1]), float(p[2]) if len(p) > 2 else 1.0) for p in plan]
         self._native.prefetch(items)
 
-    def acquire_slots(self, layer: int, experts: Sequence[int], stream: StreamLike = None) -> list[int]:
-        """Pins ``experts`` of ``layer`` and returns their slot indices (see :meth:`acquire`)."""
+    def acquire_slots(
+        self, layer: int, experts: Sequence[int], stream: StreamLike = None, wait: bool = True
+    ) -> list[int]:
+        """Pins ``experts`` of ``layer`` and returns their slot indices (see :meth:`acquire`).
+
+        With ``wait=False`` the stream is not made to wait: call :meth:`wait_slot` before reading each
+        slot, e.g. computing the slots :meth:`slot_ready` reports first and misses as they land.
+        """
         self._check_open()
-        return self._native.acquire(layer, [int(e) for e in experts], self._stream_handle(stream))
+        return self._native.acquire(layer, [int(e) for e in experts], self._stream_handle(stream), wait)
+
+    def slot_ready(self, slot: int) -> bool:
+        """True when an acquired slot's bytes have landed (never blocks)."""
+        self._check_open()
+        return self._native.is_ready(slot)
+
+    def wait_slot(self, slot: int, stream: StreamLike = None) -> None:
+        """Makes ``stream`` wait until an acquired slot's bytes have landed."""
+        self._check_open()
+        self._native.wait_ready(slot, self._stream_handle(stream))
 
     def slot_tensors(self, slot: int, layer: int) -> dict[str, torch.Tensor]:
         """Zero-copy views of ``slot`` laid out as an expert of ``layer``."""

@@ -1,0 +1,220 @@
+"""``expertflow.from_pretrained``: a local MoE checkpoint onto a GPU far smaller than the model.
+
+Steps: transformers builds the model on the meta device with each routed-experts class swapped for
+:class:`~expertflow.offload.OffloadedExperts` (which has no weights), and loads every other weight
+straight onto the compute device; the routed experts stream from the memory-mapped safetensors
+shards into the pinned :class:`~expertflow.runtime.ExpertPool`, one tensor at a time; the slot count
+follows from ``gpu_memory``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint, CheckpointError
+from .models import Architecture, architecture_for
+from .offload import MoELayer, OffloadedExperts, OffloadEngine
+from .policies import make_policy
+from .runtime import ExpertCache, ExpertFlowError, ExpertPool, get_backend
+
+__all__ = ["from_pretrained", "parse_bytes", "format_bytes"]
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """``12GiB``, ``500MB``, ``1.5GB`` or a plain number of bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot read '{value}' as a size; write it like 12GiB, 500MB or 1048576")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@contextlib.contextmanager
+def _experts_swapped(arch: Architecture):
+    """While transformers builds the model, its experts class yields weightless OffloadedExperts."""
+    module = arch.experts_class_in()
+    original = getattr(module, arch.experts_class)
+
+    class _Factory:  # not a base of OffloadedExperts, so transformers' isinstance checks skip it
+        def __new__(cls, config, *args, **kwargs):
+            return OffloadedExperts(config, arch)
+
+    setattr(module, arch.experts_class, _Factory)
+    try:
+        yield
+    finally:
+        setattr(module, arch.experts_class, original)
+
+
+def _moe_layers(model: torch.nn.Module, arch: Architecture) -> list[MoELayer]:
+    layers: list[MoELayer] = []
+    for path, module in model.named_modules():
+        if isinstance(module, OffloadedExperts):
+            parent = model.get_submodule(path.rsplit(".", 1)[0])
+            layers.append(MoELayer(len(layers), path, module, getattr(parent, arch.router_attr)))
+    stack = lambda p: p.split(".", 1)[0] if arch.encoder_decoder else ""  # noqa: E731
+    for a, b in zip(layers, layers[1:]):
+        if stack(a.path) == stack(b.path):
+            a.next = b
+    return layers
+
+
+def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, config, ckpt: Checkpoint, progress: bool) -> None:
+    num_experts = pool.num_experts(0)
+    bar = tqdm(total=len(layers) * num_experts, desc="Loading experts", unit="expert", disable=not progress)
+    source_dtype: tuple[torch.dtype, str] | None = None
+    for layer in layers:
+        packed = {t.name: t for t in pool.layout(layer.index)}
+        for e in range(num_experts):
+            sources = arch.sources(layer.path, e, config, ckpt)
+            if sources is None:
+                raise CheckpointError(
+                    f"expert {e} of MoE layer {layer.index} ({layer.path}) is not in the checkpoint at {ckpt.folder}; "
+                    f"expected {arch.describe_sources(layer.path)}"
+                )
+            for src in sources:
+                info = ckpt.info(src.checkpoint_name)
+                target = packed[src.pool_tensor]
+                rows = target.shape[0] // 2 if (arch.gated and src.pool_tensor == "gate_up" and src.expert_index is None) else target.shape[0]
+                want = (rows, *target.shape[1:])
+                if src.expert_index is not None:
+                    want = (num_experts, *want)
+                if info.shape != want:
+                    raise CheckpointError(
+                        f"tensor '{info.name}' in {info.file} has shape {list(info.shape)}, expected {list(want)} "
+                        f"for this {config.model_type} config"
+                    )
+                if source_dtype is None:
+                    source_dtype = (info.dtype, info.name)
+                elif info.dtype != source_dtype[0]:
+                    raise CheckpointError(
+                        f"tensor '{info.name}' in {info.file} is {info.dtype} but '{source_dtype[1]}' is {source_dtype[0]}; "
+                        "all routed experts of a checkpoint must share one dtype"
+                    )
+                nbytes = info.nbytes // num_experts if src.expert_index is not None else info.nbytes
+                offset = nbytes * (src.expert_index or 0)
+                row_bytes = target.nbytes // target.shape[0]
+                with ckpt.view(info, offset, nbytes) as raw:
+                    if info.dtype == target.dtype:
+                        pool.write_tensor(layer.index, e, src.pool_tensor, raw, offset=src.row_offset * row_bytes)
+                    else:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
+                            converted = torch.frombuffer(raw, dtype=info.dtype).to(target.dtype)
+                        pool.write_tensor(
+                            layer.index, e, src.pool_tensor, converted.view(torch.uint8).numpy(), offset=src.row_offset * row_bytes
+                        )
+                ckpt.release(info, offset, nbytes)
+            bar.update(1)
+    bar.close()
+
+
+def from_pretrained(
+    path: str | Path,
+    gpu_memory: int | str = "12GiB",
+    policy: str = "lru_with_correction",
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    *,
+    headroom: int | str | None = None,
+    backend: str | None = None,
+    progress: bool = True,
+) -> torch.nn.Module:
+    """Loads a MoE checkpoint folder with its routed experts offloaded.
+
+    Returns the ordinary transformers model (``generate()`` and ``forward()`` work unchanged) with
+    ``model.expertflow`` (an :class:`~expertflow.offload.OffloadEngine`: ``stats()``,
+    ``reset_stats()``, ``close()``).
+
+    ``gpu_memory`` bounds everything ExpertFlow puts on the device: the non-expert weights, the expert
+    slots and ``headroom`` for activations and the KV cache (default: a tenth of ``gpu_memory``, at
+    most 2 GiB). The slots get the rest. ``all_gpu`` ignores the budget and keeps every expert
+    resident. Without a GPU the host backend serves and the model computes on the CPU.
+    """
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} has no config.json; pass the folder of a transformers checkpoint")
+    config = transformers.AutoConfig.from_pretrained(path)
+    arch = architecture_for(config.model_type)
+    offload_policy = make_policy(policy)
+    backend_obj = get_backend(backend)
+    device = torch.device(device) if device is not None else torch.device("cuda" if backend_obj.is_gpu else "cpu")
+    if (device.type == "cuda") != backend_obj.is_gpu:
+        raise ExpertFlowError(
+            f"device {device} does not match the {backend_obj.name} backend: the expert slots live where the backend "
+            f"puts them; use device={'cuda' if backend_obj.is_gpu else 'cpu'}, or backend={'host' if backend_obj.is_gpu else 'cuda'}"
+        )
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    budget = parse_bytes(gpu_memory)
+    ckpt = Checkpoint(path)
+    try:
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the experts' checkpoint keys are ours, not "unexpected"
+        try:
+            with _experts_swapped(arch):
+                model, info = arch.auto_class.from_pretrained(
+                    path, dtype=dtype or "auto", device_map={"": device}, output_loading_info=True
+                )
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        if info.get("missing_keys"):
+            raise CheckpointError(
+                f"the checkpoint at {path} lacks these weights: {', '.join(sorted(info['missing_keys'])[:8])}"
+            )
+        model.eval()
+        layers = _moe_layers(model, arch)
+        if not layers:
+            raise ExpertFlowError(f"found no routed experts in this {config.model_type} model")
+        num_experts, top_k, _, _ = arch.dims(config)
+        pool_dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
+        tensors = arch.pool_tensors(config, pool_dtype)
+        expert_bytes = sum(-(-t.nbytes // 256) * 256 for t in tensors)  # as the pool packs them
+        weights_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        reserve = parse_bytes(headroom) if headroom is not None else min(budget // 10, 2 << 30)
+        total_experts = len(layers) * num_experts
+        if offload_policy.name == "all_gpu":
+            num_slots = total_experts
+        else:
+            num_slots = min(total_experts, max(0, budget - weights_bytes - reserve) // expert_bytes)
+            if num_slots < top_k:
+                minimum = weights_bytes + reserve + top_k * expert_bytes
+                raise ExpertFlowError(
+                    f"gpu_memory={format_bytes(budget)} is below the minimum of {format_bytes(minimum)} for this model: "
+                    f"non-expert weights {format_bytes(weights_bytes)} + headroom {format_bytes(reserve)} + {top_k} "
+                    f"expert slots of {format_bytes(expert_bytes)} (one layer's experts per token)"
+                )
+        pool = ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj)
+        _fill_pool(pool, layers, arch, config, ckpt, progress)
+    finally:
+        ckpt.close()
+    cache = ExpertCache(pool, num_slots, policy=offload_policy.cache_policy, experts_per_token=top_k)
+    model.expertflow = OffloadEngine(arch, layers, pool, cache, offload_policy)
+    log.info(
+        "%s: %d MoE layers x %d experts (%s each) in pinned memory; %d slots on %s (%s), policy %s",
+        config.model_type, len(layers), num_experts, format_bytes(pool.expert_bytes(0)), num_slots,
+        device, backend_obj.name, offload_policy.name,
+    )
+    return model

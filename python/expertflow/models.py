@@ -1,0 +1,145 @@
+"""Model adapters: where each architecture keeps its routed experts, and how an expert computes.
+
+An adapter knows tensor names and module paths, nothing of policies. Everything but the routed
+experts stays transformers' own code: the router (``gate`` / ``router``) runs unchanged, and the
+experts module is swapped for :class:`expertflow.offload.OffloadedExperts` while the model is built.
+
+Per expert, the pool holds:
+
+- gated (SwiGLU) families — Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3:
+  ``gate_up`` ``[2 * ffn, hidden]`` (gate rows, then up rows) and ``down`` ``[hidden, ffn]``;
+- Switch Transformers: ``wi`` ``[ffn, hidden]`` and ``wo`` ``[hidden, ffn]``.
+
+Checkpoint layouts accepted for each experts module at model path ``P``:
+
+- fused (transformers v5): ``P.gate_up_proj`` ``[E, 2F, H]`` and ``P.down_proj`` ``[E, H, F]``;
+- per expert, as published: ``P'.{e}.gate_proj.weight`` / ``up_proj`` / ``down_proj`` (Mixtral:
+  ``w1`` / ``w3`` / ``w2`` under ``block_sparse_moe``); Switch: ``P.expert_{e}.wi.weight`` / ``wo``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Architecture", "ARCHITECTURES", "architecture_for", "ExpertSource"]
+
+
+@dataclass(frozen=True)
+class ExpertSource:
+    """Where one pool tensor of one expert comes from: a checkpoint tensor, possibly a slice of it.
+
+    ``expert_index`` selects ``[e]`` of a fused ``[E, ...]`` tensor; ``row_offset`` places the source
+    at that row of the pool tensor (the up half of ``gate_up``).
+    """
+
+    pool_tensor: str
+    checkpoint_name: str
+    expert_index: int | None = None
+    row_offset: int = 0
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_types: tuple[str, ...]
+    modeling_module: str
+    experts_class: str
+    router_attr: str = "gate"
+    gated: bool = True
+    published_block: str | None = None  # Mixtral publishes ".mlp." as ".block_sparse_moe."
+    published_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    encoder_decoder: bool = False
+
+    @property
+    def auto_class(self):
+        import transformers
+
+        return transformers.AutoModelForSeq2SeqLM if self.encoder_decoder else transformers.AutoModelForCausalLM
+
+    def experts_class_in(self):
+        return importlib.import_module(self.modeling_module)
+
+    def dims(self, config) -> tuple[int, int, int, int]:
+        """(num_experts, experts_per_token, hidden, ffn) of a config."""
+        if self.encoder_decoder:
+            return config.num_experts, 1, config.d_model, config.d_ff
+        num_experts = next(
+            getattr(config, name) for name in ("num_local_experts", "num_experts", "n_routed_experts") if getattr(config, name, None)
+        )
+        ffn = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+        return num_experts, config.num_experts_per_tok, config.hidden_size, ffn
+
+    def activation(self, config) -> str:
+        return config.dense_act_fn if self.encoder_decoder else config.hidden_act
+
+    def pool_tensors(self, config, dtype: torch.dtype):
+        from .runtime import TensorSpec
+
+        _, _, hidden, ffn = self.dims(config)
+        if self.gated:
+            return (TensorSpec("gate_up", dtype, (2 * ffn, hidden)), TensorSpec("down", dtype, (hidden, ffn)))
+        return (TensorSpec("wi", dtype, (ffn, hidden)), TensorSpec("wo", dtype, (hidden, ffn)))
+
+    def sources(self, path: str, expert: int, config, available) -> list[ExpertSource] | None:
+        """The checkpoint tensors of one expert of the experts module at ``path``, or None if absent.
+
+        ``available``: a container of the checkpoint's tensor names.
+        """
+        _, _, _, ffn = self.dims(config)
+        if not self.gated:
+            base = f"{path}.expert_{expert}"
+            out = [ExpertSource("wi", f"{base}.wi.weight"), ExpertSource("wo", f"{base}.wo.weight")]
+            return out if all(s.checkpoint_name in available for s in out) else None
+        fused = [
+            ExpertSource("gate_up", f"{path}.gate_up_proj", expert),
+            ExpertSource("down", f"{path}.down_proj", expert),
+        ]
+        if all(s.checkpoint_name in available for s in fused):
+            return fused
+        published = path.replace(".mlp.", self.published_block) if self.published_block else path
+        for base in dict.fromkeys((f"{published}.{expert}", f"{path}.{expert}")):
+            gate, up, down = (f"{base}.{n}.weight" for n in self.published_names)
+            out = [ExpertSource("gate_up", gate), ExpertSource("gate_up", up, row_offset=ffn), ExpertSource("down", down)]
+            if all(s.checkpoint_name in available for s in out):
+                return out
+        return None
+
+    def describe_sources(self, path: str) -> str:
+        if not self.gated:
+            return f"{path}.expert_<e>.wi.weight / .wo.weight"
+        published = path.replace(".mlp.", self.published_block) if self.published_block else path
+        gate, up, down = self.published_names
+        return f"{path}.gate_up_proj + {path}.down_proj (fused), or {published}.<e>.{gate}/{up}/{down}.weight (per expert)"
+
+    def router_top_k(self, router: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Experts the router picks for ``hidden_states [num_tokens, hidden]``: ``[num_tokens, k]``."""
+        if self.encoder_decoder:
+            _, _, logits = router(hidden_states.unsqueeze(0))
+            return logits.reshape(-1, logits.shape[-1]).argmax(dim=-1, keepdim=True)
+        _, _, indices = router(hidden_states)
+        return indices
+
+
+_TM = "transformers.models."
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(("mixtral",), _TM + "mixtral.modeling_mixtral", "MixtralExperts",
+                 published_block=".block_sparse_moe.", published_names=("w1", "w3", "w2")),
+    Architecture(("qwen2_moe",), _TM + "qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts"),
+    Architecture(("qwen3_moe",), _TM + "qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
+    Architecture(("olmoe",), _TM + "olmoe.modeling_olmoe", "OlmoeExperts"),
+    Architecture(("deepseek_v2",), _TM + "deepseek_v2.modeling_deepseek_v2", "DeepseekV2Experts"),
+    Architecture(("deepseek_v3",), _TM + "deepseek_v3.modeling_deepseek_v3", "DeepseekV3Experts"),
+    Architecture(("switch_transformers",), _TM + "switch_transformers.modeling_switch_transformers",
+                 "SwitchTransformersExperts", router_attr="router", gated=False, encoder_decoder=True),
+)
+
+
+def architecture_for(model_type: str) -> Architecture:
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    supported = ", ".join(t for a in ARCHITECTURES for t in a.model_types)
+    raise ValueError(f"unknown MoE architecture '{model_type}'; ExpertFlow supports: {supported}")
