@@ -61,11 +61,23 @@ def _experts_swapped(arch: Architecture):
         def __new__(cls, config, *args, **kwargs):
             return OffloadedExperts(config, arch)
 
+    # Weight initialisation of a module that holds the experts (Switch's SparseMLP initialises them
+    # itself) is skipped: its other weights come from the checkpoint, the experts from the pool.
+    initialize = transformers.PreTrainedModel._initialize_weights
+
+    def _initialize_weights(self, target, *args, **kwargs):
+        if any(isinstance(child, OffloadedExperts) for child in target.children()):
+            target._is_hf_initialized = True
+            return None
+        return initialize(self, target, *args, **kwargs)
+
     setattr(module, arch.experts_class, _Factory)
+    transformers.PreTrainedModel._initialize_weights = _initialize_weights
     try:
         yield
     finally:
         setattr(module, arch.experts_class, original)
+        transformers.PreTrainedModel._initialize_weights = initialize
 
 
 def _moe_layers(model: torch.nn.Module, arch: Architecture) -> list[MoELayer]:
