@@ -136,7 +136,8 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
                             warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
                             converted = torch.frombuffer(raw, dtype=info.dtype).to(target.dtype)
                         pool.write_tensor(
-                            layer.index, e, src.pool_tensor, converted.view(torch.uint8).numpy(), offset=src.row_offset * row_bytes
+                            layer.index, e, src.pool_tensor, memoryview(converted.view(torch.uint8).numpy()),
+                            offset=src.row_offset * row_bytes,
                         )
                 ckpt.release(info, offset, nbytes)
             bar.update(1)
