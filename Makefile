@@ -5,19 +5,24 @@ PY := $(VENV)/bin/python
 SHARED_TRACE := ../shared/data/traces/mixtral-8x7b-instruct.gsm8k.jsonl
 SYNTHETIC_TRACE := build/synthetic-trace.jsonl
 
-.PHONY: demo test native-test python-test install clean
+.PHONY: demo replay-demo test native-test python-test install clean
 
 $(VENV)/.deps-installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch: the pinned CPU wheel where torch is missing (an unpinned torch pulls a multi-GB CUDA build).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q numpy pybind11 tqdm pytest hypothesis ninja cmake setuptools wheel
+	$(PY) -m pip install -q numpy pybind11 tqdm pytest hypothesis ninja cmake setuptools wheel \
+		'transformers>=5.17,<6' safetensors tokenizers accelerate matplotlib
 	touch $@
 
 install: $(VENV)/.deps-installed
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 demo: install
+	$(VENV)/bin/expertflow generate --expert-slots 25% --prompt "ROMEO:" --max-new-tokens 48
+	$(VENV)/bin/expertflow bench --expert-slots 25% --prompt "The json module" --max-new-tokens 48
+
+replay-demo: install
 	@if [ -f $(SHARED_TRACE) ]; then \
 		trace=$(SHARED_TRACE); \
 	else \

@@ -194,3 +194,19 @@ def test_slot_arena_allocation_failure_names_the_size(backend_name):
     what = "GPU" if backend_name == "cuda" else "host-backend slot arena"
     with pytest.raises(ef.ExpertFlowError, match=f"could not allocate 1099511627776000 bytes of {what} memory"):
         ef.ExpertCache(pool, num_slots=1000, slot_bytes=1 << 40)
+
+
+def test_acquire_without_wait_then_wait_per_slot(backend_name):
+    pool = make_filled_pool(backend_name)
+    with ef.ExpertCache(pool, num_slots=4, chunk_bytes=4096) as cache:
+        cache.prefetch([(1, 2, 1.0)])
+        slots = cache.acquire_slots(1, [2, 5], wait=False)
+        for slot, expert in sorted(zip(slots, [2, 5]), key=lambda p: not cache.slot_ready(p[0])):
+            cache.wait_slot(slot)
+            assert_expert(cache.slot_tensors(slot, 1), pool, 1, expert)
+            assert cache.slot_ready(slot) or backend_name == "cuda"  # on the GPU, landing is asynchronous to the host
+        cache.release(1, [2, 5])
+        with pytest.raises(ef.ExpertFlowError, match=f"slot {slots[0]} is not acquired"):
+            cache.wait_slot(slots[0])
+        with pytest.raises(ef.ExpertFlowError, match="slot 9 is not acquired"):
+            cache.slot_ready(9)

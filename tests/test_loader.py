@@ -21,6 +21,13 @@ from expertflow.loader import format_bytes, parse_bytes
 from moe_models import build, expert_bytes, save
 
 
+
+@pytest.fixture(autouse=True)
+def host_backend(monkeypatch):
+    """These tests compare fp32 on the CPU (the GPU suite is tests/test_offload_gpu.py)."""
+    monkeypatch.setenv("EXPERTFLOW_BACKEND", "host")
+
+
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory):
     model = build("mixtral")

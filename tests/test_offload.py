@@ -14,6 +14,13 @@ PROMPT = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46]])
 NEW_TOKENS = 10
 
 
+
+@pytest.fixture(autouse=True)
+def host_backend(monkeypatch):
+    """These tests compare fp32 on the CPU (the GPU suite is tests/test_offload_gpu.py)."""
+    monkeypatch.setenv("EXPERTFLOW_BACKEND", "host")
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{(arch, layout): (reference model, folder)} built once per test module."""

@@ -1,5 +1,7 @@
 """The ``expertflow`` command line.
 
+``expertflow generate``    generate text with a MoE checkpoint whose experts are offloaded
+``expertflow bench``       every offload policy on one model: tokens/s, hit ratio, bytes copied
 ``expertflow replay``      drive the slot cache through a routing trace (no model needed)
 ``expertflow synth-trace`` write a synthetic routing trace (for machines without recorded ones)
 """
@@ -10,7 +12,9 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from .replay import REPLAY_POLICIES, ReplayResult, parse_capacity, replay
 from .traces import read_trace, synthetic_trace, write_jsonl_trace
@@ -84,9 +88,158 @@ def cmd_synth_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+BUNDLED_MODEL = Path(__file__).resolve().parent / "data" / "tiny-mixtral"
+
+
+def _load(args: argparse.Namespace, policy: str):
+    from . import from_pretrained
+
+    return from_pretrained(
+        args.model, gpu_memory=args.gpu_memory, policy=policy, dtype=args.dtype, expert_slots=args.expert_slots,
+        progress=not getattr(args, "quiet", False),
+    )
+
+
+def _tokenizer(model_path: str):
+    if not (Path(model_path) / "tokenizer.json").exists() and not (Path(model_path) / "tokenizer.model").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer):
+    import torch
+
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids must be comma-separated integers, got '{args.prompt_ids}'") from None
+    else:
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer; pass --prompt-ids instead of --prompt")
+        ids = tokenizer(args.prompt)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt is empty")
+    return torch.tensor([ids])
+
+
+def _generate(model, input_ids, args: argparse.Namespace) -> tuple[list[int], float]:
+    import torch
+
+    torch.manual_seed(args.seed)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, pad_token_id=model.config.pad_token_id)
+    if args.do_sample:
+        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    new = out[0, 1:] if model.config.is_encoder_decoder else out[0, input_ids.shape[1] :]
+    return new.tolist(), seconds
+
+
+def _summary(stats: dict, n: int, seconds: float) -> str:
+    return (
+        f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s) | policy {stats['policy']}, {stats['num_slots']} slots | "
+        f"hit ratio {stats['hit_ratio']:.1%} ({stats['hits']}/{stats['accesses']}), prefetch hits {stats['prefetch_hits']}, "
+        f"wasted {stats['wasted_prefetches']}, copied {_format_bytes(stats['bytes_copied'])}, stalled {stats['stall_ms']:.1f} ms"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    tokenizer = _tokenizer(args.model)
+    input_ids = _prompt_ids(args, tokenizer)
+    model = _load(args, args.policy)
+    try:
+        new, seconds = _generate(model, input_ids, args)
+        stats = model.expertflow.stats()
+    finally:
+        model.expertflow.close()
+    text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
+    if args.json:
+        print(json.dumps({"token_ids": new, "text": text, "stats": {**stats, "seconds": seconds, "tokens_per_s": len(new) / seconds}}))
+        return 0
+    print(text if text is not None else " ".join(map(str, new)))
+    print(_summary(stats, len(new), seconds))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .policies import POLICY_NAMES
+
+    policies = _split(args.policies) if args.policies != "all" else list(POLICY_NAMES)
+    tokenizer = _tokenizer(args.model)
+    input_ids = _prompt_ids(args, tokenizer)
+    args.quiet = True
+    rows, reference = [], None
+    for policy in policies:
+        model = _load(args, policy)
+        try:
+            _generate(model, input_ids, argparse.Namespace(**{**vars(args), "max_new_tokens": 2}))  # warm-up
+            model.expertflow.reset_stats()
+            new, seconds = _generate(model, input_ids, args)
+            stats = model.expertflow.stats()
+        finally:
+            model.expertflow.close()
+        reference = reference if reference is not None else new
+        rows.append({"policy": policy, "tokens_per_s": len(new) / seconds, "same_tokens_as_first": new == reference, **stats})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    header = ["policy", "tokens/s", "hit ratio", "prefetch hits", "wasted", "copied", "stall ms", f"same tokens as {policies[0]}"]
+    table = [header] + [
+        [r["policy"], f"{r['tokens_per_s']:.1f}", f"{r['hit_ratio']:.1%}", str(r["prefetch_hits"]), str(r["wasted_prefetches"]),
+         _format_bytes(r["bytes_copied"]), f"{r['stall_ms']:.1f}", "yes" if r["same_tokens_as_first"] else "NO"]
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    offloaded = [r for r in rows if r["policy"] != "all_gpu"] or rows
+    print(f"{args.model}: {offloaded[0]['num_slots']} expert slots (all_gpu: every expert), {args.max_new_tokens} new tokens, greedy")
+    for i, row in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(BUNDLED_MODEL), help="checkpoint folder (default: the bundled tiny Mixtral)")
+    p.add_argument("--gpu-memory", default="12GiB", help="device memory ExpertFlow may use, e.g. 12GiB")
+    p.add_argument("--expert-slots", default=None, help="slot count or share of all experts (e.g. 25%%) instead of the budget")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate with a MoE checkpoint whose experts are offloaded")
+    _model_args(p)
+    p.add_argument("--policy", default="lru_with_correction", help="all_gpu|lru|next_layers|gate_ahead|lru_with_correction")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="every offload policy on one model: tokens/s, hit ratio, bytes copied")
+    _model_args(p)
+    p.add_argument("--policies", default="all", help="comma list, or all")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("replay", help="replay a routing trace through the expert cache")
     p.add_argument("--trace", required=True, help="per-layer .jsonl or route .csv trace")
@@ -112,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"expertflow {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -25,7 +25,7 @@ from .offload import MoELayer, OffloadedExperts, OffloadEngine
 from .policies import make_policy
 from .runtime import ExpertCache, ExpertFlowError, ExpertPool, get_backend
 
-__all__ = ["from_pretrained", "parse_bytes", "format_bytes"]
+__all__ = ["from_pretrained", "attach", "offloaded_experts", "moe_layers", "plan_slots", "parse_bytes", "format_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def format_bytes(n: float) -> str:
 
 
 @contextlib.contextmanager
-def _experts_swapped(arch: Architecture):
+def offloaded_experts(arch: Architecture):
     """While transformers builds the model, its experts class yields weightless OffloadedExperts."""
     module = arch.experts_class_in()
     original = getattr(module, arch.experts_class)
@@ -80,7 +80,8 @@ def _experts_swapped(arch: Architecture):
         transformers.PreTrainedModel._initialize_weights = initialize
 
 
-def _moe_layers(model: torch.nn.Module, arch: Architecture) -> list[MoELayer]:
+def moe_layers(model: torch.nn.Module, arch: Architecture) -> list[MoELayer]:
+    """The model's offloaded experts modules in execution order, with their routers."""
     layers: list[MoELayer] = []
     for path, module in model.named_modules():
         if isinstance(module, OffloadedExperts):
@@ -144,6 +145,61 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
     bar.close()
 
 
+def plan_slots(
+    model: torch.nn.Module,
+    arch: Architecture,
+    config,
+    num_layers: int,
+    policy: str,
+    budget: int,
+    headroom: int | str | None = None,
+    expert_slots: int | str | None = None,
+) -> int:
+    """How many expert slots fit ``budget`` beside the model's resident (non-expert) weights."""
+    num_experts, top_k, _, _ = arch.dims(config)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    expert_bytes = sum(-(-t.nbytes // 256) * 256 for t in arch.pool_tensors(config, dtype))  # as the pool packs them
+    weights_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    reserve = parse_bytes(headroom) if headroom is not None else min(budget // 10, 2 << 30)
+    total_experts = num_layers * num_experts
+    if policy == "all_gpu":
+        return total_experts
+    if expert_slots is not None:
+        text = str(expert_slots).strip()
+        num_slots = round(float(text[:-1]) / 100 * total_experts) if text.endswith("%") else int(text)
+        if not top_k <= num_slots <= total_experts:
+            raise ExpertFlowError(
+                f"expert_slots={expert_slots} gives {num_slots} slots; use between {top_k} (one layer's experts per "
+                f"token) and {total_experts} (every expert)"
+            )
+        return num_slots
+    num_slots = min(total_experts, max(0, budget - weights_bytes - reserve) // expert_bytes)
+    if num_slots < top_k:
+        minimum = weights_bytes + reserve + top_k * expert_bytes
+        raise ExpertFlowError(
+            f"gpu_memory={format_bytes(budget)} is below the minimum of {format_bytes(minimum)} for this model: "
+            f"non-expert weights {format_bytes(weights_bytes)} + headroom {format_bytes(reserve)} + {top_k} "
+            f"expert slots of {format_bytes(expert_bytes)} (one layer's experts per token)"
+        )
+    return num_slots
+
+
+def attach(
+    model: torch.nn.Module, arch: Architecture, pool: ExpertPool, num_slots: int, policy: str, owns_pool: bool = True
+) -> OffloadEngine:
+    """Connects a model built under :func:`offloaded_experts` to a filled pool: ``model.expertflow``.
+
+    ``owns_pool=False`` leaves the pool open when the engine closes, so one pool can serve several
+    engines in turn (benchmarks compare policies this way).
+    """
+    offload_policy = make_policy(policy)
+    layers = moe_layers(model, arch)
+    top_k = arch.dims(model.config)[1]
+    cache = ExpertCache(pool, num_slots, policy=offload_policy.cache_policy, experts_per_token=top_k)
+    model.expertflow = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool)
+    return model.expertflow
+
+
 def from_pretrained(
     path: str | Path,
     gpu_memory: int | str = "12GiB",
@@ -152,6 +208,7 @@ def from_pretrained(
     device: str | torch.device | None = None,
     *,
     headroom: int | str | None = None,
+    expert_slots: int | str | None = None,
     backend: str | None = None,
     progress: bool = True,
 ) -> torch.nn.Module:
@@ -163,8 +220,9 @@ def from_pretrained(
 
     ``gpu_memory`` bounds everything ExpertFlow puts on the device: the non-expert weights, the expert
     slots and ``headroom`` for activations and the KV cache (default: a tenth of ``gpu_memory``, at
-    most 2 GiB). The slots get the rest. ``all_gpu`` ignores the budget and keeps every expert
-    resident. Without a GPU the host backend serves and the model computes on the CPU.
+    most 2 GiB). The slots get the rest. ``expert_slots`` (a count, or a share of all experts such as
+    ``"25%"``) sets the slot count directly instead. ``all_gpu`` keeps every expert resident whatever
+    the budget. Without a GPU the host backend serves and the model computes on the CPU.
     """
     path = Path(path)
     if not (path / "config.json").exists():
@@ -186,45 +244,35 @@ def from_pretrained(
     try:
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # the experts' checkpoint keys are ours, not "unexpected"
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        if not progress:
+            transformers.utils.logging.disable_progress_bar()
         try:
-            with _experts_swapped(arch):
+            with offloaded_experts(arch):
                 model, info = arch.auto_class.from_pretrained(
                     path, dtype=dtype or "auto", device_map={"": device}, output_loading_info=True
                 )
         finally:
             transformers.logging.set_verbosity(verbosity)
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
         if info.get("missing_keys"):
             raise CheckpointError(
                 f"the checkpoint at {path} lacks these weights: {', '.join(sorted(info['missing_keys'])[:8])}"
             )
         model.eval()
-        layers = _moe_layers(model, arch)
+        layers = moe_layers(model, arch)
         if not layers:
             raise ExpertFlowError(f"found no routed experts in this {config.model_type} model")
-        num_experts, top_k, _, _ = arch.dims(config)
+        num_experts = arch.dims(config)[0]
         pool_dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
         tensors = arch.pool_tensors(config, pool_dtype)
-        expert_bytes = sum(-(-t.nbytes // 256) * 256 for t in tensors)  # as the pool packs them
-        weights_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        reserve = parse_bytes(headroom) if headroom is not None else min(budget // 10, 2 << 30)
-        total_experts = len(layers) * num_experts
-        if offload_policy.name == "all_gpu":
-            num_slots = total_experts
-        else:
-            num_slots = min(total_experts, max(0, budget - weights_bytes - reserve) // expert_bytes)
-            if num_slots < top_k:
-                minimum = weights_bytes + reserve + top_k * expert_bytes
-                raise ExpertFlowError(
-                    f"gpu_memory={format_bytes(budget)} is below the minimum of {format_bytes(minimum)} for this model: "
-                    f"non-expert weights {format_bytes(weights_bytes)} + headroom {format_bytes(reserve)} + {top_k} "
-                    f"expert slots of {format_bytes(expert_bytes)} (one layer's experts per token)"
-                )
+        num_slots = plan_slots(model, arch, config, len(layers), offload_policy.name, budget, headroom, expert_slots)
         pool = ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj)
         _fill_pool(pool, layers, arch, config, ckpt, progress)
     finally:
         ckpt.close()
-    cache = ExpertCache(pool, num_slots, policy=offload_policy.cache_policy, experts_per_token=top_k)
-    model.expertflow = OffloadEngine(arch, layers, pool, cache, offload_policy)
+    attach(model, arch, pool, num_slots, offload_policy.name)
     log.info(
         "%s: %d MoE layers x %d experts (%s each) in pinned memory; %d slots on %s (%s), policy %s",
         config.model_type, len(layers), num_experts, format_bytes(pool.expert_bytes(0)), num_slots,

@@ -82,8 +82,11 @@ class OffloadEngine:
     Available as ``model.expertflow``: :meth:`stats`, :meth:`reset_stats`, :meth:`close`.
     """
 
-    def __init__(self, architecture: Architecture, layers: list[MoELayer], pool: ExpertPool, cache: ExpertCache, policy) -> None:
+    def __init__(
+        self, architecture: Architecture, layers: list[MoELayer], pool: ExpertPool, cache: ExpertCache, policy, owns_pool: bool = True
+    ) -> None:
         self.architecture = architecture
+        self.owns_pool = owns_pool
         self.layers = layers
         self.pool = pool
         self.cache = cache
@@ -136,8 +139,10 @@ class OffloadEngine:
         self.cache.reset_stats()
 
     def close(self) -> None:
-        """Frees the slots and the pool; the model can no longer run its MoE layers."""
+        """Frees the slots (and the pool, when the engine owns it); the MoE layers can no longer run."""
         for layer in self.layers:
-            layer.module.engine = None
+            if layer.module.engine is self:
+                layer.module.engine = None
         self.cache.close()
-        self.pool.close()
+        if self.owns_pool:
+            self.pool.close()
