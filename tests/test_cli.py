@@ -60,6 +60,8 @@ def test_generate_prompt_ids_and_sampling(capsys, tmp_path):
     b = run_json(capsys, "generate", "--model", str(folder), "--prompt-ids", "3,14", "--max-new-tokens", "8",
                  "--do-sample", "--temperature", "2.0", "--seed", "1", "--json")
     assert a["token_ids"] == b["token_ids"]  # sampling is seeded
+    assert main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hello"]) == 2
+    assert "does not exist" in capsys.readouterr().err
     assert main(["generate", "--model", str(folder), "--prompt", "hello"]) == 2
     assert "has no tokenizer; pass --prompt-ids" in capsys.readouterr().err
     assert main(["generate", "--model", str(folder), "--prompt-ids", "1,x"]) == 2

@@ -101,6 +101,8 @@ def _load(args: argparse.Namespace, policy: str):
 
 
 def _tokenizer(model_path: str):
+    if not Path(model_path).is_dir():
+        raise ValueError(f"model folder {model_path} does not exist")
     if not (Path(model_path) / "tokenizer.json").exists() and not (Path(model_path) / "tokenizer.model").exists():
         return None
     from transformers import AutoTokenizer

@@ -54,7 +54,7 @@ def format_bytes(n: float) -> str:
 @contextlib.contextmanager
 def offloaded_experts(arch: Architecture):
     """While transformers builds the model, its experts class yields weightless OffloadedExperts."""
-    module = arch.experts_class_in()
+    module = arch.modeling()
     original = getattr(module, arch.experts_class)
 
     class _Factory:  # not a base of OffloadedExperts, so transformers' isinstance checks skip it

@@ -58,7 +58,8 @@ class Architecture:
 
         return transformers.AutoModelForSeq2SeqLM if self.encoder_decoder else transformers.AutoModelForCausalLM
 
-    def experts_class_in(self):
+    def modeling(self):
+        """The transformers module that defines this architecture's experts class."""
         return importlib.import_module(self.modeling_module)
 
     def dims(self, config) -> tuple[int, int, int, int]:
