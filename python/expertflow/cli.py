@@ -181,6 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args.model)
     input_ids = _prompt_ids(args, tokenizer)
     args.quiet = True
+    logging.getLogger("expertflow").setLevel(logging.WARNING)  # one table, not a load report per policy
     rows, reference = [], None
     for policy in policies:
         model = _load(args, policy)
