@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -166,18 +167,49 @@ PYBIND11_MODULE(_C, m) {
            "The whole pinned arena as a uint8 DLPack capsule.");
 
   py::class_<SlotCache>(m, "SlotCache")
-      .def(py::init([](int num_slots, const std::string& policy) { return SlotCache(num_slots, parse_policy(policy)); }),
-           py::arg("num_slots"), py::arg("policy"))
+      .def(py::init([](int num_slots, const std::string& policy, int num_layers) {
+             return SlotCache(num_slots, parse_policy(policy), num_layers);
+           }),
+           py::arg("num_slots"), py::arg("policy"), py::arg("num_layers") = 0)
       .def_property_readonly("num_slots", &SlotCache::num_slots)
+      .def_property_readonly("position", [](const SlotCache& c) { return c.context().position; })
       .def("find", &SlotCache::find, py::arg("layer"), py::arg("expert"))
       .def("layer_count", &SlotCache::layer_count, py::arg("layer"))
       .def("set_layer_quotas", &SlotCache::set_layer_quotas, py::arg("quotas"))
+      .def("advance", &SlotCache::advance, py::arg("layer"))
       .def("access",
            [](SlotCache& c, int layer, const std::vector<int>& experts, std::optional<std::vector<uint64_t>> next_uses) {
-             return c.access(layer, experts, next_uses ? &*next_uses : nullptr);
+             const AccessResult r = c.access(layer, experts, next_uses ? &*next_uses : nullptr);
+             return py::make_tuple(r.hits, r.prefetch_hits, r.evictions, r.wasted_evictions);
            },
            py::arg("layer"), py::arg("experts"), py::arg("next_uses") = py::none(),
-           "Demand-paging access of one layer's experts; returns the number of hits.")
+           "Demand-paging access of one layer's experts: (hits, prefetch_hits, evictions, wasted_evictions).")
+      .def("apply_plan",
+           [](SlotCache& c, const std::vector<std::tuple<int, int, float>>& plan) {
+             std::vector<PlanItem> items;
+             for (const auto& [layer, expert, priority] : plan) {
+               EF_CHECK(priority > 0, "plan priorities must be > 0, got " << priority);
+               items.push_back(PlanItem{layer, expert, priority});
+             }
+             std::stable_sort(items.begin(), items.end(),
+                              [](const PlanItem& a, const PlanItem& b) { return a.priority > b.priority; });
+             c.clear_plan_priorities();
+             py::list out;
+             std::vector<std::pair<bool, bool>> evicted;  // (occupied, prefetched and unused) per load
+             const std::vector<int> loaded = c.apply_plan(
+                 items, [](int) { return true; },
+                 [&](int slot) {
+                   const SlotMeta& m = c.slot(slot);
+                   evicted.emplace_back(!m.empty(), m.prefetched_unused);
+                 });
+             for (size_t i = 0; i < loaded.size(); ++i) {
+               const SlotMeta& m = c.slot(loaded[i]);
+               out.append(py::make_tuple(m.layer, m.expert, evicted[i].first, evicted[i].second));
+             }
+             return out;
+           },
+           py::arg("plan"),
+           "Replaces the plan: [(layer, expert, priority)] -> loads as [(layer, expert, evicted, wasted)].")
       .def("resident", [](const SlotCache& c) {
         py::list out;
         for (const auto& s : c.slots()) out.append(py::make_tuple(s.layer, s.expert));

@@ -9,9 +9,22 @@
 
 namespace expertflow {
 
-SlotCache::SlotCache(int num_slots, Policy policy) : policy_(policy) {
+SlotCache::SlotCache(int num_slots, Policy policy, int num_layers) : policy_(policy) {
   EF_CHECK(num_slots > 0, "the cache needs at least one slot, got num_slots=" << num_slots);
+  EF_CHECK(num_layers >= 0, "num_layers must be >= 0, got " << num_layers);
   slots_.resize(static_cast<size_t>(num_slots));
+  context_.num_layers = num_layers;
+}
+
+void SlotCache::advance(int layer) {
+  EF_CHECK(layer >= 0 && (context_.num_layers == 0 || layer < context_.num_layers),
+           "layer " << layer << " is out of range (num_layers=" << context_.num_layers << ")");
+  if (layer < context_.current_layer) {
+    context_.position += static_cast<uint64_t>(context_.num_layers - context_.current_layer + layer);
+  } else {
+    context_.position += static_cast<uint64_t>(layer - context_.current_layer);
+  }
+  context_.current_layer = layer;
 }
 
 void SlotCache::check_slot(int slot) const {
@@ -48,13 +61,13 @@ int SlotCache::pick_slot(int layer, float below_priority, const std::function<bo
     if (q >= 0 && layer_count(m.layer) > q) over.push_back(s);
   }
   const int q = quota(layer);
-  if (q >= 0 && layer_count(layer) >= q && !own.empty()) return choose_victim(policy_, slots_, own);
+  if (q >= 0 && layer_count(layer) >= q && !own.empty()) return choose_victim(policy_, slots_, own, context_);
   for (int s = 0; s < num_slots(); ++s) {
     if (slots_[s].empty() && allowed(s)) return s;
   }
-  if (!over.empty()) return choose_victim(policy_, slots_, over);
-  if (q >= 0 && !others.empty()) return choose_victim(policy_, slots_, others);  // below its quota
-  return choose_victim(policy_, slots_, all);
+  if (!over.empty()) return choose_victim(policy_, slots_, over, context_);
+  if (q >= 0 && !others.empty()) return choose_victim(policy_, slots_, others, context_);  // below its quota
+  return choose_victim(policy_, slots_, all, context_);
 }
 
 void SlotCache::assign(int slot, int layer, int expert) {
@@ -67,6 +80,7 @@ void SlotCache::assign(int slot, int layer, int expert) {
   m.layer = layer;
   m.expert = expert;
   m.last_use = ++clock_;
+  m.last_position = context_.position;
   index_[key(layer, expert)] = slot;
   ++layer_counts_[layer];
 }
@@ -85,6 +99,7 @@ void SlotCache::clear(int slot) {
 void SlotCache::touch(int slot) {
   check_slot(slot);
   slots_[slot].last_use = ++clock_;
+  slots_[slot].last_position = context_.position;
   ++slots_[slot].use_count;
 }
 
@@ -126,12 +141,46 @@ void SlotCache::set_layer_quotas(std::vector<int> quotas) {
   quotas_ = std::move(quotas);
 }
 
-int SlotCache::access(int layer, const std::vector<int>& experts, const std::vector<uint64_t>* next_uses) {
+std::vector<int> SlotCache::apply_plan(const std::vector<PlanItem>& plan, const std::function<bool(int)>& allowed,
+                                       const std::function<void(int)>& before_load, std::vector<int>* raised) {
+  std::vector<int> loaded;
+  for (const PlanItem& item : plan) {
+    int s = find(item.layer, item.expert);
+    if (s >= 0) {
+      if (item.priority > slots_[s].plan_priority) {
+        slots_[s].plan_priority = item.priority;
+        if (raised) raised->push_back(s);
+      }
+      continue;
+    }
+    s = pick_slot(item.layer, item.priority, allowed);
+    if (s < 0) continue;  // every slot holds something at least as wanted
+    before_load(s);
+    assign(s, item.layer, item.expert);
+    slots_[s].plan_priority = item.priority;
+    slots_[s].prefetched_unused = true;
+    loaded.push_back(s);
+  }
+  return loaded;
+}
+
+void SlotCache::demote_unrequested(int layer, const std::vector<int>& requested_slots) {
+  for (int s = 0; s < num_slots(); ++s) {
+    SlotMeta& m = slots_[s];
+    if (m.layer == layer && m.plan_priority > 0 &&
+        std::find(requested_slots.begin(), requested_slots.end(), s) == requested_slots.end()) {
+      m.plan_priority = 0;
+    }
+  }
+}
+
+AccessResult SlotCache::access(int layer, const std::vector<int>& experts, const std::vector<uint64_t>* next_uses) {
   EF_CHECK(static_cast<int>(experts.size()) <= num_slots(),
            "capacity " << num_slots() << " is smaller than the " << experts.size() << " experts layer " << layer
                        << " needs at once; raise the capacity to at least " << experts.size());
   EF_CHECK(next_uses == nullptr || next_uses->size() == experts.size(),
            "got " << experts.size() << " experts but " << next_uses->size() << " next-use positions");
+  advance(layer);
   std::vector<int> pinned;
   for (int expert : experts) {
     const int s = find(layer, expert);
@@ -140,28 +189,34 @@ int SlotCache::access(int layer, const std::vector<int>& experts, const std::vec
       pinned.push_back(s);
     }
   }
-  int hits = 0;
+  AccessResult result;
   std::string failure;
   for (size_t i = 0; i < experts.size() && failure.empty(); ++i) {
     int s = find(layer, experts[i]);
     if (s >= 0) {
-      ++hits;
+      ++result.hits;
+      if (slots_[s].prefetched_unused) ++result.prefetch_hits;
     } else {
       s = pick_slot(layer, std::numeric_limits<float>::infinity(), [](int) { return true; });
       if (s < 0) {
         failure = "no unpinned slot is left for layer " + std::to_string(layer) + " expert " + std::to_string(experts[i]);
         break;
       }
+      if (!slots_[s].empty()) {
+        ++result.evictions;
+        if (slots_[s].prefetched_unused) ++result.wasted_evictions;
+      }
       assign(s, layer, experts[i]);
       pin(s);
       pinned.push_back(s);
     }
+    slots_[s].prefetched_unused = false;
     touch(s);
     if (next_uses) set_next_use(s, (*next_uses)[i]);
   }
   for (int s : pinned) unpin(s);
   EF_CHECK(failure.empty(), failure << "; raise the capacity");
-  return hits;
+  if (policy_ == Policy::kExpertflow || policy_ == Policy::kLruWithCorrection) demote_unrequested(layer, pinned);
+  return result;
 }
-
 }  // namespace expertflow

@@ -1,6 +1,7 @@
 // Victim choice. See include/expertflow/policy.h.
 #include "expertflow/policy.h"
 
+#include <algorithm>
 #include <tuple>
 
 #include "expertflow/error.h"
@@ -12,7 +13,8 @@ Policy parse_policy(const std::string& name) {
   if (name == "lfu") return Policy::kLfu;
   if (name == "lru_with_correction") return Policy::kLruWithCorrection;
   if (name == "belady") return Policy::kBelady;
-  EF_CHECK(false, "unknown cache policy '" << name << "'; choose lru, lfu, lru_with_correction or belady");
+  if (name == "expertflow") return Policy::kExpertflow;
+  EF_CHECK(false, "unknown cache policy '" << name << "'; choose lru, lfu, lru_with_correction, expertflow or belady");
 }
 
 std::string policy_name(Policy policy) {
@@ -21,11 +23,19 @@ std::string policy_name(Policy policy) {
     case Policy::kLfu: return "lfu";
     case Policy::kLruWithCorrection: return "lru_with_correction";
     case Policy::kBelady: return "belady";
+    case Policy::kExpertflow: return "expertflow";
   }
   return "unknown";
 }
 
-bool evict_before(Policy policy, const SlotMeta& a, int a_index, const SlotMeta& b, int b_index) {
+uint64_t VictimContext::next_turn(int layer) const {
+  if (num_layers <= 0) return position;
+  const int ahead = ((layer - current_layer - 1) % num_layers + num_layers) % num_layers + 1;  // 1..num_layers
+  return position + static_cast<uint64_t>(ahead);
+}
+
+bool evict_before(Policy policy, const SlotMeta& a, int a_index, const SlotMeta& b, int b_index,
+                  const VictimContext& context) {
   switch (policy) {
     case Policy::kLru:
       return std::tie(a.last_use, a_index) < std::tie(b.last_use, b_index);
@@ -37,14 +47,24 @@ bool evict_before(Policy policy, const SlotMeta& a, int a_index, const SlotMeta&
       // Farther next use first.
       if (a.next_use != b.next_use) return a.next_use > b.next_use;
       return std::tie(a.last_use, a_index) < std::tie(b.last_use, b_index);
+    case Policy::kExpertflow: {
+      if (a.plan_priority != b.plan_priority) return a.plan_priority < b.plan_priority;
+      const uint64_t a_turn = context.next_turn(a.layer), b_turn = context.next_turn(b.layer);
+      const uint64_t a_estimate = a_turn - std::min(a.last_position, a_turn);
+      const uint64_t b_estimate = b_turn - std::min(b.last_position, b_turn);
+      if (a_estimate != b_estimate) return a_estimate > b_estimate;
+      if (a_turn != b_turn) return a_turn > b_turn;
+      return std::tie(a.last_use, a_index) < std::tie(b.last_use, b_index);
+    }
   }
   return false;
 }
 
-int choose_victim(Policy policy, const std::vector<SlotMeta>& slots, const std::vector<int>& candidates) {
+int choose_victim(Policy policy, const std::vector<SlotMeta>& slots, const std::vector<int>& candidates,
+                  const VictimContext& context) {
   int best = -1;
   for (int slot : candidates) {
-    if (best < 0 || evict_before(policy, slots[slot], slot, slots[best], best)) best = slot;
+    if (best < 0 || evict_before(policy, slots[slot], slot, slots[best], best, context)) best = slot;
   }
   return best;
 }

@@ -32,9 +32,9 @@ Runtime::Runtime(std::shared_ptr<ExpertPool> pool, RuntimeOptions options)
     : pool_(std::move(pool)),
       options_(validated(pool_, std::move(options))),
       policy_(parse_policy(options_.policy)),
-      cache_(options_.num_slots, policy_) {
+      cache_(options_.num_slots, policy_, pool_->num_layers()) {
   EF_CHECK(policy_ != Policy::kBelady, "policy 'belady' needs the future and exists for trace replay only; "
-                                       "choose lru, lfu or lru_with_correction");
+                                       "choose lru, lfu, lru_with_correction or expertflow");
   arena_ = std::make_shared<Buffer>(pool_->backend(), Buffer::Kind::kDevice,
                                     options_.slot_bytes * static_cast<size_t>(options_.num_slots));
   engine_ = std::make_unique<CopyEngine>(pool_->backend(), options_.num_slots, options_.copy);
@@ -93,22 +93,14 @@ void Runtime::prefetch(const std::vector<PlanItem>& plan) {
   std::vector<PlanItem> ordered(plan);
   std::stable_sort(ordered.begin(), ordered.end(),
                    [](const PlanItem& a, const PlanItem& b) { return a.priority > b.priority; });
-  for (const PlanItem& item : ordered) {
-    int s = cache_.find(item.layer, item.expert);
-    if (s >= 0) {
-      const float priority = std::max(cache_.slot(s).plan_priority, item.priority);
-      cache_.set_plan_priority(s, priority);
-      engine_->set_priority(s, priority);
-      continue;
-    }
-    s = cache_.pick_slot(item.layer, item.priority, [this](int slot) { return may_take_locked(slot); });
-    if (s < 0) continue;  // every slot holds something at least as wanted
-    evict_locked(s);
-    cache_.assign(s, item.layer, item.expert);
-    cache_.set_plan_priority(s, item.priority);
-    cache_.set_prefetched_unused(s, true);
-    engine_->prefetch(s, pool_->expert_data(item.layer, item.expert), slot_data(s), pool_->expert_bytes(item.layer),
-                      item.priority);
+  std::vector<int> raised;
+  const std::vector<int> loaded = cache_.apply_plan(
+      ordered, [this](int slot) { return may_take_locked(slot); }, [this](int slot) { evict_locked(slot); }, &raised);
+  for (int s : raised) engine_->set_priority(s, cache_.slot(s).plan_priority);
+  for (int s : loaded) {
+    const SlotMeta& m = cache_.slot(s);
+    engine_->prefetch(s, pool_->expert_data(m.layer, m.expert), slot_data(s), pool_->expert_bytes(m.layer),
+                      m.plan_priority);
     ++stats_.prefetches;
   }
 }
@@ -125,6 +117,7 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
              "capacity of " << cache_.num_slots() << " slots is smaller than the " << experts.size()
                             << " experts layer " << layer << " needs at once; give the cache at least "
                             << experts.size() << " slots");
+    cache_.advance(layer);
     for (size_t i = 0; i < experts.size(); ++i) {
       slots[i] = cache_.find(layer, experts[i]);
       if (slots[i] >= 0) cache_.pin(slots[i]);
@@ -164,14 +157,14 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
       cache_.touch(s);
     }
     stats_.accesses += experts.size();
-    if (policy_ == Policy::kLruWithCorrection) {
+    if (policy_ == Policy::kLruWithCorrection || policy_ == Policy::kExpertflow) {
       for (int s = 0; s < cache_.num_slots(); ++s) {
         const SlotMeta& m = cache_.slot(s);
         if (m.layer == layer && m.plan_priority > 0 && std::find(slots.begin(), slots.end(), s) == slots.end()) {
-          cache_.set_plan_priority(s, 0);
           engine_->set_priority(s, 0);
         }
       }
+      cache_.demote_unrequested(layer, slots);
     }
   }
   // Pinned slots cannot change hands, so waiting needs no cache lock (and must not hold it: on the

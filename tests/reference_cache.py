@@ -24,6 +24,7 @@ class Slot:
     use_count: int = 0
     prefetched_unused: bool = False
     queued: bool = False  # a prefetch not yet started: cancellable
+    last_position: int = 0
 
     @property
     def empty(self) -> bool:
@@ -31,9 +32,12 @@ class Slot:
 
 
 class ReferenceCache:
-    def __init__(self, num_slots: int, policy: str) -> None:
+    def __init__(self, num_slots: int, policy: str, num_layers: int) -> None:
         self.slots = [Slot() for _ in range(num_slots)]
         self.policy = policy
+        self.num_layers = num_layers
+        self.position = 0
+        self.current_layer = 0
         self.clock = 0
         self.quotas: list[int] = []
         self.stats = dict.fromkeys(
@@ -53,8 +57,21 @@ class ReferenceCache:
     def quota(self, layer: int) -> int:
         return self.quotas[layer] if 0 <= layer < len(self.quotas) else -1
 
+    def advance(self, layer: int) -> None:
+        if layer < self.current_layer:
+            self.position += self.num_layers - self.current_layer + layer
+        else:
+            self.position += layer - self.current_layer
+        self.current_layer = layer
+
+    def next_turn(self, layer: int) -> int:
+        return self.position + (layer - self.current_layer - 1) % self.num_layers + 1
+
     def order_key(self, i: int):
         s = self.slots[i]
+        if self.policy == "expertflow":
+            turn = self.next_turn(s.layer)
+            return (s.plan_priority, -(turn - min(s.last_position, turn)), -turn, s.last_use, i)
         if self.policy == "lru":
             return (s.last_use, i)
         if self.policy == "lfu":
@@ -83,11 +100,12 @@ class ReferenceCache:
 
     def assign(self, i: int, layer: int, expert: int) -> None:
         self.clock += 1
-        self.slots[i] = Slot(layer=layer, expert=expert, last_use=self.clock)
+        self.slots[i] = Slot(layer=layer, expert=expert, last_use=self.clock, last_position=self.position)
 
     def touch(self, i: int) -> None:
         self.clock += 1
         self.slots[i].last_use = self.clock
+        self.slots[i].last_position = self.position
         self.slots[i].use_count += 1
 
     def evict(self, i: int) -> None:
@@ -129,6 +147,7 @@ class ReferenceCache:
     def acquire(self, layer: int, experts: list[int]) -> list[int]:
         if len(experts) > len(self.slots):
             raise ReferenceError_("capacity")
+        self.advance(layer)
         slots = [self.find(layer, e) for e in experts]
         for i in slots:
             if i >= 0:
@@ -162,7 +181,7 @@ class ReferenceCache:
             s.prefetched_unused = False
             self.touch(i)
         self.stats["accesses"] += len(experts)
-        if self.policy == "lru_with_correction":
+        if self.policy in ("lru_with_correction", "expertflow"):
             for i, s in enumerate(self.slots):
                 if s.layer == layer and s.plan_priority > 0 and i not in slots:
                     s.plan_priority = 0.0

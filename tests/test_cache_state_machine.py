@@ -50,7 +50,7 @@ class CacheMachine(RuleBasedStateMachine):
                 (l, e): {n: checksum(t) for n, t in self.pool.expert(l, e).items()} for l in range(NUM_LAYERS) for e in range(NUM_EXPERTS)
             }
         self.cache = ef.ExpertCache(self.pool, num_slots, policy=policy, chunk_bytes=chunk_kb << 10)
-        self.ref = ReferenceCache(num_slots, policy)
+        self.ref = ReferenceCache(num_slots, policy, NUM_LAYERS)
         self.held: list[tuple[int, list[int]]] = []
         if self.exact:
             self.cache.pause_prefetch()

@@ -20,9 +20,24 @@
 
 namespace expertflow {
 
+struct PlanItem {
+  int layer = 0;
+  int expert = 0;
+  float priority = 1;  // > 0; higher loads first and is evicted last
+};
+
+// What one layer's demand-paging access did (trace replay).
+struct AccessResult {
+  int hits = 0;
+  int prefetch_hits = 0;      // hits on experts a plan loaded and nothing had used yet
+  int evictions = 0;
+  int wasted_evictions = 0;   // evicted experts that a plan loaded and nothing used
+};
+
 class SlotCache {
  public:
-  SlotCache(int num_slots, Policy policy);
+  // num_layers (0: unknown) lets the expertflow policy place layers in their cyclic order.
+  SlotCache(int num_slots, Policy policy, int num_layers = 0);
 
   int num_slots() const { return static_cast<int>(slots_.size()); }
   Policy policy() const { return policy_; }
@@ -45,6 +60,16 @@ class SlotCache {
   void clear_plan_priorities();
   void set_next_use(int slot, uint64_t position);
   void set_prefetched_unused(int slot, bool value);
+  // Compute moves to `layer`: a layer at or below the current one starts the next token.
+  void advance(int layer);
+  const VictimContext& context() const { return context_; }
+  // Applies a plan, highest priority first: a resident entry's priority rises to the plan's (its slot
+  // is appended to `raised`); an absent one takes a slot of lower priority, after before_load(slot)
+  // has run for the slot's previous occupant. Returns the slots loaded, in plan order.
+  std::vector<int> apply_plan(const std::vector<PlanItem>& plan, const std::function<bool(int)>& allowed,
+                              const std::function<void(int)>& before_load, std::vector<int>* raised = nullptr);
+  // The router of `layer` has spoken: its planned experts that it did not ask for drop to priority 0.
+  void demote_unrequested(int layer, const std::vector<int>& requested_slots);
   // quotas[l] >= 0 caps layer l; -1 or a missing entry leaves it uncapped; empty clears all quotas.
   void set_layer_quotas(std::vector<int> quotas);
   const std::vector<int>& layer_quotas() const { return quotas_; }
@@ -52,8 +77,8 @@ class SlotCache {
   // One layer of demand paging (trace replay): every listed expert is accessed in order, loading
   // misses; the layer's resident experts are pinned for the duration, so victims are never needed by
   // this layer. next_uses (may be null) gives each access's next-use position, for belady.
-  // Returns the number of hits; throws when the cache cannot hold the layer's experts.
-  int access(int layer, const std::vector<int>& experts, const std::vector<uint64_t>* next_uses);
+  // Throws when the cache cannot hold the layer's experts.
+  AccessResult access(int layer, const std::vector<int>& experts, const std::vector<uint64_t>* next_uses);
 
  private:
   static uint64_t key(int layer, int expert) {
@@ -68,6 +93,7 @@ class SlotCache {
   std::unordered_map<int, int> layer_counts_;
   std::vector<int> quotas_;
   uint64_t clock_ = 0;
+  VictimContext context_;
 };
 
 }  // namespace expertflow

@@ -7,8 +7,10 @@
 // - A pinned slot is never evicted or overwritten; release() unpins and records the free event.
 // - prefetch(plan) replaces the previous plan: plan priorities are reset, queued prefetches the new
 //   plan does not name are cancelled, and a prefetch only evicts slots of lower plan priority.
-// - lru_with_correction demotes a layer's planned-but-unrequested experts to priority 0 when that
-//   layer's experts are acquired: its router has spoken, so those prefetches were wrong.
+// - lru_with_correction and expertflow demote a layer's planned-but-unrequested experts to priority 0
+//   when that layer's experts are acquired: its router has spoken, so those prefetches were wrong.
+// - acquire(layer) tells the cache where compute is (a layer at or below the last one starts the next
+//   token), which the expertflow policy uses to estimate next uses.
 // - One mutex serialises cache state; the copy engine's own lock is taken only inside it.
 // - After close() every call throws; the arena lives on while zero-copy views of it exist.
 #pragma once
@@ -30,12 +32,6 @@ struct RuntimeOptions {
   size_t slot_bytes = 0;  // 0: the pool's largest expert
   std::string policy = "lru_with_correction";
   CopyEngineOptions copy;
-};
-
-struct PlanItem {
-  int layer = 0;
-  int expert = 0;
-  float priority = 1;  // > 0; higher loads first and is evicted last
 };
 
 struct RuntimeStats {

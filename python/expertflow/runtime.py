@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 #: Cache policies of the runtime (``belady`` needs the future and exists only in trace replay).
-POLICIES = ("lru", "lfu", "lru_with_correction")
+POLICIES = ("lru", "lfu", "lru_with_correction", "expertflow")
 
 StreamLike = Union[None, int, "torch.cuda.Stream"]
 PlanEntry = Union[tuple[int, int], tuple[int, int, float]]
@@ -235,9 +235,10 @@ class ExpertCache:
     for copies still in flight; :meth:`release` lets their slots be reused once the compute stream
     has passed that point.
 
-    Policies: ``lru``, ``lfu`` and ``lru_with_correction`` (lowest plan priority first, least
+    Policies: ``lru``, ``lfu``, ``lru_with_correction`` (lowest plan priority first, least
     recently used among equals; a layer's planned experts that its router did not ask for are
-    demoted to priority 0 when the layer is acquired).
+    demoted to priority 0 when the layer is acquired) and ``expertflow`` (lowest plan priority first,
+    then the farthest estimated next use: its layer's next turn, later the more turns it sat unused).
     """
 
     def __init__(

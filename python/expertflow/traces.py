@@ -21,7 +21,21 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RoutingTrace", "read_trace", "read_jsonl_trace", "read_route_csv", "synthetic_trace", "write_jsonl_trace"]
+__all__ = [
+    "RoutingTrace",
+    "RecordedTrace",
+    "TRACE_FORMAT",
+    "read_trace",
+    "read_jsonl_trace",
+    "read_route_csv",
+    "load_recorded_trace",
+    "save_recorded_trace",
+    "synthetic_trace",
+    "write_jsonl_trace",
+]
+
+#: Version tag of ExpertFlow's own trace folders (``expertflow trace``).
+TRACE_FORMAT = "expertflow-trace/1"
 
 
 @dataclass
@@ -129,11 +143,78 @@ def read_route_csv(path: str | Path) -> RoutingTrace:
     )
 
 
+@dataclass
+class RecordedTrace:
+    """A trace recorded by ``expertflow trace`` (see docs/predictor.md for the on-disk format).
+
+    Per token, in recording order: ``sequence [N]`` int32, ``position [N]`` int32, ``token [N]`` int32,
+    ``experts [N, L, k]`` int16 (router rank order; -1 where a layer did not run), ``weights [N, L, k]``
+    float16, ``embedding [N, D]`` float16 (the token's input embedding: the predictor's feature),
+    ``gate_ahead [N, L, k]`` int16 (layer l+1's router applied to layer l's hidden state; -1 for layer 0).
+    """
+
+    meta: dict
+    sequence: np.ndarray
+    position: np.ndarray
+    token: np.ndarray
+    experts: np.ndarray
+    weights: np.ndarray
+    embedding: np.ndarray
+    gate_ahead: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sequence.shape[0])
+
+    def previous_index(self) -> np.ndarray:
+        """Index of the previous token of the same sequence, or -1: ``[N]`` int64."""
+        prev = np.arange(self.num_tokens) - 1
+        same = np.zeros(self.num_tokens, dtype=bool)
+        same[1:] = self.sequence[1:] == self.sequence[:-1]
+        return np.where(same, prev, -1)
+
+    def to_routing_trace(self) -> RoutingTrace:
+        tokens = [
+            [(l, [int(e) for e in self.experts[i, l] if e >= 0]) for l in range(self.experts.shape[1]) if self.experts[i, l, 0] >= 0]
+            for i in range(self.num_tokens)
+        ]
+        m = self.meta["model"]
+        return RoutingTrace(
+            m["num_layers"], m["num_experts"], tokens, source=self.meta.get("source", ""),
+            sequence_ids=[str(s) for s in self.sequence.tolist()],
+        )
+
+
+_ARRAYS = ("sequence", "position", "token", "experts", "weights", "embedding", "gate_ahead")
+
+
+def save_recorded_trace(trace: RecordedTrace, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").write_text(json.dumps({**trace.meta, "format": TRACE_FORMAT, "num_tokens": trace.num_tokens}, indent=1))
+    np.savez(folder / "arrays.npz", **{name: getattr(trace, name) for name in _ARRAYS})
+    return folder
+
+
+def load_recorded_trace(folder: str | Path) -> RecordedTrace:
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{folder} is not an ExpertFlow trace folder (no meta.json); record one with `expertflow trace`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != TRACE_FORMAT:
+        raise ValueError(f"{folder} has trace format {meta.get('format')!r}; this version reads {TRACE_FORMAT}")
+    with np.load(folder / "arrays.npz") as arrays:
+        return RecordedTrace(meta, *(arrays[name] for name in _ARRAYS))
+
+
 def read_trace(path: str | Path) -> RoutingTrace:
-    """Reads a trace, choosing the format by extension (``.jsonl`` or ``.csv``)."""
+    """Reads a trace: an ``expertflow trace`` folder, a per-layer ``.jsonl`` or a route ``.csv``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"trace file {path} does not exist")
+    if path.is_dir():
+        return load_recorded_trace(path).to_routing_trace()
     if path.suffix == ".jsonl":
         return read_jsonl_trace(path)
     if path.suffix == ".csv":

@@ -154,8 +154,8 @@ void test_cache_pins_and_quotas() {
   EXPECT(cache.pick_slot(1, 1.5f, any) == 1);  // a prefetch at 1.5 may not evict priority 2
   // Replay access: a layer's resident experts are never victims of its own misses.
   SlotCache replay(2, Policy::kLru);
-  EXPECT(replay.access(0, {0, 1}, nullptr) == 0);
-  EXPECT(replay.access(0, {1, 2}, nullptr) == 1);
+  EXPECT(replay.access(0, {0, 1}, nullptr).hits == 0);
+  EXPECT(replay.access(0, {1, 2}, nullptr).hits == 1);
   EXPECT(replay.find(0, 1) >= 0 && replay.find(0, 2) >= 0 && replay.find(0, 0) < 0);
   expect_error([&] { replay.access(0, {0, 1, 2}, nullptr); }, "capacity 2 is smaller than the 3 experts");
 }
