@@ -43,7 +43,7 @@ def test_generate_matches_transformers_on_the_bundled_model(capsys):
     ids = tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         want = reference.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :].tolist()
-    for policy in ("lru", "lru_with_correction"):
+    for policy in ("lru", "expertflow"):
         out = run_json(capsys, "generate", "--prompt", "ROMEO:", "--max-new-tokens", "24", "--expert-slots", "25%",
                        "--policy", policy, "--json")
         assert out["token_ids"] == want
@@ -73,12 +73,12 @@ def test_generate_prompt_ids_and_sampling(capsys, tmp_path):
 def test_generate_prints_text_and_summary(capsys):
     assert main(["generate", "--prompt", "ROMEO:", "--max-new-tokens", "8", "--expert-slots", "25%"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1].startswith("8 tokens in ") and "policy lru_with_correction, 32 slots" in out[-1]
+    assert out[-1].startswith("8 tokens in ") and "policy expertflow, 32 slots" in out[-1]
 
 
 def test_bench_every_policy_same_tokens(capsys):
     rows = run_json(capsys, "bench", "--prompt", "ROMEO:", "--max-new-tokens", "12", "--expert-slots", "25%", "--json")
-    assert [r["policy"] for r in rows] == ["all_gpu", "lru", "next_layers", "gate_ahead", "lru_with_correction"]
+    assert [r["policy"] for r in rows] == ["all_gpu", "lru", "next_layers", "gate_ahead", "lru_with_correction", "expertflow"]
     assert all(r["same_tokens_as_first"] for r in rows)
     assert rows[0]["hit_ratio"] == 1.0 and rows[0]["bytes_copied"] == 0
     assert all(r["bytes_copied"] > 0 for r in rows[1:])

@@ -104,14 +104,18 @@ def cmd_synth_trace(args: argparse.Namespace) -> int:
 
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "data" / "tiny-mixtral"
+BUNDLED_PREDICTOR = BUNDLED_MODEL.parent / "tiny-mixtral-predictor.safetensors"
 
 
 def _load(args: argparse.Namespace, policy: str):
     from . import from_pretrained
 
+    predictor = getattr(args, "predictor", None)
+    if predictor is None and policy == "expertflow" and Path(args.model).resolve() == BUNDLED_MODEL:
+        predictor = BUNDLED_PREDICTOR
     return from_pretrained(
         args.model, gpu_memory=args.gpu_memory, policy=policy, dtype=args.dtype, expert_slots=args.expert_slots,
-        progress=not getattr(args, "quiet", False),
+        progress=not getattr(args, "quiet", False), predictor=predictor if policy == "expertflow" else None,
     )
 
 
@@ -246,14 +250,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "data" / "tiny-mixtral"
+BUNDLED_PREDICTOR = BUNDLED_MODEL.parent / "tiny-mixtral-predictor.safetensors"
 
 
 def _load(args: argparse.Namespace, policy: str):
     from . import from_pretrained
 
+    predictor = getattr(args, "predictor", None)
+    if predictor is None and policy == "expertflow" and Path(args.model).resolve() == BUNDLED_MODEL:
+        predictor = BUNDLED_PREDICTOR
     return from_pretrained(
         args.model, gpu_memory=args.gpu_memory, policy=policy, dtype=args.dtype, expert_slots=args.expert_slots,
-        progress=not getattr(args, "quiet", False),
+        progress=not getattr(args, "quiet", False), predictor=predictor if policy == "expertflow" else None,
     )
 
 
@@ -467,12 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate with a MoE checkpoint whose experts are offloaded")
     _model_args(p)
-    p.add_argument("--policy", default="lru_with_correction", help="all_gpu|lru|next_layers|gate_ahead|lru_with_correction")
+    p.add_argument("--policy", default="expertflow",
+                   help="expertflow|all_gpu|lru|next_layers|gate_ahead|lru_with_correction")
+    p.add_argument("--predictor", default=None,
+                   help="routing-path predictor file for the expertflow policy (the bundled model brings its own)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="every offload policy on one model: tokens/s, hit ratio, bytes copied")
     _model_args(p)
     p.add_argument("--policies", default="all", help="comma list, or all")
+    p.add_argument("--predictor", default=None, help="routing-path predictor file for the expertflow policy")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("trace", help="record a model's routing over prompts")

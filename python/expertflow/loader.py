@@ -145,6 +145,11 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
     bar.close()
 
 
+def router_weight(router: torch.nn.Module) -> torch.Tensor:
+    """A router's weight matrix (Switch keeps it in ``classifier``)."""
+    return router.weight if hasattr(router, "weight") else router.classifier.weight
+
+
 def plan_slots(
     model: torch.nn.Module,
     arch: Architecture,
@@ -185,28 +190,39 @@ def plan_slots(
 
 
 def attach(
-    model: torch.nn.Module, arch: Architecture, pool: ExpertPool, num_slots: int, policy: str, owns_pool: bool = True
+    model: torch.nn.Module,
+    arch: Architecture,
+    pool: ExpertPool,
+    num_slots: int,
+    policy: str,
+    owns_pool: bool = True,
+    predictor=None,
 ) -> OffloadEngine:
     """Connects a model built under :func:`offloaded_experts` to a filled pool: ``model.expertflow``.
 
     ``owns_pool=False`` leaves the pool open when the engine closes, so one pool can serve several
     engines in turn (benchmarks compare policies this way).
     """
-    offload_policy = make_policy(policy)
     layers = moe_layers(model, arch)
+    if isinstance(predictor, (str, Path)):
+        from .predictor import RoutingPathPredictor, model_fingerprint
+
+        predictor = RoutingPathPredictor.load(predictor, expected_fingerprint=model_fingerprint([router_weight(l.router) for l in layers]))
+    offload_policy = make_policy(policy, predictor)
     top_k = arch.dims(model.config)[1]
     cache = ExpertCache(pool, num_slots, policy=offload_policy.cache_policy, experts_per_token=top_k)
-    model.expertflow = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool)
+    model.expertflow = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model)
     return model.expertflow
 
 
 def from_pretrained(
     path: str | Path,
     gpu_memory: int | str = "12GiB",
-    policy: str = "lru_with_correction",
+    policy: str = "expertflow",
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     *,
+    predictor=None,
     headroom: int | str | None = None,
     expert_slots: int | str | None = None,
     backend: str | None = None,
@@ -223,6 +239,9 @@ def from_pretrained(
     most 2 GiB). The slots get the rest. ``expert_slots`` (a count, or a share of all experts such as
     ``"25%"``) sets the slot count directly instead. ``all_gpu`` keeps every expert resident whatever
     the budget. Without a GPU the host backend serves and the model computes on the CPU.
+    ``predictor`` (a file from ``expertflow train-predictor`` for this model, or a loaded
+    :class:`~expertflow.predictor.RoutingPathPredictor`) drives the ``expertflow`` policy; without
+    one it plans from the previous token's path.
     """
     path = Path(path)
     if not (path / "config.json").exists():
@@ -272,7 +291,7 @@ def from_pretrained(
         _fill_pool(pool, layers, arch, config, ckpt, progress)
     finally:
         ckpt.close()
-    attach(model, arch, pool, num_slots, offload_policy.name)
+    attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor)
     log.info(
         "%s: %d MoE layers x %d experts (%s each) in pinned memory; %d slots on %s (%s), policy %s",
         config.model_type, len(layers), num_experts, format_bytes(pool.expert_bytes(0)), num_slots,

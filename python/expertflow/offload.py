@@ -51,7 +51,7 @@ class OffloadedExperts(nn.Module):
                 expert_mask = F.one_hot(routing, num_classes=self.num_experts + 1).permute(2, 1, 0)[: self.num_experts]
             else:
                 expert_mask = routing.permute(2, 1, 0)
-        return self.engine.run_layer(self, hidden_states, expert_mask, weights)
+        return self.engine.run_layer(self, hidden_states, expert_mask, weights, routing)
 
     def compute(self, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """One expert on its tokens: ``x [n, hidden] -> [n, hidden]``."""
@@ -83,9 +83,17 @@ class OffloadEngine:
     """
 
     def __init__(
-        self, architecture: Architecture, layers: list[MoELayer], pool: ExpertPool, cache: ExpertCache, policy, owns_pool: bool = True
+        self,
+        architecture: Architecture,
+        layers: list[MoELayer],
+        pool: ExpertPool,
+        cache: ExpertCache,
+        policy,
+        owns_pool: bool = True,
+        model: nn.Module | None = None,
     ) -> None:
         self.architecture = architecture
+        self.model = model
         self.owns_pool = owns_pool
         self.layers = layers
         self.pool = pool
@@ -101,7 +109,12 @@ class OffloadEngine:
         return len(self.layers)
 
     def run_layer(
-        self, module: OffloadedExperts, hidden_states: torch.Tensor, expert_mask: torch.Tensor, weights: torch.Tensor
+        self,
+        module: OffloadedExperts,
+        hidden_states: torch.Tensor,
+        expert_mask: torch.Tensor,
+        weights: torch.Tensor,
+        routing: torch.Tensor,
     ) -> torch.Tensor:
         """``hidden_states [T, H]``, ``expert_mask [E, k, T]``, ``weights [T, k]`` -> ``[T, H]``."""
         layer = self.layers[module.layer]
@@ -113,7 +126,7 @@ class OffloadEngine:
             wave = experts[start : start + capacity]
             slots = self.cache.acquire_slots(layer.index, wave, wait=False)
             if start == 0:
-                self.policy.after_acquire(self, layer, hidden_states)
+                self.policy.after_acquire(self, layer, hidden_states, routing)
             # Experts whose bytes have landed first; misses as they land.
             for i in sorted(range(len(wave)), key=lambda i: not self.cache.slot_ready(slots[i])):
                 self.cache.wait_slot(slots[i])
@@ -143,6 +156,8 @@ class OffloadEngine:
         for layer in self.layers:
             if layer.module.engine is self:
                 layer.module.engine = None
+        if hasattr(self.policy, "detach"):
+            self.policy.detach()
         self.cache.close()
         if self.owns_pool:
             self.pool.close()

@@ -8,7 +8,8 @@ All run on the same engine and cache, so comparisons between them are fair.
 | ``lru`` | per-layer LRU (slots split evenly over layers) | none: demand loads only (mixtral-offloading, Cache-MoE style) |
 | ``next_layers`` | LRU | every expert of the next two layers (SE-MoE style) |
 | ``gate_ahead`` | LRU | the next layer's router applied to this layer's hidden state: its top-k |
-| ``lru_with_correction`` | lowest plan priority, then LRU; wrong prefetches demoted | gate-ahead plans (the routing-path predictor will replace them) |
+| ``lru_with_correction`` | lowest plan priority, then LRU; wrong prefetches demoted | gate-ahead plans |
+| ``expertflow`` (default) | lowest plan priority, then farthest estimated next use; wrong prefetches demoted | the routing-path predictor's plan for every layer at each step's start (the previous token's path without a predictor), refined by gate-ahead as layers run |
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+
+from .predictor import combine, path_multi_hot
 
 __all__ = ["POLICY_NAMES", "make_policy", "Policy"]
 
@@ -27,8 +30,12 @@ class Policy:
     def attach(self, engine) -> None:
         """Called once the engine exists."""
 
-    def after_acquire(self, engine, layer, hidden_states: torch.Tensor) -> None:
-        """Called when ``layer``'s experts are acquired, before they compute: plan what comes next."""
+    def after_acquire(self, engine, layer, hidden_states: torch.Tensor, routing: torch.Tensor) -> None:
+        """Called when ``layer``'s experts are acquired, before they compute: plan what comes next.
+
+        ``hidden_states [T, H]`` is the layer's input, ``routing`` its router's choice (``[T, k]``
+        indices; Switch: the ``[T, 1, E]`` dispatch mask).
+        """
 
 
 class AllGpu(Policy):
@@ -52,7 +59,7 @@ class DemandLru(Policy):
 class NextLayers(Policy):
     name = "next_layers"
 
-    def after_acquire(self, engine, layer, hidden_states) -> None:
+    def after_acquire(self, engine, layer, hidden_states, routing) -> None:
         plan, priority, nxt = [], 2.0, layer.next
         while nxt is not None and priority > 0:
             plan += [(nxt.index, e, priority) for e in range(engine.pool.num_experts(nxt.index))]
@@ -63,7 +70,7 @@ class NextLayers(Policy):
 class GateAhead(Policy):
     name = "gate_ahead"
 
-    def after_acquire(self, engine, layer, hidden_states) -> None:
+    def after_acquire(self, engine, layer, hidden_states, routing) -> None:
         nxt = layer.next
         if nxt is None:
             engine.cache.prefetch([])
@@ -80,11 +87,128 @@ class LruWithCorrection(GateAhead):
     cache_policy = "lru_with_correction"
 
 
-_POLICIES = {p.name: p for p in (AllGpu, DemandLru, NextLayers, GateAhead, LruWithCorrection)}
+class Expertflow(Policy):
+    """PLEC: plan every layer before the step runs, correct and refine as routers speak.
+
+    At each decode step's start (the input embedding's forward), the routing-path predictor scores
+    every (layer, expert) for each sequence of the batch; without a predictor, the previous token's
+    path stands in. The plan takes each layer's top-k experts per sequence, so slots go to layers in
+    proportion to their predicted demand, at priorities that fall with the layer's distance, so copies
+    go out in the order layers run. When a layer's router has spoken, its wrong prefetches are demoted
+    (the cache policy), queued prefetches the new plan drops are cancelled, gate-ahead refines the
+    next layer's scores, and the plan moves on to the remaining layers and then the next step's first
+    layers (predicted by this step's path), reusing slots of finished layers.
+    """
+
+    name = "expertflow"
+    cache_policy = "expertflow"
+
+    def __init__(self, predictor=None) -> None:
+        self.predictor = predictor
+        self.scores: torch.Tensor | None = None  # [B, L, E] for the running step
+        self.path: dict[int, torch.Tensor] = {}  # layer -> [B, k] experts of the running step's last tokens
+        self.previous: dict[int, torch.Tensor] = {}  # layer -> [B, k] of the previous step
+        self.position: torch.Tensor | None = None
+        self.batch = 1
+        self._hook = None
+
+    def attach(self, engine) -> None:
+        self.engine = engine
+        if engine.architecture.encoder_decoder or engine.model is None:
+            return  # Switch: no step hook; plans come from history and gate-ahead
+        if self.predictor is not None:
+            embed_dim = engine.model.get_input_embeddings().embedding_dim
+            if self.predictor.config.embed_dim != embed_dim or self.predictor.config.num_layers != engine.num_layers:
+                raise ValueError("the predictor was trained for a model of another shape")
+            self.predictor.to(next(engine.model.parameters()).device)
+        self._hook = engine.model.get_input_embeddings().register_forward_hook(self._on_step)
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _on_step(self, module, inputs, output) -> None:
+        """A forward begins: predict this step's path for every sequence and plan all layers."""
+        engine = self.engine
+        ids = inputs[0]
+        batch, length = ids.shape[0], ids.shape[-1]
+        device = output.device
+        if length > 1 or self.position is None or self.position.shape[0] != batch:
+            self.position = torch.full((batch,), length - 1, device=device, dtype=torch.long)
+            self.previous = {}
+        else:
+            self.position = self.position + 1
+            self.previous = self.path
+        self.path = {}
+        self.batch = batch
+        num_layers, num_experts = engine.num_layers, engine.pool.num_experts(0)
+        k = engine.architecture.dims(engine.model.config)[1]
+        prev = torch.full((batch, num_layers, k), -1, dtype=torch.long, device=device)
+        for l, experts in self.previous.items():
+            prev[:, l] = experts
+        prev_hot = path_multi_hot(prev, num_experts)
+        with torch.no_grad():
+            if self.predictor is not None:
+                self.scores = torch.sigmoid(self.predictor(output[:, -1].float(), self.position, prev_hot))
+            else:
+                self.scores = prev_hot.view(batch, num_layers, num_experts)
+        engine.cache.prefetch(self._plan(engine, -1))
+
+    def after_acquire(self, engine, layer, hidden_states, routing) -> None:
+        indices = routing.argmax(dim=-1) if routing.dim() == 3 else routing
+        k = indices.shape[-1]
+        batch = self.batch if indices.shape[0] % self.batch == 0 else 1
+        self.path[layer.index] = indices.reshape(batch, -1, k)[:, -1]
+        nxt = layer.next
+        if nxt is not None and self.scores is not None:
+            with torch.no_grad():
+                guess = engine.architecture.router_top_k(nxt.router, hidden_states)
+            guess = guess.reshape(batch, -1, guess.shape[-1])[:, -1]
+            refined = combine(self.scores[:, nxt.index : nxt.index + 1], guess[:, None])
+            self.scores = self.scores.clone()
+            self.scores[:, nxt.index] = refined[:, 0]
+        engine.cache.prefetch(self._plan(engine, layer.index))
+
+    def _layer_plan(self, layer: int, scores: torch.Tensor | None, k: int, weight: float) -> list[tuple[int, int, float]]:
+        """Each sequence's top-k experts of ``layer`` (scores ``[B, E]``), priority = share of sequences x weight."""
+        if scores is None:
+            return []
+        top = scores.topk(min(k, scores.shape[-1]), dim=-1)
+        picked = Counter(e for row, val in zip(top.indices.tolist(), top.values.tolist()) for e, v in zip(row, val) if v > 0)
+        return [(layer, e, weight * c / scores.shape[0]) for e, c in picked.items()]
+
+    def _plan(self, engine, current: int) -> list[tuple[int, int, float]]:
+        num_layers, num_experts = engine.num_layers, engine.pool.num_experts(0)
+        k = engine.architecture.dims(engine.model.config)[1] if engine.model is not None else 1
+        wrap = not engine.architecture.encoder_decoder
+        plan: list[tuple[int, int, float]] = []
+        for d in range(1, num_layers + 1):
+            target = current + d
+            weight = (num_layers + 1 - d) / (num_layers + 1)
+            if target < num_layers:
+                scores = self.scores[:, target] if self.scores is not None else None
+            elif wrap:
+                target -= num_layers
+                path = self.path.get(target)
+                scores = None if path is None else path_multi_hot(path[:, None], num_experts)
+            else:
+                break
+            plan += self._layer_plan(target, scores, k, weight)
+            if len(plan) >= engine.cache.num_slots:
+                break
+        return plan[: engine.cache.num_slots]
+
+
+_POLICIES = {p.name: p for p in (AllGpu, DemandLru, NextLayers, GateAhead, LruWithCorrection, Expertflow)}
 POLICY_NAMES = tuple(_POLICIES)
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, predictor=None) -> Policy:
+    if predictor is not None and name != "expertflow":
+        raise ValueError(f"a routing-path predictor drives the expertflow policy only, not {name}")
+    if name == "expertflow":
+        return Expertflow(predictor)
     try:
         return _POLICIES[name]()
     except KeyError:
