@@ -249,6 +249,8 @@ def from_pretrained(
     config = transformers.AutoConfig.from_pretrained(path)
     arch = architecture_for(config.model_type)
     offload_policy = make_policy(policy)
+    if predictor is not None and offload_policy.name != "expertflow":
+        raise ValueError(f"a routing-path predictor drives the expertflow policy only, not {policy}")
     backend_obj = get_backend(backend)
     device = torch.device(device) if device is not None else torch.device("cuda" if backend_obj.is_gpu else "cpu")
     if (device.type == "cuda") != backend_obj.is_gpu:
