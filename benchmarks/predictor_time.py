@@ -56,7 +56,8 @@ def main() -> None:
         torch.cuda.synchronize()
         step_times.append((time.perf_counter() - t0) * 1e3)
 
-    policy._on_step = timed
+    policy.detach()  # re-register the step hook through the timer
+    policy._hook = model.get_input_embeddings().register_forward_hook(timed)
     ids = tokenizer("The json module", return_tensors="pt")["input_ids"].cuda()
 
     def generate(n: int) -> float:
