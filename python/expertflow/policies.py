@@ -18,7 +18,7 @@ from collections import Counter
 
 import torch
 
-from .predictor import combine, path_multi_hot
+from .predictor import PLAN_THRESHOLD, combine, path_multi_hot
 
 __all__ = ["POLICY_NAMES", "make_policy", "Policy"]
 
@@ -92,9 +92,9 @@ class Expertflow(Policy):
 
     At each decode step's start (the input embedding's forward), the routing-path predictor scores
     every (layer, expert) for each sequence of the batch; without a predictor, the previous token's
-    path stands in. The plan takes each layer's top-k experts per sequence, so slots go to layers in
-    proportion to their predicted demand, at priorities that fall with the layer's distance, so copies
-    go out in the order layers run. When a layer's router has spoken, its wrong prefetches are demoted
+    path stands in. The plan takes, per sequence and layer, the experts likely enough to be needed
+    (``_layer_plan``), so slots go to layers in proportion to their predicted demand, at priorities
+    that fall with the layer's distance, so copies go out in the order layers run. When a layer's router has spoken, its wrong prefetches are demoted
     (the cache policy), queued prefetches the new plan drops are cancelled, gate-ahead refines the
     next layer's scores, and the plan moves on to the remaining layers and then the next step's first
     layers (predicted by this step's path), reusing slots of finished layers.
@@ -171,12 +171,18 @@ class Expertflow(Policy):
         engine.cache.prefetch(self._plan(engine, layer.index))
 
     def _layer_plan(self, layer: int, scores: torch.Tensor | None, k: int, weight: float) -> list[tuple[int, int, float]]:
-        """Each sequence's top-k experts of ``layer`` (scores ``[B, E]``), priority = share of sequences x weight."""
+        """The experts ``layer`` is expected to need (scores ``[B, E]``): per sequence its top expert and,
+        among its top 2k, those scoring at least ``PLAN_THRESHOLD``. Uncertain layers thus get more slots
+        than confident ones. Priority: the summed score over the batch's sequences, times ``weight``."""
         if scores is None:
             return []
-        top = scores.topk(min(k, scores.shape[-1]), dim=-1)
-        picked = Counter(e for row, val in zip(top.indices.tolist(), top.values.tolist()) for e, v in zip(row, val) if v > 0)
-        return [(layer, e, weight * c / scores.shape[0]) for e, c in picked.items()]
+        top = scores.topk(min(2 * k, scores.shape[-1]), dim=-1)
+        demand: Counter = Counter()
+        for row, values in zip(top.indices.tolist(), top.values.tolist()):
+            for rank, (e, v) in enumerate(zip(row, values)):
+                if v > 0 and (rank == 0 or v >= PLAN_THRESHOLD):
+                    demand[e] += v
+        return [(layer, e, weight * d / scores.shape[0]) for e, d in demand.items()]
 
     def _plan(self, engine, current: int) -> list[tuple[int, int, float]]:
         num_layers, num_experts = engine.num_layers, engine.pool.num_experts(0)

@@ -22,13 +22,15 @@ from torch import nn
 
 from .traces import RecordedTrace
 
-__all__ = ["PredictorConfig", "RoutingPathPredictor", "model_fingerprint", "features", "combine", "train_predictor", "evaluate"]
+__all__ = ["PLAN_THRESHOLD", "PredictorConfig", "RoutingPathPredictor", "model_fingerprint", "features", "combine", "train_predictor", "evaluate"]
 
 POSITION_FEATURES = 8
 #: In the combined plan, a layer's gate-ahead picks add this to the predictor's probabilities: enough
 #: to promote an expert the predictor found plausible, not enough to override a confident prediction
 #: (chosen on the validation sequences of the bundled model's training traces: 0.25, 0.5, 1 tried).
 GATE_AHEAD_WEIGHT = 0.5
+#: A plan takes each sequence's likeliest expert of a layer, and among its top 2k those at least this likely.
+PLAN_THRESHOLD = 0.3
 
 
 def model_fingerprint(routers: list[torch.Tensor]) -> str:
@@ -142,17 +144,21 @@ class RoutingPathPredictor(nn.Module):
             )
         return torch.sigmoid(self(*features(trace)))
 
-    def for_replay(self, trace: RecordedTrace, top: int | None = None):
-        """An object replay's planner asks ``predict_token(routing_trace, t) -> {layer: [(expert, p)]}``."""
+    def for_replay(self, trace: RecordedTrace):
+        """An object replay's planner asks ``predict_token(routing_trace, t) -> {layer: [(expert, p)]}``,
+        choosing experts as the live policy does (likeliest, then top-2k ones above ``PLAN_THRESHOLD``)."""
         probs = self.scores(trace)
-        k = top or self.config.top_k
-        values, indices = probs.topk(k, dim=-1)
+        values, indices = probs.topk(min(2 * self.config.top_k, self.config.num_experts), dim=-1)
 
         class _Replay:
             name = "predictor"
 
             def predict_token(self, _trace, t: int) -> dict[int, list[tuple[int, float]]]:
-                return {l: list(zip(indices[t, l].tolist(), values[t, l].tolist())) for l in range(indices.shape[1])}
+                out = {}
+                for l in range(indices.shape[1]):
+                    pairs = zip(indices[t, l].tolist(), values[t, l].tolist())
+                    out[l] = [(e, p) for rank, (e, p) in enumerate(pairs) if rank == 0 or p >= PLAN_THRESHOLD]
+                return out
 
         return _Replay()
 
