@@ -165,8 +165,9 @@ class _Planner:
         if t > known_until[0]:
             prev = t - 1
             return [(e, 1.0) for e in self.paths[prev].get(layer, [])] if self._same_sequence(prev, t) else []
-        scores = self.predicted.setdefault(t, self.predictor.predict_token(self.trace, t))
-        return scores.get(layer, [])
+        if t not in self.predicted:
+            self.predicted[t] = self.predictor.predict_token(self.trace, t)
+        return self.predicted[t].get(layer, [])
 
     def plan(self, t: int, layer: int) -> list[tuple[int, int, float]]:
         L = self.trace.num_layers
