@@ -197,7 +197,7 @@ PYBIND11_MODULE(_C, m) {
              py::list out;
              std::vector<std::pair<bool, bool>> evicted;  // (occupied, prefetched and unused) per load
              const std::vector<int> loaded = c.apply_plan(
-                 items, [](int) { return true; },
+                 items,
                  [&](int slot) {
                    const SlotMeta& m = c.slot(slot);
                    evicted.emplace_back(!m.empty(), m.prefetched_unused);

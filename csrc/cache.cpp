@@ -50,11 +50,11 @@ int SlotCache::quota(int layer) const {
   return layer >= 0 && layer < static_cast<int>(quotas_.size()) ? quotas_[layer] : -1;
 }
 
-int SlotCache::pick_slot(int layer, float below_priority, const std::function<bool(int)>& allowed) const {
+int SlotCache::pick_slot(int layer, float below_priority) const {
   std::vector<int> own, others, over, all;
   for (int s = 0; s < num_slots(); ++s) {
     const SlotMeta& m = slots_[s];
-    if (m.empty() || m.pin_count > 0 || !(m.plan_priority < below_priority) || !allowed(s)) continue;
+    if (m.empty() || m.pin_count > 0 || !(m.plan_priority < below_priority)) continue;
     all.push_back(s);
     (m.layer == layer ? own : others).push_back(s);
     const int q = quota(m.layer);
@@ -63,7 +63,7 @@ int SlotCache::pick_slot(int layer, float below_priority, const std::function<bo
   const int q = quota(layer);
   if (q >= 0 && layer_count(layer) >= q && !own.empty()) return choose_victim(policy_, slots_, own, context_);
   for (int s = 0; s < num_slots(); ++s) {
-    if (slots_[s].empty() && allowed(s)) return s;
+    if (slots_[s].empty()) return s;
   }
   if (!over.empty()) return choose_victim(policy_, slots_, over, context_);
   if (q >= 0 && !others.empty()) return choose_victim(policy_, slots_, others, context_);  // below its quota
@@ -141,8 +141,8 @@ void SlotCache::set_layer_quotas(std::vector<int> quotas) {
   quotas_ = std::move(quotas);
 }
 
-std::vector<int> SlotCache::apply_plan(const std::vector<PlanItem>& plan, const std::function<bool(int)>& allowed,
-                                       const std::function<void(int)>& before_load, std::vector<int>* raised) {
+std::vector<int> SlotCache::apply_plan(const std::vector<PlanItem>& plan, const std::function<void(int)>& before_load,
+                                       std::vector<int>* raised) {
   std::vector<int> loaded;
   for (const PlanItem& item : plan) {
     int s = find(item.layer, item.expert);
@@ -153,7 +153,7 @@ std::vector<int> SlotCache::apply_plan(const std::vector<PlanItem>& plan, const 
       }
       continue;
     }
-    s = pick_slot(item.layer, item.priority, allowed);
+    s = pick_slot(item.layer, item.priority);
     if (s < 0) continue;  // every slot holds something at least as wanted
     before_load(s);
     assign(s, item.layer, item.expert);
@@ -197,7 +197,7 @@ AccessResult SlotCache::access(int layer, const std::vector<int>& experts, const
       ++result.hits;
       if (slots_[s].prefetched_unused) ++result.prefetch_hits;
     } else {
-      s = pick_slot(layer, std::numeric_limits<float>::infinity(), [](int) { return true; });
+      s = pick_slot(layer, std::numeric_limits<float>::infinity());
       if (s < 0) {
         failure = "no unpinned slot is left for layer " + std::to_string(layer) + " expert " + std::to_string(experts[i]);
         break;

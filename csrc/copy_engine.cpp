@@ -117,8 +117,15 @@ bool CopyEngine::cancel(int slot) {
   std::lock_guard<std::mutex> lk(mu_);
   check_slot(slot);
   Job& job = jobs_[slot];
-  if (job.state != JobState::kQueued) return false;
-  queue_.erase(QueueKey{-job.priority, job.sequence, slot});
+  if (job.state == JobState::kQueued) {
+    queue_.erase(QueueKey{-job.priority, job.sequence, slot});
+  } else if (job.state == JobState::kStarted) {
+    // Drop the chunks not yet submitted; the next copy into this slot waits for those already out.
+    backend_->record(ready_events_[slot], prefetch_stream_);
+    current_ = -1;
+  } else {
+    return false;
+  }
   job = Job{};
   idle_cv_.notify_all();
   return true;

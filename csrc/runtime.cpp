@@ -57,8 +57,6 @@ bool Runtime::closed() {
 
 void Runtime::check_open() const { EF_CHECK(!closed_, "the expert cache is closed; create a new one"); }
 
-bool Runtime::may_take_locked(int slot) { return engine_->job_state(slot) != CopyEngine::JobState::kStarted; }
-
 void Runtime::evict_locked(int slot) {
   const SlotMeta& m = cache_.slot(slot);
   if (m.empty()) return;
@@ -95,7 +93,7 @@ void Runtime::prefetch(const std::vector<PlanItem>& plan) {
                    [](const PlanItem& a, const PlanItem& b) { return a.priority > b.priority; });
   std::vector<int> raised;
   const std::vector<int> loaded = cache_.apply_plan(
-      ordered, [this](int slot) { return may_take_locked(slot); }, [this](int slot) { evict_locked(slot); }, &raised);
+      ordered, [this](int slot) { evict_locked(slot); }, &raised);
   for (int s : raised) engine_->set_priority(s, cache_.slot(s).plan_priority);
   for (int s : loaded) {
     const SlotMeta& m = cache_.slot(s);
@@ -125,8 +123,7 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
     std::vector<size_t> missed;
     for (size_t i = 0; i < experts.size(); ++i) {
       if (slots[i] >= 0) continue;
-      const int s = cache_.pick_slot(layer, std::numeric_limits<float>::infinity(),
-                                     [this](int slot) { return may_take_locked(slot); });
+      const int s = cache_.pick_slot(layer, std::numeric_limits<float>::infinity());
       if (s < 0) {
         for (int pinned : slots) {
           if (pinned >= 0) cache_.unpin(pinned);
@@ -134,7 +131,7 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
         for (size_t j : missed) cache_.clear(slots[j]);
         EF_CHECK(false, "no slot is free for layer " << layer << " expert " << experts[i] << ": all "
                                                      << cache_.num_slots()
-                                                     << " slots are pinned or mid-copy; release experts before "
+                                                     << " slots are pinned; release experts before "
                                                         "acquiring more, or give the cache more slots");
       }
       evict_locked(s);

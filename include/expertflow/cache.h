@@ -47,9 +47,9 @@ class SlotCache {
   int find(int layer, int expert) const;  // -1 when not resident
   int layer_count(int layer) const;
 
-  // A slot to load an expert of `layer` into, or -1 when none may be taken. Candidates are unpinned,
-  // have plan priority below `below_priority`, and pass `allowed` (the runtime excludes mid-copy slots).
-  int pick_slot(int layer, float below_priority, const std::function<bool(int)>& allowed) const;
+  // A slot to load an expert of `layer` into, or -1 when none may be taken. Candidates are unpinned
+  // and have plan priority below `below_priority`.
+  int pick_slot(int layer, float below_priority) const;
 
   void assign(int slot, int layer, int expert);  // replaces the occupant; resets use metadata
   void clear(int slot);
@@ -66,8 +66,8 @@ class SlotCache {
   // Applies a plan, highest priority first: a resident entry's priority rises to the plan's (its slot
   // is appended to `raised`); an absent one takes a slot of lower priority, after before_load(slot)
   // has run for the slot's previous occupant. Returns the slots loaded, in plan order.
-  std::vector<int> apply_plan(const std::vector<PlanItem>& plan, const std::function<bool(int)>& allowed,
-                              const std::function<void(int)>& before_load, std::vector<int>* raised = nullptr);
+  std::vector<int> apply_plan(const std::vector<PlanItem>& plan, const std::function<void(int)>& before_load,
+                              std::vector<int>* raised = nullptr);
   // The router of `layer` has spoken: its planned experts that it did not ask for drop to priority 0.
   void demote_unrequested(int layer, const std::vector<int>& requested_slots);
   // quotas[l] >= 0 caps layer l; -1 or a missing entry leaves it uncapped; empty clears all quotas.

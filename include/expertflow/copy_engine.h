@@ -9,7 +9,9 @@
 //   long prefetch: it waits for at most the chunks already in flight.
 // - Each slot has at most one unfinished job. A job is queued (no chunk submitted), started (some
 //   chunks submitted; only the dispatcher's current job) or submitted (all chunks submitted; the slot's
-//   ready event is recorded after the last one). Only queued jobs can be cancelled.
+//   ready event is recorded after the last one). Queued and started jobs can be cancelled: a started
+//   job's remaining chunks are dropped and the slot's ready event is recorded after those already
+//   submitted, so the next copy into the slot lands after them.
 // - Before the first byte of a job lands, its stream waits on the slot's free event (recorded on the
 //   compute stream when the slot's last reader released it) and on the slot's previous ready event:
 //   weights are never overwritten while read, and two jobs for one slot never interleave.
@@ -56,7 +58,7 @@ class CopyEngine {
   // Queues a copy of `bytes` from src to dst for `slot`. The slot must have no unfinished job.
   void prefetch(int slot, const void* src, void* dst, size_t bytes, float priority);
   void set_priority(int slot, float priority);  // no-op unless the slot's job is queued
-  bool cancel(int slot);                        // removes a queued job; false when none is queued
+  bool cancel(int slot);                        // drops an unsubmitted job (or its rest); false if none
   JobState job_state(int slot);
   // Copies now on the demand stream. The slot must have no unfinished job.
   void demand(int slot, const void* src, void* dst, size_t bytes);

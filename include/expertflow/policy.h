@@ -1,7 +1,7 @@
 // Victim choice, as pure functions of slot metadata. No state lives here.
 //
 // Invariants:
-// - A policy only orders candidates; which slots are candidates (unpinned, not mid-copy, quota) is the
+// - A policy only orders candidates; which slots are candidates (unpinned, priority, quota) is the
 //   cache's decision. Every ordering ends with the slot index, so choices are deterministic.
 // - lru: least recently used. lfu: fewest uses since loaded, then least recent.
 //   lru_with_correction: lowest plan priority (wrong prefetches are demoted to 0), then least recent.

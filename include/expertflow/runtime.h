@@ -5,8 +5,8 @@
 // - acquire() pins the requested experts before loading any miss, so one call never evicts its own
 //   experts; it returns only after every returned slot is either landed or awaited by `compute`.
 // - A pinned slot is never evicted or overwritten; release() unpins and records the free event.
-// - prefetch(plan) replaces the previous plan: plan priorities are reset, queued prefetches the new
-//   plan does not name are cancelled, and a prefetch only evicts slots of lower plan priority.
+// - prefetch(plan) replaces the previous plan: plan priorities are reset, unfinished prefetches the
+//   new plan does not name are cancelled, and a prefetch only evicts slots of lower plan priority.
 // - lru_with_correction and expertflow demote a layer's planned-but-unrequested experts to priority 0
 //   when that layer's experts are acquired: its router has spoken, so those prefetches were wrong.
 // - acquire(layer) tells the cache where compute is (a layer at or below the last one starts the next
@@ -41,7 +41,7 @@ struct RuntimeStats {
   uint64_t prefetch_hits = 0;        // first acquire of an expert a prefetch brought in
   uint64_t prefetches = 0;           // prefetch copies queued
   uint64_t wasted_prefetches = 0;    // prefetched, then evicted without being acquired
-  uint64_t cancelled_prefetches = 0; // dropped from the queue before any byte moved
+  uint64_t cancelled_prefetches = 0; // dropped before all their bytes moved
   uint64_t evictions = 0;
   uint64_t bytes_copied = 0;
   uint64_t prefetch_bytes = 0;
@@ -87,7 +87,6 @@ class Runtime {
   void check_acquired_locked(int slot) const;
   uint8_t* slot_data(int slot) const { return arena_->data() + options_.slot_bytes * static_cast<size_t>(slot); }
   void evict_locked(int slot);
-  bool may_take_locked(int slot);
 
   std::shared_ptr<ExpertPool> pool_;
   RuntimeOptions options_;

@@ -303,7 +303,7 @@ class ExpertCache:
     def prefetch(self, plan: Iterable[PlanEntry]) -> None:
         """Replaces the prefetch plan: ``(layer, expert[, priority])`` entries, priority > 0 (default 1).
 
-        Higher priorities load first and are evicted last; queued prefetches the new plan does not
+        Higher priorities load first and are evicted last; unfinished prefetches the new plan does not
         name are cancelled.
         """
         self._check_open()

@@ -134,24 +134,22 @@ void test_policy_victims() {
 
 void test_cache_pins_and_quotas() {
   SlotCache cache(3, Policy::kLru);
-  auto any = [](int) { return true; };
   for (int e = 0; e < 3; ++e) {
-    const int s = cache.pick_slot(0, 1e9f, any);
+    const int s = cache.pick_slot(0, 1e9f);
     EXPECT(s == e);  // empty slots first, lowest index
     cache.assign(s, 0, e);
     cache.touch(s);
   }
   cache.pin(0);
-  EXPECT(cache.pick_slot(1, 1e9f, any) == 1);  // slot 0 is older but pinned
-  EXPECT(cache.pick_slot(1, 1e9f, [](int s) { return s != 1; }) == 2);
+  EXPECT(cache.pick_slot(1, 1e9f) == 1);  // slot 0 is older but pinned
   cache.unpin(0);
   expect_error([&] { cache.unpin(0); }, "slot 0 is not pinned");
   expect_error([&] { cache.assign(1, 0, 0); }, "already resident");
   cache.set_layer_quotas({1, 3});
-  EXPECT(cache.pick_slot(0, 1e9f, any) == 0);  // layer 0 at 3 > quota 1: its own LRU slot
-  EXPECT(cache.pick_slot(1, 1e9f, any) == 0);  // layer 1 below quota: takes layer 0's excess
+  EXPECT(cache.pick_slot(0, 1e9f) == 0);  // layer 0 at 3 > quota 1: its own LRU slot
+  EXPECT(cache.pick_slot(1, 1e9f) == 0);  // layer 1 below quota: takes layer 0's excess
   cache.set_plan_priority(0, 2.0f);
-  EXPECT(cache.pick_slot(1, 1.5f, any) == 1);  // a prefetch at 1.5 may not evict priority 2
+  EXPECT(cache.pick_slot(1, 1.5f) == 1);  // a prefetch at 1.5 may not evict priority 2
   // Replay access: a layer's resident experts are never victims of its own misses.
   SlotCache replay(2, Policy::kLru);
   EXPECT(replay.access(0, {0, 1}, nullptr).hits == 0);
