@@ -94,10 +94,11 @@ class Expertflow(Policy):
     every (layer, expert) for each sequence of the batch; without a predictor, the previous token's
     path stands in. The plan takes, per sequence and layer, the experts likely enough to be needed
     (``_layer_plan``), so slots go to layers in proportion to their predicted demand, at priorities
-    that fall with the layer's distance, so copies go out in the order layers run. When a layer's router has spoken, its wrong prefetches are demoted
-    (the cache policy), queued prefetches the new plan drops are cancelled, gate-ahead refines the
-    next layer's scores, and the plan moves on to the remaining layers and then the next step's first
-    layers (predicted by this step's path), reusing slots of finished layers.
+    that fall with the layer's distance, so copies go out in the order layers run. When a layer's
+    router has spoken, its wrong prefetches are demoted (the cache policy), unfinished prefetches the
+    new plan drops are cancelled, gate-ahead refines the next layer's scores, and the plan moves on to
+    the remaining layers and then the next step's first layers (predicted by this step's path),
+    reusing slots of finished layers.
     """
 
     name = "expertflow"
