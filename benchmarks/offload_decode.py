@@ -76,7 +76,7 @@ def main() -> None:
     pool = ef.ExpertPool.uniform(args.layers, 8, arch.pool_tensors(config, torch.bfloat16))
     for layer in range(args.layers):
         for expert in range(8):
-            for name, view in pool.expert(layer, expert).items():
+            for view in pool.expert(layer, expert).values():
                 view.copy_(torch.randn(view.shape, device="cuda", dtype=torch.bfloat16) * 0.02)
     expert_bytes = pool.expert_bytes(0)
     floor_ms = args.layers * 2 * expert_bytes / 55.2e9 * 1e3
@@ -93,7 +93,6 @@ def main() -> None:
         with torch.no_grad():
             model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
         s = engine.stats()
-        tokens = args.new_tokens + prompt.shape[1]  # forward passes count the prompt once (prefill)
         row = {"policy": policy, "num_slots": num_slots, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
                "hit_ratio": s["hit_ratio"], "bytes_copied_per_generate": s["bytes_copied"],
                "stall_ms_per_generate": s["stall_ms"], "prefetch_hits": s["prefetch_hits"],

@@ -20,7 +20,7 @@ import torch
 
 import expertflow as ef
 from expertflow.cli import BUNDLED_MODEL, BUNDLED_PREDICTOR
-from expertflow.predictor import POSITION_FEATURES, PredictorConfig, RoutingPathPredictor
+from expertflow.predictor import PredictorConfig, RoutingPathPredictor
 
 
 def cuda_ms(fn, reps: int = 1000) -> float:

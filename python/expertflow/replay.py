@@ -252,7 +252,7 @@ def replay(
             for e in experts:
                 prefetched_size.pop((layer, e), None)
             if planner is not None:
-                for l2, e2, evicted, was_wasted in cache.apply_plan(planner.plan(t, layer)):
+                for l2, e2, _, was_wasted in cache.apply_plan(planner.plan(t, layer)):
                     prefetches += 1
                     copied += size(l2)
                     prefetched_size[(l2, e2)] = size(l2)

@@ -230,7 +230,7 @@ def synthetic_trace(
     rng = np.random.default_rng(seed)
     popularity = rng.dirichlet(np.full(num_experts, 0.6), size=num_layers)
     tokens, previous = [], None
-    for t in range(num_tokens):
+    for _ in range(num_tokens):
         visit = []
         for layer in range(num_layers):
             if previous is not None and rng.random() < 0.35:
