@@ -164,14 +164,17 @@ std::vector<int> SlotCache::apply_plan(const std::vector<PlanItem>& plan, const 
   return loaded;
 }
 
-void SlotCache::demote_unrequested(int layer, const std::vector<int>& requested_slots) {
+std::vector<int> SlotCache::demote_unrequested(int layer, const std::vector<int>& requested_slots) {
+  std::vector<int> demoted;
   for (int s = 0; s < num_slots(); ++s) {
     SlotMeta& m = slots_[s];
     if (m.layer == layer && m.plan_priority > 0 &&
         std::find(requested_slots.begin(), requested_slots.end(), s) == requested_slots.end()) {
       m.plan_priority = 0;
+      demoted.push_back(s);
     }
   }
+  return demoted;
 }
 
 AccessResult SlotCache::access(int layer, const std::vector<int>& experts, const std::vector<uint64_t>* next_uses) {

@@ -155,13 +155,7 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
     }
     stats_.accesses += experts.size();
     if (policy_ == Policy::kLruWithCorrection || policy_ == Policy::kExpertflow) {
-      for (int s = 0; s < cache_.num_slots(); ++s) {
-        const SlotMeta& m = cache_.slot(s);
-        if (m.layer == layer && m.plan_priority > 0 && std::find(slots.begin(), slots.end(), s) == slots.end()) {
-          engine_->set_priority(s, 0);
-        }
-      }
-      cache_.demote_unrequested(layer, slots);
+      for (int s : cache_.demote_unrequested(layer, slots)) engine_->set_priority(s, 0);
     }
   }
   // Pinned slots cannot change hands, so waiting needs no cache lock (and must not hold it: on the

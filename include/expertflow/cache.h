@@ -69,7 +69,8 @@ class SlotCache {
   std::vector<int> apply_plan(const std::vector<PlanItem>& plan, const std::function<void(int)>& before_load,
                               std::vector<int>* raised = nullptr);
   // The router of `layer` has spoken: its planned experts that it did not ask for drop to priority 0.
-  void demote_unrequested(int layer, const std::vector<int>& requested_slots);
+  // Returns the slots demoted.
+  std::vector<int> demote_unrequested(int layer, const std::vector<int>& requested_slots);
   // quotas[l] >= 0 caps layer l; -1 or a missing entry leaves it uncapped; empty clears all quotas.
   void set_layer_quotas(std::vector<int> quotas);
   const std::vector<int>& layer_quotas() const { return quotas_; }
