@@ -156,13 +156,8 @@ class _Planner:
         """Predicted (expert, score) for token ``t`` at ``layer``; ``known_until`` = (token, layer) computed."""
         if self.predictor == "oracle":
             return [(e, 1.0) for e in self.paths[t].get(layer, [])] if t < len(self.paths) else []
-        if self.predictor == "history":
-            prev = t - 1
-            if not self._same_sequence(prev, t):
-                return []
-            return [(e, 1.0) for e in self.paths[prev].get(layer, [])]
         # A trained predictor sees token t once its step begins; for the next token, history.
-        if t > known_until[0]:
+        if self.predictor == "history" or t > known_until[0]:
             prev = t - 1
             return [(e, 1.0) for e in self.paths[prev].get(layer, [])] if self._same_sequence(prev, t) else []
         if t not in self.predicted:
