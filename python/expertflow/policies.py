@@ -115,6 +115,8 @@ class Expertflow(Policy):
 
     def attach(self, engine) -> None:
         self.engine = engine
+        self.num_experts = engine.pool.num_experts(0)
+        self.top_k = engine.architecture.dims(engine.model.config)[1] if engine.model is not None else 1
         if engine.architecture.encoder_decoder or engine.model is None:
             return  # Switch: no step hook; plans come from history and gate-ahead
         if self.predictor is not None:
@@ -143,9 +145,8 @@ class Expertflow(Policy):
             self.previous = self.path
         self.path = {}
         self.batch = batch
-        num_layers, num_experts = engine.num_layers, engine.pool.num_experts(0)
-        k = engine.architecture.dims(engine.model.config)[1]
-        prev = torch.full((batch, num_layers, k), -1, dtype=torch.long, device=device)
+        num_layers, num_experts = engine.num_layers, self.num_experts
+        prev = torch.full((batch, num_layers, self.top_k), -1, dtype=torch.long, device=device)
         for l, experts in self.previous.items():
             prev[:, l] = experts
         prev_hot = path_multi_hot(prev, num_experts)
@@ -186,8 +187,7 @@ class Expertflow(Policy):
         return [(layer, e, weight * d / scores.shape[0]) for e, d in demand.items()]
 
     def _plan(self, engine, current: int) -> list[tuple[int, int, float]]:
-        num_layers, num_experts = engine.num_layers, engine.pool.num_experts(0)
-        k = engine.architecture.dims(engine.model.config)[1] if engine.model is not None else 1
+        num_layers = engine.num_layers
         wrap = not engine.architecture.encoder_decoder
         plan: list[tuple[int, int, float]] = []
         for d in range(1, num_layers + 1):
@@ -198,10 +198,10 @@ class Expertflow(Policy):
             elif wrap:
                 target -= num_layers
                 path = self.path.get(target)
-                scores = None if path is None else path_multi_hot(path[:, None], num_experts)
+                scores = None if path is None else path_multi_hot(path[:, None], self.num_experts)
             else:
                 break
-            plan += self._layer_plan(target, scores, k, weight)
+            plan += self._layer_plan(target, scores, self.top_k, weight)
             if len(plan) >= engine.cache.num_slots:
                 break
         return plan[: engine.cache.num_slots]
