@@ -21,6 +21,7 @@ import torch
 import expertflow as ef
 from expertflow.cli import BUNDLED_MODEL, BUNDLED_PREDICTOR
 from expertflow.predictor import PredictorConfig, RoutingPathPredictor
+from offload_decode import decode_ms  # benchmarks/ is the script's folder, so it is on sys.path
 
 
 def cuda_ms(fn, reps: int = 1000) -> float:
@@ -60,19 +61,11 @@ def main() -> None:
     policy._hook = model.get_input_embeddings().register_forward_hook(timed)
     ids = tokenizer("The json module", return_tensors="pt")["input_ids"].cuda()
 
-    def generate(n: int) -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3
-
-    generate(8)
-    decode = statistics.median((generate(64) - generate(1)) / 63 for _ in range(5))
+    decode = decode_ms(model, ids, new_tokens=64, reps=5)
     step_times.clear()
-    generate(64)
-    planning = statistics.median(step_times[1:])
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
+    planning = statistics.median(step_times[1:])  # the first step is the prompt's
     p = policy.predictor
     c = p.config
     emb = torch.randn(1, c.embed_dim, device="cuda")
