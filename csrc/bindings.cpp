@@ -5,6 +5,7 @@
 //   anything that may block, and maps expertflow::Error to expertflow.ExpertFlowError.
 // - Arenas are handed out as one-dimensional uint8 DLPack tensors that own a reference to the arena,
 //   so views stay valid after the pool or cache object is closed or collected.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -81,11 +82,49 @@ py::dict slot_dict(const SlotMeta& m) {
   d["layer"] = m.layer;
   d["expert"] = m.expert;
   d["pin_count"] = m.pin_count;
-  d["plan_priority"] = m.plan_priority;
+  d["planned"] = m.planned;
+  d["next_use"] = m.next_use;
+  d["following_use"] = m.following_use;
   d["last_use"] = m.last_use;
   d["use_count"] = m.use_count;
   d["prefetched_unused"] = m.prefetched_unused;
   return d;
+}
+
+using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using BoolArray = py::array_t<bool, py::array::c_style | py::array::forcecast>;
+using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+// A plan from arrays: prefetch entries (layers, experts, due: [n] each) and, optionally, next-use
+// tables [num_layers, stride] (both or neither).
+Plan make_plan(const IntArray& layers, const IntArray& experts, const DoubleArray& due,
+               const std::optional<DoubleArray>& next_use, const std::optional<DoubleArray>& following_use,
+               double now, const std::optional<BoolArray>& sure) {
+  EF_CHECK(layers.ndim() == 1 && experts.ndim() == 1 && due.ndim() == 1 && layers.size() == experts.size() &&
+               layers.size() == due.size(),
+           "plan entries need three 1-D arrays of one length (layers, experts, due), got sizes "
+               << layers.size() << ", " << experts.size() << " and " << due.size());
+  EF_CHECK(next_use.has_value() == following_use.has_value(), "give both next-use tables or neither");
+  EF_CHECK(!sure || (sure->ndim() == 1 && sure->size() == layers.size()),
+           "`sure` needs one flag per plan entry (" << layers.size() << ")");
+  Plan plan;
+  const auto l = layers.unchecked<1>();
+  const auto e = experts.unchecked<1>();
+  const auto d = due.unchecked<1>();
+  plan.prefetch.reserve(static_cast<size_t>(layers.size()));
+  for (py::ssize_t i = 0; i < layers.size(); ++i) {
+    plan.prefetch.push_back(PlanItem{l(i), e(i), d(i), sure ? sure->at(i) : true});
+  }
+  if (next_use) {
+    EF_CHECK(next_use->ndim() == 2 && following_use->ndim() == 2 && next_use->shape(0) == following_use->shape(0) &&
+                 next_use->shape(1) == following_use->shape(1),
+             "next-use tables must be two [num_layers, num_experts] arrays of one shape");
+    plan.stride = static_cast<int>(next_use->shape(1));
+    plan.next_use.assign(next_use->data(), next_use->data() + next_use->size());
+    plan.following_use.assign(following_use->data(), following_use->data() + following_use->size());
+  }
+  plan.now = now;
+  return plan;
 }
 
 }  // namespace
@@ -167,49 +206,50 @@ PYBIND11_MODULE(_C, m) {
            "The whole pinned arena as a uint8 DLPack capsule.");
 
   py::class_<SlotCache>(m, "SlotCache")
-      .def(py::init([](int num_slots, const std::string& policy, int num_layers) {
-             return SlotCache(num_slots, parse_policy(policy), num_layers);
-           }),
-           py::arg("num_slots"), py::arg("policy"), py::arg("num_layers") = 0)
+      .def(py::init([](int num_slots, const std::string& policy) { return SlotCache(num_slots, parse_policy(policy)); }),
+           py::arg("num_slots"), py::arg("policy"))
       .def_property_readonly("num_slots", &SlotCache::num_slots)
-      .def_property_readonly("position", [](const SlotCache& c) { return c.context().position; })
       .def("find", &SlotCache::find, py::arg("layer"), py::arg("expert"))
+      .def("clear", &SlotCache::clear, py::arg("slot"))
       .def("layer_count", &SlotCache::layer_count, py::arg("layer"))
       .def("set_layer_quotas", &SlotCache::set_layer_quotas, py::arg("quotas"))
-      .def("advance", &SlotCache::advance, py::arg("layer"))
       .def("access",
-           [](SlotCache& c, int layer, const std::vector<int>& experts, std::optional<std::vector<uint64_t>> next_uses) {
+           [](SlotCache& c, int layer, const std::vector<int>& experts, std::optional<std::vector<double>> next_uses) {
              const AccessResult r = c.access(layer, experts, next_uses ? &*next_uses : nullptr);
              return py::make_tuple(r.hits, r.prefetch_hits, r.evictions, r.wasted_evictions);
            },
            py::arg("layer"), py::arg("experts"), py::arg("next_uses") = py::none(),
            "Demand-paging access of one layer's experts: (hits, prefetch_hits, evictions, wasted_evictions).")
       .def("apply_plan",
-           [](SlotCache& c, const std::vector<std::tuple<int, int, float>>& plan) {
-             std::vector<PlanItem> items;
-             for (const auto& [layer, expert, priority] : plan) {
-               EF_CHECK(priority > 0, "plan priorities must be > 0, got " << priority);
-               items.push_back(PlanItem{layer, expert, priority});
-             }
-             std::stable_sort(items.begin(), items.end(),
-                              [](const PlanItem& a, const PlanItem& b) { return a.priority > b.priority; });
-             c.clear_plan_priorities();
-             py::list out;
+           [](SlotCache& c, const IntArray& layers, const IntArray& experts, const DoubleArray& due,
+              std::optional<DoubleArray> next_use, std::optional<DoubleArray> following_use, double now,
+              std::optional<BoolArray> sure, bool link_idle) {
+             const Plan plan = make_plan(layers, experts, due, next_use, following_use, now, sure);
              std::vector<std::pair<bool, bool>> evicted;  // (occupied, prefetched and unused) per load
-             const std::vector<int> loaded = c.apply_plan(
-                 items,
+             const std::vector<PlanLoad> loads = c.apply_plan(
+                 plan,
                  [&](int slot) {
                    const SlotMeta& m = c.slot(slot);
                    evicted.emplace_back(!m.empty(), m.prefetched_unused);
-                 });
-             for (size_t i = 0; i < loaded.size(); ++i) {
-               const SlotMeta& m = c.slot(loaded[i]);
-               out.append(py::make_tuple(m.layer, m.expert, evicted[i].first, evicted[i].second));
+                 },
+                 nullptr, nullptr, link_idle);
+             py::list out;
+             for (size_t i = 0; i < loads.size(); ++i) {
+               const SlotMeta& m = c.slot(loads[i].slot);
+               out.append(py::make_tuple(m.layer, m.expert, loads[i].due, evicted[i].first, evicted[i].second));
              }
              return out;
            },
-           py::arg("plan"),
-           "Replaces the plan: [(layer, expert, priority)] -> loads as [(layer, expert, evicted, wasted)].")
+           py::arg("layers"), py::arg("experts"), py::arg("due"), py::arg("next_use") = py::none(),
+           py::arg("following_use") = py::none(), py::arg("now") = kDueNow, py::arg("sure") = py::none(),
+           py::arg("link_idle") = false,
+           "Applies a plan -> loads as [(layer, expert, due, evicted, evicted_was_unused_prefetch)].")
+      .def("slot_table",
+           [](const SlotCache& c) {
+             py::list out;
+             for (const auto& s : c.slots()) out.append(slot_dict(s));
+             return out;
+           })
       .def("resident", [](const SlotCache& c) {
         py::list out;
         for (const auto& s : c.slots()) out.append(py::make_tuple(s.layer, s.expert));
@@ -227,21 +267,24 @@ PYBIND11_MODULE(_C, m) {
              options.copy.max_chunks_in_flight = max_chunks_in_flight;
              return std::make_shared<Runtime>(std::move(pool), options);
            }),
-           py::arg("pool"), py::arg("num_slots"), py::arg("slot_bytes") = 0, py::arg("policy") = "lru_with_correction",
+           py::arg("pool"), py::arg("num_slots"), py::arg("slot_bytes") = 0, py::arg("policy") = "lru",
            py::arg("chunk_bytes") = size_t{8} << 20, py::arg("max_chunks_in_flight") = 2)
       .def_property_readonly("num_slots", &Runtime::num_slots)
       .def_property_readonly("slot_bytes", &Runtime::slot_bytes)
       .def_property_readonly("policy", [](const Runtime& r) { return policy_name(r.policy()); })
       .def_property_readonly("pool", &Runtime::pool)
-      .def("prefetch",
-           [](Runtime& r, const std::vector<std::tuple<int, int, float>>& plan) {
-             std::vector<PlanItem> items;
-             items.reserve(plan.size());
-             for (const auto& [layer, expert, priority] : plan) items.push_back(PlanItem{layer, expert, priority});
+      .def("apply_plan",
+           [](Runtime& r, const IntArray& layers, const IntArray& experts, const DoubleArray& due,
+              std::optional<DoubleArray> next_use, std::optional<DoubleArray> following_use, double now,
+              std::optional<BoolArray> sure) {
+             const Plan plan = make_plan(layers, experts, due, next_use, following_use, now, sure);
              py::gil_scoped_release nogil;
-             r.prefetch(items);
+             r.apply_plan(plan);
            },
-           py::arg("plan"))
+           py::arg("layers"), py::arg("experts"), py::arg("due"), py::arg("next_use") = py::none(),
+           py::arg("following_use") = py::none(), py::arg("now") = kDueNow, py::arg("sure") = py::none(),
+           "Replaces the plan: prefetch entries (layers, experts, due; `sure`: false loads only on an idle "
+           "link), optional next-use tables [L, E] and the position of the next access.")
       .def("acquire",
            [](Runtime& r, int layer, const std::vector<int>& experts, uintptr_t stream, bool wait) {
              py::gil_scoped_release nogil;

@@ -2,29 +2,16 @@
 #include "expertflow/cache.h"
 
 #include <algorithm>
-#include <limits>
+#include <cmath>
 #include <string>
 
 #include "expertflow/error.h"
 
 namespace expertflow {
 
-SlotCache::SlotCache(int num_slots, Policy policy, int num_layers) : policy_(policy) {
+SlotCache::SlotCache(int num_slots, Policy policy) : policy_(policy) {
   EF_CHECK(num_slots > 0, "the cache needs at least one slot, got num_slots=" << num_slots);
-  EF_CHECK(num_layers >= 0, "num_layers must be >= 0, got " << num_layers);
   slots_.resize(static_cast<size_t>(num_slots));
-  context_.num_layers = num_layers;
-}
-
-void SlotCache::advance(int layer) {
-  EF_CHECK(layer >= 0 && (context_.num_layers == 0 || layer < context_.num_layers),
-           "layer " << layer << " is out of range (num_layers=" << context_.num_layers << ")");
-  if (layer < context_.current_layer) {
-    context_.position += static_cast<uint64_t>(context_.num_layers - context_.current_layer + layer);
-  } else {
-    context_.position += static_cast<uint64_t>(layer - context_.current_layer);
-  }
-  context_.current_layer = layer;
 }
 
 void SlotCache::check_slot(int slot) const {
@@ -50,24 +37,33 @@ int SlotCache::quota(int layer) const {
   return layer >= 0 && layer < static_cast<int>(quotas_.size()) ? quotas_[layer] : -1;
 }
 
-int SlotCache::pick_slot(int layer, float below_priority) const {
+int SlotCache::pick_slot(int layer, double due, bool prefetch) const {
+  const bool spare_planned = prefetch && !orders_by_next_use(policy_);
   std::vector<int> own, others, over, all;
   for (int s = 0; s < num_slots(); ++s) {
     const SlotMeta& m = slots_[s];
-    if (m.empty() || m.pin_count > 0 || !(m.plan_priority < below_priority)) continue;
+    if (m.empty() || m.pin_count > 0 || (spare_planned && m.planned)) continue;
     all.push_back(s);
     (m.layer == layer ? own : others).push_back(s);
     const int q = quota(m.layer);
     if (q >= 0 && layer_count(m.layer) > q) over.push_back(s);
   }
   const int q = quota(layer);
-  if (q >= 0 && layer_count(layer) >= q && !own.empty()) return choose_victim(policy_, slots_, own, context_);
+  if (q >= 0 && layer_count(layer) >= q && !own.empty()) return choose_victim(policy_, slots_, own, due);
   for (int s = 0; s < num_slots(); ++s) {
     if (slots_[s].empty()) return s;
   }
-  if (!over.empty()) return choose_victim(policy_, slots_, over, context_);
-  if (q >= 0 && !others.empty()) return choose_victim(policy_, slots_, others, context_);  // below its quota
-  return choose_victim(policy_, slots_, all, context_);
+  if (!over.empty()) return choose_victim(policy_, slots_, over, due);
+  if (q >= 0 && !others.empty()) return choose_victim(policy_, slots_, others, due);  // below its quota
+  return choose_victim(policy_, slots_, all, due);
+}
+
+void SlotCache::predict(SlotMeta& m) const {
+  if (stride_ == 0) return;
+  const size_t i = static_cast<size_t>(m.layer) * static_cast<size_t>(stride_) + static_cast<size_t>(m.expert);
+  const bool known = m.expert < stride_ && i < next_use_.size();
+  m.next_use = known ? next_use_[i] : kNeverUsed;
+  m.following_use = known ? following_use_[i] : kNeverUsed;
 }
 
 void SlotCache::assign(int slot, int layer, int expert) {
@@ -80,7 +76,7 @@ void SlotCache::assign(int slot, int layer, int expert) {
   m.layer = layer;
   m.expert = expert;
   m.last_use = ++clock_;
-  m.last_position = context_.position;
+  predict(m);
   index_[key(layer, expert)] = slot;
   ++layer_counts_[layer];
 }
@@ -99,7 +95,6 @@ void SlotCache::clear(int slot) {
 void SlotCache::touch(int slot) {
   check_slot(slot);
   slots_[slot].last_use = ++clock_;
-  slots_[slot].last_position = context_.position;
   ++slots_[slot].use_count;
 }
 
@@ -115,20 +110,6 @@ void SlotCache::unpin(int slot) {
   --slots_[slot].pin_count;
 }
 
-void SlotCache::set_plan_priority(int slot, float priority) {
-  check_slot(slot);
-  slots_[slot].plan_priority = priority;
-}
-
-void SlotCache::clear_plan_priorities() {
-  for (auto& m : slots_) m.plan_priority = 0;
-}
-
-void SlotCache::set_next_use(int slot, uint64_t position) {
-  check_slot(slot);
-  slots_[slot].next_use = position;
-}
-
 void SlotCache::set_prefetched_unused(int slot, bool value) {
   check_slot(slot);
   slots_[slot].prefetched_unused = value;
@@ -141,49 +122,65 @@ void SlotCache::set_layer_quotas(std::vector<int> quotas) {
   quotas_ = std::move(quotas);
 }
 
-std::vector<int> SlotCache::apply_plan(const std::vector<PlanItem>& plan, const std::function<void(int)>& before_load,
-                                       std::vector<int>* raised) {
-  std::vector<int> loaded;
-  for (const PlanItem& item : plan) {
+std::vector<PlanLoad> SlotCache::apply_plan(const Plan& plan, const std::function<void(int)>& before_load,
+                                            const std::function<void(const PlanLoad&)>& after_load,
+                                            std::vector<PlanLoad>* planned, bool link_idle) {
+  const bool has_tables = !plan.next_use.empty();
+  if (has_tables) {
+    EF_CHECK(plan.stride > 0, "a plan with next-use tables needs stride > 0, got " << plan.stride);
+    EF_CHECK(plan.next_use.size() % static_cast<size_t>(plan.stride) == 0 &&
+                 plan.following_use.size() == plan.next_use.size(),
+             "next-use tables of " << plan.next_use.size() << " and " << plan.following_use.size()
+                                   << " entries do not both hold whole rows of " << plan.stride << " experts");
+    stride_ = plan.stride;
+    next_use_ = plan.next_use;
+    following_use_ = plan.following_use;
+    now_ = plan.now;
+  }
+  for (SlotMeta& m : slots_) {
+    m.planned = false;
+    if (has_tables && !m.empty()) predict(m);
+  }
+  const bool by_next_use = orders_by_next_use(policy_);
+  std::vector<PlanLoad> loads;
+  for (const PlanItem& item : plan.prefetch) {
+    EF_CHECK(!std::isnan(item.due), "the due position of layer " << item.layer << " expert " << item.expert << " is NaN");
     int s = find(item.layer, item.expert);
     if (s >= 0) {
-      if (item.priority > slots_[s].plan_priority) {
-        slots_[s].plan_priority = item.priority;
-        if (raised) raised->push_back(s);
-      }
+      slots_[s].planned = true;
+      if (!has_tables) slots_[s].next_use = item.due;
+      if (planned) planned->push_back(PlanLoad{s, item.due});
       continue;
     }
-    s = pick_slot(item.layer, item.priority);
-    if (s < 0) continue;  // every slot holds something at least as wanted
+    if (!item.sure && !link_idle) continue;
+    s = pick_slot(item.layer, item.due, /*prefetch=*/true);
+    if (s < 0) {
+      if (by_next_use) break;
+      continue;
+    }
+    // Conservative admission: the victim must not be needed before the expert that replaces it.
+    if (by_next_use && !slots_[s].empty() && !(slots_[s].next_use > item.due)) break;
+    // A guess may take a free slot, or one whose expert no forecast expects again; nothing of value.
+    if (!item.sure && !slots_[s].empty() && slots_[s].next_use_after(item.due) != kNeverUsed) continue;
     before_load(s);
     assign(s, item.layer, item.expert);
-    slots_[s].plan_priority = item.priority;
-    slots_[s].prefetched_unused = true;
-    loaded.push_back(s);
-  }
-  return loaded;
-}
-
-std::vector<int> SlotCache::demote_unrequested(int layer, const std::vector<int>& requested_slots) {
-  std::vector<int> demoted;
-  for (int s = 0; s < num_slots(); ++s) {
     SlotMeta& m = slots_[s];
-    if (m.layer == layer && m.plan_priority > 0 &&
-        std::find(requested_slots.begin(), requested_slots.end(), s) == requested_slots.end()) {
-      m.plan_priority = 0;
-      demoted.push_back(s);
-    }
+    m.planned = true;
+    m.prefetched_unused = true;
+    if (!has_tables) m.next_use = item.due;
+    loads.push_back(PlanLoad{s, item.due});
+    if (after_load) after_load(loads.back());
+    link_idle = false;
   }
-  return demoted;
+  return loads;
 }
 
-AccessResult SlotCache::access(int layer, const std::vector<int>& experts, const std::vector<uint64_t>* next_uses) {
+AccessResult SlotCache::access(int layer, const std::vector<int>& experts, const std::vector<double>* next_uses) {
   EF_CHECK(static_cast<int>(experts.size()) <= num_slots(),
            "capacity " << num_slots() << " is smaller than the " << experts.size() << " experts layer " << layer
                        << " needs at once; raise the capacity to at least " << experts.size());
   EF_CHECK(next_uses == nullptr || next_uses->size() == experts.size(),
            "got " << experts.size() << " experts but " << next_uses->size() << " next-use positions");
-  advance(layer);
   std::vector<int> pinned;
   for (int expert : experts) {
     const int s = find(layer, expert);
@@ -200,7 +197,7 @@ AccessResult SlotCache::access(int layer, const std::vector<int>& experts, const
       ++result.hits;
       if (slots_[s].prefetched_unused) ++result.prefetch_hits;
     } else {
-      s = pick_slot(layer, std::numeric_limits<float>::infinity());
+      s = pick_slot(layer, now_, /*prefetch=*/false);
       if (s < 0) {
         failure = "no unpinned slot is left for layer " + std::to_string(layer) + " expert " + std::to_string(experts[i]);
         break;
@@ -215,11 +212,11 @@ AccessResult SlotCache::access(int layer, const std::vector<int>& experts, const
     }
     slots_[s].prefetched_unused = false;
     touch(s);
-    if (next_uses) set_next_use(s, (*next_uses)[i]);
+    if (next_uses) slots_[s].next_use = (*next_uses)[i];
   }
   for (int s : pinned) unpin(s);
   EF_CHECK(failure.empty(), failure << "; raise the capacity");
-  if (policy_ == Policy::kExpertflow || policy_ == Policy::kLruWithCorrection) demote_unrequested(layer, pinned);
   return result;
 }
+
 }  // namespace expertflow

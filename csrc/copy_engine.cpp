@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "expertflow/error.h"
 
@@ -85,32 +86,34 @@ void CopyEngine::rethrow_dispatcher_error_locked() {
   EF_CHECK(dispatcher_error_.empty(), "the prefetch dispatcher failed: " << dispatcher_error_);
 }
 
-CopyEngine::Job& CopyEngine::new_job_locked(int slot, const void* src, void* dst, size_t bytes, float priority) {
+CopyEngine::Job& CopyEngine::new_job_locked(int slot, const void* src, void* dst, size_t bytes, double due) {
   rethrow_dispatcher_error_locked();
   check_slot(slot);
   Job& job = jobs_[slot];
   EF_CHECK(job.state == JobState::kNone || job.state == JobState::kSubmitted,
            "slot " << slot << " already has an unfinished copy");
-  job = Job{static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), bytes, 0, priority, next_sequence_++,
+  job = Job{static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), bytes, 0, due, next_sequence_++,
             JobState::kQueued};
   return job;
 }
 
-void CopyEngine::prefetch(int slot, const void* src, void* dst, size_t bytes, float priority) {
+void CopyEngine::prefetch(int slot, const void* src, void* dst, size_t bytes, double due) {
   std::lock_guard<std::mutex> lk(mu_);
-  const Job& job = new_job_locked(slot, src, dst, bytes, priority);
-  queue_.emplace(-priority, job.sequence, slot);
+  EF_CHECK(!std::isnan(due), "the due position of a prefetch into slot " << slot << " is NaN");
+  const Job& job = new_job_locked(slot, src, dst, bytes, due);
+  queue_.emplace(due, job.sequence, slot);
   dispatcher_cv_.notify_all();
 }
 
-void CopyEngine::set_priority(int slot, float priority) {
+void CopyEngine::set_due(int slot, double due) {
   std::lock_guard<std::mutex> lk(mu_);
   check_slot(slot);
+  EF_CHECK(!std::isnan(due), "the due position of a prefetch into slot " << slot << " is NaN");
   Job& job = jobs_[slot];
   if (job.state != JobState::kQueued) return;
-  queue_.erase(QueueKey{-job.priority, job.sequence, slot});
-  job.priority = priority;
-  queue_.emplace(-priority, job.sequence, slot);
+  queue_.erase(QueueKey{job.due, job.sequence, slot});
+  job.due = due;
+  queue_.emplace(due, job.sequence, slot);
 }
 
 bool CopyEngine::cancel(int slot) {
@@ -118,7 +121,7 @@ bool CopyEngine::cancel(int slot) {
   check_slot(slot);
   Job& job = jobs_[slot];
   if (job.state == JobState::kQueued) {
-    queue_.erase(QueueKey{-job.priority, job.sequence, slot});
+    queue_.erase(QueueKey{job.due, job.sequence, slot});
   } else if (job.state == JobState::kStarted) {
     // Drop the chunks not yet submitted; the next copy into this slot waits for those already out.
     backend_->record(ready_events_[slot], prefetch_stream_);
@@ -168,7 +171,7 @@ bool CopyEngine::promote(int slot) {
   check_slot(slot);
   Job& job = jobs_[slot];
   if (job.state == JobState::kQueued) {
-    queue_.erase(QueueKey{-job.priority, job.sequence, slot});
+    queue_.erase(QueueKey{job.due, job.sequence, slot});
     submit_demand_locked(slot, 0);
     return true;
   }
@@ -217,6 +220,13 @@ bool CopyEngine::is_ready(int slot) {
   check_slot(slot);
   const JobState state = jobs_[slot].state;
   return (state == JobState::kNone || state == JobState::kSubmitted) && backend_->query(ready_events_[slot]);
+}
+
+bool CopyEngine::idle() {
+  std::lock_guard<std::mutex> lk(mu_);
+  rethrow_dispatcher_error_locked();
+  while (!chunks_in_flight_.empty() && backend_->query(chunks_in_flight_.front())) chunks_in_flight_.pop_front();
+  return queue_.empty() && current_ < 0 && chunks_in_flight_.empty() && !demand_outstanding_locked();
 }
 
 void CopyEngine::release(int slot, Stream compute) {

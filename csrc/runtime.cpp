@@ -32,9 +32,9 @@ Runtime::Runtime(std::shared_ptr<ExpertPool> pool, RuntimeOptions options)
     : pool_(std::move(pool)),
       options_(validated(pool_, std::move(options))),
       policy_(parse_policy(options_.policy)),
-      cache_(options_.num_slots, policy_, pool_->num_layers()) {
+      cache_(options_.num_slots, policy_) {
   EF_CHECK(policy_ != Policy::kBelady, "policy 'belady' needs the future and exists for trace replay only; "
-                                       "choose lru, lfu, lru_with_correction or expertflow");
+                                       "choose lru, lfu or expertflow");
   arena_ = std::make_shared<Buffer>(pool_->backend(), Buffer::Kind::kDevice,
                                     options_.slot_bytes * static_cast<size_t>(options_.num_slots));
   engine_ = std::make_unique<CopyEngine>(pool_->backend(), options_.num_slots, options_.copy);
@@ -69,38 +69,44 @@ void Runtime::evict_locked(int slot) {
   cache_.clear(slot);
 }
 
-void Runtime::prefetch(const std::vector<PlanItem>& plan) {
+void Runtime::apply_plan(const Plan& plan) {
   std::lock_guard<std::mutex> lk(mu_);
   check_open();
   std::set<std::pair<int, int>> wanted;
-  for (const PlanItem& item : plan) {
+  for (const PlanItem& item : plan.prefetch) {
     pool_->check_expert(item.layer, item.expert);
-    EF_CHECK(std::isfinite(item.priority) && item.priority > 0,
-             "plan priority of layer " << item.layer << " expert " << item.expert << " is " << item.priority
-                                       << "; priorities must be finite and > 0");
+    EF_CHECK(!std::isnan(item.due), "the due position of layer " << item.layer << " expert " << item.expert << " is NaN");
     wanted.emplace(item.layer, item.expert);
   }
-  cache_.clear_plan_priorities();
+  if (!plan.next_use.empty()) {
+    int max_experts = 0;
+    for (int l = 0; l < pool_->num_layers(); ++l) max_experts = std::max(max_experts, pool_->num_experts(l));
+    EF_CHECK(plan.stride >= max_experts,
+             "next-use tables have rows of " << plan.stride << " experts but a layer has " << max_experts);
+    const size_t want = static_cast<size_t>(pool_->num_layers()) * static_cast<size_t>(plan.stride);
+    EF_CHECK(plan.next_use.size() == want && plan.following_use.size() == want,
+             "next-use tables need " << want << " entries (" << pool_->num_layers() << " layers x " << plan.stride
+                                     << "), got " << plan.next_use.size() << " and " << plan.following_use.size());
+  }
+  // Stale prefetches: what the new plan no longer names is not worth the rest of its bytes.
   for (int s = 0; s < cache_.num_slots(); ++s) {
     const SlotMeta& m = cache_.slot(s);
-    if (!m.empty() && !wanted.count({m.layer, m.expert}) && engine_->cancel(s)) {
+    if (!m.empty() && m.pin_count == 0 && !wanted.count({m.layer, m.expert}) && engine_->cancel(s)) {
       ++stats_.cancelled_prefetches;
       cache_.clear(s);
     }
   }
-  std::vector<PlanItem> ordered(plan);
-  std::stable_sort(ordered.begin(), ordered.end(),
-                   [](const PlanItem& a, const PlanItem& b) { return a.priority > b.priority; });
-  std::vector<int> raised;
-  const std::vector<int> loaded = cache_.apply_plan(
-      ordered, [this](int slot) { evict_locked(slot); }, &raised);
-  for (int s : raised) engine_->set_priority(s, cache_.slot(s).plan_priority);
-  for (int s : loaded) {
-    const SlotMeta& m = cache_.slot(s);
-    engine_->prefetch(s, pool_->expert_data(m.layer, m.expert), slot_data(s), pool_->expert_bytes(m.layer),
-                      m.plan_priority);
-    ++stats_.prefetches;
-  }
+  std::vector<PlanLoad> planned;
+  cache_.apply_plan(
+      plan, [this](int slot) { evict_locked(slot); },
+      [this](const PlanLoad& p) {
+        const SlotMeta& m = cache_.slot(p.slot);
+        engine_->prefetch(p.slot, pool_->expert_data(m.layer, m.expert), slot_data(p.slot), pool_->expert_bytes(m.layer),
+                          p.due);
+        ++stats_.prefetches;
+      },
+      &planned, engine_->idle());
+  for (const PlanLoad& p : planned) engine_->set_due(p.slot, p.due);
 }
 
 std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, Stream compute, bool wait) {
@@ -115,7 +121,6 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
              "capacity of " << cache_.num_slots() << " slots is smaller than the " << experts.size()
                             << " experts layer " << layer << " needs at once; give the cache at least "
                             << experts.size() << " slots");
-    cache_.advance(layer);
     for (size_t i = 0; i < experts.size(); ++i) {
       slots[i] = cache_.find(layer, experts[i]);
       if (slots[i] >= 0) cache_.pin(slots[i]);
@@ -123,7 +128,7 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
     std::vector<size_t> missed;
     for (size_t i = 0; i < experts.size(); ++i) {
       if (slots[i] >= 0) continue;
-      const int s = cache_.pick_slot(layer, std::numeric_limits<float>::infinity());
+      const int s = cache_.pick_slot(layer, cache_.demand_due(), /*prefetch=*/false);
       if (s < 0) {
         for (int pinned : slots) {
           if (pinned >= 0) cache_.unpin(pinned);
@@ -154,9 +159,6 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
       cache_.touch(s);
     }
     stats_.accesses += experts.size();
-    if (policy_ == Policy::kLruWithCorrection || policy_ == Policy::kExpertflow) {
-      for (int s : cache_.demote_unrequested(layer, slots)) engine_->set_priority(s, 0);
-    }
   }
   // Pinned slots cannot change hands, so waiting needs no cache lock (and must not hold it: on the
   // host backend the wait blocks this thread until the bytes land).

@@ -1,13 +1,30 @@
 """A plain-Python reference of the runtime's cache decisions (slot choice, pins, plans, counters).
 
-It mirrors include/expertflow/cache.h and runtime.h for a copy engine whose prefetches stay queued
-until synchronised (paused), which makes every decision deterministic and comparable slot by slot.
+It is written from the documented semantics (include/expertflow/cache.h, policy.h, runtime.h), not
+from the C++, for a copy engine that is paused: a prefetch stays queued, hence unfinished and
+cancellable, until :meth:`ReferenceCache.land_all`. That makes every decision deterministic, so a
+test can compare the runtime with it slot by slot and counter by counter.
+
+Link idleness: the engine calls the link idle when no prefetch is queued or being submitted and no
+copy (demand loads included) is in flight. Here it is idle when no prefetch is queued. The two agree
+only once the demand copies have landed; acquire() does not guarantee that on the GPU (the compute
+stream waits, the host does not), so a caller comparing plans with guesses (``sure=False``) must
+first synchronise the runtime, which while paused lands the copies in flight and nothing queued.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
+
+NEVER = math.inf
+
+STAT_KEYS = (
+    "accesses", "hits", "misses", "prefetch_hits", "prefetches", "wasted_prefetches", "cancelled_prefetches", "evictions",
+)
 
 
 class ReferenceError_(Exception):
@@ -19,30 +36,37 @@ class Slot:
     layer: int = -1
     expert: int = -1
     pin_count: int = 0
-    plan_priority: float = 0.0
+    planned: bool = False           # named by the latest plan's prefetch list
+    next_use: float = NEVER
+    following_use: float = NEVER
     last_use: int = 0
     use_count: int = 0
     prefetched_unused: bool = False
-    queued: bool = False  # a prefetch not yet started: cancellable
-    last_position: int = 0
+    queued: bool = False            # a prefetch copy not yet landed: cancelled, not evicted, when dropped
 
     @property
     def empty(self) -> bool:
         return self.layer < 0
 
+    def next_use_after(self, due: float) -> float:
+        """The next use as seen from a load due at ``due``: a use before it no longer counts."""
+        return self.next_use if self.next_use > due else self.following_use
+
 
 class ReferenceCache:
-    def __init__(self, num_slots: int, policy: str, num_layers: int) -> None:
+    def __init__(self, num_slots: int, policy: str) -> None:
         self.slots = [Slot() for _ in range(num_slots)]
         self.policy = policy
-        self.num_layers = num_layers
-        self.position = 0
-        self.current_layer = 0
         self.clock = 0
         self.quotas: list[int] = []
-        self.stats = dict.fromkeys(
-            ["accesses", "hits", "misses", "prefetch_hits", "prefetches", "wasted_prefetches", "cancelled_prefetches", "evictions"], 0
-        )
+        self.next_use: np.ndarray | None = None  # [L, E] tables of the latest plan that had them
+        self.following_use: np.ndarray | None = None
+        self.now = -math.inf                     # `now` of that plan: the due of demand loads
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
+
+    @property
+    def by_next_use(self) -> bool:
+        return self.policy == "expertflow"
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def find(self, layer: int, expert: int) -> int:
@@ -57,55 +81,59 @@ class ReferenceCache:
     def quota(self, layer: int) -> int:
         return self.quotas[layer] if 0 <= layer < len(self.quotas) else -1
 
-    def advance(self, layer: int) -> None:
-        if layer < self.current_layer:
-            self.position += self.num_layers - self.current_layer + layer
-        else:
-            self.position += layer - self.current_layer
-        self.current_layer = layer
+    def link_idle(self) -> bool:
+        return not any(s.queued for s in self.slots)
 
-    def next_turn(self, layer: int) -> int:
-        return self.position + (layer - self.current_layer - 1) % self.num_layers + 1
+    def predict(self, s: Slot) -> None:
+        """Next uses of the slot's expert from the stored tables (none stored: left as they are)."""
+        if self.next_use is None:
+            return
+        rows, cols = self.next_use.shape
+        known = s.layer < rows and s.expert < cols
+        s.next_use = float(self.next_use[s.layer, s.expert]) if known else NEVER
+        s.following_use = float(self.following_use[s.layer, s.expert]) if known else NEVER
 
-    def order_key(self, i: int):
+    def order_key(self, i: int, due: float):
+        """Victims sort first; the slot index breaks every tie."""
         s = self.slots[i]
-        if self.policy == "expertflow":
-            turn = self.next_turn(s.layer)
-            return (s.plan_priority, -(turn - min(s.last_position, turn)), -turn, s.last_use, i)
         if self.policy == "lru":
             return (s.last_use, i)
         if self.policy == "lfu":
             return (s.use_count, s.last_use, i)
-        return (s.plan_priority, s.last_use, i)  # lru_with_correction
+        return (-s.next_use_after(due), s.last_use, i)  # expertflow: farthest next use first
 
-    def victim(self, candidates: list[int]) -> int:
-        return min(candidates, key=self.order_key)
+    def victim(self, candidates: list[int], due: float) -> int:
+        return min(candidates, key=lambda i: self.order_key(i, due))
 
-    def pick(self, layer: int, below: float) -> int:
-        cand = [i for i, s in enumerate(self.slots) if not s.empty and s.pin_count == 0 and s.plan_priority < below]
+    def pick(self, layer: int, due: float, prefetch: bool) -> int:
+        """The slot a load of ``layer`` due at ``due`` takes, or -1 (quota rules of cache.h)."""
+        spare_planned = prefetch and not self.by_next_use
+        cand = [
+            i for i, s in enumerate(self.slots) if not s.empty and s.pin_count == 0 and not (spare_planned and s.planned)
+        ]
         own = [i for i in cand if self.slots[i].layer == layer]
         others = [i for i in cand if self.slots[i].layer != layer]
-        over = [i for i in cand if self.quota(self.slots[i].layer) >= 0 and self.count(self.slots[i].layer) > self.quota(self.slots[i].layer)]
+        over = [i for i in cand if 0 <= self.quota(self.slots[i].layer) < self.count(self.slots[i].layer)]
         q = self.quota(layer)
         if q >= 0 and self.count(layer) >= q and own:
-            return self.victim(own)
+            return self.victim(own, due)
         for i, s in enumerate(self.slots):
             if s.empty:
                 return i
         if over:
-            return self.victim(over)
+            return self.victim(over, due)
         if q >= 0 and others:
-            return self.victim(others)
-        return self.victim(cand) if cand else -1
+            return self.victim(others, due)
+        return self.victim(cand, due) if cand else -1
 
     def assign(self, i: int, layer: int, expert: int) -> None:
         self.clock += 1
-        self.slots[i] = Slot(layer=layer, expert=expert, last_use=self.clock, last_position=self.position)
+        self.slots[i] = Slot(layer=layer, expert=expert, last_use=self.clock)
+        self.predict(self.slots[i])
 
     def touch(self, i: int) -> None:
         self.clock += 1
         self.slots[i].last_use = self.clock
-        self.slots[i].last_position = self.position
         self.slots[i].use_count += 1
 
     def evict(self, i: int) -> None:
@@ -121,33 +149,65 @@ class ReferenceCache:
         self.slots[i] = Slot()
 
     # -- the runtime's operations ----------------------------------------------------------------
-    def prefetch(self, plan: list[tuple[int, int, float]]) -> None:
-        wanted = {(l, e) for l, e, _ in plan}
-        for s in self.slots:
-            s.plan_priority = 0.0
+    def prefetch(self, entries: Sequence[tuple[int, int, float]]) -> None:
+        """``ExpertCache.prefetch``: sure entries, no next-use tables."""
+        self.apply([(layer, expert, due, True) for layer, expert, due in entries])
+
+    def apply(
+        self,
+        entries: Sequence[tuple[int, int, float, bool]],
+        next_use: np.ndarray | None = None,
+        following_use: np.ndarray | None = None,
+        now: float = -math.inf,
+    ) -> None:
+        """``ExpertCache.apply``: entries ``(layer, expert, due, sure)`` in plan order."""
+        # A queued prefetch the new plan does not name is not worth its bytes.
+        wanted = {(layer, expert) for layer, expert, _, _ in entries}
         for i, s in enumerate(self.slots):
-            if not s.empty and (s.layer, s.expert) not in wanted and s.queued:
+            if not s.empty and s.pin_count == 0 and s.queued and (s.layer, s.expert) not in wanted:
                 self.stats["cancelled_prefetches"] += 1
                 self.slots[i] = Slot()
-        for layer, expert, p in sorted(plan, key=lambda item: -item[2]):
+        has_tables = next_use is not None
+        if has_tables:
+            self.next_use, self.following_use, self.now = np.asarray(next_use), np.asarray(following_use), now
+        for s in self.slots:
+            s.planned = False
+            if has_tables and not s.empty:
+                self.predict(s)
+        idle = self.link_idle()
+        for layer, expert, due, sure in entries:
             i = self.find(layer, expert)
             if i >= 0:
-                self.slots[i].plan_priority = max(self.slots[i].plan_priority, p)
+                self.slots[i].planned = True
+                if not has_tables:
+                    self.slots[i].next_use = due
                 continue
-            i = self.pick(layer, p)
+            if not sure and not idle:
+                continue
+            i = self.pick(layer, due, prefetch=True)
             if i < 0:
+                if self.by_next_use:
+                    break  # later entries are due later still: nothing frees up for them
+                continue
+            v = self.slots[i]
+            # Conservative admission: never evict an expert needed before the one replacing it.
+            if self.by_next_use and not v.empty and not v.next_use > due:
+                break
+            # A guess takes only a free slot or an expert no forecast expects again.
+            if not sure and not v.empty and v.next_use_after(due) != NEVER:
                 continue
             self.evict(i)
             self.assign(i, layer, expert)
-            self.slots[i].plan_priority = p
-            self.slots[i].prefetched_unused = True
-            self.slots[i].queued = True
+            s = self.slots[i]
+            s.planned = s.prefetched_unused = s.queued = True
+            if not has_tables:
+                s.next_use = due
             self.stats["prefetches"] += 1
+            idle = False
 
     def acquire(self, layer: int, experts: list[int]) -> list[int]:
         if len(experts) > len(self.slots):
             raise ReferenceError_("capacity")
-        self.advance(layer)
         slots = [self.find(layer, e) for e in experts]
         for i in slots:
             if i >= 0:
@@ -156,8 +216,9 @@ class ReferenceCache:
         for k, e in enumerate(experts):
             if slots[k] >= 0:
                 continue
-            i = self.pick(layer, math.inf)
+            i = self.pick(layer, self.now, prefetch=False)
             if i < 0:
+                # Undo the pins and the loads; the evictions already made stay made.
                 for j in slots:
                     if j >= 0:
                         self.slots[j].pin_count -= 1
@@ -177,14 +238,10 @@ class ReferenceCache:
                 self.stats["hits"] += 1
                 if s.prefetched_unused:
                     self.stats["prefetch_hits"] += 1
-            s.queued = False  # demand-loaded or promoted
+            s.queued = False  # demand-loaded, or a queued prefetch promoted to a demand load
             s.prefetched_unused = False
             self.touch(i)
         self.stats["accesses"] += len(experts)
-        if self.policy in ("lru_with_correction", "expertflow"):
-            for i, s in enumerate(self.slots):
-                if s.layer == layer and s.plan_priority > 0 and i not in slots:
-                    s.plan_priority = 0.0
         return slots
 
     def release(self, layer: int, experts: list[int]) -> None:

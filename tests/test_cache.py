@@ -1,9 +1,11 @@
 """ExpertCache: acquire / prefetch / release behaviour, statistics and every documented error."""
 
+import numpy as np
 import pytest
 import torch
 
 import expertflow as ef
+from expertflow.planner import Plan
 
 from conftest import make_filled_pool
 
@@ -68,16 +70,18 @@ def test_pinned_slots_are_never_evicted():
 
 def test_prefetch_then_hit_counts_prefetch_hits_and_waste():
     pool = make_filled_pool("host")
-    with ef.ExpertCache(pool, num_slots=4, policy="lru_with_correction") as cache:
-        cache.prefetch([(0, 1, 2.0), (0, 2, 1.0), (1, 3, 1.0)])
+    with ef.ExpertCache(pool, num_slots=4, policy="lru") as cache:
+        cache.prefetch([(0, 1, 0.0), (0, 2, 0.0), (1, 3, 1.0)])
         cache.synchronize()
         assert cache.stats()["prefetch_bytes"] == 3 * pool.expert_bytes(0)
-        weights = cache.acquire(0, [1])  # layer 0's router asked for 1 only: 2 is demoted
+        weights = cache.acquire(0, [1])  # layer 0's router asked for 1 only: 2 was a wrong guess
         assert_expert(weights[0], pool, 0, 1)
         cache.release(0, [1])
         table = {(s["layer"], s["expert"]): s for s in cache.slot_table()}
-        assert table[(0, 2)]["plan_priority"] == 0 and table[(1, 3)]["plan_priority"] == 1.0
-        cache.acquire(2, [4, 5])  # fills the empty slot, then evicts the demoted wrong prefetch (0, 2)
+        # An acquire changes no plan: 2 stays planned, and unused.
+        assert table[(0, 2)]["planned"] and table[(0, 2)]["prefetched_unused"]
+        assert table[(0, 1)]["planned"] and not table[(0, 1)]["prefetched_unused"]
+        cache.acquire(2, [4, 5])  # fills the empty slot, then evicts the least recent: the unused (0, 2)
         cache.release(2, [4, 5])
         s = cache.stats()
         assert (s["prefetches"], s["prefetch_hits"], s["wasted_prefetches"], s["hits"], s["misses"]) == (3, 1, 1, 1, 2)
@@ -109,12 +113,74 @@ def test_acquire_promotes_a_queued_prefetch():
         assert (s["hits"], s["prefetch_hits"], s["demand_bytes"]) == (1, 1, pool.expert_bytes(2))
 
 
-def test_prefetch_never_evicts_higher_priority():
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_recency_prefetch_evicts_only_unplanned_experts(policy):
     pool = make_filled_pool("host")
-    with ef.ExpertCache(pool, num_slots=2, policy="lru") as cache:
-        cache.prefetch([(0, 0, 3.0), (0, 1, 2.0), (0, 2, 1.0)])
+    with ef.ExpertCache(pool, num_slots=2, policy=policy) as cache:
+        cache.acquire(1, [5])
+        cache.release(1, [5])
+        # (0, 0) takes the empty slot, (0, 1) evicts the unplanned (1, 5), and (0, 2) finds every
+        # slot named by the plan: a plan never evicts its own experts under lru and lfu.
+        cache.prefetch([(0, 0, 1.0), (0, 1, 2.0), (0, 2, 3.0)])
         cache.synchronize()
         assert {(t["layer"], t["expert"]) for t in cache.slot_table()} == {(0, 0), (0, 1)}
+        s = cache.stats()
+        assert (s["prefetches"], s["evictions"]) == (2, 1)
+
+
+def test_expertflow_prefetch_evicts_only_what_is_not_needed_before_it():
+    """Conservative admission (cache.h): a prefetch due at t evicts the expert whose next use, as seen
+    from t, is farthest, and only when that expert is not needed before t."""
+    pool = make_filled_pool("host")
+    a, b, c = 0, 1, 2  # experts of layer 0
+
+    def plan(c_due: float) -> Plan:
+        next_use = np.full((pool.num_layers, 6), np.inf)
+        following_use = np.full_like(next_use, np.inf)
+        next_use[0, a] = 5.0
+        next_use[0, b], following_use[0, b] = 3.0, 4.0
+        next_use[0, c] = c_due
+        return Plan(np.array([0], np.int32), np.array([c], np.int32), np.array([c_due]), next_use, following_use)
+
+    with ef.ExpertCache(pool, num_slots=2, policy="expertflow") as cache:
+        cache.pause_prefetch()  # C's copy stays queued: no copy races the checks below
+        for e in (a, b):
+            cache.acquire(0, [e])
+            cache.release(0, [e])
+        cache.apply(plan(6.0))  # A (at 5) and B (at 3 and 4) are both needed before 6: refused
+        table = cache.slot_table()
+        assert [(t["layer"], t["expert"], t["next_use"]) for t in table] == [(0, a, 5.0), (0, b, 3.0)]
+        assert cache.stats()["prefetches"] == 0
+        cache.apply(plan(4.0))  # seen from 4, A (at 5) comes last and after C: A makes room
+        table = cache.slot_table()
+        assert [(t["layer"], t["expert"], t["planned"], t["prefetched_unused"]) for t in table] == [
+            (0, c, True, True),
+            (0, b, False, False),
+        ]
+        s = cache.stats()
+        assert (s["prefetches"], s["evictions"], s["cancelled_prefetches"]) == (1, 1, 0)
+        cache.resume_prefetch()
+        cache.synchronize()
+        (weights,) = cache.acquire(0, [c])
+        assert_expert(weights, pool, 0, c)
+        cache.release(0, [c])
+        assert cache.stats()["prefetch_hits"] == 1
+
+
+@pytest.mark.parametrize("backend_name", ["host", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_plan_may_evict_what_it_loaded(backend_name):
+    """Entries out of due order: the last one evicts an expert the same plan loaded; that copy, queued
+    at once, is cancelled, never queued twice into one slot (found by the state machine)."""
+    pool = make_filled_pool(backend_name)
+    with ef.ExpertCache(pool, num_slots=2, policy="expertflow") as cache:
+        cache.pause_prefetch()
+        cache.prefetch([(0, 0, 1.0), (0, 1, 1.0), (0, 2, 0.0)])
+        s = cache.stats()
+        assert s["prefetches"] == 3 and s["cancelled_prefetches"] == 1
+        cache.resume_prefetch()
+        (w,) = cache.acquire(0, [2])
+        assert torch.equal(w["w1"].cpu(), pool.expert(0, 2)["w1"])
+        cache.release(0, [2])
 
 
 def test_layer_quotas_steer_eviction():
@@ -160,8 +226,13 @@ def test_errors_reach_python_with_file_and_line():
         cache.acquire(1, [6])
     with pytest.raises(ef.ExpertFlowError, match="unknown layer 3"):
         cache.prefetch([(3, 0, 1.0)])
-    with pytest.raises(ef.ExpertFlowError, match="priorities must be finite and > 0"):
-        cache.prefetch([(0, 0, 0.0)])
+    with pytest.raises(ef.ExpertFlowError, match="the due position of layer 0 expert 0 is NaN"):
+        cache.prefetch([(0, 0, float("nan"))])
+    no_entries = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0))
+    with pytest.raises(ef.ExpertFlowError, match="next-use tables have rows of 5 experts but a layer has 6"):
+        cache.apply(Plan(*no_entries, np.zeros((3, 5)), np.zeros((3, 5))))
+    with pytest.raises(ef.ExpertFlowError, match="give both next-use tables or neither"):
+        cache.apply(Plan(*no_entries, np.zeros((3, 6))))
     with pytest.raises(ef.ExpertFlowError, match="lists an expert twice"):
         cache.acquire(0, [1, 1])
     cache.acquire(0, [1])
@@ -173,7 +244,7 @@ def test_errors_reach_python_with_file_and_line():
     cache.close()
     cache.close()  # idempotent
     for call in (lambda: cache.acquire(0, [0]), lambda: cache.release(0, [0]), lambda: cache.prefetch([]),
-                 cache.stats, cache.synchronize, lambda: cache.set_layer_quotas([])):
+                 lambda: cache.apply(Plan(*no_entries)), cache.stats, cache.synchronize, lambda: cache.set_layer_quotas([])):
         with pytest.raises(ef.ExpertFlowError, match="expert cache is closed"):
             call()
     with pytest.raises(ef.ExpertFlowError, match=r"csrc/runtime.cpp:\d+: the expert cache is closed"):

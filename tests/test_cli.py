@@ -76,12 +76,23 @@ def test_generate_prints_text_and_summary(capsys):
     assert out[-1].startswith("8 tokens in ") and "policy expertflow, 32 slots" in out[-1]
 
 
-def test_bench_every_policy_same_tokens(capsys):
-    rows = run_json(capsys, "bench", "--prompt", "ROMEO:", "--max-new-tokens", "12", "--expert-slots", "25%", "--json")
-    assert [r["policy"] for r in rows] == ["all_gpu", "lru", "next_layers", "gate_ahead", "lru_with_correction", "expertflow"]
-    assert all(r["same_tokens_as_first"] for r in rows)
-    assert rows[0]["hit_ratio"] == 1.0 and rows[0]["bytes_copied"] == 0
-    assert all(r["bytes_copied"] > 0 for r in rows[1:])
-    assert main(["bench", "--prompt", "ROMEO:", "--max-new-tokens", "4", "--expert-slots", "25%", "--policies", "lru,gate_ahead"]) == 0
+def test_bench_every_policy_same_tokens(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_json(capsys, "bench", "--prompt", "ROMEO:", "--max-new-tokens", "12", "--slots", "25%", "--json",
+                      "--out", str(out))
+    rows = result["rows"]
+    assert [(r["policy"], r["predictor"]) for r in rows] == [
+        ("all_gpu", None), ("lru", None), ("next_layers", None), ("gate_ahead", "router"),
+        ("expertflow", "history+router"), ("expertflow", "tiny-mixtral-predictor.safetensors+router")]
+    assert all(r["same_tokens_as_all_gpu"] for r in rows)
+    assert rows[0]["hit_ratio"] == 1.0 and rows[0]["bytes_per_token"] == 0 and rows[0]["x_bound"] == 1.0
+    assert all(r["bytes_per_token"] > 0 and r["bound_ms"] > 0 for r in rows[1:])
+    assert all(r["bytes_per_token"] >= r["belady_bytes_per_token"] * 0.5 for r in rows[1:])
+    assert json.loads(out.read_text())["rows"] == rows and out.with_suffix(".png").stat().st_size > 10_000
+    assert main(["bench", "--prompt", "ROMEO:", "--max-new-tokens", "4", "--slots", "25%", "--policies", "lru,gate_ahead"]) == 0
     table = capsys.readouterr().out
-    assert "tokens/s" in table and "gate_ahead" in table and "NO" not in table
+    assert "ms/token" in table and "gate_ahead" in table and "NO" not in table
+    assert main(["bench", "--policies", "lru,mru"]) == 2
+    assert "unknown policy 'mru'" in capsys.readouterr().err
+    assert main(["bench", "--routing", "trace:/nonexistent.jsonl"]) == 2
+    assert "does not exist" in capsys.readouterr().err

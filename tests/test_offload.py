@@ -76,3 +76,51 @@ def reference_experts(model) -> int:
     from moe_models import expert_bytes
 
     return expert_bytes(model)[2]
+
+
+def reference_moe(hidden, routing, weights, experts_of, act):
+    """transformers' eager experts loop, written out: for each expert in ascending order, its tokens'
+    SwiGLU output times their routing weight, accumulated in token order."""
+    out = torch.zeros_like(hidden)
+    for e in sorted(set(routing.flatten().tolist())):
+        for t in range(hidden.shape[0]):
+            for r in range(routing.shape[1]):
+                if routing[t, r] == e:
+                    gate_up, down = experts_of(e)
+                    g, u = (hidden[t] @ gate_up.T).chunk(2)
+                    out[t] += ((act(g) * u) @ down.T) * weights[t, r]
+    return out
+
+
+@pytest.mark.parametrize("num_tokens,num_slots", [(1, 2), (7, 3), (33, 16)])
+def test_run_layer_groups_tokens_like_the_reference(checkpoints, num_tokens, num_slots):
+    """Odd token counts, batches needing more experts than slots (waves), every token once."""
+    reference, folder = checkpoints[("mixtral", "fused")]
+    model = ef.from_pretrained(folder, policy="lru", expert_slots=num_slots, headroom=0, progress=False)
+    try:
+        engine = model.expertflow
+        layer = engine.layers[1]
+        g = torch.Generator().manual_seed(num_tokens)
+        hidden = torch.randn(num_tokens, reference.config.hidden_size, generator=g)
+        routing = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(num_tokens)])
+        weights = torch.rand(num_tokens, 2, generator=g)
+        got = layer.module(hidden, routing, weights)
+        experts = reference.model.layers[1].mlp.experts
+        want = reference_moe(hidden, routing, weights, lambda e: (experts.gate_up_proj[e], experts.down_proj[e]),
+                             torch.nn.functional.silu)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert engine.host_transfers == 1
+    finally:
+        model.expertflow.close()
+
+
+@pytest.mark.parametrize("policy", ["lru", "expertflow"])
+def test_one_routing_transfer_per_layer_visit(checkpoints, policy):
+    reference, folder = checkpoints[("qwen3_moe", "fused")]
+    model = ef.from_pretrained(folder, policy=policy, gpu_memory=quarter_budget(reference), headroom=0, progress=False)
+    try:
+        generate(model, PROMPT)
+        # NEW_TOKENS forward passes (the prefill and NEW_TOKENS - 1 decode steps), each visiting every layer once.
+        assert model.expertflow.host_transfers == NEW_TOKENS * model.expertflow.num_layers
+    finally:
+        model.expertflow.close()

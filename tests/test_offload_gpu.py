@@ -44,3 +44,47 @@ def test_bf16_same_tokens_on_gpu(bf16_checkpoints, arch, policy):
             assert offloaded.expertflow.stats()["misses"] > 0
     finally:
         offloaded.expertflow.close()
+
+
+def count_syncs(fn) -> int:
+    """Synchronising CUDA calls torch makes while ``fn`` runs (its sync debug mode warns on each)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("policy", ["all_gpu", "lru", "expertflow"])
+def test_host_syncs_per_forward(bf16_checkpoints, policy, tmp_path):
+    """One sync per MoE layer (its routing transfer) plus, with a step predictor, one per forward."""
+    from expertflow.predictor import PredictorConfig, RoutingPathPredictor
+
+    model, folder = bf16_checkpoints["mixtral"]
+    prompt = PROMPT.cuda()
+    resident = type(model).from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        baseline = count_syncs(lambda: resident(prompt))
+    del resident
+    predictor = None
+    if policy == "expertflow":  # an untrained predictor: its forward and transfer are what is counted
+        c = model.config
+        predictor = RoutingPathPredictor(PredictorConfig(c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok,
+                                                         c.hidden_size))
+    offloaded = ef.from_pretrained(folder, gpu_memory=quarter_budget(model), headroom=0, policy=policy, progress=False,
+                                   predictor=predictor)
+    try:
+        engine = offloaded.expertflow
+        with torch.no_grad():
+            offloaded(prompt)  # warm-up
+            got = count_syncs(lambda: offloaded(prompt))
+        extra = engine.num_layers + (1 if policy == "expertflow" else 0)
+        assert got <= baseline + extra, f"{got} syncs, transformers makes {baseline}; at most {extra} more expected"
+    finally:
+        offloaded.expertflow.close()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from expertflow.cli import main
-from expertflow.replay import parse_capacity, replay
+from expertflow.planner import Forecast
+from expertflow.replay import bound, parse_capacity, replay
 from expertflow.traces import read_trace, synthetic_trace, write_jsonl_trace
 
 from conftest import GPT_OSS_TRACE, MIXTRAL_TRACE, require_shared
@@ -90,10 +92,10 @@ def test_replay_matches_reference_per_layer(policy, capacity):
 @pytest.mark.parametrize("capacity", [2, 7, 33, 80])
 def test_belady_bounds_every_policy(capacity):
     trace = synthetic_trace(num_layers=8, num_experts=16, top_k=2, num_tokens=100, seed=1)
-    results = {p: replay(trace, capacity, p) for p in ("lru", "lfu", "lru_with_correction", "belady")}
+    results = {p: replay(trace, capacity, p) for p in ("lru", "lfu", "belady", "expertflow")}
     assert (results["belady"].hits, results["belady"].misses) == reference_replay(trace, capacity, "belady")
-    for r in results.values():
-        assert results["belady"].misses <= r.misses
+    for r in results.values():  # no policy loads fewer experts than Belady's demand paging
+        assert results["belady"].misses <= r.misses + r.prefetches
         assert r.hits + r.misses == trace.num_accesses
 
 
@@ -103,6 +105,10 @@ def test_capacity_below_one_layer_is_an_error():
         replay(trace, 2, "lru")
     with pytest.raises(ValueError, match="unknown replay policy 'mru'"):
         replay(trace, 4, "mru")
+    with pytest.raises(ValueError, match="gate_ahead replays need gate-ahead picks"):
+        replay(trace, 4, "gate_ahead")
+    with pytest.raises(ValueError, match="unknown predictor 'psychic'"):
+        replay(trace, 4, "expertflow", predictor="psychic")
 
 
 def test_cli_json_and_table(tmp_path, capsys):
@@ -117,7 +123,7 @@ def test_cli_json_and_table(tmp_path, capsys):
     assert out["hit_ratio"] == pytest.approx(out["hits"] / out["accesses"])
     assert main(["replay", "--trace", str(path), "--capacity", "4,16", "--policy", "lru,belady"]) == 0
     table = capsys.readouterr().out
-    assert "lru" in table and "belady" in table and "demand misses" in table
+    assert "lru" in table and "belady" in table and "demand misses" in table and "bound s" in table
     assert main(["replay", "--trace", str(path), "--capacity", "1", "--policy", "lru"]) == 2
     assert "below the 2 experts" in capsys.readouterr().err
     assert main(["replay", "--trace", str(tmp_path / "missing.jsonl"), "--capacity", "4"]) == 2
@@ -131,64 +137,128 @@ def test_cli_reports_bytes_for_sized_traces(capsys):
     assert out["bytes"] == out["misses"] * 13219200
 
 
+# -- the expertflow policy against LRU, Belady and the bound -----------------------------------------
+
+MIXTRAL_EXPERT_BYTES = 352321536  # one bf16 expert of Mixtral-8x7B; its trace gives no sizes
+SIZED = dict(expert_bytes=MIXTRAL_EXPERT_BYTES, compute_ms_per_layer=0.5)
+
+
+def synthetic():
+    return synthetic_trace(num_layers=32, num_experts=8, top_k=2, num_tokens=160, seed=0)
+
+
+def floors(trace, share: str, expert_bytes: int | None) -> None:
+    """The issue's replay floors at one capacity: the oracle copies at most 1.10x Belady's bytes and
+    takes at most 1.10x the bound; history is never slower than LRU."""
+    capacity = parse_capacity(share, trace, per_layer=False)
+    kw = dict(expert_bytes=expert_bytes, compute_ms_per_layer=0.5)
+    lru = replay(trace, capacity, "lru", **kw)
+    belady = replay(trace, capacity, "belady", **kw)
+    oracle = replay(trace, capacity, "expertflow", predictor="oracle", **kw)
+    history = replay(trace, capacity, "expertflow", predictor="history", **kw)
+    limit = bound(trace, capacity, **kw)
+    assert limit == max(belady.bytes / 55e9, belady.compute_s)
+    assert oracle.bytes <= 1.10 * belady.bytes, (oracle.bytes, belady.bytes)
+    assert oracle.simulated_time_s <= 1.10 * limit, (oracle.simulated_time_s, limit)
+    assert history.simulated_time_s <= lru.simulated_time_s, (history.simulated_time_s, lru.simulated_time_s)
+    assert history.bytes <= lru.bytes
+    for r in (oracle, history):
+        assert r.hits + r.misses == r.accesses == trace.num_accesses
+        assert r.bytes == r.demand_bytes + r.prefetch_bytes
+
+
+@pytest.mark.parametrize("share", ["10%", "25%"])
+def test_floors_on_a_synthetic_trace(share):
+    floors(synthetic(), share, MIXTRAL_EXPERT_BYTES)
+
+
 @pytest.mark.parametrize("path", shared_traces())
 @pytest.mark.parametrize("share", ["10%", "25%"])
-def test_expertflow_prediction_on_shared_traces(path, share):
-    """history never has more demand misses than LRU (1% slack); oracle at most Belady's."""
+def test_floors_on_shared_traces(path, share):
     trace = read_trace(require_shared(path))
+    floors(trace, share, MIXTRAL_EXPERT_BYTES if path == MIXTRAL_TRACE else None)
+
+
+@pytest.mark.parametrize("share", ["5%", "50%"])
+def test_history_is_never_slower_than_lru(share):
+    trace = synthetic()
     capacity = parse_capacity(share, trace, per_layer=False)
-    lru = replay(trace, capacity, "lru")
-    belady = replay(trace, capacity, "belady")
-    history = replay(trace, capacity, "expertflow", predictor="history")
-    oracle = replay(trace, capacity, "expertflow", predictor="oracle")
-    assert history.demand_misses <= lru.demand_misses * 1.01
-    assert oracle.demand_misses <= belady.demand_misses
-    for r in (history, oracle):
-        assert r.hits + r.misses == r.accesses == trace.num_accesses
-    if path == MIXTRAL_TRACE and share == "10%":
-        # closes at least half of the gap between LRU and Belady
-        assert history.demand_misses <= lru.demand_misses - 0.5 * (lru.demand_misses - belady.demand_misses)
+    lru = replay(trace, capacity, "lru", **SIZED)
+    history = replay(trace, capacity, "expertflow", predictor="history", **SIZED)
+    assert history.simulated_time_s <= lru.simulated_time_s
 
 
-def test_expertflow_eviction_beats_lru_without_prediction():
-    """Layer-sequential access: LRU evicts the layer needed next; expertflow the layer just computed."""
-    from expertflow import replay as R
+class RandomPredictor:
+    """Guesses at random, and sure of it: every forecast expert gets probability 1."""
 
+    name = "random"
+
+    def __init__(self, num_experts: int, top_k: int, seed: int) -> None:
+        self.num_experts, self.top_k = num_experts, top_k
+        self.rng = np.random.default_rng(seed)
+
+    def forecast(self, ctx, previous_path):
+        num_layers = previous_path.shape[1]
+        probs = np.zeros((num_layers, self.num_experts))
+        for layer in range(num_layers):
+            probs[layer, self.rng.choice(self.num_experts, self.top_k, replace=False)] = 1.0
+        return Forecast(probs)
+
+
+@pytest.mark.parametrize("share", ["10%", "25%", "50%"])
+def test_a_random_predictor_copies_no_more_than_lru(share):
+    """Calibration finds the guesses wrong three times in four: they change nothing."""
+    trace = synthetic()
+    capacity = parse_capacity(share, trace, per_layer=False)
+    lru = replay(trace, capacity, "lru", **SIZED)
+    guessing = replay(trace, capacity, "expertflow", predictor=RandomPredictor(8, 2, seed=1), **SIZED)
+    assert guessing.bytes <= lru.bytes
+    assert guessing.prefetches == 0
+
+
+def test_estimate_alone_beats_lru_on_layer_sequential_access():
+    """Without any forecast: LRU evicts the layer needed next; the estimate the layer just computed."""
     trace = synthetic_trace(num_layers=16, num_experts=8, top_k=2, num_tokens=60, seed=4)
-    capacity = 12  # under half a token's path
-    lru = replay(trace, capacity, "lru")
-    planner = R._Planner.prediction
-    try:
-        R._Planner.prediction = lambda self, t, layer, known: []  # no prediction at all
-        blind = replay(trace, capacity, "expertflow")
-    finally:
-        R._Planner.prediction = planner
+    lru = replay(trace, 12, "lru")  # under half a token's path
+    blind = replay(trace, 12, "expertflow", predictor=RandomPredictor(8, 0, seed=0))  # forecasts nothing
     assert blind.prefetches == 0
     assert blind.demand_misses < 0.95 * lru.demand_misses
 
 
-def test_expertflow_oracle_and_time_on_a_sized_trace():
+def test_oracle_copies_overlap_compute():
     trace = synthetic_trace(num_layers=8, num_experts=16, top_k=2, num_tokens=80, seed=2)
-    lru = replay(trace, 8, "lru", expert_bytes=100 << 20, compute_ms_per_layer=2.0)
-    oracle = replay(trace, 8, "expertflow", predictor="oracle", expert_bytes=100 << 20, compute_ms_per_layer=2.0)
-    assert oracle.demand_misses <= replay(trace, 8, "belady").demand_misses
-    assert oracle.wasted_prefetches == 0 and oracle.wasted_prefetch_bytes == 0
-    assert oracle.bytes == (oracle.demand_misses + oracle.prefetches) * (100 << 20)
-    # The oracle's copies overlap compute; LRU's demand misses stall it.
+    kw = dict(expert_bytes=100 << 20, compute_ms_per_layer=2.0)
+    lru = replay(trace, 8, "lru", **kw)
+    oracle = replay(trace, 8, "expertflow", predictor="oracle", **kw)
+    assert oracle.wasted_prefetches == 0 and oracle.cancelled_prefetches == 0
+    assert oracle.demand_misses < 0.25 * lru.demand_misses  # prefetched before needed
+    assert oracle.stall_s < 0.6 * lru.stall_s
     assert oracle.simulated_time_s < lru.simulated_time_s
-    assert lru.simulated_time_s >= lru.misses * (100 << 20) / 55e9
+    assert lru.simulated_time_s == pytest.approx(lru.bytes / 55e9 + lru.compute_s)  # every miss stalls compute
+
+
+def test_noisy_forecasts_and_gate_ahead_replay():
+    trace = synthetic()
+    capacity = parse_capacity("25%", trace, per_layer=False)
+    lru = replay(trace, capacity, "lru", **SIZED)
+    noisy = replay(trace, capacity, "expertflow", predictor="noisy-oracle:0.8", **SIZED)
+    gate = replay(trace, capacity, "gate_ahead", predictor="gate-oracle:0.8", **SIZED)
+    assert noisy.predictor == "noisy-oracle:0.8" and gate.predictor == "gate-oracle:0.8"
+    assert noisy.simulated_time_s < lru.simulated_time_s
+    assert gate.prefetches > 0 and gate.prefetch_hits > 0
 
 
 def test_cli_replay_prediction_json(tmp_path, capsys):
     path = tmp_path / "t.jsonl"
     write_jsonl_trace(synthetic_trace(num_layers=4, num_experts=8, top_k=2, num_tokens=40, seed=3), path)
-    assert main(["replay", "--trace", str(path), "--capacity", "25%", "--policy", "expertflow", "--predictor", "oracle",
-                 "--expert-bytes", "1000000", "--json"]) == 0
+    assert main(["replay", "--trace", str(path), "--capacity", "25%", "--policy", "expertflow", "--predictor",
+                 "history,oracle", "--expert-bytes", "1000000", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert [r["predictor"] for r in out] == ["history", "oracle"]
     for key in ("accesses", "hits", "misses", "hit_ratio", "bytes", "demand_misses", "prefetches",
-                "wasted_prefetch_bytes", "simulated_time_s"):
-        assert key in out
-    assert out["predictor"] == "oracle" and out["demand_misses"] <= 4
+                "wasted_prefetches", "simulated_time_s", "bound_s"):
+        assert key in out[1]
+    assert out[1]["demand_misses"] < out[0]["demand_misses"] / 3
     assert main(["replay", "--trace", str(path), "--capacity", "25%", "--policy", "lru", "--predictor", "oracle"]) == 2
     assert "--predictor applies to --policy expertflow" in capsys.readouterr().err
     assert main(["replay", "--trace", str(path), "--capacity", "25%", "--policy", "expertflow", "--predictor", "nope.pt"]) == 2

@@ -7,6 +7,16 @@
 //   one of its own slots; else an empty slot; else a slot of a layer above its quota; else, for a
 //   layer below its quota, another layer's slot; else any candidate. Quotas steer placement; they
 //   never make a load fail while some candidate exists.
+// - A plan is predicted next uses (integrated prefetching and caching, Cao, Felten, Karlin and Li,
+//   1995). Under the next-use policies a prefetch of X, due at t, evicts the slot whose next use as
+//   seen from t is farthest, and only when that slot is not needed before t: then it is the victim
+//   demand paging under Belady would evict when X is needed, so prefetching moves no more bytes than
+//   demand paging would, it only moves them earlier. When that slot is needed before t, the plan
+//   stops: the next plan, after that use, may go on. Under lru and lfu a prefetch evicts only slots
+//   the plan does not name.
+// - A prefetch that is not sure is admitted only while the link is idle, one at a time, and only into
+//   a free slot or over an expert no forecast expects again: a guess may use a free link and a free
+//   slot, never delay a surer copy or evict something of value.
 // - The cache holds no memory and does no copies: it is pure bookkeeping, shared by the runtime and
 //   by trace replay, and not thread-safe (the runtime serialises access).
 #pragma once
@@ -23,7 +33,26 @@ namespace expertflow {
 struct PlanItem {
   int layer = 0;
   int expert = 0;
-  float priority = 1;  // > 0; higher loads first and is evicted last
+  double due = 0;    // when the expert is needed, in the planner's clock: earlier loads go first
+  bool sure = true;  // false: loaded only while the link is idle
+};
+
+struct Plan {
+  // What to bring in, in the order to consider it (ascending due under the next-use policies).
+  std::vector<PlanItem> prefetch;
+  // Predicted next use of every (layer, expert), at [layer * stride + expert], and of the access after
+  // it. Empty: the previous tables stay, and a prefetched expert's next use is its due.
+  int stride = 0;
+  std::vector<double> next_use;
+  std::vector<double> following_use;
+  // Position of the next access, in the same clock: demand loads until the next plan are due then,
+  // so an expert forecast for that access but not asked for ranks by its use after it.
+  double now = kDueNow;
+};
+
+struct PlanLoad {
+  int slot = -1;
+  double due = 0;
 };
 
 // What one layer's demand-paging access did (trace replay).
@@ -36,8 +65,7 @@ struct AccessResult {
 
 class SlotCache {
  public:
-  // num_layers (0: unknown) lets the expertflow policy place layers in their cyclic order.
-  SlotCache(int num_slots, Policy policy, int num_layers = 0);
+  SlotCache(int num_slots, Policy policy);
 
   int num_slots() const { return static_cast<int>(slots_.size()); }
   Policy policy() const { return policy_; }
@@ -47,39 +75,33 @@ class SlotCache {
   int find(int layer, int expert) const;  // -1 when not resident
   int layer_count(int layer) const;
 
-  // A slot to load an expert of `layer` into, or -1 when none may be taken. Candidates are unpinned
-  // and have plan priority below `below_priority`.
-  int pick_slot(int layer, float below_priority) const;
+  // A slot to load an expert of `layer` into, due at `due` (demand_due(): a demand load), or -1 when
+  // none may be taken. Candidates are unpinned; a prefetch under lru or lfu also spares planned slots.
+  int pick_slot(int layer, double due, bool prefetch) const;
 
-  void assign(int slot, int layer, int expert);  // replaces the occupant; resets use metadata
+  double demand_due() const { return now_; }     // the latest plan's `now`
+  void assign(int slot, int layer, int expert);  // replaces the occupant; next uses from the tables
   void clear(int slot);
   void touch(int slot);                          // an access: recency and frequency
   void pin(int slot);
   void unpin(int slot);                          // throws when not pinned
-  void set_plan_priority(int slot, float priority);
-  void clear_plan_priorities();
-  void set_next_use(int slot, uint64_t position);
   void set_prefetched_unused(int slot, bool value);
-  // Compute moves to `layer`: a layer at or below the current one starts the next token.
-  void advance(int layer);
-  const VictimContext& context() const { return context_; }
-  // Applies a plan, highest priority first: a resident entry's priority rises to the plan's (its slot
-  // is appended to `raised`); an absent one takes a slot of lower priority, after before_load(slot)
-  // has run for the slot's previous occupant. Returns the slots loaded, in plan order.
-  std::vector<int> apply_plan(const std::vector<PlanItem>& plan, const std::function<void(int)>& before_load,
-                              std::vector<int>* raised = nullptr);
-  // The router of `layer` has spoken: its planned experts that it did not ask for drop to priority 0.
-  // Returns the slots demoted.
-  std::vector<int> demote_unrequested(int layer, const std::vector<int>& requested_slots);
+  // Applies a plan (see the invariants): runs before_load(slot) for each slot about to be reused and
+  // after_load for each load as soon as it is chosen (so a later entry that evicts it finds its copy
+  // queued), and returns the loads in plan order. `planned` receives the plan's entries that were
+  // already resident. `link_idle`: no copy is queued or in flight.
+  std::vector<PlanLoad> apply_plan(const Plan& plan, const std::function<void(int)>& before_load,
+                                   const std::function<void(const PlanLoad&)>& after_load = nullptr,
+                                   std::vector<PlanLoad>* planned = nullptr, bool link_idle = false);
   // quotas[l] >= 0 caps layer l; -1 or a missing entry leaves it uncapped; empty clears all quotas.
   void set_layer_quotas(std::vector<int> quotas);
   const std::vector<int>& layer_quotas() const { return quotas_; }
 
   // One layer of demand paging (trace replay): every listed expert is accessed in order, loading
   // misses; the layer's resident experts are pinned for the duration, so victims are never needed by
-  // this layer. next_uses (may be null) gives each access's next-use position, for belady.
+  // this layer. next_uses (may be null) gives each access's next-use position (belady).
   // Throws when the cache cannot hold the layer's experts.
-  AccessResult access(int layer, const std::vector<int>& experts, const std::vector<uint64_t>* next_uses);
+  AccessResult access(int layer, const std::vector<int>& experts, const std::vector<double>* next_uses);
 
  private:
   static uint64_t key(int layer, int expert) {
@@ -87,6 +109,7 @@ class SlotCache {
   }
   void check_slot(int slot) const;
   int quota(int layer) const;
+  void predict(SlotMeta& m) const;  // next uses of m's expert from the tables, when set
 
   Policy policy_;
   std::vector<SlotMeta> slots_;
@@ -94,7 +117,10 @@ class SlotCache {
   std::unordered_map<int, int> layer_counts_;
   std::vector<int> quotas_;
   uint64_t clock_ = 0;
-  VictimContext context_;
+  int stride_ = 0;
+  double now_ = kDueNow;
+  std::vector<double> next_use_;
+  std::vector<double> following_use_;
 };
 
 }  // namespace expertflow

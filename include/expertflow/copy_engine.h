@@ -2,7 +2,8 @@
 //
 // Invariants:
 // - Demand loads are submitted at once, from the caller's thread, on the demand stream. Prefetches wait
-//   in a host-side queue ordered by priority (then arrival) and a dispatcher thread submits them in
+//   in a host-side queue ordered by due position (the earliest needed first, then arrival) and a
+//   dispatcher thread submits them in
 //   chunks of chunk_bytes on the prefetch stream, with at most max_chunks_in_flight chunks unfinished
 //   and none while a demand load is unfinished. Stream priority does not reorder host-to-device copies
 //   on the GPU (measured on the H200), so this host-side throttle is what lets a demand load overtake a
@@ -55,9 +56,10 @@ class CopyEngine {
   CopyEngine(const CopyEngine&) = delete;
   CopyEngine& operator=(const CopyEngine&) = delete;
 
-  // Queues a copy of `bytes` from src to dst for `slot`. The slot must have no unfinished job.
-  void prefetch(int slot, const void* src, void* dst, size_t bytes, float priority);
-  void set_priority(int slot, float priority);  // no-op unless the slot's job is queued
+  // Queues a copy of `bytes` from src to dst for `slot`, needed at `due` (any monotone clock; earlier
+  // dues go first). The slot must have no unfinished job.
+  void prefetch(int slot, const void* src, void* dst, size_t bytes, double due);
+  void set_due(int slot, double due);  // no-op unless the slot's job is queued
   bool cancel(int slot);                        // drops an unsubmitted job (or its rest); false if none
   JobState job_state(int slot);
   // Copies now on the demand stream. The slot must have no unfinished job.
@@ -69,6 +71,8 @@ class CopyEngine {
   bool wait_ready(int slot, Stream compute);
   // True when the slot's bytes have landed (never blocks).
   bool is_ready(int slot);
+  // True when no prefetch is queued or being submitted and no copy is in flight (never blocks).
+  bool idle();
   // Compute on `compute` stops reading the slot once it reaches this point.
   void release(int slot, Stream compute);
 
@@ -90,7 +94,7 @@ class CopyEngine {
     uint8_t* dst = nullptr;
     size_t bytes = 0;
     size_t submitted = 0;
-    float priority = 0;
+    double due = 0;
     uint64_t sequence = 0;
     JobState state = JobState::kNone;
   };
@@ -98,9 +102,9 @@ class CopyEngine {
     Event start;
     Event end;
   };
-  using QueueKey = std::tuple<float, uint64_t, int>;  // (-priority, arrival, slot)
+  using QueueKey = std::tuple<double, uint64_t, int>;  // (due, arrival, slot)
 
-  Job& new_job_locked(int slot, const void* src, void* dst, size_t bytes, float priority);
+  Job& new_job_locked(int slot, const void* src, void* dst, size_t bytes, double due);
   void run_dispatcher();
   void submit_chunk_locked();
   bool demand_outstanding_locked();

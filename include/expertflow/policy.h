@@ -1,17 +1,16 @@
 // Victim choice, as pure functions of slot metadata. No state lives here.
 //
 // Invariants:
-// - A policy only orders candidates; which slots are candidates (unpinned, priority, quota) is the
+// - A policy only orders candidates; which slots are candidates (unpinned, quota, planned) is the
 //   cache's decision. Every ordering ends with the slot index, so choices are deterministic.
 // - lru: least recently used. lfu: fewest uses since loaded, then least recent.
-//   lru_with_correction: lowest plan priority (wrong prefetches are demoted to 0), then least recent.
-//   belady: farthest next use (never again first), then least recent: the offline optimum for replay.
-//   expertflow: lowest plan priority, then farthest *estimated* next use. Layers run in order, so an
-//   expert's next chance of use is its layer's next turn; it is expected later the more turns it has
-//   sat unused since its last use: estimate = next turn of its layer - position of its last use
-//   (positions count layer visits). Ties: the later next turn first (the layer just computed), then
-//   least recent. With no plan this beats LRU on layer-sequential access, where LRU evicts exactly
-//   the layer needed next.
+// - belady and expertflow order by next use: the slot whose next access comes farthest ahead goes
+//   first (never again before all), then least recent. belady's next uses are the true ones (trace
+//   replay); expertflow's are the planner's predictions. Positions are any monotone clock the caller
+//   keeps (the planner counts layer visits).
+// - For a load due at position `due`, a slot used before `due` is ranked by the access after that
+//   one (following_use): that is the slot's next use as seen from `due`. With due = -inf (a demand
+//   load) the ranking is by next_use alone.
 #pragma once
 
 #include <cstdint>
@@ -21,43 +20,37 @@
 
 namespace expertflow {
 
-enum class Policy { kLru, kLfu, kLruWithCorrection, kBelady, kExpertflow };
+enum class Policy { kLru, kLfu, kBelady, kExpertflow };
 
 Policy parse_policy(const std::string& name);  // throws, listing the valid names
 std::string policy_name(Policy policy);
+// True for the policies that evict by next use (and admit prefetches by it).
+bool orders_by_next_use(Policy policy);
 
-constexpr uint64_t kNeverUsedAgain = std::numeric_limits<uint64_t>::max();
+constexpr double kNeverUsed = std::numeric_limits<double>::infinity();
+constexpr double kDueNow = -std::numeric_limits<double>::infinity();
 
 struct SlotMeta {
-  int layer = -1;           // -1: empty
+  int layer = -1;                       // -1: empty
   int expert = -1;
-  int pin_count = 0;        // > 0 while compute may read the slot
-  float plan_priority = 0;  // set by the latest prefetch plan; 0 = not wanted by it
-  uint64_t last_use = 0;    // recency clock of the last access or load
-  uint64_t use_count = 0;   // accesses since loaded
-  uint64_t next_use = kNeverUsedAgain;  // belady only: position of the next access
+  int pin_count = 0;                    // > 0 while compute may read the slot
+  bool planned = false;                 // named by the latest plan's prefetch list
   bool prefetched_unused = false;       // loaded by a prefetch and not acquired since
-  uint64_t last_position = 0;           // layer-visit position of the last access or load
+  uint64_t last_use = 0;                // recency clock of the last access or load
+  uint64_t use_count = 0;               // accesses since loaded
+  double next_use = kNeverUsed;         // position of the next access (belady: true; expertflow: predicted)
+  double following_use = kNeverUsed;    // position of the access after that one (expertflow)
 
   bool empty() const { return layer < 0; }
+  // The next use as seen from a load due at `due`.
+  double next_use_after(double due) const { return next_use > due ? next_use : following_use; }
 };
 
-// Where compute is: position counts layer visits (token * num_layers + layer). Used by expertflow.
-struct VictimContext {
-  uint64_t position = 0;
-  int current_layer = 0;
-  int num_layers = 0;  // 0: unknown; expertflow then orders like lru_with_correction
-
-  // Position of the next visit of `layer` strictly after now.
-  uint64_t next_turn(int layer) const;
-};
-
-// True when slot a should be evicted before slot b under `policy`.
-bool evict_before(Policy policy, const SlotMeta& a, int a_index, const SlotMeta& b, int b_index,
-                  const VictimContext& context = {});
+// True when slot a should be evicted before slot b under `policy`, for a load due at `due`.
+bool evict_before(Policy policy, const SlotMeta& a, int a_index, const SlotMeta& b, int b_index, double due = kDueNow);
 
 // Index (into `slots`) of the victim among `candidates`, or -1 when there are none.
 int choose_victim(Policy policy, const std::vector<SlotMeta>& slots, const std::vector<int>& candidates,
-                  const VictimContext& context = {});
+                  double due = kDueNow);
 
 }  // namespace expertflow

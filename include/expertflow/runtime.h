@@ -5,12 +5,9 @@
 // - acquire() pins the requested experts before loading any miss, so one call never evicts its own
 //   experts; it returns only after every returned slot is either landed or awaited by `compute`.
 // - A pinned slot is never evicted or overwritten; release() unpins and records the free event.
-// - prefetch(plan) replaces the previous plan: plan priorities are reset, unfinished prefetches the
-//   new plan does not name are cancelled, and a prefetch only evicts slots of lower plan priority.
-// - lru_with_correction and expertflow demote a layer's planned-but-unrequested experts to priority 0
-//   when that layer's experts are acquired: its router has spoken, so those prefetches were wrong.
-// - acquire(layer) tells the cache where compute is (a layer at or below the last one starts the next
-//   token), which the expertflow policy uses to estimate next uses.
+// - apply_plan(plan) replaces the previous plan: unfinished prefetches the new plan does not name are
+//   cancelled (their slots emptied), named ones that are still queued take the new due, and new ones
+//   are admitted as the cache decides (cache.h) and queued by due.
 // - One mutex serialises cache state; the copy engine's own lock is taken only inside it.
 // - After close() every call throws; the arena lives on while zero-copy views of it exist.
 #pragma once
@@ -30,7 +27,7 @@ namespace expertflow {
 struct RuntimeOptions {
   int num_slots = 0;
   size_t slot_bytes = 0;  // 0: the pool's largest expert
-  std::string policy = "lru_with_correction";
+  std::string policy = "lru";
   CopyEngineOptions copy;
 };
 
@@ -57,7 +54,7 @@ class Runtime {
   Runtime(const Runtime&) = delete;
   Runtime& operator=(const Runtime&) = delete;
 
-  void prefetch(const std::vector<PlanItem>& plan);
+  void apply_plan(const Plan& plan);
   // Slots holding `experts` of `layer`, in order. `compute` will read them (null: see backend.h).
   // With wait=false the caller makes `compute` wait per slot (wait_ready), e.g. hits before misses.
   std::vector<int> acquire(int layer, const std::vector<int>& experts, Stream compute, bool wait = true);

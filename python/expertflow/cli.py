@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .replay import PREDICTORS, REPLAY_POLICIES, ReplayResult, parse_capacity, replay
+from .replay import REPLAY_POLICIES, ReplayResult, bound, parse_capacity, replay
 from .traces import read_trace, synthetic_trace, write_jsonl_trace
 
 log = logging.getLogger("expertflow")
@@ -38,53 +38,76 @@ def _format_bytes(n: int | None) -> str:
     return str(n)
 
 
-def _table(results: list[ReplayResult], capacities: list[str]) -> str:
-    header = ["policy", "capacity", "hit ratio", "demand misses", "prefetches", "wasted", "bytes", "simulated s"]
-    rows = [header]
-    for r, label in zip(results, capacities):
+def _table(rows: list[tuple[str, ReplayResult, float | None]]) -> str:
+    header = ["policy", "capacity", "hit ratio", "demand misses", "prefetches", "wasted", "bytes", "simulated s", "bound s"]
+    table = [header]
+    for label, r, bound_s in rows:
         name = f"{r.policy} ({r.predictor})" if r.predictor else r.policy
         cap = f"{label} ({r.capacity})" if label != str(r.capacity) else label
         time_s = f"{r.simulated_time_s:.2f}" if r.simulated_time_s is not None else "-"
-        rows.append([name, cap, f"{r.hit_ratio:.1%}", str(r.demand_misses), str(r.prefetches), str(r.wasted_prefetches),
-                     _format_bytes(r.bytes), time_s])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+        table.append([name, cap, f"{r.hit_ratio:.1%}", str(r.misses), str(r.prefetches), str(r.wasted_prefetches),
+                      _format_bytes(r.bytes), time_s, f"{bound_s:.2f}" if bound_s is not None else "-"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
+def _replay_forecasts(spec: str, trace_path: str, trace, schedule):
+    """(predictor, gate) for one --predictor entry: a name (replay builds it) or a predictor file."""
+    from .oracles import parse_forecast
+
+    try:
+        parse_forecast(spec)
+        return spec, None
+    except ValueError:
+        if not Path(spec).exists():
+            raise
+    from .predictor import RecordedGate, RoutingPathPredictor
+    from .traces import load_recorded_trace
+
+    if not Path(trace_path).is_dir():
+        raise ValueError("a trained predictor replays traces recorded by `expertflow trace` (they hold its features)")
+    recorded = load_recorded_trace(trace_path)
+    model = RoutingPathPredictor.load(spec, expected_fingerprint=recorded.meta["model"]["fingerprint"])
+    return model.for_replay(recorded, schedule), RecordedGate(recorded, schedule)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
+    from .oracles import TraceSchedule
+
     trace = read_trace(args.trace)
+    if trace.num_tokens == 0:
+        raise ValueError(f"{args.trace} holds no tokens; nothing to replay")
     policies = _split(args.policy)
     for p in policies:
         if p not in REPLAY_POLICIES:
             raise ValueError(f"unknown policy '{p}'; choose from {', '.join(REPLAY_POLICIES)}")
-    predictor = None
-    if args.predictor is not None:
-        if "expertflow" not in policies:
-            raise ValueError("--predictor applies to --policy expertflow")
-        predictor = args.predictor
-        if predictor not in PREDICTORS:
-            from .predictor import RoutingPathPredictor
-            from .traces import load_recorded_trace
-
-            if not Path(args.trace).is_dir():
-                raise ValueError("a trained predictor replays traces recorded by `expertflow trace` (they hold its features)")
-            recorded = load_recorded_trace(args.trace)
-            model = RoutingPathPredictor.load(predictor, expected_fingerprint=recorded.meta["model"]["fingerprint"])
-            predictor = model.for_replay(recorded)
-    results, labels = [], []
+    specs = _split(args.predictor) if args.predictor is not None else []
+    if specs and not any(p in ("expertflow", "gate_ahead") for p in policies):
+        raise ValueError("--predictor applies to --policy expertflow and gate_ahead")
+    schedule = TraceSchedule(trace, trace.num_layers, trace.num_tokens)
+    forecasts = {spec: _replay_forecasts(spec, args.trace, trace, schedule) for spec in specs}
+    rows = []
     for label in _split(args.capacity):
         capacity = parse_capacity(label, trace, args.per_layer)
+        timing = dict(bandwidth_gbps=args.bandwidth_gbps, compute_ms_per_layer=args.compute_ms_per_layer,
+                      expert_bytes=args.expert_bytes)
+        bound_s = bound(trace, capacity, per_layer=args.per_layer, **timing)
         for p in policies:
-            results.append(
-                replay(trace, capacity, p, per_layer=args.per_layer, predictor=predictor if p == "expertflow" else None,
-                       bandwidth_gbps=args.bandwidth_gbps, compute_ms_per_layer=args.compute_ms_per_layer,
-                       expert_bytes=args.expert_bytes)
-            )
-            labels.append(label)
+            runs = specs if p in ("expertflow", "gate_ahead") and specs else [None]
+            for spec in runs:
+                predictor, gate = forecasts[spec] if spec is not None else (None, None)
+                if p == "gate_ahead" and gate is None and (spec is None or not spec.startswith("gate-oracle")):
+                    raise ValueError("gate_ahead replays need gate-ahead picks: --predictor gate-oracle:R, or a predictor "
+                                     "file with a trace recorded by `expertflow trace`")
+                if p == "gate_ahead" and gate is not None:
+                    predictor = None
+                result = replay(trace, capacity, p, per_layer=args.per_layer, predictor=predictor, gate=gate,
+                                schedule=schedule, **timing)
+                rows.append((label, result, bound_s))
     if args.json:
-        out = [r.to_dict() for r in results]
+        out = [{**r.to_dict(), "bound_s": b} for _, r, b in rows]
         print(json.dumps(out[0] if len(out) == 1 else out))
         return 0
     scope = "slots per layer" if args.per_layer else "slots shared by all layers"
@@ -92,7 +115,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"trace {trace.source}: {trace.num_tokens} tokens, {trace.num_layers} layers x {trace.num_experts} experts, "
         f"{trace.num_accesses} expert accesses; capacity in {scope}"
     )
-    print(_table(results, labels))
+    print(_table(rows))
     return 0
 
 
@@ -194,41 +217,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, format_table, plot, run_bench, save
     from .policies import POLICY_NAMES
 
-    policies = _split(args.policies) if args.policies != "all" else list(POLICY_NAMES)
-    tokenizer = _tokenizer(args.model)
-    input_ids = _prompt_ids(args, tokenizer)
-    args.quiet = True
-    logging.getLogger("expertflow").setLevel(logging.WARNING)  # one table, not a load report per policy
-    rows, reference = [], None
-    for policy in policies:
-        model = _load(args, policy)
-        try:
-            _generate(model, input_ids, args)  # warm-up: the first run pays one-time kernel and allocator set-up
-            model.expertflow.reset_stats()
-            new, seconds = _generate(model, input_ids, args)
-            stats = model.expertflow.stats()
-        finally:
-            model.expertflow.close()
-        reference = reference if reference is not None else new
-        rows.append({"policy": policy, "tokens_per_s": len(new) / seconds, "same_tokens_as_first": new == reference, **stats})
+    model = args.model if args.arch is None else None
+    prompt_ids = None
+    if args.arch is None:
+        tokenizer = _tokenizer(model)
+        if args.prompt is not None or args.prompt_ids is not None:
+            prompt_ids = _prompt_ids(args, tokenizer)[0].tolist()
+    elif args.prompt is not None:
+        raise ValueError("--prompt needs a tokenizer; random-weight --arch models take --prompt-len")
+    predictors = _split(args.predictors) if args.predictors else None
+    if predictors is None:
+        bundled = model is not None and Path(model).resolve() == BUNDLED_MODEL
+        predictors = ["history", str(BUNDLED_PREDICTOR)] if bundled else ["history"]
+    cfg = BenchConfig(
+        model=model, arch=args.arch, layers=args.layers, routing=args.routing, batch=args.batch,
+        slots=_split(args.slots), policies=_split(args.policies) if args.policies != "all" else list(POLICY_NAMES),
+        predictors=predictors, gate_accuracy=args.gate_accuracy, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
+        prompt_ids=prompt_ids, transformers=args.arch is not None, accelerate=args.accelerate,
+        progress=not args.json,
+    )
+    result = run_bench(cfg)
+    result["command"] = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("expertflow") else None
+    if args.out:
+        save(result, args.out)
+        plot(result, Path(args.out).with_suffix(".png"))
     if args.json:
-        print(json.dumps(rows))
-        return 0
-    header = ["policy", "tokens/s", "hit ratio", "prefetch hits", "wasted", "copied", "stall ms", f"same tokens as {policies[0]}"]
-    table = [header] + [
-        [r["policy"], f"{r['tokens_per_s']:.1f}", f"{r['hit_ratio']:.1%}", str(r["prefetch_hits"]), str(r["wasted_prefetches"]),
-         _format_bytes(r["bytes_copied"]), f"{r['stall_ms']:.1f}", "yes" if r["same_tokens_as_first"] else "NO"]
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    offloaded = [r for r in rows if r["policy"] != "all_gpu"] or rows
-    print(f"{args.model}: {offloaded[0]['num_slots']} expert slots (all_gpu: every expert), {args.max_new_tokens} new tokens, greedy")
-    for i, row in enumerate(table):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
     return 0
 
 
@@ -306,7 +325,7 @@ def cmd_eval_predictor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    methods = ["predictor", "previous_token", "static", "gate_ahead", "combined"]
+    methods = ["predictor", "previous_token", "static", "gate_ahead"]
     for label in ("recall@k", "recall@2k"):
         print(f"{label} (k = {report['top_k']}, {report['tokens']} tokens)")
         num_layers = len(report[f"predictor/{label}"])
@@ -335,10 +354,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routing-path predictor file for the expertflow policy (the bundled model brings its own)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="every offload policy on one model: tokens/s, hit ratio, bytes copied")
-    _model_args(p)
+    p = sub.add_parser("bench", help="decode speed of every policy at several slot counts, against the bound")
+    p.add_argument("--model", default=str(BUNDLED_MODEL), help="checkpoint folder (default: the bundled tiny Mixtral)")
+    p.add_argument("--arch", default=None, help="instead of --model: random weights at a published model's dimensions "
+                   "(mixtral-8x7b, qwen3-30b-a3b, gpt-oss-120b, deepseek-v2-lite, olmoe-1b-7b)")
+    p.add_argument("--layers", type=int, default=None, help="--arch: keep the first N MoE layers")
+    p.add_argument("--routing", default="live", help="live, or trace:FILE to force every layer's experts from a trace")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (trace: B offsets into the trace)")
+    p.add_argument("--slots", "--expert-slots", dest="slots", default="25%",
+                   help="comma list of slot counts or shares of all experts, e.g. 10%%,25%%,50%%")
     p.add_argument("--policies", default="all", help="comma list, or all")
-    p.add_argument("--predictor", default=None, help="routing-path predictor file for the expertflow policy")
+    p.add_argument("--predictors", default=None,
+                   help="forecasts for expertflow, comma list: history and predictor files (live); history, oracle, "
+                        "noisy-oracle:R, gate-oracle:R (trace)")
+    p.add_argument("--gate-accuracy", type=float, default=0.8, help="trace routing: gate_ahead's emulated accuracy")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text (checkpoints with a tokenizer)")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
+    p.add_argument("--prompt-len", type=int, default=16, help="random prompt length (--arch, or no prompt given)")
+    p.add_argument("--new-tokens", "--max-new-tokens", dest="new_tokens", type=int, default=32)
+    p.add_argument("--accelerate", default=None, help="also run accelerate's device_map offload at this slot share's budget")
+    p.add_argument("--out", default=None, help="write the results as JSON here, and a PNG beside it")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("trace", help="record a model's routing over prompts")
@@ -371,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", required=True, help="slots (e.g. 64) or share of all experts (e.g. 25%%); comma list for a table")
     p.add_argument("--per-layer", action="store_true", help="capacity slots for each layer instead of one shared pool")
     p.add_argument("--policy", default="lru", help=f"{'|'.join(REPLAY_POLICIES)}; comma list for a table")
-    p.add_argument("--predictor", default=None, help="expertflow only: history (default), oracle, or a predictor file")
+    p.add_argument("--predictor", default=None,
+                   help="expertflow and gate_ahead: history (default), oracle, noisy-oracle:R, gate-oracle:R or a "
+                        "predictor file; comma list for a table")
     p.add_argument("--bandwidth-gbps", type=float, default=55.0, help="host-to-device link for the simulated time")
     p.add_argument("--compute-ms-per-layer", type=float, default=0.5, help="compute per layer for the simulated time")
     p.add_argument("--expert-bytes", type=int, default=None, help="bytes per expert (traces without sizes)")

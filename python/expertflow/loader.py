@@ -25,7 +25,7 @@ from .offload import MoELayer, OffloadedExperts, OffloadEngine
 from .policies import make_policy
 from .runtime import ExpertCache, ExpertFlowError, ExpertPool, get_backend
 
-__all__ = ["from_pretrained", "attach", "offloaded_experts", "moe_layers", "plan_slots", "parse_bytes", "format_bytes"]
+__all__ = ["from_pretrained", "load_offloaded", "attach", "offloaded_experts", "moe_layers", "plan_slots", "parse_bytes", "format_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +194,14 @@ def attach(
     arch: Architecture,
     pool: ExpertPool,
     num_slots: int,
-    policy: str,
+    policy,
     owns_pool: bool = True,
     predictor=None,
 ) -> OffloadEngine:
     """Connects a model built under :func:`offloaded_experts` to a filled pool: ``model.expertflow``.
+
+    ``policy``: a name, or a policy object (``expertflow.policies``) such as one with trace-driven
+    forecasts in a benchmark.
 
     ``owns_pool=False`` leaves the pool open when the engine closes, so one pool can serve several
     engines in turn (benchmarks compare policies this way).
@@ -208,11 +211,82 @@ def attach(
         from .predictor import RoutingPathPredictor, model_fingerprint
 
         predictor = RoutingPathPredictor.load(predictor, expected_fingerprint=model_fingerprint([router_weight(l.router) for l in layers]))
-    offload_policy = make_policy(policy, predictor)
+    if predictor is not None and hasattr(predictor, "config"):
+        embed_dim = model.get_input_embeddings().embedding_dim
+        if predictor.config.embed_dim != embed_dim or predictor.config.num_layers != len(layers):
+            raise ValueError(
+                f"the predictor was trained for {predictor.config.num_layers} MoE layers and {predictor.config.embed_dim}-dim "
+                f"embeddings; this model has {len(layers)} and {embed_dim}"
+            )
+    offload_policy = policy if not isinstance(policy, str) else make_policy(policy, predictor)
     top_k = arch.dims(model.config)[1]
     cache = ExpertCache(pool, num_slots, policy=offload_policy.cache_policy, experts_per_token=top_k)
-    model.expertflow = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model)
+    model.expertflow = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k)
     return model.expertflow
+
+
+def load_offloaded(
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    *,
+    backend: str | None = None,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, Architecture, ExpertPool]:
+    """A checkpoint folder -> (model without routed-expert weights, its architecture, the filled pool).
+
+    :func:`attach` then connects the two under a policy; benchmarks attach one pool to several.
+    """
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} has no config.json; pass the folder of a transformers checkpoint")
+    config = transformers.AutoConfig.from_pretrained(path)
+    arch = architecture_for(config.model_type)
+    backend_obj = get_backend(backend)
+    device = torch.device(device) if device is not None else torch.device("cuda" if backend_obj.is_gpu else "cpu")
+    if (device.type == "cuda") != backend_obj.is_gpu:
+        raise ExpertFlowError(
+            f"device {device} does not match the {backend_obj.name} backend: the expert slots live where the backend "
+            f"puts them; use device={'cuda' if backend_obj.is_gpu else 'cpu'}, or backend={'host' if backend_obj.is_gpu else 'cuda'}"
+        )
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    ckpt = Checkpoint(path)
+    try:
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the experts' checkpoint keys are ours, not "unexpected"
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        if not progress:
+            transformers.utils.logging.disable_progress_bar()
+        try:
+            with offloaded_experts(arch):
+                model, info = arch.auto_class.from_pretrained(
+                    path, dtype=dtype or "auto", device_map={"": device}, output_loading_info=True
+                )
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
+        if info.get("missing_keys"):
+            raise CheckpointError(
+                f"the checkpoint at {path} lacks these weights: {', '.join(sorted(info['missing_keys'])[:8])}"
+            )
+        model.eval()
+        layers = moe_layers(model, arch)
+        if not layers:
+            raise ExpertFlowError(f"found no routed experts in this {config.model_type} model")
+        num_experts = arch.dims(config)[0]
+        pool_dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
+        tensors = arch.pool_tensors(config, pool_dtype)
+        pool = ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj)
+        try:
+            _fill_pool(pool, layers, arch, config, ckpt, progress)
+        except BaseException:
+            pool.close()
+            raise
+    finally:
+        ckpt.close()
+    return model, arch, pool
 
 
 def from_pretrained(
@@ -243,60 +317,23 @@ def from_pretrained(
     :class:`~expertflow.predictor.RoutingPathPredictor`) drives the ``expertflow`` policy; without
     one it plans from the previous token's path.
     """
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"{path} has no config.json; pass the folder of a transformers checkpoint")
-    config = transformers.AutoConfig.from_pretrained(path)
-    arch = architecture_for(config.model_type)
     offload_policy = make_policy(policy)
     if predictor is not None and offload_policy.name != "expertflow":
         raise ValueError(f"a routing-path predictor drives the expertflow policy only, not {policy}")
-    backend_obj = get_backend(backend)
-    device = torch.device(device) if device is not None else torch.device("cuda" if backend_obj.is_gpu else "cpu")
-    if (device.type == "cuda") != backend_obj.is_gpu:
-        raise ExpertFlowError(
-            f"device {device} does not match the {backend_obj.name} backend: the expert slots live where the backend "
-            f"puts them; use device={'cuda' if backend_obj.is_gpu else 'cpu'}, or backend={'host' if backend_obj.is_gpu else 'cuda'}"
-        )
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     budget = parse_bytes(gpu_memory)
-    ckpt = Checkpoint(path)
+    model, arch, pool = load_offloaded(path, dtype, device, backend=backend, progress=progress)
+    config = model.config
+    num_experts = pool.num_experts(0)
     try:
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # the experts' checkpoint keys are ours, not "unexpected"
-        bars = transformers.utils.logging.is_progress_bar_enabled()
-        if not progress:
-            transformers.utils.logging.disable_progress_bar()
-        try:
-            with offloaded_experts(arch):
-                model, info = arch.auto_class.from_pretrained(
-                    path, dtype=dtype or "auto", device_map={"": device}, output_loading_info=True
-                )
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-            if bars:
-                transformers.utils.logging.enable_progress_bar()
-        if info.get("missing_keys"):
-            raise CheckpointError(
-                f"the checkpoint at {path} lacks these weights: {', '.join(sorted(info['missing_keys'])[:8])}"
-            )
-        model.eval()
-        layers = moe_layers(model, arch)
-        if not layers:
-            raise ExpertFlowError(f"found no routed experts in this {config.model_type} model")
-        num_experts = arch.dims(config)[0]
-        pool_dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
-        tensors = arch.pool_tensors(config, pool_dtype)
-        num_slots = plan_slots(model, arch, config, len(layers), offload_policy.name, budget, headroom, expert_slots)
-        pool = ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj)
-        _fill_pool(pool, layers, arch, config, ckpt, progress)
-    finally:
-        ckpt.close()
-    attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor)
+        num_slots = plan_slots(model, arch, config, pool.num_layers, offload_policy.name, budget, headroom, expert_slots)
+        attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor)
+    except BaseException:
+        pool.close()
+        raise
+    device = next(model.parameters()).device
     log.info(
         "%s: %d MoE layers x %d experts (%s each) in pinned memory; %d slots on %s (%s), policy %s",
-        config.model_type, len(layers), num_experts, format_bytes(pool.expert_bytes(0)), num_slots,
-        device, backend_obj.name, offload_policy.name,
+        config.model_type, pool.num_layers, num_experts, format_bytes(pool.expert_bytes(0)), num_slots,
+        device, pool.backend.name, offload_policy.name,
     )
     return model

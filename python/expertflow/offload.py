@@ -1,30 +1,33 @@
 """Offloaded experts: the module that replaces a model's routed experts, and the engine behind it.
 
-For one MoE layer, :class:`OffloadedExperts` receives the router's choice, acquires the chosen experts
-from the :class:`~expertflow.runtime.ExpertCache` (misses are demand-loaded at once), lets the policy
-plan prefetches for later layers, computes the experts whose bytes have already landed first and
-the rest as they land, and releases them. Tokens are grouped by expert, so a batch runs one matmul
-chain per expert. The arithmetic is transformers' eager experts loop, accumulated in ascending expert
-order, so outputs match the resident model.
+For one MoE layer, :class:`OffloadedExperts` receives the router's choice, and the engine moves it to
+the host once (with the next layer's gate-ahead picks, when the policy wants them), acquires the
+chosen experts from the :class:`~expertflow.runtime.ExpertCache` (misses are demand-loaded at once),
+applies the plan the policy returns, computes the experts whose bytes have already landed first and
+the rest as they land, and releases them. Tokens are grouped by expert with one sort, so a batch runs
+one matmul chain per expert. The arithmetic is transformers' eager experts loop, accumulated in
+ascending expert order, so outputs match the resident model.
+
+Host syncs: one per layer (the routing transfer) and, for a policy with a step predictor, one per
+forward pass (its forecast).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
 from .models import Architecture
+from .planner import Plan
+from .policies import EngineInfo, Policy, StepContext
 from .runtime import ExpertCache, ExpertPool
 
 __all__ = ["OffloadedExperts", "OffloadEngine", "MoELayer"]
-
-log = logging.getLogger(__name__)
-
 
 class OffloadedExperts(nn.Module):
     """Stands in for a routed-experts module; holds no weights.
@@ -45,13 +48,11 @@ class OffloadedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.engine is None:
             raise RuntimeError("these experts are not attached to an ExpertFlow engine (was the model closed?)")
-        with torch.no_grad():
-            if self.gated:
-                # [num_experts, k, num_tokens], as transformers' eager loop builds it
-                expert_mask = F.one_hot(routing, num_classes=self.num_experts + 1).permute(2, 1, 0)[: self.num_experts]
-            else:
-                expert_mask = routing.permute(2, 1, 0)
-        return self.engine.run_layer(self, hidden_states, expert_mask, weights, routing)
+        if not self.gated:
+            # Switch: a one-hot dispatch mask [T, 1, E]; a token over capacity has none (sentinel E).
+            hit = routing.any(dim=-1)
+            routing = torch.where(hit, routing.to(torch.int8).argmax(dim=-1), self.num_experts)
+        return self.engine.run_layer(self, hidden_states, routing, weights)
 
     def compute(self, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """One expert on its tokens: ``x [n, hidden] -> [n, hidden]``."""
@@ -80,6 +81,7 @@ class OffloadEngine:
     """Runs every offloaded layer of one model on one cache, under one policy.
 
     Available as ``model.expertflow``: :meth:`stats`, :meth:`reset_stats`, :meth:`close`.
+    ``host_transfers`` counts the routing transfers (one per layer visit).
     """
 
     def __init__(
@@ -88,9 +90,10 @@ class OffloadEngine:
         layers: list[MoELayer],
         pool: ExpertPool,
         cache: ExpertCache,
-        policy,
+        policy: Policy,
         owns_pool: bool = True,
         model: nn.Module | None = None,
+        top_k: int = 1,
     ) -> None:
         self.architecture = architecture
         self.model = model
@@ -99,45 +102,109 @@ class OffloadEngine:
         self.pool = pool
         self.cache = cache
         self.policy = policy
+        self.num_experts = pool.num_experts(0)
+        self.host_transfers = 0
+        self.steps = 0
+        self._positions: torch.Tensor | None = None
+        self._hook = None
         for layer in layers:
             layer.module.engine = self
             layer.module.layer = layer.index
-        policy.attach(self)
+        info = EngineInfo(len(layers), self.num_experts, cache.num_slots, top_k)
+        quotas = policy.layer_quotas(info)
+        if quotas is not None:
+            cache.set_layer_quotas(quotas)
+        plan = policy.attach(info)
+        if plan is not None:
+            cache.apply(plan)
+            cache.synchronize()  # a preloading policy (all_gpu) starts with its experts in place
+            cache.reset_stats()
+        if policy.wants_steps and model is not None and not architecture.encoder_decoder:
+            self._hook = model.get_input_embeddings().register_forward_hook(self._on_step)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def _on_step(self, module, inputs, output) -> None:
+        """A forward pass begins: the policy forecasts it (``output [B, T, D]``, the input embeddings)."""
+        ids = inputs[0]
+        batch, length = ids.shape[0], ids.shape[-1]
+        new = length > 1 or self._positions is None or self._positions.shape[0] != batch
+        if new:
+            self._positions = torch.full((batch,), length - 1, device=output.device, dtype=torch.long)
+        else:
+            self._positions = self._positions + 1
+        ctx = StepContext(step=self.steps, batch=batch, new_sequences=new, embeddings=output[:, -1],
+                          positions=self._positions)
+        self.steps += 1
+        self._apply(self.policy.on_step(ctx))
+
+    def _apply(self, plan: Plan | None) -> None:
+        if plan is not None:
+            self.cache.apply(plan)
+
     def run_layer(
         self,
         module: OffloadedExperts,
         hidden_states: torch.Tensor,
-        expert_mask: torch.Tensor,
-        weights: torch.Tensor,
         routing: torch.Tensor,
+        weights: torch.Tensor,
     ) -> torch.Tensor:
-        """``hidden_states [T, H]``, ``expert_mask [E, k, T]``, ``weights [T, k]`` -> ``[T, H]``."""
+        """``hidden_states [T, H]``, ``routing [T, k]`` expert ids (``num_experts``: none), ``weights
+        [T, k]`` -> ``[T, H]``."""
         layer = self.layers[module.layer]
-        experts = torch.nonzero(expert_mask.sum(dim=(-1, -2)) > 0).flatten().tolist()  # ascending
-        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        num_tokens, k = routing.shape
+        num_experts = self.num_experts
+        nxt = layer.next if self.policy.gate_from_router else None
+        with torch.no_grad():
+            if nxt is not None:
+                guess = self.architecture.router_top_k(nxt.router, hidden_states)
+                both = torch.cat([routing, guess.to(routing.dtype)], dim=1).cpu().numpy()
+                chosen, gate = both[:, :k], both[:, k:]
+            else:
+                chosen, gate = routing.cpu().numpy(), None
+            self.host_transfers += 1
+            if num_tokens > 1:
+                # Tokens grouped by expert with one stable sort of the [k, T] choices (rank-major, as
+                # transformers' loop visits them); the host copy gives each expert's share of the order.
+                order = torch.argsort(routing.t().reshape(-1), stable=True)
+                tokens, ranks = order % num_tokens, order // num_tokens
+        counts = np.bincount(chosen.ravel(), minlength=num_experts + 1)[:num_experts]
+        experts = np.flatnonzero(counts).tolist()  # ascending
+        if num_tokens > 1:
+            starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        else:  # one token (decoding at batch 1): slices, no index kernels
+            rank_of = {int(e): r for r, e in enumerate(chosen[0].tolist())}
+        stream = self.cache.stream_handle()
+        outputs: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         # A batch may route to more experts than there are slots: run them in waves that fit.
         capacity = self.cache.num_slots
         for start in range(0, len(experts), capacity):
             wave = experts[start : start + capacity]
-            slots = self.cache.acquire_slots(layer.index, wave, wait=False)
+            slots = self.cache.acquire_slots(layer.index, wave, stream=stream, wait=False)
             if start == 0:
-                self.policy.after_acquire(self, layer, hidden_states, routing)
+                self._apply(self.policy.on_layer(layer.index, chosen, gate))
             # Experts whose bytes have landed first; misses as they land.
             for i in sorted(range(len(wave)), key=lambda i: not self.cache.slot_ready(slots[i])):
-                self.cache.wait_slot(slots[i])
-                top_k_pos, token_idx = torch.where(expert_mask[wave[i]])
-                y = module.compute(self.cache.slot_tensors(slots[i], layer.index), hidden_states[token_idx])
-                outputs[wave[i]] = (token_idx, y * weights[token_idx, top_k_pos, None])
-            self.cache.release(layer.index, wave)
+                e = wave[i]
+                self.cache.wait_slot(slots[i], stream)
+                expert_weights = self.cache.slot_tensors(slots[i], layer.index)
+                if num_tokens > 1:
+                    token_idx = tokens[starts[e] : starts[e + 1]]
+                    y = module.compute(expert_weights, hidden_states[token_idx])
+                    outputs[e] = (token_idx, y * weights[token_idx, ranks[starts[e] : starts[e + 1]], None])
+                else:
+                    r = rank_of[e]
+                    outputs[e] = (None, module.compute(expert_weights, hidden_states) * weights[:, r : r + 1])
+            self.cache.release(layer.index, wave, stream)
         final = torch.zeros_like(hidden_states)
         for e in experts:
             token_idx, y = outputs[e]
-            final.index_add_(0, token_idx, y.to(final.dtype))
+            if token_idx is None:
+                final += y.to(final.dtype)
+            else:
+                final.index_add_(0, token_idx, y.to(final.dtype))
         return final
 
     def stats(self) -> dict:
@@ -156,8 +223,10 @@ class OffloadEngine:
         for layer in self.layers:
             if layer.module.engine is self:
                 layer.module.engine = None
-        if hasattr(self.policy, "detach"):
-            self.policy.detach()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.policy.close()
         self.cache.close()
         if self.owns_pool:
             self.pool.close()

@@ -1,222 +1,259 @@
-"""Offload policies: which prefetch plan each step gets, and which cache policy evicts.
+"""Offload policies: a typed :class:`Policy` protocol; each policy returns plans, the engine applies them.
 
-All run on the same engine and cache, so comparisons between them are fair.
+All run on the same engine and cache, so comparisons between them are fair. The engine (live
+generation, ``offload.py``) and trace replay (``replay.py``) drive a policy through the same calls:
+``attach`` once, ``on_step`` when a forward pass begins, ``on_layer`` once each layer's router has
+spoken; a returned :class:`~expertflow.planner.Plan` goes to the cache.
 
 | name | eviction | prefetch |
 |---|---|---|
-| ``all_gpu`` | none: every expert resident (the reference) | all experts, once, at load |
-| ``lru`` | per-layer LRU (slots split evenly over layers) | none: demand loads only (mixtral-offloading, Cache-MoE style) |
+| ``all_gpu`` | none: every expert resident (the reference) | all experts, once, at attach |
+| ``lru`` | per-layer LRU (slots split evenly over layers) | none: demand loads only (mixtral-offloading style) |
 | ``next_layers`` | LRU | every expert of the next two layers (SE-MoE style) |
-| ``gate_ahead`` | LRU | the next layer's router applied to this layer's hidden state: its top-k |
-| ``lru_with_correction`` | lowest plan priority, then LRU; wrong prefetches demoted | gate-ahead plans |
-| ``expertflow`` (default) | lowest plan priority, then farthest estimated next use; wrong prefetches demoted | the routing-path predictor's plan for every layer at each step's start (the previous token's path without a predictor), refined by gate-ahead as layers run |
+| ``gate_ahead`` | LRU | the next layer's router applied to this layer's input: its picks |
+| ``expertflow`` (default) | farthest predicted next use | trusted forecasts, admitted only when the expert they evict is needed later (``planner.py``) |
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
-import torch
+import numpy as np
 
-from .predictor import PLAN_THRESHOLD, combine, path_multi_hot
+from .planner import Forecast, Plan, Planner
 
-__all__ = ["POLICY_NAMES", "make_policy", "Policy"]
+__all__ = ["POLICY_NAMES", "make_policy", "Policy", "EngineInfo", "StepContext", "StepPredictor", "GateSource",
+           "HistoryPredictor", "Expertflow"]
 
 
-class Policy:
+@dataclass(frozen=True)
+class EngineInfo:
+    """The model a policy plans for."""
+
+    num_layers: int
+    num_experts: int
+    num_slots: int
+    top_k: int
+
+
+@dataclass
+class StepContext:
+    """A forward pass begins.
+
+    ``step``: passes so far; ``batch``: sequences in it; ``new_sequences``: the sequences start here (a
+    prefill), so the previous step's path says nothing; ``embeddings [B, D]`` (live generation only):
+    the input embedding of each sequence's last token, on the model's device; ``positions [B]``: that
+    token's position (a device tensor in live generation).
+    """
+
+    step: int
+    batch: int = 1
+    new_sequences: bool = False
+    embeddings: object | None = None
+    positions: object | None = None
+
+
+@runtime_checkable
+class StepPredictor(Protocol):
+    """Forecasts a step before it runs. ``previous_path [B, L, k]`` int64: the experts each sequence's
+    last token used at each layer in the previous step (-1: none)."""
+
+    name: str
+
+    def forecast(self, ctx: StepContext, previous_path: np.ndarray) -> Forecast: ...
+
+
+@runtime_checkable
+class GateSource(Protocol):
+    """Gate-ahead without a router: the picks for layer ``layer + 1`` seen at layer ``layer`` of the
+    running step (expert ids, any shape). The trace oracles emulate one (``oracles.GateOracle``)."""
+
+    name: str
+
+    def picks(self, layer: int) -> np.ndarray: ...
+
+
+class Policy(Protocol):
+    """What the engine asks of a policy. A returned plan replaces the previous one; None keeps it."""
+
+    name: str
+    #: the runtime's eviction order: ``lru``, ``lfu`` or ``expertflow`` (farthest predicted next use)
+    cache_policy: str
+    #: the engine computes the next layer's router on each layer's input and passes its picks
+    gate_from_router: bool
+    #: the engine calls ``on_step`` when each forward pass begins
+    wants_steps: bool
+
+    def attach(self, info: EngineInfo) -> Plan | None: ...
+
+    def layer_quotas(self, info: EngineInfo) -> list[int] | None: ...
+
+    def on_step(self, ctx: StepContext) -> Plan | None: ...
+
+    def on_layer(self, layer: int, experts: np.ndarray, gate: np.ndarray | None) -> Plan | None:
+        """``experts [T, k]`` (host int64): the router's choice for the layer's tokens; ``gate [T, k']``:
+        the next layer's router on this layer's input, when ``gate_from_router``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _Base:
     name = "base"
     cache_policy = "lru"
+    gate_from_router = False
+    wants_steps = False
 
-    def attach(self, engine) -> None:
-        """Called once the engine exists."""
+    def attach(self, info: EngineInfo) -> Plan | None:
+        self.info = info
+        return None
 
-    def after_acquire(self, engine, layer, hidden_states: torch.Tensor, routing: torch.Tensor) -> None:
-        """Called when ``layer``'s experts are acquired, before they compute: plan what comes next.
+    def layer_quotas(self, info: EngineInfo) -> list[int] | None:
+        return None
 
-        ``hidden_states [T, H]`` is the layer's input, ``routing`` its router's choice (``[T, k]``
-        indices; Switch: the ``[T, 1, E]`` dispatch mask).
-        """
+    def on_step(self, ctx: StepContext) -> Plan | None:
+        return None
+
+    def on_layer(self, layer: int, experts: np.ndarray, gate: np.ndarray | None) -> Plan | None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
-class AllGpu(Policy):
+class AllGpu(_Base):
     name = "all_gpu"
 
-    def attach(self, engine) -> None:
-        pool = engine.pool
-        engine.cache.prefetch([(l, e, 1.0) for l in range(pool.num_layers) for e in range(pool.num_experts(l))])
-        engine.cache.synchronize()
-        engine.cache.reset_stats()
+    def attach(self, info: EngineInfo) -> Plan:
+        super().attach(info)
+        layers, experts = np.divmod(np.arange(info.num_layers * info.num_experts), info.num_experts)
+        return Plan(layers.astype(np.int32), experts.astype(np.int32), layers.astype(np.float64))
 
 
-class DemandLru(Policy):
+class DemandLru(_Base):
     name = "lru"
 
-    def attach(self, engine) -> None:
-        slots, layers = engine.cache.num_slots, engine.num_layers
-        engine.cache.set_layer_quotas([slots // layers + (1 if l < slots % layers else 0) for l in range(layers)])
+    def layer_quotas(self, info: EngineInfo) -> list[int]:
+        slots, layers = info.num_slots, info.num_layers
+        return [slots // layers + (1 if l < slots % layers else 0) for l in range(layers)]
 
 
-class NextLayers(Policy):
+class NextLayers(_Base):
     name = "next_layers"
 
-    def after_acquire(self, engine, layer, hidden_states, routing) -> None:
-        plan, priority, nxt = [], 2.0, layer.next
-        while nxt is not None and priority > 0:
-            plan += [(nxt.index, e, priority) for e in range(engine.pool.num_experts(nxt.index))]
-            nxt, priority = nxt.next, priority - 1.0
-        engine.cache.prefetch(plan)
+    def on_layer(self, layer: int, experts: np.ndarray, gate: np.ndarray | None) -> Plan:
+        ahead = [l for l in (layer + 1, layer + 2) if l < self.info.num_layers]
+        return Plan.prefetch_only([(l, e, l - layer) for l in ahead for e in range(self.info.num_experts)])
 
 
-class GateAhead(Policy):
+class GateAhead(_Base):
+    """Prefetches the next layer's gate-ahead picks: from its router, or from ``gate`` (emulated)."""
+
     name = "gate_ahead"
 
-    def after_acquire(self, engine, layer, hidden_states, routing) -> None:
-        nxt = layer.next
-        if nxt is None:
-            engine.cache.prefetch([])
-            return
-        with torch.no_grad():
-            chosen = engine.architecture.router_top_k(nxt.router, hidden_states).flatten().tolist()
-        counts = Counter(chosen)
-        total = len(chosen)
-        engine.cache.prefetch([(nxt.index, e, c / total) for e, c in counts.items()])
+    def __init__(self, gate: GateSource | None = None) -> None:
+        self.gate = gate
+        self.gate_from_router = gate is None
+
+    def on_layer(self, layer: int, experts: np.ndarray, gate: np.ndarray | None) -> Plan:
+        if layer + 1 >= self.info.num_layers:
+            return Plan.prefetch_only([])
+        if self.gate is not None:
+            gate = self.gate.picks(layer)
+        picks = np.unique(np.asarray(gate, dtype=np.int64)) if gate is not None else np.zeros(0, dtype=np.int64)
+        return Plan.prefetch_only([(layer + 1, int(e), 1.0) for e in picks[picks < self.info.num_experts]])
 
 
-class LruWithCorrection(GateAhead):
-    name = "lru_with_correction"
-    cache_policy = "lru_with_correction"
+class HistoryPredictor:
+    """The previous step's path: an expert a sequence used at a layer is forecast again there."""
+
+    name = "history"
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def forecast(self, ctx: StepContext, previous_path: np.ndarray) -> Forecast:
+        num_layers = previous_path.shape[1]
+        probs = np.zeros((num_layers, self.num_experts))
+        if not ctx.new_sequences:
+            rows = np.broadcast_to(np.arange(num_layers)[None, :, None], previous_path.shape)
+            valid = (previous_path >= 0) & (previous_path < self.num_experts)
+            probs[rows[valid], previous_path[valid]] = 1.0
+        return Forecast(probs)
 
 
-class Expertflow(Policy):
-    """PLEC: plan every layer before the step runs, correct and refine as routers speak.
+class Expertflow(_Base):
+    """Plans every layer before the step runs and corrects as routers speak (``planner.py``).
 
-    At each decode step's start (the input embedding's forward), the routing-path predictor scores
-    every (layer, expert) for each sequence of the batch; without a predictor, the previous token's
-    path stands in. The plan takes, per sequence and layer, the experts likely enough to be needed
-    (``_layer_plan``), so slots go to layers in proportion to their predicted demand, at priorities
-    that fall with the layer's distance, so copies go out in the order layers run. When a layer's
-    router has spoken, its wrong prefetches are demoted (the cache policy), unfinished prefetches the
-    new plan drops are cancelled, gate-ahead refines the next layer's scores, and the plan moves on to
-    the remaining layers and then the next step's first layers (predicted by this step's path),
-    reusing slots of finished layers.
+    At each forward pass the step predictor (default: the previous step's path) forecasts the step;
+    after each layer the planner learns what its router chose, refines the next layer with gate-ahead
+    (the next router on this layer's input, or an emulated ``gate``), and re-plans. Predictions it has
+    not measured to be right at least ``confidence`` of the time change nothing.
     """
 
     name = "expertflow"
     cache_policy = "expertflow"
+    wants_steps = True
 
-    def __init__(self, predictor=None) -> None:
+    def __init__(self, predictor: StepPredictor | None = None, gate: GateSource | str | None = "router",
+                 confidence: float = 0.5, prefetch_confidence: float = 0.9) -> None:
         self.predictor = predictor
-        self.scores: torch.Tensor | None = None  # [B, L, E] for the running step
-        self.path: dict[int, torch.Tensor] = {}  # layer -> [B, k] experts of the running step's last tokens
-        self.previous: dict[int, torch.Tensor] = {}  # layer -> [B, k] of the previous step
-        self.position: torch.Tensor | None = None
-        self.batch = 1
-        self._hook = None
+        self.gate = gate if not isinstance(gate, str) else None
+        self.gate_from_router = gate == "router"
+        self.confidence = confidence
+        self.prefetch_confidence = prefetch_confidence
+        self.planner: Planner | None = None
 
-    def attach(self, engine) -> None:
-        self.engine = engine
-        self.num_experts = engine.pool.num_experts(0)
-        self.top_k = engine.architecture.dims(engine.model.config)[1] if engine.model is not None else 1
-        if engine.architecture.encoder_decoder or engine.model is None:
-            return  # Switch: no step hook; plans come from history and gate-ahead
-        if self.predictor is not None:
-            embed_dim = engine.model.get_input_embeddings().embedding_dim
-            if self.predictor.config.embed_dim != embed_dim or self.predictor.config.num_layers != engine.num_layers:
-                raise ValueError("the predictor was trained for a model of another shape")
-            self.predictor.to(next(engine.model.parameters()).device)
-        self._hook = engine.model.get_input_embeddings().register_forward_hook(self._on_step)
+    @property
+    def label(self) -> str:
+        """The forecasts this policy plans with, e.g. ``history``, ``predictor+router``."""
+        parts = [self.predictor.name if self.predictor is not None else "history"]
+        if self.gate_from_router:
+            parts.append("router")
+        elif self.gate is not None:
+            parts.append(self.gate.name)
+        return "+".join(parts)
 
-    def detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+    def attach(self, info: EngineInfo) -> None:
+        super().attach(info)
+        self.planner = Planner(info.num_layers, info.num_experts, confidence=self.confidence,
+                               prefetch_confidence=self.prefetch_confidence)
+        self.history = self.predictor or HistoryPredictor(info.num_experts)
+        self.path = np.full((1, info.num_layers, info.top_k), -1, dtype=np.int64)
+        return None
 
-    def _on_step(self, module, inputs, output) -> None:
-        """A forward begins: predict this step's path for every sequence and plan all layers."""
-        engine = self.engine
-        ids = inputs[0]
-        batch, length = ids.shape[0], ids.shape[-1]
-        device = output.device
-        if length > 1 or self.position is None or self.position.shape[0] != batch:
-            self.position = torch.full((batch,), length - 1, device=device, dtype=torch.long)
-            self.previous = {}
-        else:
-            self.position = self.position + 1
-            self.previous = self.path
-        self.path = {}
-        self.batch = batch
-        num_layers, num_experts = engine.num_layers, self.num_experts
-        prev = torch.full((batch, num_layers, self.top_k), -1, dtype=torch.long, device=device)
-        for l, experts in self.previous.items():
-            prev[:, l] = experts
-        prev_hot = path_multi_hot(prev, num_experts)
-        with torch.no_grad():
-            if self.predictor is not None:
-                self.scores = torch.sigmoid(self.predictor(output[:, -1].float(), self.position, prev_hot))
-            else:
-                self.scores = prev_hot.view(batch, num_layers, num_experts)
-        engine.cache.prefetch(self._plan(engine, -1))
+    def on_step(self, ctx: StepContext) -> Plan:
+        if ctx.new_sequences or self.path.shape[0] != ctx.batch:
+            self.path = np.full((ctx.batch, self.info.num_layers, self.path.shape[2]), -1, dtype=np.int64)
+            ctx.new_sequences = True
+        forecast = self.history.forecast(ctx, self.path)
+        return self.planner.begin_step(forecast)
 
-    def after_acquire(self, engine, layer, hidden_states, routing) -> None:
-        indices = routing.argmax(dim=-1) if routing.dim() == 3 else routing
-        k = indices.shape[-1]
-        batch = self.batch if indices.shape[0] % self.batch == 0 else 1
-        self.path[layer.index] = indices.reshape(batch, -1, k)[:, -1]
-        nxt = layer.next
-        if nxt is not None and self.scores is not None:
-            with torch.no_grad():
-                guess = engine.architecture.router_top_k(nxt.router, hidden_states)
-            guess = guess.reshape(batch, -1, guess.shape[-1])[:, -1]
-            refined = combine(self.scores[:, nxt.index : nxt.index + 1], guess[:, None])
-            self.scores = self.scores.clone()
-            self.scores[:, nxt.index] = refined[:, 0]
-        engine.cache.prefetch(self._plan(engine, layer.index))
-
-    def _layer_plan(self, layer: int, scores: torch.Tensor | None, k: int, weight: float) -> list[tuple[int, int, float]]:
-        """The experts ``layer`` is expected to need (scores ``[B, E]``): per sequence its top expert and,
-        among its top 2k, those scoring at least ``PLAN_THRESHOLD``. Uncertain layers thus get more slots
-        than confident ones. Priority: the summed score over the batch's sequences, times ``weight``."""
-        if scores is None:
-            return []
-        top = scores.topk(min(2 * k, scores.shape[-1]), dim=-1)
-        demand: Counter = Counter()
-        for row, values in zip(top.indices.tolist(), top.values.tolist()):
-            for rank, (e, v) in enumerate(zip(row, values)):
-                if v > 0 and (rank == 0 or v >= PLAN_THRESHOLD):
-                    demand[e] += v
-        return [(layer, e, weight * d / scores.shape[0]) for e, d in demand.items()]
-
-    def _plan(self, engine, current: int) -> list[tuple[int, int, float]]:
-        num_layers = engine.num_layers
-        wrap = not engine.architecture.encoder_decoder
-        plan: list[tuple[int, int, float]] = []
-        for d in range(1, num_layers + 1):
-            target = current + d
-            weight = (num_layers + 1 - d) / (num_layers + 1)
-            if target < num_layers:
-                scores = self.scores[:, target] if self.scores is not None else None
-            elif wrap:
-                target -= num_layers
-                path = self.path.get(target)
-                scores = None if path is None else path_multi_hot(path[:, None], self.num_experts)
-            else:
-                break
-            plan += self._layer_plan(target, scores, self.top_k, weight)
-            if len(plan) >= engine.cache.num_slots:
-                break
-        return plan[: engine.cache.num_slots]
+    def on_layer(self, layer: int, experts: np.ndarray, gate: np.ndarray | None) -> Plan:
+        batch, k = self.path.shape[0], self.path.shape[2]
+        if experts.shape[0] % batch == 0 and experts.shape[1] == k:
+            self.path[:, layer] = experts.reshape(batch, -1, k)[:, -1]
+        if self.gate is not None and layer + 1 < self.info.num_layers:
+            gate = self.gate.picks(layer)
+        return self.planner.layer_done(layer, experts, gate)
 
 
-_POLICIES = {p.name: p for p in (AllGpu, DemandLru, NextLayers, GateAhead, LruWithCorrection, Expertflow)}
+_POLICIES = {p.name: p for p in (AllGpu, DemandLru, NextLayers, GateAhead, Expertflow)}
 POLICY_NAMES = tuple(_POLICIES)
 
 
-def make_policy(name: str, predictor=None) -> Policy:
+def make_policy(name: str, predictor: StepPredictor | None = None, gate: GateSource | str | None = None) -> Policy:
+    """A policy by name. ``predictor`` (expertflow only) forecasts each step; ``gate`` (expertflow and
+    gate_ahead) emulates gate-ahead instead of running the next router."""
+    if name not in _POLICIES:
+        raise ValueError(f"unknown offload policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
     if predictor is not None and name != "expertflow":
         raise ValueError(f"a routing-path predictor drives the expertflow policy only, not {name}")
+    if gate is not None and name not in ("expertflow", "gate_ahead"):
+        raise ValueError(f"gate-ahead applies to the expertflow and gate_ahead policies, not {name}")
     if name == "expertflow":
-        return Expertflow(predictor)
-    try:
-        return _POLICIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown offload policy '{name}'; choose one of {', '.join(POLICY_NAMES)}") from None
+        return Expertflow(predictor, gate if gate is not None else "router")
+    if name == "gate_ahead":
+        return GateAhead(None if gate == "router" else gate)
+    return _POLICIES[name]()

@@ -20,17 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .planner import Forecast
 from .traces import RecordedTrace
 
-__all__ = ["PLAN_THRESHOLD", "PredictorConfig", "RoutingPathPredictor", "model_fingerprint", "features", "combine", "train_predictor", "evaluate"]
+__all__ = ["PredictorConfig", "RoutingPathPredictor", "RecordedForecast", "RecordedGate", "model_fingerprint",
+           "features", "train_predictor", "evaluate"]
 
 POSITION_FEATURES = 8
-#: In the combined plan, a layer's gate-ahead picks add this to the predictor's probabilities: enough
-#: to promote an expert the predictor found plausible, not enough to override a confident prediction
-#: (chosen on the validation sequences of the bundled model's training traces: 0.25, 0.5, 1 tried).
-GATE_AHEAD_WEIGHT = 0.5
-#: A plan takes each sequence's likeliest expert of a layer, and among its top 2k those at least this likely.
-PLAN_THRESHOLD = 0.3
 
 
 def model_fingerprint(routers: list[torch.Tensor]) -> str:
@@ -144,29 +140,55 @@ class RoutingPathPredictor(nn.Module):
             )
         return torch.sigmoid(self(*features(trace)))
 
-    def for_replay(self, trace: RecordedTrace):
-        """An object replay's planner asks ``predict_token(routing_trace, t) -> {layer: [(expert, p)]}``,
-        choosing experts as the live policy does (likeliest, then top-2k ones above ``PLAN_THRESHOLD``)."""
-        probs = self.scores(trace)
-        values, indices = probs.topk(min(2 * self.config.top_k, self.config.num_experts), dim=-1)
+    @torch.no_grad()
+    def forecast(self, ctx, previous_path: np.ndarray) -> Forecast:
+        """The step predictor of the ``expertflow`` policy (``policies.StepPredictor``): one forward on
+        the model's device for the batch, one transfer of the union ``[L, E]`` to the host."""
+        emb = ctx.embeddings
+        if next(self.parameters()).device != emb.device:
+            self.to(emb.device)
+        path = torch.from_numpy(previous_path)
+        if emb.device.type == "cuda":
+            # A pinned staging buffer: the upload does not wait for the device (the per-layer routing
+            # transfers of the step have synchronised before the buffer is written again).
+            if getattr(self, "_staging", None) is None or self._staging.shape != path.shape:
+                self._staging = torch.empty(path.shape, dtype=path.dtype, pin_memory=True)
+            self._staging.copy_(path)
+            path = self._staging.to(emb.device, non_blocking=True)
+        probs = torch.sigmoid(self(emb.float(), ctx.positions, path_multi_hot(path, self.config.num_experts)))
+        union = 1.0 - torch.prod(1.0 - probs, dim=0)
+        return Forecast(union.double().cpu().numpy())
 
-        class _Replay:
-            name = "predictor"
-
-            def predict_token(self, _trace, t: int) -> dict[int, list[tuple[int, float]]]:
-                out = {}
-                for l in range(indices.shape[1]):
-                    pairs = zip(indices[t, l].tolist(), values[t, l].tolist())
-                    out[l] = [(e, p) for rank, (e, p) in enumerate(pairs) if rank == 0 or p >= PLAN_THRESHOLD]
-                return out
-
-        return _Replay()
+    def for_replay(self, trace: RecordedTrace, schedule) -> RecordedForecast:
+        """This predictor's forecasts of every token of a recorded trace, for replay (step = token)."""
+        return RecordedForecast(self.scores(trace).double().numpy(), schedule)
 
 
-def combine(probs: torch.Tensor, gate_ahead: torch.Tensor) -> torch.Tensor:
-    """The combined plan's scores: predictor ``probs [N, L, E]`` refined by ``gate_ahead [N, L, k]`` picks."""
-    n, num_layers, num_experts = probs.shape
-    return probs + GATE_AHEAD_WEIGHT * path_multi_hot(gate_ahead, num_experts).view(n, num_layers, num_experts)
+class RecordedForecast:
+    """Forecasts computed ahead for a recorded trace: ``probs [N, L, E]``; the step is the schedule's."""
+
+    name = "predictor"
+
+    def __init__(self, probs: np.ndarray, schedule) -> None:
+        self.probs = probs
+        self.schedule = schedule
+
+    def forecast(self, ctx, previous_path: np.ndarray) -> Forecast:
+        return Forecast(self.probs[self.schedule.step])
+
+
+class RecordedGate:
+    """The gate-ahead picks a recorded trace holds (``gate_ahead [N, L, k]``): at layer l, layer l+1's."""
+
+    name = "recorded-gate"
+
+    def __init__(self, trace: RecordedTrace, schedule) -> None:
+        self.gate_ahead = trace.gate_ahead.astype(np.int64)
+        self.schedule = schedule
+
+    def picks(self, layer: int) -> np.ndarray:
+        picks = self.gate_ahead[self.schedule.step, layer + 1]
+        return picks[picks >= 0]
 
 
 def _split_by_sequence(trace: RecordedTrace, every: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +243,7 @@ def _recall(ranked: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def evaluate(model: RoutingPathPredictor, trace: RecordedTrace, mask: np.ndarray | None = None) -> dict:
-    """recall@k and recall@2k per layer and mean: predictor, previous-token path, static, gate-ahead, combined."""
+    """recall@k and recall@2k per layer and mean: predictor, previous-token path, static, gate-ahead."""
     c = model.config
     k, L, E = c.top_k, c.num_layers, c.num_experts
     probs = model.scores(trace)
@@ -254,7 +276,6 @@ def evaluate(model: RoutingPathPredictor, trace: RecordedTrace, mask: np.ndarray
         "previous_token": merge(prev_path, static),  # the path, then the layer's most frequent experts
         "static": static,
         "gate_ahead": gate,
-        "combined": combine(probs, gate).argsort(dim=-1, descending=True),
     }
     report: dict = {"tokens": n, "top_k": k}
     for name, ranking in methods.items():

@@ -1,37 +1,41 @@
 """Trace replay: drive the runtime's slot cache through a routing trace, without a model.
 
-Semantics: tokens in trace order; each visits its layers in ascending order; at a layer it accesses
-its experts in router-rank order. A resident (layer, expert) is a hit; otherwise a demand miss that
-loads it, evicting (when full) a resident expert not needed by the current layer, chosen by the
-policy. One pool of ``capacity`` slots serves all layers, or with ``per_layer`` each layer has
-``capacity`` slots of its own (the cache's per-layer quotas). ``belady`` evicts the expert whose next
-access lies farthest ahead: the optimal bound for demand paging.
+Semantics: tokens in trace order, one step each; each visits its layers in ascending order and, at a
+layer, accesses its experts in router-rank order. A resident (layer, expert) is a hit; otherwise a
+demand miss loads it, evicting (when full) a resident expert the layer does not need, as the policy
+orders. One pool of ``capacity`` slots serves all layers, or with ``per_layer`` each layer has
+``capacity`` slots of its own (the cache's per-layer quotas).
 
-``expertflow`` adds prediction: after each layer's router has spoken (its experts accessed, its wrong
-prefetches demoted), a plan covers the layers that run next — the rest of this token, then the next
-token's — with the experts a predictor expects, at priorities that fall with distance, so the slots
-go to the upcoming layers in proportion to their predicted demand and slots of finished layers are
-reused for later ones. Predictors: ``history`` (the previous token's path), ``oracle`` (the true
-path: an upper bound for any predictor) or a trained :class:`~expertflow.predictor.RoutingPathPredictor`.
+Policies: ``lru`` and ``lfu`` (demand paging over the shared pool), ``belady`` (evicts the expert
+whose next access lies farthest ahead: the fewest bytes demand paging can move), and the live
+policies ``gate_ahead`` and ``expertflow``, driven exactly as in generation: the same
+:class:`~expertflow.policies.Policy` objects, the same planner, the same cache decisions. Forecasts
+(``predictor``): ``history`` (the previous token's path), ``oracle`` (the true future),
+``noisy-oracle:R``, ``gate-oracle:R`` (history plus gate-ahead right with probability R), or a trained
+predictor on a trace recorded by ``expertflow trace`` (whose recorded gate-ahead then refines it, as the
+router does live).
 
-Simulated time: copies share one link of ``bandwidth_gbps``; prefetches go out in plan order behind
-whatever is on the wire, demand loads (and prefetches still queued when needed) go next; a layer
-computes for ``compute_ms_per_layer`` once its experts have landed, so demand misses stall it.
+Simulated time follows the copy engine: one link of ``bandwidth_gbps``; prefetches go out in chunks
+in due order; a demand load waits only for the chunk on the wire; a queued prefetch that is needed
+becomes a demand load; a layer computes for ``compute_ms_per_layer`` once its experts have landed.
+The bound is max(Belady's bytes / bandwidth, total compute): no policy of this cache can beat it.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from . import _C
+from .oracles import GateOracle, TraceOracle, TraceSchedule, parse_forecast
+from .planner import Plan
+from .policies import EngineInfo, Expertflow, GateAhead, GateSource, HistoryPredictor, StepContext, StepPredictor
 from .traces import RoutingTrace
 
-__all__ = ["REPLAY_POLICIES", "ReplayResult", "replay", "parse_capacity", "next_use_positions", "PREDICTORS"]
+__all__ = ["REPLAY_POLICIES", "ReplayResult", "replay", "bound", "parse_capacity", "next_use_positions"]
 
-REPLAY_POLICIES = ("lru", "lfu", "lru_with_correction", "expertflow", "belady")
-PREDICTORS = ("history", "oracle")
-NEVER = 2**64 - 1
+REPLAY_POLICIES = ("lru", "lfu", "belady", "gate_ahead", "expertflow")
 
 
 @dataclass
@@ -42,139 +46,125 @@ class ReplayResult:
     num_slots: int
     accesses: int
     hits: int
-    misses: int
+    misses: int  # demand misses: loads compute had to ask for
     hit_ratio: float
-    bytes: int | None  # every byte copied (demand and prefetch), when expert sizes are known
-    demand_misses: int = 0
+    bytes: int | None  # every byte sent over the link (demand and prefetch), when expert sizes are known
+    demand_bytes: int | None = None
+    prefetch_bytes: int | None = None
     prefetches: int = 0
     prefetch_hits: int = 0
-    wasted_prefetches: int = 0
-    wasted_prefetch_bytes: int | None = None
+    wasted_prefetches: int = 0  # prefetched, then evicted unused
+    cancelled_prefetches: int = 0  # dropped before all their bytes moved
     simulated_time_s: float | None = None
+    stall_s: float | None = None  # time compute waited for copies
+    compute_s: float | None = None
     predictor: str | None = None
 
+    @property
+    def demand_misses(self) -> int:
+        return self.misses
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "demand_misses": self.misses}
 
 
 def parse_capacity(text: str, trace: RoutingTrace, per_layer: bool) -> int:
     """``"64"`` slots, or ``"25%"`` of all experts (of one layer's experts with ``per_layer``)."""
     text = text.strip()
+    total = trace.num_experts if per_layer else trace.num_experts * trace.num_layers
     if text.endswith("%"):
-        total = trace.num_experts if per_layer else trace.num_experts * trace.num_layers
-        return max(1, round(float(text[:-1]) / 100 * total))
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            raise ValueError(f"capacity '{text}' is not a percentage like 25%") from None
+        if not 0 < share <= 100:
+            raise ValueError(f"capacity '{text}' must be a share between 0% and 100%")
+        return max(1, round(share / 100 * total))
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise ValueError(f"capacity '{text}' is neither a slot count nor a percentage like 25%") from None
+    if value < 1:
+        raise ValueError(f"capacity '{text}' must be at least 1 slot")
+    return value
 
 
-def next_use_positions(trace: RoutingTrace) -> list[list[int]]:
-    """For every layer visit, per listed expert, the global position of that (layer, expert)'s next access."""
+def next_use_positions(trace: RoutingTrace) -> list[list[float]]:
+    """For every layer visit, per listed expert, the position (visit index) of that (layer, expert)'s
+    next access; ``inf`` for none."""
     visits = list(trace.layer_visits())
-    out: list[list[int]] = [[] for _ in visits]
-    upcoming: dict[tuple[int, int], int] = {}
-    position = trace.num_accesses
+    out: list[list[float]] = [[] for _ in visits]
+    upcoming: dict[tuple[int, int], float] = {}
     for i in range(len(visits) - 1, -1, -1):
         layer, experts = visits[i]
-        row = [0] * len(experts)
-        for j in range(len(experts) - 1, -1, -1):
-            position -= 1
-            row[j] = upcoming.get((layer, experts[j]), NEVER)
-            upcoming[(layer, experts[j])] = position
-        out[i] = row
+        out[i] = [upcoming.get((layer, e), np.inf) for e in experts]
+        for e in experts:
+            upcoming[(layer, e)] = float(i)
     return out
 
 
 class _Link:
-    """One host-to-device link: copies in order at ``bytes_per_s``.
+    """The copy engine on one host-to-device link, in simulated seconds.
 
-    Prefetches queue behind the copy on the wire; a demand load waits only for the chunk in flight
-    (the copy engine splits prefetches into chunks), then the interrupted prefetch resumes.
+    Prefetches queue by (due, arrival) and go out one chunk at a time; a demand load waits only for
+    the chunk on the wire, then the queue resumes. ``clock``: when the link is next free.
     """
 
     def __init__(self, bytes_per_s: float, chunk_bytes: int) -> None:
         self.rate = bytes_per_s
-        self.chunk_s = chunk_bytes / bytes_per_s
-        self.free_at = 0.0  # when the copy on the wire ends
-        self.on_wire: tuple[int, int] | None = None
-        self.queue: deque[tuple[tuple[int, int], int]] = deque()
+        self.chunk = chunk_bytes
+        self.clock = 0.0
+        self.queue: dict[tuple[int, int], list] = {}  # key -> [due, arrival, bytes left]
         self.landed: dict[tuple[int, int], float] = {}
+        self.arrivals = 0
+        self.prefetch_bytes = 0
+        self.demand_bytes = 0
 
     def run_until(self, now: float) -> None:
-        """Starts queued copies whose turn comes before ``now``."""
-        while self.queue and self.free_at < now:
-            key, size = self.queue.popleft()
-            self.free_at += size / self.rate
-            self.landed[key] = self.free_at
-            self.on_wire = key
+        while self.queue and self.clock < now:
+            key = min(self.queue, key=lambda k: (self.queue[k][0], self.queue[k][1]))
+            job = self.queue[key]
+            n = min(self.chunk, job[2])
+            self.clock += n / self.rate
+            job[2] -= n
+            self.prefetch_bytes += n
+            if job[2] == 0:
+                del self.queue[key]
+                self.landed[key] = self.clock
+        self.clock = max(self.clock, now)
 
-    def enqueue(self, key: tuple[int, int], size: int, now: float) -> None:
-        if not self.queue and self.free_at < now:
-            self.free_at = now
-        self.queue.append((key, size))
+    def prefetch(self, key: tuple[int, int], size: int, due: float) -> None:
+        self.landed.pop(key, None)
+        self.queue[key] = [due, self.arrivals, size]
+        self.arrivals += 1
 
-    def demand(self, keys: list[tuple[int, int]], sizes: list[int], now: float) -> float:
-        """Loads ``keys`` next, ahead of queued prefetches; returns when the last has landed."""
-        wanted = set(keys)
-        self.queue = deque((k, s) for k, s in self.queue if k not in wanted)
-        duration = sum(sizes) / self.rate
-        start = now
-        if self.free_at > now:  # a prefetch is on the wire: it pauses after its current chunk
-            start = min(self.free_at, now + self.chunk_s)
-            if self.on_wire is not None and self.on_wire not in wanted:
-                self.landed[self.on_wire] = self.free_at + duration
-            self.free_at += duration
-        else:
-            self.free_at = now + duration
-        end = start
-        for k, size in zip(keys, sizes):
-            end += size / self.rate
-            self.landed[k] = end
-        return end
+    def set_due(self, key: tuple[int, int], due: float) -> None:
+        if key in self.queue:
+            self.queue[key][0] = due
+
+    def cancel(self, key: tuple[int, int]) -> bool:
+        return self.queue.pop(key, None) is not None
+
+    def demand(self, items: list[tuple[tuple[int, int], int]], now: float) -> None:
+        """Loads ``(key, bytes)`` next; a queued prefetch of a key moves here with its bytes left."""
+        self.run_until(now)
+        for key, size in items:
+            job = self.queue.pop(key, None)
+            n = job[2] if job is not None else size
+            self.clock += n / self.rate
+            self.demand_bytes += n
+            self.landed[key] = self.clock
 
 
-def _paths(trace: RoutingTrace) -> list[dict[int, list[int]]]:
-    return [dict(token) for token in trace.tokens]
-
-
-class _Planner:
-    """Which experts each upcoming layer is expected to need, as seen after layer ``layer`` of ``t``."""
-
-    def __init__(self, trace: RoutingTrace, predictor, num_slots: int) -> None:
-        self.trace = trace
-        self.paths = _paths(trace)
-        self.predictor = predictor
-        self.num_slots = num_slots
-        self.predicted: dict[int, dict[int, list[tuple[int, float]]]] = {}
-
-    def _same_sequence(self, a: int, b: int) -> bool:
-        ids = self.trace.sequence_ids
-        return 0 <= a < len(self.paths) and 0 <= b < len(self.paths) and (not ids or ids[a] == ids[b])
-
-    def prediction(self, t: int, layer: int, known_until: tuple[int, int]) -> list[tuple[int, float]]:
-        """Predicted (expert, score) for token ``t`` at ``layer``; ``known_until`` = (token, layer) computed."""
-        if self.predictor == "oracle":
-            return [(e, 1.0) for e in self.paths[t].get(layer, [])] if t < len(self.paths) else []
-        # A trained predictor sees token t once its step begins; for the next token, history.
-        if self.predictor == "history" or t > known_until[0]:
-            prev = t - 1
-            return [(e, 1.0) for e in self.paths[prev].get(layer, [])] if self._same_sequence(prev, t) else []
-        if t not in self.predicted:
-            self.predicted[t] = self.predictor.predict_token(self.trace, t)
-        return self.predicted[t].get(layer, [])
-
-    def plan(self, t: int, layer: int) -> list[tuple[int, int, float]]:
-        L = self.trace.num_layers
-        plan: list[tuple[int, int, float]] = []
-        for d in range(1, L + 1):
-            target = layer + d
-            token, target_layer = (t, target) if target < L else (t + 1, target - L)
-            for e, score in self.prediction(token, target_layer, (t, layer)):
-                plan.append((target_layer, e, score * (L + 1 - d) / (L + 1)))
-            if len(plan) >= self.num_slots:
-                break
-        return plan[: self.num_slots]
+def _forecasts(spec, trace: RoutingTrace, schedule: TraceSchedule) -> tuple[StepPredictor | None, GateSource | None]:
+    if spec is None or not isinstance(spec, str):
+        return spec, None
+    kind, rate = parse_forecast(spec)
+    if kind == "oracle" or kind == "noisy-oracle":
+        return TraceOracle(schedule, rate), None
+    if kind == "gate-oracle":
+        return HistoryPredictor(trace.num_experts), GateOracle(schedule, rate)
+    return HistoryPredictor(trace.num_experts), None
 
 
 def replay(
@@ -182,19 +172,28 @@ def replay(
     capacity: int,
     policy: str,
     per_layer: bool = False,
-    predictor=None,
+    predictor: str | StepPredictor | None = None,
+    gate: GateSource | None = None,
     bandwidth_gbps: float = 55.0,
     compute_ms_per_layer: float = 0.5,
     expert_bytes: int | None = None,
     chunk_bytes: int = 8 << 20,
+    confidence: float = 0.5,
+    prefetch_confidence: float = 0.9,
+    schedule: TraceSchedule | None = None,
 ) -> ReplayResult:
-    """Replays ``trace`` through a :class:`expertflow._C.SlotCache` and counts hits, misses and copies.
+    """Replays ``trace`` through a :class:`expertflow._C.SlotCache`; counts hits, misses, bytes and time.
 
-    ``predictor`` (``expertflow`` only): ``"history"`` (default), ``"oracle"`` or a trained predictor.
-    ``expert_bytes`` overrides the trace's expert sizes (needed for bytes and time on traces without).
+    ``predictor`` (``expertflow``; ``gate-oracle:R`` also for ``gate_ahead``): ``history`` (default),
+    ``oracle``, ``noisy-oracle:R``, ``gate-oracle:R``, or a step predictor object; ``gate`` a gate-ahead
+    source (a recorded trace's). Forecasts made for this trace read the running step from
+    ``schedule`` (one step per token; made here when not given). ``expert_bytes`` overrides the trace's
+    expert sizes (bytes and time need sizes).
     """
     if policy not in REPLAY_POLICIES:
         raise ValueError(f"unknown replay policy '{policy}'; choose one of {', '.join(REPLAY_POLICIES)}")
+    if trace.num_tokens == 0:
+        raise ValueError("the trace holds no tokens; nothing to replay")
     need = trace.max_experts_per_layer
     if capacity < need:
         scope = "per layer" if per_layer else "in all"
@@ -202,81 +201,125 @@ def replay(
             f"capacity {capacity} {scope} is below the {need} experts one layer of one token needs; "
             f"use a capacity of at least {need}"
         )
+    if bandwidth_gbps <= 0 or compute_ms_per_layer < 0:
+        raise ValueError("bandwidth must be > 0 GB/s and compute per layer >= 0 ms")
+    num_layers = trace.num_layers
+    schedule = schedule or TraceSchedule(trace, num_layers, trace.num_tokens)
+    step_predictor, gate_source = _forecasts(predictor, trace, schedule)
+    gate_source = gate or gate_source
     if policy == "expertflow":
-        predictor = predictor or "history"
-        if isinstance(predictor, str) and predictor not in PREDICTORS:
-            raise ValueError(f"unknown predictor '{predictor}'; use history, oracle or a predictor file")
-    elif predictor is not None:
-        raise ValueError(f"--predictor applies to the expertflow policy only, not {policy}")
-    sizes = (
-        {l: expert_bytes for l in range(trace.num_layers)} if expert_bytes else dict(trace.expert_bytes or {})
-    )
+        planner_policy = Expertflow(step_predictor, gate_source, confidence=confidence,
+                                    prefetch_confidence=prefetch_confidence)
+    elif policy == "gate_ahead":
+        if gate_source is None:
+            raise ValueError("gate_ahead replays need gate-ahead picks: --predictor gate-oracle:R, or a trace "
+                             "recorded by `expertflow trace` (which holds them)")
+        planner_policy = GateAhead(gate_source)
+    else:
+        if predictor is not None or gate is not None:
+            raise ValueError(f"--predictor applies to the expertflow and gate_ahead policies, not {policy}")
+        planner_policy = None
+    sizes = {l: expert_bytes for l in range(num_layers)} if expert_bytes else dict(trace.expert_bytes or {})
     known_sizes = bool(sizes)
-    size = lambda layer: sizes.get(layer, 0)  # noqa: E731
-    num_slots = capacity * trace.num_layers if per_layer else capacity
-    cache = _C.SlotCache(num_slots, policy, trace.num_layers)
+    num_slots = capacity * num_layers if per_layer else capacity
+    cache = _C.SlotCache(num_slots, planner_policy.cache_policy if planner_policy else policy)
     if per_layer:
-        cache.set_layer_quotas([capacity] * trace.num_layers)
+        cache.set_layer_quotas([capacity] * num_layers)
+    if planner_policy is not None:
+        planner_policy.attach(EngineInfo(num_layers, trace.num_experts, num_slots, need))
     next_uses = next_use_positions(trace) if policy == "belady" else None
-    planner = _Planner(trace, predictor, num_slots) if policy == "expertflow" else None
     link = _Link(bandwidth_gbps * 1e9, chunk_bytes)
     compute_s = compute_ms_per_layer / 1e3
-    now = 0.0
-    hits = misses = prefetches = prefetch_hits = wasted = 0
-    copied = wasted_bytes = 0
-    prefetched_size: dict[tuple[int, int], int] = {}
-    i = 0
+    counts = dict.fromkeys(("hits", "misses", "prefetches", "prefetch_hits", "wasted", "cancelled"), 0)
+    state = {"now": 0.0, "stall": 0.0}
+
+    def reconcile() -> None:
+        """Copies of experts that left the cache stop (queued) or are forgotten (landed)."""
+        resident = set(cache.resident())
+        for key in [k for k in link.queue if k not in resident]:
+            link.cancel(key)
+            counts["cancelled"] += 1
+        for key in [k for k in link.landed if k not in resident]:
+            del link.landed[key]
+
+    def apply(plan: Plan | None) -> None:
+        if plan is None:
+            return
+        link.run_until(state["now"])
+        wanted = set(zip(plan.layers.tolist(), plan.experts.tolist()))
+        for key in [k for k in link.queue if k not in wanted]:  # stale prefetches, as the runtime cancels them
+            link.cancel(key)
+            cache.clear(cache.find(*key))
+            counts["cancelled"] += 1
+        idle = not link.queue and link.clock <= state["now"]
+        loads = cache.apply_plan(plan.layers, plan.experts, plan.due, plan.next_use, plan.following_use, plan.now,
+                                 plan.sure, idle)
+        for layer, expert, due in zip(plan.layers.tolist(), plan.experts.tolist(), plan.due.tolist()):
+            link.set_due((layer, expert), due)
+        reconcile()
+        for layer, expert, due, _, was_wasted in loads:
+            counts["prefetches"] += 1
+            counts["wasted"] += int(was_wasted)
+            link.prefetch((layer, expert), sizes.get(layer, 0), due)
+
+    sequence_ids = trace.sequence_ids
+    visit = 0
     for t, token in enumerate(trace.tokens):
+        schedule.step = t
+        if planner_policy is not None and planner_policy.wants_steps:
+            new = t == 0 or (bool(sequence_ids) and sequence_ids[t] != sequence_ids[t - 1])
+            apply(planner_policy.on_step(StepContext(step=t, new_sequences=new)))
         for layer, experts in token:
-            h, ph, _, w = cache.access(layer, experts, next_uses[i] if next_uses else None)
-            i += 1
-            hits += h
-            prefetch_hits += ph
-            wasted += w
-            missed = [(layer, e) for e in experts if (layer, e) not in link.landed and (layer, e) not in prefetched_size]
-            # Time: misses (and prefetches still queued) load now; landed or in-flight ones may still stall.
+            now = state["now"]
             link.run_until(now)
-            queued = {k for k, _ in link.queue}
-            demand = [(layer, e) for e in experts if (layer, e) in queued] + missed
-            ready = link.demand(demand, [size(k[0]) for k in demand], now) if demand else now
-            ready = max([ready] + [link.landed.get((layer, e), now) for e in experts])
-            now = max(now, ready) + compute_s
-            demand_count = len(experts) - h
-            misses += demand_count
-            copied += demand_count * size(layer)
-            for e in experts:
-                prefetched_size.pop((layer, e), None)
-            if planner is not None:
-                for l2, e2, _, was_wasted in cache.apply_plan(planner.plan(t, layer)):
-                    prefetches += 1
-                    copied += size(l2)
-                    prefetched_size[(l2, e2)] = size(l2)
-                    link.landed.pop((l2, e2), None)
-                    link.enqueue((l2, e2), size(l2), now)
-                    if was_wasted:
-                        wasted += 1
-            # Every expert not resident any more has left the device.
-            resident = set(cache.resident())
-            for key in [k for k in prefetched_size if k not in resident]:
-                wasted_bytes += prefetched_size.pop(key)
-            for key in [k for k in link.landed if k not in resident]:
-                del link.landed[key]
-    accesses = hits + misses
+            missed = [e for e in experts if cache.find(layer, e) < 0]
+            h, ph, _, w = cache.access(layer, experts, next_uses[visit] if next_uses else None)
+            visit += 1
+            counts["hits"] += h
+            counts["prefetch_hits"] += ph
+            counts["wasted"] += w
+            counts["misses"] += len(experts) - h
+            items = [((layer, e), sizes.get(layer, 0)) for e in missed]
+            items += [((layer, e), 0) for e in experts if e not in missed and (layer, e) in link.queue]
+            if items:
+                link.demand(items, now)
+            ready = max([now] + [link.landed.get((layer, e), now) for e in experts])
+            state["stall"] += ready - now
+            state["now"] = ready + compute_s
+            reconcile()
+            if planner_policy is not None:
+                apply(planner_policy.on_layer(layer, np.asarray([experts], dtype=np.int64), None))
+    accesses = counts["hits"] + counts["misses"]
+    total_bytes = link.prefetch_bytes + link.demand_bytes
     return ReplayResult(
         policy=policy,
         capacity=capacity,
         per_layer=per_layer,
         num_slots=num_slots,
         accesses=accesses,
-        hits=hits,
-        misses=misses,
-        hit_ratio=hits / accesses if accesses else 0.0,
-        bytes=copied if known_sizes else None,
-        demand_misses=misses,
-        prefetches=prefetches,
-        prefetch_hits=prefetch_hits,
-        wasted_prefetches=wasted,
-        wasted_prefetch_bytes=wasted_bytes if known_sizes else None,
-        simulated_time_s=now if known_sizes else None,
-        predictor=(predictor if isinstance(predictor, str) else getattr(predictor, "name", "file")) if planner else None,
+        hits=counts["hits"],
+        misses=counts["misses"],
+        hit_ratio=counts["hits"] / accesses if accesses else 0.0,
+        bytes=total_bytes if known_sizes else None,
+        demand_bytes=link.demand_bytes if known_sizes else None,
+        prefetch_bytes=link.prefetch_bytes if known_sizes else None,
+        prefetches=counts["prefetches"],
+        prefetch_hits=counts["prefetch_hits"],
+        wasted_prefetches=counts["wasted"],
+        cancelled_prefetches=counts["cancelled"],
+        simulated_time_s=state["now"] if known_sizes else None,
+        stall_s=state["stall"] if known_sizes else None,
+        compute_s=visit * compute_s,
+        predictor=planner_policy.label if isinstance(planner_policy, Expertflow) else (
+            getattr(planner_policy.gate, "name", None) if planner_policy is not None else None),
     )
+
+
+def bound(trace: RoutingTrace, capacity: int, per_layer: bool = False, bandwidth_gbps: float = 55.0,
+          compute_ms_per_layer: float = 0.5, expert_bytes: int | None = None) -> float | None:
+    """max(Belady's bytes / bandwidth, total compute) in seconds, or None without expert sizes."""
+    r = replay(trace, capacity, "belady", per_layer=per_layer, bandwidth_gbps=bandwidth_gbps,
+               compute_ms_per_layer=compute_ms_per_layer, expert_bytes=expert_bytes)
+    if r.bytes is None:
+        return None
+    return max(r.bytes / (bandwidth_gbps * 1e9), r.compute_s)

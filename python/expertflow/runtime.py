@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -40,10 +40,13 @@ __all__ = [
 ]
 
 #: Cache policies of the runtime (``belady`` needs the future and exists only in trace replay).
-POLICIES = ("lru", "lfu", "lru_with_correction", "expertflow")
+POLICIES = ("lru", "lfu", "expertflow")
 
 StreamLike = Union[None, int, "torch.cuda.Stream"]
 PlanEntry = Union[tuple[int, int], tuple[int, int, float]]
+
+if TYPE_CHECKING:
+    from .planner import Plan
 
 
 def get_backend(name: str | None = None) -> _C.Backend:
@@ -230,15 +233,15 @@ class ExpertCache:
     """A fixed set of device slots holding experts of an :class:`ExpertPool`.
 
     ``num_slots`` slots of ``slot_bytes`` each (default: the pool's largest expert) are allocated
-    once. :meth:`prefetch` takes a plan; :meth:`acquire` returns zero-copy tensors of the requested
-    experts, demand-loading misses on the high-priority stream and making the compute stream wait
-    for copies still in flight; :meth:`release` lets their slots be reused once the compute stream
-    has passed that point.
+    once. :meth:`prefetch` and :meth:`apply` take a plan; :meth:`acquire` returns zero-copy tensors
+    of the requested experts, demand-loading misses on the high-priority stream and making the
+    compute stream wait for copies still in flight; :meth:`release` lets their slots be reused once
+    the compute stream has passed that point.
 
-    Policies: ``lru``, ``lfu``, ``lru_with_correction`` (lowest plan priority first, least
-    recently used among equals; a layer's planned experts that its router did not ask for are
-    demoted to priority 0 when the layer is acquired) and ``expertflow`` (lowest plan priority first,
-    then the farthest estimated next use: its layer's next turn, later the more turns it sat unused).
+    Policies: ``lru``, ``lfu`` (a prefetch evicts only experts its plan does not name) and
+    ``expertflow``: evicts the expert whose predicted next use (from the plan's next-use tables) is
+    farthest, and admits a prefetch only when the expert it evicts is not needed before it (see
+    ``include/expertflow/cache.h`` and :mod:`expertflow.planner`).
     """
 
     def __init__(
@@ -247,7 +250,7 @@ class ExpertCache:
         num_slots: int,
         *,
         slot_bytes: int | None = None,
-        policy: str = "lru_with_correction",
+        policy: str = "lru",
         chunk_bytes: int = 8 << 20,
         max_chunks_in_flight: int = 2,
         experts_per_token: int | None = None,
@@ -289,6 +292,11 @@ class ExpertCache:
         self._check_open()
         return self._arena.device
 
+    def stream_handle(self, stream: StreamLike = None) -> int:
+        """The native handle of ``stream`` (default: the current stream); pass it to several calls in a
+        row to look the current stream up once."""
+        return self._stream_handle(stream)
+
     def _stream_handle(self, stream: StreamLike) -> int:
         if stream is None:
             return torch.cuda.current_stream(self._arena.device).cuda_stream if self._gpu else 0
@@ -301,14 +309,19 @@ class ExpertCache:
             raise ExpertFlowError("the expert cache is closed; create a new one")
 
     def prefetch(self, plan: Iterable[PlanEntry]) -> None:
-        """Replaces the prefetch plan: ``(layer, expert[, priority])`` entries, priority > 0 (default 1).
+        """Replaces the plan with ``(layer, expert[, due])`` entries: when each is needed, in any
+        monotone clock (default 0). Earlier dues load first; unfinished prefetches the new plan does not
+        name are cancelled."""
+        from .planner import Plan
 
-        Higher priorities load first and are evicted last; unfinished prefetches the new plan does not
-        name are cancelled.
-        """
+        entries = [(int(p[0]), int(p[1]), float(p[2]) if len(p) > 2 else 0.0) for p in plan]
+        self.apply(Plan.prefetch_only(entries))
+
+    def apply(self, plan: Plan) -> None:
+        """Replaces the plan with a :class:`~expertflow.planner.Plan` (prefetches, next-use tables)."""
         self._check_open()
-        items = [(int(p[0]), int(p[1]), float(p[2]) if len(p) > 2 else 1.0) for p in plan]
-        self._native.prefetch(items)
+        self._native.apply_plan(plan.layers, plan.experts, plan.due, plan.next_use, plan.following_use, plan.now,
+                                plan.sure)
 
     def acquire_slots(
         self, layer: int, experts: Sequence[int], stream: StreamLike = None, wait: bool = True
@@ -384,7 +397,8 @@ class ExpertCache:
         self._native.reset_stats()
 
     def slot_table(self) -> list[dict[str, Any]]:
-        """Per slot: layer, expert (-1 when empty), pin_count, plan_priority, last_use, use_count."""
+        """Per slot: layer, expert (-1 when empty), pin_count, planned, next_use, following_use,
+        last_use, use_count, prefetched_unused."""
         self._check_open()
         return self._native.slot_table()
 

@@ -66,6 +66,28 @@ class RoutingTrace:
         for token in self.tokens:
             yield from token
 
+    def to_array(self, num_layers: int | None = None) -> np.ndarray:
+        """``[num_tokens, num_layers, k]`` int64 expert ids (k: the most experts a layer lists).
+
+        A layer a token skipped, or lists fewer experts for, takes the previous token's experts there
+        (the first token's: experts 0, 1, ...), so every entry routes to k distinct experts.
+        """
+        num_layers = self.num_layers if num_layers is None else num_layers
+        k = self.max_experts_per_layer
+        out = np.empty((self.num_tokens, num_layers, k), dtype=np.int64)
+        previous = np.broadcast_to(np.arange(k), (num_layers, k))
+        for t, token in enumerate(self.tokens):
+            row = previous.copy()
+            for layer, experts in token:
+                if layer >= num_layers:
+                    continue
+                kept = list(dict.fromkeys(experts))[:k]
+                fill = [e for e in row[layer] if e not in kept]
+                row[layer] = kept + fill[: k - len(kept)]
+            out[t] = row
+            previous = row
+        return out
+
 
 def _finish(tokens: dict, order: list, num_layers: int | None, num_experts: int | None, **kwargs) -> RoutingTrace:
     out, seq_ids, max_layer, max_expert = [], [], -1, -1

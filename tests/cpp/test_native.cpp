@@ -1,6 +1,7 @@
 // Native tests of the torch-free core: pool packing, policy victim choice, cache bookkeeping and
 // copy engine ordering, on the host backend. Run by CTest; prints "N passed, M failed".
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <iostream>
@@ -110,24 +111,29 @@ void test_pool_packing() {
 
 void test_policy_victims() {
   std::vector<SlotMeta> slots(4);
-  auto set = [&](int i, uint64_t last, uint64_t count, float prio, uint64_t next) {
+  auto set = [&](int i, uint64_t last, uint64_t count, double next, double following) {
     slots[i].layer = 0;
     slots[i].expert = i;
     slots[i].last_use = last;
     slots[i].use_count = count;
-    slots[i].plan_priority = prio;
     slots[i].next_use = next;
+    slots[i].following_use = following;
   };
-  set(0, 10, 5, 2.0f, 100);
-  set(1, 20, 1, 0.0f, kNeverUsedAgain);
-  set(2, 5, 9, 1.0f, 50);
-  set(3, 30, 1, 0.0f, kNeverUsedAgain);
+  set(0, 10, 5, 100, 400);
+  set(1, 20, 1, kNeverUsed, kNeverUsed);
+  set(2, 5, 9, 50, 300);
+  set(3, 30, 1, kNeverUsed, kNeverUsed);
   const std::vector<int> all{0, 1, 2, 3};
   EXPECT(choose_victim(Policy::kLru, slots, all) == 2);
-  EXPECT(choose_victim(Policy::kLfu, slots, all) == 1);                // fewest uses, older of the tie
-  EXPECT(choose_victim(Policy::kLruWithCorrection, slots, all) == 1);  // priority 0, older
-  EXPECT(choose_victim(Policy::kBelady, slots, all) == 1);             // never again, older
-  EXPECT(choose_victim(Policy::kBelady, slots, {0, 2}) == 0);          // farther next use
+  EXPECT(choose_victim(Policy::kLfu, slots, all) == 1);         // fewest uses, older of the tie
+  EXPECT(choose_victim(Policy::kBelady, slots, all) == 1);      // never again, older
+  EXPECT(choose_victim(Policy::kExpertflow, slots, all) == 1);  // the same order, on predictions
+  EXPECT(choose_victim(Policy::kBelady, slots, {0, 2}) == 0);   // farther next use
+  // Seen from a load due at 75, slot 2 is next needed at 300 (its use at 50 comes first), slot 0 at 100.
+  EXPECT(choose_victim(Policy::kExpertflow, slots, {0, 2}, 40) == 0);
+  EXPECT(choose_victim(Policy::kExpertflow, slots, {0, 2}, 75) == 2);
+  EXPECT(choose_victim(Policy::kExpertflow, slots, {0, 2}, 200) == 0);
+  EXPECT(choose_victim(Policy::kExpertflow, slots, {0, 2}, 100) == 0);  // 0's use at 100 is not after 100
   EXPECT(choose_victim(Policy::kLru, slots, {}) == -1);
   expect_error([] { parse_policy("fifo"); }, "unknown cache policy 'fifo'");
 }
@@ -135,21 +141,24 @@ void test_policy_victims() {
 void test_cache_pins_and_quotas() {
   SlotCache cache(3, Policy::kLru);
   for (int e = 0; e < 3; ++e) {
-    const int s = cache.pick_slot(0, 1e9f);
+    const int s = cache.pick_slot(0, kDueNow, false);
     EXPECT(s == e);  // empty slots first, lowest index
     cache.assign(s, 0, e);
     cache.touch(s);
   }
   cache.pin(0);
-  EXPECT(cache.pick_slot(1, 1e9f) == 1);  // slot 0 is older but pinned
+  EXPECT(cache.pick_slot(1, kDueNow, false) == 1);  // slot 0 is older but pinned
   cache.unpin(0);
   expect_error([&] { cache.unpin(0); }, "slot 0 is not pinned");
   expect_error([&] { cache.assign(1, 0, 0); }, "already resident");
   cache.set_layer_quotas({1, 3});
-  EXPECT(cache.pick_slot(0, 1e9f) == 0);  // layer 0 at 3 > quota 1: its own LRU slot
-  EXPECT(cache.pick_slot(1, 1e9f) == 0);  // layer 1 below quota: takes layer 0's excess
-  cache.set_plan_priority(0, 2.0f);
-  EXPECT(cache.pick_slot(1, 1.5f) == 1);  // a prefetch at 1.5 may not evict priority 2
+  EXPECT(cache.pick_slot(0, kDueNow, false) == 0);  // layer 0 at 3 > quota 1: its own LRU slot
+  EXPECT(cache.pick_slot(1, kDueNow, false) == 0);  // layer 1 below quota: takes layer 0's excess
+  // Under lru a prefetch spares the slots its plan names.
+  Plan plan;
+  plan.prefetch = {{0, 0, 1}, {1, 5, 2}};
+  const auto loads = cache.apply_plan(plan, [](int) {});
+  EXPECT(loads.size() == 1 && loads[0].slot == 1 && cache.find(1, 5) == 1);
   // Replay access: a layer's resident experts are never victims of its own misses.
   SlotCache replay(2, Policy::kLru);
   EXPECT(replay.access(0, {0, 1}, nullptr).hits == 0);
@@ -158,15 +167,51 @@ void test_cache_pins_and_quotas() {
   expect_error([&] { replay.access(0, {0, 1, 2}, nullptr); }, "capacity 2 is smaller than the 3 experts");
 }
 
-void test_copy_engine_priority_order_and_chunks() {
+// Accesses A B C A B C ... (positions 0, 1, 2, ...) with two slots. Demand paging under Belady misses
+// every other access. The aggressive rule (evict the farthest next use now, to fetch the next miss)
+// misses every access; the conservative rule the cache implements loads exactly Belady's experts.
+void test_conservative_admission() {
+  const int kSteps = 30;
+  auto uses = [](int expert, double after) {  // next position of `expert` strictly after `after`
+    double p = std::floor(after) + 1;
+    while (static_cast<int>(p) % 3 != expert) p += 1;
+    return p;
+  };
+  SlotCache cache(2, Policy::kExpertflow);
+  int loads = 0;
+  for (int pos = 0; pos < kSteps; ++pos) {
+    const int expert = pos % 3;
+    Plan plan;
+    plan.stride = 3;
+    for (int e = 0; e < 3; ++e) {
+      const double next = uses(e, pos - 0.5);  // the access at `pos` itself is still ahead
+      plan.next_use.push_back(next);
+      plan.following_use.push_back(uses(e, next));
+    }
+    for (int ahead = 0; ahead < 3; ++ahead) plan.prefetch.push_back(PlanItem{0, (pos + ahead) % 3, double(pos + ahead)});
+    loads += static_cast<int>(cache.apply_plan(plan, [](int) {}).size());
+    EXPECT(cache.find(0, expert) >= 0);  // every access is a hit: each load came before its use
+    cache.touch(cache.find(0, expert));
+  }
+  SlotCache belady(2, Policy::kBelady);
+  int misses = 0;
+  for (int pos = 0; pos < kSteps; ++pos) {
+    const std::vector<double> next{uses(pos % 3, pos)};
+    misses += 1 - belady.access(0, {pos % 3}, &next).hits;
+  }
+  EXPECT(loads == misses);
+  EXPECT(misses == 1 + kSteps / 2);
+}
+
+void test_copy_engine_due_order_and_chunks() {
   auto backend = std::make_shared<RecordingBackend>();
   constexpr size_t kChunk = 4096, kBytes = 3 * kChunk + 100;
   std::vector<uint8_t> src(4 * kBytes), dst(4 * kBytes, 0);
   for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 7 + 3);
   CopyEngine engine(backend, 4, CopyEngineOptions{kChunk, 1});
   engine.pause();
-  const float priority[4] = {1.0f, 3.0f, 2.0f, 0.5f};
-  for (int s = 0; s < 4; ++s) engine.prefetch(s, &src[s * kBytes], &dst[s * kBytes], kBytes, priority[s]);
+  const double due[4] = {3, 1, 2, 4};
+  for (int s = 0; s < 4; ++s) engine.prefetch(s, &src[s * kBytes], &dst[s * kBytes], kBytes, due[s]);
   EXPECT(engine.cancel(3));  // cancelled before any byte moved
   EXPECT(!engine.cancel(3));
   engine.resume();
@@ -179,7 +224,7 @@ void test_copy_engine_priority_order_and_chunks() {
     const int slot = static_cast<int>((static_cast<uint8_t*>(c.dst) - dst.data()) / kBytes);
     if (order.empty() || order.back() != slot) order.push_back(slot);
   }
-  EXPECT((order == std::vector<int>{1, 2, 0}));  // by priority, each job whole before the next
+  EXPECT((order == std::vector<int>{1, 2, 0}));  // earliest due first, each job whole before the next
   EXPECT(backend->copies.size() == 3 * 4);
   EXPECT(engine.stats().prefetch_bytes == 3 * kBytes);
 }
@@ -190,8 +235,8 @@ void test_copy_engine_demand_overtakes_queue() {
   std::vector<uint8_t> src(3 * kBytes, 5), dst(3 * kBytes, 0);
   CopyEngine engine(backend, 3, CopyEngineOptions{4096, 2});
   engine.pause();
-  engine.prefetch(0, &src[0], &dst[0], kBytes, 1.0f);
-  engine.prefetch(1, &src[kBytes], &dst[kBytes], kBytes, 1.0f);
+  engine.prefetch(0, &src[0], &dst[0], kBytes, 1.0);
+  engine.prefetch(1, &src[kBytes], &dst[kBytes], kBytes, 1.0);
   engine.demand(2, &src[2 * kBytes], &dst[2 * kBytes], kBytes);
   EXPECT(engine.wait_ready(2, nullptr) || dst[2 * kBytes] == 5);
   EXPECT(dst[2 * kBytes + kBytes - 1] == 5);
@@ -201,7 +246,7 @@ void test_copy_engine_demand_overtakes_queue() {
   EXPECT(dst[kBytes] == 5 && dst[2 * kBytes - 1] == 5);
   EXPECT(backend->copies.size() == 2 && backend->copies[0].stream == engine.demand_stream() &&
          backend->copies[1].stream == engine.demand_stream());
-  expect_error([&] { engine.prefetch(1, &src[0], &dst[0], kBytes, 1.0f); engine.demand(1, &src[0], &dst[0], kBytes); },
+  expect_error([&] { engine.prefetch(1, &src[0], &dst[0], kBytes, 1.0); engine.demand(1, &src[0], &dst[0], kBytes); },
                "already has an unfinished copy");
 }
 
@@ -222,7 +267,7 @@ void test_copy_waits_for_the_slot_to_be_freed() {
   {
     CopyEngine engine(backend, 1, CopyEngineOptions{4096, 2});
     engine.release(0, compute);
-    engine.prefetch(0, new_bytes.data(), slot.data(), kBytes, 1.0f);
+    engine.prefetch(0, new_bytes.data(), slot.data(), kBytes, 1.0);
     engine.synchronize();
     backend->synchronize_stream(compute);
   }
@@ -246,7 +291,9 @@ void test_runtime_round_trip() {
   options.num_slots = 3;
   options.policy = "lru";
   Runtime runtime(pool, options);
-  runtime.prefetch({{1, 2, 1.0f}});
+  Plan plan;
+  plan.prefetch = {{1, 2, 0.0}};
+  runtime.apply_plan(plan);
   auto slots = runtime.acquire(1, {2, 3}, nullptr);
   EXPECT(runtime.arena()->data()[runtime.slot_bytes() * slots[0]] == 18);
   EXPECT(runtime.arena()->data()[runtime.slot_bytes() * slots[1] + 3999] == 19);
@@ -265,7 +312,8 @@ int main() {
       {"pool_packing", test_pool_packing},
       {"policy_victims", test_policy_victims},
       {"cache_pins_and_quotas", test_cache_pins_and_quotas},
-      {"copy_engine_priority_order_and_chunks", test_copy_engine_priority_order_and_chunks},
+      {"conservative_admission", test_conservative_admission},
+      {"copy_engine_due_order_and_chunks", test_copy_engine_due_order_and_chunks},
       {"copy_engine_demand_overtakes_queue", test_copy_engine_demand_overtakes_queue},
       {"copy_waits_for_the_slot_to_be_freed", test_copy_waits_for_the_slot_to_be_freed},
       {"runtime_round_trip", test_runtime_round_trip},

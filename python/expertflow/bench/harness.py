@@ -1,0 +1,562 @@
+"""The decode benchmark: every policy at several slot counts on one model, against the bound.
+
+A model comes from a checkpoint folder (``--model``, live routing) or from a published model's
+dimensions with random weights (``--arch``, see ``shapes.py``). With ``--routing trace:FILE`` each
+layer's experts for each token are forced from a recorded trace (in the shared formats); batch
+sequence b replays the trace from offset ``b * num_tokens / B``. The forecasts the ``expertflow``
+policy plans with are then those of ``oracles.py``: ``history``, ``oracle``, ``noisy-oracle:R``,
+``gate-oracle:R``; with live routing, ``history`` or a trained predictor file.
+
+Per configuration (policy, forecast, slots): a warm-up generation, then a measured one of the same
+routing. Reported: ms per decoded token (median over the decode steps, host clock at each forward's
+start), bytes copied and demand misses per decoded token, hit ratio, stall share, peak device memory
+beside the budget, and the bound of that slot count from the same run: max(Belady's bytes on the same
+accesses / the pinned bandwidth measured at start, ``all_gpu`` ms per token).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import _C
+from ..loader import attach, load_offloaded, moe_layers, offloaded_experts
+from ..models import Architecture, architecture_for
+from ..offload import OffloadedExperts
+from ..oracles import GateOracle, TraceOracle, TraceSchedule, parse_forecast
+from ..policies import POLICY_NAMES, Expertflow, GateAhead, make_policy
+from ..runtime import ExpertPool, get_backend
+from ..traces import read_trace
+from .shapes import SHAPES, make_config
+
+__all__ = ["BenchConfig", "run_bench", "plot", "save", "format_table", "TraceForcing", "belady_bytes"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchConfig:
+    model: str | None = None  # checkpoint folder (live routing), or:
+    arch: str | None = None  # a key of shapes.SHAPES (random weights)
+    layers: int | None = None
+    routing: str = "live"  # or "trace:FILE"
+    batch: int = 1
+    slots: list[str] = field(default_factory=lambda: ["25%"])
+    policies: list[str] = field(default_factory=lambda: list(POLICY_NAMES))
+    predictors: list[str] = field(default_factory=lambda: ["history"])
+    gate_accuracy: float = 0.8  # gate_ahead's emulated gate-ahead in trace mode
+    new_tokens: int = 32
+    prompt_len: int = 16
+    prompt_ids: list[int] | None = None
+    transformers: bool = True  # the resident model without ExpertFlow (random-weight models only)
+    accelerate: str | None = None  # slots share at which to run accelerate's device_map offload
+    dtype: torch.dtype = torch.bfloat16
+    config_overrides: dict | None = None  # test hook: smaller dimensions
+    progress: bool = True
+
+    def validate(self) -> None:
+        if (self.model is None) == (self.arch is None):
+            raise ValueError("give either --model (a checkpoint folder) or --arch (random weights at real dimensions)")
+        if self.arch is not None and self.arch not in SHAPES:
+            raise ValueError(f"unknown --arch '{self.arch}'; choose one of {', '.join(SHAPES)}")
+        if self.routing != "live" and not self.routing.startswith("trace:"):
+            raise ValueError(f"--routing must be live or trace:FILE, got '{self.routing}'")
+        if self.routing.startswith("trace:") and not Path(self.routing[6:]).exists():
+            raise ValueError(f"trace file {self.routing[6:]} does not exist")
+        for p in self.policies:
+            if p not in POLICY_NAMES:
+                raise ValueError(f"unknown policy '{p}'; choose from {', '.join(POLICY_NAMES)}")
+        if self.batch < 1 or self.new_tokens < 2 or self.prompt_len < 1:
+            raise ValueError("--batch and --prompt-len must be at least 1 and --new-tokens at least 2")
+        for s in self.slots:
+            _slot_share(s, 100)
+        for spec in self.predictors:
+            if self.routing == "live":
+                if spec != "history" and not Path(spec).exists():
+                    raise ValueError(f"with live routing a predictor is 'history' or a predictor file; {spec} is neither")
+            else:
+                parse_forecast(spec)
+
+
+def _slot_share(text: str, total: int) -> int:
+    text = text.strip()
+    try:
+        n = round(float(text[:-1]) / 100 * total) if text.endswith("%") else int(text)
+    except ValueError:
+        raise ValueError(f"slots '{text}' is neither a count nor a share like 25%") from None
+    if not 1 <= n <= total:
+        raise ValueError(f"slots '{text}' gives {n} slots; use between 1 and {total}")
+    return n
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Host-to-device bytes/s from pinned memory (the host backend: a memcpy), median of ``reps``."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(reps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times[1:])
+
+
+def _routers(model: torch.nn.Module, arch: Architecture) -> list[torch.nn.Module]:
+    """The routers of the MoE layers, in execution order (offloaded or resident experts alike)."""
+    out = []
+    for path, module in model.named_modules():
+        if isinstance(module, OffloadedExperts) or type(module).__name__ == arch.experts_class:
+            out.append(getattr(model.get_submodule(path.rsplit(".", 1)[0]), arch.router_attr))
+    return out
+
+
+class TraceForcing:
+    """Replaces each router's choice with a trace's, and times each forward pass.
+
+    A forward pre-hook on the input embeddings moves the schedule to the next step (the first pass
+    after :meth:`reset` is step 0, the prefill) and records the host time; a forward hook on each router
+    swaps its expert indices for the schedule's. The whole run's routing goes to the device once.
+    """
+
+    def __init__(self, schedule: TraceSchedule | None, device: torch.device) -> None:
+        self.schedule = schedule
+        self.device = device
+        self.table: list[torch.Tensor] = []
+        if schedule is not None:
+            for s in range(schedule.num_steps):
+                ex = schedule.experts(s)  # [B, n, L, k]
+                self.table.append(torch.from_numpy(ex.reshape(-1, *ex.shape[2:])).to(device))
+        self.times: list[float] = []
+        self.on_step = None
+        self._fresh = True
+        self._handles: list = []
+
+    def attach(self, model: torch.nn.Module, arch: Architecture) -> None:
+        self.detach()
+        self._handles.append(model.get_input_embeddings().register_forward_pre_hook(self._pre))
+        if self.schedule is not None:
+            for layer, router in enumerate(_routers(model, arch)):
+                self._handles.append(router.register_forward_hook(self._router_hook(layer)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def reset(self, on_step=None) -> None:
+        self._fresh, self.times, self.on_step = True, [], on_step
+
+    def _pre(self, module, inputs) -> None:
+        step = 0 if self._fresh else len(self.times)
+        self._fresh = False
+        if self.schedule is not None:
+            self.schedule.step = min(step, self.schedule.num_steps - 1)
+        if self.on_step is not None:
+            self.on_step(step)
+        self.times.append(time.perf_counter())
+
+    def _router_hook(self, layer: int):
+        def hook(module, inputs, output):
+            logits, weights, indices = output
+            forced = self.table[self.schedule.step][:, layer]
+            if forced.shape[0] != indices.shape[0]:
+                raise ValueError(f"the trace schedule gives {forced.shape[0]} tokens but the model runs {indices.shape[0]}")
+            return logits, weights, forced.to(indices.dtype)
+
+        return hook
+
+
+def belady_bytes(visits: list[tuple[int, list[int]]], num_slots: int, expert_bytes: int, count_from: int) -> int:
+    """Bytes demand paging under Belady copies for ``visits`` [(layer, experts)], counting the visits
+    from index ``count_from`` on (the earlier ones warm the cache)."""
+    upcoming: dict[tuple[int, int], float] = {}
+    nexts: list[list[float]] = [[] for _ in visits]
+    for i in range(len(visits) - 1, -1, -1):
+        layer, experts = visits[i]
+        nexts[i] = [upcoming.get((layer, e), np.inf) for e in experts]
+        for e in experts:
+            upcoming[(layer, e)] = float(i)
+    cache = _C.SlotCache(num_slots, "belady")
+    misses = 0
+    for i, (layer, experts) in enumerate(visits):
+        hits = cache.access(layer, experts, nexts[i])[0]
+        if i >= count_from:
+            misses += len(experts) - hits
+    return misses * expert_bytes
+
+
+class _Model:
+    """The model under test: its offloaded form, the pool, and (random weights) the resident form."""
+
+    def __init__(self, cfg: BenchConfig, device: torch.device, backend) -> None:
+        self.resident = None
+        if cfg.model is not None:
+            self.model, self.arch, self.pool = load_offloaded(cfg.model, device=device, backend=backend.name,
+                                                              progress=cfg.progress)
+            self.source = cfg.model
+            return
+        top_k = None
+        if cfg.routing.startswith("trace:"):
+            top_k = read_trace(cfg.routing[6:]).max_experts_per_layer
+        config = make_config(cfg.arch, cfg.layers, top_k, cfg.config_overrides)
+        self.arch = architecture_for(config.model_type)
+        self.source = f"{cfg.arch} ({SHAPES[cfg.arch].source}), random weights"
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        with torch.device(device):
+            full = AutoModelForCausalLM.from_config(config, dtype=cfg.dtype).eval()
+            with torch.no_grad():
+                for p in full.parameters():
+                    p.normal_(0, 0.02)
+            with offloaded_experts(self.arch):
+                self.model = AutoModelForCausalLM.from_config(config, dtype=cfg.dtype).eval()
+        self.model.load_state_dict(full.state_dict(), strict=False)
+        layers = moe_layers(self.model, self.arch)
+        num_experts = self.arch.dims(config)[0]
+        self.pool = ExpertPool.uniform(len(layers), num_experts, self.arch.pool_tensors(config, cfg.dtype), backend=backend)
+        experts = [m for m in full.modules() if type(m).__name__ == self.arch.experts_class]
+        with torch.no_grad():
+            for l, module in enumerate(experts):
+                for e in range(num_experts):
+                    views = self.pool.expert(l, e)
+                    views["gate_up"].copy_(module.gate_up_proj[e])
+                    views["down"].copy_(module.down_proj[e])
+        self.resident = full if cfg.transformers else None
+        if self.resident is None:
+            del full
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @property
+    def num_layers(self) -> int:
+        return self.pool.num_layers
+
+    @property
+    def num_experts(self) -> int:
+        return self.pool.num_experts(0)
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.pool.expert_bytes(0)
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+
+
+def _policy(name: str, spec: str | None, cfg: BenchConfig, schedule: TraceSchedule | None):
+    """(policy object, forecast label) of one configuration."""
+    if name == "gate_ahead":
+        if schedule is None:
+            return make_policy("gate_ahead"), "router"
+        gate = GateOracle(schedule, cfg.gate_accuracy)
+        return GateAhead(gate), gate.name
+    if name != "expertflow":
+        return make_policy(name), None
+    if schedule is None:
+        if spec == "history":
+            return Expertflow(None, "router"), "history+router"
+        from ..predictor import RoutingPathPredictor
+
+        policy = Expertflow(RoutingPathPredictor.load(spec), "router")
+        return policy, f"{Path(spec).name}+router"
+    kind, rate = parse_forecast(spec)
+    if kind in ("oracle", "noisy-oracle"):
+        return Expertflow(TraceOracle(schedule, rate), None), spec
+    if kind == "gate-oracle":
+        return Expertflow(None, GateOracle(schedule, rate)), spec
+    return Expertflow(None, None), spec
+
+
+def _generate(model, prompt: torch.Tensor, n: int) -> list[list[int]]:
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    return out[:, prompt.shape[1]:].tolist()
+
+
+def _timed(model, prompt, n, forcing: TraceForcing, device, on_step=None) -> tuple[list[list[int]], list[float]]:
+    """Generates ``n`` tokens; returns them and the decode steps' durations in ms."""
+    forcing.reset(on_step)
+    _sync(device)
+    tokens = _generate(model, prompt, n)
+    _sync(device)
+    times = forcing.times + [time.perf_counter()]
+    return tokens, [(b - a) * 1e3 for a, b in zip(times[1:], times[2:])]
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Runs every configuration of ``cfg``; returns the results (see the module docstring)."""
+    cfg.validate()
+    backend = get_backend()
+    device = torch.device("cuda" if backend.is_gpu else "cpu")
+    if cfg.accelerate and (device.type != "cuda" or cfg.arch is None):
+        raise ValueError("--accelerate compares with accelerate's device_map offload: it needs a GPU and an --arch model")
+    logging.getLogger("expertflow").setLevel(logging.WARNING)
+    m = _Model(cfg, device, backend)
+    L, E = m.num_layers, m.num_experts
+    total = L * E
+    if cfg.prompt_ids is not None:
+        prompt = torch.tensor([cfg.prompt_ids] * cfg.batch, device=device)
+    else:
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(1, m.model.config.vocab_size, (cfg.batch, cfg.prompt_len), generator=g).to(device)
+    schedule = None
+    if cfg.routing.startswith("trace:"):
+        trace = read_trace(cfg.routing[6:])
+        if trace.num_experts != E:
+            raise ValueError(f"the trace routes among {trace.num_experts} experts but {cfg.arch} has {E}; use a trace of this model")
+        stride = max(1, trace.num_tokens // cfg.batch)
+        schedule = TraceSchedule(trace, L, cfg.new_tokens, [b * stride for b in range(cfg.batch)], prompt.shape[1])
+    forcing = TraceForcing(schedule, device)
+    bandwidth = pinned_bandwidth(device)
+    result: dict = {
+        "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                    "backend": backend.name, "torch": torch.__version__, "host": platform.node()},
+        "model": m.source, "arch": cfg.arch, "num_layers": L, "num_experts": E, "top_k": m.model.config.num_experts_per_tok,
+        "routing": cfg.routing, "batch": cfg.batch, "prompt_len": int(prompt.shape[1]), "new_tokens": cfg.new_tokens,
+        "expert_bytes": m.expert_bytes, "pool_bytes": m.pool.total_bytes, "resident_bytes": m.resident_bytes(),
+        "pinned_gbps": bandwidth / 1e9, "rows": [],
+    }
+
+    # The access sequence of a warm-up plus a measured run; the Belady bytes of its decode steps.
+    visits_cache: dict = {}
+
+    def visits() -> list[tuple[int, list[int]]]:
+        if "v" not in visits_cache:
+            if schedule is not None:
+                steps = []
+                for s in range(schedule.num_steps):
+                    ex = schedule.experts(s).reshape(-1, L, schedule.top_k)
+                    steps.append([(l, sorted(set(ex[:, l].ravel().tolist()))) for l in range(L)])
+            else:
+                steps = _record_live(m, prompt, cfg, device)
+            visits_cache["v"] = steps
+        return visits_cache["v"]
+
+    def bound_ms(num_slots: int) -> tuple[float, float]:
+        steps = visits()
+        flat = [v for step in steps for v in step] * 2
+        start = len(flat) // 2 + len(steps[0])  # the measured run's first decode step
+        nbytes = belady_bytes(flat, num_slots, m.expert_bytes, start) / (len(steps) - 1)
+        return nbytes, nbytes / bandwidth * 1e3
+
+    if cfg.transformers and m.resident is not None:
+        forcing.attach(m.resident, m.arch)
+        _timed(m.resident, prompt, cfg.new_tokens, forcing, device)
+        tokens, steps_ms = _timed(m.resident, prompt, cfg.new_tokens, forcing, device)
+        result["transformers"] = {"ms_per_token": statistics.median(steps_ms), "tokens": tokens}
+        forcing.detach()
+        m.resident = m.resident.to("cpu") if cfg.accelerate else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    forcing.attach(m.model, m.arch)
+    configs = []
+    for share in cfg.slots:
+        num_slots = _slot_share(share, total)
+        for name in cfg.policies:
+            if name == "all_gpu":
+                continue
+            for spec in (cfg.predictors if name == "expertflow" else [None]):
+                configs.append((share, num_slots, name, spec))
+    # all_gpu always runs first: it is the compute half of every bound (skipped where it does not fit).
+    configs.insert(0, ("100%", total, "all_gpu", None))
+    reference_tokens = None
+    all_gpu_ms = None
+    bar = tqdm(configs, desc="bench", unit="config", disable=not cfg.progress)
+    for share, num_slots, name, spec in bar:
+        bar.set_postfix_str(f"{name} {spec or ''} {share}")
+        policy, label = _policy(name, spec, cfg, schedule)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info(device)[0]
+            if num_slots * m.expert_bytes > free - (1 << 30):
+                log.warning("skipping %s at %s: %d slots need more than the device's free memory", name, share, num_slots)
+                continue
+            torch.cuda.reset_peak_memory_stats(device)
+        engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False)
+        try:
+            _timed(m.model, prompt, cfg.new_tokens, forcing, device)  # warm-up: same routing
+            tokens, steps_ms = _timed(m.model, prompt, cfg.new_tokens, forcing, device,
+                                      on_step=lambda s: engine.reset_stats() if s == 1 else None)
+            stats = engine.stats()
+        finally:
+            engine.close()
+        decoded = cfg.new_tokens - 1
+        ms = statistics.median(steps_ms)
+        if name == "all_gpu":
+            all_gpu_ms, reference_tokens = ms, tokens
+        belady, copy_ms = bound_ms(num_slots)
+        bound = max(copy_ms, all_gpu_ms or 0.0)
+        row = {
+            "policy": name, "predictor": label, "slots": share, "num_slots": num_slots, "slot_share": num_slots / total,
+            "ms_per_token": ms, "ms_per_token_mean": statistics.fmean(steps_ms), "tokens_per_s": 1e3 / ms,
+            "bytes_per_token": stats["bytes_copied"] / decoded, "belady_bytes_per_token": belady,
+            "bytes_vs_belady": stats["bytes_copied"] / decoded / belady if belady else None,
+            "hit_ratio": stats["hit_ratio"], "demand_misses_per_token": stats["misses"] / decoded,
+            "prefetches_per_token": stats["prefetches"] / decoded, "wasted_prefetches": stats["wasted_prefetches"],
+            "cancelled_prefetches": stats["cancelled_prefetches"],
+            "stall_share": stats["stall_ms"] / sum(steps_ms) if steps_ms else 0.0,
+            "bound_ms": bound, "x_bound": ms / bound if bound else None,
+            "same_tokens_as_all_gpu": tokens == reference_tokens if reference_tokens is not None else None,
+        }
+        if device.type == "cuda":
+            row["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device) + num_slots * m.expert_bytes
+            row["gpu_budget_bytes"] = m.resident_bytes() + num_slots * m.expert_bytes + min(
+                (m.resident_bytes() + num_slots * m.expert_bytes) // 9, 2 << 30)
+        result["rows"].append(row)
+    forcing.detach()
+    for row in result["rows"]:
+        lru = next((r for r in result["rows"] if r["policy"] == "lru" and r["slots"] == row["slots"]), None)
+        row["x_lru"] = row["ms_per_token"] / lru["ms_per_token"] if lru else None
+    result["all_gpu_ms"] = all_gpu_ms
+    if cfg.accelerate and m.resident is not None:
+        acc = result["accelerate"] = _accelerate(m, cfg, prompt, forcing, device)
+        for row in result["rows"]:
+            if row["slots"] == cfg.accelerate:
+                row["x_accelerate"] = acc["ms_per_token"] / row["ms_per_token"]
+    m.pool.close()
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The rows as a text table."""
+    header = ["policy", "forecast", "slots", "ms/token", "bytes/token", "vs Belady", "hit ratio", "demand/token",
+              "stall", "x bound", "x lru", "same tokens"]
+    table = [header]
+    for r in result["rows"]:
+        fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+        table.append([
+            r["policy"], r["predictor"] or "-", f"{r['slots']} ({r['num_slots']})", f"{r['ms_per_token']:.2f}",
+            _bytes(r["bytes_per_token"]), fmt(r["bytes_vs_belady"], "{:.2f}"), f"{r['hit_ratio']:.1%}",
+            f"{r['demand_misses_per_token']:.2f}", f"{r['stall_share']:.0%}", fmt(r["x_bound"], "{:.2f}"),
+            fmt(r["x_lru"], "{:.2f}"), {True: "yes", False: "NO", None: "-"}[r["same_tokens_as_all_gpu"]],
+        ])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = [f"{result['model']}: {result['num_layers']} MoE layers x {result['num_experts']} experts of "
+             f"{_bytes(result['expert_bytes'])}, top-{result['top_k']}, batch {result['batch']}, routing {result['routing']}, "
+             f"{result['new_tokens']} new tokens; pinned link {result['pinned_gbps']:.1f} GB/s on {result['machine']['device']}"]
+    if result.get("transformers"):
+        notes.append(f"transformers, every expert resident: {result['transformers']['ms_per_token']:.2f} ms/token")
+    if result.get("accelerate"):
+        notes.append(f"accelerate device_map offload at the budget of {result['accelerate']['slots']}: "
+                     f"{result['accelerate']['ms_per_token']:.1f} ms/token")
+    return "\n".join(notes + lines)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _record_live(m: _Model, prompt, cfg: BenchConfig, device) -> list[list[tuple[int, list[int]]]]:
+    """Live routing: the experts each layer chose in each step of one all_gpu generation."""
+    steps: list[list[tuple[int, list[int]]]] = []
+    routers = _routers(m.model, m.arch)
+    handles = []
+
+    def hook(layer):
+        def f(module, inputs, output):
+            if layer == 0:
+                steps.append([])
+            steps[-1].append((layer, sorted(set(output[2].reshape(-1).tolist()))))
+
+        return f
+
+    handles = [r.register_forward_hook(hook(l)) for l, r in enumerate(routers)]
+    engine = attach(m.model, m.arch, m.pool, m.num_layers * m.num_experts, "all_gpu", owns_pool=False)
+    try:
+        _generate(m.model, prompt, cfg.new_tokens)
+    finally:
+        engine.close()
+        for h in handles:
+            h.remove()
+    return steps
+
+
+def _accelerate(m: _Model, cfg: BenchConfig, prompt, forcing: TraceForcing, device) -> dict:
+    """accelerate's device_map offload of the resident model, at the budget of ``cfg.accelerate`` slots."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    num_slots = _slot_share(cfg.accelerate, m.num_layers * m.num_experts)
+    resident = m.resident_bytes() + num_slots * m.expert_bytes
+    budget = resident + min(resident // 9, 2 << 30)
+    model = m.resident
+    device_map = infer_auto_device_map(model, max_memory={0: budget, "cpu": 400 << 30},
+                                       no_split_module_classes=model._no_split_modules, dtype=cfg.dtype)
+    model = dispatch_model(model, device_map=device_map)
+    forcing.attach(model, m.arch)
+    n = 3
+    try:
+        _timed(model, prompt, n, forcing, device)
+        _, steps_ms = _timed(model, prompt, n, forcing, device)
+    finally:
+        forcing.detach()
+    ms = statistics.median(steps_ms)
+    return {"slots": cfg.accelerate, "budget_bytes": budget, "ms_per_token": ms, "new_tokens": n,
+            "device_map": {k: str(v) for k, v in device_map.items()}}
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """ms per token against the share of experts in slots, per policy and forecast, with the bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["policy"] != "all_gpu"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    series: dict[str, list] = {}
+    for r in rows:
+        label = r["policy"] + (f" ({r['predictor']})" if r["predictor"] else "")
+        series.setdefault(label, []).append((r["slot_share"] * 100, r["ms_per_token"]))
+    for label, points in series.items():
+        points.sort()
+        style = "-o" if label.startswith("expertflow") else "--s"
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label, markersize=4)
+    bounds = sorted({(r["slot_share"] * 100, r["bound_ms"]) for r in rows})
+    if bounds:
+        ax.plot([b[0] for b in bounds], [b[1] for b in bounds], "k:", linewidth=2, label="bound (Belady bytes / link, all_gpu)")
+    if result.get("all_gpu_ms"):
+        ax.axhline(result["all_gpu_ms"], color="gray", linewidth=1, label=f"all_gpu {result['all_gpu_ms']:.1f} ms")
+    if result.get("transformers"):
+        ax.axhline(result["transformers"]["ms_per_token"], color="gray", linestyle="-.", linewidth=1,
+                   label=f"transformers, resident {result['transformers']['ms_per_token']:.1f} ms")
+    ax.set_xlabel("experts in device slots (%)")
+    ax.set_ylabel("ms per decoded token (median)")
+    ax.set_yscale("log")
+    ax.set_title(f"{result['model'][:60]}\n{result['num_layers']} layers, batch {result['batch']}, {result['routing'][:50]}, "
+                 f"{result['machine']['device']}", fontsize=8)
+    ax.legend(fontsize=6.5, loc="upper right")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def save(result: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))

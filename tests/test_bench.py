@@ -1,0 +1,109 @@
+"""The real-shape benchmark harness, on the CPU with shrunken dimensions (the H200 runs it full size)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from expertflow.bench import BenchConfig, belady_bytes, format_table, make_config, plot, run_bench
+from expertflow.cli import main
+from expertflow.replay import replay
+from expertflow.traces import synthetic_trace, write_jsonl_trace
+
+TINY = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, vocab_size=101)
+
+
+@pytest.fixture(autouse=True)
+def host_backend(monkeypatch):
+    monkeypatch.setenv("EXPERTFLOW_BACKEND", "host")
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trace") / "t.jsonl"
+    write_jsonl_trace(synthetic_trace(num_layers=6, num_experts=8, top_k=2, num_tokens=60, seed=5), path)
+    return path
+
+
+def config(trace_file, **kw) -> BenchConfig:
+    base = dict(arch="mixtral-8x7b", layers=4, routing=f"trace:{trace_file}", slots=["25%"], new_tokens=10,
+                prompt_len=3, policies=["all_gpu", "lru", "gate_ahead", "expertflow"],
+                predictors=["history", "oracle", "noisy-oracle:0.8", "gate-oracle:0.8"], config_overrides=TINY,
+                progress=False)
+    return BenchConfig(**{**base, **kw})
+
+
+def test_shapes_are_the_published_dimensions():
+    c = make_config("mixtral-8x7b", num_layers=2)
+    assert (c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_hidden_layers) == (4096, 14336, 8, 2)
+    c = make_config("deepseek-v2-lite", num_layers=3)
+    assert c.num_hidden_layers == 4 and c.first_k_dense_replace == 1  # the dense first layer stays
+    assert make_config("gpt-oss-120b", top_k=2).num_experts_per_tok == 2
+    with pytest.raises(ValueError, match="--layers must be between 1 and 16"):
+        make_config("olmoe-1b-7b", num_layers=17)
+    with pytest.raises(ValueError, match="unknown --arch 'gpt-5'"):
+        make_config("gpt-5")
+
+
+def test_trace_forced_bench_rows_and_bound(trace_file, tmp_path):
+    result = run_bench(config(trace_file, batch=2))
+    rows = result["rows"]
+    labels = [(r["policy"], r["predictor"]) for r in rows]
+    assert labels == [("all_gpu", None), ("lru", None), ("gate_ahead", "gate-oracle:0.8"), ("expertflow", "history"),
+                      ("expertflow", "oracle"), ("expertflow", "noisy-oracle:0.8"), ("expertflow", "gate-oracle:0.8")]
+    assert all(r["same_tokens_as_all_gpu"] for r in rows)  # one arithmetic, whatever moves the bytes
+    assert result["top_k"] == 2 and result["num_experts"] == 8 and result["batch"] == 2
+    by = {label: r for label, r in zip(labels, rows)}
+    oracle, lru = by[("expertflow", "oracle")], by[("lru", None)]
+    assert oracle["bytes_vs_belady"] <= 1.10 and oracle["demand_misses_per_token"] < lru["demand_misses_per_token"]
+    for r in rows[1:]:
+        assert r["bound_ms"] >= result["all_gpu_ms"] and r["belady_bytes_per_token"] > 0
+        assert r["x_lru"] == pytest.approx(r["ms_per_token"] / lru["ms_per_token"])
+    assert "oracle" in format_table(result)
+    plot(result, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 10_000
+
+
+def test_belady_bytes_match_replay():
+    trace = synthetic_trace(num_layers=4, num_experts=8, top_k=2, num_tokens=30, seed=2)
+    visits = list(trace.layer_visits())
+    assert belady_bytes(visits, 6, 1000, 0) == replay(trace, 6, "belady").misses * 1000
+    assert belady_bytes(visits, 6, 1000, len(visits)) == 0
+
+
+def test_bad_input_is_refused_before_work(trace_file, tmp_path):
+    with pytest.raises(ValueError, match="routes among 8 experts but olmoe-1b-7b has 64"):
+        run_bench(config(trace_file, arch="olmoe-1b-7b", config_overrides={**TINY, "num_experts": 64}))
+    with pytest.raises(ValueError, match="the trace has 6 layers; a model of 7 layers needs"):
+        run_bench(config(trace_file, layers=7))
+    with pytest.raises(ValueError, match="unknown predictor 'psychic'"):
+        run_bench(config(trace_file, predictors=["psychic"]))
+    with pytest.raises(ValueError, match="either --model .* or --arch"):
+        run_bench(BenchConfig())
+    with pytest.raises(ValueError, match="slots '0%' gives 0 slots"):
+        run_bench(config(trace_file, slots=["0%"]))
+    with pytest.raises(ValueError, match="needs a GPU"):
+        run_bench(config(trace_file, accelerate="25%"))
+
+
+def test_cli_bench_arch_json(trace_file, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["bench", "--arch", "mixtral-8x7b", "--layers", "2", "--routing", f"trace:{trace_file}", "--slots", "25%,50%",
+            "--policies", "lru,expertflow", "--predictors", "oracle", "--new-tokens", "4", "--prompt-len", "2",
+            "--out", str(out)]
+    # The CLI builds full-size dimensions: shrink them for the CPU by patching the shapes table.
+    from expertflow.bench import shapes
+
+    original = shapes.SHAPES["mixtral-8x7b"]
+    shapes.SHAPES["mixtral-8x7b"] = shapes.Shape(original.model_type, {**original.config, **TINY}, original.source)
+    try:
+        assert main(argv) == 0
+    finally:
+        shapes.SHAPES["mixtral-8x7b"] = original
+    result = json.loads(out.read_text())
+    assert [r["slots"] for r in result["rows"]] == ["100%", "25%", "25%", "50%", "50%"]
+    assert out.with_suffix(".png").exists() and "x bound" in capsys.readouterr().out
+    assert main(["bench", "--arch", "mixtral-8x7b", "--prompt", "hi"]) == 2
+    assert "--prompt needs a tokenizer" in capsys.readouterr().err

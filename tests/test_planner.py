@@ -1,0 +1,121 @@
+"""The planner: forecasts and history -> predicted next uses -> plans, against references written out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from expertflow.planner import Calibrator, Forecast, Planner
+from expertflow.policies import EngineInfo, Expertflow, HistoryPredictor, StepContext
+
+
+def reference_estimate(num_layers: int, last_use: dict, position: int, layer: int, expert: int) -> float:
+    """Next use from history: the layer's next visit after the coming one, pushed back by the time the
+    expert has sat unused since (2 * turn - last use)."""
+    coming = position + 1
+    turn = next(p for p in range(coming + 1, coming + num_layers + 1) if p % num_layers == layer)
+    return 2.0 * turn - last_use.get((layer, expert), -1e12)
+
+
+def test_calibrator_measures_how_often_a_score_is_right():
+    c = Calibrator(num_bins=4)
+    assert c(np.array([0.1, 0.9])).tolist() == [0.0, 0.0]  # untrusted until seen right
+    c.observe(np.array([0.9] * 10 + [0.1] * 10), np.array([True] * 7 + [False] * 3 + [True] * 1 + [False] * 9))
+    assert c(np.array([0.95]))[0] == pytest.approx(7 / 11)
+    assert c(np.array([0.05]))[0] == pytest.approx(1 / 11)
+    assert c.at_one() == pytest.approx(7 / 11)
+
+
+@pytest.mark.parametrize("num_layers,num_experts", [(1, 3), (7, 5), (33, 4)])
+def test_estimate_without_forecasts_matches_the_reference(num_layers, num_experts):
+    rng = np.random.default_rng(num_layers)
+    planner = Planner(num_layers, num_experts)
+    last: dict = {}
+    for step in range(4):
+        planner.begin_step(None)
+        for layer in range(num_layers):
+            used = rng.choice(num_experts, size=min(2, num_experts), replace=False)
+            plan = planner.layer_done(layer, used)
+            for e in used:
+                last[(layer, int(e))] = step * num_layers + layer
+            pos = step * num_layers + layer
+            assert plan.now == pos + 1 and len(plan) == 0  # nothing forecast: nothing prefetched
+            for l in range(num_layers):
+                for e in range(num_experts):
+                    want = reference_estimate(num_layers, last, pos, l, e)
+                    assert plan.next_use[l, e] == want
+                    assert plan.following_use[l, e] == want + 2 * num_layers
+
+
+def trusting(planner: Planner) -> None:
+    """Calibration has seen forecasts of score 1 always right and of score 0 never used."""
+    planner.step_calibration.observe(np.ones(50), np.ones(50, dtype=bool))
+    planner.gate_calibration.observe(np.ones(50), np.ones(50, dtype=bool))
+
+
+def test_trusted_forecasts_become_next_uses_and_prefetches_in_order():
+    L, E = 5, 6
+    planner = Planner(L, E)
+    trusting(planner)
+    probs = np.zeros((L, E))
+    probs[0, 1] = probs[2, 3] = probs[4, 0] = probs[4, 5] = 1.0
+    plan = planner.begin_step(Forecast(probs))  # step 0: positions 0..4
+    assert plan.layers.tolist() == [0, 2, 4, 4] and plan.experts.tolist() == [1, 3, 0, 5]
+    assert plan.due.tolist() == [0, 2, 4, 4] and plan.sure.all()
+    assert plan.next_use[2, 3] == 2 and plan.next_use[4, 0] == 4
+    plan = planner.layer_done(0, [1, 2])
+    assert plan.layers.tolist() == [2, 4, 4] and plan.due[0] == 2
+    # The forecast use is spent: expert 1 of layer 0 now waits on its estimate, like expert 2.
+    assert plan.next_use[0, 1] == plan.next_use[0, 2] == 2 * 5 - 0
+    plan = planner.layer_done(1, [0, 1], gate=[4])  # gate-ahead: layer 2 needs expert 4 too
+    assert (2, 4) in set(zip(plan.layers.tolist(), plan.experts.tolist()))
+    assert plan.next_use[2, 4] == 2
+
+
+def test_untrusted_forecasts_change_nothing():
+    L, E = 4, 8
+    blind, told = Planner(L, E), Planner(L, E)
+    rng = np.random.default_rng(0)
+    for step in range(30):
+        probs = np.zeros((L, E))
+        for l in range(L):
+            probs[l, rng.choice(E, 2, replace=False)] = 1.0
+        a, b = blind.begin_step(None), told.begin_step(Forecast(probs))
+        for layer in range(L):
+            used = rng.choice(E, 2, replace=False)  # independent of the forecast: it is right 1 in 4
+            a, b = blind.layer_done(layer, used), told.layer_done(layer, used)
+    assert told.step_calibration.at_one() < 0.3
+    assert len(b) == 0 and np.array_equal(a.next_use, b.next_use)
+
+
+def test_exhaustive_forecasts_leave_unnamed_experts_unneeded():
+    L, E = 3, 4
+    planner = Planner(L, E)
+    trusting(planner)
+    probs = np.zeros((L, E))
+    probs[1, 2] = 1.0
+    later = np.full((2, L, E), np.inf)
+    later[0, 0, 3], later[1, 0, 3] = 1, 5  # expert 3 of layer 0: next step, then five steps ahead
+    later[0, 2, 1] = 2  # expert 1 of layer 2: two steps ahead, past the prefetch window
+    plan = planner.begin_step(Forecast(probs, later, exhaustive=True))
+    assert plan.next_use[1, 2] == 1 and plan.next_use[0, 3] == 3 and plan.following_use[0, 3] == 15
+    assert plan.next_use[2, 1] == 8 and np.isinf(plan.following_use[2, 1])
+    assert np.isinf(plan.next_use[2, 0]) and np.isinf(plan.next_use[0, 0])
+    assert plan.layers.tolist() == [1, 0] and plan.due.tolist() == [1, 3]  # within two steps of position -1
+
+
+def test_history_policy_path_and_batches():
+    policy = Expertflow(HistoryPredictor(8), None)
+    policy.attach(EngineInfo(num_layers=2, num_experts=8, num_slots=4, top_k=2))
+    policy.on_step(StepContext(step=0, batch=2, new_sequences=True))
+    policy.on_layer(0, np.array([[1, 2], [3, 4], [5, 6], [7, 0]]), None)  # 2 sequences x 2 tokens (a prefill)
+    assert policy.path[:, 0].tolist() == [[3, 4], [7, 0]]  # each sequence's last token
+    forecast = policy.history.forecast(StepContext(step=1, batch=2), policy.path)
+    assert np.flatnonzero(forecast.probs[0]).tolist() == [0, 3, 4, 7] and forecast.probs[1].sum() == 0
+
+
+def test_forecast_of_the_wrong_shape_is_an_error():
+    with pytest.raises(ValueError, match=r"probabilities \[3, 4\]"):
+        Planner(3, 4).begin_step(Forecast(np.zeros((4, 3))))
+    with pytest.raises(ValueError, match="confidence"):
+        Planner(3, 4, confidence=0.9, prefetch_confidence=0.5)
