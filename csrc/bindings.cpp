@@ -83,6 +83,7 @@ py::dict slot_dict(const SlotMeta& m) {
   d["expert"] = m.expert;
   d["pin_count"] = m.pin_count;
   d["planned"] = m.planned;
+  d["last_position"] = m.last_position;
   d["next_use"] = m.next_use;
   d["following_use"] = m.following_use;
   d["last_use"] = m.last_use;
@@ -206,8 +207,11 @@ PYBIND11_MODULE(_C, m) {
            "The whole pinned arena as a uint8 DLPack capsule.");
 
   py::class_<SlotCache>(m, "SlotCache")
-      .def(py::init([](int num_slots, const std::string& policy) { return SlotCache(num_slots, parse_policy(policy)); }),
-           py::arg("num_slots"), py::arg("policy"))
+      .def(py::init([](int num_slots, const std::string& policy, int num_layers) {
+             return SlotCache(num_slots, parse_policy(policy), num_layers);
+           }),
+           py::arg("num_slots"), py::arg("policy"), py::arg("num_layers") = 0)
+      .def_property_readonly("position", &SlotCache::position)
       .def_property_readonly("num_slots", &SlotCache::num_slots)
       .def("find", &SlotCache::find, py::arg("layer"), py::arg("expert"))
       .def("clear", &SlotCache::clear, py::arg("slot"))
@@ -244,6 +248,24 @@ PYBIND11_MODULE(_C, m) {
            py::arg("following_use") = py::none(), py::arg("now") = kDueNow, py::arg("sure") = py::none(),
            py::arg("link_idle") = false,
            "Applies a plan -> loads as [(layer, expert, due, evicted, evicted_was_unused_prefetch)].")
+      .def("readmit",
+           [](SlotCache& c, bool link_idle) {
+             std::vector<std::pair<bool, bool>> evicted;
+             const std::vector<PlanLoad> loads = c.readmit(
+                 [&](int slot) {
+                   const SlotMeta& m = c.slot(slot);
+                   evicted.emplace_back(!m.empty(), m.prefetched_unused);
+                 },
+                 nullptr, link_idle);
+             py::list out;
+             for (size_t i = 0; i < loads.size(); ++i) {
+               const SlotMeta& m = c.slot(loads[i].slot);
+               out.append(py::make_tuple(m.layer, m.expert, loads[i].due, evicted[i].first, evicted[i].second));
+             }
+             return out;
+           },
+           py::arg("link_idle") = false,
+           "Admits what the plan still holds after the clock moved -> loads as in apply_plan.")
       .def("slot_table",
            [](const SlotCache& c) {
              py::list out;

@@ -2,6 +2,7 @@
 #include "expertflow/cache.h"
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <string>
 
@@ -9,9 +10,71 @@
 
 namespace expertflow {
 
-SlotCache::SlotCache(int num_slots, Policy policy) : policy_(policy) {
+SlotCache::SlotCache(int num_slots, Policy policy, int num_layers) : policy_(policy), num_layers_(num_layers) {
   EF_CHECK(num_slots > 0, "the cache needs at least one slot, got num_slots=" << num_slots);
+  EF_CHECK(num_layers >= 0, "num_layers must be >= 0, got " << num_layers);
   slots_.resize(static_cast<size_t>(num_slots));
+}
+
+namespace {
+// Last-use position of an expert never used since it was loaded: its estimate is beyond any other's.
+constexpr double kNeverUsedPosition = -1e12;
+}  // namespace
+
+void SlotCache::advance(int layer) {
+  EF_CHECK(layer >= 0 && (num_layers_ == 0 || layer < num_layers_),
+           "layer " << layer << " is out of range (num_layers=" << num_layers_ << ")");
+  if (num_layers_ > 0) {
+    const double L = num_layers_;
+    if (next_visit_ != kDueNow && std::fmod(next_visit_, L) == layer) {
+      position_ = next_visit_;
+    } else if (layer != current_layer_) {  // the same layer again is the same visit (waves)
+      position_ += static_cast<double>(((layer - current_layer_) % num_layers_ + num_layers_) % num_layers_);
+    }
+    if (position_ >= next_visit_) next_visit_ = kDueNow;
+  }
+  current_layer_ = layer;
+  refresh();
+}
+
+void SlotCache::predict(SlotMeta& m) const {
+  double estimate;
+  if (num_layers_ > 0) {
+    // The layer's next visit after the current one, pushed back by the time the expert sat unused.
+    const int ahead = ((m.layer - current_layer_ - 1) % num_layers_ + num_layers_) % num_layers_ + 1;
+    const double turn = position_ + ahead;
+    const double last = m.last_position == kDueNow ? kNeverUsedPosition : m.last_position;
+    estimate = 2 * turn - last;
+  } else {
+    estimate = 1e15 + static_cast<double>(clock_ - m.last_use);  // no clock: the least recent is farthest
+  }
+  const double gap = 2.0 * std::max(num_layers_, 1);
+  double first = std::numeric_limits<double>::quiet_NaN(), second = first;
+  const uint64_t k = key(m.layer, m.expert);
+  if (stride_ > 0) {
+    const size_t i = static_cast<size_t>(m.layer) * static_cast<size_t>(stride_) + static_cast<size_t>(m.expert);
+    if (m.expert < stride_ && i < next_use_.size()) {
+      first = next_use_[i];
+      second = following_use_[i];
+    }
+  } else if (const auto it = named_due_.find(k); it != named_due_.end()) {
+    first = it->second;
+  }
+  if (!std::isnan(first) && first <= position_) first = second;  // that visit has come: the next use is the one after
+  if (std::isnan(first)) {
+    m.next_use = estimate;
+    m.following_use = estimate + gap;
+  } else {
+    m.next_use = first;
+    m.following_use = !std::isnan(second) && second > first ? second : first + gap;
+  }
+}
+
+void SlotCache::refresh() {
+  if (policy_ != Policy::kExpertflow) return;
+  for (SlotMeta& m : slots_) {
+    if (!m.empty()) predict(m);
+  }
 }
 
 void SlotCache::check_slot(int slot) const {
@@ -58,14 +121,6 @@ int SlotCache::pick_slot(int layer, double due, bool prefetch) const {
   return choose_victim(policy_, slots_, all, due);
 }
 
-void SlotCache::predict(SlotMeta& m) const {
-  if (stride_ == 0) return;
-  const size_t i = static_cast<size_t>(m.layer) * static_cast<size_t>(stride_) + static_cast<size_t>(m.expert);
-  const bool known = m.expert < stride_ && i < next_use_.size();
-  m.next_use = known ? next_use_[i] : kNeverUsed;
-  m.following_use = known ? following_use_[i] : kNeverUsed;
-}
-
 void SlotCache::assign(int slot, int layer, int expert) {
   check_slot(slot);
   EF_CHECK(find(layer, expert) < 0, "layer " << layer << " expert " << expert << " is already resident in slot "
@@ -76,7 +131,7 @@ void SlotCache::assign(int slot, int layer, int expert) {
   m.layer = layer;
   m.expert = expert;
   m.last_use = ++clock_;
-  predict(m);
+  if (policy_ == Policy::kExpertflow) predict(m);
   index_[key(layer, expert)] = slot;
   ++layer_counts_[layer];
 }
@@ -94,8 +149,11 @@ void SlotCache::clear(int slot) {
 
 void SlotCache::touch(int slot) {
   check_slot(slot);
-  slots_[slot].last_use = ++clock_;
-  ++slots_[slot].use_count;
+  SlotMeta& m = slots_[slot];
+  m.last_use = ++clock_;
+  m.last_position = position_;
+  ++m.use_count;
+  if (policy_ == Policy::kExpertflow) predict(m);
 }
 
 void SlotCache::pin(int slot) {
@@ -122,11 +180,12 @@ void SlotCache::set_layer_quotas(std::vector<int> quotas) {
   quotas_ = std::move(quotas);
 }
 
-std::vector<PlanLoad> SlotCache::apply_plan(const Plan& plan, const std::function<void(int)>& before_load,
-                                            const std::function<void(const PlanLoad&)>& after_load,
+std::vector<PlanLoad> SlotCache::apply_plan(const Plan& plan, const BeforeLoad& before_load, const AfterLoad& after_load,
                                             std::vector<PlanLoad>* planned, bool link_idle) {
-  const bool has_tables = !plan.next_use.empty();
-  if (has_tables) {
+  for (const PlanItem& item : plan.prefetch) {
+    EF_CHECK(!std::isnan(item.due), "the due position of layer " << item.layer << " expert " << item.expert << " is NaN");
+  }
+  if (!plan.next_use.empty()) {
     EF_CHECK(plan.stride > 0, "a plan with next-use tables needs stride > 0, got " << plan.stride);
     EF_CHECK(plan.next_use.size() % static_cast<size_t>(plan.stride) == 0 &&
                  plan.following_use.size() == plan.next_use.size(),
@@ -135,20 +194,36 @@ std::vector<PlanLoad> SlotCache::apply_plan(const Plan& plan, const std::functio
     stride_ = plan.stride;
     next_use_ = plan.next_use;
     following_use_ = plan.following_use;
-    now_ = plan.now;
+    named_due_.clear();
+  } else {
+    stride_ = 0;
+    next_use_.clear();
+    following_use_.clear();
+    named_due_.clear();
+    for (const PlanItem& item : plan.prefetch) named_due_[key(item.layer, item.expert)] = item.due;
   }
-  for (SlotMeta& m : slots_) {
-    m.planned = false;
-    if (has_tables && !m.empty()) predict(m);
-  }
+  timed_ = plan.now != kDueNow;
+  if (timed_) next_visit_ = plan.now;
+  prefetch_ = plan.prefetch;
+  for (SlotMeta& m : slots_) m.planned = false;
+  refresh();
+  return admit(before_load, after_load, planned, link_idle);
+}
+
+std::vector<PlanLoad> SlotCache::readmit(const BeforeLoad& before_load, const AfterLoad& after_load, bool link_idle) {
+  if (!timed_) return {};  // a plan without a clock is admitted once
+  return admit(before_load, after_load, nullptr, link_idle);
+}
+
+std::vector<PlanLoad> SlotCache::admit(const BeforeLoad& before_load, const AfterLoad& after_load,
+                                       std::vector<PlanLoad>* planned, bool link_idle) {
   const bool by_next_use = orders_by_next_use(policy_);
   std::vector<PlanLoad> loads;
-  for (const PlanItem& item : plan.prefetch) {
-    EF_CHECK(!std::isnan(item.due), "the due position of layer " << item.layer << " expert " << item.expert << " is NaN");
+  for (const PlanItem& item : prefetch_) {
+    if (timed_ && item.due <= position_) continue;  // its visit has come: too late to prefetch
     int s = find(item.layer, item.expert);
     if (s >= 0) {
       slots_[s].planned = true;
-      if (!has_tables) slots_[s].next_use = item.due;
       if (planned) planned->push_back(PlanLoad{s, item.due});
       continue;
     }
@@ -167,7 +242,6 @@ std::vector<PlanLoad> SlotCache::apply_plan(const Plan& plan, const std::functio
     SlotMeta& m = slots_[s];
     m.planned = true;
     m.prefetched_unused = true;
-    if (!has_tables) m.next_use = item.due;
     loads.push_back(PlanLoad{s, item.due});
     if (after_load) after_load(loads.back());
     link_idle = false;
@@ -181,6 +255,7 @@ AccessResult SlotCache::access(int layer, const std::vector<int>& experts, const
                        << " needs at once; raise the capacity to at least " << experts.size());
   EF_CHECK(next_uses == nullptr || next_uses->size() == experts.size(),
            "got " << experts.size() << " experts but " << next_uses->size() << " next-use positions");
+  advance(layer);
   std::vector<int> pinned;
   for (int expert : experts) {
     const int s = find(layer, expert);
@@ -197,7 +272,7 @@ AccessResult SlotCache::access(int layer, const std::vector<int>& experts, const
       ++result.hits;
       if (slots_[s].prefetched_unused) ++result.prefetch_hits;
     } else {
-      s = pick_slot(layer, now_, /*prefetch=*/false);
+      s = pick_slot(layer, demand_due(), /*prefetch=*/false);
       if (s < 0) {
         failure = "no unpinned slot is left for layer " + std::to_string(layer) + " expert " + std::to_string(experts[i]);
         break;

@@ -32,7 +32,7 @@ Runtime::Runtime(std::shared_ptr<ExpertPool> pool, RuntimeOptions options)
     : pool_(std::move(pool)),
       options_(validated(pool_, std::move(options))),
       policy_(parse_policy(options_.policy)),
-      cache_(options_.num_slots, policy_) {
+      cache_(options_.num_slots, policy_, pool_->num_layers()) {
   EF_CHECK(policy_ != Policy::kBelady, "policy 'belady' needs the future and exists for trace replay only; "
                                        "choose lru, lfu or expertflow");
   arena_ = std::make_shared<Buffer>(pool_->backend(), Buffer::Kind::kDevice,
@@ -98,15 +98,16 @@ void Runtime::apply_plan(const Plan& plan) {
   }
   std::vector<PlanLoad> planned;
   cache_.apply_plan(
-      plan, [this](int slot) { evict_locked(slot); },
-      [this](const PlanLoad& p) {
-        const SlotMeta& m = cache_.slot(p.slot);
-        engine_->prefetch(p.slot, pool_->expert_data(m.layer, m.expert), slot_data(p.slot), pool_->expert_bytes(m.layer),
-                          p.due);
-        ++stats_.prefetches;
-      },
+      plan, [this](int slot) { evict_locked(slot); }, [this](const PlanLoad& p) { queue_prefetch_locked(p); },
       &planned, engine_->idle());
   for (const PlanLoad& p : planned) engine_->set_due(p.slot, p.due);
+}
+
+void Runtime::queue_prefetch_locked(const PlanLoad& load) {
+  const SlotMeta& m = cache_.slot(load.slot);
+  engine_->prefetch(load.slot, pool_->expert_data(m.layer, m.expert), slot_data(load.slot), pool_->expert_bytes(m.layer),
+                    load.due);
+  ++stats_.prefetches;
 }
 
 std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, Stream compute, bool wait) {
@@ -121,6 +122,7 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
              "capacity of " << cache_.num_slots() << " slots is smaller than the " << experts.size()
                             << " experts layer " << layer << " needs at once; give the cache at least "
                             << experts.size() << " slots");
+    cache_.advance(layer);
     for (size_t i = 0; i < experts.size(); ++i) {
       slots[i] = cache_.find(layer, experts[i]);
       if (slots[i] >= 0) cache_.pin(slots[i]);
@@ -159,6 +161,9 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
       cache_.touch(s);
     }
     stats_.accesses += experts.size();
+    // The clock moved and this layer's experts were used: prefetches that had to wait may go now.
+    cache_.readmit([this](int slot) { evict_locked(slot); }, [this](const PlanLoad& p) { queue_prefetch_locked(p); },
+                   engine_->idle());
   }
   // Pinned slots cannot change hands, so waiting needs no cache lock (and must not hold it: on the
   // host backend the wait blocks this thread until the bytes land).

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from expertflow import _C
 from expertflow.planner import Calibrator, Forecast, Planner
 from expertflow.policies import EngineInfo, Expertflow, HistoryPredictor, StepContext
 
 
 def reference_estimate(num_layers: int, last_use: dict, position: int, layer: int, expert: int) -> float:
-    """Next use from history: the layer's next visit after the coming one, pushed back by the time the
+    """Next use from history: the layer's next visit after the current one, pushed back by the time the
     expert has sat unused since (2 * turn - last use)."""
-    coming = position + 1
-    turn = next(p for p in range(coming + 1, coming + num_layers + 1) if p % num_layers == layer)
+    turn = next(p for p in range(position + 1, position + num_layers + 1) if p % num_layers == layer)
     return 2.0 * turn - last_use.get((layer, expert), -1e12)
 
 
@@ -27,24 +27,25 @@ def test_calibrator_measures_how_often_a_score_is_right():
 
 
 @pytest.mark.parametrize("num_layers,num_experts", [(1, 3), (7, 5), (33, 4)])
-def test_estimate_without_forecasts_matches_the_reference(num_layers, num_experts):
+def test_the_cache_estimates_unforecast_experts_on_its_clock(num_layers, num_experts):
+    """With no forecast, the expertflow cache's next uses are the reference estimate at every visit."""
     rng = np.random.default_rng(num_layers)
-    planner = Planner(num_layers, num_experts)
+    cache = _C.SlotCache(num_layers * num_experts, "expertflow", num_layers)
     last: dict = {}
-    for step in range(4):
-        planner.begin_step(None)
+    for step in range(3):
+        if num_layers == 1:  # one layer: only a plan's clock tells a new step from the same visit
+            cache.apply_plan(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0), now=float(step))
         for layer in range(num_layers):
-            used = rng.choice(num_experts, size=min(2, num_experts), replace=False)
-            plan = planner.layer_done(layer, used)
-            for e in used:
-                last[(layer, int(e))] = step * num_layers + layer
+            used = sorted(rng.choice(num_experts, size=min(2, num_experts), replace=False).tolist())
+            cache.access(layer, used)
             pos = step * num_layers + layer
-            assert plan.now == pos + 1 and len(plan) == 0  # nothing forecast: nothing prefetched
-            for l in range(num_layers):
-                for e in range(num_experts):
-                    want = reference_estimate(num_layers, last, pos, l, e)
-                    assert plan.next_use[l, e] == want
-                    assert plan.following_use[l, e] == want + 2 * num_layers
+            assert cache.position == pos
+            for e in used:
+                last[(layer, e)] = pos
+            for slot in cache.slot_table():
+                if slot["layer"] >= 0:
+                    want = reference_estimate(num_layers, last, pos, slot["layer"], slot["expert"])
+                    assert slot["next_use"] == want and slot["following_use"] == want + 2 * num_layers
 
 
 def trusting(planner: Planner) -> None:
@@ -61,31 +62,29 @@ def test_trusted_forecasts_become_next_uses_and_prefetches_in_order():
     probs[0, 1] = probs[2, 3] = probs[4, 0] = probs[4, 5] = 1.0
     plan = planner.begin_step(Forecast(probs))  # step 0: positions 0..4
     assert plan.layers.tolist() == [0, 2, 4, 4] and plan.experts.tolist() == [1, 3, 0, 5]
-    assert plan.due.tolist() == [0, 2, 4, 4] and plan.sure.all()
+    assert plan.due.tolist() == [0, 2, 4, 4] and plan.sure.all() and plan.now == 0
     assert plan.next_use[2, 3] == 2 and plan.next_use[4, 0] == 4
-    plan = planner.layer_done(0, [1, 2])
-    assert plan.layers.tolist() == [2, 4, 4] and plan.due[0] == 2
-    # The forecast use is spent: expert 1 of layer 0 now waits on its estimate, like expert 2.
-    assert plan.next_use[0, 1] == plan.next_use[0, 2] == 2 * 5 - 0
-    plan = planner.layer_done(1, [0, 1], gate=[4])  # gate-ahead: layer 2 needs expert 4 too
-    assert (2, 4) in set(zip(plan.layers.tolist(), plan.experts.tolist()))
-    assert plan.next_use[2, 4] == 2
+    assert np.isnan(plan.next_use[0, 0]) and np.isnan(plan.following_use).all()  # the cache estimates these
+    assert planner.layer_done(0, [1, 2]) is None  # nothing to refine: the plan in force holds
+    plan = planner.layer_done(1, [0, 1], gate=[4, 3])  # gate-ahead: layer 2 needs expert 4 too
+    assert list(zip(plan.layers.tolist(), plan.experts.tolist()))[:2] == [(2, 4), (0, 1)]
+    assert plan.next_use[2, 4] == 2 and plan.now == 2
 
 
 def test_untrusted_forecasts_change_nothing():
     L, E = 4, 8
-    blind, told = Planner(L, E), Planner(L, E)
+    told = Planner(L, E)
     rng = np.random.default_rng(0)
     for step in range(30):
         probs = np.zeros((L, E))
         for l in range(L):
             probs[l, rng.choice(E, 2, replace=False)] = 1.0
-        a, b = blind.begin_step(None), told.begin_step(Forecast(probs))
+        plan = told.begin_step(Forecast(probs))
         for layer in range(L):
             used = rng.choice(E, 2, replace=False)  # independent of the forecast: it is right 1 in 4
-            a, b = blind.layer_done(layer, used), told.layer_done(layer, used)
+            assert told.layer_done(layer, used) is None
     assert told.step_calibration.at_one() < 0.3
-    assert len(b) == 0 and np.array_equal(a.next_use, b.next_use)
+    assert len(plan) == 0 and np.isnan(plan.next_use).all()
 
 
 def test_exhaustive_forecasts_leave_unnamed_experts_unneeded():

@@ -7,13 +7,19 @@
 //   one of its own slots; else an empty slot; else a slot of a layer above its quota; else, for a
 //   layer below its quota, another layer's slot; else any candidate. Quotas steer placement; they
 //   never make a load fail while some candidate exists.
+// - A clock counts layer visits: layer l of step s is at position s * num_layers + l. access() and the
+//   runtime's acquire() move it to the layer's visit (a layer at or below the current one starts the
+//   next step); a plan's `now` sets it, so the planner and the cache keep one clock.
 // - A plan is predicted next uses (integrated prefetching and caching, Cao, Felten, Karlin and Li,
-//   1995). Under the next-use policies a prefetch of X, due at t, evicts the slot whose next use as
-//   seen from t is farthest, and only when that slot is not needed before t: then it is the victim
-//   demand paging under Belady would evict when X is needed, so prefetching moves no more bytes than
-//   demand paging would, it only moves them earlier. When that slot is needed before t, the plan
-//   stops: the next plan, after that use, may go on. Under lru and lfu a prefetch evicts only slots
-//   the plan does not name.
+//   1995): tables of each expert's next use and the one after, where NaN means "no forecast": the
+//   cache estimates it from its own history, 2 * (its layer's next visit) - (its last use), and a
+//   forecast use whose visit has passed gives way to the next one. The expertflow policy evicts the
+//   expert needed farthest ahead. A prefetch of X, due at t, evicts the expert whose next use as seen
+//   from t is farthest, and only when that expert is not needed before t: then it is the victim demand
+//   paging under Belady would evict when X is needed, so prefetching moves no more bytes than demand
+//   paging would, it only moves them earlier. When that expert is needed before t the plan waits: the
+//   cache tries again after every access (readmit), as the clock moves. Under lru and lfu a prefetch
+//   evicts only slots the plan does not name.
 // - A prefetch that is not sure is admitted only while the link is idle, one at a time, and only into
 //   a free slot or over an expert no forecast expects again: a guess may use a free link and a free
 //   slot, never delay a surer copy or evict something of value.
@@ -40,13 +46,13 @@ struct PlanItem {
 struct Plan {
   // What to bring in, in the order to consider it (ascending due under the next-use policies).
   std::vector<PlanItem> prefetch;
-  // Predicted next use of every (layer, expert), at [layer * stride + expert], and of the access after
-  // it. Empty: the previous tables stay, and a prefetched expert's next use is its due.
+  // Forecast next use of every (layer, expert), at [layer * stride + expert], and of the access after
+  // it; NaN: none (the cache estimates), +inf: never. Empty: no tables, each named expert is next
+  // used at its due.
   int stride = 0;
   std::vector<double> next_use;
   std::vector<double> following_use;
-  // Position of the next access, in the same clock: demand loads until the next plan are due then,
-  // so an expert forecast for that access but not asked for ranks by its use after it.
+  // Position of the next layer visit (-inf: leave the cache's clock alone).
   double now = kDueNow;
 };
 
@@ -65,42 +71,53 @@ struct AccessResult {
 
 class SlotCache {
  public:
-  SlotCache(int num_slots, Policy policy);
+  using BeforeLoad = std::function<void(int)>;
+  using AfterLoad = std::function<void(const PlanLoad&)>;
+
+  // num_layers (0: unknown) is the clock's period; without it expertflow estimates by recency alone.
+  SlotCache(int num_slots, Policy policy, int num_layers = 0);
 
   int num_slots() const { return static_cast<int>(slots_.size()); }
   Policy policy() const { return policy_; }
   const std::vector<SlotMeta>& slots() const { return slots_; }
   const SlotMeta& slot(int slot) const;
+  double position() const { return position_; }
 
   int find(int layer, int expert) const;  // -1 when not resident
   int layer_count(int layer) const;
 
+  // Moves the clock to `layer`'s visit and brings every slot's next uses up to date.
+  void advance(int layer);
+  // The due of a demand load: now, on the clock the expertflow policy's next uses follow (belady's
+  // next uses count accesses, not the clock, and need none).
+  double demand_due() const { return policy_ == Policy::kExpertflow ? position_ : kDueNow; }
   // A slot to load an expert of `layer` into, due at `due` (demand_due(): a demand load), or -1 when
   // none may be taken. Candidates are unpinned; a prefetch under lru or lfu also spares planned slots.
   int pick_slot(int layer, double due, bool prefetch) const;
 
-  double demand_due() const { return now_; }     // the latest plan's `now`
-  void assign(int slot, int layer, int expert);  // replaces the occupant; next uses from the tables
+  void assign(int slot, int layer, int expert);  // replaces the occupant
   void clear(int slot);
-  void touch(int slot);                          // an access: recency and frequency
+  void touch(int slot);                          // an access: recency, frequency, position
   void pin(int slot);
   void unpin(int slot);                          // throws when not pinned
   void set_prefetched_unused(int slot, bool value);
-  // Applies a plan (see the invariants): runs before_load(slot) for each slot about to be reused and
-  // after_load for each load as soon as it is chosen (so a later entry that evicts it finds its copy
-  // queued), and returns the loads in plan order. `planned` receives the plan's entries that were
-  // already resident. `link_idle`: no copy is queued or in flight.
-  std::vector<PlanLoad> apply_plan(const Plan& plan, const std::function<void(int)>& before_load,
-                                   const std::function<void(const PlanLoad&)>& after_load = nullptr,
+  // Replaces the plan and admits its prefetches (see the invariants): runs before_load(slot) for each
+  // slot about to be reused and after_load for each load as soon as it is chosen (so a later entry
+  // that evicts it finds its copy queued). Returns the loads in plan order. `planned` receives the
+  // plan's entries that were already resident. `link_idle`: no copy is queued or in flight.
+  std::vector<PlanLoad> apply_plan(const Plan& plan, const BeforeLoad& before_load, const AfterLoad& after_load = nullptr,
                                    std::vector<PlanLoad>* planned = nullptr, bool link_idle = false);
+  // Admits the current plan's prefetches that are still ahead of the clock (after an access).
+  std::vector<PlanLoad> readmit(const BeforeLoad& before_load, const AfterLoad& after_load = nullptr,
+                                bool link_idle = false);
   // quotas[l] >= 0 caps layer l; -1 or a missing entry leaves it uncapped; empty clears all quotas.
   void set_layer_quotas(std::vector<int> quotas);
   const std::vector<int>& layer_quotas() const { return quotas_; }
 
-  // One layer of demand paging (trace replay): every listed expert is accessed in order, loading
-  // misses; the layer's resident experts are pinned for the duration, so victims are never needed by
-  // this layer. next_uses (may be null) gives each access's next-use position (belady).
-  // Throws when the cache cannot hold the layer's experts.
+  // One layer of demand paging (trace replay): the clock moves to the layer, every listed expert is
+  // accessed in order, loading misses; the layer's resident experts are pinned for the duration, so
+  // victims are never needed by this layer. next_uses (may be null) gives each access's next-use
+  // position (belady). Throws when the cache cannot hold the layer's experts.
   AccessResult access(int layer, const std::vector<int>& experts, const std::vector<double>* next_uses);
 
  private:
@@ -109,18 +126,27 @@ class SlotCache {
   }
   void check_slot(int slot) const;
   int quota(int layer) const;
-  void predict(SlotMeta& m) const;  // next uses of m's expert from the tables, when set
+  void predict(SlotMeta& m) const;  // m's next uses from the tables, the estimate and the clock
+  void refresh();                   // predict() every resident (expertflow)
+  std::vector<PlanLoad> admit(const BeforeLoad& before_load, const AfterLoad& after_load,
+                              std::vector<PlanLoad>* planned, bool link_idle);
 
   Policy policy_;
+  int num_layers_;
   std::vector<SlotMeta> slots_;
   std::unordered_map<uint64_t, int> index_;
   std::unordered_map<int, int> layer_counts_;
   std::vector<int> quotas_;
   uint64_t clock_ = 0;
+  double position_ = -1;   // the current visit (-1: before the first)
+  int current_layer_ = -1;
+  double next_visit_ = kDueNow;  // a plan's `now`: where the next visit lands
+  bool timed_ = false;           // the current plan keeps the clock: prefetches behind it are spent
+  std::vector<PlanItem> prefetch_;  // the current plan's
   int stride_ = 0;
-  double now_ = kDueNow;
   std::vector<double> next_use_;
   std::vector<double> following_use_;
+  std::unordered_map<uint64_t, double> named_due_;  // a plan without tables: each named expert's due
 };
 
 }  // namespace expertflow

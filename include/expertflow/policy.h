@@ -38,6 +38,7 @@ struct SlotMeta {
   bool prefetched_unused = false;       // loaded by a prefetch and not acquired since
   uint64_t last_use = 0;                // recency clock of the last access or load
   uint64_t use_count = 0;               // accesses since loaded
+  double last_position = kDueNow;       // position of the last access since loaded (kDueNow: none)
   double next_use = kNeverUsed;         // position of the next access (belady: true; expertflow: predicted)
   double following_use = kNeverUsed;    // position of the access after that one (expertflow)
 

@@ -7,7 +7,8 @@
 // - A pinned slot is never evicted or overwritten; release() unpins and records the free event.
 // - apply_plan(plan) replaces the previous plan: unfinished prefetches the new plan does not name are
 //   cancelled (their slots emptied), named ones that are still queued take the new due, and new ones
-//   are admitted as the cache decides (cache.h) and queued by due.
+//   are admitted as the cache decides (cache.h) and queued by due. acquire() moves the cache's clock
+//   to the layer and, once its misses are on their way, admits what the plan still holds.
 // - One mutex serialises cache state; the copy engine's own lock is taken only inside it.
 // - After close() every call throws; the arena lives on while zero-copy views of it exist.
 #pragma once
@@ -84,6 +85,7 @@ class Runtime {
   void check_acquired_locked(int slot) const;
   uint8_t* slot_data(int slot) const { return arena_->data() + options_.slot_bytes * static_cast<size_t>(slot); }
   void evict_locked(int slot);
+  void queue_prefetch_locked(const PlanLoad& load);
 
   std::shared_ptr<ExpertPool> pool_;
   RuntimeOptions options_;

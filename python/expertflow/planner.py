@@ -15,15 +15,17 @@ Where the next use comes from, for each (layer, expert):
 1. a forecast the planner trusts: a step predictor's probability, calibrated online against what the
    routers then chose (:class:`Calibrator`), at least ``confidence``; gate-ahead picks for the next
    layer, calibrated the same way; later steps from multi-step forecasts (the trace oracles);
-2. otherwise an estimate from history: an expert's next chance is its layer's next turn, and it is
-   expected later the longer it sat unused: ``2 * next_turn - last_use``. This alone evicts no more
-   than LRU on layer-sequential access, where LRU evicts exactly the layer needed next;
-3. an exhaustive forecast (an oracle of the whole run) leaves an expert it does not name unneeded.
+2. otherwise (NaN in the tables) the cache's own estimate from history, on its own clock: an expert's
+   next chance is its layer's next visit, and it is expected later the longer it sat unused,
+   ``2 * next_visit - last_use``. This alone evicts no more than LRU on layer-sequential access,
+   where LRU evicts exactly the layer needed next;
+3. an exhaustive forecast (an oracle of the whole run) leaves an expert it does not name unneeded
+   (``inf``).
 
 A forecast the planner does not trust changes nothing: a poor predictor falls back to demand loading
-with the estimate, never to more bytes. Everything here is numpy over ``[L, E]`` arrays on the host:
-the only device-to-host transfers are the step forecast and each layer's routing, which the callers
-make.
+with the estimate, never to more bytes. Planning is numpy over ``[L, E]`` arrays once per step; a
+layer adds a few array writes (and a plan only when gate-ahead refines the next layer). The only
+device-to-host transfers are the step forecast and each layer's routing, which the callers make.
 """
 
 from __future__ import annotations
@@ -32,10 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Plan", "Forecast", "Calibrator", "Planner", "NEVER"]
-
-NEVER = np.inf
-_NEVER_USED = -1e12  # last-use position of an expert never used: its estimate is farther than any other
+__all__ = ["Plan", "Forecast", "Calibrator", "Planner"]
 
 
 @dataclass(frozen=True)
@@ -44,11 +43,10 @@ class Plan:
 
     ``layers``, ``experts`` ``[n]`` int32 and ``due`` ``[n]`` float64: the experts to bring in, in
     ascending due order (when each is needed, in positions); ``sure [n]`` bool (None: all): the others
-    load only while the link is idle. ``next_use`` and ``following_use``
-    ``[L, E]`` float64: every expert's predicted next use and the use after it (``inf``: none), or
-    ``None`` for policies that evict by recency and only name prefetches. ``now``: the position of the
-    next layer visit; its demand loads rank an expert forecast for it, but not asked for, by its use
-    after it.
+    load only while the link is idle. ``next_use`` and ``following_use`` ``[L, E]`` float64: every
+    expert's forecast next use and the use after it (NaN: none, the cache estimates; ``inf``: never),
+    or ``None`` for policies that evict by recency and only name prefetches. ``now``: the position of the
+    next layer visit, which sets the cache's clock; -inf: a plan without a clock, admitted once.
     """
 
     layers: np.ndarray
@@ -116,11 +114,13 @@ class Calibrator:
 
 
 class Planner:
-    """Predicted next uses for one model's ``num_layers`` x ``num_experts`` experts.
+    """Forecasts for one model's ``num_layers`` x ``num_experts`` experts, as plans.
 
     Call :meth:`begin_step` when a forward pass starts (with the step predictor's forecast, if any)
     and :meth:`layer_done` once each layer's router has spoken (with the experts it chose and, if any,
-    gate-ahead picks for the next layer); each returns the plan to apply.
+    gate-ahead picks for the next layer). Each returns the plan to apply, or None when the plan in
+    force still holds: the cache moves its own clock, estimates what no forecast names and lets spent
+    forecasts give way (``cache.h``), so a layer that refines nothing costs a few array writes.
     """
 
     def __init__(self, num_layers: int, num_experts: int, *, confidence: float = 0.5,
@@ -135,16 +135,12 @@ class Planner:
         self.window = window_steps * L
         self.step = -1
         self.layer = L - 1  # the last layer done: a new step starts at layer 0
-        self.last_use = np.full((L, E), _NEVER_USED)
-        # Steps ahead (0 = this step) of the next three trusted uses of each expert; inf = none. A use
-        # is `sure` when its forecast is right at least prefetch_confidence of the time.
-        self.uses = np.full((3, L, E), np.inf)
-        self.sure = np.zeros((3, L, E), dtype=bool)
-        self.exhaustive = False
-        # The tables, kept current row by row: a layer's visit changes only its row and the next one's.
-        self.next_use = np.full((L, E), np.inf)
-        self.following_use = np.full((L, E), np.inf)
-        self.trusted = np.zeros((L, E), dtype=bool)
+        # The plan in force: forecast next uses (NaN: none, the cache estimates; inf: never), and the
+        # prefetches (flat indices, ascending due, sure flags).
+        self.next_use = np.full((L, E), np.nan)
+        self.following_use = np.full((L, E), np.nan)
+        self.candidates = np.zeros(0, dtype=np.int64)
+        self.sure = np.zeros(0, dtype=bool)
         # What this step's forecasts said and what the routers did, for calibration at the step's end.
         self.step_scores: np.ndarray | None = None  # [L, E]
         self.gate_scores = np.zeros((L, E))  # gate-ahead picks for each layer, seen one layer early
@@ -153,7 +149,7 @@ class Planner:
         self.ran = np.zeros(L, dtype=bool)
         self.step_calibration = Calibrator()
         self.gate_calibration = Calibrator()
-        self._rows = np.arange(L)
+        self._base = (np.arange(L) * 1.0)[:, None]
 
     @property
     def position(self) -> int:
@@ -166,71 +162,67 @@ class Planner:
         self._calibrate()
         self.step += 1
         self.layer = -1
-        self.uses[:] = np.inf
-        self.sure[:] = False
-        self.exhaustive = False
+        L = self.num_layers
+        base = self.step * L + self._base  # this step's visit of each layer
         self.step_scores = None
+        first = np.full((L, self.num_experts), np.nan)
+        second = np.full_like(first, np.nan)
+        sure = np.zeros(first.shape, dtype=bool)
         if forecast is not None:
             probs = np.asarray(forecast.probs, dtype=np.float64)
-            if probs.shape != (self.num_layers, self.num_experts):
-                raise ValueError(f"a forecast has probabilities [{self.num_layers}, {self.num_experts}], got {list(probs.shape)}")
+            if probs.shape != (L, self.num_experts):
+                raise ValueError(f"a forecast has probabilities [{L}, {self.num_experts}], got {list(probs.shape)}")
             self.step_scores = probs
             p = self.step_calibration(probs)
-            now, sure_now = p >= self.confidence, p >= self.prefetch_confidence
-            self.uses[0] = np.where(now, 0.0, np.inf)
-            self.sure[0] = sure_now
-            p_later = self.step_calibration(np.ones(1))[0]  # a later use is named outright: score 1
+            now = p >= self.confidence
+            first[now] = np.broadcast_to(base, first.shape)[now]
+            sure = p >= self.prefetch_confidence
+            p_later = self.step_calibration.at_one()  # a later use is named outright: score 1
             if forecast.later is not None and p_later >= self.confidence:
-                later = np.asarray(forecast.later, dtype=np.float64)
-                sure_later = p_later >= self.prefetch_confidence
-                self.uses[0] = np.where(now, 0.0, later[0])
-                self.uses[1] = np.where(now, later[0], later[1])
-                self.uses[2] = np.where(now, later[1], np.inf)
-                self.sure[0] = np.where(now, sure_now, sure_later)
-                self.sure[1:] = sure_later
-            self.exhaustive = forecast.exhaustive
-        self._refresh(self._rows)
-        return self.plan()
+                later = base + np.asarray(forecast.later, dtype=np.float64) * L  # inf stays inf
+                first = np.where(now, first, later[0])
+                second = np.where(now, later[0], later[1])
+                sure = np.where(now, sure, p_later >= self.prefetch_confidence)
+                if forecast.exhaustive:  # what the forecast never names is never used
+                    first[np.isnan(first)] = np.inf
+                    second[np.isnan(second)] = np.inf
+        self.next_use, self.following_use = first, second
+        return self._plan(sure)
 
-    def layer_done(self, layer: int, used: np.ndarray, gate: np.ndarray | None = None) -> Plan:
+    def layer_done(self, layer: int, used: np.ndarray, gate: np.ndarray | None = None) -> Plan | None:
         """Layer ``layer``'s router chose ``used`` (expert ids, any shape; ids >= num_experts mean none)
-        for this step; ``gate`` (expert ids, any shape) are gate-ahead picks for layer ``layer + 1``."""
+        for this step; ``gate`` (expert ids, any shape) are gate-ahead picks for layer ``layer + 1``.
+        Returns a new plan when gate-ahead refined the next layer, else None."""
         if layer <= self.layer:  # no begin_step since the last pass (e.g. an encoder-decoder's stacks)
             self.begin_step()
         self.layer = layer
         E = self.num_experts
         mask = np.zeros(E + 1, dtype=bool)
         mask[np.minimum(np.asarray(used, dtype=np.int64).ravel(), E)] = True
-        mask = mask[:E]
-        self.observed[layer] = mask
+        self.observed[layer] = mask[:E]
         self.ran[layer] = True
-        self.last_use[layer, mask] = self.position
-        # This step's forecast for the layer is spent: its next uses move up.
-        spent = self.uses[0, layer] == 0
-        if spent.any():
-            self.uses[:2, layer, spent] = self.uses[1:, layer, spent]
-            self.uses[2, layer, spent] = np.inf
-            self.sure[:2, layer, spent] = self.sure[1:, layer, spent]
-            self.sure[2, layer, spent] = False
         nxt = layer + 1
-        if gate is not None and nxt < self.num_layers:
-            picks = np.zeros(E + 1)
-            picks[np.minimum(np.asarray(gate, dtype=np.int64).ravel(), E)] = 1.0
-            picks = picks[:E]
-            self.gate_scores[nxt] = picks
-            self.gated[nxt] = True
-            p = self.gate_calibration.at_one()
-            if p >= self.confidence:
-                picked = picks > 0
-                add = picked & (self.uses[0, nxt] != 0)
-                self.uses[1:, nxt, add] = self.uses[:2, nxt, add]
-                self.sure[1:, nxt, add] = self.sure[:2, nxt, add]
-                self.uses[0, nxt, add] = 0.0
-                self.sure[0, nxt, add] = False
-                if p >= self.prefetch_confidence:
-                    self.sure[0, nxt] |= picked
-        self._refresh(np.array([layer, nxt % self.num_layers]))
-        return self.plan()
+        if gate is None or nxt >= self.num_layers:
+            return None
+        picks = np.zeros(E + 1)
+        picks[np.minimum(np.asarray(gate, dtype=np.int64).ravel(), E)] = 1.0
+        picked = picks[:E] > 0
+        self.gate_scores[nxt] = picked
+        self.gated[nxt] = True
+        p = self.gate_calibration.at_one()
+        if p < self.confidence:
+            return None
+        visit = float(self.step * self.num_layers + nxt)
+        add = picked & (self.next_use[nxt] != visit)
+        if not add.any():
+            return None
+        self.following_use[nxt, add] = self.next_use[nxt, add]
+        self.next_use[nxt, add] = visit
+        # The new uses are the earliest ahead: they go first, then the plan in force (sorted by due).
+        flat = nxt * E + np.flatnonzero(add)
+        self.candidates = np.concatenate([flat, self.candidates])
+        self.sure = np.concatenate([np.full(flat.size, p >= self.prefetch_confidence), self.sure])
+        return self._make_plan()
 
     def _calibrate(self) -> None:
         """The finished step's forecasts against what its routers chose (once per step: cheap)."""
@@ -245,44 +237,25 @@ class Planner:
         self.gated[:] = False
 
     # -- the plan ----------------------------------------------------------------------------------
-    def _refresh(self, rows: np.ndarray) -> None:
-        """Recomputes the tables' ``rows`` at the current position.
-
-        A forecast use of layer ``l`` ``h`` steps ahead is at ``(step + h) * L + l``. Otherwise the
-        estimate ``2 * next_turn - last_use``, with turns counted from the visit about to run (the
-        plan serves its victim choices too: its experts the router does not ask for next have their
-        chance a whole step later). After a forecast use an expert is as fresh as one just used: the
-        use after it is estimated from there.
-        """
-        L = self.num_layers
-        base = (self.step * L + rows)[:, None].astype(np.float64)
-        first = base + self.uses[0, rows] * L
-        second = base + self.uses[1, rows] * L
-        trusted = np.isfinite(first)
-        self.trusted[rows] = trusted
-        if self.exhaustive:
-            self.next_use[rows] = first
-            self.following_use[rows] = second
-            return
-        turn = self.position + 1 + (rows - self.layer - 2) % L + 1  # each row's next visit after the coming one
-        next_use = np.where(trusted, first, 2.0 * turn[:, None] - self.last_use[rows])
-        self.next_use[rows] = next_use
-        self.following_use[rows] = np.where(np.isfinite(second), second, next_use + 2 * L)
-
-    def plan(self) -> Plan:
-        """The plan at the current position: next-use tables, and the trusted uses within the window
-        (two steps) as prefetches, earliest first; those not sure wait for an idle link."""
+    def _plan(self, sure: np.ndarray) -> Plan:
+        """Prefetches: the forecast uses within the window (two steps), earliest first."""
         pos = self.position
         flat = self.next_use.ravel()
-        candidates = np.flatnonzero(self.trusted.ravel() & (flat > pos) & (flat <= pos + self.window))
+        with np.errstate(invalid="ignore"):
+            candidates = np.flatnonzero((flat > pos) & (flat <= pos + self.window))
         if candidates.size > 1:
             candidates = candidates[np.argsort(flat[candidates], kind="stable")]
+        self.candidates, self.sure = candidates, sure.ravel()[candidates]
+        return self._make_plan()
+
+    def _make_plan(self) -> Plan:
+        c = self.candidates
         return Plan(
-            (candidates // self.num_experts).astype(np.int32),
-            (candidates % self.num_experts).astype(np.int32),
-            flat[candidates],
+            (c // self.num_experts).astype(np.int32),
+            (c % self.num_experts).astype(np.int32),
+            self.next_use.ravel()[c],
             self.next_use.copy(),
             self.following_use.copy(),
-            float(pos + 1),
-            self.sure[0].ravel()[candidates],
+            float(self.position + 1),
+            self.sure,
         )

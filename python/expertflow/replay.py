@@ -222,7 +222,7 @@ def replay(
     sizes = {l: expert_bytes for l in range(num_layers)} if expert_bytes else dict(trace.expert_bytes or {})
     known_sizes = bool(sizes)
     num_slots = capacity * num_layers if per_layer else capacity
-    cache = _C.SlotCache(num_slots, planner_policy.cache_policy if planner_policy else policy)
+    cache = _C.SlotCache(num_slots, planner_policy.cache_policy if planner_policy else policy, num_layers)
     if per_layer:
         cache.set_layer_quotas([capacity] * num_layers)
     if planner_policy is not None:
@@ -251,11 +251,17 @@ def replay(
             link.cancel(key)
             cache.clear(cache.find(*key))
             counts["cancelled"] += 1
-        idle = not link.queue and link.clock <= state["now"]
         loads = cache.apply_plan(plan.layers, plan.experts, plan.due, plan.next_use, plan.following_use, plan.now,
-                                 plan.sure, idle)
+                                 plan.sure, link_idle())
         for layer, expert, due in zip(plan.layers.tolist(), plan.experts.tolist(), plan.due.tolist()):
             link.set_due((layer, expert), due)
+        queue(loads)
+
+    def link_idle() -> bool:
+        return not link.queue and link.clock <= state["now"]
+
+    def queue(loads) -> None:
+        """Loads the cache admitted go on the link; copies of experts it evicted stop."""
         reconcile()
         for layer, expert, due, _, was_wasted in loads:
             counts["prefetches"] += 1
@@ -285,8 +291,9 @@ def replay(
                 link.demand(items, now)
             ready = max([now] + [link.landed.get((layer, e), now) for e in experts])
             state["stall"] += ready - now
+            # The runtime admits what the plan still holds as soon as the layer's misses are on their way.
+            queue(cache.readmit(link_idle()))
             state["now"] = ready + compute_s
-            reconcile()
             if planner_policy is not None:
                 apply(planner_policy.on_layer(layer, np.asarray([experts], dtype=np.int64), None))
     accesses = counts["hits"] + counts["misses"]
