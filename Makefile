@@ -30,7 +30,7 @@ replay-demo: install
 		$(VENV)/bin/expertflow synth-trace --out $(SYNTHETIC_TRACE); \
 		trace=$(SYNTHETIC_TRACE); \
 	fi; \
-	$(VENV)/bin/expertflow replay --trace $$trace --capacity 10%,25%,50% --policy lru,lfu,lru_with_correction,belady
+	$(VENV)/bin/expertflow replay --trace $$trace --capacity 10%,25%,50% --policy lru,lfu,belady,expertflow --predictor history,oracle
 
 native-test: $(VENV)/.deps-installed
 	$(VENV)/bin/cmake -S . -B build/native -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \

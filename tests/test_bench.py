@@ -71,6 +71,9 @@ def test_belady_bytes_match_replay():
     visits = list(trace.layer_visits())
     assert belady_bytes(visits, 6, 1000, 0) == replay(trace, 6, "belady").misses * 1000
     assert belady_bytes(visits, 6, 1000, len(visits)) == 0
+    # A visit wider than the cache runs in waves (a prefill routing to every expert).
+    wide = [(0, list(range(8))), (1, [0, 1]), (0, [7, 6])]
+    assert belady_bytes(wide, 3, 1, 0) == 8 + 2 + 1
 
 
 def test_bad_input_is_refused_before_work(trace_file, tmp_path):

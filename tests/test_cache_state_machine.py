@@ -3,10 +3,15 @@
 The exact machine pauses the prefetch queue so every decision is deterministic and compares each
 slot and counter with tests/reference_cache.py. The async machine lets copies race freely and checks
 the invariants that must hold under any timing.
+
+Positions (dues, forecast next uses, a plan's `now`) are drawn as offsets from the cache's clock, so
+plans stay ahead of, at, or just behind the visits the acquires walk through.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import random
 
@@ -26,14 +31,17 @@ from reference_cache import ReferenceCache, ReferenceError_
 NUM_LAYERS, NUM_EXPERTS = 3, 6
 LAYERS = st.integers(0, NUM_LAYERS - 1)
 EXPERTS = st.integers(0, NUM_EXPERTS - 1)
-# Few distinct positions, so dues, next uses and `now` often tie and the tie-breaks get exercised.
-POSITIONS = st.sampled_from([float(p) for p in range(9)])
-NEXT_USES = st.one_of(POSITIONS, st.just(math.inf))
+# Few distinct offsets, so dues, next uses and `now` often tie (with each other and with the clock)
+# and the tie-breaks get exercised. Half positions name no layer: a `now` of x.5 is never landed on.
+OFFSETS = st.sampled_from([-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 1.5])
+DUES = st.one_of(OFFSETS, st.sampled_from([-math.inf, math.inf]))
+NOW = st.one_of(st.just(-math.inf), OFFSETS)
+NEXT_USES = st.one_of(OFFSETS, st.just(math.inf), st.just(math.nan))  # NaN: no forecast, the cache estimates
 TABLE = st.lists(NEXT_USES, min_size=NUM_LAYERS * NUM_EXPERTS, max_size=NUM_LAYERS * NUM_EXPERTS).map(
     lambda v: np.array(v, dtype=np.float64).reshape(NUM_LAYERS, NUM_EXPERTS)
 )
-SLOT_KEYS = ("layer", "expert", "pin_count", "planned", "prefetched_unused", "next_use", "following_use", "last_use",
-             "use_count")
+SLOT_KEYS = ("layer", "expert", "pin_count", "planned", "prefetched_unused", "last_position", "next_use",
+             "following_use", "last_use", "use_count")
 SETTINGS = settings(max_examples=100, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck))
 
 
@@ -42,9 +50,32 @@ def checksum(t: torch.Tensor) -> int:
     return int((b * torch.arange(1, b.numel() + 1, device=b.device)).sum())
 
 
+def same(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def mismatch(table, stats, ref: ReferenceCache) -> str | None:
+    """The first difference between the runtime's slots and counters and the reference's, or None."""
+    for i, (got, want) in enumerate(zip(table, ref.slots, strict=True)):
+        for key in SLOT_KEYS:
+            if not same(got[key], getattr(want, key)):
+                return f"slot {i} {key}: runtime {got} vs reference {want}"
+    for key, value in ref.stats.items():
+        if stats[key] != value:
+            return f"{key}: runtime {stats[key]} vs reference {value}"
+    return None
+
+
+def state(ref: ReferenceCache):
+    return [dataclasses.astuple(s) for s in ref.slots], dict(ref.stats)
+
+
 class CacheMachine(RuleBasedStateMachine):
     backend = "host"
     exact = True
+    # How often a readmit after an acquire found that acquire's demand copies landed / in flight, where
+    # that changed the outcome (see acquire_one).
+    races = {"landed": 0, "in_flight": 0}
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,7 +91,7 @@ class CacheMachine(RuleBasedStateMachine):
                 (l, e): {n: checksum(t) for n, t in self.pool.expert(l, e).items()} for l in range(NUM_LAYERS) for e in range(NUM_EXPERTS)
             }
         self.cache = ef.ExpertCache(self.pool, num_slots, policy=policy, chunk_bytes=chunk_kb << 10)
-        self.ref = ReferenceCache(num_slots, policy)
+        self.ref = ReferenceCache(num_slots, policy, NUM_LAYERS)
         self.held: list[tuple[int, list[int]]] = []
         if self.exact:
             self.cache.pause_prefetch()
@@ -69,20 +100,27 @@ class CacheMachine(RuleBasedStateMachine):
         if self.cache is not None:
             self.cache.close()
 
-    @rule(entries=st.lists(st.tuples(LAYERS, EXPERTS, POSITIONS), max_size=6))
+    def at(self, offset: float) -> float:
+        """A position `offset` visits from the clock (-inf and inf stay)."""
+        return self.ref.position + offset
+
+    @rule(entries=st.lists(st.tuples(LAYERS, EXPERTS, DUES), max_size=6))
     def prefetch(self, entries):
+        entries = [(layer, expert, self.at(due)) for layer, expert, due in entries]
         self.cache.prefetch(entries)
         self.ref.prefetch(entries)
 
     @rule(
-        entries=st.lists(st.tuples(LAYERS, EXPERTS, POSITIONS, st.booleans()), max_size=6, unique_by=lambda t: t[:2]),
-        next_use=TABLE,
-        following_use=TABLE,
-        now=st.one_of(st.just(-math.inf), POSITIONS),
+        entries=st.lists(st.tuples(LAYERS, EXPERTS, DUES, st.booleans()), max_size=6, unique_by=lambda t: t[:2]),
+        tables=st.one_of(st.none(), st.tuples(TABLE, TABLE)),
+        now=NOW,
     )
-    def apply(self, entries, next_use, following_use, now):
+    def apply(self, entries, tables, now):
         # Any order and any tables: a plan may even evict an expert it loaded itself (its copy, queued
-        # at once, is cancelled).
+        # at once, is cancelled). Without tables each named expert's due is its forecast next use.
+        entries = [(layer, expert, self.at(due), sure) for layer, expert, due, sure in entries]
+        next_use, following_use = (self.at(tables[0]), self.at(tables[1])) if tables else (None, None)
+        now = self.at(now)
         layers, experts, dues, sure = zip(*entries) if entries else ((), (), (), ())
         plan = Plan(np.array(layers, dtype=np.int32), np.array(experts, dtype=np.int32), np.array(dues, dtype=np.float64),
                     next_use, following_use, now, np.array(sure, dtype=bool))
@@ -95,25 +133,63 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache.apply(plan)
         self.ref.apply(entries, next_use, following_use, now)
 
-    @rule(layer=LAYERS, experts=st.sets(EXPERTS, min_size=1, max_size=4))
-    def acquire(self, layer, experts):
-        experts = sorted(experts, key=lambda e: (e * 7919) % 13)  # router order, not sorted
+    def acquire_one(self, layer, experts) -> bool:
+        """Acquires on both sides and checks the bytes; False when both refused."""
+        if self.exact:
+            # As before apply: only this acquire's own demand copies may be in flight at its readmit.
+            self.cache.synchronize()
+        # acquire() readmits a timed plan right after submitting its demand copies (misses, promoted
+        # prefetches), with link_idle = the engine's idle(), which is false until those copies have
+        # landed. Whether a copy of a few KiB lands in those microseconds is a race no pause or
+        # synchronize can settle from outside (the host backend copies on a worker thread; on the
+        # GPU a small copy may finish as fast), and it decides whether guesses (sure=False) are
+        # admitted. So the reference runs both ways; where they differ the runtime must match one of
+        # them (checked by the invariant), and the reference follows the one it matched. Everything
+        # else stays deterministic; without demand copies, or with a prefetch queued, both agree.
+        landed = copy.deepcopy(self.ref)
         ref_error = None
         try:
-            self.ref.acquire(layer, experts)
+            self.ref.acquire(layer, experts, demand_landed=False)
         except ReferenceError_ as e:
             ref_error = str(e)
+        try:
+            landed.acquire(layer, experts, demand_landed=True)
+        except ReferenceError_:
+            pass
         try:
             weights = self.cache.acquire(layer, experts)
         except ef.ExpertFlowError as e:
             assert ref_error is not None, f"runtime raised but the reference did not: {e}"
             assert ("capacity" in str(e)) == (ref_error == "capacity")
-            return
+            return False
         assert ref_error is None, f"reference raised {ref_error} but the runtime did not"
+        if self.exact and state(landed) != state(self.ref):
+            table, stats = self.cache.slot_table(), self.cache.stats()
+            if mismatch(table, stats, self.ref) is not None and mismatch(table, stats, landed) is None:
+                self.ref = landed
+                type(self).races["landed"] += 1
+            else:
+                type(self).races["in_flight"] += 1
         for w, e in zip(weights, experts):
             got = {n: checksum(t) for n, t in w.items()}
             assert got == self.sums[(layer, e)], f"slot bytes of layer {layer} expert {e} differ from the pool"
-        self.held.append((layer, experts))
+        return True
+
+    @rule(layer=LAYERS, experts=st.sets(EXPERTS, min_size=1, max_size=4))
+    def acquire(self, layer, experts):
+        experts = sorted(experts, key=lambda e: (e * 7919) % 13)  # router order, not sorted
+        if self.acquire_one(layer, experts):
+            self.held.append((layer, experts))
+
+    @rule(start=LAYERS, length=st.integers(1, 2 * NUM_LAYERS + 1), experts=st.lists(EXPERTS, min_size=1, max_size=2,
+                                                                                     unique=True))
+    def forward(self, start, length, experts):
+        """A forward pass: consecutive layers (wrapping into the next step), each acquired and released."""
+        for k in range(length):
+            layer = (start + k) % NUM_LAYERS
+            if self.acquire_one(layer, experts):
+                self.cache.release(layer, experts)
+                self.ref.release(layer, experts)
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())
@@ -151,14 +227,19 @@ class CacheMachine(RuleBasedStateMachine):
             assert key in slot_of, f"pinned expert {key} was evicted"
             assert slot_of[key]["pin_count"] == count
             assert not slot_of[key]["prefetched_unused"], f"acquired expert {key} still counts as an unused prefetch"
+        for s in table:
+            if s["layer"] < 0:
+                continue
+            assert not math.isnan(s["next_use"]) and not math.isnan(s["following_use"]), f"NaN next use in {s}"
+            if self.ref.policy != "expertflow":
+                assert s["next_use"] == s["following_use"] == math.inf, f"{self.ref.policy} predicted next uses: {s}"
+            # A slot's last access is at a visit the clock has held (a plan's `now` may set it back).
+            assert s["last_position"] == -math.inf or s["last_position"] <= self.ref.farthest
         stats = self.cache.stats()
         assert stats["hits"] + stats["misses"] == stats["accesses"]
         if self.exact:
-            for i, (got, want) in enumerate(zip(table, self.ref.slots)):
-                for key in SLOT_KEYS:
-                    assert got[key] == getattr(want, key), f"slot {i} {key}: runtime {got} vs reference {want}"
-            for key, value in self.ref.stats.items():
-                assert stats[key] == value, f"{key}: runtime {stats[key]} vs reference {value}"
+            problem = mismatch(table, stats, self.ref)
+            assert problem is None, problem
 
 
 class ExactHostMachine(CacheMachine):

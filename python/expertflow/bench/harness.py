@@ -184,7 +184,13 @@ class TraceForcing:
 
 def belady_bytes(visits: list[tuple[int, list[int]]], num_slots: int, expert_bytes: int, count_from: int) -> int:
     """Bytes demand paging under Belady copies for ``visits`` [(layer, experts)], counting the visits
-    from index ``count_from`` on (the earlier ones warm the cache)."""
+    from index ``count_from`` on (the earlier ones warm the cache). A visit needing more experts than
+    there are slots runs in waves, as the engine runs it."""
+    waves = []
+    for i, (layer, experts) in enumerate(visits):
+        waves += [(i, layer, experts[w : w + num_slots]) for w in range(0, len(experts), num_slots)]
+    count_from = next((j for j, w in enumerate(waves) if w[0] >= count_from), len(waves))
+    visits = [(layer, experts) for _, layer, experts in waves]
     upcoming: dict[tuple[int, int], float] = {}
     nexts: list[list[float]] = [[] for _ in visits]
     for i in range(len(visits) - 1, -1, -1):
