@@ -533,7 +533,7 @@ def plot(result: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if r["policy"] != "all_gpu"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     series: dict[str, list] = {}
     for r in rows:
         label = r["policy"] + (f" ({r['predictor']})" if r["predictor"] else "")
@@ -553,9 +553,11 @@ def plot(result: dict, path: str | Path) -> None:
     ax.set_xlabel("experts in device slots (%)")
     ax.set_ylabel("ms per decoded token (median)")
     ax.set_yscale("log")
-    ax.set_title(f"{result['model'][:60]}\n{result['num_layers']} layers, batch {result['batch']}, {result['routing'][:50]}, "
-                 f"{result['machine']['device']}", fontsize=8)
-    ax.legend(fontsize=6.5, loc="upper right")
+    model = f"{result['arch']}-shaped, random weights" if result.get("arch") else Path(result["model"]).name
+    routing = result["routing"] if result["routing"] == "live" else f"routing from {Path(result['routing'][6:]).name}"
+    ax.set_title(f"{model}, {result['num_layers']} MoE layers, batch {result['batch']}, {routing}\n"
+                 f"{result['machine']['device']}, pinned link {result['pinned_gbps']:.1f} GB/s", fontsize=8)
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
