@@ -183,6 +183,9 @@ void SlotCache::set_layer_quotas(std::vector<int> quotas) {
 std::vector<PlanLoad> SlotCache::apply_plan(const Plan& plan, const BeforeLoad& before_load, const AfterLoad& after_load,
                                             std::vector<PlanLoad>* planned, bool link_idle) {
   for (const PlanItem& item : plan.prefetch) {
+    EF_CHECK(item.layer >= 0 && item.expert >= 0 && (num_layers_ == 0 || item.layer < num_layers_),
+             "plan entry layer " << item.layer << " expert " << item.expert << " is out of range"
+                                 << (num_layers_ > 0 ? " (num_layers=" + std::to_string(num_layers_) + ")" : ""));
     EF_CHECK(!std::isnan(item.due), "the due position of layer " << item.layer << " expert " << item.expert << " is NaN");
   }
   if (!plan.next_use.empty()) {
@@ -218,6 +221,7 @@ std::vector<PlanLoad> SlotCache::readmit(const BeforeLoad& before_load, const Af
 std::vector<PlanLoad> SlotCache::admit(const BeforeLoad& before_load, const AfterLoad& after_load,
                                        std::vector<PlanLoad>* planned, bool link_idle) {
   const bool by_next_use = orders_by_next_use(policy_);
+  bool admitting = true;  // once a next-use plan must wait, later entries wait too; residents stay planned
   std::vector<PlanLoad> loads;
   for (const PlanItem& item : prefetch_) {
     if (timed_ && item.due <= position_) continue;  // its visit has come: too late to prefetch
@@ -227,14 +231,17 @@ std::vector<PlanLoad> SlotCache::admit(const BeforeLoad& before_load, const Afte
       if (planned) planned->push_back(PlanLoad{s, item.due});
       continue;
     }
-    if (!item.sure && !link_idle) continue;
+    if (!admitting || (!item.sure && !link_idle)) continue;
     s = pick_slot(item.layer, item.due, /*prefetch=*/true);
     if (s < 0) {
-      if (by_next_use) break;
+      admitting = !by_next_use;
       continue;
     }
     // Conservative admission: the victim must not be needed before the expert that replaces it.
-    if (by_next_use && !slots_[s].empty() && !(slots_[s].next_use > item.due)) break;
+    if (by_next_use && !slots_[s].empty() && !(slots_[s].next_use > item.due)) {
+      admitting = false;
+      continue;
+    }
     // A guess may take a free slot, or one whose expert no forecast expects again; nothing of value.
     if (!item.sure && !slots_[s].empty() && slots_[s].next_use_after(item.due) != kNeverUsed) continue;
     before_load(s);
@@ -250,6 +257,9 @@ std::vector<PlanLoad> SlotCache::admit(const BeforeLoad& before_load, const Afte
 }
 
 AccessResult SlotCache::access(int layer, const std::vector<int>& experts, const std::vector<double>* next_uses) {
+  for (int expert : experts) {
+    EF_CHECK(expert >= 0, "layer " << layer << " lists expert " << expert << "; expert ids are >= 0");
+  }
   EF_CHECK(static_cast<int>(experts.size()) <= num_slots(),
            "capacity " << num_slots() << " is smaller than the " << experts.size() << " experts layer " << layer
                        << " needs at once; raise the capacity to at least " << experts.size());

@@ -225,8 +225,12 @@ bool CopyEngine::is_ready(int slot) {
 bool CopyEngine::idle() {
   std::lock_guard<std::mutex> lk(mu_);
   rethrow_dispatcher_error_locked();
-  while (!chunks_in_flight_.empty() && backend_->query(chunks_in_flight_.front())) chunks_in_flight_.pop_front();
-  return queue_.empty() && current_ < 0 && chunks_in_flight_.empty() && !demand_outstanding_locked();
+  if (!queue_.empty() || current_ >= 0 || demand_outstanding_locked()) return false;
+  // Only the dispatcher pops chunk events (see run_dispatcher); here they are only read.
+  for (Event e : chunks_in_flight_) {
+    if (!backend_->query(e)) return false;
+  }
+  return true;
 }
 
 void CopyEngine::release(int slot, Stream compute) {

@@ -216,7 +216,9 @@ class ReferenceCache:
         self.slots[i] = Slot()
 
     def admit(self, link_idle: bool) -> None:
-        """Admits the stored plan's prefetches (apply, and readmit after an acquire)."""
+        """Admits the stored plan's prefetches (apply, and readmit after an acquire). Once a next-use
+        plan has to wait, later entries wait too, but those already resident are still planned."""
+        admitting = True
         for layer, expert, due, sure in self.plan:
             if self.timed and due <= self.position:
                 continue  # its visit has come: too late to prefetch
@@ -224,17 +226,17 @@ class ReferenceCache:
             if i >= 0:
                 self.slots[i].planned = True
                 continue
-            if not sure and not link_idle:
+            if not admitting or (not sure and not link_idle):
                 continue
             i = self.pick(layer, due, prefetch=True)
             if i < 0:
-                if self.by_next_use:
-                    break  # later entries are due later still: nothing frees up for them
+                admitting = not self.by_next_use  # later entries are due later still: nothing frees up
                 continue
             v = self.slots[i]
             # Conservative admission: never evict an expert needed before the one replacing it.
             if self.by_next_use and not v.empty and not v.next_use > due:
-                break
+                admitting = False
+                continue
             # A guess takes only a free slot or an expert no forecast expects again.
             if not sure and not v.empty and v.next_use_after(due) != NEVER:
                 continue

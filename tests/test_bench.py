@@ -109,4 +109,37 @@ def test_cli_bench_arch_json(trace_file, tmp_path, capsys):
     assert [r["slots"] for r in result["rows"]] == ["100%", "25%", "25%", "50%", "50%"]
     assert out.with_suffix(".png").exists() and "x bound" in capsys.readouterr().out
     assert main(["bench", "--arch", "mixtral-8x7b", "--prompt", "hi"]) == 2
-    assert "--prompt needs a tokenizer" in capsys.readouterr().err
+    assert "--prompt and --prompt-ids need a checkpoint" in capsys.readouterr().err
+
+
+SMALL = {  # each published shape, shrunk for the CPU; the families' own configs otherwise
+    "qwen3-30b-a3b": dict(moe_intermediate_size=16, head_dim=8, num_experts=16),
+    "gpt-oss-120b": dict(head_dim=8, num_local_experts=16),
+    "deepseek-v2-lite": dict(moe_intermediate_size=16, num_key_value_heads=4, n_routed_experts=16, kv_lora_rank=16,
+                             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8),
+    "olmoe-1b-7b": dict(num_key_value_heads=4, num_experts=16, eos_token_id=100, pad_token_id=1),
+}
+
+
+@pytest.mark.parametrize("arch", SMALL)
+def test_every_shape_runs_with_live_routing(arch):
+    result = run_bench(BenchConfig(arch=arch, layers=2, slots=["25%"], policies=["all_gpu", "lru", "expertflow"],
+                                   new_tokens=4, prompt_len=3, config_overrides={**TINY, **SMALL[arch]}, progress=False))
+    assert [r["policy"] for r in result["rows"]] == ["all_gpu", "lru", "expertflow"]
+    assert all(r["same_tokens_as_all_gpu"] for r in result["rows"])
+    assert result["num_layers"] == 2 and result["num_experts"] == 16
+    assert result["top_k"] == make_config(arch).num_experts_per_tok
+
+
+def test_checkpoints_the_bench_cannot_time_are_refused(tmp_path):
+    from moe_models import build, save
+
+    switch = save(build("switch_transformers"), tmp_path / "switch", "published")
+    with pytest.raises(ValueError, match="encoder-decoder model; the benchmark times decoder-only models"):
+        run_bench(BenchConfig(model=str(switch), slots=["50%"], policies=["lru"], new_tokens=2, progress=False))
+    mixtral = save(build("mixtral"), tmp_path / "mixtral", "published")  # 8 experts, top-2
+    top3 = tmp_path / "top3.jsonl"
+    write_jsonl_trace(synthetic_trace(num_layers=3, num_experts=8, top_k=3, num_tokens=20, seed=0), top3)
+    with pytest.raises(ValueError, match="routes each token to 3 experts but the model to 2"):
+        run_bench(BenchConfig(model=str(mixtral), routing=f"trace:{top3}", slots=["50%"], policies=["lru"],
+                              new_tokens=2, progress=False))

@@ -118,3 +118,30 @@ def test_forecast_of_the_wrong_shape_is_an_error():
         Planner(3, 4).begin_step(Forecast(np.zeros((4, 3))))
     with pytest.raises(ValueError, match="confidence"):
         Planner(3, 4, confidence=0.9, prefetch_confidence=0.5)
+
+
+def test_a_prefill_does_not_teach_calibration_to_trust_zeros():
+    """A prefill's routers speak for every prompt token; its forecast (none, for new sequences) would
+    make 'score 0' look right. Such a step is kept out of calibration."""
+    L, E = 4, 8
+    policy = Expertflow(HistoryPredictor(E), None)
+    policy.attach(EngineInfo(num_layers=L, num_experts=E, num_slots=8, top_k=2))
+    policy.on_step(StepContext(step=0, batch=1, new_sequences=True))
+    for layer in range(L):
+        policy.on_layer(layer, np.arange(E).reshape(-1, 2), None)  # 4 prompt tokens: every expert used
+    plan = policy.on_step(StepContext(step=1, batch=1))
+    assert policy.planner.step_calibration(np.zeros(1))[0] == 0.0
+    assert len(plan) == 0 and np.isnan(plan.next_use).all()  # nothing trusted: the cache estimates
+
+
+def test_forecasts_with_nan_are_refused():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        Planner(2, 3).begin_step(Forecast(np.full((2, 3), np.nan)))
+
+
+def test_plan_entries_out_of_range_are_refused():
+    cache = _C.SlotCache(4, "expertflow", 2)
+    with pytest.raises(_C.ExpertFlowError, match="plan entry layer -1 expert 2 is out of range"):
+        cache.apply_plan(np.array([-1], np.int32), np.array([2], np.int32), np.zeros(1))
+    with pytest.raises(_C.ExpertFlowError, match="plan entry layer 2 expert 0 is out of range"):
+        cache.apply_plan(np.array([2], np.int32), np.array([0], np.int32), np.zeros(1))

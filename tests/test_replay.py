@@ -262,3 +262,33 @@ def test_cli_replay_prediction_json(tmp_path, capsys):
     assert main(["replay", "--trace", str(path), "--capacity", "25%", "--policy", "lru", "--predictor", "oracle"]) == 2
     assert "--predictor applies to --policy expertflow" in capsys.readouterr().err
     assert main(["replay", "--trace", str(path), "--capacity", "25%", "--policy", "expertflow", "--predictor", "nope.pt"]) == 2
+
+
+def test_gate_ahead_copies_overlap_the_layer_that_planned_them():
+    """Like the engine, replay plans right after a layer's misses are on their way: the next layer's
+    prefetches then run while this layer computes, so more compute hides more of them."""
+    trace = synthetic_trace(num_layers=8, num_experts=8, top_k=2, num_tokens=60, seed=3)
+    stall = {ms: replay(trace, 24, "gate_ahead", predictor="gate-oracle:1.0", expert_bytes=10**8,
+                        compute_ms_per_layer=ms).stall_s for ms in (0.5, 5.0)}
+    assert stall[5.0] < 0.5 * stall[0.5]
+
+
+@pytest.mark.parametrize("policy,spec", [("gate_ahead", "gate-oracle:0.3"), ("gate_ahead", "gate-oracle:0.9"),
+                                         ("expertflow", "noisy-oracle:0.6"), ("expertflow", "gate-oracle:0.95")])
+def test_every_prefetch_has_one_fate(policy, spec):
+    """A prefetch is used, wasted (evicted after it landed, unused) or cancelled (dropped before it
+    landed) — never two of these."""
+    trace = synthetic_trace(num_layers=6, num_experts=8, top_k=2, num_tokens=80, seed=1)
+    r = replay(trace, 5, policy, predictor=spec, expert_bytes=10**8)
+    assert r.prefetches > 0
+    assert r.prefetch_hits + r.wasted_prefetches + r.cancelled_prefetches <= r.prefetches
+
+
+def test_cli_replay_runs_gate_ahead_on_the_forecasts_that_give_picks(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    write_jsonl_trace(synthetic_trace(num_layers=4, num_experts=8, top_k=2, num_tokens=30, seed=3), path)
+    assert main(["replay", "--trace", str(path), "--capacity", "25%", "--policy", "expertflow,gate_ahead",
+                 "--predictor", "history,gate-oracle:0.8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["policy"], r["predictor"]) for r in rows] == [
+        ("expertflow", "history"), ("expertflow", "history+gate-oracle:0.8"), ("gate_ahead", "gate-oracle:0.8")]

@@ -8,16 +8,19 @@
 //   layer below its quota, another layer's slot; else any candidate. Quotas steer placement; they
 //   never make a load fail while some candidate exists.
 // - A clock counts layer visits: layer l of step s is at position s * num_layers + l. access() and the
-//   runtime's acquire() move it to the layer's visit (a layer at or below the current one starts the
-//   next step); a plan's `now` sets it, so the planner and the cache keep one clock.
+//   runtime's acquire() move it to the layer's visit: a layer below the current one starts the next
+//   step, the current layer again is the same visit (waves), and a plan's `now` says where the next
+//   visit lands (which tells a new step of a one-layer model), so the planner and the cache keep one
+//   clock.
 // - A plan is predicted next uses (integrated prefetching and caching, Cao, Felten, Karlin and Li,
 //   1995): tables of each expert's next use and the one after, where NaN means "no forecast": the
 //   cache estimates it from its own history, 2 * (its layer's next visit) - (its last use), and a
 //   forecast use whose visit has passed gives way to the next one. The expertflow policy evicts the
 //   expert needed farthest ahead. A prefetch of X, due at t, evicts the expert whose next use as seen
-//   from t is farthest, and only when that expert is not needed before t: then it is the victim demand
-//   paging under Belady would evict when X is needed, so prefetching moves no more bytes than demand
-//   paging would, it only moves them earlier. When that expert is needed before t the plan waits: the
+//   from t is farthest, and only when that expert is not needed before t: then, if the forecasts are
+//   right, it is the victim demand paging under Belady would evict when X is needed, so prefetching
+//   moves no more bytes than that demand paging would, it only moves them earlier. When that expert
+//   is needed before t the plan waits (later entries too; entries already resident stay planned): the
 //   cache tries again after every access (readmit), as the clock moves. Under lru and lfu a prefetch
 //   evicts only slots the plan does not name.
 // - A prefetch that is not sure is admitted only while the link is idle, one at a time, and only into

@@ -95,12 +95,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
                       expert_bytes=args.expert_bytes)
         bound_s = bound(trace, capacity, per_layer=args.per_layer, **timing)
         for p in policies:
-            runs = specs if p in ("expertflow", "gate_ahead") and specs else [None]
-            for spec in runs:
-                predictor, gate = forecasts[spec] if spec is not None else (None, None)
-                if p == "gate_ahead" and gate is None and (spec is None or not spec.startswith("gate-oracle")):
+            runs = specs if p == "expertflow" and specs else [None]
+            if p == "gate_ahead":  # the forecasts that give gate-ahead picks
+                runs = [spec for spec in specs if forecasts[spec][1] is not None or spec.startswith("gate-oracle")]
+                if not runs:
                     raise ValueError("gate_ahead replays need gate-ahead picks: --predictor gate-oracle:R, or a predictor "
                                      "file with a trace recorded by `expertflow trace`")
+            for spec in runs:
+                predictor, gate = forecasts[spec] if spec is not None else (None, None)
                 if p == "gate_ahead" and gate is not None:
                     predictor = None
                 result = replay(trace, capacity, p, per_layer=args.per_layer, predictor=predictor, gate=gate,
@@ -226,8 +228,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tokenizer = _tokenizer(model)
         if args.prompt is not None or args.prompt_ids is not None:
             prompt_ids = _prompt_ids(args, tokenizer)[0].tolist()
-    elif args.prompt is not None:
-        raise ValueError("--prompt needs a tokenizer; random-weight --arch models take --prompt-len")
+    elif args.prompt is not None or args.prompt_ids is not None:
+        raise ValueError("--prompt and --prompt-ids need a checkpoint's tokenizer and vocabulary; random-weight --arch "
+                         "models take --prompt-len")
     predictors = _split(args.predictors) if args.predictors else None
     if predictors is None:
         bundled = model is not None and Path(model).resolve() == BUNDLED_MODEL
@@ -348,8 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate with a MoE checkpoint whose experts are offloaded")
     _model_args(p)
-    p.add_argument("--policy", default="expertflow",
-                   help="expertflow|all_gpu|lru|next_layers|gate_ahead|lru_with_correction")
+    p.add_argument("--policy", default="expertflow", help="expertflow|all_gpu|lru|next_layers|gate_ahead")
     p.add_argument("--predictor", default=None,
                    help="routing-path predictor file for the expertflow policy (the bundled model brings its own)")
     p.set_defaults(func=cmd_generate)

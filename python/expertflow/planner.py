@@ -96,7 +96,7 @@ class Calibrator:
         self.seen = np.ones(num_bins)
 
     def _bins(self, scores: np.ndarray) -> np.ndarray:
-        return np.minimum((np.clip(scores, 0.0, 1.0) * self.num_bins).astype(np.int64), self.num_bins - 1)
+        return np.minimum((np.clip(np.nan_to_num(scores), 0.0, 1.0) * self.num_bins).astype(np.int64), self.num_bins - 1)
 
     def observe(self, scores: np.ndarray, used: np.ndarray) -> None:
         """``scores`` the forecast gave, ``used`` (same shape, bool): whether each was then used."""
@@ -157,8 +157,12 @@ class Planner:
         return self.step * self.num_layers + self.layer
 
     # -- events ------------------------------------------------------------------------------------
-    def begin_step(self, forecast: Forecast | None = None) -> Plan:
-        """A forward pass begins: take the step predictor's forecast (None: history alone)."""
+    def begin_step(self, forecast: Forecast | None = None, observe: bool = True) -> Plan:
+        """A forward pass begins: take the step predictor's forecast (None: history alone).
+
+        ``observe=False`` keeps this step out of calibration: a prefill, whose routers speak for all
+        the prompt's tokens while the forecast is of one (or none: the sequences just began).
+        """
         self._calibrate()
         self.step += 1
         self.layer = -1
@@ -172,7 +176,9 @@ class Planner:
             probs = np.asarray(forecast.probs, dtype=np.float64)
             if probs.shape != (L, self.num_experts):
                 raise ValueError(f"a forecast has probabilities [{L}, {self.num_experts}], got {list(probs.shape)}")
-            self.step_scores = probs
+            if not np.isfinite(probs).all():
+                raise ValueError("a forecast's probabilities must be finite numbers in [0, 1]; this one holds NaN or inf")
+            self.step_scores = probs if observe else None
             p = self.step_calibration(probs)
             now = p >= self.confidence
             first[now] = np.broadcast_to(base, first.shape)[now]
@@ -193,8 +199,9 @@ class Planner:
         """Layer ``layer``'s router chose ``used`` (expert ids, any shape; ids >= num_experts mean none)
         for this step; ``gate`` (expert ids, any shape) are gate-ahead picks for layer ``layer + 1``.
         Returns a new plan when gate-ahead refined the next layer, else None."""
+        restarted = None
         if layer <= self.layer:  # no begin_step since the last pass (e.g. an encoder-decoder's stacks)
-            self.begin_step()
+            restarted = self.begin_step()
         self.layer = layer
         E = self.num_experts
         mask = np.zeros(E + 1, dtype=bool)
@@ -203,7 +210,7 @@ class Planner:
         self.ran[layer] = True
         nxt = layer + 1
         if gate is None or nxt >= self.num_layers:
-            return None
+            return restarted
         picks = np.zeros(E + 1)
         picks[np.minimum(np.asarray(gate, dtype=np.int64).ravel(), E)] = 1.0
         picked = picks[:E] > 0
@@ -211,11 +218,11 @@ class Planner:
         self.gated[nxt] = True
         p = self.gate_calibration.at_one()
         if p < self.confidence:
-            return None
+            return restarted
         visit = float(self.step * self.num_layers + nxt)
         add = picked & (self.next_use[nxt] != visit)
         if not add.any():
-            return None
+            return restarted
         self.following_use[nxt, add] = self.next_use[nxt, add]
         self.next_use[nxt, add] = visit
         # The new uses are the earliest ahead: they go first, then the plan in force (sorted by due).

@@ -228,7 +228,7 @@ class Expertflow(_Base):
             self.path = np.full((ctx.batch, self.info.num_layers, self.path.shape[2]), -1, dtype=np.int64)
             ctx.new_sequences = True
         forecast = self.history.forecast(ctx, self.path)
-        return self.planner.begin_step(forecast)
+        return self.planner.begin_step(forecast, observe=not ctx.new_sequences)
 
     def on_layer(self, layer: int, experts: np.ndarray, gate: np.ndarray | None) -> Plan:
         batch, k = self.path.shape[0], self.path.shape[2]

@@ -233,14 +233,18 @@ def replay(
     counts = dict.fromkeys(("hits", "misses", "prefetches", "prefetch_hits", "wasted", "cancelled"), 0)
     state = {"now": 0.0, "stall": 0.0}
 
-    def reconcile() -> None:
-        """Copies of experts that left the cache stop (queued) or are forgotten (landed)."""
+    def reconcile() -> int:
+        """Copies of experts that left the cache stop (queued) or are forgotten (landed); returns how
+        many stopped. Such an expert was prefetched and unused: the cache counted it wasted, the
+        runtime counts it cancelled (its copy never finished), so the caller moves it over."""
         resident = set(cache.resident())
-        for key in [k for k in link.queue if k not in resident]:
+        stopped = [k for k in link.queue if k not in resident]
+        for key in stopped:
             link.cancel(key)
-            counts["cancelled"] += 1
+        counts["cancelled"] += len(stopped)
         for key in [k for k in link.landed if k not in resident]:
             del link.landed[key]
+        return len(stopped)
 
     def apply(plan: Plan | None) -> None:
         if plan is None:
@@ -262,10 +266,9 @@ def replay(
 
     def queue(loads) -> None:
         """Loads the cache admitted go on the link; copies of experts it evicted stop."""
-        reconcile()
-        for layer, expert, due, _, was_wasted in loads:
+        counts["wasted"] += sum(int(load[4]) for load in loads) - reconcile()
+        for layer, expert, due, _, _ in loads:
             counts["prefetches"] += 1
-            counts["wasted"] += int(was_wasted)
             link.prefetch((layer, expert), sizes.get(layer, 0), due)
 
     sequence_ids = trace.sequence_ids
@@ -283,19 +286,21 @@ def replay(
             visit += 1
             counts["hits"] += h
             counts["prefetch_hits"] += ph
-            counts["wasted"] += w
             counts["misses"] += len(experts) - h
             items = [((layer, e), sizes.get(layer, 0)) for e in missed]
             items += [((layer, e), 0) for e in experts if e not in missed and (layer, e) in link.queue]
             if items:
                 link.demand(items, now)
+            counts["wasted"] += w - reconcile()
             ready = max([now] + [link.landed.get((layer, e), now) for e in experts])
             state["stall"] += ready - now
-            # The runtime admits what the plan still holds as soon as the layer's misses are on their way.
+            # As in the engine: once the layer's misses are on their way the runtime admits what the
+            # plan still holds and the policy re-plans, then the layer computes while those copies run.
+            state["now"] = ready
             queue(cache.readmit(link_idle()))
-            state["now"] = ready + compute_s
             if planner_policy is not None:
                 apply(planner_policy.on_layer(layer, np.asarray([experts], dtype=np.int64), None))
+            state["now"] = ready + compute_s
     accesses = counts["hits"] + counts["misses"]
     total_bytes = link.prefetch_bytes + link.demand_bytes
     return ReplayResult(

@@ -309,9 +309,13 @@ class ExpertCache:
             raise ExpertFlowError("the expert cache is closed; create a new one")
 
     def prefetch(self, plan: Iterable[PlanEntry]) -> None:
-        """Replaces the plan with ``(layer, expert[, due])`` entries: when each is needed, in any
-        monotone clock (default 0). Earlier dues load first; unfinished prefetches the new plan does not
-        name are cancelled."""
+        """Replaces the plan with ``(layer, expert[, due])`` entries: when each is needed (default 0).
+        Earlier dues load first; unfinished prefetches the new plan does not name are cancelled.
+
+        Under ``lru`` and ``lfu`` a due only orders the copies. Under ``expertflow`` it is also the
+        expert's next use, on the cache's clock of layer visits (``layer + step * num_layers``; see
+        :meth:`apply`): a due already behind the clock ranks the expert as soon evicted.
+        """
         from .planner import Plan
 
         entries = [(int(p[0]), int(p[1]), float(p[2]) if len(p) > 2 else 0.0) for p in plan]

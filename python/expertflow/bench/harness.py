@@ -77,7 +77,11 @@ class BenchConfig:
                 raise ValueError(f"unknown policy '{p}'; choose from {', '.join(POLICY_NAMES)}")
         if self.batch < 1 or self.new_tokens < 2 or self.prompt_len < 1:
             raise ValueError("--batch and --prompt-len must be at least 1 and --new-tokens at least 2")
-        for s in self.slots:
+        if not 0.0 <= self.gate_accuracy <= 1.0:
+            raise ValueError(f"--gate-accuracy must be between 0 and 1, got {self.gate_accuracy}")
+        if self.arch is not None and self.prompt_ids is not None:
+            raise ValueError("--prompt-ids needs a checkpoint's vocabulary; random-weight --arch models take --prompt-len")
+        for s in self.slots + ([self.accelerate] if self.accelerate else []):
             _slot_share(s, 100)
         for spec in self.predictors:
             if self.routing == "live":
@@ -216,6 +220,9 @@ class _Model:
             self.model, self.arch, self.pool = load_offloaded(cfg.model, device=device, backend=backend.name,
                                                               progress=cfg.progress)
             self.source = cfg.model
+            if self.arch.encoder_decoder:
+                self.pool.close()
+                raise ValueError(f"{cfg.model} is an encoder-decoder model; the benchmark times decoder-only models")
             return
         top_k = None
         if cfg.routing.startswith("trace:"):
@@ -255,6 +262,10 @@ class _Model:
         return self.pool.num_layers
 
     @property
+    def top_k(self) -> int:
+        return self.arch.dims(self.model.config)[1]
+
+    @property
     def num_experts(self) -> int:
         return self.pool.num_experts(0)
 
@@ -280,8 +291,8 @@ def _policy(name: str, spec: str | None, cfg: BenchConfig, schedule: TraceSchedu
             return Expertflow(None, "router"), "history+router"
         from ..predictor import RoutingPathPredictor
 
-        policy = Expertflow(RoutingPathPredictor.load(spec), "router")
-        return policy, f"{Path(spec).name}+router"
+        predictor = RoutingPathPredictor.load(spec)
+        return Expertflow(predictor, "router"), f"{Path(spec).name}+router"
     kind, rate = parse_forecast(spec)
     if kind in ("oracle", "noisy-oracle"):
         return Expertflow(TraceOracle(schedule, rate), None), spec
@@ -327,15 +338,27 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.routing.startswith("trace:"):
         trace = read_trace(cfg.routing[6:])
         if trace.num_experts != E:
-            raise ValueError(f"the trace routes among {trace.num_experts} experts but {cfg.arch} has {E}; use a trace of this model")
+            raise ValueError(f"the trace routes among {trace.num_experts} experts but {cfg.arch or cfg.model} has {E}; "
+                             "use a trace of this model")
+        if trace.max_experts_per_layer != m.top_k:
+            raise ValueError(f"the trace routes each token to {trace.max_experts_per_layer} experts but the model to "
+                             f"{m.top_k}; use a trace recorded with the model's top-k")
         stride = max(1, trace.num_tokens // cfg.batch)
         schedule = TraceSchedule(trace, L, cfg.new_tokens, [b * stride for b in range(cfg.batch)], prompt.shape[1])
+    if schedule is None:  # trained predictors must fit the model before any configuration runs
+        from ..loader import router_weight
+        from ..predictor import RoutingPathPredictor, model_fingerprint
+
+        fingerprint = model_fingerprint([router_weight(r) for r in _routers(m.model, m.arch)])
+        for spec in cfg.predictors:
+            if spec != "history" and "expertflow" in cfg.policies:
+                RoutingPathPredictor.load(spec, expected_fingerprint=fingerprint)
     forcing = TraceForcing(schedule, device)
     bandwidth = pinned_bandwidth(device)
     result: dict = {
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                     "backend": backend.name, "torch": torch.__version__, "host": platform.node()},
-        "model": m.source, "arch": cfg.arch, "num_layers": L, "num_experts": E, "top_k": m.model.config.num_experts_per_tok,
+        "model": m.source, "arch": cfg.arch, "num_layers": L, "num_experts": E, "top_k": m.top_k,
         "routing": cfg.routing, "batch": cfg.batch, "prompt_len": int(prompt.shape[1]), "new_tokens": cfg.new_tokens,
         "expert_bytes": m.expert_bytes, "pool_bytes": m.pool.total_bytes, "resident_bytes": m.resident_bytes(),
         "pinned_gbps": bandwidth / 1e9, "rows": [],
