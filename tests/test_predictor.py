@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import time
 
 import numpy as np
@@ -158,3 +160,72 @@ def test_fingerprint_identifies_routers():
     a = [torch.ones(4, 3), torch.zeros(4, 3)]
     assert model_fingerprint(a) == model_fingerprint([t.clone() for t in a])
     assert model_fingerprint(a) != model_fingerprint([torch.ones(4, 3), torch.ones(4, 3)])
+
+
+def small_predictor(**overrides) -> RoutingPathPredictor:
+    from expertflow.predictor import PredictorConfig
+
+    return RoutingPathPredictor(PredictorConfig(**{**dict(num_layers=2, num_experts=4, top_k=2, embed_dim=3, hidden=5),
+                                                   **overrides}))
+
+
+def test_a_predictor_with_nan_weights_is_refused(tmp_path):
+    p = small_predictor()
+    with torch.no_grad():
+        p.net[0].weight[0, 0] = float("nan")
+    p.save(tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match="NaN or infinite .*net.0.weight"):
+        RoutingPathPredictor.load(tmp_path / "nan.safetensors")
+
+
+@pytest.mark.parametrize("overrides", [dict(top_k=0), dict(top_k=5), dict(num_layers=0), dict(hidden=0)])
+def test_an_impossible_predictor_config_is_refused(tmp_path, overrides):
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    p = small_predictor()
+    meta = {**asdict(p.config), **overrides}
+    save_file({k: v.to(torch.float16).contiguous() for k, v in p.state_dict().items()}, str(tmp_path / "p.safetensors"),
+              metadata={"expertflow_predictor": json.dumps(meta)})
+    with pytest.raises(ValueError, match="impossible predictor"):
+        RoutingPathPredictor.load(tmp_path / "p.safetensors")
+
+
+def test_cut_or_foreign_predictor_files_are_refused(tmp_path):
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    p = small_predictor()
+    p.save(tmp_path / "ok.safetensors")
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable predictor file"):
+        RoutingPathPredictor.load(tmp_path / "cut.safetensors")
+    save_file({k: v.contiguous() for k, v in p.state_dict().items()}, str(tmp_path / "extra.safetensors"),
+              metadata={"expertflow_predictor": json.dumps({**asdict(p.config), "colour": "blue"})})
+    with pytest.raises(ValueError, match="not a readable predictor file .*colour"):
+        RoutingPathPredictor.load(tmp_path / "extra.safetensors")
+
+
+def test_broken_recorded_traces_are_refused(heldout_trace, tmp_path):
+    import shutil
+
+    for case in ("no_model", "empty_npz", "cut_npz"):
+        folder = tmp_path / case
+        shutil.copytree(heldout_trace, folder)
+        if case == "no_model":
+            meta = json.loads((folder / "meta.json").read_text())
+            del meta["model"]
+            (folder / "meta.json").write_text(json.dumps(meta))
+            match = "lacks its model description"
+        elif case == "empty_npz":
+            (folder / "arrays.npz").write_bytes(b"")
+            match = "missing, empty or truncated"
+        else:
+            data = (folder / "arrays.npz").read_bytes()
+            (folder / "arrays.npz").write_bytes(data[: len(data) // 3])
+            match = "missing, empty or truncated"
+        with pytest.raises(ValueError, match=match):
+            load_recorded_trace(folder)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from expertflow.cli import main
 from expertflow.planner import Forecast
@@ -292,3 +294,95 @@ def test_cli_replay_runs_gate_ahead_on_the_forecasts_that_give_picks(tmp_path, c
     rows = json.loads(capsys.readouterr().out)
     assert [(r["policy"], r["predictor"]) for r in rows] == [
         ("expertflow", "history"), ("expertflow", "history+gate-oracle:0.8"), ("gate_ahead", "gate-oracle:0.8")]
+
+
+# -- bad traces and arguments: clear errors with file:line, never a traceback or a hang ------------------
+
+GOOD_JSONL = '{"problem_id": 0, "layer": 0, "experts": [1, 3], "token_idx": 0}\n'
+GOOD_CSV = "# n_layer=2 n_expert=4\nturn,phase,step,layer,slot,expert,weight,residency,expert_bytes\n0,1,0,0,0,3,0.5,0,9\n"
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"problem_id": 0, "layer": 0, "experts": [1, -3], "token_idx": 1}', "expert -3 is out of range"),
+    ('{"problem_id": 0, "layer": 0, "experts": [1, 70000], "token_idx": 1}', "expert 70000 is out of range"),
+    ('{"problem_id": 0, "layer": 0, "experts": [1, 1], "token_idx": 1}', "lists an expert twice"),
+    ('{"problem_id": 0, "layer": 0, "experts": "13", "token_idx": 1}', "experts must be a non-empty list"),
+    ('{"problem_id": 0, "layer": 0, "experts": [], "token_idx": 1}', "experts must be a non-empty list"),
+    ('{"problem_id": 0, "layer": 2147483646, "experts": [1], "token_idx": 0}', "layer 2147483646 is out of range"),
+    ('{"problem_id": 0, "layer": 1.5, "experts": [1], "token_idx": 0}', "layer must be an integer"),
+    ('{"problem_id": 0, "layer": true, "experts": [1], "token_idx": 0}', "layer must be an integer"),
+    ('[1, 2]', "a record is a JSON object"),
+    (GOOD_JSONL.strip(), "layer 0 of token 0 of this sequence was already given"),  # the same record twice
+])
+def test_jsonl_reader_refuses_bad_records_with_file_and_line(tmp_path, line, message):
+    path = tmp_path / "t.jsonl"
+    path.write_text(GOOD_JSONL + line + "\n")
+    with pytest.raises(ValueError, match=f"t.jsonl:2: .*{message}"):
+        read_trace(path)
+
+
+@pytest.mark.parametrize("row,message", [
+    ("0,1,1,0,1,4,0.5,0,9", "expert 4 is out of range"),  # n_expert=4
+    ("0,1,1,2,0,1,0.5,0,9", "layer 2 is out of range"),  # n_layer=2
+    ("0,1,0,0,0,3,0.5,0,9", "lists rank 0 or expert 3 twice"),
+    ("0,1,0,0,1,3,0.5,0,9", "lists rank 1 or expert 3 twice"),
+    ("0,1,x,0,0,1,0.5,0,9", "step must be an integer"),
+    ("0,1,-1,0,0,1,0.5,0,9", "step -1 is out of range"),
+])
+def test_csv_reader_refuses_bad_rows_with_file_and_line(tmp_path, row, message):
+    path = tmp_path / "t.csv"
+    path.write_text(GOOD_CSV + row + "\n")
+    with pytest.raises(ValueError, match=f"t.csv:4: .*{message}"):
+        read_trace(path)
+
+
+def test_empty_traces_are_refused(tmp_path):
+    for name, text in (("e.jsonl", "\n"), ("e.csv", "# n_layer=2 n_expert=4\nturn,phase,step,layer,slot,expert\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match="holds no routing records"):
+            read_trace(tmp_path / name)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--policy", ","], "--policy ',' names nothing"),
+    (["--capacity", ","], "--capacity ',' names nothing"),
+    (["--bandwidth-gbps", "0"], "must be > 0"),
+    (["--bandwidth-gbps", "-5"], "must be > 0"),
+    (["--expert-bytes", "-1"], "must be > 0"),
+    (["--compute-ms-per-layer", "-1"], "--compute-ms-per-layer >= 0"),
+    (["--policy", "expertflow", "--predictor", ","], "--predictor ',' names nothing"),
+])
+def test_cli_replay_refuses_bad_arguments(tmp_path, capsys, argv, message):
+    path = tmp_path / "t.jsonl"
+    write_jsonl_trace(synthetic_trace(num_layers=2, num_experts=4, top_k=2, num_tokens=5), path)
+    base = {"--policy": "lru", "--capacity": "4"}
+    args = ["replay", "--trace", str(path)]
+    for flag, value in base.items():
+        if flag not in argv:
+            args += [flag, value]
+    assert main(args + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@settings(max_examples=200, deadline=2000, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_readers_never_crash_on_mutated_lines(tmp_path_factory, data):
+    """Random edits of valid lines: the readers return a trace or raise ValueError, quickly."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    kind = data.draw(st.sampled_from(["jsonl", "csv"]))
+    good = GOOD_JSONL if kind == "jsonl" else GOOD_CSV
+    lines = good.splitlines()
+    edits = data.draw(st.lists(st.tuples(st.integers(0, 200), st.text(max_size=6)), max_size=4))
+    extra = data.draw(st.lists(st.text(max_size=40), max_size=3))
+    text = "\n".join(lines + extra)
+    for pos, insert in edits:
+        pos %= max(1, len(text))
+        text = text[:pos] + insert + text[pos + 1:]
+    path = folder / f"t.{kind}"
+    path.write_text(text + "\n")
+    try:
+        trace = read_trace(path)
+    except ValueError:
+        return
+    assert trace.num_layers <= 4096 and trace.num_experts <= 65536 and trace.num_tokens >= 1
+    replay(trace, max(trace.max_experts_per_layer, 1), "expertflow")  # bounded tables: no hang

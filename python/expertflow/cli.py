@@ -24,8 +24,12 @@ from .traces import read_trace, synthetic_trace, write_jsonl_trace
 log = logging.getLogger("expertflow")
 
 
-def _split(text: str) -> list[str]:
-    return [part for part in text.split(",") if part.strip()]
+def _split(text: str, option: str | None = None) -> list[str]:
+    """The comma-separated entries of ``text``; with ``option``, at least one is required."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if option is not None and not parts:
+        raise ValueError(f"{option} '{text}' names nothing; give one or more, separated by commas")
+    return parts
 
 
 def _format_bytes(n: int | None) -> str:
@@ -79,17 +83,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
     trace = read_trace(args.trace)
     if trace.num_tokens == 0:
         raise ValueError(f"{args.trace} holds no tokens; nothing to replay")
-    policies = _split(args.policy)
+    policies = _split(args.policy, "--policy")
     for p in policies:
         if p not in REPLAY_POLICIES:
             raise ValueError(f"unknown policy '{p}'; choose from {', '.join(REPLAY_POLICIES)}")
-    specs = _split(args.predictor) if args.predictor is not None else []
+    specs = _split(args.predictor, "--predictor") if args.predictor is not None else []
+    capacities = _split(args.capacity, "--capacity")
+    if args.bandwidth_gbps <= 0 or args.compute_ms_per_layer < 0 or (args.expert_bytes is not None and args.expert_bytes <= 0):
+        raise ValueError("--bandwidth-gbps and --expert-bytes must be > 0 and --compute-ms-per-layer >= 0")
     if specs and not any(p in ("expertflow", "gate_ahead") for p in policies):
         raise ValueError("--predictor applies to --policy expertflow and gate_ahead")
     schedule = TraceSchedule(trace, trace.num_layers, trace.num_tokens)
     forecasts = {spec: _replay_forecasts(spec, args.trace, trace, schedule) for spec in specs}
     rows = []
-    for label in _split(args.capacity):
+    for label in capacities:
         capacity = parse_capacity(label, trace, args.per_layer)
         timing = dict(bandwidth_gbps=args.bandwidth_gbps, compute_ms_per_layer=args.compute_ms_per_layer,
                       expert_bytes=args.expert_bytes)
@@ -231,13 +238,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.prompt is not None or args.prompt_ids is not None:
         raise ValueError("--prompt and --prompt-ids need a checkpoint's tokenizer and vocabulary; random-weight --arch "
                          "models take --prompt-len")
-    predictors = _split(args.predictors) if args.predictors else None
+    predictors = _split(args.predictors, "--predictors") if args.predictors is not None else None
     if predictors is None:
         bundled = model is not None and Path(model).resolve() == BUNDLED_MODEL
         predictors = ["history", str(BUNDLED_PREDICTOR)] if bundled else ["history"]
     cfg = BenchConfig(
         model=model, arch=args.arch, layers=args.layers, routing=args.routing, batch=args.batch,
-        slots=_split(args.slots), policies=_split(args.policies) if args.policies != "all" else list(POLICY_NAMES),
+        slots=_split(args.slots, "--slots"),
+        policies=_split(args.policies, "--policies") if args.policies != "all" else list(POLICY_NAMES),
         predictors=predictors, gate_accuracy=args.gate_accuracy, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
         prompt_ids=prompt_ids, transformers=args.arch is not None, accelerate=args.accelerate,
         progress=not args.json,

@@ -115,19 +115,36 @@ class RoutingPathPredictor(nn.Module):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"predictor file {path} does not exist")
-        with safe_open(str(path), "pt") as f:
-            meta = (f.metadata() or {}).get("expertflow_predictor")
-            if meta is None:
-                raise ValueError(f"{path} is not an ExpertFlow predictor (no expertflow_predictor metadata)")
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        config = PredictorConfig(**json.loads(meta))
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = (f.metadata() or {}).get("expertflow_predictor")
+                if meta is None:
+                    raise ValueError(f"{path} is not an ExpertFlow predictor (no expertflow_predictor metadata)")
+                state = {k: f.get_tensor(k) for k in f.keys()}
+            config = PredictorConfig(**json.loads(meta))
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors reports a cut file or a bad header as its own error types
+            raise ValueError(f"{path} is not a readable predictor file ({type(e).__name__}: {e}); train it again "
+                             "with `expertflow train-predictor`") from None
+        c = config
+        if not (c.num_layers >= 1 and c.num_experts >= 1 and 1 <= c.top_k <= c.num_experts and c.embed_dim >= 1
+                and c.hidden >= 1):
+            raise ValueError(f"{path} describes an impossible predictor: {c.num_layers} layers, {c.num_experts} experts, "
+                             f"top-{c.top_k}, {c.embed_dim}-dim embeddings, hidden {c.hidden}")
+        bad = [k for k, v in state.items() if not torch.isfinite(v.float()).all()]
+        if bad:
+            raise ValueError(f"{path} holds weights that are NaN or infinite ({', '.join(bad)}); train it again")
         if expected_fingerprint is not None and config.model_fingerprint != expected_fingerprint:
             raise ValueError(
                 f"predictor {path} belongs to model {config.model_fingerprint} ({config.model_type}), not to this model "
                 f"({expected_fingerprint}); train one on this model's traces with `expertflow train-predictor`"
             )
         model = cls(config)
-        model.load_state_dict({k: v.float() for k, v in state.items()})
+        try:
+            model.load_state_dict({k: v.float() for k, v in state.items()})
+        except RuntimeError as e:
+            raise ValueError(f"{path}: its weights do not fit the predictor its metadata describes ({e})") from None
         return model.eval()
 
     @torch.no_grad()

@@ -201,8 +201,8 @@ def replay(
             f"capacity {capacity} {scope} is below the {need} experts one layer of one token needs; "
             f"use a capacity of at least {need}"
         )
-    if bandwidth_gbps <= 0 or compute_ms_per_layer < 0:
-        raise ValueError("bandwidth must be > 0 GB/s and compute per layer >= 0 ms")
+    if not (bandwidth_gbps > 0 and compute_ms_per_layer >= 0 and (expert_bytes is None or expert_bytes > 0)):
+        raise ValueError("bandwidth must be > 0 GB/s, expert bytes > 0 and compute per layer >= 0 ms")
     num_layers = trace.num_layers
     schedule = schedule or TraceSchedule(trace, num_layers, trace.num_tokens)
     step_predictor, gate_source = _forecasts(predictor, trace, schedule)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,10 @@ __all__ = [
 
 #: Version tag of ExpertFlow's own trace folders (``expertflow trace``).
 TRACE_FORMAT = "expertflow-trace/1"
+#: Bounds on the ids a trace may hold: far beyond any published MoE model, and small enough that
+#: tables over layers x experts stay small (an id of 2**31 is a corrupt line, not a model).
+MAX_LAYERS = 4096
+MAX_EXPERTS = 65536
 
 
 @dataclass
@@ -89,7 +94,32 @@ class RoutingTrace:
         return out
 
 
-def _finish(tokens: dict, order: list, num_layers: int | None, num_experts: int | None, **kwargs) -> RoutingTrace:
+def _int(value, name: str, low: int, high: int) -> int:
+    """``value`` as an int in ``[low, high)``; a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if not low <= number < high:
+        raise ValueError(f"{name} {number} is out of range [{low}, {high})")
+    return number
+
+
+def _experts(value, num_experts: int) -> list[int]:
+    """A routing record's experts: a non-empty list of distinct ids below ``num_experts``."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"experts must be a non-empty list of expert ids, got {value!r}")
+    experts = [_int(e, "expert", 0, num_experts) for e in value]
+    if len(set(experts)) != len(experts):
+        raise ValueError(f"experts {experts} lists an expert twice; a router picks distinct experts")
+    return experts
+
+
+def _finish(tokens: dict, order: list, num_layers: int | None, num_experts: int | None, path: Path, **kwargs) -> RoutingTrace:
+    if not tokens:
+        raise ValueError(f"{path} holds no routing records")
     out, seq_ids, max_layer, max_expert = [], [], -1, -1
     for key in order:
         layers = tokens[key]
@@ -121,13 +151,20 @@ def read_jsonl_trace(path: str | Path) -> RoutingTrace:
                 continue
             try:
                 row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"a record is a JSON object, got {type(row).__name__}")
                 seq = (row.get("dataset", ""), row.get("problem_id", row.get("sequence_id", 0)))
-                key = (sequences.setdefault(seq, len(sequences)), int(row["token_idx"]))
-                tokens.setdefault(key, {})[int(row["layer"])] = [int(e) for e in row["experts"]]
+                hash(seq)
+                key = (sequences.setdefault(seq, len(sequences)), _int(row["token_idx"], "token_idx", 0, 1 << 40))
+                layer = _int(row["layer"], "layer", 0, MAX_LAYERS)
+                layers = tokens.setdefault(key, {})
+                if layer in layers:
+                    raise ValueError(f"layer {layer} of token {key[1]} of this sequence was already given")
+                layers[layer] = _experts(row["experts"], MAX_EXPERTS)
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{lineno}: not a routing record ({e}); expected layer, experts, token_idx") from e
     order = sorted(tokens)
-    return _finish(tokens, order, None, None, source=str(path))
+    return _finish(tokens, order, None, None, path, source=str(path))
 
 
 def read_route_csv(path: str | Path) -> RoutingTrace:
@@ -135,34 +172,45 @@ def read_route_csv(path: str | Path) -> RoutingTrace:
     path = Path(path)
     header: dict[str, str] = {}
     expert_bytes: dict[int, int] = {}
-    rows = []
+    rows: list[str] = []
+    lines: list[int] = []
     with path.open() as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if line.startswith("#"):
-                for k, v in re.findall(r"(\w+)=(\S+)", line):
-                    header[k] = v
-                m = re.search(r"layer=(\d+)\s+expert_bytes=(\d+)", line)
-                if m:
-                    expert_bytes[int(m.group(1))] = int(m.group(2))
-            else:
+                try:
+                    for k, v in re.findall(r"(\w+)=(\S+)", line):
+                        header[k] = v
+                    m = re.search(r"layer=(\d+)\s+expert_bytes=(\d+)", line)
+                    if m:
+                        expert_bytes[_int(m.group(1), "layer", 0, MAX_LAYERS)] = _int(m.group(2), "expert_bytes", 0, 1 << 50)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{lineno}: {e}") from None
+            elif line.strip():
                 rows.append(line)
+                lines.append(lineno)
+    try:
+        num_layers = _int(header["n_layer"], "n_layer", 1, MAX_LAYERS + 1) if "n_layer" in header else None
+        num_experts = _int(header["n_expert"], "n_expert", 1, MAX_EXPERTS + 1) if "n_expert" in header else None
+    except ValueError as e:
+        raise ValueError(f"{path}: header: {e}") from None
     reader = csv.DictReader(rows)
-    tokens: dict[tuple, dict[int, list[tuple[int, int]]]] = {}
-    for lineno, row in enumerate(reader, 2):
+    tokens: dict[tuple, dict[int, dict[int, int]]] = {}
+    for i, row in enumerate(reader):
+        lineno = lines[i + 1] if i + 1 < len(lines) else lines[-1]
         try:
-            key = (int(row["turn"]), int(row["step"]))
-            tokens.setdefault(key, {}).setdefault(int(row["layer"]), []).append((int(row["slot"]), int(row["expert"])))
+            key = (_int(row["turn"], "turn", 0, 1 << 40), _int(row["step"], "step", 0, 1 << 40))
+            layer = _int(row["layer"], "layer", 0, num_layers or MAX_LAYERS)
+            slot = _int(row["slot"], "slot", 0, MAX_EXPERTS)
+            expert = _int(row["expert"], "expert", 0, num_experts or MAX_EXPERTS)
+            ranked = tokens.setdefault(key, {}).setdefault(layer, {})
+            if slot in ranked or expert in ranked.values():
+                raise ValueError(f"layer {layer} of turn {key[0]} step {key[1]} lists rank {slot} or expert {expert} twice")
+            ranked[slot] = expert
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: data row {lineno}: {e}; expected turn,phase,step,layer,slot,expert columns") from e
-    ranked = {k: {l: [e for _, e in sorted(v)] for l, v in layers.items()} for k, layers in tokens.items()}
-    return _finish(
-        ranked,
-        sorted(ranked),
-        int(header["n_layer"]) if "n_layer" in header else None,
-        int(header["n_expert"]) if "n_expert" in header else None,
-        expert_bytes=expert_bytes or None,
-        source=str(path),
-    )
+            raise ValueError(f"{path}:{lineno}: {e}; expected turn,phase,step,layer,slot,expert columns") from e
+    ranked = {k: {l: [e for _, e in sorted(v.items())] for l, v in layers.items()} for k, layers in tokens.items()}
+    return _finish(ranked, sorted(ranked), num_layers, num_experts, path, expert_bytes=expert_bytes or None,
+                   source=str(path))
 
 
 @dataclass
@@ -223,11 +271,32 @@ def load_recorded_trace(folder: str | Path) -> RecordedTrace:
     meta_path = folder / "meta.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{folder} is not an ExpertFlow trace folder (no meta.json); record one with `expertflow trace`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != TRACE_FORMAT:
-        raise ValueError(f"{folder} has trace format {meta.get('format')!r}; this version reads {TRACE_FORMAT}")
-    with np.load(folder / "arrays.npz") as arrays:
-        return RecordedTrace(meta, *(arrays[name] for name in _ARRAYS))
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}); record the trace again with `expertflow trace`") from None
+    if not isinstance(meta, dict) or meta.get("format") != TRACE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{folder} has trace format {found!r}; this version reads {TRACE_FORMAT}")
+    model = meta.get("model")
+    need = ("num_layers", "num_experts", "top_k", "embed_dim", "fingerprint")
+    if not isinstance(model, dict) or any(k not in model for k in need):
+        raise ValueError(f"{meta_path} lacks its model description ({', '.join(need)}); record the trace again")
+    try:
+        with np.load(folder / "arrays.npz") as arrays:
+            trace = RecordedTrace(meta, *(arrays[name] for name in _ARRAYS))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{folder / 'arrays.npz'} is missing, empty or truncated ({e}); record the trace again") from None
+    n, L, k = trace.num_tokens, model["num_layers"], model["top_k"]
+    shapes = {"position": (n,), "token": (n,), "experts": (n, L, k), "weights": (n, L, k),
+              "embedding": (n, model["embed_dim"]), "gate_ahead": (n, L, k)}
+    for name, shape in shapes.items():
+        if getattr(trace, name).shape != shape:
+            raise ValueError(f"{folder}: {name} has shape {list(getattr(trace, name).shape)}, expected {list(shape)} "
+                             "for the model meta.json describes")
+    if n == 0 or ((trace.experts < -1) | (trace.experts >= model["num_experts"])).any():
+        raise ValueError(f"{folder}: the trace is empty or holds expert ids outside 0..{model['num_experts'] - 1}")
+    return trace
 
 
 def read_trace(path: str | Path) -> RoutingTrace:
