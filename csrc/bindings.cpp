@@ -57,7 +57,14 @@ py::capsule arena_dlpack(const std::shared_ptr<Buffer>& buffer) {
   });
 }
 
-Stream as_stream(uintptr_t handle) { return reinterpret_cast<Stream>(handle); }
+// A compute stream handle from Python. The host backend computes on the calling thread: it takes only
+// 0, never an address (a wrong one would be dereferenced). On CUDA a handle is a cudaStream_t that the
+// Python layer took from a torch.cuda.Stream.
+Stream compute_stream(const Runtime& r, uintptr_t handle) {
+  EF_CHECK(handle == 0 || r.pool()->backend()->is_gpu(),
+           "the host backend computes on the calling thread: pass stream=None (0), not a stream handle");
+  return reinterpret_cast<Stream>(handle);
+}
 
 py::dict stats_dict(const RuntimeStats& s) {
   py::dict d;
@@ -195,14 +202,6 @@ PYBIND11_MODULE(_C, m) {
            },
            py::arg("layer"), py::arg("expert"), py::arg("tensor"), py::arg("data"), py::arg("offset") = 0,
            "Copies a contiguous buffer (numpy array, memoryview of an mmap) into one tensor of an expert.")
-      .def("write_from_address",
-           [](ExpertPool& p, int layer, int expert, int tensor, uintptr_t address, size_t bytes, size_t offset) {
-             EF_CHECK(address != 0 || bytes == 0, "source address is null");
-             py::gil_scoped_release nogil;
-             p.write(layer, expert, tensor, reinterpret_cast<const void*>(address), bytes, offset);
-           },
-           py::arg("layer"), py::arg("expert"), py::arg("tensor"), py::arg("address"), py::arg("nbytes"),
-           py::arg("offset") = 0, "Copies raw host bytes (e.g. a CPU tensor's data_ptr()) into one tensor of an expert.")
       .def("arena_dlpack", [](const ExpertPool& p) { return arena_dlpack(p.arena()); },
            "The whole pinned arena as a uint8 DLPack capsule.");
 
@@ -309,21 +308,24 @@ PYBIND11_MODULE(_C, m) {
            "link), optional next-use tables [L, E] and the position of the next access.")
       .def("acquire",
            [](Runtime& r, int layer, const std::vector<int>& experts, uintptr_t stream, bool wait) {
+             const Stream compute = compute_stream(r, stream);
              py::gil_scoped_release nogil;
-             return r.acquire(layer, experts, as_stream(stream), wait);
+             return r.acquire(layer, experts, compute, wait);
            },
            py::arg("layer"), py::arg("experts"), py::arg("stream") = 0, py::arg("wait") = true)
       .def("wait_ready",
            [](Runtime& r, int slot, uintptr_t stream) {
+             const Stream compute = compute_stream(r, stream);
              py::gil_scoped_release nogil;
-             r.wait_ready(slot, as_stream(stream));
+             r.wait_ready(slot, compute);
            },
            py::arg("slot"), py::arg("stream") = 0)
       .def("is_ready", &Runtime::is_ready, py::arg("slot"))
       .def("release",
            [](Runtime& r, int layer, const std::vector<int>& experts, uintptr_t stream) {
+             const Stream compute = compute_stream(r, stream);
              py::gil_scoped_release nogil;
-             r.release(layer, experts, as_stream(stream));
+             r.release(layer, experts, compute);
            },
            py::arg("layer"), py::arg("experts"), py::arg("stream") = 0)
       .def("set_layer_quotas", &Runtime::set_layer_quotas, py::arg("quotas"))

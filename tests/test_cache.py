@@ -281,3 +281,33 @@ def test_acquire_without_wait_then_wait_per_slot(backend_name):
             cache.wait_slot(slots[0])
         with pytest.raises(ef.ExpertFlowError, match="slot 9 is not acquired"):
             cache.slot_ready(9)
+
+
+def test_stream_handles_are_never_taken_as_addresses():
+    """Host backend: an integer or a duck-typed object is not a stream; before, it was dereferenced."""
+
+    class Bogus:
+        cuda_stream = 12345
+
+    pool = make_filled_pool("host")
+    with ef.ExpertCache(pool, 4) as cache:
+        for stream in (1, 12345, Bogus()):
+            with pytest.raises(ef.ExpertFlowError, match="host backend computes on the calling thread"):
+                cache.acquire(0, [1], stream=stream)
+        cache.acquire(0, [1])
+        with pytest.raises(ef.ExpertFlowError, match="host backend computes on the calling thread"):
+            cache.release(0, [1], stream=12345)
+        with pytest.raises(ef.ExpertFlowError, match="pass stream=None \\(0\\), not a stream handle"):
+            cache.native.release(0, [1], 12345)  # the native binding checks too
+        cache.release(0, [1])
+        assert cache.stats()["accesses"] == 1
+
+
+def test_no_raw_address_reaches_the_pool():
+    pool = make_filled_pool("host")
+    assert not hasattr(pool.native, "write_from_address")
+    t = torch.randn(33, 65)
+    pool.write_tensor(0, 0, "w1", t)  # torch tensors go through the buffer protocol, bounds-checked
+    assert torch.equal(pool.expert(0, 0)["w1"], t)
+    with pytest.raises(ef.ExpertFlowError, match="overruns"):
+        pool.native.write(0, 0, 0, memoryview(bytearray(33 * 65 * 4 + 1)), 0)

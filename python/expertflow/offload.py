@@ -176,7 +176,7 @@ class OffloadEngine:
             starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         else:  # one token (decoding at batch 1): slices, no index kernels
             rank_of = {int(e): r for r, e in enumerate(chosen[0].tolist())}
-        stream = self.cache.stream_handle()
+        stream = self.cache.compute_stream()
         outputs: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         # A batch may route to more experts than there are slots: run them in waves that fit.
         capacity = self.cache.num_slots

@@ -42,7 +42,7 @@ __all__ = [
 #: Cache policies of the runtime (``belady`` needs the future and exists only in trace replay).
 POLICIES = ("lru", "lfu", "expertflow")
 
-StreamLike = Union[None, int, "torch.cuda.Stream"]
+StreamLike = Union[None, "torch.cuda.Stream"]
 PlanEntry = Union[tuple[int, int], tuple[int, int, float]]
 
 if TYPE_CHECKING:
@@ -187,8 +187,8 @@ class ExpertPool:
                 raise ExpertFlowError(f"{where} is {packed.dtype} in the pool but the source is {data.dtype}; convert it first")
             if tuple(data.shape) != packed.shape or offset:
                 raise ExpertFlowError(f"{where} has shape {packed.shape} in the pool but the source has {tuple(data.shape)}")
-            data = data.detach().to("cpu").contiguous()
-            self._native.write_from_address(layer, expert, index, data.data_ptr(), data.numel() * data.element_size(), 0)
+            raw = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._native.write(layer, expert, index, memoryview(raw), 0)
             return
         self._native.write(layer, expert, index, memoryview(data).cast("B"), offset)
 
@@ -292,17 +292,19 @@ class ExpertCache:
         self._check_open()
         return self._arena.device
 
-    def stream_handle(self, stream: StreamLike = None) -> int:
-        """The native handle of ``stream`` (default: the current stream); pass it to several calls in a
-        row to look the current stream up once."""
-        return self._stream_handle(stream)
+    def compute_stream(self) -> StreamLike:
+        """The current stream (None on the host backend); pass it to several calls in a row to look it
+        up once."""
+        return torch.cuda.current_stream(self._arena.device) if self._gpu else None
 
     def _stream_handle(self, stream: StreamLike) -> int:
-        if stream is None:
-            return torch.cuda.current_stream(self._arena.device).cuda_stream if self._gpu else 0
-        if isinstance(stream, int):
-            return stream
-        return stream.cuda_stream
+        if stream is None or (isinstance(stream, int) and not isinstance(stream, bool) and stream == 0):
+            return torch.cuda.current_stream(self._arena.device).cuda_stream if self._gpu and stream is None else 0
+        if self._gpu and isinstance(stream, torch.cuda.Stream):
+            return stream.cuda_stream
+        if not self._gpu:
+            raise ExpertFlowError(f"the host backend computes on the calling thread: pass stream=None, not {stream!r}")
+        raise ExpertFlowError(f"stream must be a torch.cuda.Stream (or None for the current stream), not {stream!r}")
 
     def _check_open(self) -> None:
         if self._arena is None:
