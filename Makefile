@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SHARED_TRACE := ../shared/data/traces/mixtral-8x7b-instruct.gsm8k.jsonl
 SYNTHETIC_TRACE := build/synthetic-trace.jsonl
 
-.PHONY: demo replay-demo test native-test python-test install clean
+.PHONY: demo replay-demo test native-test python-test wheel-check install clean
 
 $(VENV)/.deps-installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,18 @@ native-test: $(VENV)/.deps-installed
 python-test: install
 	$(PY) -m pytest -q tests
 
-test: native-test python-test
+# The wheel, installed into a fresh virtual environment, runs the CLI with its defaults (the bundled
+# model, predictor and prompts must be in it).
+WHEEL_DIR := build/wheel-check
+wheel-check: $(VENV)/.deps-installed
+	rm -rf $(WHEEL_DIR)
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR)/dist .
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q torch==2.13.0
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q $(WHEEL_DIR)/dist/expertflow-*.whl
+	cd $(WHEEL_DIR) && venv/bin/expertflow generate --prompt "ROMEO:" --max-new-tokens 8
+
+test: native-test python-test wheel-check
 
 clean:
 	rm -rf build python/expertflow/_C*.so
