@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-
 from expertflow.bench import BenchConfig, belady_bytes, format_table, make_config, plot, run_bench
 from expertflow.cli import main
 from expertflow.replay import replay

@@ -71,7 +71,7 @@ def test_host_syncs_per_forward(bf16_checkpoints, policy, tmp_path):
     resident = type(model).from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
     with torch.no_grad():
         baseline = count_syncs(lambda: resident(prompt))
-    del resident
+    resident = None  # free the resident copy before loading the offloaded one
     predictor = None
     if policy == "expertflow":  # an untrained predictor: its forward and transfer are what is counted
         c = model.config

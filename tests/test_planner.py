@@ -109,7 +109,7 @@ def test_history_policy_path_and_batches():
     policy.on_step(StepContext(step=0, batch=2, new_sequences=True))
     policy.on_layer(0, np.array([[1, 2], [3, 4], [5, 6], [7, 0]]), None)  # 2 sequences x 2 tokens (a prefill)
     assert policy.path[:, 0].tolist() == [[3, 4], [7, 0]]  # each sequence's last token
-    forecast = policy.history.forecast(StepContext(step=1, batch=2), policy.path)
+    forecast = policy.predictor.forecast(StepContext(step=1, batch=2), policy.path)
     assert np.flatnonzero(forecast.probs[0]).tolist() == [0, 3, 4, 7] and forecast.probs[1].sum() == 0
 
 

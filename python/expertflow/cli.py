@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .replay import REPLAY_POLICIES, ReplayResult, bound, parse_capacity, replay
 from .traces import read_trace, synthetic_trace, write_jsonl_trace
+from .units import format_bytes
 
 log = logging.getLogger("expertflow")
 
@@ -32,16 +33,6 @@ def _split(text: str, option: str | None = None) -> list[str]:
     return parts
 
 
-def _format_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _table(rows: list[tuple[str, ReplayResult, float | None]]) -> str:
     header = ["policy", "capacity", "hit ratio", "demand misses", "prefetches", "wasted", "bytes", "simulated s", "bound s"]
     table = [header]
@@ -50,7 +41,7 @@ def _table(rows: list[tuple[str, ReplayResult, float | None]]) -> str:
         cap = f"{label} ({r.capacity})" if label != str(r.capacity) else label
         time_s = f"{r.simulated_time_s:.2f}" if r.simulated_time_s is not None else "-"
         table.append([name, cap, f"{r.hit_ratio:.1%}", str(r.misses), str(r.prefetches), str(r.wasted_prefetches),
-                      _format_bytes(r.bytes), time_s, f"{bound_s:.2f}" if bound_s is not None else "-"])
+                      format_bytes(r.bytes, si=True), time_s, f"{bound_s:.2f}" if bound_s is not None else "-"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -203,7 +194,7 @@ def _summary(stats: dict, n: int, seconds: float) -> str:
     return (
         f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s) | policy {stats['policy']}, {stats['num_slots']} slots | "
         f"hit ratio {stats['hit_ratio']:.1%} ({stats['hits']}/{stats['accesses']}), prefetch hits {stats['prefetch_hits']}, "
-        f"wasted {stats['wasted_prefetches']}, copied {_format_bytes(stats['bytes_copied'])}, stalled {stats['stall_ms']:.1f} ms"
+        f"wasted {stats['wasted_prefetches']}, copied {format_bytes(stats['bytes_copied'], si=True)}, stalled {stats['stall_ms']:.1f} ms"
     )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import warnings
 from pathlib import Path
 
@@ -24,32 +23,11 @@ from .models import Architecture, architecture_for
 from .offload import MoELayer, OffloadedExperts, OffloadEngine
 from .policies import make_policy
 from .runtime import ExpertCache, ExpertFlowError, ExpertPool, get_backend
+from .units import format_bytes, parse_bytes
 
 __all__ = ["from_pretrained", "load_offloaded", "attach", "offloaded_experts", "moe_layers", "plan_slots", "parse_bytes", "format_bytes"]
 
 log = logging.getLogger(__name__)
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_bytes(value: int | str) -> int:
-    """``12GiB``, ``500MB``, ``1.5GB`` or a plain number of bytes."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"cannot read '{value}' as a size; write it like 12GiB, 500MB or 1048576")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
 
 @contextlib.contextmanager
 def offloaded_experts(arch: Architecture):

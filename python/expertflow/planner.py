@@ -143,7 +143,7 @@ class Planner:
         self.sure = np.zeros(0, dtype=bool)
         # What this step's forecasts said and what the routers did, for calibration at the step's end.
         self.step_scores: np.ndarray | None = None  # [L, E]
-        self.gate_scores = np.zeros((L, E))  # gate-ahead picks for each layer, seen one layer early
+        self.gate_picks = np.zeros((L, E), dtype=bool)  # gate-ahead picks for each layer, seen one layer early
         self.gated = np.zeros(L, dtype=bool)
         self.observed = np.zeros((L, E), dtype=bool)
         self.ran = np.zeros(L, dtype=bool)
@@ -211,10 +211,10 @@ class Planner:
         nxt = layer + 1
         if gate is None or nxt >= self.num_layers:
             return restarted
-        picks = np.zeros(E + 1)
-        picks[np.minimum(np.asarray(gate, dtype=np.int64).ravel(), E)] = 1.0
-        picked = picks[:E] > 0
-        self.gate_scores[nxt] = picked
+        picks = np.zeros(E + 1, dtype=bool)
+        picks[np.minimum(np.asarray(gate, dtype=np.int64).ravel(), E)] = True
+        picked = picks[:E]
+        self.gate_picks[nxt] = picked
         self.gated[nxt] = True
         p = self.gate_calibration.at_one()
         if p < self.confidence:
@@ -238,7 +238,7 @@ class Planner:
             self.step_calibration.observe(self.step_scores[ran], self.observed[ran])
         gated = self.gated & ran
         if gated.any():
-            picked = self.gate_scores[gated] > 0
+            picked = self.gate_picks[gated]
             self.gate_calibration.observe(np.ones(int(picked.sum())), self.observed[gated][picked])
         self.ran[:] = False
         self.gated[:] = False

@@ -208,7 +208,7 @@ class Expertflow(_Base):
     @property
     def label(self) -> str:
         """The forecasts this policy plans with, e.g. ``history``, ``predictor+router``."""
-        parts = [self.predictor.name if self.predictor is not None else "history"]
+        parts = [self.predictor.name if self.predictor is not None else HistoryPredictor.name]
         if self.gate_from_router:
             parts.append("router")
         elif self.gate is not None:
@@ -219,7 +219,7 @@ class Expertflow(_Base):
         super().attach(info)
         self.planner = Planner(info.num_layers, info.num_experts, confidence=self.confidence,
                                prefetch_confidence=self.prefetch_confidence)
-        self.history = self.predictor or HistoryPredictor(info.num_experts)
+        self.predictor = self.predictor or HistoryPredictor(info.num_experts)
         self.path = np.full((1, info.num_layers, info.top_k), -1, dtype=np.int64)
         return None
 
@@ -227,7 +227,7 @@ class Expertflow(_Base):
         if ctx.new_sequences or self.path.shape[0] != ctx.batch:
             self.path = np.full((ctx.batch, self.info.num_layers, self.path.shape[2]), -1, dtype=np.int64)
             ctx.new_sequences = True
-        forecast = self.history.forecast(ctx, self.path)
+        forecast = self.predictor.forecast(ctx, self.path)
         return self.planner.begin_step(forecast, observe=not ctx.new_sequences)
 
     def on_layer(self, layer: int, experts: np.ndarray, gate: np.ndarray | None) -> Plan:

@@ -89,10 +89,9 @@ def parse_capacity(text: str, trace: RoutingTrace, per_layer: bool) -> int:
     return value
 
 
-def next_use_positions(trace: RoutingTrace) -> list[list[float]]:
-    """For every layer visit, per listed expert, the position (visit index) of that (layer, expert)'s
-    next access; ``inf`` for none."""
-    visits = list(trace.layer_visits())
+def next_use_positions(visits: list[tuple[int, list[int]]]) -> list[list[float]]:
+    """For every layer visit ``(layer, experts)``, per listed expert, the position (visit index) of that
+    (layer, expert)'s next access; ``inf`` for none."""
     out: list[list[float]] = [[] for _ in visits]
     upcoming: dict[tuple[int, int], float] = {}
     for i in range(len(visits) - 1, -1, -1):
@@ -227,7 +226,7 @@ def replay(
         cache.set_layer_quotas([capacity] * num_layers)
     if planner_policy is not None:
         planner_policy.attach(EngineInfo(num_layers, trace.num_experts, num_slots, need))
-    next_uses = next_use_positions(trace) if policy == "belady" else None
+    next_uses = next_use_positions(list(trace.layer_visits())) if policy == "belady" else None
     link = _Link(bandwidth_gbps * 1e9, chunk_bytes)
     compute_s = compute_ms_per_layer / 1e3
     counts = dict.fromkeys(("hits", "misses", "prefetches", "prefetch_hits", "wasted", "cancelled"), 0)

@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -34,8 +33,10 @@ from ..models import Architecture, architecture_for
 from ..offload import OffloadedExperts
 from ..oracles import GateOracle, TraceOracle, TraceSchedule, parse_forecast
 from ..policies import POLICY_NAMES, Expertflow, GateAhead, make_policy
+from ..replay import next_use_positions
 from ..runtime import ExpertPool, get_backend
 from ..traces import read_trace
+from ..units import format_bytes
 from .shapes import SHAPES, make_config
 
 __all__ = ["BenchConfig", "run_bench", "plot", "save", "format_table", "TraceForcing", "belady_bytes"]
@@ -195,13 +196,7 @@ def belady_bytes(visits: list[tuple[int, list[int]]], num_slots: int, expert_byt
         waves += [(i, layer, experts[w : w + num_slots]) for w in range(0, len(experts), num_slots)]
     count_from = next((j for j, w in enumerate(waves) if w[0] >= count_from), len(waves))
     visits = [(layer, experts) for _, layer, experts in waves]
-    upcoming: dict[tuple[int, int], float] = {}
-    nexts: list[list[float]] = [[] for _ in visits]
-    for i in range(len(visits) - 1, -1, -1):
-        layer, experts = visits[i]
-        nexts[i] = [upcoming.get((layer, e), np.inf) for e in experts]
-        for e in experts:
-            upcoming[(layer, e)] = float(i)
+    nexts = next_use_positions(visits)
     cache = _C.SlotCache(num_slots, "belady")
     misses = 0
     for i, (layer, experts) in enumerate(visits):
@@ -474,7 +469,7 @@ def format_table(result: dict) -> str:
         fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
         table.append([
             r["policy"], r["predictor"] or "-", f"{r['slots']} ({r['num_slots']})", f"{r['ms_per_token']:.2f}",
-            _bytes(r["bytes_per_token"]), fmt(r["bytes_vs_belady"], "{:.2f}"), f"{r['hit_ratio']:.1%}",
+            format_bytes(r["bytes_per_token"], si=True), fmt(r["bytes_vs_belady"], "{:.2f}"), f"{r['hit_ratio']:.1%}",
             f"{r['demand_misses_per_token']:.2f}", f"{r['stall_share']:.0%}", fmt(r["x_bound"], "{:.2f}"),
             fmt(r["x_lru"], "{:.2f}"), {True: "yes", False: "NO", None: "-"}[r["same_tokens_as_all_gpu"]],
         ])
@@ -482,7 +477,7 @@ def format_table(result: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"{result['model']}: {result['num_layers']} MoE layers x {result['num_experts']} experts of "
-             f"{_bytes(result['expert_bytes'])}, top-{result['top_k']}, batch {result['batch']}, routing {result['routing']}, "
+             f"{format_bytes(result['expert_bytes'], si=True)}, top-{result['top_k']}, batch {result['batch']}, routing {result['routing']}, "
              f"{result['new_tokens']} new tokens; pinned link {result['pinned_gbps']:.1f} GB/s on {result['machine']['device']}"]
     if result.get("transformers"):
         notes.append(f"transformers, every expert resident: {result['transformers']['ms_per_token']:.2f} ms/token")
@@ -490,14 +485,6 @@ def format_table(result: dict) -> str:
         notes.append(f"accelerate device_map offload at the budget of {result['accelerate']['slots']}: "
                      f"{result['accelerate']['ms_per_token']:.1f} ms/token")
     return "\n".join(notes + lines)
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _record_live(m: _Model, prompt, cfg: BenchConfig, device) -> list[list[tuple[int, list[int]]]]:
