@@ -61,7 +61,7 @@ py::capsule arena_dlpack(const std::shared_ptr<Buffer>& buffer) {
 // 0, never an address (a wrong one would be dereferenced). On CUDA a handle is a cudaStream_t that the
 // Python layer took from a torch.cuda.Stream.
 Stream compute_stream(const Runtime& r, uintptr_t handle) {
-  EF_CHECK(handle == 0 || r.pool()->backend()->is_gpu(),
+  EF_CHECK(handle == 0 || r.backend()->is_gpu(),
            "the host backend computes on the calling thread: pass stream=None (0), not a stream handle");
   return reinterpret_cast<Stream>(handle);
 }
@@ -293,7 +293,6 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_slots", &Runtime::num_slots)
       .def_property_readonly("slot_bytes", &Runtime::slot_bytes)
       .def_property_readonly("policy", [](const Runtime& r) { return policy_name(r.policy()); })
-      .def_property_readonly("pool", &Runtime::pool)
       .def("apply_plan",
            [](Runtime& r, const IntArray& layers, const IntArray& experts, const DoubleArray& due,
               std::optional<DoubleArray> next_use, std::optional<DoubleArray> following_use, double now,

@@ -16,7 +16,16 @@ namespace {
 RuntimeOptions validated(const std::shared_ptr<ExpertPool>& pool, RuntimeOptions options) {
   EF_CHECK(pool != nullptr, "the runtime needs an expert pool");
   EF_CHECK(options.num_slots > 0, "num_slots must be at least 1, got " << options.num_slots);
+  size_t num_experts = 0;
+  for (int l = 0; l < pool->num_layers(); ++l) num_experts += static_cast<size_t>(pool->num_experts(l));
+  // More slots than experts are never used; refusing them also bounds the slot arena and the cache's
+  // per-slot tables by the pool's size.
+  EF_CHECK(static_cast<size_t>(options.num_slots) <= num_experts,
+           "num_slots=" << options.num_slots << " is more than the pool's " << num_experts
+                        << " experts; give at most " << num_experts << " slots (every expert resident)");
   if (options.slot_bytes == 0) options.slot_bytes = pool->max_expert_bytes();
+  EF_CHECK(options.slot_bytes <= std::numeric_limits<size_t>::max() / 2 / static_cast<size_t>(options.num_slots),
+           options.num_slots << " slots of " << options.slot_bytes << " bytes overflow the address space; lower slot_bytes");
   options.slot_bytes = align_up(options.slot_bytes, kTensorAlignment);
   for (int l = 0; l < pool->num_layers(); ++l) {
     EF_CHECK(pool->expert_bytes(l) <= options.slot_bytes,
@@ -30,6 +39,7 @@ RuntimeOptions validated(const std::shared_ptr<ExpertPool>& pool, RuntimeOptions
 
 Runtime::Runtime(std::shared_ptr<ExpertPool> pool, RuntimeOptions options)
     : pool_(std::move(pool)),
+      backend_(pool_->backend()),
       options_(validated(pool_, std::move(options))),
       policy_(parse_policy(options_.policy)),
       cache_(options_.num_slots, policy_, pool_->num_layers()) {
@@ -48,6 +58,7 @@ void Runtime::close() noexcept {
   closed_ = true;
   if (engine_) engine_->close();
   arena_.reset();
+  pool_.reset();  // the copies that read it have stopped; ExpertPool.close() may now free it
 }
 
 bool Runtime::closed() {

@@ -10,7 +10,8 @@
 //   are admitted as the cache decides (cache.h) and queued by due. acquire() moves the cache's clock
 //   to the layer and, once its misses are on their way, admits what the plan still holds.
 // - One mutex serialises cache state; the copy engine's own lock is taken only inside it.
-// - After close() every call throws; the arena lives on while zero-copy views of it exist.
+// - After close() every call throws and the pool is let go (its pinned arena is freed with its last owner);
+//   the slot arena lives on while zero-copy views of it exist.
 #pragma once
 
 #include <cstdint>
@@ -77,7 +78,7 @@ class Runtime {
   int num_slots() const { return options_.num_slots; }
   size_t slot_bytes() const { return options_.slot_bytes; }
   Policy policy() const { return policy_; }
-  const std::shared_ptr<ExpertPool>& pool() const { return pool_; }
+  const std::shared_ptr<Backend>& backend() const { return backend_; }
   const std::shared_ptr<Buffer>& arena() const { return arena_; }
 
  private:
@@ -87,7 +88,8 @@ class Runtime {
   void evict_locked(int slot);
   void queue_prefetch_locked(const PlanLoad& load);
 
-  std::shared_ptr<ExpertPool> pool_;
+  std::shared_ptr<ExpertPool> pool_;  // null after close()
+  std::shared_ptr<Backend> backend_;
   RuntimeOptions options_;
   Policy policy_;
   std::shared_ptr<Buffer> arena_;

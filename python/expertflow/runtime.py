@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
@@ -108,6 +109,9 @@ class ExpertPool:
     Fill it with :meth:`set_expert` or :meth:`write_tensor` (torch tensors, numpy arrays, or raw byte
     ranges such as a memoryview of a memory-mapped safetensors file); read it back through the
     zero-copy views of :meth:`expert`.
+
+    :meth:`close` (or leaving a ``with`` block) closes the caches built on the pool and frees the
+    pinned memory; only views from :meth:`expert` that the caller still holds keep it alive.
     """
 
     def __init__(self, layers: Sequence[LayerSpec], backend: _C.Backend | str | None = None) -> None:
@@ -119,17 +123,19 @@ class ExpertPool:
             [(t.name, _dtype_name(t.dtype), list(t.shape), torch.empty((), dtype=t.dtype).element_size()) for t in spec.tensors]
             for spec in self.layers
         ]
-        self._native = _C.ExpertPool(self.backend, [spec.num_experts for spec in self.layers], native_specs)
+        native = _C.ExpertPool(self.backend, [spec.num_experts for spec in self.layers], native_specs)
+        self._native: _C.ExpertPool | None = native
         self._layouts: list[tuple[_PackedTensor, ...]] = []
         for l, spec in enumerate(self.layers):
             dtypes = {t.name: t.dtype for t in spec.tensors}
             self._layouts.append(
                 tuple(
                     _PackedTensor(name, dtypes[name], tuple(shape), offset, nbytes)
-                    for name, _, shape, _, offset, nbytes in self._native.layout(l)
+                    for name, _, shape, _, offset, nbytes in native.layout(l)
                 )
             )
-        self._arena: torch.Tensor | None = torch.from_dlpack(self._native.arena_dlpack())
+        self._arena: torch.Tensor | None = torch.from_dlpack(native.arena_dlpack())
+        self._caches: weakref.WeakSet[ExpertCache] = weakref.WeakSet()
 
     @classmethod
     def uniform(
@@ -142,6 +148,8 @@ class ExpertPool:
 
     @property
     def native(self) -> _C.ExpertPool:
+        if self._native is None:
+            raise ExpertFlowError("the expert pool is closed; create a new one")
         return self._native
 
     @property
@@ -150,17 +158,17 @@ class ExpertPool:
 
     @property
     def total_bytes(self) -> int:
-        return self._native.total_bytes
+        return self.native.total_bytes
 
     def num_experts(self, layer: int) -> int:
-        return self._native.num_experts(layer)
+        return self.native.num_experts(layer)
 
     def expert_bytes(self, layer: int) -> int:
         """Packed size of one expert of ``layer``, a multiple of 256."""
-        return self._native.expert_bytes(layer)
+        return self.native.expert_bytes(layer)
 
     def layout(self, layer: int) -> tuple[_PackedTensor, ...]:
-        self._native.num_experts(layer)  # validates the layer
+        self.native.num_experts(layer)  # validates the layer
         return self._layouts[layer]
 
     def _tensor(self, layer: int, name: str) -> tuple[int, _PackedTensor]:
@@ -177,7 +185,6 @@ class ExpertPool:
         bytes-like object (``bytes``, a memoryview of an mmap) holding raw bytes, written at byte
         ``offset`` of the tensor.
         """
-        self._check_open()
         index, packed = self._tensor(layer, name)
         where = f"tensor '{name}' of layer {layer} expert {expert}"
         if isinstance(data, np.ndarray):
@@ -188,9 +195,9 @@ class ExpertPool:
             if tuple(data.shape) != packed.shape or offset:
                 raise ExpertFlowError(f"{where} has shape {packed.shape} in the pool but the source has {tuple(data.shape)}")
             raw = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            self._native.write(layer, expert, index, memoryview(raw), 0)
+            self.native.write(layer, expert, index, memoryview(raw), 0)
             return
-        self._native.write(layer, expert, index, memoryview(data).cast("B"), offset)
+        self.native.write(layer, expert, index, memoryview(data).cast("B"), offset)
 
     def set_expert(self, layer: int, expert: int, tensors: Mapping[str, Any]) -> None:
         """Copies every tensor of one expert into the pool; ``tensors`` maps each declared name to data."""
@@ -205,22 +212,25 @@ class ExpertPool:
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """Zero-copy CPU views of one expert's tensors in the pinned pool."""
-        self._check_open()
-        return _views(self._arena, self._native.expert_offset(layer, expert), self.layout(layer))
+        return _views(self._open_arena(), self.native.expert_offset(layer, expert), self.layout(layer))
 
     def expert_bytes_view(self, layer: int, expert: int) -> torch.Tensor:
         """The expert's packed bytes, ``[expert_bytes(layer)]`` uint8, zero-copy."""
-        self._check_open()
-        start = self._native.expert_offset(layer, expert)
-        return self._arena[start : start + self.expert_bytes(layer)]
+        start = self.native.expert_offset(layer, expert)
+        return self._open_arena()[start : start + self.expert_bytes(layer)]
 
-    def _check_open(self) -> None:
+    def _open_arena(self) -> torch.Tensor:
         if self._arena is None:
             raise ExpertFlowError("the expert pool is closed; create a new one")
+        return self._arena
 
     def close(self) -> None:
-        """Drops this object's hold on the pinned memory (views handed out keep it alive)."""
+        """Closes the caches built on this pool, then frees the pinned memory (views from :meth:`expert`
+        still held keep it alive). Every later call raises. Idempotent."""
+        for cache in list(self._caches):
+            cache.close()
         self._arena = None
+        self._native = None  # the last owner of the native pool: its arena goes with it
 
     def __enter__(self) -> ExpertPool:
         return self
@@ -264,6 +274,7 @@ class ExpertCache:
         self._native = _C.Runtime(pool.native, num_slots, slot_bytes or 0, policy, chunk_bytes, max_chunks_in_flight)
         self._arena: torch.Tensor | None = torch.from_dlpack(self._native.arena_dlpack())
         self._gpu = pool.backend.is_gpu
+        pool._caches.add(self)  # closing the pool closes this cache first: its copies read the pool
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         # Layers with identical layouts share views of a slot.
         self._layout_ids: list[int] = []
