@@ -83,7 +83,7 @@ def test_bad_input_is_refused_before_work(trace_file, tmp_path):
         run_bench(config(trace_file, predictors=["psychic"]))
     with pytest.raises(ValueError, match="either --model .* or --arch"):
         run_bench(BenchConfig())
-    with pytest.raises(ValueError, match="slots '0%' gives 0 slots"):
+    with pytest.raises(ValueError, match="slots '0%' is not a share of the experts"):
         run_bench(config(trace_file, slots=["0%"]))
     with pytest.raises(ValueError, match="needs a GPU"):
         run_bench(config(trace_file, accelerate="25%"))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -69,11 +72,108 @@ def test_budget_below_minimum_states_the_minimum(mixtral):
     model, folder = mixtral
     non_expert, per, _ = expert_bytes(model)
     minimum = non_expert + 1000 + 2 * per
-    with pytest.raises(ef.ExpertFlowError, match=f"is below the minimum of {format_bytes(minimum)} for this model"):
+    with pytest.raises(ef.ExpertFlowError, match=f"is below the minimum of .* \\({minimum} bytes\\) for this model"):
         ef.from_pretrained(folder, gpu_memory=minimum - 1, headroom=1000, progress=False)
     m = ef.from_pretrained(folder, gpu_memory=minimum, headroom=1000, progress=False)
     assert m.expertflow.cache.num_slots == 2
     m.expertflow.close()
+
+
+def test_stated_minimum_works_with_the_default_headroom(mixtral):
+    """The default headroom is a tenth of the budget, so the minimum is where budget - budget // 10 first
+    holds the weights and two slots; both the exact bytes and the rounded figure the error shows work."""
+    model, folder = mixtral
+    non_expert, per, _ = expert_bytes(model)
+    need = non_expert + 2 * per
+    exact = next(b for b in range(need, 2 * need) if b - b // 10 >= need)  # from the definition
+    with pytest.raises(ef.ExpertFlowError) as error:
+        ef.from_pretrained(folder, gpu_memory=exact - 1, progress=False)
+    stated = re.search(r"minimum of ([0-9.]+ \w+) \((\d+) bytes\)", str(error.value))
+    assert int(stated.group(2)) == exact
+    for budget in (exact, stated.group(1).replace(" ", "")):
+        m = ef.from_pretrained(folder, gpu_memory=budget, progress=False)
+        assert m.expertflow.cache.num_slots >= 2
+        m.expertflow.close()
+
+
+def test_config_with_fewer_layers_than_the_weights_names_the_extra_weights(tmp_path):
+    """A config that describes 2 of the checkpoint's 3 layers would load a third of the model away."""
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    config.pop("layer_types", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"does not match its config.json: it has weights this model does not "
+                                              r"\(\d+\): .*model\.layers\.2\.input_layernorm\.weight"):
+        ef.from_pretrained(folder, progress=False)
+
+
+def test_config_with_more_layers_than_the_weights_names_the_missing_weights(tmp_path):
+    folder = save(build("olmoe"), tmp_path / "m", "fused")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 4
+    config.pop("layer_types", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"it lacks weights this model needs \(\d+\): .*model\.layers\.3\."):
+        ef.from_pretrained(folder, progress=False)
+
+
+def test_invalid_config_is_a_checkpoint_error(tmp_path, mixtral):
+    folder = tmp_path / "m"
+    shutil.copytree(mixtral[1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    for text in (json.dumps({**config, "hidden_size": "abc"}), "{not json"):
+        (folder / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match="config.json is not a valid transformers config"):
+            ef.from_pretrained(folder, progress=False)
+
+
+def test_shards_in_a_subfolder_load(tmp_path):
+    model = build("olmoe")
+    folder = save(model, tmp_path / "m", "fused", num_shards=2)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    (folder / "shards").mkdir()
+    for shard in set(index["weight_map"].values()):
+        (folder / shard).rename(folder / "shards" / shard)
+    index["weight_map"] = {k: f"shards/{v}" for k, v in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    m = ef.from_pretrained(folder, gpu_memory="1GiB", progress=False)
+    try:
+        ids = torch.tensor([[3, 14, 15, 92]])
+        want = model.generate(ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(m.generate(ids, max_new_tokens=6, do_sample=False), want)
+    finally:
+        m.expertflow.close()
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "shards/../../x.safetensors"])
+def test_shards_outside_the_folder_are_refused(tmp_path, shard):
+    folder = save(build("olmoe"), tmp_path / "m", "fused", num_shards=2)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"names shard '{re.escape(shard)}' outside"):
+        ef.from_pretrained(folder, progress=False)
+
+
+def test_damaged_safetensors_files_are_named(tmp_path, mixtral):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(mixtral[1], truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not a valid safetensors file: tensor .* ends at byte"):
+        ef.from_pretrained(truncated, progress=False)
+    huge = tmp_path / "huge_header"
+    shutil.copytree(mixtral[1], huge)
+    (huge / "model.safetensors").write_bytes(struct.pack("<Q", 2**62) + data[8:])
+    with pytest.raises(CheckpointError, match=r"its header length 4611686018427387904 is beyond the file's"):
+        ef.from_pretrained(huge, progress=False)
+    index = tmp_path / "bad_index"
+    shutil.copytree(mixtral[1], index)
+    (index / "model.safetensors.index.json").write_text('{"weight_map": 3}')
+    with pytest.raises(CheckpointError, match="is not a valid safetensors index"):
+        ef.from_pretrained(index, progress=False)
 
 
 def test_missing_shard_names_it(tmp_path):

@@ -9,6 +9,7 @@ a checkpoint through the pinned pool never holds more than the pool plus one ten
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -52,6 +53,9 @@ class TensorInfo:
 class SafetensorsFile:
     """One memory-mapped ``.safetensors`` shard."""
 
+    # safetensors itself refuses headers above 100 MB; a larger length is a damaged file, not a header.
+    MAX_HEADER_BYTES = 100_000_000
+
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
@@ -59,21 +63,52 @@ class SafetensorsFile:
         except OSError as e:
             raise CheckpointError(f"cannot open checkpoint shard {path}: {e.strerror}") from e
         try:
-            (header_len,) = struct.unpack("<Q", self._file.read(8))
-            header = json.loads(self._file.read(header_len))
-        except (struct.error, ValueError) as e:
+            self.tensors = self._read_header()
+            size = os.path.getsize(path)
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except BaseException:
             self._file.close()
-            raise CheckpointError(f"{path} is not a safetensors file ({e})") from e
-        self.tensors: dict[str, TensorInfo] = {}
+            raise
+
+    def _read_header(self) -> dict[str, TensorInfo]:
+        """Every tensor's dtype, shape and byte range, checked against the file's size."""
+        path, size = self.path, os.path.getsize(self.path)
+
+        def bad(why: str) -> CheckpointError:
+            return CheckpointError(f"{path} is not a valid safetensors file: {why}; re-download or re-save it")
+
+        if size < 8:
+            raise bad(f"it holds {size} bytes, fewer than the 8-byte header length")
+        (header_len,) = struct.unpack("<Q", self._file.read(8))
+        if header_len > min(size - 8, self.MAX_HEADER_BYTES):
+            raise bad(f"its header length {header_len} is beyond the file's {size} bytes (a truncated or damaged file)")
+        try:
+            header = json.loads(self._file.read(header_len))
+        except ValueError as e:
+            raise bad(f"its header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise bad("its header is not a JSON object")
         base = 8 + header_len
+        tensors: dict[str, TensorInfo] = {}
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
-            if meta["dtype"] not in DTYPES:
-                raise CheckpointError(f"tensor '{name}' in {path} has unsupported dtype {meta['dtype']}")
-            begin, end = meta["data_offsets"]
-            self.tensors[name] = TensorInfo(name, path, DTYPES[meta["dtype"]], tuple(meta["shape"]), base + begin, end - begin)
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else None
+            try:
+                dtype_name, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+                ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and begin <= end
+            except (TypeError, KeyError, ValueError):
+                ok = False
+            if not ok:
+                raise bad(f"tensor '{name}' has no valid dtype, shape and data_offsets")
+            if dtype_name not in DTYPES:
+                raise CheckpointError(f"tensor '{name}' in {path} has unsupported dtype {dtype_name}")
+            nbytes = end - begin
+            if nbytes != math.prod(shape) * DTYPES[dtype_name].itemsize:
+                raise bad(f"tensor '{name}' spans {nbytes} bytes but {dtype_name} {list(shape)} needs {math.prod(shape) * DTYPES[dtype_name].itemsize}")
+            if base + end > size:
+                raise bad(f"tensor '{name}' ends at byte {base + end} but the file has {size} (a truncated file)")
+            tensors[name] = TensorInfo(name, path, DTYPES[dtype_name], shape, base + begin, nbytes)
+        return tensors
 
     def view(self, info: TensorInfo, offset: int = 0, nbytes: int | None = None) -> memoryview:
         """Zero-copy bytes of ``info`` (from ``offset``, ``nbytes`` long)."""
@@ -107,8 +142,7 @@ class Checkpoint:
         index = self.folder / "model.safetensors.index.json"
         single = self.folder / "model.safetensors"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shard_names = sorted(set(weight_map.values()))
+            shard_names = self._shards_of(index)
             missing = [s for s in shard_names if not (self.folder / s).exists()]
             if missing:
                 raise CheckpointError(
@@ -121,10 +155,35 @@ class Checkpoint:
                 f"{self.folder} has neither model.safetensors nor model.safetensors.index.json; "
                 "ExpertFlow loads safetensors checkpoints (convert others with transformers' save_pretrained)"
             )
-        self.shards = {name: SafetensorsFile(self.folder / name) for name in shard_names}
+        # Shards are keyed by path: an index may name shards in subfolders, whose file names can repeat.
+        self.shards: dict[Path, SafetensorsFile] = {}
+        try:
+            for name in shard_names:
+                shard = SafetensorsFile(self.folder / name)
+                self.shards[shard.path] = shard
+        except BaseException:
+            self.close()
+            raise
         self.tensors: dict[str, TensorInfo] = {}
         for shard in self.shards.values():
             self.tensors.update(shard.tensors)
+
+    def _shards_of(self, index: Path) -> list[str]:
+        """The shard files an index names: relative paths inside the folder (subfolders allowed)."""
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+            if not all(isinstance(n, str) and n for n in names):
+                raise TypeError("shard names must be non-empty strings")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index (a JSON object with a 'weight_map' of tensor "
+                                  f"names to shard files): {e}") from None
+        for name in names:
+            # Lexically, not resolved: hub caches link shards to blobs elsewhere, which is fine.
+            if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+                raise CheckpointError(f"{index} names shard '{name}' outside {self.folder}; shards must lie inside the "
+                                      "checkpoint folder")
+        return names
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -136,10 +195,10 @@ class Checkpoint:
             raise CheckpointError(f"tensor '{name}' is not in the checkpoint at {self.folder}") from None
 
     def view(self, info: TensorInfo, offset: int = 0, nbytes: int | None = None) -> memoryview:
-        return self.shards[info.file.name].view(info, offset, nbytes)
+        return self.shards[info.file].view(info, offset, nbytes)
 
     def release(self, info: TensorInfo, offset: int = 0, nbytes: int | None = None) -> None:
-        self.shards[info.file.name].release(info, offset, nbytes)
+        self.shards[info.file].release(info, offset, nbytes)
 
     def close(self) -> None:
         for shard in self.shards.values():

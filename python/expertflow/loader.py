@@ -23,9 +23,10 @@ from .models import Architecture, architecture_for
 from .offload import MoELayer, OffloadedExperts, OffloadEngine
 from .policies import make_policy
 from .runtime import ExpertCache, ExpertFlowError, ExpertPool, get_backend
-from .units import format_bytes, parse_bytes
+from .units import format_bytes, parse_bytes, parse_slots
 
-__all__ = ["from_pretrained", "load_offloaded", "attach", "offloaded_experts", "moe_layers", "plan_slots", "parse_bytes", "format_bytes"]
+__all__ = ["from_pretrained", "load_offloaded", "attach", "offloaded_experts", "moe_layers", "plan_slots", "read_config",
+           "compute_dtype", "parse_bytes", "format_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -143,28 +144,47 @@ def plan_slots(
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     expert_bytes = sum(-(-t.nbytes // 256) * 256 for t in arch.pool_tensors(config, dtype))  # as the pool packs them
     weights_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    reserve = parse_bytes(headroom) if headroom is not None else min(budget // 10, 2 << 30)
     total_experts = num_layers * num_experts
     if policy == "all_gpu":
         return total_experts
     if expert_slots is not None:
-        text = str(expert_slots).strip()
-        num_slots = round(float(text[:-1]) / 100 * total_experts) if text.endswith("%") else int(text)
+        num_slots = parse_slots(expert_slots).count(total_experts)
         if not top_k <= num_slots <= total_experts:
             raise ExpertFlowError(
                 f"expert_slots={expert_slots} gives {num_slots} slots; use between {top_k} (one layer's experts per "
                 f"token) and {total_experts} (every expert)"
             )
         return num_slots
+    reserve = parse_bytes(headroom) if headroom is not None else default_headroom(budget)
     num_slots = min(total_experts, max(0, budget - weights_bytes - reserve) // expert_bytes)
     if num_slots < top_k:
-        minimum = weights_bytes + reserve + top_k * expert_bytes
+        need = weights_bytes + top_k * expert_bytes
+        if headroom is not None:
+            minimum, reserve_text = need + reserve, f"headroom {format_bytes(reserve)}"
+        else:
+            minimum = min_budget(need)
+            reserve_text = f"headroom {format_bytes(default_headroom(minimum))} (a tenth of the budget, at most 2 GiB)"
         raise ExpertFlowError(
-            f"gpu_memory={format_bytes(budget)} is below the minimum of {format_bytes(minimum)} for this model: "
-            f"non-expert weights {format_bytes(weights_bytes)} + headroom {format_bytes(reserve)} + {top_k} "
-            f"expert slots of {format_bytes(expert_bytes)} (one layer's experts per token)"
+            f"gpu_memory={format_bytes(budget)} is below the minimum of {format_bytes(minimum, round_up=True)} "
+            f"({minimum} bytes) for this model: non-expert weights {format_bytes(weights_bytes)} + {reserve_text} + "
+            f"{top_k} expert slots of {format_bytes(expert_bytes)} (one layer's experts per token)"
         )
     return num_slots
+
+
+def default_headroom(budget: int) -> int:
+    """Device memory kept for activations and the KV cache when none is given: a tenth, at most 2 GiB."""
+    return min(budget // 10, 2 << 30)
+
+
+def min_budget(need: int) -> int:
+    """The smallest budget B with ``B - default_headroom(B) >= need``."""
+    if need + (2 << 30) >= 10 * (2 << 30):  # the headroom is capped at 2 GiB there
+        return need + (2 << 30)
+    budget = max(0, need * 10 // 9 - 10)  # B - B // 10 grows by at most 1 per byte: step up to the first fit
+    while budget - default_headroom(budget) < need:
+        budget += 1
+    return budget
 
 
 def attach(
@@ -203,36 +223,64 @@ def attach(
     return model.expertflow
 
 
-def load_offloaded(
-    path: str | Path,
-    dtype: torch.dtype | str | None = None,
-    device: str | torch.device | None = None,
-    *,
-    backend: str | None = None,
-    progress: bool = True,
-) -> tuple[torch.nn.Module, Architecture, ExpertPool]:
-    """A checkpoint folder -> (model without routed-expert weights, its architecture, the filled pool).
+COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
-    :func:`attach` then connects the two under a policy; benchmarks attach one pool to several.
-    """
+
+def compute_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` as a torch floating-point compute dtype (None: the checkpoint's)."""
+    if dtype is None or dtype in COMPUTE_DTYPES.values():
+        return dtype  # type: ignore[return-value]
+    name = _DTYPE_ALIASES.get(str(dtype), str(dtype)).removeprefix("torch.")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not a compute dtype; use {', '.join(COMPUTE_DTYPES)} (or leave it out for the checkpoint's)")
+    return COMPUTE_DTYPES[name]
+
+
+def read_config(path: str | Path) -> transformers.PretrainedConfig:
+    """The config of a checkpoint folder, with a clear error where transformers cannot read it."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; pass the folder of a transformers checkpoint")
-    config = transformers.AutoConfig.from_pretrained(path)
-    arch = architecture_for(config.model_type)
-    backend_obj = get_backend(backend)
-    device = torch.device(device) if device is not None else torch.device("cuda" if backend_obj.is_gpu else "cpu")
-    if (device.type == "cuda") != backend_obj.is_gpu:
-        raise ExpertFlowError(
-            f"device {device} does not match the {backend_obj.name} backend: the expert slots live where the backend "
-            f"puts them; use device={'cuda' if backend_obj.is_gpu else 'cpu'}, or backend={'host' if backend_obj.is_gpu else 'cuda'}"
-        )
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    ckpt = Checkpoint(path)
     try:
+        return transformers.AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises many kinds here; all mean the same to the user
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path / 'config.json'} is not a valid transformers config: {' '.join(first[-2:])}") from e
+
+
+def _check_loading_info(info: dict, layers: list[MoELayer], path: Path) -> None:
+    """Weights the checkpoint has but the model lacks, or the other way round, are errors that name them.
+
+    Transformers reports the routed experts as unexpected (our modules have no weights): those of the
+    model's own MoE layers are ours to load. Any other unexpected weight means config and checkpoint
+    disagree (e.g. fewer layers in the config than in the weights), and loading would silently drop it.
+    """
+    ours = tuple(layer.path + "." for layer in layers)
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(ours))
+    missing = sorted(info.get("missing_keys", ()))
+    problems = []
+    for what, keys in (("has weights this model does not", unexpected), ("lacks weights this model needs", missing)):
+        if keys:
+            more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+            problems.append(f"{what} ({len(keys)}): {', '.join(keys[:8])}{more}")
+    if problems:
+        raise CheckpointError(
+            f"the checkpoint at {path} does not match its config.json: it {'; it '.join(problems)}. "
+            "Fix config.json (e.g. its layer or expert counts) to describe these weights"
+        )
+
+
+@contextlib.contextmanager
+def _resident(path: Path, dtype: torch.dtype | None, device: torch.device, progress: bool):
+    """Yields (model without routed-expert weights, its architecture, MoE layers, open checkpoint)."""
+    config = read_config(path)
+    arch = architecture_for(config.model_type)
+    with Checkpoint(path) as ckpt:  # validates every shard before transformers reads one
         verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # the experts' checkpoint keys are ours, not "unexpected"
+        # Transformers would list every routed expert as unexpected; _check_loading_info reports the
+        # weights that really are.
+        transformers.logging.set_verbosity_error()
         bars = transformers.utils.logging.is_progress_bar_enabled()
         if not progress:
             transformers.utils.logging.disable_progress_bar()
@@ -245,26 +293,53 @@ def load_offloaded(
             transformers.logging.set_verbosity(verbosity)
             if bars:
                 transformers.utils.logging.enable_progress_bar()
-        if info.get("missing_keys"):
-            raise CheckpointError(
-                f"the checkpoint at {path} lacks these weights: {', '.join(sorted(info['missing_keys'])[:8])}"
-            )
         model.eval()
         layers = moe_layers(model, arch)
         if not layers:
             raise ExpertFlowError(f"found no routed experts in this {config.model_type} model")
-        num_experts = arch.dims(config)[0]
-        pool_dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
-        tensors = arch.pool_tensors(config, pool_dtype)
-        pool = ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj)
-        try:
-            _fill_pool(pool, layers, arch, config, ckpt, progress)
-        except BaseException:
-            pool.close()
-            raise
-    finally:
-        ckpt.close()
-    return model, arch, pool
+        _check_loading_info(info, layers, path)
+        yield model, arch, layers, ckpt
+
+
+def _filled_pool(model, arch: Architecture, layers: list[MoELayer], ckpt: Checkpoint, backend_obj, progress: bool) -> ExpertPool:
+    config = model.config
+    pool_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    pool = ExpertPool.uniform(len(layers), arch.dims(config)[0], arch.pool_tensors(config, pool_dtype), backend=backend_obj)
+    try:
+        _fill_pool(pool, layers, arch, config, ckpt, progress)
+    except BaseException:
+        pool.close()
+        raise
+    return pool
+
+
+def _device_for(backend_obj, device: str | torch.device | None) -> torch.device:
+    device = torch.device(device) if device is not None else torch.device("cuda" if backend_obj.is_gpu else "cpu")
+    if (device.type == "cuda") != backend_obj.is_gpu:
+        raise ExpertFlowError(
+            f"device {device} does not match the {backend_obj.name} backend: the expert slots live where the backend "
+            f"puts them; use device={'cuda' if backend_obj.is_gpu else 'cpu'}, or backend={'host' if backend_obj.is_gpu else 'cuda'}"
+        )
+    return device
+
+
+def load_offloaded(
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    *,
+    backend: str | None = None,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, Architecture, ExpertPool]:
+    """A checkpoint folder -> (model without routed-expert weights, its architecture, the filled pool).
+
+    :func:`attach` then connects the two under a policy; benchmarks attach one pool to several.
+    """
+    dtype = compute_dtype(dtype)
+    backend_obj = get_backend(backend)
+    device = _device_for(backend_obj, device)
+    with _resident(Path(path), dtype, device, progress) as (model, arch, layers, ckpt):
+        return model, arch, _filled_pool(model, arch, layers, ckpt, backend_obj, progress)
 
 
 def from_pretrained(
@@ -298,20 +373,28 @@ def from_pretrained(
     offload_policy = make_policy(policy)
     if predictor is not None and offload_policy.name != "expertflow":
         raise ValueError(f"a routing-path predictor drives the expertflow policy only, not {policy}")
+    # Every argument is checked before any weight loads.
     budget = parse_bytes(gpu_memory)
-    model, arch, pool = load_offloaded(path, dtype, device, backend=backend, progress=progress)
-    config = model.config
-    num_experts = pool.num_experts(0)
+    if headroom is not None:
+        parse_bytes(headroom)
+    if expert_slots is not None:
+        parse_slots(expert_slots)
+    dtype = compute_dtype(dtype)
+    backend_obj = get_backend(backend)
+    device = _device_for(backend_obj, device)
+    with _resident(Path(path), dtype, device, progress) as (model, arch, layers, ckpt):
+        config = model.config
+        # The slot count needs the resident weights' size; the pool (the model's bulk) is read after it.
+        num_slots = plan_slots(model, arch, config, len(layers), offload_policy.name, budget, headroom, expert_slots)
+        pool = _filled_pool(model, arch, layers, ckpt, backend_obj, progress)
     try:
-        num_slots = plan_slots(model, arch, config, pool.num_layers, offload_policy.name, budget, headroom, expert_slots)
         attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor)
     except BaseException:
         pool.close()
         raise
-    device = next(model.parameters()).device
     log.info(
         "%s: %d MoE layers x %d experts (%s each) in pinned memory; %d slots on %s (%s), policy %s",
-        config.model_type, pool.num_layers, num_experts, format_bytes(pool.expert_bytes(0)), num_slots,
+        config.model_type, pool.num_layers, pool.num_experts(0), format_bytes(pool.expert_bytes(0)), num_slots,
         device, pool.backend.name, offload_policy.name,
     )
     return model

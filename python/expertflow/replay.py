@@ -32,6 +32,7 @@ from .oracles import GateOracle, TraceOracle, TraceSchedule, parse_forecast
 from .planner import Plan
 from .policies import EngineInfo, Expertflow, GateAhead, GateSource, HistoryPredictor, StepContext, StepPredictor
 from .traces import RoutingTrace
+from .units import parse_slots
 
 __all__ = ["REPLAY_POLICIES", "ReplayResult", "replay", "bound", "parse_capacity", "next_use_positions"]
 
@@ -70,23 +71,8 @@ class ReplayResult:
 
 def parse_capacity(text: str, trace: RoutingTrace, per_layer: bool) -> int:
     """``"64"`` slots, or ``"25%"`` of all experts (of one layer's experts with ``per_layer``)."""
-    text = text.strip()
     total = trace.num_experts if per_layer else trace.num_experts * trace.num_layers
-    if text.endswith("%"):
-        try:
-            share = float(text[:-1])
-        except ValueError:
-            raise ValueError(f"capacity '{text}' is not a percentage like 25%") from None
-        if not 0 < share <= 100:
-            raise ValueError(f"capacity '{text}' must be a share between 0% and 100%")
-        return max(1, round(share / 100 * total))
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"capacity '{text}' is neither a slot count nor a percentage like 25%") from None
-    if value < 1:
-        raise ValueError(f"capacity '{text}' must be at least 1 slot")
-    return value
+    return parse_slots(text, "capacity").count(total)
 
 
 def next_use_positions(visits: list[tuple[int, list[int]]]) -> list[list[float]]:

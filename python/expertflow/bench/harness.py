@@ -36,7 +36,7 @@ from ..policies import POLICY_NAMES, Expertflow, GateAhead, make_policy
 from ..replay import next_use_positions
 from ..runtime import ExpertPool, get_backend
 from ..traces import read_trace
-from ..units import format_bytes
+from ..units import format_bytes, parse_slots
 from .shapes import SHAPES, make_config
 
 __all__ = ["BenchConfig", "run_bench", "plot", "save", "format_table", "TraceForcing", "belady_bytes"]
@@ -93,13 +93,9 @@ class BenchConfig:
 
 
 def _slot_share(text: str, total: int) -> int:
-    text = text.strip()
-    try:
-        n = round(float(text[:-1]) / 100 * total) if text.endswith("%") else int(text)
-    except ValueError:
-        raise ValueError(f"slots '{text}' is neither a count nor a share like 25%") from None
-    if not 1 <= n <= total:
-        raise ValueError(f"slots '{text}' gives {n} slots; use between 1 and {total}")
+    n = parse_slots(text, "slots").count(total)
+    if n > total:
+        raise ValueError(f"slots '{text}' gives {n} slots but the model has {total} experts; use at most {total}")
     return n
 
 
