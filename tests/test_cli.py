@@ -96,3 +96,92 @@ def test_bench_every_policy_same_tokens(capsys, tmp_path):
     assert "unknown policy 'mru'" in capsys.readouterr().err
     assert main(["bench", "--routing", "trace:/nonexistent.jsonl"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse refuses malformed values itself
+        return int(e.code)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--expert-slots", "inf%"], "--expert-slots 'inf%' is not a share of the experts"),
+    (["--expert-slots", "nan%"], "--expert-slots 'nan%' is not a share of the experts"),
+    (["--expert-slots", "x"], "--expert-slots 'x' is neither a whole number of slots"),
+    (["--expert-slots", "2.5"], "--expert-slots '2.5' is neither a whole number of slots"),
+    (["--expert-slots", "0"], "--expert-slots '0' is neither a whole number of slots"),
+    (["--dtype", "abc"], "dtype 'abc' is not a compute dtype; use float32, float16, bfloat16"),
+    (["--dtype", "float8_e4m3fn"], "dtype 'float8_e4m3fn' is not a compute dtype"),
+    (["--gpu-memory", "lots"], "cannot read 'lots' as a size"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: 0 is below the minimum of 1"),
+    (["--top-p", "1.5"], "argument --top-p: 1.5 is outside (0, 1]"),
+    (["--temperature", "0"], "argument --temperature: 0 is outside (0, inf]"),
+    (["--prompt-ids", "999999"], "prompt token ids 999999 are outside this model's vocabulary of 4096"),
+    (["--prompt-ids", "5,-3"], "prompt token ids -3 are outside this model's vocabulary"),
+])
+def test_generate_refuses_bad_arguments_before_loading(capsys, monkeypatch, argv, message):
+    import expertflow.cli as cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before its arguments were checked")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    if "--prompt-ids" not in argv:
+        argv = [*argv, "--prompt", "ROMEO:"]
+    assert exit_code(["generate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--layers", "0"], ["--tokens", "-1"], ["--experts", "0"], ["--top-k", "0"]])
+def test_synth_trace_refuses_empty_outputs(tmp_path, capsys, argv):
+    out = tmp_path / "t.jsonl"
+    assert exit_code(["synth-trace", "--out", str(out), *argv]) == 2
+    assert "is below the minimum of 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--hidden", "0"]])
+def test_train_predictor_refuses_untrained_outputs(tmp_path, capsys, argv):
+    out = tmp_path / "p.safetensors"
+    assert exit_code(["train-predictor", "--traces", str(tmp_path), "--out", str(out), *argv]) == 2
+    assert "is below the minimum of 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_outputs_are_not_overwritten_without_force(tmp_path, capsys):
+    out = tmp_path / "t.jsonl"
+    out.write_text("precious\n")
+    for command in (["synth-trace", "--out", str(out)],
+                    ["train-predictor", "--traces", str(tmp_path), "--out", str(out)],
+                    ["trace", "--prompts", str(out), "--out", str(out)]):
+        assert exit_code(command) == 2
+        assert f"{out} already exists; pass --force to overwrite it" in capsys.readouterr().err
+        assert out.read_text() == "precious\n"
+    assert exit_code(["synth-trace", "--out", str(out), "--layers", "2", "--tokens", "3", "--force"]) == 0
+    assert len(out.read_text().splitlines()) == 2 * 3
+
+
+def test_a_failed_write_leaves_the_previous_output(tmp_path, monkeypatch):
+    """Outputs are written under a temporary name and renamed: a write that fails midway (a full disk)
+    leaves the old file whole and no partial file beside it."""
+    import expertflow.traces as traces
+
+    out = tmp_path / "t.jsonl"
+    out.write_text("precious\n")
+    real_dumps = json.dumps
+    calls = []
+
+    def dumps_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return real_dumps(*args, **kwargs)
+
+    monkeypatch.setattr(traces.json, "dumps", dumps_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        traces.write_jsonl_trace(traces.synthetic_trace(num_layers=2, num_tokens=4), out)
+    assert out.read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]

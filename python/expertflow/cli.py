@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -20,9 +21,64 @@ from pathlib import Path
 
 from .replay import REPLAY_POLICIES, ReplayResult, bound, parse_capacity, replay
 from .traces import read_trace, synthetic_trace, write_jsonl_trace
-from .units import format_bytes
+from .files import check_output
+from .units import format_bytes, parse_bytes, parse_slots
 
 log = logging.getLogger("expertflow")
+
+
+def _checked(parse, what: str):
+    """An argparse type from a parser that raises ValueError with the message to show."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = what
+    return convert
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"'{text}' is not a whole number") from None
+        if value < minimum:
+            raise ValueError(f"{value} is below the minimum of {minimum}")
+        return value
+    return _checked(parse, "int")
+
+
+def _float_in(low: float, high: float, low_open: bool = True):
+    def parse(text: str) -> float:
+        value = float(text)
+        if not ((low < value if low_open else low <= value) and value <= high):  # false for NaN too
+            raise ValueError(f"{text} is outside {'(' if low_open else '['}{low}, {high}]")
+        return value
+    return _checked(parse, "float")
+
+
+def _slots(text: str) -> str:
+    parse_slots(text, "--expert-slots")
+    return text
+
+
+def _dtype(text: str) -> str:
+    from .loader import compute_dtype
+
+    compute_dtype(text)
+    return text
+
+
+def _size(text: str) -> str:
+    parse_bytes(text)
+    return text
+
+
+POSITIVE = _int_at_least(1)
+NON_NEGATIVE = _int_at_least(0)
+SLOTS, DTYPE, SIZE = _checked(_slots, "slots"), _checked(_dtype, "dtype"), _checked(_size, "size")
 
 
 def _split(text: str, option: str | None = None) -> list[str]:
@@ -80,8 +136,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown policy '{p}'; choose from {', '.join(REPLAY_POLICIES)}")
     specs = _split(args.predictor, "--predictor") if args.predictor is not None else []
     capacities = _split(args.capacity, "--capacity")
-    if args.bandwidth_gbps <= 0 or args.compute_ms_per_layer < 0 or (args.expert_bytes is not None and args.expert_bytes <= 0):
-        raise ValueError("--bandwidth-gbps and --expert-bytes must be > 0 and --compute-ms-per-layer >= 0")
     if specs and not any(p in ("expertflow", "gate_ahead") for p in policies):
         raise ValueError("--predictor applies to --policy expertflow and gate_ahead")
     schedule = TraceSchedule(trace, trace.num_layers, trace.num_tokens)
@@ -120,6 +174,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_trace(args: argparse.Namespace) -> int:
+    check_output(args.out, args.force)
     trace = synthetic_trace(args.layers, args.experts, args.top_k, args.tokens, args.seed)
     write_jsonl_trace(trace, args.out)
     log.info("wrote %d tokens x %d layers to %s", trace.num_tokens, trace.num_layers, args.out)
@@ -166,7 +221,19 @@ def _prompt_ids(args: argparse.Namespace, tokenizer):
         ids = tokenizer(args.prompt)["input_ids"]
     if not ids:
         raise ValueError("the prompt is empty")
+    vocab_size = _vocab_size(args.model)
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids {', '.join(map(str, bad[:5]))} are outside this model's vocabulary of "
+                         f"{vocab_size} (ids 0 to {vocab_size - 1})")
     return torch.tensor([ids])
+
+
+def _vocab_size(model_path: str) -> int:
+    from .loader import read_config
+
+    config = read_config(model_path)
+    return config.get_text_config().vocab_size
 
 
 def _generate(model, input_ids, args: argparse.Namespace) -> tuple[list[int], float]:
@@ -255,17 +322,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(BUNDLED_MODEL), help="checkpoint folder (default: the bundled tiny Mixtral)")
-    p.add_argument("--gpu-memory", default="12GiB", help="device memory ExpertFlow may use, e.g. 12GiB")
-    p.add_argument("--expert-slots", default=None, help="slot count or share of all experts (e.g. 25%%) instead of the budget")
-    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--gpu-memory", default="12GiB", type=SIZE, help="device memory ExpertFlow may use, e.g. 12GiB")
+    p.add_argument("--expert-slots", default=None, type=SLOTS,
+                   help="slot count or share of all experts (e.g. 25%%) instead of the budget")
+    p.add_argument("--dtype", default=None, type=DTYPE, help="compute dtype: float32, float16 or bfloat16 (default: the checkpoint's)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=_float_in(0, math.inf), default=1.0)
+    p.add_argument("--top-k", type=NON_NEGATIVE, default=50, help="0: no top-k filter")
+    p.add_argument("--top-p", type=_float_in(0, 1), default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -274,6 +342,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from .recorder import read_prompts, record_trace
     from .traces import save_recorded_trace
 
+    check_output(args.out, args.force)
     prompts = read_prompts(args.prompts)
     tokenizer = _tokenizer(args.model)
     if tokenizer is None:
@@ -309,6 +378,7 @@ def _recorded(paths: list[str]):
 def cmd_train_predictor(args: argparse.Namespace) -> int:
     from .predictor import train_predictor
 
+    check_output(args.out, args.force)
     trace = _recorded(args.traces)
     model, report = train_predictor(trace, hidden=args.hidden, epochs=args.epochs, seed=args.seed)
     model.save(args.out)
@@ -359,21 +429,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(BUNDLED_MODEL), help="checkpoint folder (default: the bundled tiny Mixtral)")
     p.add_argument("--arch", default=None, help="instead of --model: random weights at a published model's dimensions "
                    "(mixtral-8x7b, qwen3-30b-a3b, gpt-oss-120b, deepseek-v2-lite, olmoe-1b-7b)")
-    p.add_argument("--layers", type=int, default=None, help="--arch: keep the first N MoE layers")
+    p.add_argument("--layers", type=POSITIVE, default=None, help="--arch: keep the first N MoE layers")
     p.add_argument("--routing", default="live", help="live, or trace:FILE to force every layer's experts from a trace")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (trace: B offsets into the trace)")
+    p.add_argument("--batch", type=POSITIVE, default=1, help="sequences per step (trace: B offsets into the trace)")
     p.add_argument("--slots", "--expert-slots", dest="slots", default="25%",
                    help="comma list of slot counts or shares of all experts, e.g. 10%%,25%%,50%%")
     p.add_argument("--policies", default="all", help="comma list, or all")
     p.add_argument("--predictors", default=None,
                    help="forecasts for expertflow, comma list: history and predictor files (live); history, oracle, "
                         "noisy-oracle:R, gate-oracle:R (trace)")
-    p.add_argument("--gate-accuracy", type=float, default=0.8, help="trace routing: gate_ahead's emulated accuracy")
+    p.add_argument("--gate-accuracy", type=_float_in(0, 1, low_open=False), default=0.8, help="trace routing: gate_ahead's emulated accuracy")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (checkpoints with a tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
-    p.add_argument("--prompt-len", type=int, default=16, help="random prompt length (--arch, or no prompt given)")
-    p.add_argument("--new-tokens", "--max-new-tokens", dest="new_tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=POSITIVE, default=16, help="random prompt length (--arch, or no prompt given)")
+    p.add_argument("--new-tokens", "--max-new-tokens", dest="new_tokens", type=POSITIVE, default=32)
     p.add_argument("--accelerate", default=None, help="also run accelerate's device_map offload at this slot share's budget")
     p.add_argument("--out", default=None, help="write the results as JSON here, and a PNG beside it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -383,18 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(BUNDLED_MODEL))
     p.add_argument("--prompts", required=True, help=".txt (one prompt per line) or .jsonl with a 'prompt' field")
     p.add_argument("--out", required=True, help="trace folder to write")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     p.add_argument("--policy", default="all_gpu")
-    p.add_argument("--gpu-memory", default="12GiB")
-    p.add_argument("--expert-slots", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--gpu-memory", default="12GiB", type=SIZE)
+    p.add_argument("--expert-slots", default=None, type=SLOTS)
+    p.add_argument("--dtype", default=None, type=DTYPE)
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("train-predictor", help="train the routing-path predictor on recorded traces")
     p.add_argument("--traces", nargs="+", required=True, help="trace folders of one model")
     p.add_argument("--out", required=True, help="predictor file (.safetensors)")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--hidden", type=POSITIVE, default=64)
+    p.add_argument("--epochs", type=POSITIVE, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_predictor)
 
@@ -412,18 +484,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", default=None,
                    help="expertflow and gate_ahead: history (default), oracle, noisy-oracle:R, gate-oracle:R or a "
                         "predictor file; comma list for a table")
-    p.add_argument("--bandwidth-gbps", type=float, default=55.0, help="host-to-device link for the simulated time")
-    p.add_argument("--compute-ms-per-layer", type=float, default=0.5, help="compute per layer for the simulated time")
-    p.add_argument("--expert-bytes", type=int, default=None, help="bytes per expert (traces without sizes)")
+    p.add_argument("--bandwidth-gbps", type=_float_in(0, math.inf), default=55.0, help="host-to-device link for the simulated time")
+    p.add_argument("--compute-ms-per-layer", type=_float_in(0, math.inf, low_open=False), default=0.5, help="compute per layer for the simulated time")
+    p.add_argument("--expert-bytes", type=POSITIVE, default=None, help="bytes per expert (traces without sizes)")
     p.add_argument("--json", action="store_true", help="print one JSON object (a list for several runs)")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("synth-trace", help="write a synthetic per-layer JSONL routing trace")
     p.add_argument("--out", required=True)
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--layers", type=POSITIVE, default=32)
+    p.add_argument("--experts", type=POSITIVE, default=8)
+    p.add_argument("--top-k", type=POSITIVE, default=2)
+    p.add_argument("--tokens", type=POSITIVE, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth_trace)
     return parser

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .files import atomic_output
 from .planner import Forecast
 from .traces import RecordedTrace
 
@@ -105,8 +106,9 @@ class RoutingPathPredictor(nn.Module):
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.to(torch.float16).contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={"expertflow_predictor": json.dumps(asdict(self.config))})
+        with atomic_output(path) as tmp:
+            save_file({k: v.to(torch.float16).contiguous() for k, v in self.state_dict().items()}, str(tmp),
+                      metadata={"expertflow_predictor": json.dumps(asdict(self.config))})
 
     @classmethod
     def load(cls, path: str | Path, expected_fingerprint: str | None = None) -> RoutingPathPredictor:

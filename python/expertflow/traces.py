@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_output
+
 __all__ = [
     "RoutingTrace",
     "RecordedTrace",
@@ -260,9 +262,11 @@ _ARRAYS = ("sequence", "position", "token", "experts", "weights", "embedding", "
 
 def save_recorded_trace(trace: RecordedTrace, folder: str | Path) -> Path:
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "meta.json").write_text(json.dumps({**trace.meta, "format": TRACE_FORMAT, "num_tokens": trace.num_tokens}, indent=1))
-    np.savez(folder / "arrays.npz", **{name: getattr(trace, name) for name in _ARRAYS})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "meta.json").write_text(json.dumps({**trace.meta, "format": TRACE_FORMAT, "num_tokens": trace.num_tokens}, indent=1))
+        np.savez(tmp / "arrays.npz", **{name: getattr(trace, name) for name in _ARRAYS})
     return folder
 
 
@@ -337,7 +341,7 @@ def synthetic_trace(
 def write_jsonl_trace(trace: RoutingTrace, path: str | Path) -> None:
     """Writes ``trace`` in the per-layer JSONL format (sequence = ``problem_id``)."""
     counters: dict[str, int] = {}
-    with Path(path).open("w") as f:
+    with atomic_output(path) as tmp, tmp.open("w") as f:
         for seq, token in zip(trace.sequence_ids or ["0"] * trace.num_tokens, trace.tokens):
             idx = counters.get(seq, 0)
             counters[seq] = idx + 1
