@@ -170,7 +170,7 @@ def main() -> None:
     train_seconds = time.time() - t0
     report = evaluate(model, val_ids, args.seq, device)
     report.update({
-        "train_tokens": int(len(train_ids)), "steps": args.steps, "batch": args.batch, "seq": args.seq,
+        "train_tokens": len(train_ids), "steps": args.steps, "batch": args.batch, "seq": args.seq,
         "train_seconds": round(train_seconds, 1), "device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
         "num_parameters": sum(p.numel() for p in model.parameters()), "text": [Path(t).name for t in args.text],
     })

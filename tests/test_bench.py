@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from expertflow.bench import BenchConfig, belady_bytes, format_table, make_config, plot, run_bench
 from expertflow.cli import main
 from expertflow.replay import replay

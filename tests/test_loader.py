@@ -24,7 +24,6 @@ from expertflow.loader import format_bytes, parse_bytes
 from moe_models import build, expert_bytes, save
 
 
-
 @pytest.fixture(autouse=True)
 def host_backend(monkeypatch):
     """These tests compare fp32 on the CPU (the GPU suite is tests/test_offload_gpu.py)."""

@@ -75,7 +75,7 @@ def test_untrusted_forecasts_change_nothing():
     L, E = 4, 8
     told = Planner(L, E)
     rng = np.random.default_rng(0)
-    for step in range(30):
+    for _ in range(30):
         probs = np.zeros((L, E))
         for l in range(L):
             probs[l, rng.choice(E, 2, replace=False)] = 1.0

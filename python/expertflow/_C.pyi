@@ -1,6 +1,7 @@
 """Type stub of the native module expertflow._C (see csrc/bindings.cpp)."""
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 TENSOR_ALIGNMENT: int
 
@@ -47,17 +48,17 @@ class SlotCache:
     def layer_count(self, layer: int) -> int: ...
     def set_layer_quotas(self, quotas: Sequence[int]) -> None: ...
     def access(
-        self, layer: int, experts: Sequence[int], next_uses: Optional[Sequence[float]] = None
+        self, layer: int, experts: Sequence[int], next_uses: Sequence[float] | None = None
     ) -> tuple[int, int, int, int]: ...
     def apply_plan(
         self,
         layers: Any,
         experts: Any,
         due: Any,
-        next_use: Optional[Any] = None,
-        following_use: Optional[Any] = None,
+        next_use: Any | None = None,
+        following_use: Any | None = None,
         now: float = ...,
-        sure: Optional[Any] = None,
+        sure: Any | None = None,
         link_idle: bool = False,
     ) -> list[tuple[int, int, float, bool, bool]]: ...
     def readmit(self, link_idle: bool = False) -> list[tuple[int, int, float, bool, bool]]: ...
@@ -87,10 +88,10 @@ class Runtime:
         layers: Any,
         experts: Any,
         due: Any,
-        next_use: Optional[Any] = None,
-        following_use: Optional[Any] = None,
+        next_use: Any | None = None,
+        following_use: Any | None = None,
         now: float = ...,
-        sure: Optional[Any] = None,
+        sure: Any | None = None,
     ) -> None: ...
     def acquire(self, layer: int, experts: Sequence[int], stream: int = 0, wait: bool = True) -> list[int]: ...
     def wait_ready(self, slot: int, stream: int = 0) -> None: ...

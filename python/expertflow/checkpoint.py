@@ -114,6 +114,8 @@ class SafetensorsFile:
         """Zero-copy bytes of ``info`` (from ``offset``, ``nbytes`` long)."""
         nbytes = info.nbytes - offset if nbytes is None else nbytes
         start = info.start + offset
+        if self._map is None:  # closed (an empty file never gets this far: its header check fails)
+            raise CheckpointError(f"checkpoint shard {self.path} is closed")
         return memoryview(self._map)[start : start + nbytes]
 
     def release(self, info: TensorInfo, offset: int = 0, nbytes: int | None = None) -> None:

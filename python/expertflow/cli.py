@@ -19,9 +19,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .files import check_output
 from .replay import REPLAY_POLICIES, ReplayResult, bound, parse_capacity, replay
 from .traces import read_trace, synthetic_trace, write_jsonl_trace
-from .files import check_output
 from .units import format_bytes, parse_bytes, parse_slots
 
 log = logging.getLogger("expertflow")
@@ -290,7 +290,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = args.model if args.arch is None else None
     prompt_ids = None
     if args.arch is None:
-        tokenizer = _tokenizer(model)
+        tokenizer = _tokenizer(args.model)
         if args.prompt is not None or args.prompt_ids is not None:
             prompt_ids = _prompt_ids(args, tokenizer)[0].tolist()
     elif args.prompt is not None or args.prompt_ids is not None:

@@ -10,9 +10,11 @@ follows from ``gpu_memory``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
 import transformers
@@ -51,12 +53,14 @@ def offloaded_experts(arch: Architecture):
         return initialize(self, target, *args, **kwargs)
 
     setattr(module, arch.experts_class, _Factory)
-    transformers.PreTrainedModel._initialize_weights = _initialize_weights
+    # A deliberate monkeypatch (restored below). mypy forbids assigning to a method, and misreads the
+    # pass-through signature of a function assigned to a class (it is compatible: it forwards any arguments).
+    transformers.PreTrainedModel._initialize_weights = _initialize_weights  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
         setattr(module, arch.experts_class, original)
-        transformers.PreTrainedModel._initialize_weights = initialize
+        transformers.PreTrainedModel._initialize_weights = initialize  # type: ignore[method-assign]
 
 
 def moe_layers(model: torch.nn.Module, arch: Architecture) -> list[MoELayer]:
@@ -67,7 +71,7 @@ def moe_layers(model: torch.nn.Module, arch: Architecture) -> list[MoELayer]:
             parent = model.get_submodule(path.rsplit(".", 1)[0])
             layers.append(MoELayer(len(layers), path, module, getattr(parent, arch.router_attr)))
     stack = lambda p: p.split(".", 1)[0] if arch.encoder_decoder else ""  # noqa: E731
-    for a, b in zip(layers, layers[1:]):
+    for a, b in itertools.pairwise(layers):
         if stack(a.path) == stack(b.path):
             a.next = b
     return layers
@@ -116,7 +120,7 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
                             warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
                             converted = torch.frombuffer(raw, dtype=info.dtype).to(target.dtype)
                         pool.write_tensor(
-                            layer.index, e, src.pool_tensor, memoryview(converted.view(torch.uint8).numpy()),
+                            layer.index, e, src.pool_tensor, converted.view(torch.uint8).numpy().data,
                             offset=src.row_offset * row_bytes,
                         )
                 ckpt.release(info, offset, nbytes)
@@ -126,7 +130,9 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
 
 def router_weight(router: torch.nn.Module) -> torch.Tensor:
     """A router's weight matrix (Switch keeps it in ``classifier``)."""
-    return router.weight if hasattr(router, "weight") else router.classifier.weight
+    owner = router if hasattr(router, "weight") else router.get_submodule("classifier")
+    # A Parameter; nn.Module's stubs type attributes as a tensor or submodule.
+    return cast(torch.Tensor, owner.weight)
 
 
 def plan_slots(
@@ -210,7 +216,8 @@ def attach(
 
         predictor = RoutingPathPredictor.load(predictor, expected_fingerprint=model_fingerprint([router_weight(l.router) for l in layers]))
     if predictor is not None and hasattr(predictor, "config"):
-        embed_dim = model.get_input_embeddings().embedding_dim
+        # A transformers model: nn.Module's stubs type the method as a tensor or submodule attribute.
+        embed_dim = cast(transformers.PreTrainedModel, model).get_input_embeddings().embedding_dim
         if predictor.config.embed_dim != embed_dim or predictor.config.num_layers != len(layers):
             raise ValueError(
                 f"the predictor was trained for {predictor.config.num_layers} MoE layers and {predictor.config.embed_dim}-dim "
@@ -219,8 +226,10 @@ def attach(
     offload_policy = policy if not isinstance(policy, str) else make_policy(policy, predictor)
     top_k = arch.dims(model.config)[1]
     cache = ExpertCache(pool, num_slots, policy=offload_policy.cache_policy, experts_per_token=top_k)
-    model.expertflow = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k)
-    return model.expertflow
+    engine = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k)
+    # nn.Module.__setattr__'s stub admits only tensors and modules; any value is a plain attribute.
+    model.expertflow = engine  # type: ignore[assignment]
+    return engine
 
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -330,7 +339,7 @@ def load_offloaded(
     *,
     backend: str | None = None,
     progress: bool = True,
-) -> tuple[torch.nn.Module, Architecture, ExpertPool]:
+) -> tuple[transformers.PreTrainedModel, Architecture, ExpertPool]:
     """A checkpoint folder -> (model without routed-expert weights, its architecture, the filled pool).
 
     :func:`attach` then connects the two under a policy; benchmarks attach one pool to several.

@@ -15,6 +15,7 @@ forward pass (its forecast).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from .models import Architecture
 from .planner import Plan
 from .policies import EngineInfo, Policy, StepContext
 from .runtime import ExpertCache, ExpertPool
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["OffloadedExperts", "OffloadEngine", "MoELayer"]
 
@@ -120,7 +124,9 @@ class OffloadEngine:
             cache.synchronize()  # a preloading policy (all_gpu) starts with its experts in place
             cache.reset_stats()
         if policy.wants_steps and model is not None and not architecture.encoder_decoder:
-            self._hook = model.get_input_embeddings().register_forward_hook(self._on_step)
+            # A transformers model: nn.Module's stubs type the method as a tensor or submodule attribute.
+            embeddings = cast("PreTrainedModel", model).get_input_embeddings()
+            self._hook = embeddings.register_forward_hook(self._on_step)
 
     @property
     def num_layers(self) -> int:
@@ -130,13 +136,14 @@ class OffloadEngine:
         """A forward pass begins: the policy forecasts it (``output [B, T, D]``, the input embeddings)."""
         ids = inputs[0]
         batch, length = ids.shape[0], ids.shape[-1]
-        new = length > 1 or self._positions is None or self._positions.shape[0] != batch
-        if new:
-            self._positions = torch.full((batch,), length - 1, device=output.device, dtype=torch.long)
+        positions = self._positions
+        if length > 1 or positions is None or positions.shape[0] != batch:
+            new, positions = True, torch.full((batch,), length - 1, device=output.device, dtype=torch.long)
         else:
-            self._positions = self._positions + 1
+            new, positions = False, positions + 1
+        self._positions = positions
         ctx = StepContext(step=self.steps, batch=batch, new_sequences=new, embeddings=output[:, -1],
-                          positions=self._positions)
+                          positions=positions)
         self.steps += 1
         self._apply(self.policy.on_step(ctx))
 
@@ -200,16 +207,16 @@ class OffloadEngine:
             self.cache.release(layer.index, wave, stream)
         final = torch.zeros_like(hidden_states)
         for e in experts:
-            token_idx, y = outputs[e]
-            if token_idx is None:
+            rows, y = outputs[e]
+            if rows is None:
                 final += y.to(final.dtype)
             else:
-                final.index_add_(0, token_idx, y.to(final.dtype))
+                final.index_add_(0, rows, y.to(final.dtype))
         return final
 
     def stats(self) -> dict:
         """The cache's counters plus ``policy``, ``num_slots`` and ``hit_ratio``."""
-        s = dict(self.cache.stats())
+        s: dict[str, Any] = dict(self.cache.stats())  # float counters, then the policy name (a str)
         s["hit_ratio"] = s["hits"] / s["accesses"] if s["accesses"] else 0.0
         s["policy"] = self.policy.name
         s["num_slots"] = self.cache.num_slots

@@ -59,7 +59,9 @@ class StepPredictor(Protocol):
     """Forecasts a step before it runs. ``previous_path [B, L, k]`` int64: the experts each sequence's
     last token used at each layer in the previous step (-1: none)."""
 
-    name: str
+    # Read-only: implementations may define it as a property (``RoutingPathPredictor``) or an attribute.
+    @property
+    def name(self) -> str: ...
 
     def forecast(self, ctx: StepContext, previous_path: np.ndarray) -> Forecast: ...
 
@@ -227,16 +229,23 @@ class Expertflow(_Base):
         if ctx.new_sequences or self.path.shape[0] != ctx.batch:
             self.path = np.full((ctx.batch, self.info.num_layers, self.path.shape[2]), -1, dtype=np.int64)
             ctx.new_sequences = True
-        forecast = self.predictor.forecast(ctx, self.path)
-        return self.planner.begin_step(forecast, observe=not ctx.new_sequences)
+        predictor, planner = self._attached()
+        forecast = predictor.forecast(ctx, self.path)
+        return planner.begin_step(forecast, observe=not ctx.new_sequences)
 
-    def on_layer(self, layer: int, experts: np.ndarray, gate: np.ndarray | None) -> Plan:
+    def on_layer(self, layer: int, experts: np.ndarray, gate: np.ndarray | None) -> Plan | None:
         batch, k = self.path.shape[0], self.path.shape[2]
         if experts.shape[0] % batch == 0 and experts.shape[1] == k:
             self.path[:, layer] = experts.reshape(batch, -1, k)[:, -1]
         if self.gate is not None and layer + 1 < self.info.num_layers:
             gate = self.gate.picks(layer)
-        return self.planner.layer_done(layer, experts, gate)
+        return self._attached()[1].layer_done(layer, experts, gate)
+
+    def _attached(self) -> tuple[StepPredictor, Planner]:
+        """The predictor and planner :meth:`attach` set up."""
+        if self.predictor is None or self.planner is None:
+            raise RuntimeError("the expertflow policy is not attached to an engine: call attach() first")
+        return self.predictor, self.planner
 
 
 _POLICIES = {p.name: p for p in (AllGpu, DemandLru, NextLayers, GateAhead, Expertflow)}
@@ -255,5 +264,7 @@ def make_policy(name: str, predictor: StepPredictor | None = None, gate: GateSou
     if name == "expertflow":
         return Expertflow(predictor, gate if gate is not None else "router")
     if name == "gate_ahead":
-        return GateAhead(None if gate == "router" else gate)
+        if isinstance(gate, str) and gate != "router":  # GateAhead takes a source; None runs the next router
+            raise ValueError(f"gate must be a gate-ahead source or 'router', not '{gate}'")
+        return GateAhead(None if isinstance(gate, str) else gate)
     return _POLICIES[name]()

@@ -81,6 +81,8 @@ class PredictorConfig:
 class RoutingPathPredictor(nn.Module):
     """``forward(embedding [N, D], position [N], previous_path [N, L*E]) -> logits [N, L, E]``."""
 
+    _staging: torch.Tensor | None = None  # forecast()'s pinned host buffer (CUDA), made on first use
+
     def __init__(self, config: PredictorConfig) -> None:
         super().__init__()
         self.config = config
@@ -170,10 +172,11 @@ class RoutingPathPredictor(nn.Module):
         if emb.device.type == "cuda":
             # A pinned staging buffer: the upload does not wait for the device (the per-layer routing
             # transfers of the step have synchronised before the buffer is written again).
-            if getattr(self, "_staging", None) is None or self._staging.shape != path.shape:
-                self._staging = torch.empty(path.shape, dtype=path.dtype, pin_memory=True)
-            self._staging.copy_(path)
-            path = self._staging.to(emb.device, non_blocking=True)
+            staging = self._staging
+            if staging is None or staging.shape != path.shape:
+                staging = self._staging = torch.empty(path.shape, dtype=path.dtype, pin_memory=True)
+            staging.copy_(path)
+            path = staging.to(emb.device, non_blocking=True)
         probs = torch.sigmoid(self(emb.float(), ctx.positions, path_multi_hot(path, self.config.num_experts)))
         union = 1.0 - torch.prod(1.0 - probs, dim=0)
         return Forecast(union.double().cpu().numpy())

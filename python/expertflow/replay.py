@@ -192,6 +192,7 @@ def replay(
     schedule = schedule or TraceSchedule(trace, num_layers, trace.num_tokens)
     step_predictor, gate_source = _forecasts(predictor, trace, schedule)
     gate_source = gate or gate_source
+    planner_policy: Expertflow | GateAhead | None
     if policy == "expertflow":
         planner_policy = Expertflow(step_predictor, gate_source, confidence=confidence,
                                     prefetch_confidence=prefetch_confidence)
@@ -317,6 +318,6 @@ def bound(trace: RoutingTrace, capacity: int, per_layer: bool = False, bandwidth
     """max(Belady's bytes / bandwidth, total compute) in seconds, or None without expert sizes."""
     r = replay(trace, capacity, "belady", per_layer=per_layer, bandwidth_gbps=bandwidth_gbps,
                compute_ms_per_layer=compute_ms_per_layer, expert_bytes=expert_bytes)
-    if r.bytes is None:
+    if r.bytes is None or r.compute_s is None:  # no expert sizes (replay always sets compute_s)
         return None
     return max(r.bytes / (bandwidth_gbps * 1e9), r.compute_s)

@@ -22,7 +22,7 @@ import os
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,8 +43,8 @@ __all__ = [
 #: Cache policies of the runtime (``belady`` needs the future and exists only in trace replay).
 POLICIES = ("lru", "lfu", "expertflow")
 
-StreamLike = Union[None, "torch.cuda.Stream"]
-PlanEntry = Union[tuple[int, int], tuple[int, int, float]]
+StreamLike = torch.cuda.Stream | None
+PlanEntry = tuple[int, int] | tuple[int, int, float]
 
 if TYPE_CHECKING:
     from .planner import Plan
@@ -195,7 +195,7 @@ class ExpertPool:
             if tuple(data.shape) != packed.shape or offset:
                 raise ExpertFlowError(f"{where} has shape {packed.shape} in the pool but the source has {tuple(data.shape)}")
             raw = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            self.native.write(layer, expert, index, memoryview(raw), 0)
+            self.native.write(layer, expert, index, raw.data, 0)
             return
         self.native.write(layer, expert, index, memoryview(data).cast("B"), offset)
 
@@ -300,17 +300,16 @@ class ExpertCache:
 
     @property
     def device(self) -> torch.device:
-        self._check_open()
-        return self._arena.device
+        return self._open_arena().device
 
     def compute_stream(self) -> StreamLike:
         """The current stream (None on the host backend); pass it to several calls in a row to look it
         up once."""
-        return torch.cuda.current_stream(self._arena.device) if self._gpu else None
+        return torch.cuda.current_stream(self._open_arena().device) if self._gpu else None
 
     def _stream_handle(self, stream: StreamLike) -> int:
         if stream is None or (isinstance(stream, int) and not isinstance(stream, bool) and stream == 0):
-            return torch.cuda.current_stream(self._arena.device).cuda_stream if self._gpu and stream is None else 0
+            return torch.cuda.current_stream(self._open_arena().device).cuda_stream if self._gpu and stream is None else 0
         if self._gpu and isinstance(stream, torch.cuda.Stream):
             return stream.cuda_stream
         if not self._gpu:
@@ -318,8 +317,12 @@ class ExpertCache:
         raise ExpertFlowError(f"stream must be a torch.cuda.Stream (or None for the current stream), not {stream!r}")
 
     def _check_open(self) -> None:
+        self._open_arena()
+
+    def _open_arena(self) -> torch.Tensor:
         if self._arena is None:
             raise ExpertFlowError("the expert cache is closed; create a new one")
+        return self._arena
 
     def prefetch(self, plan: Iterable[PlanEntry]) -> None:
         """Replaces the plan with ``(layer, expert[, due])`` entries: when each is needed (default 0).
@@ -369,7 +372,7 @@ class ExpertCache:
         if views is None:
             if not 0 <= slot < self.num_slots:
                 raise ExpertFlowError(f"slot {slot} is out of range (num_slots={self.num_slots})")
-            views = _views(self._arena, slot * self.slot_bytes, self.pool.layout(layer))
+            views = _views(self._open_arena(), slot * self.slot_bytes, self.pool.layout(layer))
             self._views[key] = views
         return views
 

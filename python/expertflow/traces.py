@@ -210,8 +210,8 @@ def read_route_csv(path: str | Path) -> RoutingTrace:
             ranked[slot] = expert
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{lineno}: {e}; expected turn,phase,step,layer,slot,expert columns") from e
-    ranked = {k: {l: [e for _, e in sorted(v.items())] for l, v in layers.items()} for k, layers in tokens.items()}
-    return _finish(ranked, sorted(ranked), num_layers, num_experts, path, expert_bytes=expert_bytes or None,
+    paths = {k: {l: [e for _, e in sorted(v.items())] for l, v in layers.items()} for k, layers in tokens.items()}
+    return _finish(paths, sorted(paths), num_layers, num_experts, path, expert_bytes=expert_bytes or None,
                    source=str(path))
 
 

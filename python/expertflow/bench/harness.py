@@ -16,6 +16,7 @@ accesses / the pinned bandwidth measured at start, ``all_gpu`` ms per token).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import platform
@@ -23,6 +24,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -38,6 +40,9 @@ from ..runtime import ExpertPool, get_backend
 from ..traces import read_trace
 from ..units import format_bytes, parse_slots
 from .shapes import SHAPES, make_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["BenchConfig", "run_bench", "plot", "save", "format_table", "TraceForcing", "belady_bytes"]
 
@@ -150,7 +155,9 @@ class TraceForcing:
 
     def attach(self, model: torch.nn.Module, arch: Architecture) -> None:
         self.detach()
-        self._handles.append(model.get_input_embeddings().register_forward_pre_hook(self._pre))
+        # A transformers model: nn.Module's stubs type the method as a tensor or submodule attribute.
+        embeddings = cast("PreTrainedModel", model).get_input_embeddings()
+        self._handles.append(embeddings.register_forward_pre_hook(self._pre))
         if self.schedule is not None:
             for layer, router in enumerate(_routers(model, arch)):
                 self._handles.append(router.register_forward_hook(self._router_hook(layer)))
@@ -215,12 +222,15 @@ class _Model:
                 self.pool.close()
                 raise ValueError(f"{cfg.model} is an encoder-decoder model; the benchmark times decoder-only models")
             return
+        arch = cfg.arch
+        if arch is None:  # validate() requires one of the two
+            raise ValueError("give either --model (a checkpoint folder) or --arch (random weights at real dimensions)")
         top_k = None
         if cfg.routing.startswith("trace:"):
             top_k = read_trace(cfg.routing[6:]).max_experts_per_layer
-        config = make_config(cfg.arch, cfg.layers, top_k, cfg.config_overrides)
+        config = make_config(arch, cfg.layers, top_k, cfg.config_overrides)
         self.arch = architecture_for(config.model_type)
-        self.source = f"{cfg.arch} ({SHAPES[cfg.arch].source}), random weights"
+        self.source = f"{arch} ({SHAPES[arch].source}), random weights"
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(0)
@@ -277,6 +287,8 @@ def _policy(name: str, spec: str | None, cfg: BenchConfig, schedule: TraceSchedu
         return GateAhead(gate), gate.name
     if name != "expertflow":
         return make_policy(name), None
+    if spec is None:  # run_bench gives expertflow one configuration per --predictors entry
+        raise ValueError("the expertflow policy needs a forecast: 'history', a predictor file or a trace forecast")
     if schedule is None:
         if spec == "history":
             return Expertflow(None, "router"), "history+router"
@@ -306,7 +318,7 @@ def _timed(model, prompt, n, forcing: TraceForcing, device, on_step=None) -> tup
     tokens = _generate(model, prompt, n)
     _sync(device)
     times = forcing.times + [time.perf_counter()]
-    return tokens, [(b - a) * 1e3 for a, b in zip(times[1:], times[2:])]
+    return tokens, [(b - a) * 1e3 for a, b in itertools.pairwise(times[1:])]
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -341,9 +353,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         from ..predictor import RoutingPathPredictor, model_fingerprint
 
         fingerprint = model_fingerprint([router_weight(r) for r in _routers(m.model, m.arch)])
-        for spec in cfg.predictors:
-            if spec != "history" and "expertflow" in cfg.policies:
-                RoutingPathPredictor.load(spec, expected_fingerprint=fingerprint)
+        for predictor in cfg.predictors:
+            if predictor != "history" and "expertflow" in cfg.policies:
+                RoutingPathPredictor.load(predictor, expected_fingerprint=fingerprint)
     forcing = TraceForcing(schedule, device)
     bandwidth = pinned_bandwidth(device)
     result: dict = {
@@ -358,7 +370,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     # The access sequence of a warm-up plus a measured run; the Belady bytes of its decode steps.
     visits_cache: dict = {}
 
-    def visits() -> list[tuple[int, list[int]]]:
+    def visits() -> list[list[tuple[int, list[int]]]]:  # per step: (layer, experts) per layer visit
         if "v" not in visits_cache:
             if schedule is not None:
                 steps = []
@@ -388,7 +400,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             torch.cuda.empty_cache()
 
     forcing.attach(m.model, m.arch)
-    configs = []
+    configs: list[tuple[str, int, str, str | None]] = []  # (slots, num_slots, policy, forecast)
     for share in cfg.slots:
         num_slots = _slot_share(share, total)
         for name in cfg.policies:
@@ -415,7 +427,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         try:
             _timed(m.model, prompt, cfg.new_tokens, forcing, device)  # warm-up: same routing
             tokens, steps_ms = _timed(m.model, prompt, cfg.new_tokens, forcing, device,
-                                      on_step=lambda s: engine.reset_stats() if s == 1 else None)
+                                      on_step=lambda s, engine=engine: engine.reset_stats() if s == 1 else None)
             stats = engine.stats()
         finally:
             engine.close()
@@ -512,10 +524,12 @@ def _accelerate(m: _Model, cfg: BenchConfig, prompt, forcing: TraceForcing, devi
     """accelerate's device_map offload of the resident model, at the budget of ``cfg.accelerate`` slots."""
     from accelerate import dispatch_model, infer_auto_device_map
 
+    model = m.resident
+    if cfg.accelerate is None or model is None:  # run_bench checks both before calling
+        raise ValueError("the accelerate comparison needs --accelerate and the resident model of an --arch")
     num_slots = _slot_share(cfg.accelerate, m.num_layers * m.num_experts)
     resident = m.resident_bytes() + num_slots * m.expert_bytes
     budget = resident + min(resident // 9, 2 << 30)
-    model = m.resident
     device_map = infer_auto_device_map(model, max_memory={0: budget, "cpu": 400 << 30},
                                        no_split_module_classes=model._no_split_modules, dtype=cfg.dtype)
     model = dispatch_model(model, device_map=device_map)
