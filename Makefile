@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 SHARED_TRACE := ../shared/data/traces/mixtral-8x7b-instruct.gsm8k.jsonl
 SYNTHETIC_TRACE := build/synthetic-trace.jsonl
 
-.PHONY: demo replay-demo test native-test python-test wheel-check install clean
+.PHONY: demo replay-demo test native-test sanitize lint types python-test wheel-check install clean
 
 $(VENV)/.deps-installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch: the pinned CPU wheel where torch is missing (an unpinned torch pulls a multi-GB CUDA build).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q numpy pybind11 tqdm pytest hypothesis ninja cmake setuptools wheel \
-		'transformers>=5.17,<6' safetensors tokenizers accelerate matplotlib
+		'transformers>=5.17,<6' safetensors tokenizers accelerate matplotlib ruff mypy
 	touch $@
 
 install: $(VENV)/.deps-installed
@@ -38,6 +38,27 @@ native-test: $(VENV)/.deps-installed
 	$(VENV)/bin/cmake --build build/native
 	$(VENV)/bin/ctest --test-dir build/native --output-on-failure
 
+# The native tests under AddressSanitizer (with LeakSanitizer) and UBSan; the first report fails the run.
+# Host backend only (EXPERTFLOW_WITH_CUDA=OFF): the native tests never touch the CUDA backend. Without a
+# driver, cudart_static under ASan only fails cleanly; with one, the driver maps memory into ASan's shadow
+# gap and fails to initialise (google/sanitizers#629). scripts/gpu_sanitize.sh checks the CUDA side.
+# detect_stack_use_after_return: copies run on worker threads, from buffers a caller may have returned from.
+sanitize: $(VENV)/.deps-installed
+	$(VENV)/bin/cmake -S . -B build/sanitize -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+		-DCMAKE_BUILD_TYPE=Debug -DEXPERTFLOW_WITH_CUDA=OFF -DEXPERTFLOW_BUILD_PYTHON=OFF \
+		-DEXPERTFLOW_BUILD_TESTS=ON -DEXPERTFLOW_SANITIZE=ON > /dev/null
+	$(VENV)/bin/cmake --build build/sanitize
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:detect_stack_use_after_return=1 \
+		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		$(VENV)/bin/ctest --test-dir build/sanitize --output-on-failure
+
+# Lint and types (settings in pyproject.toml): the package ships py.typed, so its annotations must hold.
+lint: $(VENV)/.deps-installed
+	$(VENV)/bin/ruff check
+
+types: install
+	$(VENV)/bin/mypy python/expertflow
+
 python-test: install
 	$(PY) -m pytest -q tests
 
@@ -52,7 +73,7 @@ wheel-check: $(VENV)/.deps-installed
 	$(WHEEL_DIR)/venv/bin/python -m pip install -q $(WHEEL_DIR)/dist/expertflow-*.whl
 	cd $(WHEEL_DIR) && venv/bin/expertflow generate --prompt "ROMEO:" --max-new-tokens 8
 
-test: native-test python-test wheel-check
+test: lint types native-test sanitize python-test wheel-check
 
 clean:
 	rm -rf build python/expertflow/_C*.so

@@ -26,8 +26,11 @@ void SlotCache::advance(int layer) {
            "layer " << layer << " is out of range (num_layers=" << num_layers_ << ")");
   if (num_layers_ > 0) {
     const double L = num_layers_;
-    if (next_visit_ != kDueNow && std::fmod(next_visit_, L) == layer) {
+    // Floor remainder: a negative `now` names its layer too (-2 is layer 1 of step -1 with 3 layers).
+    if (next_visit_ != kDueNow && next_visit_ - L * std::floor(next_visit_ / L) == layer) {
       position_ = next_visit_;
+    } else if (current_layer_ < 0) {  // the first visit: step 0
+      position_ = layer;
     } else if (layer != current_layer_) {  // the same layer again is the same visit (waves)
       position_ += static_cast<double>(((layer - current_layer_) % num_layers_ + num_layers_) % num_layers_);
     }
@@ -58,9 +61,13 @@ void SlotCache::predict(SlotMeta& m) const {
       second = following_use_[i];
     }
   } else if (const auto it = named_due_.find(k); it != named_due_.end()) {
-    first = it->second;
+    const std::vector<double>& dues = it->second;
+    const auto ahead = std::upper_bound(dues.begin(), dues.end(), position_);
+    if (ahead != dues.end()) first = *ahead;
+    if (ahead != dues.end() && ahead + 1 != dues.end()) second = *(ahead + 1);
   }
   if (!std::isnan(first) && first <= position_) first = second;  // that visit has come: the next use is the one after
+  if (!std::isnan(first) && first <= position_) first = std::numeric_limits<double>::quiet_NaN();  // so has that one
   if (std::isnan(first)) {
     m.next_use = estimate;
     m.following_use = estimate + gap;
@@ -203,7 +210,12 @@ std::vector<PlanLoad> SlotCache::apply_plan(const Plan& plan, const BeforeLoad& 
     next_use_.clear();
     following_use_.clear();
     named_due_.clear();
-    for (const PlanItem& item : plan.prefetch) named_due_[key(item.layer, item.expert)] = item.due;
+    for (const PlanItem& item : plan.prefetch) named_due_[key(item.layer, item.expert)].push_back(item.due);
+    for (auto& entry : named_due_) {  // ascending, each use once: two entries with one due are one use
+      std::vector<double>& dues = entry.second;
+      std::sort(dues.begin(), dues.end());
+      dues.erase(std::unique(dues.begin(), dues.end()), dues.end());
+    }
   }
   timed_ = plan.now != kDueNow;
   if (timed_) next_visit_ = plan.now;

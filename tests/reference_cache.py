@@ -1,24 +1,27 @@
-"""A plain-Python reference of the runtime's cache decisions (clock, slot choice, pins, plans, counters).
+"""A plain-Python model of the runtime's slot cache, written from its documented rules.
 
-It is written from the definitions in include/expertflow/cache.h (invariants), csrc/cache.cpp and
-csrc/runtime.cpp (``acquire``, ``apply_plan``), for a copy engine that is paused: a prefetch stays
-queued, hence unfinished and cancellable, until :meth:`ReferenceCache.land_all`. That makes every
-decision deterministic but one (below), so a test can compare the runtime with it slot by slot and
-counter by counter.
+Sources: the invariants of include/expertflow/cache.h, policy.h and runtime.h, docs/runtime.md
+(policies, clock, quotas, statistics) and python/expertflow/planner.py (what a plan means). Nothing
+here is carried over from csrc/: each quantity is computed the way its definition states it, e.g.
 
-The clock: layer ``l`` of step ``s`` sits at position ``s * num_layers + l``. :meth:`advance` (the
-start of every acquire) moves it to the layer's visit; a timed plan (``now`` != -inf) says where the
-next visit lands. Under expertflow every resident slot's next uses are re-predicted whenever the clock
-moves or a plan arrives, and a slot's own at load and at access.
+- the clock is a sequence of layer visits; "layer l of step s is at position s * L + l", so the next
+  visit of a layer is found by walking the positions after the current one until one belongs to it;
+- a slot's next uses are not stored: they are derived, whenever they are looked at, from the plan in
+  force (the forecast uses that are still ahead of the clock), else from the estimate
+  ``2 * (the layer's next visit) - (the expert's last use)``;
+- a victim is the first candidate in the documented eviction order, found by sorting.
 
-Link idleness: the engine calls the link idle when no prefetch is queued or being submitted and no
-copy (demand loads included) is in flight. Here it is idle when no prefetch is queued and, inside
-:meth:`acquire`, when that acquire's own demand copies (misses, and queued prefetches it promoted) have
-landed. The caller says which with ``demand_landed``: the runtime asks the engine right after
-submitting them, and whether a copy of a few KiB has finished by then is a race that only the caller
-can resolve (see tests/test_cache_state_machine.py). Copies of earlier calls are out of the picture
-when the caller synchronises the runtime first, which while paused lands the copies in flight and
-nothing queued.
+The copy engine is modelled as paused: a prefetch stays queued (unfinished, cancellable) until
+:meth:`ReferenceCache.land_all`. That makes every decision deterministic but one. The engine calls the
+link idle when no prefetch is queued or being submitted and no copy (demand loads included) is in
+flight; here it is idle when no prefetch is queued and, inside :meth:`acquire`, when that acquire's
+own demand copies (misses, and queued prefetches it promoted) have landed. Whether a copy of a few
+KiB has landed by the time the runtime asks is a race only the caller can resolve, so the caller says
+which with ``demand_landed`` (see tests/test_cache_state_machine.py).
+
+Where the two disagreed (the first visit of the last layer, a negative `now`, a following use that has
+passed too, an expert named twice in a plan without tables), the native cache was fixed to follow the
+definition; tests/test_cache_definition.py pins each case with values worked out by hand.
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NEVER = math.inf
-DUE_NOW = -math.inf
-NEVER_USED_POSITION = -1e12  # last position of an expert not accessed since it was loaded
+NEVER = math.inf          # a next use that never comes
+DUE_NOW = -math.inf       # a load due now (a demand load), and "no clock" for a plan's `now`
+#: The last-use position the estimate assumes for an expert not accessed since it was loaded, so that
+#: its estimate comes after every other expert's (cache.cpp names this constant; it shows in slot_table).
+NEVER_USED_POSITION = -1e12
+#: Without a clock (num_layers=0) the estimate ranks by recency alone: a base beyond any position, plus
+#: the loads and accesses since the expert's last one.
+NO_CLOCK_ESTIMATE = 1e15
 
 STAT_KEYS = (
     "accesses", "hits", "misses", "prefetch_hits", "prefetches", "wasted_prefetches", "cancelled_prefetches", "evictions",
@@ -43,211 +51,271 @@ class ReferenceError_(Exception):
 
 
 @dataclass
-class Slot:
+class Resident:
+    """What the cache remembers about one slot's occupant (everything else is derived)."""
+
+    layer: int
+    expert: int
+    loaded_at: int                    # recency counter at the load
+    pin_count: int = 0
+    planned: bool = False             # named by the plan in force when it was last admitted
+    prefetched_unused: bool = False   # brought in by a prefetch and not acquired since
+    queued: bool = False              # that prefetch's copy has not landed: dropping it cancels it
+    accesses: list[tuple[int, float]] | None = None  # (recency counter, clock position) of each access
+
+    def __post_init__(self) -> None:
+        self.accesses = [] if self.accesses is None else self.accesses
+
+
+@dataclass
+class SlotView:
+    """One row of ``slot_table()``, as the runtime reports it."""
+
     layer: int = -1
     expert: int = -1
     pin_count: int = 0
-    planned: bool = False           # named by the latest plan's prefetch list
-    last_position: float = DUE_NOW  # position of the last access since loaded (-inf: none)
+    planned: bool = False
+    prefetched_unused: bool = False
+    last_position: float = DUE_NOW
     next_use: float = NEVER
     following_use: float = NEVER
     last_use: int = 0
     use_count: int = 0
-    prefetched_unused: bool = False
-    queued: bool = False            # a prefetch copy not yet landed: cancelled, not evicted, when dropped
-
-    @property
-    def empty(self) -> bool:
-        return self.layer < 0
-
-    def next_use_after(self, due: float) -> float:
-        """The next use as seen from a load due at ``due``: a use before it no longer counts."""
-        return self.next_use if self.next_use > due else self.following_use
 
 
 class ReferenceCache:
     def __init__(self, num_slots: int, policy: str, num_layers: int = 0) -> None:
-        self.slots = [Slot() for _ in range(num_slots)]
+        assert policy in ("lru", "lfu", "expertflow"), policy
+        self.residents: list[Resident | None] = [None] * num_slots
         self.policy = policy
         self.num_layers = num_layers
-        self.clock = 0                           # recency clock (last_use)
         self.quotas: list[int] = []
-        # The layer-visit clock.
-        self.position = -1.0
-        self.current_layer = -1
-        self.next_visit = DUE_NOW                # a timed plan's `now`, until the clock reaches it
-        self.farthest = self.position            # the highest position the clock has held
-        # The current plan.
+        self.counter = 0                # counts loads and accesses: the recency clock (last_use)
+        # The clock of layer visits.
+        self.position = -1.0            # the current visit; -1 before the first
+        self.visited = False
+        self.current_layer: int | None = None
+        self.pending_now: float | None = None  # a timed plan's `now`, until the clock reaches it
+        self.farthest = self.position  # the highest position the clock has held
+        # The plan in force.
         self.timed = False
         self.plan: list[tuple[int, int, float, bool]] = []
-        self.next_use: np.ndarray | None = None  # [L, E] tables, or None: named_due instead
-        self.following_use: np.ndarray | None = None
-        self.named_due: dict[tuple[int, int], float] = {}
+        self.tables: tuple[np.ndarray, np.ndarray] | None = None
         self.stats = dict.fromkeys(STAT_KEYS, 0)
 
-    @property
-    def by_next_use(self) -> bool:
-        return self.policy == "expertflow"
+    # -- the clock -------------------------------------------------------------------------------
+    def layer_of(self, position: float) -> int | None:
+        """The layer whose visit ``position`` is (s * L + l -> l), or None for no visit."""
+        L = self.num_layers
+        if position != math.floor(position):
+            return None
+        return int(position) % L
 
-    # -- bookkeeping ---------------------------------------------------------------------------
+    def next_visit(self, layer: int, after: float) -> float:
+        """The first position after ``after`` that is a visit of ``layer``."""
+        p = math.floor(after) + 1
+        while p % self.num_layers != layer:
+            p += 1
+        return float(p)
+
+    def advance(self, layer: int) -> None:
+        """An acquire of ``layer``: the clock moves to that layer's visit. A pending ``now`` that names
+        the layer is where this visit lands; the current layer again is the same visit (waves); any
+        other layer is its next visit after the current position (a lower layer starts the next step)."""
+        if self.num_layers > 0:
+            if self.pending_now is not None and self.layer_of(self.pending_now) == layer:
+                self.position = self.pending_now
+            elif self.visited and layer == self.current_layer:
+                pass
+            else:
+                self.position = self.next_visit(layer, after=self.position)
+            if self.pending_now is not None and self.position >= self.pending_now:
+                self.pending_now = None  # the clock has reached the plan's `now`
+        self.visited = True
+        self.current_layer = layer
+        self.farthest = max(self.farthest, self.position)
+
+    # -- next uses (expertflow) ------------------------------------------------------------------
+    def forecast_uses(self, layer: int, expert: int) -> list[float] | None:
+        """The plan's forecast uses of an expert in time order, or None when it forecasts nothing.
+
+        With tables: its next use and the one after (NaN: no forecast; a following use not after the
+        next use says nothing). Without: the dues of the entries naming it."""
+        if self.tables is not None:
+            next_use, following_use = self.tables
+            if not (layer < next_use.shape[0] and expert < next_use.shape[1]):
+                return None
+            first, second = float(next_use[layer, expert]), float(following_use[layer, expert])
+            if math.isnan(first):
+                return None
+            return [first, second] if not math.isnan(second) and second > first else [first]
+        dues = [due for l, e, due, _ in self.plan if (l, e) == (layer, expert)]
+        if not dues:
+            return None
+        return sorted(set(dues))  # two entries with one due are one use
+
+    def estimate(self, r: Resident) -> float:
+        """Next use from history: the layer's next visit, pushed back by the time the expert sat unused
+        since its last access (since forever when it has none)."""
+        if self.num_layers <= 0:
+            return NO_CLOCK_ESTIMATE + float(self.counter - self.last_use(r))
+        last = r.accesses[-1][1] if r.accesses else NEVER_USED_POSITION
+        return 2 * self.next_visit(r.layer, after=self.position) - last
+
+    def next_uses(self, r: Resident) -> tuple[float, float]:
+        """(next use, the use after it) as the expertflow policy sees them now; both never under the
+        recency policies, which forecast nothing."""
+        if self.policy != "expertflow":
+            return NEVER, NEVER
+        after_next = 2.0 * max(self.num_layers, 1)  # a use with no known successor: the next is two steps on
+        uses = self.forecast_uses(r.layer, r.expert)
+        if uses is not None:
+            ahead = [u for u in uses if u > self.position]  # a use whose visit has come gives way
+            if ahead:
+                return ahead[0], ahead[1] if len(ahead) > 1 else ahead[0] + after_next
+        guess = self.estimate(r)
+        return guess, guess + after_next
+
+    def next_use_seen_from(self, r: Resident, due: float) -> float:
+        """The slot's next use as seen from a load due at ``due``: a use at or before it no longer counts."""
+        first, second = self.next_uses(r)
+        return first if first > due else second
+
+    # -- the slots --------------------------------------------------------------------------------
+    @staticmethod
+    def last_use(r: Resident) -> int:
+        return r.accesses[-1][0] if r.accesses else r.loaded_at
+
+    @property
+    def slots(self) -> list[SlotView]:
+        out = []
+        for r in self.residents:
+            if r is None:
+                out.append(SlotView())
+                continue
+            first, second = self.next_uses(r)
+            out.append(SlotView(r.layer, r.expert, r.pin_count, r.planned, r.prefetched_unused,
+                                r.accesses[-1][1] if r.accesses else DUE_NOW, first, second, self.last_use(r),
+                                len(r.accesses)))
+        return out
+
     def find(self, layer: int, expert: int) -> int:
-        for i, s in enumerate(self.slots):
-            if s.layer == layer and s.expert == expert:
+        for i, r in enumerate(self.residents):
+            if r is not None and (r.layer, r.expert) == (layer, expert):
                 return i
         return -1
 
     def count(self, layer: int) -> int:
-        return sum(1 for s in self.slots if s.layer == layer)
+        return sum(1 for r in self.residents if r is not None and r.layer == layer)
 
-    def quota(self, layer: int) -> int:
-        return self.quotas[layer] if 0 <= layer < len(self.quotas) else -1
+    def quota(self, layer: int) -> int | None:
+        q = self.quotas[layer] if 0 <= layer < len(self.quotas) else -1
+        return None if q < 0 else q
 
-    def queued_any(self) -> bool:
-        return any(s.queued for s in self.slots)
+    def eviction_order(self, candidates: list[int], due: float) -> list[int]:
+        """Candidates, the first to evict first (policy.h); the slot index breaks every tie."""
+        def key(i: int):
+            r = self.residents[i]
+            if self.policy == "lru":  # least recently used
+                return (self.last_use(r), i)
+            if self.policy == "lfu":  # fewest uses since loaded, then least recent
+                return (len(r.accesses), self.last_use(r), i)
+            return (-self.next_use_seen_from(r, due), self.last_use(r), i)  # farthest next use
 
-    def advance(self, layer: int) -> None:
-        """Moves the clock to ``layer``'s visit: the plan's `now` when it names this layer, else the
-        next visit of the layer (the same layer again is the same visit)."""
-        L = self.num_layers
-        if L > 0:
-            if self.next_visit != DUE_NOW and math.fmod(self.next_visit, L) == layer:
-                self.position = self.next_visit
-            elif layer != self.current_layer:
-                self.position += float((layer - self.current_layer) % L)
-            if self.position >= self.next_visit:
-                self.next_visit = DUE_NOW
-        self.current_layer = layer
-        self.farthest = max(self.farthest, self.position)
-        self.refresh()
-
-    def estimate(self, s: Slot) -> float:
-        """Next use from the slot's own history: its layer's next visit, pushed back by the time the
-        expert sat unused."""
-        L = self.num_layers
-        if L <= 0:
-            return 1e15 + float(self.clock - s.last_use)
-        turn = self.position + float((s.layer - self.current_layer - 1) % L + 1)
-        last = NEVER_USED_POSITION if s.last_position == DUE_NOW else s.last_position
-        return 2 * turn - last
-
-    def predict(self, s: Slot) -> None:
-        """Next uses of the slot's expert (expertflow only): the plan's forecast, or the estimate."""
-        if self.policy != "expertflow":
-            return
-        first = second = math.nan
-        if self.next_use is not None:
-            rows, cols = self.next_use.shape
-            if s.layer < rows and s.expert < cols:
-                first = float(self.next_use[s.layer, s.expert])
-                second = float(self.following_use[s.layer, s.expert])
-        else:
-            first = self.named_due.get((s.layer, s.expert), math.nan)
-        if not math.isnan(first) and first <= self.position:
-            first = second  # that visit has come: the next use is the one after
-        gap = 2.0 * max(self.num_layers, 1)
-        if math.isnan(first):
-            s.next_use = self.estimate(s)
-            s.following_use = s.next_use + gap
-        else:
-            s.next_use = first
-            s.following_use = second if not math.isnan(second) and second > first else first + gap
-
-    def refresh(self) -> None:
-        for s in self.slots:
-            if not s.empty:
-                self.predict(s)
-
-    def order_key(self, i: int, due: float):
-        """Victims sort first; the slot index breaks every tie."""
-        s = self.slots[i]
-        if self.policy == "lru":
-            return (s.last_use, i)
-        if self.policy == "lfu":
-            return (s.use_count, s.last_use, i)
-        return (-s.next_use_after(due), s.last_use, i)  # expertflow: farthest next use first
-
-    def victim(self, candidates: list[int], due: float) -> int:
-        return min(candidates, key=lambda i: self.order_key(i, due))
+        return sorted(candidates, key=key)
 
     def pick(self, layer: int, due: float, prefetch: bool) -> int:
-        """The slot a load of ``layer`` due at ``due`` takes, or -1 (quota rules of cache.h)."""
-        spare_planned = prefetch and not self.by_next_use
-        cand = [
-            i for i, s in enumerate(self.slots) if not s.empty and s.pin_count == 0 and not (spare_planned and s.planned)
+        """The slot a load of ``layer`` due at ``due`` takes, or -1, by the placement rules of cache.h:
+        a layer with a quota that holds at least that many slots reloads into one of its own; else an
+        empty slot; else a slot of a layer above its quota; else, for a layer with a quota, another
+        layer's slot; else any candidate. Candidates are unpinned; a prefetch under a recency policy
+        also spares the slots the plan names."""
+        candidates = [
+            i for i, r in enumerate(self.residents)
+            if r is not None and r.pin_count == 0 and not (prefetch and self.policy != "expertflow" and r.planned)
         ]
-        own = [i for i in cand if self.slots[i].layer == layer]
-        others = [i for i in cand if self.slots[i].layer != layer]
-        over = [i for i in cand if 0 <= self.quota(self.slots[i].layer) < self.count(self.slots[i].layer)]
+        own = [i for i in candidates if self.residents[i].layer == layer]
         q = self.quota(layer)
-        if q >= 0 and self.count(layer) >= q and own:
-            return self.victim(own, due)
-        for i, s in enumerate(self.slots):
-            if s.empty:
-                return i
+        if q is not None and self.count(layer) >= q and own:
+            return self.eviction_order(own, due)[0]
+        empty = [i for i, r in enumerate(self.residents) if r is None]
+        if empty:
+            return empty[0]
+        over = [i for i in candidates
+                if self.quota(self.residents[i].layer) is not None
+                and self.count(self.residents[i].layer) > self.quota(self.residents[i].layer)]
         if over:
-            return self.victim(over, due)
-        if q >= 0 and others:
-            return self.victim(others, due)
-        return self.victim(cand, due) if cand else -1
+            return self.eviction_order(over, due)[0]
+        others = [i for i in candidates if self.residents[i].layer != layer]
+        if q is not None and others:
+            return self.eviction_order(others, due)[0]
+        return self.eviction_order(candidates, due)[0] if candidates else -1
 
-    def assign(self, i: int, layer: int, expert: int) -> None:
-        self.clock += 1
-        self.slots[i] = Slot(layer=layer, expert=expert, last_use=self.clock)
-        self.predict(self.slots[i])
+    def load(self, i: int, layer: int, expert: int) -> Resident:
+        self.counter += 1
+        self.residents[i] = Resident(layer, expert, loaded_at=self.counter)
+        return self.residents[i]
 
-    def touch(self, i: int) -> None:
-        self.clock += 1
-        s = self.slots[i]
-        s.last_use = self.clock
-        s.last_position = self.position
-        s.use_count += 1
-        self.predict(s)
+    def access(self, r: Resident) -> None:
+        self.counter += 1
+        r.accesses.append((self.counter, self.position))
 
     def evict(self, i: int) -> None:
-        s = self.slots[i]
-        if s.empty:
+        """Empties slot ``i``: a prefetch still queued is cancelled, anything else is an eviction."""
+        r = self.residents[i]
+        if r is None:
             return
-        if s.queued:
+        if r.queued:
             self.stats["cancelled_prefetches"] += 1
         else:
             self.stats["evictions"] += 1
-            if s.prefetched_unused:
+            if r.prefetched_unused:
                 self.stats["wasted_prefetches"] += 1
-        self.slots[i] = Slot()
+        self.residents[i] = None
 
+    def queued_any(self) -> bool:
+        return any(r is not None and r.queued for r in self.residents)
+
+    # -- admission ----------------------------------------------------------------------------------
     def admit(self, link_idle: bool) -> None:
-        """Admits the stored plan's prefetches (apply, and readmit after an acquire). Once a next-use
-        plan has to wait, later entries wait too, but those already resident are still planned."""
-        admitting = True
+        """Walks the plan's prefetches in order (cache.h):
+
+        - under a timed plan, one whose due has come is too late;
+        - one already resident is planned (this goes on even after admission stops);
+        - a next-use plan that had to wait admits nothing after that point;
+        - a guess (not sure) goes only on an idle link, and only into a free slot or over an expert no
+          forecast expects again; a load makes the link busy;
+        - under expertflow, a prefetch due at t evicts only an expert not needed until after t
+          (conservative: otherwise the plan waits); when no slot can be taken, it waits too.
+        """
+        expertflow = self.policy == "expertflow"
+        waiting = False
         for layer, expert, due, sure in self.plan:
             if self.timed and due <= self.position:
-                continue  # its visit has come: too late to prefetch
+                continue
             i = self.find(layer, expert)
             if i >= 0:
-                self.slots[i].planned = True
+                self.residents[i].planned = True
                 continue
-            if not admitting or (not sure and not link_idle):
+            if waiting or (not sure and not link_idle):
                 continue
             i = self.pick(layer, due, prefetch=True)
             if i < 0:
-                admitting = not self.by_next_use  # later entries are due later still: nothing frees up
+                waiting = expertflow
                 continue
-            v = self.slots[i]
-            # Conservative admission: never evict an expert needed before the one replacing it.
-            if self.by_next_use and not v.empty and not v.next_use > due:
-                admitting = False
+            victim = self.residents[i]
+            if expertflow and victim is not None and self.next_uses(victim)[0] <= due:
+                waiting = True  # the victim is needed no later than this prefetch
                 continue
-            # A guess takes only a free slot or an expert no forecast expects again.
-            if not sure and not v.empty and v.next_use_after(due) != NEVER:
+            if not sure and victim is not None and self.next_use_seen_from(victim, due) != NEVER:
                 continue
             self.evict(i)
-            self.assign(i, layer, expert)
-            s = self.slots[i]
-            s.planned = s.prefetched_unused = s.queued = True
+            r = self.load(i, layer, expert)
+            r.planned = r.prefetched_unused = r.queued = True
             self.stats["prefetches"] += 1
             link_idle = False
 
-    # -- the runtime's operations ----------------------------------------------------------------
+    # -- the runtime's operations ------------------------------------------------------------------
     def prefetch(self, entries: Sequence[tuple[int, int, float]]) -> None:
         """``ExpertCache.prefetch``: sure entries, no next-use tables, no clock."""
         self.apply([(layer, expert, due, True) for layer, expert, due in entries])
@@ -259,80 +327,78 @@ class ReferenceCache:
         following_use: np.ndarray | None = None,
         now: float = DUE_NOW,
     ) -> None:
-        """``ExpertCache.apply``: entries ``(layer, expert, due, sure)`` in plan order."""
-        # A queued prefetch the new plan does not name is not worth its bytes.
+        """``ExpertCache.apply``: entries ``(layer, expert, due, sure)`` in plan order. The new plan
+        replaces the old: a queued prefetch it does not name is cancelled; ``now`` (unless -inf: no
+        clock, which leaves a pending ``now`` alone) is where the next visit lands."""
         wanted = {(layer, expert) for layer, expert, _, _ in entries}
-        for i, s in enumerate(self.slots):
-            if not s.empty and s.pin_count == 0 and s.queued and (s.layer, s.expert) not in wanted:
+        for i, r in enumerate(self.residents):
+            if r is not None and r.pin_count == 0 and r.queued and (r.layer, r.expert) not in wanted:
                 self.stats["cancelled_prefetches"] += 1
-                self.slots[i] = Slot()
-        if next_use is not None:
-            self.next_use, self.following_use = np.asarray(next_use), np.asarray(following_use)
-            self.named_due = {}
-        else:
-            self.next_use = self.following_use = None
-            self.named_due = {(layer, expert): due for layer, expert, due, _ in entries}  # the last one wins
+                self.residents[i] = None
+        self.tables = None if next_use is None else (np.asarray(next_use), np.asarray(following_use))
         self.timed = now != DUE_NOW
         if self.timed:
-            self.next_visit = now  # an untimed plan leaves a pending `now` in place
+            self.pending_now = now
         self.plan = list(entries)
-        for s in self.slots:
-            s.planned = False
-        self.refresh()
+        for r in self.residents:
+            if r is not None:
+                r.planned = False
         self.admit(link_idle=not self.queued_any())
 
     def acquire(self, layer: int, experts: list[int], demand_landed: bool = False) -> list[int]:
-        """``ExpertCache.acquire``. ``demand_landed``: whether this acquire's own demand copies have
-        landed by the time it readmits the plan (see the module docstring)."""
-        if len(experts) > len(self.slots):
-            raise ReferenceError_("capacity")  # checked before the clock moves
+        """``ExpertCache.acquire``: the clock moves to the layer's visit; resident experts are pinned
+        first, so the misses never evict them; each miss is demand-loaded (due now); then each expert is
+        accessed, and a timed plan is admitted again. ``demand_landed``: whether this acquire's own
+        demand copies have landed by then (see the module docstring)."""
+        if len(experts) > len(self.residents):
+            raise ReferenceError_("capacity")  # refused before the clock moves
         self.advance(layer)
         slots = [self.find(layer, e) for e in experts]
         for i in slots:
             if i >= 0:
-                self.slots[i].pin_count += 1
-        demand_due = self.position if self.by_next_use else DUE_NOW
-        missed = []
+                self.residents[i].pin_count += 1
+        due_now = self.position if self.policy == "expertflow" else DUE_NOW
+        missed: list[int] = []
         for k, e in enumerate(experts):
             if slots[k] >= 0:
                 continue
-            i = self.pick(layer, demand_due, prefetch=False)
+            i = self.pick(layer, due_now, prefetch=False)
             if i < 0:
-                # Undo the pins and the loads; the evictions already made, and the clock, stay moved.
+                # Nothing is left pinned or half-loaded; the evictions made so far, the clock and the
+                # recency counter stay where they went.
                 for j in slots:
                     if j >= 0:
-                        self.slots[j].pin_count -= 1
+                        self.residents[j].pin_count -= 1
                 for k2 in missed:
-                    self.slots[slots[k2]] = Slot()
+                    self.residents[slots[k2]] = None
                 raise ReferenceError_("no slot")
             self.evict(i)
-            self.assign(i, layer, e)
-            self.slots[i].pin_count += 1
+            self.load(i, layer, e).pin_count += 1
             slots[k] = i
             missed.append(k)
         copies = len(missed)  # demand copies this acquire puts on the link
         for k, i in enumerate(slots):
-            s = self.slots[i]
+            r = self.residents[i]
             if k in missed:
                 self.stats["misses"] += 1
             else:
                 self.stats["hits"] += 1
-                if s.prefetched_unused:
+                if r.prefetched_unused:
                     self.stats["prefetch_hits"] += 1
-                if s.queued:
+                if r.queued:
                     copies += 1  # a queued prefetch promoted to a demand load
-            s.queued = False
-            s.prefetched_unused = False
-            self.touch(i)
+            r.queued = r.prefetched_unused = False
+            self.access(r)
         self.stats["accesses"] += len(experts)
-        if self.timed:  # readmit: an untimed plan is admitted once
+        if self.timed:  # an untimed plan is admitted once
             self.admit(link_idle=not self.queued_any() and (demand_landed or copies == 0))
         return slots
 
     def release(self, layer: int, experts: list[int]) -> None:
         for e in experts:
-            self.slots[self.find(layer, e)].pin_count -= 1
+            self.residents[self.find(layer, e)].pin_count -= 1
 
     def land_all(self) -> None:
-        for s in self.slots:
-            s.queued = False
+        for r in self.residents:
+            if r is not None:
+                r.queued = False

@@ -1,8 +1,8 @@
 """Property tests: random prefetch / plan / acquire / release / quota sequences against a reference.
 
 The exact machine pauses the prefetch queue so every decision is deterministic and compares each
-slot and counter with tests/reference_cache.py. The async machine lets copies race freely and checks
-the invariants that must hold under any timing.
+slot and counter with tests/reference_cache.py, which computes the documented definition. The async
+machine lets copies race freely and checks the invariants that must hold under any timing.
 
 Positions (dues, forecast next uses, a plan's `now`) are drawn as offsets from the cache's clock, so
 plans stay ahead of, at, or just behind the visits the acquires walk through.
@@ -10,10 +10,12 @@ plans stay ahead of, at, or just behind the visits the acquires walk through.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import random
+from typing import ClassVar
 
 import hypothesis.strategies as st
 import numpy as np
@@ -75,7 +77,7 @@ class CacheMachine(RuleBasedStateMachine):
     exact = True
     # How often a readmit after an acquire found that acquire's demand copies landed / in flight, where
     # that changed the outcome (see acquire_one).
-    races = {"landed": 0, "in_flight": 0}
+    races: ClassVar[dict[str, int]] = {"landed": 0, "in_flight": 0}
 
     def __init__(self) -> None:
         super().__init__()
@@ -152,10 +154,8 @@ class CacheMachine(RuleBasedStateMachine):
             self.ref.acquire(layer, experts, demand_landed=False)
         except ReferenceError_ as e:
             ref_error = str(e)
-        try:
+        with contextlib.suppress(ReferenceError_):  # it refuses exactly when the reference above did
             landed.acquire(layer, experts, demand_landed=True)
-        except ReferenceError_:
-            pass
         try:
             weights = self.cache.acquire(layer, experts)
         except ef.ExpertFlowError as e:

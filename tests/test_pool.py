@@ -100,14 +100,21 @@ def test_pinned_allocation_failure_names_the_size():
 
 
 def test_closed_pool_refuses_use():
-    pool = ef.ExpertPool.uniform(1, 1, [ef.TensorSpec("w", torch.float32, (2,))], "host")
+    pool = ef.ExpertPool.uniform(1, 1, [ef.TensorSpec("w", torch.float32, (7,))], "host")
+    original = torch.arange(7, dtype=torch.float32) * 0.5 - 1.25
+    pool.set_expert(0, 0, {"w": original})
     view = pool.expert(0, 0)["w"]
+    alias = pool.expert(0, 0)["w"]  # a second view of the same pool bytes
     with pool:
         pass
     with pytest.raises(ef.ExpertFlowError, match="expert pool is closed"):
         pool.expert(0, 0)
-    view += 1  # views handed out keep the memory alive
-    assert view.tolist() == [view[0].item(), view[1].item()]
+    # Views handed out keep the memory alive: they still hold what was written, and they are still one
+    # memory (a write through one shows through the other).
+    assert torch.equal(view, original)
+    view += 1
+    assert torch.equal(view, original + 1)
+    assert torch.equal(alias, original + 1)
 
 
 def test_backend_selection(monkeypatch):

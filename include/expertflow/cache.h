@@ -15,8 +15,8 @@
 // - A plan is predicted next uses (integrated prefetching and caching, Cao, Felten, Karlin and Li,
 //   1995): tables of each expert's next use and the one after, where NaN means "no forecast": the
 //   cache estimates it from its own history, 2 * (its layer's next visit) - (its last use), and a
-//   forecast use whose visit has passed gives way to the next one. The expertflow policy evicts the
-//   expert needed farthest ahead. A prefetch of X, due at t, evicts the expert whose next use as seen
+//   forecast use whose visit has passed gives way to the next one (to the estimate once both have).
+//   The expertflow policy evicts the expert needed farthest ahead. A prefetch of X, due at t, evicts the expert whose next use as seen
 //   from t is farthest, and only when that expert is not needed before t: then, if the forecasts are
 //   right, it is the victim demand paging under Belady would evict when X is needed, so prefetching
 //   moves no more bytes than that demand paging would, it only moves them earlier. When that expert
@@ -51,7 +51,7 @@ struct Plan {
   std::vector<PlanItem> prefetch;
   // Forecast next use of every (layer, expert), at [layer * stride + expert], and of the access after
   // it; NaN: none (the cache estimates), +inf: never. Empty: no tables, each named expert is next
-  // used at its due.
+  // used at its earliest due still ahead of the clock, then at the due after that.
   int stride = 0;
   std::vector<double> next_use;
   std::vector<double> following_use;
@@ -149,7 +149,7 @@ class SlotCache {
   int stride_ = 0;
   std::vector<double> next_use_;
   std::vector<double> following_use_;
-  std::unordered_map<uint64_t, double> named_due_;  // a plan without tables: each named expert's due
+  std::unordered_map<uint64_t, std::vector<double>> named_due_;  // no tables: each named expert's dues, ascending
 };
 
 }  // namespace expertflow
