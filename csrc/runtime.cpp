@@ -18,14 +18,15 @@ RuntimeOptions validated(const std::shared_ptr<ExpertPool>& pool, RuntimeOptions
   EF_CHECK(options.num_slots > 0, "num_slots must be at least 1, got " << options.num_slots);
   size_t num_experts = 0;
   for (int l = 0; l < pool->num_layers(); ++l) num_experts += static_cast<size_t>(pool->num_experts(l));
-  // More slots than experts are never used; refusing them also bounds the slot arena and the cache's
-  // per-slot tables by the pool's size.
-  EF_CHECK(static_cast<size_t>(options.num_slots) <= num_experts,
-           "num_slots=" << options.num_slots << " is more than the pool's " << num_experts
-                        << " experts; give at most " << num_experts << " slots (every expert resident)");
   if (options.slot_bytes == 0) options.slot_bytes = pool->max_expert_bytes();
   EF_CHECK(options.slot_bytes <= std::numeric_limits<size_t>::max() / 2 / static_cast<size_t>(options.num_slots),
            options.num_slots << " slots of " << options.slot_bytes << " bytes overflow the address space; lower slot_bytes");
+  // More slots than experts are never used; refusing them also bounds the slot arena and the cache's
+  // per-slot tables by the pool's size.
+  EF_CHECK(static_cast<size_t>(options.num_slots) <= num_experts,
+           "num_slots=" << options.num_slots << " asks for " << static_cast<size_t>(options.num_slots) * options.slot_bytes
+                        << " bytes of slots, more than the pool's " << num_experts << " experts need; give at most "
+                        << num_experts << " slots (every expert resident)");
   options.slot_bytes = align_up(options.slot_bytes, kTensorAlignment);
   for (int l = 0; l < pool->num_layers(); ++l) {
     EF_CHECK(pool->expert_bytes(l) <= options.slot_bytes,
