@@ -154,12 +154,15 @@ def test_train_predictor_refuses_untrained_outputs(tmp_path, capsys, argv):
 def test_outputs_are_not_overwritten_without_force(tmp_path, capsys):
     out = tmp_path / "t.jsonl"
     out.write_text("precious\n")
-    for command in (["synth-trace", "--out", str(out)],
-                    ["train-predictor", "--traces", str(tmp_path), "--out", str(out)],
-                    ["trace", "--prompts", str(out), "--out", str(out)]):
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "meta.json").write_text("{}")
+    for command, target in ((["synth-trace", "--out", str(out)], out),
+                            (["train-predictor", "--traces", str(tmp_path), "--out", str(out)], out),
+                            (["trace", "--prompts", str(out), "--out", str(trace)], trace)):
         assert exit_code(command) == 2
-        assert f"{out} already exists; pass --force to overwrite it" in capsys.readouterr().err
-        assert out.read_text() == "precious\n"
+        assert f"{target} already exists; pass --force to overwrite it" in capsys.readouterr().err
+        assert out.read_text() == "precious\n" and (trace / "meta.json").read_text() == "{}"
     assert exit_code(["synth-trace", "--out", str(out), "--layers", "2", "--tokens", "3", "--force"]) == 0
     assert len(out.read_text().splitlines()) == 2 * 3
 
@@ -185,3 +188,75 @@ def test_a_failed_write_leaves_the_previous_output(tmp_path, monkeypatch):
         traces.write_jsonl_trace(traces.synthetic_trace(num_layers=2, num_tokens=4), out)
     assert out.read_text() == "precious\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
+def test_force_never_deletes_what_the_output_would_not_hold(tmp_path, capsys):
+    folder = tmp_path / "precious"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep me")
+    assert exit_code(["synth-trace", "--out", str(folder), "--force", "--tokens", "2"]) == 2
+    assert "is a folder and this command writes a file there" in capsys.readouterr().err
+    assert exit_code(["trace", "--prompts", str(folder / "notes.txt"), "--out", str(folder), "--force"]) == 2
+    assert "holds notes.txt, sub, which this command does not write" in capsys.readouterr().err
+    afile = tmp_path / "a.jsonl"
+    afile.write_text("x\n")
+    assert exit_code(["trace", "--prompts", str(folder / "notes.txt"), "--out", str(afile), "--force"]) == 2
+    assert "is a file and this command writes a folder there" in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text() == "keep me" and afile.read_text() == "x\n"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["synth-trace", "--experts", "4", "--top-k", "5"], "--top-k 5 is more than the 4 experts a layer has"),
+    (["synth-trace", "--experts", "100000"], "traces hold at most 4096 layers and 65536 experts per layer"),
+    (["generate", "--policy", "lru", "--predictor", "p.safetensors", "--prompt", "x"], "--predictor drives the expertflow policy only"),
+    (["bench", "--layers", "2"], "--layers applies to --arch models"),
+])
+def test_contradictory_arguments_are_refused(tmp_path, capsys, argv, message):
+    if argv[0] == "synth-trace":
+        argv = [*argv, "--out", str(tmp_path / "t.jsonl")]
+    assert exit_code(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prompt_files_are_checked(tmp_path, capsys):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": 5}\n')
+    for prompts, message in ((tmp_path, "does not exist or is not a file"), (bad, "p.jsonl:2: not a JSON object with a non-empty string 'prompt'")):
+        assert exit_code(["trace", "--prompts", str(prompts), "--out", str(tmp_path / "t")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_folder_without_config_is_named_as_such(tmp_path, capsys):
+    assert exit_code(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    assert "has no config.json; pass the folder of a transformers checkpoint" in capsys.readouterr().err
+
+
+def test_interrupt_exits_130_without_a_traceback(monkeypatch, capsys):
+    import expertflow.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), interrupted))
+    assert main(["synth-trace", "--out", "x.jsonl"]) == 130
+    assert "expertflow synth-trace: interrupted" in capsys.readouterr().err
+
+
+def _with_func(parser, func):
+    parser.set_defaults(func=func)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(func=func)
+    return parser
+
+
+def test_bench_slot_counts_beyond_100_and_trace_routing_with_defaults(tmp_path, capsys):
+    """The bundled model has 128 experts: 128 slots is every one of them. Trace routing runs with the
+    default forecasts (the bundled predictor file forecasts live generation only)."""
+    out = run_json(capsys, "bench", "--slots", "128", "--policies", "lru", "--new-tokens", "2", "--json")
+    assert {row["num_slots"] for row in out["rows"] if row["policy"] == "lru"} == {128}
+    trace = tmp_path / "t.jsonl"
+    assert main(["synth-trace", "--out", str(trace), "--layers", "8", "--experts", "16", "--tokens", "12"]) == 0
+    out = run_json(capsys, "bench", "--routing", f"trace:{trace}", "--policies", "lru,expertflow", "--new-tokens", "3", "--json")
+    assert {row["policy"] for row in out["rows"]} >= {"lru", "expertflow"}

@@ -66,3 +66,4 @@ def test_more_slots_than_experts_are_refused_before_allocating():
     with pytest.raises(ef.ExpertFlowError, match=r"num_slots=1073741824 asks for 70368744177664 bytes of slots, more than the pool's 16 experts need"):
         ef.ExpertCache(pool, 2**30)
     pool.close()
+

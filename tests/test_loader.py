@@ -294,3 +294,16 @@ def test_peak_host_memory_is_the_pool_plus_a_little(tmp_path):
     assert r["pool"] > 1.9e9
     growth = r["peak"] - r["base"]
     assert growth <= r["pool"] + 300e6, f"peak grew {growth / 1e9:.2f} GB for a {r['pool'] / 1e9:.2f} GB pool"
+
+
+def test_config_with_other_expert_counts_names_the_mismatched_weights(tmp_path, mixtral):
+    folder = tmp_path / "m"
+    shutil.copytree(mixtral[1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_local_experts": 4}))
+    with pytest.raises(CheckpointError, match=r"it has weights of other shapes \(3\): model\.layers\.0\.mlp\.gate\.weight "
+                                              r"\[8, 32\] \(the model has \[4, 32\]\)"):
+        ef.from_pretrained(folder, progress=False)
+    (folder / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 9}))
+    with pytest.raises(CheckpointError, match="routes each token to 9 of 8 experts; top-k must be between 1 and the expert count"):
+        ef.from_pretrained(folder, progress=False)

@@ -174,6 +174,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_trace(args: argparse.Namespace) -> int:
+    from .traces import MAX_EXPERTS, MAX_LAYERS
+
+    if args.top_k > args.experts:
+        raise ValueError(f"--top-k {args.top_k} is more than the {args.experts} experts a layer has")
+    if args.layers > MAX_LAYERS or args.experts > MAX_EXPERTS:
+        raise ValueError(f"traces hold at most {MAX_LAYERS} layers and {MAX_EXPERTS} experts per layer")
     check_output(args.out, args.force)
     trace = synthetic_trace(args.layers, args.experts, args.top_k, args.tokens, args.seed)
     write_jsonl_trace(trace, args.out)
@@ -198,8 +204,11 @@ def _load(args: argparse.Namespace, policy: str):
 
 
 def _tokenizer(model_path: str):
+    from .loader import read_config
+
     if not Path(model_path).is_dir():
         raise ValueError(f"model folder {model_path} does not exist")
+    read_config(model_path)  # a folder without a readable config is named as that, not as lacking a tokenizer
     if not (Path(model_path) / "tokenizer.json").exists() and not (Path(model_path) / "tokenizer.model").exists():
         return None
     from transformers import AutoTokenizer
@@ -266,6 +275,8 @@ def _summary(stats: dict, n: int, seconds: float) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.predictor is not None and args.policy != "expertflow":
+        raise ValueError(f"--predictor drives the expertflow policy only, not {args.policy}")
     tokenizer = _tokenizer(args.model)
     input_ids = _prompt_ids(args, tokenizer)
     model = _load(args, args.policy)
@@ -287,6 +298,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, format_table, plot, run_bench, save
     from .policies import POLICY_NAMES
 
+    if args.out:
+        check_output(args.out, args.force)
+        check_output(Path(args.out).with_suffix(".png"), args.force)
+    if args.layers is not None and args.arch is None:
+        raise ValueError("--layers applies to --arch models; a checkpoint runs all its layers")
     model = args.model if args.arch is None else None
     prompt_ids = None
     if args.arch is None:
@@ -298,7 +314,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          "models take --prompt-len")
     predictors = _split(args.predictors, "--predictors") if args.predictors is not None else None
     if predictors is None:
-        bundled = model is not None and Path(model).resolve() == BUNDLED_MODEL
+        # The bundled predictor forecasts live generation; trace routing takes named forecasts.
+        bundled = model is not None and Path(model).resolve() == BUNDLED_MODEL and args.routing == "live"
         predictors = ["history", str(BUNDLED_PREDICTOR)] if bundled else ["history"]
     cfg = BenchConfig(
         model=model, arch=args.arch, layers=args.layers, routing=args.routing, batch=args.batch,
@@ -340,9 +357,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from .recorder import read_prompts, record_trace
-    from .traces import save_recorded_trace
+    from .traces import TRACE_FILES, save_recorded_trace
 
-    check_output(args.out, args.force)
+    check_output(args.out, args.force, folder_files=TRACE_FILES)
     prompts = read_prompts(args.prompts)
     tokenizer = _tokenizer(args.model)
     if tokenizer is None:
@@ -446,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", "--max-new-tokens", dest="new_tokens", type=POSITIVE, default=32)
     p.add_argument("--accelerate", default=None, help="also run accelerate's device_map offload at this slot share's budget")
     p.add_argument("--out", default=None, help="write the results as JSON here, and a PNG beside it")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
@@ -510,6 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as e:
         print(f"expertflow {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written whole or not at all (files.atomic_output)
+        print(f"expertflow {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

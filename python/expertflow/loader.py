@@ -268,8 +268,10 @@ def _check_loading_info(info: dict, layers: list[MoELayer], path: Path) -> None:
     ours = tuple(layer.path + "." for layer in layers)
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(ours))
     missing = sorted(info.get("missing_keys", ()))
+    mismatched = [f"{key} {list(have)} (the model has {list(want)})" for key, have, want in sorted(info.get("mismatched_keys", ()))]
     problems = []
-    for what, keys in (("has weights this model does not", unexpected), ("lacks weights this model needs", missing)):
+    for what, keys in (("has weights this model does not", unexpected), ("lacks weights this model needs", missing),
+                       ("has weights of other shapes", mismatched)):
         if keys:
             more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
             problems.append(f"{what} ({len(keys)}): {', '.join(keys[:8])}{more}")
@@ -285,6 +287,10 @@ def _resident(path: Path, dtype: torch.dtype | None, device: torch.device, progr
     """Yields (model without routed-expert weights, its architecture, MoE layers, open checkpoint)."""
     config = read_config(path)
     arch = architecture_for(config.model_type)
+    num_experts, top_k = arch.dims(config)[:2]
+    if not 1 <= top_k <= num_experts:
+        raise CheckpointError(f"{path / 'config.json'} routes each token to {top_k} of {num_experts} experts; "
+                              "top-k must be between 1 and the expert count")
     with Checkpoint(path) as ckpt:  # validates every shard before transformers reads one
         verbosity = transformers.logging.get_verbosity()
         # Transformers would list every routed expert as unexpected; _check_loading_info reports the
@@ -295,8 +301,11 @@ def _resident(path: Path, dtype: torch.dtype | None, device: torch.device, progr
             transformers.utils.logging.disable_progress_bar()
         try:
             with offloaded_experts(arch):
+                # Mismatched shapes are reported (and refused) by _check_loading_info, not raised with a
+                # pointer to a report the verbosity above hides.
                 model, info = arch.auto_class.from_pretrained(
-                    path, dtype=dtype or "auto", device_map={"": device}, output_loading_info=True
+                    path, dtype=dtype or "auto", device_map={"": device}, output_loading_info=True,
+                    ignore_mismatched_sizes=True,
                 )
         finally:
             transformers.logging.set_verbosity(verbosity)

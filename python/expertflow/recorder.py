@@ -24,14 +24,22 @@ __all__ = ["read_prompts", "record_trace"]
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line of a ``.txt``, or the ``prompt`` field of each ``.jsonl`` object."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist or is not a file")
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
     if path.suffix == ".jsonl":
-        try:
-            prompts = [json.loads(line)["prompt"] for line in lines]
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{path}: every line must be a JSON object with a 'prompt' field ({e})") from e
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (ValueError, KeyError, TypeError):
+                prompt = None
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"{path}:{number}: not a JSON object with a non-empty string 'prompt' field")
+            prompts.append(prompt)
     else:
         prompts = lines
     if not prompts:

@@ -102,6 +102,22 @@ def _views(arena: torch.Tensor, base: int, layout: Sequence[_PackedTensor]) -> d
     return out
 
 
+def _check_host_memory(nbytes: int) -> None:
+    """Refuses a pool larger than the host memory available now: the kernel would otherwise grant the
+    allocation and kill the process while the pool fills (Linux overcommits; elsewhere no check)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return
+    if nbytes > available:
+        raise ExpertFlowError(
+            f"the expert pool needs {nbytes / 2**30:.2f} GiB of host memory but {available / 2**30:.2f} GiB is available; "
+            "free memory, or load fewer layers (bench: --layers N)"
+        )
+
+
 class ExpertPool:
     """Every expert of every MoE layer, once, in page-locked host memory.
 
@@ -123,6 +139,7 @@ class ExpertPool:
             [(t.name, _dtype_name(t.dtype), list(t.shape), torch.empty((), dtype=t.dtype).element_size()) for t in spec.tensors]
             for spec in self.layers
         ]
+        _check_host_memory(sum(spec.num_experts * sum(-(-t.nbytes // 256) * 256 for t in spec.tensors) for spec in self.layers))
         native = _C.ExpertPool(self.backend, [spec.num_experts for spec in self.layers], native_specs)
         self._native: _C.ExpertPool | None = native
         self._layouts: list[tuple[_PackedTensor, ...]] = []

@@ -28,6 +28,7 @@ __all__ = [
     "RoutingTrace",
     "RecordedTrace",
     "TRACE_FORMAT",
+    "TRACE_FILES",
     "read_trace",
     "read_jsonl_trace",
     "read_route_csv",
@@ -39,6 +40,8 @@ __all__ = [
 
 #: Version tag of ExpertFlow's own trace folders (``expertflow trace``).
 TRACE_FORMAT = "expertflow-trace/1"
+#: What a recorded trace folder holds (save_recorded_trace writes nothing else).
+TRACE_FILES = frozenset({"meta.json", "arrays.npz"})
 #: Bounds on the ids a trace may hold: far beyond any published MoE model, and small enough that
 #: tables over layers x experts stay small (an id of 2**31 is a corrupt line, not a model).
 MAX_LAYERS = 4096

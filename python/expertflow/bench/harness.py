@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _C
+from ..files import atomic_output
 from ..loader import attach, load_offloaded, moe_layers, offloaded_experts
 from ..models import Architecture, architecture_for
 from ..offload import OffloadedExperts
@@ -88,7 +89,7 @@ class BenchConfig:
         if self.arch is not None and self.prompt_ids is not None:
             raise ValueError("--prompt-ids needs a checkpoint's vocabulary; random-weight --arch models take --prompt-len")
         for s in self.slots + ([self.accelerate] if self.accelerate else []):
-            _slot_share(s, 100)
+            parse_slots(s, "slots")  # the syntax now; the count once the model's experts are known
         for spec in self.predictors:
             if self.routing == "live":
                 if spec != "history" and not Path(spec).exists():
@@ -580,11 +581,11 @@ def plot(result: dict, path: str | Path) -> None:
     ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=130, format="png")
     plt.close(fig)
 
 
 def save(result: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
