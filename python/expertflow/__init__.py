@@ -13,14 +13,27 @@ def from_pretrained(*args, **kwargs):
 
     return load(*args, **kwargs)
 
+
+def __getattr__(name: str):
+    # The serving engine imports transformers' cache classes: loaded on first use.
+    if name in ("Engine", "Request", "SamplingParams", "EngineError"):
+        from . import serving
+
+        return getattr(serving, name)
+    raise AttributeError(f"module 'expertflow' has no attribute '{name}'")
+
 __version__ = "0.1.0"
 
 __all__ = [
     "POLICIES",
+    "Engine",
+    "EngineError",
     "ExpertCache",
     "ExpertFlowError",
     "ExpertPool",
     "LayerSpec",
+    "Request",
+    "SamplingParams",
     "TensorSpec",
     "from_pretrained",
     "get_backend",

@@ -337,6 +337,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scheduler(args: argparse.Namespace) -> int:
+    from .bench.serving import bench_scheduler, format_scheduler_table
+    from .recorder import read_prompts
+
+    if args.out:
+        check_output(args.out, args.force)
+    prompts = read_prompts(args.prompts)
+    _tokenizer(args.model)
+    predictor = args.predictor
+    if predictor is None and Path(args.model).resolve() == BUNDLED_MODEL:
+        predictor = str(BUNDLED_PREDICTOR)
+    result = bench_scheduler(args.model, prompts, args.num_requests, args.batch_size, args.max_new_tokens,
+                             policy=args.policy, expert_slots=args.expert_slots,
+                             predictor=None if predictor == "history" else predictor, progress=not args.json)
+    result["command"] = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("expertflow") else None
+    if args.out:
+        from .files import atomic_output
+
+        with atomic_output(args.out) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result) if args.json else format_scheduler_table(result))
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(BUNDLED_MODEL), help="checkpoint folder (default: the bundled tiny Mixtral)")
     p.add_argument("--gpu-memory", default="12GiB", type=SIZE, help="device memory ExpertFlow may use, e.g. 12GiB")
@@ -466,6 +490,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-scheduler", help="the token scheduler against first-come batching: activated experts, bytes, tokens/s")
+    p.add_argument("--model", default=str(BUNDLED_MODEL))
+    p.add_argument("--prompts", default=str(BUNDLED_MODEL.parent / "prompts" / "heldout.txt"),
+                   help=".txt (one prompt per line) or .jsonl with a 'prompt' field; cycled to --num-requests")
+    p.add_argument("--num-requests", type=POSITIVE, default=64)
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
+    p.add_argument("--policy", default="lru", help="the offload policy both schedules run under")
+    p.add_argument("--expert-slots", default="25%", type=SLOTS)
+    p.add_argument("--predictor", default=None,
+                   help="routing-path predictor file the scheduler groups by, or 'history' (default: the bundled "
+                        "model's own predictor, else history)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_scheduler)
 
     p = sub.add_parser("trace", help="record a model's routing over prompts")
     p.add_argument("--model", default=str(BUNDLED_MODEL))

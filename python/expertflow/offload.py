@@ -110,6 +110,10 @@ class OffloadEngine:
         self.host_transfers = 0
         self.steps = 0
         self._positions: torch.Tensor | None = None
+        self._next_step: dict[str, Any] | None = None
+        # Each MoE layer's routing in the last forward pass, ``[T, k]`` on the host (the copy run_layer
+        # makes anyway): a serving engine reads each sequence's path from it.
+        self.routing: list[np.ndarray | None] = [None] * len(layers)
         self._hook = None
         for layer in layers:
             layer.module.engine = self
@@ -132,18 +136,27 @@ class OffloadEngine:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def next_step(self, positions: torch.Tensor, new_sequences: bool, previous_path: np.ndarray | None = None) -> None:
+        """Describes the next forward pass where the caller regroups sequences between passes (a
+        serving engine): ``positions [B]`` of each sequence's last token, ``previous_path [B, L, k]``."""
+        self._next_step = {"positions": positions, "new_sequences": new_sequences, "previous_path": previous_path}
+
     def _on_step(self, module, inputs, output) -> None:
         """A forward pass begins: the policy forecasts it (``output [B, T, D]``, the input embeddings)."""
         ids = inputs[0]
         batch, length = ids.shape[0], ids.shape[-1]
         positions = self._positions
-        if length > 1 or positions is None or positions.shape[0] != batch:
+        told, self._next_step = self._next_step, None
+        previous_path = None
+        if told is not None:
+            new, positions, previous_path = told["new_sequences"], told["positions"], told["previous_path"]
+        elif length > 1 or positions is None or positions.shape[0] != batch:
             new, positions = True, torch.full((batch,), length - 1, device=output.device, dtype=torch.long)
         else:
             new, positions = False, positions + 1
         self._positions = positions
         ctx = StepContext(step=self.steps, batch=batch, new_sequences=new, embeddings=output[:, -1],
-                          positions=positions)
+                          positions=positions, previous_path=previous_path)
         self.steps += 1
         self._apply(self.policy.on_step(ctx))
 
@@ -177,6 +190,7 @@ class OffloadEngine:
                 # transformers' loop visits them); the host copy gives each expert's share of the order.
                 order = torch.argsort(routing.t().reshape(-1), stable=True)
                 tokens, ranks = order % num_tokens, order // num_tokens
+        self.routing[layer.index] = chosen
         counts = np.bincount(chosen.ravel(), minlength=num_experts + 1)[:num_experts]
         experts = np.flatnonzero(counts).tolist()  # ascending
         if num_tokens > 1:

@@ -44,7 +44,9 @@ class StepContext:
     ``step``: passes so far; ``batch``: sequences in it; ``new_sequences``: the sequences start here (a
     prefill), so the previous step's path says nothing; ``embeddings [B, D]`` (live generation only):
     the input embedding of each sequence's last token, on the model's device; ``positions [B]``: that
-    token's position (a device tensor in live generation).
+    token's position (a device tensor in live generation); ``previous_path [B, L, k]`` int64: where a
+    serving engine regroups sequences between steps, each sequence's own last path (-1: none), which
+    replaces the policy's memory of the previous batch.
     """
 
     step: int
@@ -52,6 +54,7 @@ class StepContext:
     new_sequences: bool = False
     embeddings: object | None = None
     positions: object | None = None
+    previous_path: np.ndarray | None = None
 
 
 @runtime_checkable
@@ -226,7 +229,9 @@ class Expertflow(_Base):
         return None
 
     def on_step(self, ctx: StepContext) -> Plan:
-        if ctx.new_sequences or self.path.shape[0] != ctx.batch:
+        if ctx.previous_path is not None:
+            self.path = ctx.previous_path.copy()
+        elif ctx.new_sequences or self.path.shape[0] != ctx.batch:
             self.path = np.full((ctx.batch, self.info.num_layers, self.path.shape[2]), -1, dtype=np.int64)
             ctx.new_sequences = True
         predictor, planner = self._attached()

@@ -1,0 +1,170 @@
+"""The serving engine: each request's greedy tokens equal generating it alone, requests join and leave
+between steps, waiting is bounded, and a bad request fails alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import expertflow as ef
+from expertflow.cli import BUNDLED_MODEL, main
+
+from moe_models import build, save
+
+
+@pytest.fixture(autouse=True)
+def host_backend(monkeypatch):
+    monkeypatch.setenv("EXPERTFLOW_BACKEND", "host")
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+def served(request, tmp_path_factory):
+    model = build(request.param)
+    folder = save(model, tmp_path_factory.mktemp(request.param), "published")
+    offloaded = ef.from_pretrained(folder, gpu_memory="1GiB", expert_slots="50%", progress=False)
+    yield model, offloaded
+    offloaded.expertflow.close()
+
+
+def alone(model, prompt, max_new_tokens):
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=model.config.pad_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("schedule", ["expertflow", "fifo"])
+def test_greedy_tokens_equal_generating_each_alone(served, schedule):
+    """fp32 on the CPU; prompts of 1 to 12 tokens, arriving at different steps, more running than one
+    batch holds (so rounds regroup them)."""
+    model, offloaded = served
+    g = torch.Generator().manual_seed(7)
+    lengths, budgets = (1, 7, 4, 12, 3, 9, 5, 2), (6, 9, 4, 11, 7, 5, 8, 3)
+    prompts = [torch.randint(3, 90, (n,), generator=g).tolist() for n in lengths]
+    with ef.Engine(offloaded, max_batch_size=3, schedule=schedule, max_running=6) as engine:
+        requests = []
+        for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+            requests.append(engine.submit(prompt, max_new_tokens=budget))
+            if i % 3 != 2:  # some arrive alone, some together (batched prefill)
+                engine.step()
+        engine.run()
+    for prompt, budget, request in zip(prompts, budgets, requests):
+        want = alone(model, prompt, budget)
+        assert request.output_ids == want
+        assert request.finish_reason == ("stop" if len(want) < budget or want[-1] == model.config.eos_token_id else "length")
+
+
+def test_no_running_sequence_waits_more_than_the_stated_steps(served):
+    _, offloaded = served
+    with ef.Engine(offloaded, max_batch_size=2, max_running=7) as engine:
+        assert engine.max_wait_steps == 7  # 2 * ceil(7 / 2) - 1: n - 1 batches, a prefill pass, n - 1 batches
+        requests = [engine.submit([5 + i, 6, 7], max_new_tokens=12) for i in range(11)]
+        last_token_step: dict[int, int] = {}
+        worst = 0
+        step = 0
+        while engine.has_work():
+            step += 1
+            for r in engine.step():
+                if r.id in last_token_step:
+                    worst = max(worst, step - last_token_step[r.id] - 1)
+                last_token_step[r.id] = step
+        assert all(r.done for r in requests)
+        assert 0 < worst <= engine.max_wait_steps
+
+
+def test_bad_requests_fail_alone(served):
+    _, offloaded = served
+    with pytest.raises(ef.EngineError, match="max_batch_size must be a whole number of at least 1"):
+        ef.Engine(offloaded, max_batch_size=0)
+    with pytest.raises(ef.EngineError, match="unknown schedule 'lifo'"):
+        ef.Engine(offloaded, schedule="lifo")
+    engine = ef.Engine(offloaded, max_batch_size=2, max_queue=3)
+    good = engine.submit([5, 6, 7], max_new_tokens=4)
+    for prompt, kwargs, message in (
+        ([], {}, "the prompt is empty"),
+        ([5, 999], {}, r"prompt token ids \[999\] are outside the vocabulary of 97"),
+        ([5] * 120, {"max_new_tokens": 20}, "exceed the model's 128 positions"),
+        ([5], {"temperature": -1.0}, "temperature must be finite and >= 0"),
+        ([5], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ([5], {"max_new_tokens": 0}, "max_new_tokens must be a whole number of at least 1"),
+        ("text", {}, "a text prompt needs tokenizer="),
+    ):
+        with pytest.raises(ef.EngineError, match=message):
+            engine.submit(prompt, **kwargs)
+    engine.submit([8], max_new_tokens=2)
+    engine.submit([9], max_new_tokens=2)
+    with pytest.raises(ef.EngineError, match=r"the queue is full \(3 requests waiting\)"):
+        engine.submit([10], max_new_tokens=2)
+    engine.run()
+    assert good.done and len(good.output_ids) >= 1
+    engine.close()
+    with pytest.raises(ef.EngineError, match="the engine is closed"):
+        engine.submit([5], max_new_tokens=2)
+
+
+def test_a_request_failing_in_the_model_fails_alone(served, monkeypatch):
+    """A forward pass that fails for one request's input: the batch is retried one by one, that
+    request ends with an error naming the failure, the others complete."""
+    _, offloaded = served
+    with ef.Engine(offloaded, max_batch_size=3) as engine:
+        forward = engine._forward
+
+        def poisoned(batch, new_ids, new_sequences):
+            if any(ids[0] == 13 for ids in new_ids):
+                raise RuntimeError("poisoned input")
+            return forward(batch, new_ids, new_sequences)
+
+        monkeypatch.setattr(engine, "_forward", poisoned)
+        ok = [engine.submit([5, 6], max_new_tokens=3), engine.submit([7], max_new_tokens=3)]
+        bad = engine.submit([13, 6], max_new_tokens=3)
+        engine.run()
+    assert bad.finish_reason == "error" and "prefill failed: poisoned input" in bad.error
+    assert all(r.finish_reason in ("length", "stop") and r.output_ids for r in ok)
+
+
+def test_cancel_frees_a_request_and_the_rest_go_on(served):
+    _, offloaded = served
+    with ef.Engine(offloaded, max_batch_size=2) as engine:
+        keep = engine.submit([5, 6], max_new_tokens=5)
+        drop = engine.submit([7, 8], max_new_tokens=50)
+        engine.step()
+        engine.cancel(drop)
+        engine.run()
+        assert drop.finish_reason == "cancelled" and drop._cache == []
+        assert keep.done and len(keep.output_ids) >= 1
+
+
+def test_sampling_is_reproducible_per_seed(served):
+    _, offloaded = served
+    with ef.Engine(offloaded, max_batch_size=4) as engine:
+        a = engine.submit([5, 6, 7], max_new_tokens=8, temperature=0.9, top_p=0.9, top_k=20, seed=3)
+        b = engine.submit([5, 6, 7], max_new_tokens=8, temperature=0.9, top_p=0.9, top_k=20, seed=3)
+        c = engine.submit([9, 9, 9, 9], max_new_tokens=8, temperature=0.9, seed=4)
+        engine.run()
+    assert a.output_ids == b.output_ids and len(c.output_ids) >= 1
+
+
+def test_streaming_yields_tokens_as_they_come(served):
+    model, offloaded = served
+    with ef.Engine(offloaded, max_batch_size=2) as engine:
+        request = engine.submit([11, 12, 13], max_new_tokens=6)
+        other = engine.submit([14], max_new_tokens=6)
+        streamed = list(engine.stream(request))
+        engine.run()
+    assert streamed == request.output_ids == alone(model, [11, 12, 13], 6)
+    assert other.done
+
+
+def test_bench_scheduler_on_the_bundled_model(capsys):
+    """The floor: with 64 requests in batches of 8, the scheduler's batches activate at least 20% fewer
+    (layer, expert) pairs than first-come batches."""
+    assert main(["bench-scheduler", "--num-requests", "64", "--batch-size", "8", "--max-new-tokens", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for name in ("fifo", "expertflow"):
+        assert {"activated_pairs_per_batch", "bytes_per_token", "tokens_per_s", "schedule_ms"} <= set(result[name])
+    assert result["expertflow"]["activated_pairs_per_batch"] <= 0.8 * result["fifo"]["activated_pairs_per_batch"]
+    assert result["expertflow"]["bytes_per_token"] < result["fifo"]["bytes_per_token"]
+    assert result["config"]["predictor"].endswith("tiny-mixtral-predictor.safetensors")
+    assert BUNDLED_MODEL.exists()
