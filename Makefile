@@ -12,7 +12,7 @@ $(VENV)/.deps-installed: pyproject.toml Makefile
 	# torch: the pinned CPU wheel where torch is missing (an unpinned torch pulls a multi-GB CUDA build).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q numpy pybind11 tqdm pytest hypothesis ninja cmake setuptools wheel \
-		'transformers>=5.17,<6' safetensors tokenizers accelerate matplotlib ruff mypy
+		'transformers>=5.17,<6' safetensors tokenizers accelerate matplotlib ruff mypy fastapi uvicorn openai
 	touch $@
 
 install: $(VENV)/.deps-installed

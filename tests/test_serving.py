@@ -168,3 +168,25 @@ def test_bench_scheduler_on_the_bundled_model(capsys):
     assert result["expertflow"]["bytes_per_token"] < result["fifo"]["bytes_per_token"]
     assert result["config"]["predictor"].endswith("tiny-mixtral-predictor.safetensors")
     assert BUNDLED_MODEL.exists()
+
+
+def test_scheduler_forecasts_leave_the_policy_steps_alone():
+    """Under the expertflow policy with a trained predictor, the scheduler's own forecasts (a lookup of
+    the input embeddings) must not count as forward passes: tokens equal each request generated alone."""
+    from expertflow.cli import BUNDLED_PREDICTOR
+
+    model = ef.from_pretrained(BUNDLED_MODEL, policy="expertflow", predictor=BUNDLED_PREDICTOR, dtype="float32",
+                               expert_slots="50%", progress=False)
+    try:
+        prompts = [[100 + 7 * i, 200 + i, 300] for i in range(6)]
+        with ef.Engine(model, max_batch_size=2) as engine:
+            assert engine.predictor is not None
+            requests = [engine.submit(p, max_new_tokens=6) for p in prompts]
+            steps = model.expertflow.steps
+            engine.run()
+            assert engine.stats["rounds"] > 0
+            assert model.expertflow.steps - steps == engine.stats["steps"]  # one policy step per forward pass
+        for prompt, request in zip(prompts, requests):
+            assert request.output_ids == alone(model, prompt, 6)
+    finally:
+        model.expertflow.close()

@@ -361,6 +361,18 @@ def cmd_bench_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    if _tokenizer(args.model) is None:
+        raise ValueError(f"{args.model} has no tokenizer; the server reads and writes text")
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch_size=args.max_batch_size,
+          schedule=args.schedule, max_queue=args.max_queue, gpu_memory=args.gpu_memory, policy=args.policy,
+          dtype=args.dtype, expert_slots=args.expert_slots, progress=False,
+          predictor=BUNDLED_PREDICTOR if args.policy == "expertflow" and Path(args.model).resolve() == BUNDLED_MODEL else None)
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(BUNDLED_MODEL), help="checkpoint folder (default: the bundled tiny Mixtral)")
     p.add_argument("--gpu-memory", default="12GiB", type=SIZE, help="device memory ExpertFlow may use, e.g. 12GiB")
@@ -490,6 +502,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (completions, chat, streaming, /metrics)")
+    p.add_argument("--model", default=str(BUNDLED_MODEL))
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=_int_at_least(0), default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--gpu-memory", default="12GiB", type=SIZE)
+    p.add_argument("--expert-slots", default=None, type=SLOTS)
+    p.add_argument("--dtype", default=None, type=DTYPE)
+    p.add_argument("--policy", default="expertflow")
+    p.add_argument("--max-batch-size", type=POSITIVE, default=8)
+    p.add_argument("--schedule", default="expertflow", choices=["expertflow", "fifo"])
+    p.add_argument("--max-queue", type=POSITIVE, default=256, help="requests waiting beyond the running ones")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-scheduler", help="the token scheduler against first-come batching: activated experts, bytes, tokens/s")
     p.add_argument("--model", default=str(BUNDLED_MODEL))

@@ -297,12 +297,14 @@ class Engine:
         if not running:
             return
         start = time.perf_counter()
-        if self.schedule == "fifo" or len(running) <= self.max_batch_size:
-            groups = group_fifo(len(running), self.max_batch_size)
-        else:
-            paths = self._predicted_paths(running)
-            lengths = np.array([r.length for r in running])
-            groups = group_by_paths(paths, self.num_experts, self.max_batch_size, lengths, self.length_weight)
+        groups = group_fifo(len(running), self.max_batch_size)
+        if self.schedule == "expertflow" and len(running) > self.max_batch_size:
+            try:
+                paths = self._predicted_paths(running)
+                lengths = np.array([r.length for r in running])
+                groups = group_by_paths(paths, self.num_experts, self.max_batch_size, lengths, self.length_weight)
+            except Exception:  # a failing forecast costs the grouping, not the requests
+                log.exception("the scheduler's forecast failed; this round runs in arrival order")
         self.stats["schedule_ms"] += (time.perf_counter() - start) * 1e3
         self.stats["rounds"] += 1
         self._round = deque([running[i] for i in g] for g in groups)
@@ -319,7 +321,9 @@ class Engine:
         last = torch.tensor([r.output_ids[-1] for r in running], device=self.device)
         positions = torch.tensor([r.length for r in running], device=self.device)
         with torch.no_grad():
-            embeddings = self.model.get_input_embeddings()(last).float()
+            # The table lookup, not the module: calling it would fire the offload engine's step hook.
+            table = cast(torch.Tensor, self.model.get_input_embeddings().weight)
+            embeddings = torch.nn.functional.embedding(last, table).float()
             path = path_multi_hot(torch.from_numpy(previous).to(self.device), self.num_experts)
             probs = torch.sigmoid(predictor(embeddings, positions, path))
         return probs.float().cpu().numpy()

@@ -1,0 +1,356 @@
+"""``expertflow serve``: an OpenAI-compatible HTTP server over the serving engine (FastAPI, uvicorn).
+
+Endpoints: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat
+template; a plain ``role: content`` one where the tokenizer has none), streaming (server-sent events)
+or not, and ``/metrics`` (JSON: hit ratio, bytes copied, queue length, tokens/s).
+
+One worker thread steps the engine; the event loop only validates, submits and relays tokens. A
+client that disconnects has its request cancelled. Errors take OpenAI's shape, ``{"error": {"message",
+"type", "param", "code"}}``, with the HTTP status that matches (400 bad input, 401 bad key, 404 unknown
+model, 413 body too large, 429 queue full). Binds to 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request as HttpRequest
+
+from .serving import Engine, EngineError, Request, SamplingParams
+
+__all__ = ["Server", "build_app", "serve"]
+
+log = logging.getLogger(__name__)
+
+#: A chat template for tokenizers that bring none: each message as "role: content" on its own line.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+MAX_BODY_BYTES = 1 << 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class _Stream:
+    """Relays one request's tokens from the worker thread to its handler on the event loop."""
+
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # True once the request is done
+    sent: int = 0  # output tokens relayed so far
+
+
+class Server:
+    """The engine, its worker thread and the token relays; ``close()`` stops them."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
+                 max_tokens_limit: int = 4096) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.api_key = api_key
+        self.max_tokens_limit = max_tokens_limit
+        self.started = time.time()
+        self._streams: dict[int, _Stream] = {}
+        self._cancels: list[Request] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._worker = threading.Thread(target=self._run, name="expertflow-engine", daemon=True)
+        self._worker.start()
+
+    # -- the worker thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._cancels and not self.engine.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                cancels, self._cancels = self._cancels, []
+            for request in cancels:
+                self.engine.cancel(request)
+                self._relay(request)
+            if self.engine.has_work():
+                try:
+                    for request in self.engine.step():
+                        self._relay(request)
+                except Exception:  # the engine isolates failing requests; anything else is logged, not fatal
+                    log.exception("engine step failed")
+
+    def _relay(self, request: Request) -> None:
+        stream = self._streams.get(request.id)
+        if stream is None:
+            return
+        stream.sent = len(request.output_ids)
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, request.done)
+        if request.done:
+            self._streams.pop(request.id, None)
+
+    # -- the event loop ---------------------------------------------------------------------------
+    def submit(self, ids: list[int], params: SamplingParams) -> _Stream:
+        try:
+            request = self.engine.submit(ids, params)
+        except EngineError as e:
+            status = 429 if "queue is full" in str(e) else 400
+            raise ApiError(status, str(e), "rate_limit_error" if status == 429 else "invalid_request_error") from None
+        stream = _Stream(request, asyncio.get_running_loop())
+        self._streams[request.id] = stream
+        with self._wake:
+            self._wake.notify()
+        return stream
+
+    def cancel(self, request: Request) -> None:
+        with self._wake:
+            self._cancels.append(request)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._worker.join(timeout=30)
+        self.engine.close()
+
+    def metrics(self) -> dict:
+        stats = self.engine.offload.stats()
+        s = self.engine.stats
+        elapsed = time.time() - self.started
+        return {
+            "model": self.model_name, "hit_ratio": stats["hit_ratio"], "bytes_copied": stats["bytes_copied"],
+            "queue_length": len(self.engine._waiting), "running": len(self.engine._running),
+            "tokens": s["tokens"], "tokens_per_s": s["tokens"] / elapsed if elapsed > 0 else 0.0,
+            "decode_batches": s["decode_batches"], "prefill_passes": s["prefill_passes"],
+            "activated_pairs_per_batch": s["activated_pairs"] / max(s["decode_batches"], 1),
+            "schedule": self.engine.schedule, "policy": stats["policy"], "num_slots": stats["num_slots"],
+        }
+
+
+def _params(body: dict, server: Server, default_max_tokens: int) -> tuple[SamplingParams, list[str]]:
+    """Sampling fields of an OpenAI request, checked; and its stop strings."""
+    def number(name: str, default: Any, kind: type) -> Any:
+        value = body.get(name, default)
+        if value is None:
+            return default
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ApiError(400, f"'{name}' must be an integer, got {value!r}", param=name)
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ApiError(400, f"'{name}' must be a number, got {value!r}", param=name)
+        return value
+
+    max_tokens = number("max_tokens", default_max_tokens, int)
+    if "max_completion_tokens" in body:
+        max_tokens = number("max_completion_tokens", max_tokens, int)
+    if not 1 <= max_tokens <= server.max_tokens_limit:
+        raise ApiError(400, f"'max_tokens' must be between 1 and {server.max_tokens_limit}, got {max_tokens}", param="max_tokens")
+    if number("n", 1, int) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of at most 4 non-empty strings", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ApiError(400, f"'seed' must be an integer, got {seed!r}", param="seed")
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=float(number("temperature", 1.0, float)),
+                            top_p=float(number("top_p", 1.0, float)), seed=seed)
+    try:
+        params.check()
+    except EngineError as e:
+        raise ApiError(400, str(e)) from None
+    return params, stop
+
+
+def build_app(server: Server):
+    """The FastAPI application over ``server``."""
+    app = FastAPI(title="ExpertFlow", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: HttpRequest, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: HttpRequest, e: RequestValidationError):
+        return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
+
+    @app.middleware("http")
+    async def guard(request: HttpRequest, call_next):
+        try:
+            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+                raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+            if server.api_key is not None:
+                given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                if not secrets.compare_digest(given.encode(), server.api_key.encode()):
+                    raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error",
+                                   code="invalid_api_key")
+        except ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        except ValueError:
+            return JSONResponse(ApiError(400, "invalid Content-Length").body(), status_code=400)
+        return await call_next(request)
+
+    async def body_of(request: HttpRequest) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != server.model_name:
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{server.model_name}'",
+                           param="model", code="model_not_found")
+        return body
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model",
+                                            "created": int(server.started), "owned_by": "expertflow"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return server.metrics()
+
+    @app.post("/v1/completions")
+    async def completions(request: HttpRequest):
+        body = await body_of(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = server.tokenizer(prompt)["input_ids"] if prompt else []
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt")
+        params, stop = _params(body, server, default_max_tokens=16)
+        return await respond(request, server.submit(ids, params), stop, bool(body.get("stream")), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: HttpRequest):
+        body = await body_of(request)
+        messages = body.get("messages")
+        if (not isinstance(messages, list) or not messages
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                           for m in messages)):
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects with string content",
+                           param="messages")
+        template = server.tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
+        ids = server.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)
+        params, stop = _params(body, server, default_max_tokens=256)
+        return await respond(request, server.submit(list(ids), params), stop, bool(body.get("stream")), chat=True)
+
+    async def tokens(http: HttpRequest, stream: _Stream, stop: list[str]) -> AsyncIterator[tuple[str, str | None]]:
+        """(new text, finish reason once done), cancelling the request when the client goes away or a
+        stop string appears."""
+        request, text, shown = stream.request, "", 0
+        try:
+            while True:
+                try:
+                    done = await asyncio.wait_for(stream.queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        server.cancel(request)
+                        return
+                    continue
+                text = server.tokenizer.decode(request.output_ids[: stream.sent], skip_special_tokens=True)
+                cut = min((text.find(s) for s in stop if s in text), default=-1)
+                if cut >= 0:
+                    server.cancel(request)
+                    yield text[shown:cut], "stop"
+                    return
+                # Hold back a tail that may be the start of a stop string.
+                hold = max((len(s) - 1 for s in stop), default=0)
+                upto = len(text) if done else max(shown, len(text) - hold)
+                if done:
+                    if request.finish_reason == "error":
+                        raise ApiError(500, request.error or "the request failed", "server_error")
+                    yield text[shown:], "length" if request.finish_reason == "length" else "stop"
+                    return
+                if upto > shown:
+                    yield text[shown:upto], None
+                    shown = upto
+        except asyncio.CancelledError:
+            server.cancel(request)
+            raise
+
+    async def respond(http: HttpRequest, stream: _Stream, stop: list[str], streaming: bool, chat: bool):
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        prompt_tokens = len(stream.request.prompt_ids)
+
+        def choice(text: str, reason: str | None, delta: bool) -> dict:
+            if not chat:
+                return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            key = "delta" if delta else "message"
+            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": reason}
+
+        if not streaming:
+            parts, reason = [], None
+            async for text, last in tokens(http, stream, stop):
+                parts.append(text)
+                reason = last
+            completion = len(stream.request.output_ids)
+            return {"id": rid, "object": kind, "created": created, "model": server.model_name,
+                    "choices": [choice("".join(parts), reason, delta=False)],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                              "total_tokens": prompt_tokens + completion}}
+
+        async def events():
+            chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+            try:
+                async for text, reason in tokens(http, stream, stop):
+                    if text or reason:
+                        chunk = {"id": rid, "object": chunk_kind, "created": created, "model": server.model_name,
+                                 "choices": [choice(text, reason, delta=True)]}
+                        yield f"data: {json.dumps(chunk)}\n\n"
+            except ApiError as e:
+                yield f"data: {json.dumps(e.body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch_size: int = 8, schedule: str = "expertflow", max_queue: int = 256, **load) -> None:
+    """Loads the model, starts the engine and serves until interrupted."""
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from . import from_pretrained
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = from_pretrained(model_path, **load)
+    server = Server(Engine(model, max_batch_size=max_batch_size, schedule=schedule, max_queue=max_queue), tokenizer,
+                    model_name=str(model_path).rstrip("/").split("/")[-1], api_key=api_key)
+    try:
+        uvicorn.run(build_app(server), host=host, port=port, log_level="warning")
+    finally:
+        server.close()
+        model.expertflow.close()
