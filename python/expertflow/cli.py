@@ -350,7 +350,8 @@ def cmd_bench_scheduler(args: argparse.Namespace) -> int:
         predictor = str(BUNDLED_PREDICTOR)
     result = bench_scheduler(args.model, prompts, args.num_requests, args.batch_size, args.max_new_tokens,
                              policy=args.policy, expert_slots=args.expert_slots,
-                             predictor=None if predictor == "history" else predictor, progress=not args.json)
+                             predictor=None if predictor == "history" else predictor, dtype=args.dtype,
+                             progress=not args.json)
     result["command"] = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("expertflow") else None
     if args.out:
         from .files import atomic_output
@@ -526,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     p.add_argument("--policy", default="lru", help="the offload policy both schedules run under")
     p.add_argument("--expert-slots", default="25%", type=SLOTS)
+    p.add_argument("--dtype", default=None, type=DTYPE, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--predictor", default=None,
                    help="routing-path predictor file the scheduler groups by, or 'history' (default: the bundled "
                         "model's own predictor, else history)")

@@ -63,11 +63,12 @@ def group_by_paths(
         return [np.arange(num)] if num else []
     num_groups = -(-num // batch_size)
     hot = paths.reshape(num, -1).astype(np.float32) if paths.dtype.kind == "f" else _multi_hot(paths, num_experts)
-    # Normalised Hamming distance between the pair sets, |a xor b| / |a or b| (for weights, the
-    # weighted form: 1 - sum(min) / sum(max)).
-    lower = np.minimum(hot[:, None, :], hot[None, :, :]).sum(-1)
-    upper = np.maximum(hot[:, None, :], hot[None, :, :]).sum(-1)
-    distance = np.where(upper > 0, 1.0 - lower / np.maximum(upper, 1e-12), 0.0)
+    # Normalised Hamming distance between the pair sets, |a xor b| / |a or b| = 1 - |a and b| / |a or b|;
+    # for probabilities the same with expected counts (the Tanimoto form), one matrix product.
+    shared = hot @ hot.T
+    size = np.diag(shared) if paths.dtype.kind != "f" else (hot * hot).sum(axis=1)
+    union = size[:, None] + size[None, :] - shared
+    distance = np.where(union > 0, 1.0 - shared / np.maximum(union, 1e-12), 0.0)
     if lengths is not None and length_weight > 0:
         lengths = np.asarray(lengths, dtype=np.float64)
         distance = distance + length_weight * np.abs(lengths[:, None] - lengths[None, :]) / max(lengths.max(), 1.0)
@@ -88,18 +89,63 @@ def group_by_paths(
             break
         medoids = updated
     groups = [np.flatnonzero(assignment == g) for g in range(num_groups)]
-    return sorted((g for g in groups if len(g)), key=lambda g: int(g[0]))
+    groups = _refine_by_swaps([g for g in groups if len(g)], hot)
+    return sorted((np.sort(g) for g in groups), key=lambda g: int(g[0]))
+
+
+def _refine_by_swaps(groups: list[np.ndarray], hot: np.ndarray, max_passes: int = 2) -> list[np.ndarray]:
+    """Swaps sequences between groups while a swap lowers the expected number of distinct pairs the
+    groups activate, ``sum_g sum_pair (1 - prod_{i in g} (1 - p_i,pair))`` (exact for 0/1 paths).
+
+    Medoids optimise distances to one representative; this optimises the union itself. Each pass
+    tries every pair of groups and applies the best swap between them (one array op per pair)."""
+    logs = np.log1p(-np.clip(hot, 0.0, 1.0 - 1e-6)).astype(np.float32)  # [R, D]
+    sums = [logs[g].sum(axis=0) for g in groups]  # [D] per group: log prod (1 - p)
+    # A pair of groups is tried again only once one of them has changed since it was last tried.
+    changed = [0] * len(groups)
+    tried: dict[tuple[int, int], int] = {}
+    version = 0
+
+    def cost(log_sum: np.ndarray) -> np.ndarray:
+        return log_sum.shape[-1] - np.exp(log_sum).sum(axis=-1)
+
+    costs = [float(cost(s)) for s in sums]
+
+    for _ in range(max_passes):
+        improved = False
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                if tried.get((a, b), -1) >= max(changed[a], changed[b]):
+                    continue
+                tried[(a, b)] = version
+                ga, gb = groups[a], groups[b]
+                # Swap i of a with j of b: a loses i, gains j; b the reverse. [|a|, |b|] cost changes.
+                new_a = sums[a][None, None, :] - logs[ga][:, None, :] + logs[gb][None, :, :]
+                new_b = sums[b][None, None, :] - logs[gb][None, :, :] + logs[ga][:, None, :]
+                cost_a, cost_b = cost(new_a), cost(new_b)
+                delta = cost_a + cost_b - costs[a] - costs[b]
+                i, j = np.unravel_index(int(np.argmin(delta)), delta.shape)
+                if delta[i, j] < -1e-4:
+                    sums[a], sums[b] = new_a[i, j], new_b[i, j]
+                    costs[a], costs[b] = float(cost_a[i, j]), float(cost_b[i, j])
+                    groups[a], groups[b] = ga.copy(), gb.copy()
+                    groups[a][i], groups[b][j] = gb[j], ga[i]
+                    version += 1
+                    changed[a] = changed[b] = version
+                    improved = True
+        if not improved:
+            break
+    return groups
 
 
 def _balanced_assign(cost: np.ndarray, capacity: int) -> np.ndarray:
-    """Each row to a column, at most ``capacity`` rows per column: greedily by ascending cost (a
-    sequence whose nearest medoid is full takes its next nearest)."""
+    """Each row to a column, at most ``capacity`` rows per column: rows in ascending order of their
+    nearest column's cost each take their nearest column with room."""
     num, num_groups = cost.shape
     assignment = np.full(num, -1)
     load = np.zeros(num_groups, dtype=np.int64)
-    for flat in np.argsort(cost, axis=None, kind="stable"):
-        row, col = divmod(int(flat), num_groups)
-        if assignment[row] < 0 and load[col] < capacity:
-            assignment[row] = col
-            load[col] += 1
+    for row in np.argsort(cost.min(axis=1), kind="stable"):
+        col = int(np.argmin(np.where(load < capacity, cost[row], np.inf)))
+        assignment[row] = col
+        load[col] += 1
     return assignment

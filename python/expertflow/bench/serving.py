@@ -28,6 +28,7 @@ def bench_scheduler(
     policy: str = "lru",
     expert_slots: str = "25%",
     predictor: str | Path | None = None,
+    dtype: str | None = None,
     progress: bool = True,
 ) -> dict:
     """``{schedule: {activated_pairs_per_batch, bytes_per_token, tokens_per_s, schedule_ms, ...}}``."""
@@ -41,7 +42,7 @@ def bench_scheduler(
     ids = [tokenizer(t)["input_ids"] for t in texts]
     result: dict = {}
     for schedule in SCHEDULES[::-1]:  # fifo first: the reference
-        model = from_pretrained(model_path, policy=policy, expert_slots=expert_slots, progress=False)
+        model = from_pretrained(model_path, policy=policy, expert_slots=expert_slots, dtype=dtype, progress=False)
         try:
             engine = Engine(model, max_batch_size=batch_size, schedule=schedule, max_running=num_requests,
                             max_queue=num_requests, predictor=predictor)
@@ -81,7 +82,7 @@ def bench_scheduler(
         del r["outputs"]
     result["config"] = {"model": str(model_path), "num_requests": num_requests, "batch_size": batch_size,
                         "max_new_tokens": max_new_tokens, "policy": policy, "expert_slots": expert_slots,
-                        "predictor": str(predictor) if predictor is not None else "history"}
+                        "predictor": str(predictor) if predictor is not None else "history", "dtype": dtype}
     return result
 
 
