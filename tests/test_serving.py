@@ -190,3 +190,45 @@ def test_scheduler_forecasts_leave_the_policy_steps_alone():
             assert request.output_ids == alone(model, prompt, 6)
     finally:
         model.expertflow.close()
+
+
+def test_trace_routing_gives_each_request_its_own_stretch_of_the_trace(tmp_path):
+    """bench-scheduler --arch: request r's token at position p routes as trace token offset_r + p,
+    whatever batch it runs in (checked against the trace rows, pass by pass)."""
+    import numpy as np
+
+    from expertflow.bench.harness import BenchConfig, _Model
+    from expertflow.bench.serving import RequestForcing, bench_scheduler_trace
+    from expertflow.loader import attach
+    from expertflow.runtime import get_backend
+    from expertflow.traces import read_trace, synthetic_trace, write_jsonl_trace
+
+    trace_file = tmp_path / "t.jsonl"
+    write_jsonl_trace(synthetic_trace(num_layers=4, num_experts=8, top_k=2, num_tokens=300, seed=3), trace_file)
+    tiny = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, vocab_size=101)
+    m = _Model(BenchConfig(arch="mixtral-8x7b", layers=4, routing=f"trace:{trace_file}", config_overrides=tiny,
+                           progress=False), torch.device("cpu"), get_backend("host"))
+    paths = read_trace(trace_file).to_array(4)
+    forcing = RequestForcing(paths, torch.device("cpu"))
+    forcing.attach(m.model, m.arch)
+    offload = attach(m.model, m.arch, m.pool, 16, "lru", owns_pool=False)
+    try:
+        with ef.Engine(m.model, max_batch_size=3, before_pass=forcing.before_pass) as engine:
+            requests = [engine.submit([1 + i] * (2 + i % 3), max_new_tokens=5) for i in range(7)]
+            forcing.offsets = {r.id: 37 * i for i, r in enumerate(requests)}
+            checked = 0
+            while engine.has_work():
+                for r in engine.step():
+                    position = r.length - 1  # the pass's last input token
+                    assert np.array_equal(r._path, paths[(forcing.offsets[r.id] + position) % len(paths)])
+                    checked += 1
+            assert checked == sum(len(r.output_ids) for r in requests) == 35
+    finally:
+        offload.close()
+        forcing.detach()
+        m.pool.close()
+    result = bench_scheduler_trace("mixtral-8x7b", trace_file, 12, 4, 6, prompt_len=3, layers=4, config_overrides=tiny,
+                                   progress=False)
+    assert result["fifo"]["tokens"] == result["expertflow"]["tokens"] == 12 * 6
+    assert result["config"]["num_slots"] == 8  # 25% of 4 layers x 8 experts
+    assert {"pairs_vs_fifo", "bytes_vs_fifo", "speedup_vs_fifo"} <= set(result["expertflow"])

@@ -343,15 +343,32 @@ def cmd_bench_scheduler(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output(args.out, args.force)
-    prompts = read_prompts(args.prompts)
-    _tokenizer(args.model)
-    predictor = args.predictor
-    if predictor is None and Path(args.model).resolve() == BUNDLED_MODEL:
-        predictor = str(BUNDLED_PREDICTOR)
-    result = bench_scheduler(args.model, prompts, args.num_requests, args.batch_size, args.max_new_tokens,
-                             policy=args.policy, expert_slots=args.expert_slots,
-                             predictor=None if predictor == "history" else predictor, dtype=args.dtype,
-                             progress=not args.json)
+    if args.arch is not None:
+        from .bench import SHAPES
+
+        if args.arch not in SHAPES:
+            raise ValueError(f"unknown --arch '{args.arch}'; choose from {', '.join(SHAPES)}")
+        if not args.routing.startswith("trace:") or not Path(args.routing[6:]).is_file():
+            raise ValueError("--arch models take --routing trace:FILE (an existing trace): random weights route at random")
+        if args.predictor not in (None, "history"):
+            raise ValueError("random-weight --arch models have no trained predictor; the scheduler groups by history")
+        from .bench.serving import bench_scheduler_trace
+
+        result = bench_scheduler_trace(args.arch, args.routing[6:], args.num_requests, args.batch_size,
+                                       args.max_new_tokens, prompt_len=args.prompt_len, layers=args.layers,
+                                       policy=args.policy, expert_slots=args.expert_slots, progress=not args.json)
+    else:
+        if args.routing != "live" or args.layers is not None:
+            raise ValueError("--routing and --layers apply to --arch models")
+        prompts = read_prompts(args.prompts)
+        _tokenizer(args.model)
+        predictor = args.predictor
+        if predictor is None and Path(args.model).resolve() == BUNDLED_MODEL:
+            predictor = str(BUNDLED_PREDICTOR)
+        result = bench_scheduler(args.model, prompts, args.num_requests, args.batch_size, args.max_new_tokens,
+                                 policy=args.policy, expert_slots=args.expert_slots,
+                                 predictor=None if predictor == "history" else predictor, dtype=args.dtype,
+                                 progress=not args.json)
     result["command"] = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("expertflow") else None
     if args.out:
         from .files import atomic_output
@@ -522,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(BUNDLED_MODEL))
     p.add_argument("--prompts", default=str(BUNDLED_MODEL.parent / "prompts" / "heldout.txt"),
                    help=".txt (one prompt per line) or .jsonl with a 'prompt' field; cycled to --num-requests")
+    p.add_argument("--arch", default=None, help="instead of --model: random weights at a published model's dimensions, "
+                   "routed by --routing trace:FILE (each request its own stretch of the trace)")
+    p.add_argument("--routing", default="live", help="live, or trace:FILE (--arch)")
+    p.add_argument("--layers", type=POSITIVE, default=None, help="--arch: keep the first N MoE layers")
+    p.add_argument("--prompt-len", type=POSITIVE, default=16, help="--arch: random prompt length")
     p.add_argument("--num-requests", type=POSITIVE, default=64)
     p.add_argument("--batch-size", type=POSITIVE, default=8)
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32)

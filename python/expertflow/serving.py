@@ -124,6 +124,7 @@ class Engine:
         max_queue: int = 256,
         length_weight: float = 0.0,
         predictor=None,
+        before_pass=None,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise EngineError(f"max_batch_size must be a whole number of at least 1, got {max_batch_size!r}")
@@ -155,6 +156,8 @@ class Engine:
             raise EngineError(f"the predictor forecasts {predictor.config.num_layers} layers x {predictor.config.num_experts} "
                               f"experts; this model has {engine.num_layers} x {engine.num_experts}")
         self.predictor = predictor
+        # Benchmarks hook in here: ``before_pass(batch, new_ids, past)`` sees each pass before it runs.
+        self.before_pass = before_pass
         self.device = next(model.parameters()).device
         self.num_layers = engine.num_layers
         self.num_experts = engine.num_experts
@@ -352,6 +355,8 @@ class Engine:
                 keys = torch.cat([_left_pad(r._cache[layer][0], past_width) for r in batch])
                 values = torch.cat([_left_pad(r._cache[layer][1], past_width) for r in batch])
                 cache.update(keys, values, layer)
+        if self.before_pass is not None:
+            self.before_pass(batch, new_ids, past)
         self.offload.next_step(positions[:, -1], new_sequences, self._previous_paths(batch, new_sequences))
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,

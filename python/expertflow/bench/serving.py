@@ -11,12 +11,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..scheduler import SCHEDULES
 
-__all__ = ["bench_scheduler", "format_scheduler_table"]
+__all__ = ["bench_scheduler", "bench_scheduler_trace", "format_scheduler_table", "RequestForcing"]
 
 
 def bench_scheduler(
@@ -35,55 +36,76 @@ def bench_scheduler(
     from transformers import AutoTokenizer
 
     from .. import from_pretrained
-    from ..serving import Engine
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    texts = [prompts[i % len(prompts)] for i in range(num_requests)]
-    ids = [tokenizer(t)["input_ids"] for t in texts]
+    ids = [tokenizer(prompts[i % len(prompts)])["input_ids"] for i in range(num_requests)]
     result: dict = {}
     for schedule in SCHEDULES[::-1]:  # fifo first: the reference
         model = from_pretrained(model_path, policy=policy, expert_slots=expert_slots, dtype=dtype, progress=False)
         try:
-            engine = Engine(model, max_batch_size=batch_size, schedule=schedule, max_running=num_requests,
-                            max_queue=num_requests, predictor=predictor)
-            requests = [engine.submit(p, max_new_tokens=max_new_tokens) for p in ids]
-            model.expertflow.cache.reset_stats()
-            device = next(model.parameters()).device
-            bar = tqdm(total=num_requests * max_new_tokens, desc=f"serve {schedule}", unit="tok", disable=not progress)
-            start = time.perf_counter()
-            while engine.has_work():
-                bar.update(len(engine.step()))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
-            bar.close()
-            stats = model.expertflow.stats()
-            s = engine.stats
-            result[schedule] = {
-                "activated_pairs_per_batch": s["activated_pairs"] / max(s["decode_batches"], 1),
-                "bytes_per_token": stats["bytes_copied"] / max(s["tokens"], 1),
-                "tokens_per_s": s["tokens"] / seconds,
-                "schedule_ms": s["schedule_ms"],
-                "schedule_ms_per_round": s["schedule_ms"] / max(s["rounds"], 1),
-                "tokens": s["tokens"],
-                "decode_batches": s["decode_batches"],
-                "prefill_passes": s["prefill_passes"],
-                "hit_ratio": stats["hit_ratio"],
-                "outputs": [r.output_ids for r in requests],
-            }
-            engine.close()
+            result[schedule] = _serve(model, ids, batch_size, schedule, max_new_tokens, None, 0,
+                                      next(model.parameters()).device, progress, predictor)
         finally:
             model.expertflow.close()
-    fifo, ef = result["fifo"], result["expertflow"]
-    result["expertflow"]["pairs_vs_fifo"] = ef["activated_pairs_per_batch"] / fifo["activated_pairs_per_batch"]
-    result["expertflow"]["speedup_vs_fifo"] = ef["tokens_per_s"] / fifo["tokens_per_s"]
-    result["expertflow"]["same_outputs_as_fifo"] = ef["outputs"] == fifo["outputs"]
-    for r in result.values():
-        del r["outputs"]
+    _compare(result)
     result["config"] = {"model": str(model_path), "num_requests": num_requests, "batch_size": batch_size,
                         "max_new_tokens": max_new_tokens, "policy": policy, "expert_slots": expert_slots,
                         "predictor": str(predictor) if predictor is not None else "history", "dtype": dtype}
     return result
+
+
+def _serve(model, prompts: list[list[int]], batch_size: int, schedule: str, max_new_tokens: int,
+           forcing: RequestForcing | None, spacing: int, device: torch.device, progress: bool, predictor=None) -> dict:
+    """Serves every prompt under one schedule (all submitted at once); the schedule's figures."""
+    from ..serving import Engine
+
+    engine = Engine(model, max_batch_size=batch_size, schedule=schedule, max_running=len(prompts),
+                    max_queue=len(prompts), predictor=predictor,
+                    before_pass=forcing.before_pass if forcing is not None else None)
+    requests = [engine.submit(p, max_new_tokens=max_new_tokens) for p in prompts]
+    if forcing is not None:
+        forcing.offsets = {r.id: i * spacing for i, r in enumerate(requests)}
+    model.expertflow.cache.reset_stats()
+    bar = tqdm(total=len(prompts) * max_new_tokens, desc=f"serve {schedule}", unit="tok", disable=not progress)
+    _sync(device)
+    start = time.perf_counter()
+    while engine.has_work():
+        bar.update(len(engine.step()))
+    _sync(device)
+    seconds = time.perf_counter() - start
+    bar.close()
+    stats = model.expertflow.stats()
+    s = engine.stats
+    engine.close()
+    return {
+        "activated_pairs_per_batch": s["activated_pairs"] / max(s["decode_batches"], 1),
+        "bytes_per_token": stats["bytes_copied"] / max(s["tokens"], 1),
+        "tokens_per_s": s["tokens"] / seconds,
+        "schedule_ms": s["schedule_ms"],
+        "schedule_ms_per_round": s["schedule_ms"] / max(s["rounds"], 1),
+        "tokens": s["tokens"],
+        "decode_batches": s["decode_batches"],
+        "prefill_passes": s["prefill_passes"],
+        "hit_ratio": stats["hit_ratio"],
+        "stall_ms": stats["stall_ms"],
+        "seconds": seconds,
+        "outputs": [r.output_ids for r in requests],
+    }
+
+
+def _compare(result: dict) -> None:
+    fifo, ef = result["fifo"], result["expertflow"]
+    ef["pairs_vs_fifo"] = ef["activated_pairs_per_batch"] / fifo["activated_pairs_per_batch"]
+    ef["bytes_vs_fifo"] = ef["bytes_per_token"] / max(fifo["bytes_per_token"], 1e-9)
+    ef["speedup_vs_fifo"] = ef["tokens_per_s"] / fifo["tokens_per_s"]
+    ef["same_outputs_as_fifo"] = ef["outputs"] == fifo["outputs"]
+    for name in ("fifo", "expertflow"):
+        del result[name]["outputs"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def format_scheduler_table(result: dict) -> str:
@@ -97,3 +119,102 @@ def format_scheduler_table(result: dict) -> str:
     ef = result["expertflow"]
     lines.append(f"expertflow vs fifo: {ef['pairs_vs_fifo']:.2f}x activated pairs per batch, {ef['speedup_vs_fifo']:.2f}x tokens/s")
     return "\n".join(lines)
+
+
+class RequestForcing:
+    """Routes each request as a trace sequence does: request ``r`` takes the trace's tokens from
+    ``offsets[r.id]`` on (its prompt first, then one per generated token), whichever batch it is in.
+    Router hooks swap each pass's expert indices for the table :meth:`before_pass` uploads (once per
+    pass); left-padding rows repeat their sequence's first token."""
+
+    def __init__(self, paths: np.ndarray, device: torch.device) -> None:
+        self.paths = paths  # [N, L, k]
+        self.device = device
+        self.offsets: dict[int, int] = {}
+        self.table: torch.Tensor | None = None
+        self._handles: list = []
+
+    def attach(self, model: torch.nn.Module, arch) -> None:
+        from .harness import _routers
+
+        for layer, router in enumerate(_routers(model, arch)):
+            self._handles.append(router.register_forward_hook(self._hook(layer)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def before_pass(self, batch, new_ids: list[list[int]], past: list[int]) -> None:
+        width = max(len(n) for n in new_ids)
+        rows = []
+        for r, ids, p in zip(batch, new_ids, past):
+            tokens = self.offsets[r.id] + p + np.arange(len(ids))
+            tokens = np.concatenate([np.full(width - len(ids), tokens[0]), tokens])
+            rows.append(self.paths[tokens % len(self.paths)])
+        self.table = torch.from_numpy(np.concatenate(rows)).to(self.device)  # [B * width, L, k]
+
+    def _hook(self, layer: int):
+        def hook(module, inputs, output):
+            logits, weights, indices = output
+            if self.table is None or self.table.shape[0] != indices.shape[0]:
+                raise ValueError("the forced routing does not match the pass; call before_pass first")
+            return logits, weights, self.table[:, layer].to(indices.dtype)
+
+        return hook
+
+
+def bench_scheduler_trace(
+    arch: str,
+    trace_path: str | Path,
+    num_requests: int,
+    batch_size: int,
+    max_new_tokens: int = 32,
+    prompt_len: int = 16,
+    layers: int | None = None,
+    policy: str = "lru",
+    expert_slots: str = "25%",
+    config_overrides: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """The same comparison on random weights at a published model's dimensions, each request routed
+    as a sequence of a real routing trace (its own stretch of it). The scheduler groups by each
+    sequence's previous path (no trained predictor exists for random weights)."""
+    from ..loader import attach
+    from ..runtime import get_backend
+    from ..traces import read_trace
+    from ..units import parse_slots
+    from .harness import BenchConfig, _Model
+
+    cfg = BenchConfig(arch=arch, layers=layers, routing=f"trace:{trace_path}", config_overrides=config_overrides,
+                      progress=progress)
+    backend = get_backend()
+    device = torch.device("cuda" if backend.is_gpu else "cpu")
+    m = _Model(cfg, device, backend)
+    paths = read_trace(trace_path).to_array(m.num_layers)
+    num_slots = min(parse_slots(expert_slots, "slots").count(m.num_layers * m.num_experts), m.num_layers * m.num_experts)
+    vocab = int(m.model.config.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=generator).tolist() for _ in range(num_requests)]
+    spacing = max(len(paths) // num_requests, 1)
+    expert_bytes, num_layers = m.expert_bytes, m.num_layers
+    forcing = RequestForcing(paths, device)
+    forcing.attach(m.model, m.arch)
+    result: dict = {}
+    try:
+        for schedule in SCHEDULES[::-1]:
+            offload = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False)
+            try:
+                result[schedule] = _serve(m.model, prompts, batch_size, schedule, max_new_tokens, forcing, spacing,
+                                          device, progress)
+            finally:
+                offload.close()
+    finally:
+        forcing.detach()
+        m.pool.close()
+    _compare(result)
+    result["config"] = {"arch": arch, "layers": num_layers, "trace": str(trace_path), "num_requests": num_requests,
+                        "batch_size": batch_size, "max_new_tokens": max_new_tokens, "prompt_len": prompt_len,
+                        "policy": policy, "expert_slots": expert_slots, "num_slots": num_slots,
+                        "expert_bytes": expert_bytes, "device": str(device), "predictor": "history"}
+    return result
