@@ -74,6 +74,9 @@ class Server:
         self.max_tokens_limit = max_tokens_limit
         self.started = time.time()
         self._streams: dict[int, _Stream] = {}
+        # Held while a request is submitted and registered, and while the worker relays: a request the
+        # worker finishes at once (one token) is never relayed before its stream exists.
+        self._streams_lock = threading.Lock()
         self._cancels: list[Request] = []
         self._wake = threading.Condition()
         self._stopping = False
@@ -100,23 +103,25 @@ class Server:
                     log.exception("engine step failed")
 
     def _relay(self, request: Request) -> None:
-        stream = self._streams.get(request.id)
-        if stream is None:
-            return
-        stream.sent = len(request.output_ids)
+        with self._streams_lock:
+            stream = self._streams.get(request.id)
+            if stream is None:
+                return
+            stream.sent = len(request.output_ids)
+            if request.done:
+                self._streams.pop(request.id, None)
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, request.done)
-        if request.done:
-            self._streams.pop(request.id, None)
 
     # -- the event loop ---------------------------------------------------------------------------
     def submit(self, ids: list[int], params: SamplingParams) -> _Stream:
-        try:
-            request = self.engine.submit(ids, params)
-        except EngineError as e:
-            status = 429 if "queue is full" in str(e) else 400
-            raise ApiError(status, str(e), "rate_limit_error" if status == 429 else "invalid_request_error") from None
-        stream = _Stream(request, asyncio.get_running_loop())
-        self._streams[request.id] = stream
+        loop = asyncio.get_running_loop()
+        with self._streams_lock:
+            try:
+                request = self.engine.submit(ids, params)
+            except EngineError as e:
+                status = 429 if "queue is full" in str(e) else 400
+                raise ApiError(status, str(e), "rate_limit_error" if status == 429 else "invalid_request_error") from None
+            stream = self._streams[request.id] = _Stream(request, loop)
         with self._wake:
             self._wake.notify()
         return stream
@@ -127,11 +132,19 @@ class Server:
             self._wake.notify()
 
     def close(self) -> None:
+        """Stops the worker, fails what is left and tells every open stream so."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._worker.join(timeout=30)
+        self._worker.join(timeout=60)
+        if self._worker.is_alive():  # a pass still running: closing the engine under it would race
+            log.warning("the engine worker did not stop within 60 s; leaving the engine open")
+            return
         self.engine.close()
+        with self._streams_lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            self._relay(stream.request)
 
     def metrics(self) -> dict:
         stats = self.engine.offload.stats()
@@ -172,15 +185,31 @@ def _params(body: dict, server: Server, default_max_tokens: int) -> tuple[Sampli
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of at most 4 non-empty strings", param="stop")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, f"'seed' must be an integer, got {seed!r}", param="seed")
-    params = SamplingParams(max_new_tokens=max_tokens, temperature=float(number("temperature", 1.0, float)),
-                            top_p=float(number("top_p", 1.0, float)), seed=seed)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ApiError(400, f"'seed' must be an integer from 0 to 2**63 - 1, got {seed!r}", param="seed")
+    temperature, top_p = number("temperature", 1.0, float), number("top_p", 1.0, float)
+    if not 0 <= temperature <= 2:  # OpenAI's range
+        raise ApiError(400, f"'temperature' must be between 0 and 2, got {temperature!r}", param="temperature")
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p!r}", param="top_p")
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed)
     try:
         params.check()
     except EngineError as e:
         raise ApiError(400, str(e)) from None
     return params, stop
+
+
+def _message(m: Any) -> dict | None:
+    """A chat message as {role, content: str}; content given as text parts is joined. None if malformed."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        return None
+    content = m.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            return None
+        content = "".join(p["text"] for p in content)
+    return {"role": m["role"], "content": content} if isinstance(content, str) else None
 
 
 def build_app(server: Server):
@@ -212,12 +241,19 @@ def build_app(server: Server):
         return await call_next(request)
 
     async def body_of(request: HttpRequest) -> dict:
+        raw = bytearray()
+        async for chunk in request.stream():  # counted as it comes: a chunked body has no Content-Length
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(bytes(raw))
         except ValueError:
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        if not isinstance(body.get("stream", False), bool):
+            raise ApiError(400, "'stream' must be true or false", param="stream")
         model = body.get("model")
         if model is not None and model != server.model_name:
             raise ApiError(404, f"the model '{model}' does not exist; this server serves '{server.model_name}'",
@@ -251,15 +287,16 @@ def build_app(server: Server):
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
         body = await body_of(request)
-        messages = body.get("messages")
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                           for m in messages)):
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects with string content",
-                           param="messages")
+        messages = [_message(m) for m in body.get("messages") or [None]] if isinstance(body.get("messages"), list) else None
+        if not messages or any(m is None for m in messages):
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects whose content is text "
+                                "(a string or a list of text parts)", param="messages")
         template = server.tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
-        ids = server.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False)
+        try:
+            ids = server.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                       tokenize=True, return_dict=False)
+        except Exception as e:  # jinja's TemplateError, or the template's own raise_exception
+            raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
         params, stop = _params(body, server, default_max_tokens=256)
         return await respond(request, server.submit(list(ids), params), stop, bool(body.get("stream")), chat=True)
 
@@ -267,16 +304,24 @@ def build_app(server: Server):
         """(new text, finish reason once done), cancelling the request when the client goes away or a
         stop string appears."""
         request, text, shown = stream.request, "", 0
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     done = await asyncio.wait_for(stream.queue.get(), timeout=1.0)
                 except asyncio.TimeoutError:
+                    done = None
+                if done is None or time.monotonic() - checked > 1.0:  # while tokens flow too
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         server.cancel(request)
                         return
-                    continue
+                    if done is None:
+                        continue
                 text = server.tokenizer.decode(request.output_ids[: stream.sent], skip_special_tokens=True)
+                if not done:
+                    # An unfinished multi-byte character decodes as U+FFFD until its last token comes.
+                    text = text.rstrip("\ufffd")
                 cut = min((text.find(s) for s in stop if s in text), default=-1)
                 if cut >= 0:
                     server.cancel(request)
@@ -303,11 +348,14 @@ def build_app(server: Server):
         kind = "chat.completion" if chat else "text_completion"
         prompt_tokens = len(stream.request.prompt_ids)
 
-        def choice(text: str, reason: str | None, delta: bool) -> dict:
+        def choice(text: str, reason: str | None, delta: bool, first: bool = True) -> dict:
             if not chat:
                 return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-            key = "delta" if delta else "message"
-            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": reason}
+            if not delta:
+                return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            # As OpenAI streams it: the role in the first chunk only, content while there is some.
+            part = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
+            return {"index": 0, "delta": part, "finish_reason": reason}
 
         if not streaming:
             parts, reason = [], None
@@ -322,11 +370,13 @@ def build_app(server: Server):
 
         async def events():
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+            first = True
             try:
                 async for text, reason in tokens(http, stream, stop):
                     if text or reason:
                         chunk = {"id": rid, "object": chunk_kind, "created": created, "model": server.model_name,
-                                 "choices": [choice(text, reason, delta=True)]}
+                                 "choices": [choice(text, reason, delta=True, first=first)]}
+                        first = False
                         yield f"data: {json.dumps(chunk)}\n\n"
             except ApiError as e:
                 yield f"data: {json.dumps(e.body())}\n\n"

@@ -418,8 +418,13 @@ class Engine:
         self._emit(batch, logits)
 
     def _emit(self, batch: list[Request], logits: torch.Tensor) -> None:
-        tokens = [self._sample(r, logits[i]) for i, r in enumerate(batch)]
-        for r, token in zip(batch, tokens):
+        for i, r in enumerate(batch):
+            try:
+                token = self._sample(r, logits[i])
+            except Exception as e:  # a request whose sampling fails ends alone
+                log.warning("request %d failed in sampling: %s", r.id, e)
+                self._finish(r, "error", f"sampling failed: {e}")
+                continue
             r.output_ids.append(token)
             self.stats["tokens"] += 1
             if token in self.eos_token_ids or token in r.params.stop_token_ids:
@@ -431,7 +436,7 @@ class Engine:
         p = request.params
         if p.temperature == 0:
             return int(logits.argmax())
-        logits = logits / p.temperature
+        logits = (logits - logits.max()) / p.temperature  # shifted first: a tiny temperature gives 0 and -inf, never NaN
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
