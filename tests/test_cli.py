@@ -260,3 +260,17 @@ def test_bench_slot_counts_beyond_100_and_trace_routing_with_defaults(tmp_path, 
     assert main(["synth-trace", "--out", str(trace), "--layers", "8", "--experts", "16", "--tokens", "12"]) == 0
     out = run_json(capsys, "bench", "--routing", f"trace:{trace}", "--policies", "lru,expertflow", "--new-tokens", "3", "--json")
     assert {row["policy"] for row in out["rows"]} >= {"lru", "expertflow"}
+
+
+def test_serve_and_bench_scheduler_arguments(tmp_path, capsys):
+    import shutil
+
+    assert exit_code(["serve", "--port", "70000"]) == 2
+    assert "70000 is not a port (0 to 65535)" in capsys.readouterr().err
+    model = tmp_path / "no-tokenizer"
+    shutil.copytree(BUNDLED_MODEL, model)
+    (model / "tokenizer.json").unlink()
+    assert exit_code(["bench-scheduler", "--model", str(model)]) == 2
+    assert "has no tokenizer; bench-scheduler reads text prompts" in capsys.readouterr().err
+    out = run_json(capsys, "bench-scheduler", "--num-requests", "2", "--max-new-tokens", "2", "--json")
+    assert out["fifo"]["tokens"] == out["expertflow"]["tokens"] == 4

@@ -174,3 +174,13 @@ def test_close_tells_open_streams():
         assert asyncio.run(scenario()) == ["error"] * 3
     finally:
         model.expertflow.close()
+
+
+def test_unknown_paths_and_methods_and_untokenizable_prompts(served):
+    _, client, _ = served
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405)):
+        reply = client.request(method, path)
+        assert reply.status_code == status and "message" in reply.json()["error"]
+    reply = client.post("/v1/completions", content=b'{"prompt": "a\\ud800b", "max_tokens": 2}',
+                        headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "cannot be tokenized" in reply.json()["error"]["message"]

@@ -232,3 +232,27 @@ def test_trace_routing_gives_each_request_its_own_stretch_of_the_trace(tmp_path)
     assert result["fifo"]["tokens"] == result["expertflow"]["tokens"] == 12 * 6
     assert result["config"]["num_slots"] == 8  # 25% of 4 layers x 8 experts
     assert {"pairs_vs_fifo", "bytes_vs_fifo", "speedup_vs_fifo"} <= set(result["expertflow"])
+
+
+def test_requests_are_checked_at_submit_and_belong_to_their_engine(served):
+    import numpy as np
+
+    _, offloaded = served
+    engine, other = ef.Engine(offloaded, max_batch_size=2), ef.Engine(offloaded, max_batch_size=2)
+    for prompt in ([1.7, 2.9], ["5", "6"], [True, False], None, [[1, 2]], np.array([[1, 2]]), torch.tensor([1.5])):
+        with pytest.raises(ef.EngineError, match="prompt"):
+            engine.submit(prompt, max_new_tokens=2)
+    assert engine.submit(np.array([5, 6]), max_new_tokens=1).prompt_ids == [5, 6]
+    for kwargs, message in (({"stop_token_ids": None}, "stop_token_ids must be a sequence"),
+                            ({"seed": 2**70}, "seed must be a whole number"), ({"temperature": "1"}, "temperature"),
+                            ({"max_new_tokens": True}, "max_new_tokens"), ({"colour": 3}, "unknown sampling field")):
+        with pytest.raises(ef.EngineError, match=message):
+            engine.submit([5], **kwargs)
+    with pytest.raises(ef.EngineError, match="max_queue must be a whole number of at least 1"):
+        ef.Engine(offloaded, max_queue=0)
+    request = engine.submit([5, 6, 7], max_new_tokens=3)
+    for use in (lambda: list(other.stream(request)), lambda: other.cancel(request)):
+        with pytest.raises(ef.EngineError, match="was submitted to another engine"):
+            use()
+    engine.run()
+    assert request.done and not other.has_work()

@@ -76,9 +76,17 @@ def _size(text: str) -> str:
     return text
 
 
+def _port_number(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value > 65535:
+        raise ValueError(f"{value} is not a port (0 to 65535)")
+    return value
+
+
 POSITIVE = _int_at_least(1)
 NON_NEGATIVE = _int_at_least(0)
 SLOTS, DTYPE, SIZE = _checked(_slots, "slots"), _checked(_dtype, "dtype"), _checked(_size, "size")
+_port = _checked(_port_number, "port")
 
 
 def _split(text: str, option: str | None = None) -> list[str]:
@@ -361,7 +369,8 @@ def cmd_bench_scheduler(args: argparse.Namespace) -> int:
         if args.routing != "live" or args.layers is not None:
             raise ValueError("--routing and --layers apply to --arch models")
         prompts = read_prompts(args.prompts)
-        _tokenizer(args.model)
+        if _tokenizer(args.model) is None:
+            raise ValueError(f"{args.model} has no tokenizer; bench-scheduler reads text prompts")
         predictor = args.predictor
         if predictor is None and Path(args.model).resolve() == BUNDLED_MODEL:
             predictor = str(BUNDLED_PREDICTOR)
@@ -524,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible server (completions, chat, streaming, /metrics)")
     p.add_argument("--model", default=str(BUNDLED_MODEL))
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=_int_at_least(0), default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="0: any free port")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--gpu-memory", default="12GiB", type=SIZE)
     p.add_argument("--expert-slots", default=None, type=SLOTS)

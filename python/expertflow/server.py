@@ -23,9 +23,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
 from .serving import Engine, EngineError, Request, SamplingParams
@@ -214,7 +215,23 @@ def _message(m: Any) -> dict | None:
 
 def build_app(server: Server):
     """The FastAPI application over ``server``."""
-    app = FastAPI(title="ExpertFlow", docs_url=None, redoc_url=None)
+    async def guard(request: HttpRequest) -> None:
+        # A dependency of every route, not an HTTP middleware: Starlette's middleware wrapper hides a
+        # client's disconnect from the handler.
+        try:
+            length = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            raise ApiError(400, "invalid Content-Length") from None
+        if length > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+        if server.api_key is not None:
+            header = request.headers.get("authorization", "")
+            given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
+            if not secrets.compare_digest(given.encode(), server.api_key.encode()):
+                raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error",
+                               code="invalid_api_key")
+
+    app = FastAPI(title="ExpertFlow", docs_url=None, redoc_url=None, dependencies=[Depends(guard)])
 
     @app.exception_handler(ApiError)
     async def api_error(_: HttpRequest, e: ApiError):
@@ -224,21 +241,9 @@ def build_app(server: Server):
     async def validation_error(_: HttpRequest, e: RequestValidationError):
         return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        try:
-            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
-            if server.api_key is not None:
-                given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-                if not secrets.compare_digest(given.encode(), server.api_key.encode()):
-                    raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error",
-                                   code="invalid_api_key")
-        except ApiError as e:
-            return JSONResponse(e.body(), status_code=e.status)
-        except ValueError:
-            return JSONResponse(ApiError(400, "invalid Content-Length").body(), status_code=400)
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: HttpRequest, e: StarletteHTTPException):
+        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
     async def body_of(request: HttpRequest) -> dict:
         raw = bytearray()
@@ -276,7 +281,10 @@ def build_app(server: Server):
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = server.tokenizer(prompt)["input_ids"] if prompt else []
+            try:
+                ids = server.tokenizer(prompt)["input_ids"] if prompt else []
+            except Exception:  # e.g. a lone UTF-16 surrogate, which no tokenizer encodes
+                raise ApiError(400, "'prompt' cannot be tokenized (is it valid Unicode?)", param="prompt") from None
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
         else:

@@ -64,14 +64,24 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
 
     def check(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        def whole(value: object) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        def number(value: object) -> bool:
+            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+        if not whole(self.max_new_tokens) or self.max_new_tokens < 1:
             raise EngineError(f"max_new_tokens must be a whole number of at least 1, got {self.max_new_tokens!r}")
-        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+        if not number(self.temperature) or not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise EngineError(f"temperature must be finite and >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
             raise EngineError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not whole(self.top_k) or self.top_k < 0:
             raise EngineError(f"top_k must be a whole number >= 0, got {self.top_k!r}")
+        if self.seed is not None and (not whole(self.seed) or not 0 <= self.seed < 2**63):
+            raise EngineError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
+        if not isinstance(self.stop_token_ids, (tuple, list)) or not all(whole(t) for t in self.stop_token_ids):
+            raise EngineError(f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}")
 
 
 @dataclass
@@ -92,6 +102,7 @@ class Request:
     _path: np.ndarray | None = field(default=None, repr=False)
     _generator: torch.Generator | None = field(default=None, repr=False)
     _event: threading.Event = field(default_factory=threading.Event, repr=False)
+    _engine: object = field(default=None, repr=False)  # the engine it was submitted to
 
     @property
     def done(self) -> bool:
@@ -143,6 +154,10 @@ class Engine:
         self.max_running = max_running if max_running is not None else 4 * max_batch_size
         if self.max_running < max_batch_size:
             raise EngineError(f"max_running ({self.max_running}) must be at least max_batch_size ({max_batch_size})")
+        if not isinstance(max_queue, int) or max_queue < 1:
+            raise EngineError(f"max_queue must be a whole number of at least 1, got {max_queue!r}")
+        if not (length_weight >= 0 and np.isfinite(length_weight)):
+            raise EngineError(f"length_weight must be finite and >= 0, got {length_weight!r}")
         self.max_queue = max_queue
         self.length_weight = length_weight
         if isinstance(predictor, (str, Path)):
@@ -183,12 +198,22 @@ class Engine:
         ``params``. Raises :class:`EngineError` for bad input, an over-long request or a full queue."""
         if self._closed:
             raise EngineError("the engine is closed; create a new one")
-        params = params if params is not None else SamplingParams(**sampling)
+        try:
+            params = params if params is not None else SamplingParams(**sampling)
+        except TypeError as e:
+            raise EngineError(f"unknown sampling field: {e}") from None
         params.check()
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise EngineError("a text prompt needs tokenizer=; or pass token ids")
             prompt = tokenizer(prompt)["input_ids"]
+        if isinstance(prompt, (np.ndarray, torch.Tensor)):
+            if prompt.ndim != 1 or (prompt.dtype.is_floating_point if isinstance(prompt, torch.Tensor) else prompt.dtype.kind != "i"):
+                raise EngineError(f"a prompt tensor must be 1-D token ids of an integer dtype, got {tuple(prompt.shape)} {prompt.dtype}")
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            raise EngineError("a prompt is text (with tokenizer=) or a list of integer token ids")
         ids = [int(t) for t in prompt]
         if not ids:
             raise EngineError("the prompt is empty")
@@ -201,14 +226,19 @@ class Engine:
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise EngineError(f"the queue is full ({self.max_queue} requests waiting); retry later")
-            request = Request(next(self._ids), ids, params)
+            request = Request(next(self._ids), ids, params, _engine=self)
             if params.seed is not None:
                 request._generator = torch.Generator(device=self.device).manual_seed(params.seed)
             self._waiting.append(request)
         return request
 
+    def _own(self, request: Request) -> None:
+        if request._engine is not self:
+            raise EngineError(f"request {request.id} was submitted to another engine")
+
     def cancel(self, request: Request) -> None:
         """Stops a request (a client that went away) and frees its cache."""
+        self._own(request)
         with self._lock:
             if request in self._waiting:
                 self._waiting.remove(request)
@@ -258,6 +288,7 @@ class Engine:
 
     def stream(self, request: Request) -> Iterator[int]:
         """The request's new tokens as they come, stepping the engine (single-threaded use)."""
+        self._own(request)
         sent = 0
         while True:
             while sent < len(request.output_ids):

@@ -59,7 +59,7 @@ def _serve(model, prompts: list[list[int]], batch_size: int, schedule: str, max_
     """Serves every prompt under one schedule (all submitted at once); the schedule's figures."""
     from ..serving import Engine
 
-    engine = Engine(model, max_batch_size=batch_size, schedule=schedule, max_running=len(prompts),
+    engine = Engine(model, max_batch_size=batch_size, schedule=schedule, max_running=max(len(prompts), batch_size),
                     max_queue=len(prompts), predictor=predictor,
                     before_pass=forcing.before_pass if forcing is not None else None)
     requests = [engine.submit(p, max_new_tokens=max_new_tokens) for p in prompts]
