@@ -407,6 +407,8 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     model = from_pretrained(model_path, **load)
     server = Server(Engine(model, max_batch_size=max_batch_size, schedule=schedule, max_queue=max_queue), tokenizer,
                     model_name=str(model_path).rstrip("/").split("/")[-1], api_key=api_key)
+    log.info("serving %s on http://%s:%d/v1 (%s schedule, batches of %d)%s", server.model_name, host, port, schedule,
+             max_batch_size, "" if api_key is None else ", API key required")
     try:
         uvicorn.run(build_app(server), host=host, port=port, log_level="warning")
     finally:
