@@ -95,13 +95,11 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
-    submitted_at: float = field(default_factory=time.perf_counter)
     # Engine state: the KV cache (per layer, keys and values [1, H, n, D]), the last token's routing
     # path [L, k], the sampler's generator.
     _cache: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     _path: np.ndarray | None = field(default=None, repr=False)
     _generator: torch.Generator | None = field(default=None, repr=False)
-    _event: threading.Event = field(default_factory=threading.Event, repr=False)
     _engine: object = field(default=None, repr=False)  # the engine it was submitted to
 
     @property
@@ -268,7 +266,7 @@ class Engine:
                     joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             if joining:
                 self._prefilled = True
-                self._prefill(joining)
+                self._pass(joining, new_sequences=True)
                 self.stats["steps"] += 1
                 return joining
             self._prefilled = False
@@ -277,7 +275,7 @@ class Engine:
             return []
         batch = [r for r in self._round.popleft() if not r.done]
         if batch:
-            self._decode(batch)
+            self._pass(batch, new_sequences=False)
             self.stats["steps"] += 1
         return batch
 
@@ -418,34 +416,27 @@ class Engine:
         for i, r in enumerate(batch):
             r._path = routed[:, i]
 
-    def _prefill(self, batch: list[Request]) -> None:
+    def _pass(self, batch: list[Request], new_sequences: bool) -> None:
+        """One prefill or decode pass. A pass that fails is retried a request at a time, so only the
+        request that fails ends (with an error saying why)."""
+        new_ids = [r.prompt_ids if new_sequences else [r.output_ids[-1]] for r in batch]
         try:
-            logits = self._forward(batch, [r.prompt_ids for r in batch], new_sequences=True)
-        except Exception as e:  # a failing request fails alone: the batch is retried one by one
-            if len(batch) > 1:
-                for r in batch:
-                    self._prefill([r])
-                return
-            log.warning("request %d failed in prefill: %s", batch[0].id, e)
-            self._finish(batch[0], "error", f"prefill failed: {e}")
-            return
-        self.stats["prefill_passes"] += 1
-        self._running.extend(batch)
-        self._emit(batch, logits)
-
-    def _decode(self, batch: list[Request]) -> None:
-        try:
-            logits = self._forward(batch, [[r.output_ids[-1]] for r in batch], new_sequences=False)
+            logits = self._forward(batch, new_ids, new_sequences)
         except Exception as e:
             if len(batch) > 1:
                 for r in batch:
-                    self._decode([r])
+                    self._pass([r], new_sequences)
                 return
-            log.warning("request %d failed in decode: %s", batch[0].id, e)
-            self._finish(batch[0], "error", f"decode failed: {e}")
+            stage = "prefill" if new_sequences else "decode"
+            log.warning("request %d failed in %s: %s", batch[0].id, stage, e)
+            self._finish(batch[0], "error", f"{stage} failed: {e}")
             return
-        self.stats["decode_batches"] += 1
-        self.stats["activated_pairs"] += activated_pairs(np.stack([r._path for r in batch]), self.num_experts)  # type: ignore[misc]
+        if new_sequences:
+            self.stats["prefill_passes"] += 1
+            self._running.extend(batch)
+        else:
+            self.stats["decode_batches"] += 1
+            self.stats["activated_pairs"] += activated_pairs(np.stack([r._path for r in batch]), self.num_experts)  # type: ignore[misc]
         self._emit(batch, logits)
 
     def _emit(self, batch: list[Request], logits: torch.Tensor) -> None:
@@ -485,7 +476,6 @@ class Engine:
         request._cache = []
         if request in self._running:
             self._running.remove(request)
-        request._event.set()
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
