@@ -160,8 +160,7 @@ class TraceForcing:
         embeddings = cast("PreTrainedModel", model).get_input_embeddings()
         self._handles.append(embeddings.register_forward_pre_hook(self._pre))
         if self.schedule is not None:
-            for layer, router in enumerate(_routers(model, arch)):
-                self._handles.append(router.register_forward_hook(self._router_hook(layer)))
+            self._handles += force_routing(model, arch, lambda layer: self.table[self.schedule.step][:, layer])
 
     def detach(self) -> None:
         for h in self._handles:
@@ -180,15 +179,21 @@ class TraceForcing:
             self.on_step(step)
         self.times.append(time.perf_counter())
 
-    def _router_hook(self, layer: int):
+
+def force_routing(model: torch.nn.Module, arch: Architecture, forced) -> list:
+    """Forward hooks that replace each MoE router's expert indices with ``forced(layer)`` ``[T, k]``
+    (a trace's choice); returns their handles."""
+    def hook_for(layer: int):
         def hook(module, inputs, output):
             logits, weights, indices = output
-            forced = self.table[self.schedule.step][:, layer]
-            if forced.shape[0] != indices.shape[0]:
-                raise ValueError(f"the trace schedule gives {forced.shape[0]} tokens but the model runs {indices.shape[0]}")
-            return logits, weights, forced.to(indices.dtype)
+            chosen = forced(layer)
+            if chosen.shape[0] != indices.shape[0]:
+                raise ValueError(f"the forced routing gives {chosen.shape[0]} tokens but the model runs {indices.shape[0]}")
+            return logits, weights, chosen.to(indices.dtype)
 
         return hook
+
+    return [router.register_forward_hook(hook_for(layer)) for layer, router in enumerate(_routers(model, arch))]
 
 
 def belady_bytes(visits: list[tuple[int, list[int]]], num_slots: int, expert_bytes: int, count_from: int) -> int:

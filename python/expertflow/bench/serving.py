@@ -135,10 +135,9 @@ class RequestForcing:
         self._handles: list = []
 
     def attach(self, model: torch.nn.Module, arch) -> None:
-        from .harness import _routers
+        from .harness import force_routing
 
-        for layer, router in enumerate(_routers(model, arch)):
-            self._handles.append(router.register_forward_hook(self._hook(layer)))
+        self._handles += force_routing(model, arch, self._forced)
 
     def detach(self) -> None:
         for h in self._handles:
@@ -154,14 +153,10 @@ class RequestForcing:
             rows.append(self.paths[tokens % len(self.paths)])
         self.table = torch.from_numpy(np.concatenate(rows)).to(self.device)  # [B * width, L, k]
 
-    def _hook(self, layer: int):
-        def hook(module, inputs, output):
-            logits, weights, indices = output
-            if self.table is None or self.table.shape[0] != indices.shape[0]:
-                raise ValueError("the forced routing does not match the pass; call before_pass first")
-            return logits, weights, self.table[:, layer].to(indices.dtype)
-
-        return hook
+    def _forced(self, layer: int) -> torch.Tensor:
+        if self.table is None:
+            raise ValueError("no forced routing for this pass; call before_pass first")
+        return self.table[:, layer]
 
 
 def bench_scheduler_trace(
