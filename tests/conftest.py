@@ -53,3 +53,13 @@ def make_filled_pool(
         for expert in range(num_experts):
             pool.set_expert(layer, expert, {t.name: torch.randn(t.shape, generator=g).to(t.dtype) for t in tensors})
     return pool
+
+
+def cli_exit_code(argv: list[str]) -> int:
+    """``expertflow ARGV``'s exit status, whether main returns it or argparse exits with it."""
+    from expertflow.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse refuses malformed values itself
+        return int(e.code)

@@ -10,6 +10,7 @@ import torch
 
 from expertflow.cli import BUNDLED_MODEL, main
 
+from conftest import cli_exit_code
 from moe_models import build, save
 
 
@@ -98,12 +99,6 @@ def test_bench_every_policy_same_tokens(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
 
 
-def exit_code(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:  # argparse refuses malformed values itself
-        return int(e.code)
-
 
 @pytest.mark.parametrize("argv,message", [
     (["--expert-slots", "inf%"], "--expert-slots 'inf%' is not a share of the experts"),
@@ -129,7 +124,7 @@ def test_generate_refuses_bad_arguments_before_loading(capsys, monkeypatch, argv
     monkeypatch.setattr(cli, "_load", no_load)
     if "--prompt-ids" not in argv:
         argv = [*argv, "--prompt", "ROMEO:"]
-    assert exit_code(["generate", *argv]) == 2
+    assert cli_exit_code(["generate", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
@@ -138,7 +133,7 @@ def test_generate_refuses_bad_arguments_before_loading(capsys, monkeypatch, argv
 @pytest.mark.parametrize("argv", [["--layers", "0"], ["--tokens", "-1"], ["--experts", "0"], ["--top-k", "0"]])
 def test_synth_trace_refuses_empty_outputs(tmp_path, capsys, argv):
     out = tmp_path / "t.jsonl"
-    assert exit_code(["synth-trace", "--out", str(out), *argv]) == 2
+    assert cli_exit_code(["synth-trace", "--out", str(out), *argv]) == 2
     assert "is below the minimum of 1" in capsys.readouterr().err
     assert not out.exists()
 
@@ -146,7 +141,7 @@ def test_synth_trace_refuses_empty_outputs(tmp_path, capsys, argv):
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--hidden", "0"]])
 def test_train_predictor_refuses_untrained_outputs(tmp_path, capsys, argv):
     out = tmp_path / "p.safetensors"
-    assert exit_code(["train-predictor", "--traces", str(tmp_path), "--out", str(out), *argv]) == 2
+    assert cli_exit_code(["train-predictor", "--traces", str(tmp_path), "--out", str(out), *argv]) == 2
     assert "is below the minimum of 1" in capsys.readouterr().err
     assert not out.exists()
 
@@ -160,10 +155,10 @@ def test_outputs_are_not_overwritten_without_force(tmp_path, capsys):
     for command, target in ((["synth-trace", "--out", str(out)], out),
                             (["train-predictor", "--traces", str(tmp_path), "--out", str(out)], out),
                             (["trace", "--prompts", str(out), "--out", str(trace)], trace)):
-        assert exit_code(command) == 2
+        assert cli_exit_code(command) == 2
         assert f"{target} already exists; pass --force to overwrite it" in capsys.readouterr().err
         assert out.read_text() == "precious\n" and (trace / "meta.json").read_text() == "{}"
-    assert exit_code(["synth-trace", "--out", str(out), "--layers", "2", "--tokens", "3", "--force"]) == 0
+    assert cli_exit_code(["synth-trace", "--out", str(out), "--layers", "2", "--tokens", "3", "--force"]) == 0
     assert len(out.read_text().splitlines()) == 2 * 3
 
 
@@ -194,13 +189,13 @@ def test_force_never_deletes_what_the_output_would_not_hold(tmp_path, capsys):
     folder = tmp_path / "precious"
     (folder / "sub").mkdir(parents=True)
     (folder / "notes.txt").write_text("keep me")
-    assert exit_code(["synth-trace", "--out", str(folder), "--force", "--tokens", "2"]) == 2
+    assert cli_exit_code(["synth-trace", "--out", str(folder), "--force", "--tokens", "2"]) == 2
     assert "is a folder and this command writes a file there" in capsys.readouterr().err
-    assert exit_code(["trace", "--prompts", str(folder / "notes.txt"), "--out", str(folder), "--force"]) == 2
+    assert cli_exit_code(["trace", "--prompts", str(folder / "notes.txt"), "--out", str(folder), "--force"]) == 2
     assert "holds notes.txt, sub, which this command does not write" in capsys.readouterr().err
     afile = tmp_path / "a.jsonl"
     afile.write_text("x\n")
-    assert exit_code(["trace", "--prompts", str(folder / "notes.txt"), "--out", str(afile), "--force"]) == 2
+    assert cli_exit_code(["trace", "--prompts", str(folder / "notes.txt"), "--out", str(afile), "--force"]) == 2
     assert "is a file and this command writes a folder there" in capsys.readouterr().err
     assert (folder / "notes.txt").read_text() == "keep me" and afile.read_text() == "x\n"
 
@@ -214,7 +209,7 @@ def test_force_never_deletes_what_the_output_would_not_hold(tmp_path, capsys):
 def test_contradictory_arguments_are_refused(tmp_path, capsys, argv, message):
     if argv[0] == "synth-trace":
         argv = [*argv, "--out", str(tmp_path / "t.jsonl")]
-    assert exit_code(argv) == 2
+    assert cli_exit_code(argv) == 2
     assert message in capsys.readouterr().err
 
 
@@ -222,12 +217,12 @@ def test_prompt_files_are_checked(tmp_path, capsys):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": 5}\n')
     for prompts, message in ((tmp_path, "does not exist or is not a file"), (bad, "p.jsonl:2: not a JSON object with a non-empty string 'prompt'")):
-        assert exit_code(["trace", "--prompts", str(prompts), "--out", str(tmp_path / "t")]) == 2
+        assert cli_exit_code(["trace", "--prompts", str(prompts), "--out", str(tmp_path / "t")]) == 2
         assert message in capsys.readouterr().err
 
 
 def test_a_folder_without_config_is_named_as_such(tmp_path, capsys):
-    assert exit_code(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    assert cli_exit_code(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "has no config.json; pass the folder of a transformers checkpoint" in capsys.readouterr().err
 
 
@@ -265,12 +260,12 @@ def test_bench_slot_counts_beyond_100_and_trace_routing_with_defaults(tmp_path, 
 def test_serve_and_bench_scheduler_arguments(tmp_path, capsys):
     import shutil
 
-    assert exit_code(["serve", "--port", "70000"]) == 2
+    assert cli_exit_code(["serve", "--port", "70000"]) == 2
     assert "70000 is not a port (0 to 65535)" in capsys.readouterr().err
     model = tmp_path / "no-tokenizer"
     shutil.copytree(BUNDLED_MODEL, model)
     (model / "tokenizer.json").unlink()
-    assert exit_code(["bench-scheduler", "--model", str(model)]) == 2
+    assert cli_exit_code(["bench-scheduler", "--model", str(model)]) == 2
     assert "has no tokenizer; bench-scheduler reads text prompts" in capsys.readouterr().err
     out = run_json(capsys, "bench-scheduler", "--num-requests", "2", "--max-new-tokens", "2", "--json")
     assert out["fifo"]["tokens"] == out["expertflow"]["tokens"] == 4

@@ -15,7 +15,7 @@ from expertflow.planner import Forecast
 from expertflow.replay import bound, parse_capacity, replay
 from expertflow.traces import read_trace, synthetic_trace, write_jsonl_trace
 
-from conftest import GPT_OSS_TRACE, MIXTRAL_TRACE, require_shared
+from conftest import GPT_OSS_TRACE, MIXTRAL_TRACE, cli_exit_code, require_shared
 
 
 def reference_replay(trace, capacity: int, policy: str, per_layer: bool = False) -> tuple[int, int]:
@@ -361,11 +361,7 @@ def test_cli_replay_refuses_bad_arguments(tmp_path, capsys, argv, message):
     for flag, value in base.items():
         if flag not in argv:
             args += [flag, value]
-    try:
-        code = main(args + argv)
-    except SystemExit as e:  # argparse refuses malformed values itself
-        code = e.code
-    assert code == 2
+    assert cli_exit_code(args + argv) == 2
     assert message in capsys.readouterr().err
 
 

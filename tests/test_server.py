@@ -26,22 +26,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get(url: str, key: str | None = KEY) -> tuple[int, dict]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+def answer(request: urllib.request.Request) -> tuple[int, dict]:
+    """(HTTP status, JSON body), error statuses included."""
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def get(url: str, key: str | None = KEY) -> tuple[int, dict]:
+    return answer(urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {}))
 
 
 def post_raw(url: str, data: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=data, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return answer(urllib.request.Request(url, data=data, headers={"Authorization": f"Bearer {KEY}",
+                                                                  "Content-Type": "application/json"}))
 
 
 def announce_body(base: str, nbytes: int) -> tuple[int, dict]:
