@@ -89,3 +89,22 @@ def test_length_term_keeps_similar_lengths_together():
     lengths = np.array([5, 900, 7, 880, 6, 910, 4, 905])
     groups = group_by_paths(paths, 1, 4, lengths=lengths, length_weight=1.0)
     assert sorted(sorted(lengths[g].tolist()) for g in groups) == [[4, 5, 6, 7], [880, 900, 905, 910]]
+
+
+def test_batches_run_in_an_order_where_each_shares_most_with_the_one_before():
+    """Three groups over one layer of 8 experts: {0, 1}, {4, 5} and {1, 2}. After a batch that used
+    {0, 1}, the group {0, 1} runs first, then {1, 2} (it shares expert 1), then {4, 5}; after {4, 5},
+    that group first, then the others by a tie (no overlap) in group order and by overlap."""
+    from expertflow.scheduler import _multi_hot, order_batches
+
+    paths = np.array([[[0, 1]], [[0, 1]], [[4, 5]], [[5, 4]], [[1, 2]], [[2, 1]]])
+    groups = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5])]
+    hot = _multi_hot(paths, 8)
+    order = lambda after: [int(g[0]) for g in order_batches(groups, hot, _multi_hot(np.array(after), 8).max(axis=0))]  # noqa: E731
+    assert order([[[1, 0]]]) == [0, 4, 2]
+    assert order([[[4, 5]]]) == [2, 0, 4]
+    assert order([[[2, 7]]]) == [4, 0, 2]
+    assert [int(g[0]) for g in order_batches(groups, hot)] == [0, 4, 2]  # nothing ran before: group order, then overlap
+    # group_by_paths hands its groups over in that order: the group like the last batch first.
+    grouped = group_by_paths(paths, 8, 2, after=np.array([[[5, 4]]]))
+    assert [sorted(paths[g].ravel().tolist()) for g in grouped][0] == [4, 4, 5, 5]

@@ -194,7 +194,8 @@ def test_scheduler_forecasts_leave_the_policy_steps_alone():
 
 def test_trace_routing_gives_each_request_its_own_stretch_of_the_trace(tmp_path):
     """bench-scheduler --arch: request r's token at position p routes as trace token offset_r + p,
-    whatever batch it runs in (checked against the trace rows, pass by pass)."""
+    whatever batch it runs in (checked against the trace rows, pass by pass), and the oracle forecast
+    the scheduler can group by names, before each pass, the path that pass then takes."""
     import numpy as np
 
     from expertflow.bench.harness import BenchConfig, _Model
@@ -216,22 +217,36 @@ def test_trace_routing_gives_each_request_its_own_stretch_of_the_trace(tmp_path)
         with ef.Engine(m.model, max_batch_size=3, before_pass=forcing.before_pass) as engine:
             requests = [engine.submit([1 + i] * (2 + i % 3), max_new_tokens=5) for i in range(7)]
             forcing.offsets = {r.id: 37 * i for i, r in enumerate(requests)}
-            checked = 0
+            oracle = forcing.path_forecast(paths)
+            checked = forecast_checked = 0
             while engine.has_work():
+                running = list(engine._running)
+                forecast = dict(zip((r.id for r in running), oracle(running))) if running else {}
                 for r in engine.step():
                     position = r.length - 1  # the pass's last input token
                     assert np.array_equal(r._path, paths[(forcing.offsets[r.id] + position) % len(paths)])
                     checked += 1
+                    if r.id in forecast:  # a decode pass: the forecast made before it
+                        assert np.array_equal(r._path, forecast[r.id])
+                        forecast_checked += 1
             assert checked == sum(len(r.output_ids) for r in requests) == 35
+            assert forecast_checked == 35 - 7  # every decode token (the first of each request comes from its prefill)
     finally:
         offload.close()
         forcing.detach()
         m.pool.close()
     result = bench_scheduler_trace("mixtral-8x7b", trace_file, 12, 4, 6, prompt_len=3, layers=4, config_overrides=tiny,
-                                   progress=False)
+                                   expert_slots=["25%", "50%"], forecasts=["history", "oracle"], progress=False)
     assert result["fifo"]["tokens"] == result["expertflow"]["tokens"] == 12 * 6
-    assert result["config"]["num_slots"] == 8  # 25% of 4 layers x 8 experts
-    assert {"pairs_vs_fifo", "bytes_vs_fifo", "speedup_vs_fifo"} <= set(result["expertflow"])
+    assert result["config"]["num_slots"] == [8, 16]  # 25% and 50% of 4 layers x 8 experts
+    assert [run["num_slots"] for run in result["runs"]] == [8, 16]
+    for run in result["runs"]:
+        assert set(run["expertflow"]) == {"history", "oracle"}
+        for figures in run["expertflow"].values():
+            assert {"pairs_vs_fifo", "bytes_vs_fifo", "speedup_vs_fifo"} <= set(figures)
+    assert result["expertflow"] is result["runs"][0]["expertflow"]["history"]
+    with pytest.raises(ValueError, match="not gate-oracle"):
+        bench_scheduler_trace("mixtral-8x7b", trace_file, 12, 4, 6, forecasts="gate-oracle:0.8")
 
 
 def test_requests_are_checked_at_submit_and_belong_to_their_engine(served):

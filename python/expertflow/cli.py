@@ -351,20 +351,26 @@ def cmd_bench_scheduler(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output(args.out, args.force)
+    slots = _split(args.expert_slots, "--expert-slots")
+    for spec in slots:
+        _slots(spec)
     if args.arch is not None:
         from .bench import SHAPES
+        from .oracles import parse_forecast
 
         if args.arch not in SHAPES:
             raise ValueError(f"unknown --arch '{args.arch}'; choose from {', '.join(SHAPES)}")
         if not args.routing.startswith("trace:") or not Path(args.routing[6:]).is_file():
             raise ValueError("--arch models take --routing trace:FILE (an existing trace): random weights route at random")
-        if args.predictor not in (None, "history"):
-            raise ValueError("random-weight --arch models have no trained predictor; the scheduler groups by history")
+        forecasts = _split(args.predictor or "history", "--predictor")
+        for spec in forecasts:
+            if parse_forecast(spec)[0] == "gate-oracle":
+                raise ValueError("--arch: the scheduler groups by history, oracle or noisy-oracle:R forecasts, not gate-oracle")
         from .bench.serving import bench_scheduler_trace
 
         result = bench_scheduler_trace(args.arch, args.routing[6:], args.num_requests, args.batch_size,
                                        args.max_new_tokens, prompt_len=args.prompt_len, layers=args.layers,
-                                       policy=args.policy, expert_slots=args.expert_slots, progress=not args.json)
+                                       policy=args.policy, expert_slots=slots, forecasts=forecasts, progress=not args.json)
     else:
         if args.routing != "live" or args.layers is not None:
             raise ValueError("--routing and --layers apply to --arch models")
@@ -374,8 +380,10 @@ def cmd_bench_scheduler(args: argparse.Namespace) -> int:
         predictor = args.predictor
         if predictor is None and Path(args.model).resolve() == BUNDLED_MODEL:
             predictor = str(BUNDLED_PREDICTOR)
+        if len(slots) > 1:
+            raise ValueError("--expert-slots takes one value with --model; lists are for --arch models")
         result = bench_scheduler(args.model, prompts, args.num_requests, args.batch_size, args.max_new_tokens,
-                                 policy=args.policy, expert_slots=args.expert_slots,
+                                 policy=args.policy, expert_slots=slots[0],
                                  predictor=None if predictor == "history" else predictor, dtype=args.dtype,
                                  progress=not args.json)
     result["command"] = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("expertflow") else None
@@ -557,11 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POSITIVE, default=8)
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     p.add_argument("--policy", default="lru", help="the offload policy both schedules run under")
-    p.add_argument("--expert-slots", default="25%", type=SLOTS)
+    p.add_argument("--expert-slots", default="25%", help="slot count or share of all experts (--arch: a comma list)")
     p.add_argument("--dtype", default=None, type=DTYPE, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--predictor", default=None,
-                   help="routing-path predictor file the scheduler groups by, or 'history' (default: the bundled "
-                        "model's own predictor, else history)")
+                   help="what the scheduler groups by: a routing-path predictor file or 'history' (default: the bundled "
+                        "model's own predictor, else history); --arch: a comma list of emulated forecasts, history, "
+                        "oracle, noisy-oracle:R")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")

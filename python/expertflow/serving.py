@@ -120,7 +120,9 @@ class Engine:
     ``max_queue``: requests waiting beyond those. ``max_wait_steps`` (a property) bounds how many
     passes a running sequence waits for its next token. ``predictor``: a routing-path predictor (file
     or object) whose next-token forecasts the scheduler groups by (default: the expertflow policy's
-    trained one, else each sequence's last path). ``length_weight`` > 0 keeps similar lengths together.
+    trained one, else each sequence's last path). ``path_forecast(requests) -> paths`` replaces it
+    (``[R, L, k]`` ids or ``[R, L, E]`` probabilities): benchmarks emulate forecasts of known quality
+    there. ``length_weight`` > 0 keeps similar lengths together.
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class Engine:
         max_queue: int = 256,
         length_weight: float = 0.0,
         predictor=None,
+        path_forecast=None,
         before_pass=None,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -158,17 +161,20 @@ class Engine:
             raise EngineError(f"length_weight must be finite and >= 0, got {length_weight!r}")
         self.max_queue = max_queue
         self.length_weight = length_weight
+        if predictor is not None and path_forecast is not None:
+            raise EngineError("pass a predictor or a path_forecast, not both")
         if isinstance(predictor, (str, Path)):
             from .predictor import RoutingPathPredictor
 
             predictor = RoutingPathPredictor.load(predictor)
-        if predictor is None:  # the expertflow policy's trained step predictor, where it has one
+        if predictor is None and path_forecast is None:  # the expertflow policy's trained step predictor, where it has one
             candidate = getattr(engine.policy, "predictor", None)
             predictor = candidate if hasattr(candidate, "config") else None
         if predictor is not None and (predictor.config.num_layers, predictor.config.num_experts) != (engine.num_layers, engine.num_experts):
             raise EngineError(f"the predictor forecasts {predictor.config.num_layers} layers x {predictor.config.num_experts} "
                               f"experts; this model has {engine.num_layers} x {engine.num_experts}")
         self.predictor = predictor
+        self.path_forecast = path_forecast
         # Benchmarks hook in here: ``before_pass(batch, new_ids, past)`` sees each pass before it runs.
         self.before_pass = before_pass
         self.device = next(model.parameters()).device
@@ -183,6 +189,7 @@ class Engine:
         self._running: list[Request] = []
         self._round: deque[list[Request]] = deque()
         self._prefilled = False  # a prefill pass ran since the last round was planned
+        self._last_paths: np.ndarray | None = None  # [n, L, k]: the last decode batch's routing
         self._ids = itertools.count()
         self._lock = threading.Lock()  # submit() may come from other threads than step()
         self._closed = False
@@ -334,7 +341,8 @@ class Engine:
             try:
                 paths = self._predicted_paths(running)
                 lengths = np.array([r.length for r in running])
-                groups = group_by_paths(paths, self.num_experts, self.max_batch_size, lengths, self.length_weight)
+                groups = group_by_paths(paths, self.num_experts, self.max_batch_size, lengths, self.length_weight,
+                                        after=self._last_paths)
             except Exception:  # a failing forecast costs the grouping, not the requests
                 log.exception("the scheduler's forecast failed; this round runs in arrival order")
         self.stats["schedule_ms"] += (time.perf_counter() - start) * 1e3
@@ -344,6 +352,8 @@ class Engine:
     def _predicted_paths(self, running: list[Request]) -> np.ndarray:
         """Each sequence's next-token routing as the scheduler sees it: the predictor's ``[R, L, E]``
         probabilities (one forward, one transfer), else the last token's path ``[R, L, k]``."""
+        if self.path_forecast is not None:
+            return np.asarray(self.path_forecast(running))
         previous = np.stack([r._path for r in running])  # type: ignore[misc]
         if self.predictor is None:
             return previous
@@ -436,7 +446,8 @@ class Engine:
             self._running.extend(batch)
         else:
             self.stats["decode_batches"] += 1
-            self.stats["activated_pairs"] += activated_pairs(np.stack([r._path for r in batch]), self.num_experts)  # type: ignore[misc]
+            self._last_paths = np.stack([r._path for r in batch])  # type: ignore[misc]
+            self.stats["activated_pairs"] += activated_pairs(self._last_paths, self.num_experts)
         self._emit(batch, logits)
 
     def _emit(self, batch: list[Request], logits: torch.Tensor) -> None:

@@ -47,7 +47,8 @@ def bench_scheduler(
                                       next(model.parameters()).device, progress, predictor)
         finally:
             model.expertflow.close()
-    _compare(result)
+    _compare(result["fifo"], result["expertflow"])
+    result["fifo"].pop("outputs")
     result["config"] = {"model": str(model_path), "num_requests": num_requests, "batch_size": batch_size,
                         "max_new_tokens": max_new_tokens, "policy": policy, "expert_slots": expert_slots,
                         "predictor": str(predictor) if predictor is not None else "history", "dtype": dtype}
@@ -55,12 +56,13 @@ def bench_scheduler(
 
 
 def _serve(model, prompts: list[list[int]], batch_size: int, schedule: str, max_new_tokens: int,
-           forcing: RequestForcing | None, spacing: int, device: torch.device, progress: bool, predictor=None) -> dict:
+           forcing: RequestForcing | None, spacing: int, device: torch.device, progress: bool, predictor=None,
+           path_forecast=None) -> dict:
     """Serves every prompt under one schedule (all submitted at once); the schedule's figures."""
     from ..serving import Engine
 
     engine = Engine(model, max_batch_size=batch_size, schedule=schedule, max_running=max(len(prompts), batch_size),
-                    max_queue=len(prompts), predictor=predictor,
+                    max_queue=len(prompts), predictor=predictor, path_forecast=path_forecast,
                     before_pass=forcing.before_pass if forcing is not None else None)
     requests = [engine.submit(p, max_new_tokens=max_new_tokens) for p in prompts]
     if forcing is not None:
@@ -93,14 +95,12 @@ def _serve(model, prompts: list[list[int]], batch_size: int, schedule: str, max_
     }
 
 
-def _compare(result: dict) -> None:
-    fifo, ef = result["fifo"], result["expertflow"]
+def _compare(fifo: dict, ef: dict) -> None:
+    """Gives ``ef`` its ratios to ``fifo`` and drops its outputs (``fifo``'s stay for further comparisons)."""
     ef["pairs_vs_fifo"] = ef["activated_pairs_per_batch"] / fifo["activated_pairs_per_batch"]
     ef["bytes_vs_fifo"] = ef["bytes_per_token"] / max(fifo["bytes_per_token"], 1e-9)
     ef["speedup_vs_fifo"] = ef["tokens_per_s"] / fifo["tokens_per_s"]
-    ef["same_outputs_as_fifo"] = ef["outputs"] == fifo["outputs"]
-    for name in ("fifo", "expertflow"):
-        del result[name]["outputs"]
+    ef["same_outputs_as_fifo"] = ef.pop("outputs") == fifo["outputs"]
 
 
 def _sync(device: torch.device) -> None:
@@ -109,11 +109,15 @@ def _sync(device: torch.device) -> None:
 
 
 def format_scheduler_table(result: dict) -> str:
-    rows = [["schedule", "pairs/batch", "bytes/token", "tokens/s", "schedule ms", "hit ratio"]]
-    for name in SCHEDULES[::-1]:
-        r = result[name]
-        rows.append([name, f"{r['activated_pairs_per_batch']:.1f}", f"{r['bytes_per_token'] / 1e3:.1f} KB",
-                     f"{r['tokens_per_s']:.1f}", f"{r['schedule_ms']:.1f}", f"{r['hit_ratio']:.1%}"])
+    runs = result.get("runs") or [{"expert_slots": result["config"]["expert_slots"], "fifo": result["fifo"],
+                                   "expertflow": {result["config"]["predictor"]: result["expertflow"]}}]
+    rows = [["slots", "schedule (forecast)", "pairs/batch", "bytes/token", "tokens/s", "schedule ms", "hit ratio", "x fifo tokens/s"]]
+    for run in runs:
+        entries = [("fifo", run["fifo"])] + [(f"expertflow ({name})", r) for name, r in run["expertflow"].items()]
+        for label, r in entries:
+            rows.append([run["expert_slots"], label, f"{r['activated_pairs_per_batch']:.1f}", f"{r['bytes_per_token'] / 1e3:.1f} KB",
+                         f"{r['tokens_per_s']:.1f}", f"{r['schedule_ms']:.1f}", f"{r['hit_ratio']:.1%}",
+                         f"{r.get('speedup_vs_fifo', 1.0):.2f}"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     ef = result["expertflow"]
@@ -153,6 +157,16 @@ class RequestForcing:
             rows.append(self.paths[tokens % len(self.paths)])
         self.table = torch.from_numpy(np.concatenate(rows)).to(self.device)  # [B * width, L, k]
 
+    def path_forecast(self, paths: np.ndarray):
+        """The scheduler's forecast from ``paths [N, L, k]`` (the trace's, or a blurred copy): each
+        request's row for the token its next pass routes, ``offset + length``."""
+
+        def forecast(requests) -> np.ndarray:
+            rows = np.array([self.offsets[r.id] + r.length for r in requests])
+            return paths[rows % len(paths)]
+
+        return forecast
+
     def _forced(self, layer: int) -> torch.Tensor:
         if self.table is None:
             raise ValueError("no forced routing for this pass; call before_pass first")
@@ -168,26 +182,40 @@ def bench_scheduler_trace(
     prompt_len: int = 16,
     layers: int | None = None,
     policy: str = "lru",
-    expert_slots: str = "25%",
+    expert_slots: str | list[str] = "25%",
+    forecasts: str | list[str] = "history",
     config_overrides: dict | None = None,
     progress: bool = True,
 ) -> dict:
     """The same comparison on random weights at a published model's dimensions, each request routed
-    as a sequence of a real routing trace (its own stretch of it). The scheduler groups by each
-    sequence's previous path (no trained predictor exists for random weights)."""
+    as a sequence of a real routing trace (its own stretch of it).
+
+    Random weights have no trained predictor, so the scheduler's forecast is emulated at known
+    quality (``forecasts``, as ``expertflow bench`` does for the policies): ``history`` (each
+    sequence's previous path), ``oracle`` (its true next path), ``noisy-oracle:R`` (each true expert
+    kept with probability R). One model and pool serve every slot count and forecast; ``fifo`` runs
+    once per slot count. ``runs`` holds every combination; the top-level ``fifo`` and ``expertflow``
+    are the first slot count's, with the first forecast."""
     from ..loader import attach
+    from ..oracles import blur, parse_forecast
     from ..runtime import get_backend
     from ..traces import read_trace
     from ..units import parse_slots
     from .harness import BenchConfig, _Model
 
+    slot_specs = [expert_slots] if isinstance(expert_slots, str) else list(expert_slots)
+    forecast_specs = [forecasts] if isinstance(forecasts, str) else list(forecasts)
+    for spec in forecast_specs:
+        if parse_forecast(spec)[0] == "gate-oracle":
+            raise ValueError("the scheduler groups by next-token forecasts: history, oracle or noisy-oracle:R, not gate-oracle")
     cfg = BenchConfig(arch=arch, layers=layers, routing=f"trace:{trace_path}", config_overrides=config_overrides,
                       progress=progress)
     backend = get_backend()
     device = torch.device("cuda" if backend.is_gpu else "cpu")
     m = _Model(cfg, device, backend)
     paths = read_trace(trace_path).to_array(m.num_layers)
-    num_slots = min(parse_slots(expert_slots, "slots").count(m.num_layers * m.num_experts), m.num_layers * m.num_experts)
+    total = m.num_layers * m.num_experts
+    slot_counts = [min(parse_slots(spec, "slots").count(total), total) for spec in slot_specs]
     vocab = int(m.model.config.vocab_size)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=generator).tolist() for _ in range(num_requests)]
@@ -195,21 +223,34 @@ def bench_scheduler_trace(
     expert_bytes, num_layers = m.expert_bytes, m.num_layers
     forcing = RequestForcing(paths, device)
     forcing.attach(m.model, m.arch)
-    result: dict = {}
+    runs = []
     try:
-        for schedule in SCHEDULES[::-1]:
-            offload = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False)
-            try:
-                result[schedule] = _serve(m.model, prompts, batch_size, schedule, max_new_tokens, forcing, spacing,
-                                          device, progress)
-            finally:
-                offload.close()
+        for spec, num_slots in zip(slot_specs, slot_counts):
+            run: dict = {"expert_slots": spec, "num_slots": num_slots, "expertflow": {}}
+            for schedule, forecast in [("fifo", "history")] + [("expertflow", f) for f in forecast_specs]:
+                kind, keep = parse_forecast(forecast)
+                path_forecast = None if kind == "history" else \
+                    forcing.path_forecast(paths if keep >= 1 else blur(paths, m.num_experts, keep, seed=0))
+                offload = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False)
+                try:
+                    figures = _serve(m.model, prompts, batch_size, schedule, max_new_tokens, forcing, spacing, device,
+                                     progress, path_forecast=path_forecast)
+                finally:
+                    offload.close()
+                if schedule == "fifo":
+                    run["fifo"] = figures
+                else:
+                    run["expertflow"][forecast] = figures
+            for figures in run["expertflow"].values():
+                _compare(run["fifo"], figures)
+            run["fifo"].pop("outputs")
+            runs.append(run)
     finally:
         forcing.detach()
         m.pool.close()
-    _compare(result)
-    result["config"] = {"arch": arch, "layers": num_layers, "trace": str(trace_path), "num_requests": num_requests,
-                        "batch_size": batch_size, "max_new_tokens": max_new_tokens, "prompt_len": prompt_len,
-                        "policy": policy, "expert_slots": expert_slots, "num_slots": num_slots,
-                        "expert_bytes": expert_bytes, "device": str(device), "predictor": "history"}
-    return result
+    first = runs[0]
+    return {"fifo": first["fifo"], "expertflow": first["expertflow"][forecast_specs[0]], "runs": runs,
+            "config": {"arch": arch, "layers": num_layers, "trace": str(trace_path), "num_requests": num_requests,
+                       "batch_size": batch_size, "max_new_tokens": max_new_tokens, "prompt_len": prompt_len,
+                       "policy": policy, "expert_slots": slot_specs, "num_slots": slot_counts,
+                       "forecasts": forecast_specs, "expert_bytes": expert_bytes, "device": str(device)}}
