@@ -107,4 +107,4 @@ def test_batches_run_in_an_order_where_each_shares_most_with_the_one_before():
     assert [int(g[0]) for g in order_batches(groups, hot)] == [0, 4, 2]  # nothing ran before: group order, then overlap
     # group_by_paths hands its groups over in that order: the group like the last batch first.
     grouped = group_by_paths(paths, 8, 2, after=np.array([[[5, 4]]]))
-    assert [sorted(paths[g].ravel().tolist()) for g in grouped][0] == [4, 4, 5, 5]
+    assert sorted(paths[grouped[0]].ravel().tolist()) == [4, 4, 5, 5]
