@@ -192,6 +192,55 @@ def test_scheduler_forecasts_leave_the_policy_steps_alone():
         model.expertflow.close()
 
 
+def test_the_policy_forecasts_each_batch_from_its_own_sequences(served):
+    """The expertflow policy plans for the batch that runs next: each pass, its step predictor sees
+    that batch's own sequences, with each sequence's last path and position (not the previous batch's
+    paths, nor the union of every running sequence), and a prefill as new sequences."""
+    import numpy as np
+
+    from expertflow.planner import Forecast
+
+    _, offloaded = served
+    engine_of = offloaded.expertflow
+
+    class Recorder:
+        name = "recorder"
+
+        def __init__(self):
+            self.seen = []
+
+        def forecast(self, ctx, previous_path):
+            self.seen.append((ctx.new_sequences, previous_path.copy(), ctx.positions.tolist()))
+            return Forecast(np.zeros((engine_of.num_layers, engine_of.num_experts)))
+
+    recorder = Recorder()
+    expected = []
+
+    def before_pass(batch, new_ids, past):
+        new = past[0] == 0  # a prefill: no past
+        paths = None if new else np.stack([r._path for r in batch])
+        expected.append((new, paths, [p + len(n) - 1 for p, n in zip(past, new_ids)]))
+
+    policy = engine_of.policy
+    assert policy.name == "expertflow"  # from_pretrained's default
+    original = policy.predictor
+    policy.predictor = recorder
+    try:
+        with ef.Engine(offloaded, max_batch_size=2, max_running=6, before_pass=before_pass) as engine:
+            prompts = [[5 + i, 9, 11 + 3 * i] for i in range(5)]
+            for p in prompts:
+                engine.submit(p, max_new_tokens=4)
+            engine.run()
+    finally:
+        policy.predictor = original
+    assert len(recorder.seen) == len(expected) > 0
+    for (new, paths, positions), (seen_new, seen_paths, seen_positions) in zip(expected, recorder.seen):
+        assert seen_new == new
+        assert seen_positions == positions
+        if not new:
+            assert np.array_equal(seen_paths, paths)
+
+
 def test_trace_routing_gives_each_request_its_own_stretch_of_the_trace(tmp_path):
     """bench-scheduler --arch: request r's token at position p routes as trace token offset_r + p,
     whatever batch it runs in (checked against the trace rows, pass by pass), and the oracle forecast
