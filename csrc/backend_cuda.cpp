@@ -44,6 +44,16 @@ class CudaBackend final : public Backend {
   void free_pinned(void* ptr) noexcept override {
     if (ptr) cudaFreeHost(ptr);
   }
+  void register_host(void* ptr, size_t bytes) override {
+    activate();
+    const cudaError_t status = cudaHostRegister(ptr, bytes, cudaHostRegisterPortable);
+    if (status != cudaSuccess) cudaGetLastError();
+    EF_CHECK(status == cudaSuccess, "could not page-lock " << bytes << " bytes of shared host memory: "
+                                                           << cudaGetErrorString(status));
+  }
+  void unregister_host(void* ptr) noexcept override {
+    if (ptr) cudaHostUnregister(ptr);
+  }
   void* alloc_device(size_t bytes) override {
     activate();
     void* ptr = nullptr;
@@ -125,6 +135,12 @@ std::string cuda_unavailable_reason() {
   return "";
 }
 
-std::shared_ptr<Backend> make_cuda_backend(int device_index) { return std::make_shared<CudaBackend>(device_index); }
+std::shared_ptr<Backend> make_cuda_backend(int device_index) {
+  int count = 0;
+  EF_CUDA_CHECK(cudaGetDeviceCount(&count));
+  EF_CHECK(device_index >= 0 && device_index < count,
+           "GPU " << device_index << " does not exist: " << count << " CUDA device(s) are visible (0.." << count - 1 << ")");
+  return std::make_shared<CudaBackend>(device_index);
+}
 
 }  // namespace expertflow

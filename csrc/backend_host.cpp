@@ -118,6 +118,8 @@ class HostBackend final : public Backend {
 
   void* alloc_pinned(size_t bytes) override { return alloc(bytes, "pinned host"); }
   void free_pinned(void* ptr) noexcept override { std::free(ptr); }
+  void register_host(void* /*ptr*/, size_t /*bytes*/) override {}
+  void unregister_host(void* /*ptr*/) noexcept override {}
   void* alloc_device(size_t bytes) override { return alloc(bytes, "host-backend slot arena"); }
   void free_device(void* ptr) noexcept override { std::free(ptr); }
 
@@ -188,13 +190,14 @@ class HostBackend final : public Backend {
 
 std::shared_ptr<Backend> make_host_backend() { return std::make_shared<HostBackend>(); }
 
-std::shared_ptr<Backend> make_backend(const std::string& name) {
+std::shared_ptr<Backend> make_backend(const std::string& name, int device_index) {
+  EF_CHECK(device_index >= 0, "a device index is at least 0, got " << device_index);
   if (name == "host") return make_host_backend();
   if (name == "cuda" || name == "auto") {
     const std::string reason = cuda_unavailable_reason();
     if (reason.empty()) {
 #ifdef EXPERTFLOW_WITH_CUDA
-      return make_cuda_backend(0);
+      return make_cuda_backend(device_index);
 #endif
     }
     EF_CHECK(name == "auto", "the CUDA backend was asked for but cannot be used: " << reason

@@ -148,11 +148,11 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("name", &Backend::name)
       .def_property_readonly("is_gpu", &Backend::is_gpu)
       .def_property_readonly("device_index", &Backend::device_index);
-  m.def("make_backend", &make_backend, py::arg("name"));
+  m.def("make_backend", &make_backend, py::arg("name"), py::arg("device_index") = 0);
 
   py::class_<ExpertPool, std::shared_ptr<ExpertPool>>(m, "ExpertPool")
       .def(py::init([](std::shared_ptr<Backend> backend, std::vector<int> num_experts,
-                       std::vector<std::vector<py::tuple>> layer_tensors) {
+                       std::vector<std::vector<py::tuple>> layer_tensors, bool shared, const std::string& attach_path) {
              std::vector<ExpertLayout> layouts;
              for (const auto& tensors : layer_tensors) {
                std::vector<TensorSpec> specs;
@@ -167,9 +167,12 @@ PYBIND11_MODULE(_C, m) {
                }
                layouts.push_back(ExpertLayout::pack(std::move(specs)));
              }
-             return std::make_shared<ExpertPool>(std::move(backend), std::move(num_experts), std::move(layouts));
+             return std::make_shared<ExpertPool>(std::move(backend), std::move(num_experts), std::move(layouts), shared,
+                                                 attach_path);
            }),
-           py::arg("backend"), py::arg("num_experts"), py::arg("layer_tensors"))
+           py::arg("backend"), py::arg("num_experts"), py::arg("layer_tensors"), py::arg("shared") = false,
+           py::arg("attach_path") = "")
+      .def_property_readonly("shared_path", &ExpertPool::shared_path)
       .def_property_readonly("num_layers", &ExpertPool::num_layers)
       .def_property_readonly("total_bytes", &ExpertPool::total_bytes)
       .def_property_readonly("max_expert_bytes", &ExpertPool::max_expert_bytes)

@@ -1,6 +1,12 @@
 // ExpertPool: packing of expert layouts and the pinned arena. See include/expertflow/pool.h.
 #include "expertflow/pool.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstring>
 #include <set>
 
@@ -13,9 +19,58 @@ Buffer::Buffer(std::shared_ptr<Backend> backend, Kind kind, size_t bytes)
   data_ = static_cast<uint8_t*>(kind == Kind::kPinned ? backend_->alloc_pinned(bytes) : backend_->alloc_device(bytes));
 }
 
+Buffer::Buffer(std::shared_ptr<Backend> backend, size_t bytes, const std::string& attach_path)
+    : backend_(std::move(backend)), kind_(Kind::kShared), bytes_(bytes) {
+  EF_CHECK(bytes > 0, "a shared arena needs at least one byte");
+  int fd = -1;
+  if (attach_path.empty()) {
+    // An anonymous shared-memory file: unlike a /dev/shm name it is bounded by memory alone, not by
+    // the mount's size, and it cannot outlive the processes that hold it.
+    fd = memfd_create("expertflow-pool", MFD_CLOEXEC);
+    EF_CHECK(fd >= 0, "could not create a shared-memory file: " << std::strerror(errno));
+    if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+      const int err = errno;
+      close(fd);
+      EF_CHECK(false, "could not size a shared-memory file to " << bytes << " bytes: " << std::strerror(err));
+    }
+    fd_ = fd;
+    shared_path_ = "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(fd);
+  } else {
+    fd = open(attach_path.c_str(), O_RDWR | O_CLOEXEC);
+    EF_CHECK(fd >= 0, "could not open the shared expert pool at " << attach_path << ": " << std::strerror(errno)
+                                                                  << " (is the process that created it still running?)");
+    struct stat st {};
+    const bool sized = fstat(fd, &st) == 0 && static_cast<size_t>(st.st_size) == bytes;
+    if (!sized) {
+      close(fd);
+      EF_CHECK(false, "the shared expert pool at " << attach_path << " holds " << st.st_size << " bytes, but this pool's "
+                                                   << "layout needs " << bytes << ": both processes must describe the same model");
+    }
+  }
+  void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  const int map_errno = errno;
+  if (fd_ < 0) close(fd);  // an attached mapping stays valid without its descriptor
+  if (data == MAP_FAILED) {
+    if (fd_ >= 0) close(fd_);
+    EF_CHECK(false, "could not map " << bytes << " bytes of shared host memory: " << std::strerror(map_errno));
+  }
+  data_ = static_cast<uint8_t*>(data);
+  try {
+    backend_->register_host(data_, bytes_);
+  } catch (...) {
+    munmap(data_, bytes_);
+    if (fd_ >= 0) close(fd_);
+    throw;
+  }
+}
+
 Buffer::~Buffer() {
   if (kind_ == Kind::kPinned) {
     backend_->free_pinned(data_);
+  } else if (kind_ == Kind::kShared) {
+    backend_->unregister_host(data_);
+    munmap(data_, bytes_);
+    if (fd_ >= 0) close(fd_);
   } else {
     backend_->free_device(data_);
   }
@@ -52,7 +107,7 @@ int ExpertLayout::tensor_index(const std::string& name) const {
 }
 
 ExpertPool::ExpertPool(std::shared_ptr<Backend> backend, std::vector<int> num_experts,
-                       std::vector<ExpertLayout> layer_layouts)
+                       std::vector<ExpertLayout> layer_layouts, bool shared, const std::string& attach_path)
     : backend_(std::move(backend)), num_experts_(std::move(num_experts)), layouts_(std::move(layer_layouts)) {
   EF_CHECK(!num_experts_.empty(), "an expert pool needs at least one MoE layer");
   EF_CHECK(num_experts_.size() == layouts_.size(), "got " << num_experts_.size() << " expert counts but "
@@ -65,7 +120,9 @@ ExpertPool::ExpertPool(std::shared_ptr<Backend> backend, std::vector<int> num_ex
     total += layouts_[l].expert_bytes * static_cast<size_t>(num_experts_[l]);
     max_expert_bytes_ = std::max(max_expert_bytes_, layouts_[l].expert_bytes);
   }
-  arena_ = std::make_shared<Buffer>(backend_, Buffer::Kind::kPinned, total);
+  EF_CHECK(shared || attach_path.empty(), "attach_path applies to shared pools only");
+  arena_ = shared ? std::make_shared<Buffer>(backend_, total, attach_path)
+                  : std::make_shared<Buffer>(backend_, Buffer::Kind::kPinned, total);
 }
 
 void ExpertPool::check_expert(int layer, int expert) const {

@@ -29,6 +29,10 @@ class Backend {
 
   virtual void* alloc_pinned(size_t bytes) = 0;
   virtual void free_pinned(void* ptr) noexcept = 0;
+  // Page-locks host memory allocated elsewhere (a shared mapping) for this device's copies;
+  // unregister_host undoes it. No-ops on the host backend.
+  virtual void register_host(void* ptr, size_t bytes) = 0;
+  virtual void unregister_host(void* ptr) noexcept = 0;
   virtual void* alloc_device(size_t bytes) = 0;
   virtual void free_device(void* ptr) noexcept = 0;
 
@@ -49,7 +53,8 @@ class Backend {
 };
 
 // "auto" picks CUDA when a GPU is visible, else host; "cuda" without a GPU throws with the reason.
-std::shared_ptr<Backend> make_backend(const std::string& name);
+// device_index: the GPU the CUDA backend copies to (one process per GPU when distributed).
+std::shared_ptr<Backend> make_backend(const std::string& name, int device_index = 0);
 std::shared_ptr<Backend> make_host_backend();
 // Empty string when a CUDA device is usable; otherwise why not.
 std::string cuda_unavailable_reason();

@@ -6,6 +6,10 @@
 //   one expert moves to the GPU with one copy, and its tensors can be viewed in place at any dtype.
 // - Layouts are fixed at construction; only bytes change afterwards (write()).
 // - The arena is freed by the last owner of its Buffer, so zero-copy views handed out keep it alive.
+// - A shared arena (several processes of one host, one per GPU) is one anonymous shared-memory file:
+//   the process that creates it keeps the file open, and the others map it through
+//   /proc/<pid>/fd/<fd> (shared_path()) and page-lock it for their own device. Host memory is spent
+//   once whatever the number of processes; each unmaps its view when its Buffer goes.
 #pragma once
 
 #include <cstddef>
@@ -25,8 +29,10 @@ inline size_t align_up(size_t value, size_t alignment) { return (value + alignme
 // One allocation from a backend, released on destruction (pinned host or device memory).
 class Buffer {
  public:
-  enum class Kind { kPinned, kDevice };
+  enum class Kind { kPinned, kDevice, kShared };
   Buffer(std::shared_ptr<Backend> backend, Kind kind, size_t bytes);
+  // A shared host arena: created (attach_path empty) or mapped from another process's shared_path().
+  Buffer(std::shared_ptr<Backend> backend, size_t bytes, const std::string& attach_path);
   ~Buffer();
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -35,12 +41,16 @@ class Buffer {
   size_t bytes() const { return bytes_; }
   Kind kind() const { return kind_; }
   const std::shared_ptr<Backend>& backend() const { return backend_; }
+  // Where other processes of this host map a shared arena ("" for others).
+  const std::string& shared_path() const { return shared_path_; }
 
  private:
   std::shared_ptr<Backend> backend_;
   Kind kind_;
   size_t bytes_;
   uint8_t* data_ = nullptr;
+  int fd_ = -1;  // the creator's shared-memory file, kept open while others may attach
+  std::string shared_path_;
 };
 
 struct TensorSpec {
@@ -64,13 +74,17 @@ struct ExpertLayout {
 class ExpertPool {
  public:
   // layer_layouts[l] is the layout of every expert of layer l; num_experts[l] how many experts it has.
-  ExpertPool(std::shared_ptr<Backend> backend, std::vector<int> num_experts, std::vector<ExpertLayout> layer_layouts);
+  // shared: the arena is shared host memory, created here (attach_path empty) or mapped from another
+  // process's pool (its shared_path()), whose layouts must be the same.
+  ExpertPool(std::shared_ptr<Backend> backend, std::vector<int> num_experts, std::vector<ExpertLayout> layer_layouts,
+             bool shared = false, const std::string& attach_path = "");
 
   int num_layers() const { return static_cast<int>(num_experts_.size()); }
   int num_experts(int layer) const;
   const ExpertLayout& layout(int layer) const;
   size_t max_expert_bytes() const { return max_expert_bytes_; }
   size_t total_bytes() const { return arena_->bytes(); }
+  const std::string& shared_path() const { return arena_->shared_path(); }
 
   const uint8_t* expert_data(int layer, int expert) const;
   size_t expert_bytes(int layer) const { return layout(layer).expert_bytes; }

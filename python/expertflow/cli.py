@@ -208,6 +208,7 @@ def _load(args: argparse.Namespace, policy: str):
     return from_pretrained(
         args.model, gpu_memory=args.gpu_memory, policy=policy, dtype=args.dtype, expert_slots=args.expert_slots,
         progress=not getattr(args, "quiet", False), predictor=predictor if policy == "expertflow" else None,
+        distributed=getattr(args, "nproc_per_node", 1) > 1,
     )
 
 
@@ -291,6 +292,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         new, seconds = _generate(model, input_ids, args)
         stats = model.expertflow.stats()
+        shard = model.expertflow.shard
+        if shard is not None:  # every rank generated the same tokens; rank 0 reports for all
+            from .distributed import gather_stats
+
+            stats = gather_stats(shard, stats)
+            if shard.rank != 0:
+                return 0
     finally:
         model.expertflow.close()
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
@@ -511,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="expertflow", help="expertflow|all_gpu|lru|next_layers|gate_ahead")
     p.add_argument("--predictor", default=None,
                    help="routing-path predictor file for the expertflow policy (the bundled model brings its own)")
+    p.add_argument("--nproc-per-node", type=POSITIVE, default=1,
+                   help="spread the experts over this many GPUs of this host (one process each, under torchrun)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="decode speed of every policy at several slot counts, against the bound")
@@ -633,6 +643,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "nproc_per_node", 1) > 1:
+            from .distributed import relaunch_under_torchrun
+
+            code = relaunch_under_torchrun(args.nproc_per_node, list(argv) if argv is not None else sys.argv[1:])
+            if code is not None:  # this process launched the ranks; they have finished
+                return code
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"expertflow {args.command}: error: {e}", file=sys.stderr)

@@ -77,13 +77,16 @@ def moe_layers(model: torch.nn.Module, arch: Architecture) -> list[MoELayer]:
     return layers
 
 
-def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, config, ckpt: Checkpoint, progress: bool) -> None:
+def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, config, ckpt: Checkpoint, progress: bool,
+               experts: list[int] | None = None) -> None:
+    """Reads every expert (or, of each layer, those in ``experts``) from the checkpoint into the pool."""
     num_experts = pool.num_experts(0)
-    bar = tqdm(total=len(layers) * num_experts, desc="Loading experts", unit="expert", disable=not progress)
+    wanted = list(range(num_experts)) if experts is None else experts
+    bar = tqdm(total=len(layers) * len(wanted), desc="Loading experts", unit="expert", disable=not progress)
     source_dtype: tuple[torch.dtype, str] | None = None
     for layer in layers:
         packed = {t.name: t for t in pool.layout(layer.index)}
-        for e in range(num_experts):
+        for e in wanted:
             sources = arch.sources(layer.path, e, config, ckpt)
             if sources is None:
                 raise CheckpointError(
@@ -201,6 +204,7 @@ def attach(
     policy,
     owns_pool: bool = True,
     predictor=None,
+    shard=None,
 ) -> OffloadEngine:
     """Connects a model built under :func:`offloaded_experts` to a filled pool: ``model.expertflow``.
 
@@ -208,7 +212,8 @@ def attach(
     forecasts in a benchmark.
 
     ``owns_pool=False`` leaves the pool open when the engine closes, so one pool can serve several
-    engines in turn (benchmarks compare policies this way).
+    engines in turn (benchmarks compare policies this way). ``shard`` (an
+    :class:`~expertflow.distributed.ExpertShard`): this process computes only its rank's experts.
     """
     layers = moe_layers(model, arch)
     if isinstance(predictor, (str, Path)):
@@ -226,7 +231,7 @@ def attach(
     offload_policy = policy if not isinstance(policy, str) else make_policy(policy, predictor)
     top_k = arch.dims(model.config)[1]
     cache = ExpertCache(pool, num_slots, policy=offload_policy.cache_policy, experts_per_token=top_k)
-    engine = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k)
+    engine = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k, shard)
     # nn.Module.__setattr__'s stub admits only tensors and modules; any value is a plain attribute.
     model.expertflow = engine  # type: ignore[assignment]
     return engine
@@ -319,12 +324,35 @@ def _resident(path: Path, dtype: torch.dtype | None, device: torch.device, progr
         yield model, arch, layers, ckpt
 
 
-def _filled_pool(model, arch: Architecture, layers: list[MoELayer], ckpt: Checkpoint, backend_obj, progress: bool) -> ExpertPool:
+def _filled_pool(model, arch: Architecture, layers: list[MoELayer], ckpt: Checkpoint, backend_obj, progress: bool,
+                 shard=None) -> ExpertPool:
+    """The pool, filled from the checkpoint. With ``shard``: one shared pool for the host, created by
+    rank 0 and mapped by the others; each rank reads its own experts into it."""
     config = model.config
     pool_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    pool = ExpertPool.uniform(len(layers), arch.dims(config)[0], arch.pool_tensors(config, pool_dtype), backend=backend_obj)
+    num_experts = arch.dims(config)[0]
+    tensors = arch.pool_tensors(config, pool_dtype)
+    if shard is None:
+        pool = ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj)
+    else:
+        created, failure = None, None
+        if shard.rank == 0:
+            try:
+                created = ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj, shared=True)
+            except ExpertFlowError as e:
+                failure = e
+        # The others learn rank 0's failure instead of waiting for a pool that never comes.
+        path = shard.broadcast(created.shared_path if created is not None else f"error: {failure}")
+        if failure is not None:
+            raise failure
+        if path.startswith("error: "):
+            raise ExpertFlowError(f"rank 0 could not create the shared expert pool: {path[7:]}")
+        pool = created or ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj, attach=path)
     try:
-        _fill_pool(pool, layers, arch, config, ckpt, progress)
+        _fill_pool(pool, layers, arch, config, ckpt, progress and (shard is None or shard.rank == 0),
+                   None if shard is None else shard.owned_ids(num_experts))
+        if shard is not None:
+            shard.barrier()  # every expert is in before any rank computes
     except BaseException:
         pool.close()
         raise
@@ -372,6 +400,7 @@ def from_pretrained(
     expert_slots: int | str | None = None,
     backend: str | None = None,
     progress: bool = True,
+    distributed: bool = False,
 ) -> torch.nn.Module:
     """Loads a MoE checkpoint folder with its routed experts offloaded.
 
@@ -387,6 +416,10 @@ def from_pretrained(
     ``predictor`` (a file from ``expertflow train-predictor`` for this model, or a loaded
     :class:`~expertflow.predictor.RoutingPathPredictor`) drives the ``expertflow`` policy; without
     one it plans from the previous token's path.
+
+    ``distributed=True`` (under ``torchrun``, one process per GPU of one host): each process caches
+    and computes its share of the experts with ``gpu_memory`` (and ``expert_slots``) of its own, the
+    host holds one shared pool, and every process returns the same model (``distributed.py``).
     """
     offload_policy = make_policy(policy)
     if predictor is not None and offload_policy.name != "expertflow":
@@ -398,15 +431,28 @@ def from_pretrained(
     if expert_slots is not None:
         parse_slots(expert_slots)
     dtype = compute_dtype(dtype)
-    backend_obj = get_backend(backend)
+    shard = None
+    if distributed:
+        from .distributed import init_distributed
+
+        if device is not None:
+            raise ValueError("distributed=True places each process on its own GPU (LOCAL_RANK); leave device unset")
+        use_gpu = get_backend(backend).is_gpu
+        shard, device = init_distributed(use_gpu)
+        backend_obj = get_backend(backend, device.index if use_gpu else 0)
+        progress = progress and shard.rank == 0
+    else:
+        backend_obj = get_backend(backend)
     device = _device_for(backend_obj, device)
     with _resident(Path(path), dtype, device, progress) as (model, arch, layers, ckpt):
         config = model.config
         # The slot count needs the resident weights' size; the pool (the model's bulk) is read after it.
         num_slots = plan_slots(model, arch, config, len(layers), offload_policy.name, budget, headroom, expert_slots)
-        pool = _filled_pool(model, arch, layers, ckpt, backend_obj, progress)
+        if shard is not None:  # a rank never caches another rank's experts
+            num_slots = min(num_slots, len(layers) * len(shard.owned_ids(arch.dims(config)[0])))
+        pool = _filled_pool(model, arch, layers, ckpt, backend_obj, progress, shard)
     try:
-        attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor)
+        attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor, shard=shard)
     except BaseException:
         pool.close()
         raise

@@ -10,6 +10,10 @@ ascending expert order, so outputs match the resident model.
 
 Host syncs: one per layer (the routing transfer) and, for a policy with a step predictor, one per
 forward pass (its forecast).
+
+With an :class:`~expertflow.distributed.ExpertShard` (one process per GPU), the engine caches and
+computes only the experts its rank owns, applies only their part of each plan, and combines the
+layer's output with the other ranks (``distributed.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from .runtime import ExpertCache, ExpertPool
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from .distributed import ExpertShard
 
 __all__ = ["OffloadedExperts", "OffloadEngine", "MoELayer"]
 
@@ -98,8 +104,10 @@ class OffloadEngine:
         owns_pool: bool = True,
         model: nn.Module | None = None,
         top_k: int = 1,
+        shard: ExpertShard | None = None,
     ) -> None:
         self.architecture = architecture
+        self.shard = shard
         self.model = model
         self.owns_pool = owns_pool
         self.layers = layers
@@ -107,6 +115,8 @@ class OffloadEngine:
         self.cache = cache
         self.policy = policy
         self.num_experts = pool.num_experts(0)
+        # [E] bool: the experts this process computes (all of them unless sharded over GPUs)
+        self.owned = shard.owned(self.num_experts) if shard is not None else np.ones(self.num_experts, dtype=bool)
         self.host_transfers = 0
         self.steps = 0
         self._positions: torch.Tensor | None = None
@@ -161,8 +171,16 @@ class OffloadEngine:
         self._apply(self.policy.on_step(ctx))
 
     def _apply(self, plan: Plan | None) -> None:
-        if plan is not None:
-            self.cache.apply(plan)
+        if plan is None:
+            return
+        if self.shard is not None:  # another rank's experts are never needed here
+            keep = self.owned[plan.experts]
+            never = ~self.owned[None, :]
+            plan = Plan(plan.layers[keep], plan.experts[keep], plan.due[keep],
+                        None if plan.next_use is None else np.where(never, np.inf, plan.next_use),
+                        None if plan.following_use is None else np.where(never, np.inf, plan.following_use),
+                        plan.now, None if plan.sure is None else plan.sure[keep])
+        self.cache.apply(plan)
 
     def run_layer(
         self,
@@ -192,7 +210,7 @@ class OffloadEngine:
                 tokens, ranks = order % num_tokens, order // num_tokens
         self.routing[layer.index] = chosen
         counts = np.bincount(chosen.ravel(), minlength=num_experts + 1)[:num_experts]
-        experts = np.flatnonzero(counts).tolist()  # ascending
+        experts = np.flatnonzero(counts * self.owned).tolist()  # ascending; this rank's only
         if num_tokens > 1:
             starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         else:  # one token (decoding at batch 1): slices, no index kernels
@@ -219,6 +237,15 @@ class OffloadEngine:
                     r = rank_of[e]
                     outputs[e] = (None, module.compute(expert_weights, hidden_states) * weights[:, r : r + 1])
             self.cache.release(layer.index, wave, stream)
+        if self.shard is not None:
+            contributions = hidden_states.new_zeros(num_tokens, k, hidden_states.shape[1])
+            for e in experts:
+                rows, y = outputs[e]
+                if rows is None:
+                    contributions[0, rank_of[e]] = y[0].to(contributions.dtype)
+                else:
+                    contributions[rows, ranks[starts[e] : starts[e + 1]]] = y.to(contributions.dtype)
+            return self.shard.combine(contributions, routing)
         final = torch.zeros_like(hidden_states)
         for e in experts:
             rows, y = outputs[e]

@@ -50,14 +50,15 @@ if TYPE_CHECKING:
     from .planner import Plan
 
 
-def get_backend(name: str | None = None) -> _C.Backend:
-    """Returns a backend: ``name``, else ``$EXPERTFLOW_BACKEND``, else ``"auto"``.
+def get_backend(name: str | None = None, device_index: int = 0) -> _C.Backend:
+    """Returns a backend: ``name``, else ``$EXPERTFLOW_BACKEND``, else ``"auto"``, copying to GPU
+    ``device_index`` (CUDA).
 
     ``auto`` takes CUDA when this build has it and a GPU is visible, else the host backend, whose
     "device" arena is host memory and whose copies run on worker threads. ``cuda`` where none is
     usable raises :class:`ExpertFlowError` with the reason.
     """
-    return _C.make_backend(name or os.environ.get("EXPERTFLOW_BACKEND", "auto"))
+    return _C.make_backend(name or os.environ.get("EXPERTFLOW_BACKEND", "auto"), device_index)
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,14 @@ class ExpertPool:
 
     :meth:`close` (or leaving a ``with`` block) closes the caches built on the pool and frees the
     pinned memory; only views from :meth:`expert` that the caller still holds keep it alive.
+
+    ``shared=True`` puts the arena in shared host memory that other processes of this host (one per
+    GPU) map with ``attach=pool.shared_path`` and the same layers, so the experts are held once per
+    host. The creating process must stay alive while others attach.
     """
 
-    def __init__(self, layers: Sequence[LayerSpec], backend: _C.Backend | str | None = None) -> None:
+    def __init__(self, layers: Sequence[LayerSpec], backend: _C.Backend | str | None = None, *,
+                 shared: bool = False, attach: str | None = None) -> None:
         if not layers:
             raise ExpertFlowError("an expert pool needs at least one MoE layer")
         self.backend = backend if isinstance(backend, _C.Backend) else get_backend(backend)
@@ -139,8 +145,10 @@ class ExpertPool:
             [(t.name, _dtype_name(t.dtype), list(t.shape), torch.empty((), dtype=t.dtype).element_size()) for t in spec.tensors]
             for spec in self.layers
         ]
-        _check_host_memory(sum(spec.num_experts * sum(-(-t.nbytes // 256) * 256 for t in spec.tensors) for spec in self.layers))
-        native = _C.ExpertPool(self.backend, [spec.num_experts for spec in self.layers], native_specs)
+        if attach is None:  # an attached pool maps memory another process already holds
+            _check_host_memory(sum(spec.num_experts * sum(-(-t.nbytes // 256) * 256 for t in spec.tensors) for spec in self.layers))
+        native = _C.ExpertPool(self.backend, [spec.num_experts for spec in self.layers], native_specs,
+                               shared or attach is not None, attach or "")
         self._native: _C.ExpertPool | None = native
         self._layouts: list[tuple[_PackedTensor, ...]] = []
         for l, spec in enumerate(self.layers):
@@ -156,12 +164,18 @@ class ExpertPool:
 
     @classmethod
     def uniform(
-        cls, num_layers: int, num_experts: int, tensors: Sequence[TensorSpec], backend: _C.Backend | str | None = None
+        cls, num_layers: int, num_experts: int, tensors: Sequence[TensorSpec], backend: _C.Backend | str | None = None,
+        *, shared: bool = False, attach: str | None = None,
     ) -> ExpertPool:
         """A pool whose ``num_layers`` layers each hold ``num_experts`` experts of the same tensors."""
         if num_layers < 1:
             raise ExpertFlowError(f"num_layers must be at least 1, got {num_layers}")
-        return cls([LayerSpec(num_experts, tuple(tensors))] * num_layers, backend)
+        return cls([LayerSpec(num_experts, tuple(tensors))] * num_layers, backend, shared=shared, attach=attach)
+
+    @property
+    def shared_path(self) -> str | None:
+        """Where other processes of this host attach a shared pool (None: not shared)."""
+        return self.native.shared_path or None
 
     @property
     def native(self) -> _C.ExpertPool:

@@ -60,6 +60,8 @@ class RecordingBackend final : public Backend {
   int device_index() const override { return -1; }
   void* alloc_pinned(size_t b) override { return inner->alloc_pinned(b); }
   void free_pinned(void* p) noexcept override { inner->free_pinned(p); }
+  void register_host(void* p, size_t b) override { inner->register_host(p, b); }
+  void unregister_host(void* p) noexcept override { inner->unregister_host(p); }
   void* alloc_device(size_t b) override { return inner->alloc_device(b); }
   void free_device(void* p) noexcept override { inner->free_device(p); }
   Stream create_stream(bool hp) override { return inner->create_stream(hp); }

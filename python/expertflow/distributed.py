@@ -1,0 +1,145 @@
+"""Expert parallelism over the GPUs of one host: each process (one per GPU) caches a disjoint share of
+the experts, every process runs the same tokens, and one collective per MoE layer combines them.
+
+Launched with ``torchrun --nproc-per-node N`` (``expertflow generate|serve|bench --nproc-per-node N``
+relaunches itself that way): ``from_pretrained(..., distributed=True)`` joins the process group (NCCL
+on GPUs, gloo on the CPU), one process per GPU.
+
+- **Ownership.** Expert ``e`` of every layer belongs to rank ``e % world_size``. Only its owner
+  caches, copies and computes it, so the per-GPU caches never hold the same expert twice: together
+  they act as one cache of ``world_size`` times the slots, and each GPU's own PCIe link carries its
+  own misses. An expert a GPU does not own is never needed there, so no expert moves between GPUs.
+- **Replicated tokens.** Attention and every other resident weight are replicated, and every rank
+  runs the same batch, so dispatching tokens to experts costs nothing: each rank already holds every
+  token. (Splitting attention would save GPU memory, not time, at the batch sizes offloading serves.)
+- **Combine.** Each rank writes its experts' weighted outputs into ``[tokens, k, hidden]`` (zeros where
+  another rank's expert sits) and one ``all_reduce`` sums them: every entry has exactly one non-zero
+  contributor, so the sum is exact. Each rank then adds a token's ``k`` outputs in ascending expert
+  order, as the one-process path does, so the result is bit-identical to one process.
+- **One pool per host.** Rank 0 creates the pinned pool in shared memory; the others map the same
+  memory and page-lock it for their own GPU (``ExpertPool(shared=True)``). Each rank reads its own
+  experts from the checkpoint into it, in parallel. Host memory does not grow with the GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["ExpertShard", "init_distributed", "launched_by_torchrun", "relaunch_under_torchrun", "gather_stats"]
+
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in _ENV)
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """This process's share of the experts: ``rank`` of ``world_size``, over process ``group``."""
+
+    rank: int
+    world_size: int
+    group: Any = None  # a torch.distributed ProcessGroup; None: the default group
+
+    def owned(self, num_experts: int) -> np.ndarray:
+        """``[num_experts]`` bool: the experts this rank caches and computes."""
+        return np.arange(num_experts) % self.world_size == self.rank
+
+    def owned_ids(self, num_experts: int) -> list[int]:
+        return np.flatnonzero(self.owned(num_experts)).tolist()
+
+    def combine(self, contributions: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        """``contributions [T, k, H]``: this rank's weighted expert outputs at each (token, rank slot),
+        zeros elsewhere; ``routing [T, k]`` expert ids -> ``[T, H]``, the sum over every rank, added
+        per token in ascending expert order (the order of the one-process path)."""
+        import torch.distributed as dist
+
+        dist.all_reduce(contributions, group=self.group)
+        order = torch.argsort(routing, dim=1, stable=True)
+        ordered = contributions.gather(1, order[..., None].expand_as(contributions))
+        final = torch.zeros_like(ordered[:, 0])
+        for j in range(ordered.shape[1]):  # k adds, as many as the one-process path makes
+            final += ordered[:, j]
+        return final
+
+    def broadcast(self, value: str) -> str:
+        """Rank 0's ``value`` on every rank."""
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier(group=self.group)
+
+
+def init_distributed(use_gpu: bool) -> tuple[ExpertShard, torch.device]:
+    """Joins (or reuses) the process group torchrun set up: NCCL with one GPU per process, gloo on the
+    CPU. Returns this process's shard and device."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() and not launched_by_torchrun():
+        missing = ", ".join(name for name in _ENV if name not in os.environ)
+        raise RuntimeError(f"distributed=True needs a torchrun launch (missing {missing}); run "
+                           "torchrun --nproc-per-node N ..., or expertflow generate|serve|bench --nproc-per-node N")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    if local_world and world and local_world != world:
+        raise RuntimeError(f"ExpertFlow spreads experts over the GPUs of one host; this launch has {world} processes "
+                           f"over {world // local_world} hosts. Use --nnodes 1")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_gpu:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} are visible; "
+                               "use at most that many processes per node")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_gpu else "gloo", device_id=device if use_gpu else None)
+    return ExpertShard(dist.get_rank(), dist.get_world_size()), device
+
+
+def relaunch_under_torchrun(nproc_per_node: int, cli_args: list[str]) -> int | None:
+    """From the CLI: runs ``expertflow CLI_ARGS`` as ``nproc_per_node`` processes under torchrun and
+    returns their exit status, or None inside such a process (the caller goes on as one rank). Ranks
+    other than 0 print nothing."""
+    import subprocess
+    import sys
+
+    if launched_by_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if world != nproc_per_node:
+            raise RuntimeError(f"--nproc-per-node {nproc_per_node} but torchrun started {world} processes")
+        if int(os.environ["RANK"]) != 0:
+            import logging
+
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
+            logging.getLogger().setLevel(logging.WARNING)
+        return None
+    if torch.cuda.is_available() and nproc_per_node > torch.cuda.device_count():
+        raise RuntimeError(f"--nproc-per-node {nproc_per_node}, but this host has {torch.cuda.device_count()} GPU(s)")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+               "-m", "expertflow.cli", *cli_args]
+    return subprocess.run(command, check=False).returncode
+
+
+def gather_stats(shard: ExpertShard, stats: dict) -> dict:
+    """Every rank's engine stats on rank 0: ``ranks`` (one dict each) and the counters summed."""
+    import torch.distributed as dist
+
+    everyone: list = [None] * shard.world_size
+    dist.all_gather_object(everyone, stats, group=shard.group)
+    total = {k: sum(s[k] for s in everyone) for k, v in stats.items() if isinstance(v, (int, float)) and k != "hit_ratio"}
+    total["hit_ratio"] = total["hits"] / total["accesses"] if total.get("accesses") else 0.0
+    return {**stats, **total, "ranks": everyone, "world_size": shard.world_size}

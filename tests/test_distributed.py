@@ -1,0 +1,111 @@
+"""Experts spread over processes (one per GPU; here gloo on the CPU): greedy tokens identical to one
+process, each expert cached and computed by exactly one rank, and one pool per host."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from expertflow.runtime import ExpertPool, TensorSpec
+
+from moe_models import build, save
+
+
+def run_cli(*args: str) -> dict:
+    env = {**os.environ, "EXPERTFLOW_BACKEND": "host"}
+    done = subprocess.run([sys.executable, "-m", "expertflow.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_two_processes_generate_the_tokens_of_one(tmp_path, model_type):
+    folder = save(build(model_type), tmp_path / model_type, "published")
+    args = ["generate", "--model", str(folder), "--prompt-ids", "5,17,3,88,41,9,12", "--max-new-tokens", "12",
+            "--expert-slots", "50%", "--policy", "lru", "--json"]
+    one = run_cli(*args)
+    two = run_cli(*args, "--nproc-per-node", "2")
+    assert two["token_ids"] == one["token_ids"]
+    assert len(one["token_ids"]) == 12
+    ranks = two["stats"]["ranks"]
+    assert len(ranks) == two["stats"]["world_size"] == 2
+    # Each (layer, expert) use is served by its one owner: the ranks' accesses add up to one process's.
+    assert sum(r["accesses"] for r in ranks) == one["stats"]["accesses"] == two["stats"]["accesses"]
+    assert all(r["accesses"] > 0 for r in ranks)
+
+
+_ATTACH = """
+import json, sys, torch
+from expertflow.runtime import ExpertPool, TensorSpec
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+before = {f: status(f) for f in ("RssAnon", "RssShmem")}
+pool = ExpertPool.uniform(4, 8, [TensorSpec("w", torch.float32, (1024, 1024))], "host", attach=sys.argv[1])
+total = sum(float(pool.expert(l, e)["w"][0, 0]) for l in range(4) for e in range(8))  # touches every expert
+checksum = float(pool.expert(3, 7)["w"].sum())
+pool.set_expert(0, int(sys.argv[2]), {"w": torch.full((1024, 1024), -1.0)})
+after = {f: status(f) for f in ("RssAnon", "RssShmem")}
+print(json.dumps({"first": total, "checksum": checksum, "anon": after["RssAnon"] - before["RssAnon"],
+                  "shared": after["RssShmem"] - before["RssShmem"]}))
+"""
+
+
+def test_one_pool_per_host_whatever_the_processes():
+    """Two processes map the pool another made: they read its bytes, their writes are seen by all,
+    and their private memory does not grow with the pool's 128 MiB (only shared pages do)."""
+    spec = [TensorSpec("w", torch.float32, (1024, 1024))]
+    with ExpertPool.uniform(4, 8, spec, "host", shared=True) as pool:
+        for l in range(4):
+            for e in range(8):
+                pool.set_expert(l, e, {"w": torch.full((1024, 1024), float(10 * l + e))})
+        assert pool.shared_path is not None and pool.total_bytes == 32 * 4 * 2**20
+        reports = []
+        for rank in (1, 2):
+            done = subprocess.run([sys.executable, "-c", _ATTACH, pool.shared_path, str(rank)], capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 0, done.stderr[-2000:]
+            reports.append(json.loads(done.stdout))
+        want_first = float(sum(10 * l + e for l in range(4) for e in range(8)))
+        assert reports[0]["first"] == want_first
+        assert reports[1]["first"] == want_first - 1 - 1  # it sees the first one's write: expert (0, 1) became -1
+        for report in reports:
+            assert report["checksum"] == 37.0 * 1024 * 1024
+            assert report["anon"] < 48 * 2**20  # no private copy of the 128 MiB pool
+        assert reports[0]["shared"] >= 4 * 2**20  # the experts it touched are shared pages
+        for rank in (1, 2):  # the attached processes' writes landed in this process's pool
+            assert float(pool.expert(0, rank)["w"].sum()) == -1024.0 * 1024
+
+
+def test_attaching_needs_the_same_layout_and_a_living_pool():
+    from expertflow.runtime import ExpertFlowError
+
+    spec = [TensorSpec("w", torch.float32, (64, 64))]
+    with ExpertPool.uniform(2, 4, spec, "host", shared=True) as pool:
+        with pytest.raises(ExpertFlowError, match="both processes must describe the same model"):
+            ExpertPool.uniform(3, 4, spec, "host", attach=pool.shared_path)
+        path = pool.shared_path
+        same = ExpertPool.uniform(2, 4, spec, "host", attach=path)  # in-process, as another rank would
+        pool.set_expert(1, 3, {"w": torch.ones(64, 64)})
+        assert np.array_equal(same.expert(1, 3)["w"].numpy(), np.ones((64, 64), dtype=np.float32))
+        same.close()
+    with pytest.raises(ExpertFlowError, match="could not open the shared expert pool"):
+        ExpertPool.uniform(2, 4, spec, "host", attach="/proc/self/fd/987654")
+
+
+def test_distributed_needs_torchrun(tmp_path, monkeypatch):
+    import expertflow as ef
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    with pytest.raises(RuntimeError, match="needs a torchrun launch"):
+        ef.from_pretrained(folder, distributed=True, backend="host", progress=False)
