@@ -109,3 +109,24 @@ def test_distributed_needs_torchrun(tmp_path, monkeypatch):
     folder = save(build("mixtral"), tmp_path / "m", "published")
     with pytest.raises(RuntimeError, match="needs a torchrun launch"):
         ef.from_pretrained(folder, distributed=True, backend="host", progress=False)
+
+
+@pytest.mark.parametrize("backend_name", ["host", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_shared_pool_serves_the_cache_like_a_private_one(backend_name):
+    """Slots filled from shared host memory (page-locked for the GPU on CUDA) hold the expert's bytes."""
+    from expertflow.runtime import ExpertCache
+
+    spec = [TensorSpec("w1", torch.float32, (33, 65)), TensorSpec("w2", torch.bfloat16, (7,))]
+    g = torch.Generator().manual_seed(3)
+    with ExpertPool.uniform(3, 5, spec, backend_name, shared=True) as pool:
+        want = {}
+        for l in range(3):
+            for e in range(5):
+                want[l, e] = {t.name: torch.randn(t.shape, generator=g).to(t.dtype) for t in spec}
+                pool.set_expert(l, e, want[l, e])
+        with ExpertCache(pool, num_slots=4) as cache:
+            for l, e in [(0, 4), (2, 1), (1, 3), (0, 0), (2, 4)]:
+                (weights,) = cache.acquire(l, [e])
+                for name, tensor in want[l, e].items():
+                    assert torch.equal(weights[name].cpu(), tensor)
+                cache.release(l, [e])
