@@ -135,10 +135,11 @@ def main() -> None:
         path = shard.broadcast(created.shared_path if created is not None else "")
         pool = created or ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend, attach=path)
         owned = shard.owned_ids(num_experts)
-    generator = torch.Generator(device=device).manual_seed(1)
+    generator = torch.Generator(device=device)
     with torch.no_grad():
         for l in range(len(layers)):
-            for e in owned:  # each rank writes its own experts, in parallel
+            for e in owned:  # each rank writes its own experts, in parallel, seeded per expert
+                generator.manual_seed(1 + l * num_experts + e)
                 for view in pool.expert(l, e).values():
                     view.copy_(torch.randn(view.shape, generator=generator, device=device, dtype=view.dtype) * 0.02)
     if shard is not None:
@@ -175,7 +176,8 @@ def main() -> None:
             ms = statistics.median(steps_ms)
             result["rows"].append({"batch": batch, "policy": policy, "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms,
                                    "bytes_per_token": stats["bytes_copied"] / (batch * args.new_tokens),
-                                   "hit_ratio": stats["hit_ratio"], "tokens": tokens[0][:8],
+                                   "hit_ratio": stats["hit_ratio"], "tokens": tokens,
+                                   "computed_unowned": stats.get("computed_unowned", 0),
                                    "bytes_per_rank": [r["bytes_copied"] for r in stats.get("ranks", [stats])]})
             if rank == 0:
                 print(json.dumps(result["rows"][-1]), flush=True)

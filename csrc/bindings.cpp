@@ -333,6 +333,7 @@ PYBIND11_MODULE(_C, m) {
       .def("set_layer_quotas", &Runtime::set_layer_quotas, py::arg("quotas"))
       .def("stats", [](Runtime& r) { return stats_dict(r.stats()); })
       .def("reset_stats", &Runtime::reset_stats)
+      .def("resident", &Runtime::resident, py::arg("layer"), py::arg("experts"))
       .def("slot_table",
            [](Runtime& r) {
              py::list out;

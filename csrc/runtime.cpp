@@ -258,6 +258,18 @@ std::vector<SlotMeta> Runtime::slot_table() {
   return cache_.slots();
 }
 
+std::vector<uint8_t> Runtime::resident(int layer, const std::vector<int>& experts) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  std::vector<uint8_t> out;
+  out.reserve(experts.size());
+  for (int expert : experts) {
+    pool_->check_expert(layer, expert);
+    out.push_back(cache_.find(layer, expert) >= 0 ? 1 : 0);
+  }
+  return out;
+}
+
 void Runtime::synchronize() {
   CopyEngine* engine;
   {

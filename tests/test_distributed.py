@@ -38,6 +38,8 @@ def test_two_processes_generate_the_tokens_of_one(tmp_path, model_type):
     # Each (layer, expert) use is served by its one owner: the ranks' accesses add up to one process's.
     assert sum(r["accesses"] for r in ranks) == one["stats"]["accesses"] == two["stats"]["accesses"]
     assert all(r["accesses"] > 0 for r in ranks)
+    # Layers whose misses fall on one rank send some to the other link (distributed.assign).
+    assert two["stats"]["computed_unowned"] == sum(r["computed_unowned"] for r in ranks) > 0
 
 
 _ATTACH = """
@@ -130,3 +132,46 @@ def test_a_shared_pool_serves_the_cache_like_a_private_one(backend_name):
                 for name, tensor in want[l, e].items():
                     assert torch.equal(weights[name].cpu(), tensor)
                 cache.release(l, [e])
+
+
+def test_assignment_keeps_hits_in_place_and_deals_out_misses():
+    from expertflow.distributed import assign
+
+    owner = np.arange(8) % 2
+    nobody = np.zeros((2, 4), dtype=bool)
+    # Four misses over two links: two copies each, every owner keeping its own where the counts allow.
+    assert assign([0, 1, 2, 3], owner, nobody).tolist() == [0, 1, 0, 1]
+    # Two misses owned by rank 0: the second goes to the idle link.
+    assert assign([0, 2], owner, np.zeros((2, 2), dtype=bool)).tolist() == [0, 1]
+    # Held experts run where they are held (the owner first), whoever owns them.
+    held = np.array([[False, True], [True, True]])
+    assert assign([4, 5], owner, held).tolist() == [1, 1]
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4), st.data())
+def test_assignment_balances_copies_from_its_definition(world, data):
+    from expertflow.distributed import assign
+
+    num_experts = data.draw(st.integers(world, 16))
+    experts = sorted(data.draw(st.sets(st.integers(0, num_experts - 1), min_size=1, max_size=num_experts)))
+    resident = np.array(data.draw(st.lists(st.lists(st.booleans(), min_size=len(experts), max_size=len(experts)),
+                                           min_size=world, max_size=world)))
+    owner = np.arange(num_experts) % world
+    ranks = assign(experts, owner, resident)
+    assert ranks.shape == (len(experts),) and ((0 <= ranks) & (ranks < world)).all()
+    misses = 0
+    copies = np.zeros(world, dtype=int)
+    for i, e in enumerate(experts):
+        if resident[:, i].any():  # a held expert runs on a rank that holds it, its owner if that one does
+            assert resident[ranks[i], i]
+            if resident[owner[e], i]:
+                assert ranks[i] == owner[e]
+        else:
+            misses += 1
+            copies[ranks[i]] += 1
+    assert copies.max() == -(-misses // world)  # no link copies more than its share, rounded up

@@ -69,6 +69,8 @@ class Runtime {
   RuntimeStats stats();
   void reset_stats();
   std::vector<SlotMeta> slot_table();
+  // Whether each of `experts` of `layer` holds a slot (landed or in flight).
+  std::vector<uint8_t> resident(int layer, const std::vector<int>& experts);
   void synchronize();
   void pause_prefetch();
   void resume_prefetch();

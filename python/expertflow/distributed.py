@@ -5,10 +5,15 @@ Launched with ``torchrun --nproc-per-node N`` (``expertflow generate|serve|bench
 relaunches itself that way): ``from_pretrained(..., distributed=True)`` joins the process group (NCCL
 on GPUs, gloo on the CPU), one process per GPU.
 
-- **Ownership.** Expert ``e`` of every layer belongs to rank ``e % world_size``. Only its owner
-  caches, copies and computes it, so the per-GPU caches never hold the same expert twice: together
-  they act as one cache of ``world_size`` times the slots, and each GPU's own PCIe link carries its
-  own misses. An expert a GPU does not own is never needed there, so no expert moves between GPUs.
+- **Ownership.** Expert ``e`` of every layer belongs to rank ``e % world_size``: only its owner
+  prefetches it, so the per-GPU caches act as one cache of ``world_size`` times the slots, and each
+  GPU's own PCIe link carries its own copies.
+- **Balanced links** (:func:`assign`). Static ownership alone leaves a link idle whenever a layer's
+  misses fall on one rank (at batch 1 with top-2 of 8 experts, 3 layers in 7). So at each layer the
+  ranks exchange which of the chosen experts they hold (one small all_gather) and every rank derives
+  the same assignment: an expert some rank holds runs there, and the misses are dealt out so each
+  link copies as few as possible, the owner first on ties. Any rank can copy any expert because the
+  pool is shared. An expert held by another GPU is computed there, never copied between GPUs.
 - **Replicated tokens.** Attention and every other resident weight are replicated, and every rank
   runs the same batch, so dispatching tokens to experts costs nothing: each rank already holds every
   token. (Splitting attention would save GPU memory, not time, at the batch sizes offloading serves.)
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ExpertShard", "init_distributed", "launched_by_torchrun", "relaunch_under_torchrun", "gather_stats"]
+__all__ = ["ExpertShard", "assign", "init_distributed", "launched_by_torchrun", "relaunch_under_torchrun", "gather_stats"]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -47,12 +52,26 @@ class ExpertShard:
     world_size: int
     group: Any = None  # a torch.distributed ProcessGroup; None: the default group
 
+    def owner(self, num_experts: int) -> np.ndarray:
+        """``[num_experts]``: each expert's owning rank."""
+        return np.arange(num_experts) % self.world_size
+
     def owned(self, num_experts: int) -> np.ndarray:
-        """``[num_experts]`` bool: the experts this rank caches and computes."""
-        return np.arange(num_experts) % self.world_size == self.rank
+        """``[num_experts]`` bool: the experts this rank prefetches (and loads into the pool)."""
+        return self.owner(num_experts) == self.rank
 
     def owned_ids(self, num_experts: int) -> list[int]:
         return np.flatnonzero(self.owned(num_experts)).tolist()
+
+    def residency(self, held: list[bool], device: torch.device) -> np.ndarray:
+        """``held [n]``: whether this rank holds each of a layer's chosen experts -> ``[world, n]``
+        bool for every rank (one all_gather and one transfer to the host)."""
+        import torch.distributed as dist
+
+        mine = torch.tensor(held, dtype=torch.uint8, device=device)
+        everyone = torch.empty(self.world_size * len(held), dtype=torch.uint8, device=device)
+        dist.all_gather_into_tensor(everyone, mine, group=self.group)
+        return everyone.view(self.world_size, len(held)).cpu().numpy().astype(bool)
 
     def combine(self, contributions: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """``contributions [T, k, H]``: this rank's weighted expert outputs at each (token, rank slot),
@@ -80,6 +99,27 @@ class ExpertShard:
         import torch.distributed as dist
 
         dist.barrier(group=self.group)
+
+
+def assign(experts: list[int], owner: np.ndarray, resident: np.ndarray) -> np.ndarray:
+    """The rank that computes each of a layer's chosen ``experts`` (ascending ids), the same on every
+    rank. ``owner [E]``: each expert's owning rank; ``resident [world, n]``: which rank holds which.
+
+    An expert some rank holds runs there (its owner if it holds it, else the lowest such rank). The
+    misses go one at a time, in id order, to the rank with the fewest copies so far, the owner first
+    on ties, then the lowest rank: no link copies two while another copies none."""
+    world = resident.shape[0]
+    ranks = np.empty(len(experts), dtype=np.int64)
+    copies = np.zeros(world, dtype=np.int64)
+    for i, e in enumerate(experts):
+        holders = np.flatnonzero(resident[:, i])
+        if holders.size:
+            ranks[i] = owner[e] if resident[owner[e], i] else holders[0]
+            continue
+        fewest = np.flatnonzero(copies == copies.min())
+        ranks[i] = owner[e] if owner[e] in fewest else fewest[0]
+        copies[ranks[i]] += 1
+    return ranks
 
 
 def init_distributed(use_gpu: bool) -> tuple[ExpertShard, torch.device]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .distributed import assign
 from .models import Architecture
 from .planner import Plan
 from .policies import EngineInfo, Policy, StepContext
@@ -115,8 +116,10 @@ class OffloadEngine:
         self.cache = cache
         self.policy = policy
         self.num_experts = pool.num_experts(0)
-        # [E] bool: the experts this process computes (all of them unless sharded over GPUs)
-        self.owned = shard.owned(self.num_experts) if shard is not None else np.ones(self.num_experts, dtype=bool)
+        # [E]: each expert's owning rank, and whether it is this one's (all of them unless sharded)
+        self.owner = shard.owner(self.num_experts) if shard is not None else np.zeros(self.num_experts, dtype=np.int64)
+        self.owned = self.owner == (shard.rank if shard is not None else 0)
+        self.computed_unowned = 0  # sharded: experts this rank computed for another owner (balanced links)
         self.host_transfers = 0
         self.steps = 0
         self._positions: torch.Tensor | None = None
@@ -210,7 +213,12 @@ class OffloadEngine:
                 tokens, ranks = order % num_tokens, order // num_tokens
         self.routing[layer.index] = chosen
         counts = np.bincount(chosen.ravel(), minlength=num_experts + 1)[:num_experts]
-        experts = np.flatnonzero(counts * self.owned).tolist()  # ascending; this rank's only
+        experts = np.flatnonzero(counts).tolist()  # ascending
+        if self.shard is not None:  # this rank's share of the layer's experts (distributed.assign)
+            resident = self.shard.residency(self.cache.resident(layer.index, experts), hidden_states.device)
+            ranks_of = assign(experts, self.owner, resident)
+            experts = [e for e, r in zip(experts, ranks_of.tolist()) if r == self.shard.rank]
+            self.computed_unowned += int(np.sum(~self.owned[experts]))
         if num_tokens > 1:
             starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         else:  # one token (decoding at batch 1): slices, no index kernels
@@ -256,14 +264,18 @@ class OffloadEngine:
         return final
 
     def stats(self) -> dict:
-        """The cache's counters plus ``policy``, ``num_slots`` and ``hit_ratio``."""
+        """The cache's counters plus ``policy``, ``num_slots``, ``hit_ratio`` and, sharded,
+        ``computed_unowned`` (experts this rank ran for another owner to balance the links)."""
         s: dict[str, Any] = dict(self.cache.stats())  # float counters, then the policy name (a str)
         s["hit_ratio"] = s["hits"] / s["accesses"] if s["accesses"] else 0.0
         s["policy"] = self.policy.name
         s["num_slots"] = self.cache.num_slots
+        if self.shard is not None:
+            s["computed_unowned"] = self.computed_unowned
         return s
 
     def reset_stats(self) -> None:
+        self.computed_unowned = 0
         self.cache.reset_stats()
 
     def close(self) -> None:

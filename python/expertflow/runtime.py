@@ -447,6 +447,11 @@ class ExpertCache:
         self._check_open()
         self._native.reset_stats()
 
+    def resident(self, layer: int, experts: Sequence[int]) -> list[bool]:
+        """Whether each of ``experts`` of ``layer`` holds a slot (its bytes landed or in flight)."""
+        self._check_open()
+        return [bool(r) for r in self._native.resident(layer, list(experts))]
+
     def slot_table(self) -> list[dict[str, Any]]:
         """Per slot: layer, expert (-1 when empty), pin_count, planned, next_use, following_use,
         last_use, use_count, prefetched_unused."""
