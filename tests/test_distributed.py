@@ -163,7 +163,7 @@ def test_assignment_balances_copies_from_its_definition(world, data):
                                            min_size=world, max_size=world)))
     owner = np.arange(num_experts) % world
     ranks = assign(experts, owner, resident)
-    assert ranks.shape == (len(experts),) and ((0 <= ranks) & (ranks < world)).all()
+    assert ranks.shape == (len(experts),) and ((ranks >= 0) & (ranks < world)).all()
     misses = 0
     copies = np.zeros(world, dtype=int)
     for i, e in enumerate(experts):
@@ -175,3 +175,72 @@ def test_assignment_balances_copies_from_its_definition(world, data):
             misses += 1
             copies[ranks[i]] += 1
     assert copies.max() == -(-misses // world)  # no link copies more than its share, rounded up
+
+
+def test_two_process_server_answers_as_one_process(tmp_path):
+    """`expertflow serve --nproc-per-node 2`: rank 0 serves, rank 1 follows its passes; concurrent
+    greedy streams (one client leaving early) give each request's tokens generated alone."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    import threading
+    import time
+
+    from test_server import free_port, get
+
+    import expertflow as ef
+    from expertflow.cli import BUNDLED_MODEL
+
+    port = free_port()
+    env = {**os.environ, "EXPERTFLOW_BACKEND": "host"}
+    proc = subprocess.Popen([sys.executable, "-m", "expertflow.cli", "serve", "--port", str(port), "--expert-slots", "50%",
+                             "--dtype", "float32", "--max-batch-size", "2", "--nproc-per-node", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                if get(f"{base}/v1/models", key=None)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"the server did not start: {proc.stdout.read()}")
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        prompts = ["ROMEO:", "The json module", "JULIET:", "def main"]
+        streamed: dict[str, list[int]] = {}
+
+        def stream(prompt: str) -> None:
+            chunks = client.completions.create(model="tiny-mixtral", prompt=prompt, max_tokens=10, temperature=0, stream=True)
+            streamed[prompt] = "".join(c.choices[0].text for c in chunks)
+
+        def leave_early() -> None:
+            chunks = client.completions.create(model="tiny-mixtral", prompt="First Citizen:", max_tokens=40, temperature=0,
+                                               stream=True)
+            next(iter(chunks))
+            chunks.close()  # the request is cancelled on rank 0; rank 1 drops its mirror
+
+        threads = [threading.Thread(target=stream, args=(p,)) for p in prompts] + [threading.Thread(target=leave_early)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        after = client.completions.create(model="tiny-mixtral", prompt="ROMEO:", max_tokens=10, temperature=0).choices[0].text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+    model = ef.from_pretrained(BUNDLED_MODEL, expert_slots="50%", dtype="float32", backend="host", progress=False)
+    try:
+        for prompt in prompts:
+            ids = tokenizer(prompt)["input_ids"]
+            with ef.Engine(model, max_batch_size=1) as engine:
+                alone = tokenizer.decode(engine.generate([ids], max_new_tokens=10)[0])
+            assert streamed[prompt] == alone
+        assert after == streamed["ROMEO:"]  # still in step after a client left
+    finally:
+        model.expertflow.close()

@@ -411,7 +411,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} has no tokenizer; the server reads and writes text")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch_size=args.max_batch_size,
           schedule=args.schedule, max_queue=args.max_queue, gpu_memory=args.gpu_memory, policy=args.policy,
-          dtype=args.dtype, expert_slots=args.expert_slots, progress=False,
+          dtype=args.dtype, expert_slots=args.expert_slots, progress=False, distributed=args.nproc_per_node > 1,
           predictor=BUNDLED_PREDICTOR if args.policy == "expertflow" and Path(args.model).resolve() == BUNDLED_MODEL else None)
     return 0
 
@@ -560,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=POSITIVE, default=8)
     p.add_argument("--schedule", default="expertflow", choices=["expertflow", "fifo"])
     p.add_argument("--max-queue", type=POSITIVE, default=256, help="requests waiting beyond the running ones")
+    p.add_argument("--nproc-per-node", type=POSITIVE, default=1,
+                   help="spread the experts over this many GPUs of this host; rank 0 serves")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-scheduler", help="the token scheduler against first-come batching: activated experts, bytes, tokens/s")

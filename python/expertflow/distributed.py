@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -88,7 +88,11 @@ class ExpertShard:
         return final
 
     def broadcast(self, value: str) -> str:
-        """Rank 0's ``value`` on every rank."""
+        """Rank 0's string on every rank."""
+        return cast(str, self.broadcast_object(value))
+
+    def broadcast_object(self, value: object) -> object:
+        """Rank 0's (picklable) ``value`` on every rank."""
         import torch.distributed as dist
 
         box = [value]

@@ -397,7 +397,8 @@ def build_app(server: Server):
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch_size: int = 8, schedule: str = "expertflow", max_queue: int = 256, **load) -> None:
-    """Loads the model, starts the engine and serves until interrupted."""
+    """Loads the model, starts the engine and serves until interrupted. With ``distributed=True``
+    (under torchrun) rank 0 serves and the other ranks follow its engine."""
     import uvicorn
     from transformers import AutoTokenizer
 
@@ -405,6 +406,13 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = from_pretrained(model_path, **load)
+    shard = model.expertflow.shard
+    if shard is not None and shard.rank != 0:
+        try:
+            Engine(model, max_batch_size=max_batch_size, schedule=schedule, max_queue=max_queue).follow()
+        finally:
+            model.expertflow.close()
+        return
     server = Server(Engine(model, max_batch_size=max_batch_size, schedule=schedule, max_queue=max_queue), tokenizer,
                     model_name=str(model_path).rstrip("/").split("/")[-1], api_key=api_key)
     log.info("serving %s on http://%s:%d/v1 (%s schedule, batches of %d)%s", server.model_name, host, port, schedule,

@@ -18,6 +18,11 @@ A step is one forward pass:
   next token.
 
 Greedy decoding gives each request the tokens it gets alone (up to floating-point ties).
+
+With the experts spread over GPUs (``from_pretrained(..., distributed=True)``), rank 0's engine leads:
+it schedules, samples and serves, and before each forward pass tells the other ranks which requests
+run with which new tokens (one broadcast). The others run :meth:`Engine.follow`, which mirrors the
+requests' KV caches and runs the same passes, so every MoE layer's collective meets its peers.
 """
 
 from __future__ import annotations
@@ -193,6 +198,9 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # submit() may come from other threads than step()
         self._closed = False
+        # Distributed: rank 0 leads (tells the others each pass); the others follow (follow()).
+        self.shard = engine.shard
+        self._freed: list[int] = []  # leader: finished requests the followers still mirror
         self.stats = {"steps": 0, "prefill_passes": 0, "decode_batches": 0, "activated_pairs": 0, "tokens": 0,
                       "rounds": 0, "schedule_ms": 0.0}
 
@@ -203,6 +211,7 @@ class Engine:
         ``params``. Raises :class:`EngineError` for bad input, an over-long request or a full queue."""
         if self._closed:
             raise EngineError("the engine is closed; create a new one")
+        self._check_leader()
         try:
             params = params if params is not None else SamplingParams(**sampling)
         except TypeError as e:
@@ -265,6 +274,7 @@ class Engine:
         """One forward pass; returns the requests that got a token (or finished) in it."""
         if self._closed:
             raise EngineError("the engine is closed; create a new one")
+        self._check_leader()
         if not self._round:
             joining: list[Request] = []
             if not self._prefilled:  # one prefill pass between rounds: it delays the running by one pass
@@ -315,14 +325,47 @@ class Engine:
         return [r.output_ids for r in requests]
 
     def close(self) -> None:
-        """Fails what is still queued or running; later calls raise. The model stays usable."""
+        """Fails what is still queued or running; later calls raise. The model stays usable. A leading
+        engine (distributed rank 0) releases the followers."""
         if self._closed:
             return
-        self._closed = True
         for r in list(self._waiting) + self._running:
             self._finish(r, "error", "the engine was closed")
+        self._closed = True
         self._waiting.clear()
         self._round.clear()
+        if self.shard is not None and self.shard.rank == 0:
+            self.shard.broadcast_object({"op": "stop"})
+
+    def follow(self) -> None:
+        """Distributed ranks other than 0: runs the passes rank 0's engine announces, until it closes.
+        Each request's KV cache is mirrored here; sampling and scheduling happen on rank 0 alone."""
+        if self.shard is None or self.shard.rank == 0:
+            raise EngineError("follow() runs on distributed ranks other than 0; rank 0 submits and steps")
+        mirrored: dict[int, Request] = {}
+        while True:
+            message = cast(dict, self.shard.broadcast_object(None))
+            if message["op"] == "stop":
+                self._closed = True
+                return
+            for rid in message["free"]:
+                mirrored.pop(rid, None)
+            new_sequences = message["new_sequences"]
+            batch = []
+            for rid, prompt, num_out, ids in zip(message["ids"], message["prompts"], message["num_out"], message["new_ids"]):
+                if new_sequences:
+                    mirrored[rid] = Request(rid, prompt, SamplingParams(), _engine=self)
+                request = mirrored[rid]
+                request.output_ids = [ids[-1]] * num_out  # only its count (the length) and last token matter
+                batch.append(request)
+            try:
+                self._forward(batch, message["new_ids"], new_sequences)
+            except Exception as e:  # rank 0's pass fails alike and retries each request alone; so do we
+                log.warning("a mirrored pass failed: %s", e)
+
+    def _check_leader(self) -> None:
+        if self.shard is not None and self.shard.rank != 0:
+            raise EngineError(f"rank {self.shard.rank} follows rank 0's engine: call follow() here, submit on rank 0")
 
     def __enter__(self) -> Engine:
         return self
@@ -396,6 +439,12 @@ class Engine:
                 cache.update(keys, values, layer)
         if self.before_pass is not None:
             self.before_pass(batch, new_ids, past)
+        if self.shard is not None and self.shard.rank == 0:  # the followers run this pass too
+            with self._lock:
+                freed, self._freed = self._freed, []
+            self.shard.broadcast_object({"op": "forward", "free": freed, "ids": [r.id for r in batch], "new_sequences": new_sequences,
+                                         "prompts": [r.prompt_ids if new_sequences else None for r in batch],
+                                         "num_out": [len(r.output_ids) for r in batch], "new_ids": new_ids})
         self.offload.next_step(positions[:, -1], new_sequences, self._previous_paths(batch, new_sequences))
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -487,6 +536,9 @@ class Engine:
         request._cache = []
         if request in self._running:
             self._running.remove(request)
+        if self.shard is not None and self.shard.rank == 0:
+            with self._lock:  # told with the next pass (cancel may come from another thread)
+                self._freed.append(request.id)
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
