@@ -257,6 +257,15 @@ def test_bench_slot_counts_beyond_100_and_trace_routing_with_defaults(tmp_path, 
     assert {row["policy"] for row in out["rows"]} >= {"lru", "expertflow"}
 
 
+def test_serve_without_its_libraries_names_the_extra(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "expertflow.server", raising=False)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed: importing it raises ImportError
+    assert cli_exit_code(["serve"]) == 2
+    assert "pip install 'expertflow[serve]'" in capsys.readouterr().err
+
+
 def test_serve_and_bench_scheduler_arguments(tmp_path, capsys):
     import shutil
 

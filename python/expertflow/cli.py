@@ -405,7 +405,11 @@ def cmd_bench_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    try:
+        from .server import serve
+    except ImportError as e:  # the server's libraries are an optional extra
+        raise RuntimeError(f"expertflow serve needs FastAPI and uvicorn ({e}); install them with "
+                           "pip install 'expertflow[serve]' (or pip install fastapi uvicorn)") from None
 
     if _tokenizer(args.model) is None:
         raise ValueError(f"{args.model} has no tokenizer; the server reads and writes text")
