@@ -1,0 +1,165 @@
+"""Storage formats of an expert's weights: how they sit in the pinned pool, cross the link and fill a slot.
+
+At batch 1 decoding is copy time, so the bytes per expert set the speed. An expert stays in its
+storage format in the pool and in its slot; just before it computes, :meth:`ExpertFormat.expand`
+turns the stored tensors into compute-dtype weights (on the slot's device: the GPU, or the CPU on the
+host backend). Each weight is a matrix ``[out, in]`` (``F.linear``'s layout) or, for architectures
+that keep the transpose (gpt-oss), ``[in, out]``; quantization always runs along ``in``.
+
+| format | stored per weight | bytes per weight (bf16 = 2) |
+|---|---|---|
+| ``dense`` | the weight in the compute dtype | 2 (bf16), 4 (fp32) |
+| ``fp8`` | ``float8_e4m3fn [out, in]`` + fp32 scales per 128 x 128 block (DeepSeek-V3's ``weight_scale_inv``) | ~1 |
+| ``int8`` | ``int8 [out, in]`` + fp32 scale per output channel | ~1 |
+| ``mxfp4`` | ``uint8 blocks [out, in / 32, 16]`` (two e2m1 a byte, low nibble first) + e8m0 ``scales [out, in / 32]`` | ~0.53 |
+
+(MXFP4 is gpt-oss's ``_blocks`` / ``_scales`` layout.)
+
+Biases stay dense. Definitions: e4m3 is torch's ``float8_e4m3fn``; an fp8 weight is ``q * s`` with
+``s`` its block's scale; int8 ``q * s`` with ``s`` its row's scale; MXFP4 ``v * 2^(e - 127)`` with
+``v`` the e2m1 value of the nibble (OCP Microscaling Formats v1.0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["WeightSpec", "ExpertFormat", "FORMATS", "expert_format", "FP4_VALUES", "FP8_BLOCK"]
+
+#: e2m1 values of the 16 nibbles: sign bit 3, exponent bits 2-1, mantissa bit 0
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP8_BLOCK = 128  # DeepSeek-V3 and Qwen3 FP8: weight_block_size [128, 128]
+MX_BLOCK = 32
+_FP8_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One weight of an expert: ``name``, ``[out, in]``, and whether it is stored transposed
+    (``[in, out]``, gpt-oss's dense layout). ``bias``: a dense ``[out]`` bias beside it."""
+
+    name: str
+    out_features: int
+    in_features: int
+    transposed: bool = False
+    bias: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The dense weight's shape as the architecture computes with it."""
+        return (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    name: str
+
+    @property
+    def dense(self) -> bool:
+        return self.name == "dense"
+
+    def stored(self, weight: WeightSpec, dtype: torch.dtype) -> list:
+        """The pool tensors (``runtime.TensorSpec``) that hold ``weight`` (and its bias) in this format;
+        ``dtype`` is the compute dtype (dense weights and biases)."""
+        from .runtime import TensorSpec
+
+        w, out, inp = weight.name, weight.out_features, weight.in_features
+        if self.dense:
+            specs = [TensorSpec(w, dtype, weight.shape)]
+        elif self.name == "fp8":
+            specs = [TensorSpec(w, torch.float8_e4m3fn, (out, inp)),
+                     TensorSpec(f"{w}_scale", torch.float32, (-(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)))]
+        elif self.name == "int8":
+            specs = [TensorSpec(w, torch.int8, (out, inp)), TensorSpec(f"{w}_scale", torch.float32, (out,))]
+        else:  # mxfp4
+            if inp % MX_BLOCK:
+                raise ValueError(f"mxfp4 needs {weight.name}'s input size to be a multiple of {MX_BLOCK}, got {inp}")
+            specs = [TensorSpec(f"{w}_blocks", torch.uint8, (out, inp // MX_BLOCK, MX_BLOCK // 2)),
+                     TensorSpec(f"{w}_scales", torch.uint8, (out, inp // MX_BLOCK))]
+        if weight.bias:
+            specs.append(TensorSpec(f"{w}_bias", dtype, (out,)))
+        return specs
+
+    def expand(self, weight: WeightSpec, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight (``weight.shape``, ``dtype``) from its stored tensors, on their device."""
+        w = weight.name
+        if self.dense:
+            return stored[w]
+        if self.name == "fp8":
+            q, scale = stored[w], stored[f"{w}_scale"]
+            out, inp = q.shape
+            if out % FP8_BLOCK == 0 and inp % FP8_BLOCK == 0:  # whole blocks: broadcast, no expanded scales
+                blocks = q.view(out // FP8_BLOCK, FP8_BLOCK, inp // FP8_BLOCK, FP8_BLOCK).to(torch.float32)
+                dense = (blocks * scale[:, None, :, None]).view(out, inp).to(dtype)
+            else:
+                s = scale.repeat_interleave(FP8_BLOCK, 0)[:out].repeat_interleave(FP8_BLOCK, 1)[:, :inp]
+                dense = (q.to(torch.float32) * s).to(dtype)
+        elif self.name == "int8":
+            dense = (stored[w].to(torch.float32) * stored[f"{w}_scale"][:, None]).to(dtype)
+        else:
+            dense = _mxfp4_expand(stored[f"{w}_blocks"], stored[f"{w}_scales"], dtype)
+        return dense.t().contiguous() if weight.transposed else dense
+
+    def quantize(self, weight: WeightSpec, dense: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored tensors of a dense weight (``weight.shape``), without its bias."""
+        w = weight.name
+        if self.dense:
+            return {w: dense}
+        x = (dense.t() if weight.transposed else dense).to(torch.float32)
+        if self.name == "fp8":
+            out, inp = x.shape
+            rows, cols = -(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)
+            padded = x.new_zeros(rows * FP8_BLOCK, cols * FP8_BLOCK)
+            padded[:out, :inp] = x
+            blocks = padded.view(rows, FP8_BLOCK, cols, FP8_BLOCK)
+            scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / _FP8_MAX
+            q = (blocks / scale[:, None, :, None]).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+            return {w: q.view(rows * FP8_BLOCK, cols * FP8_BLOCK)[:out, :inp].contiguous(), f"{w}_scale": scale}
+        if self.name == "int8":
+            scale = x.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            q = torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            return {w: q, f"{w}_scale": scale}
+        return _mxfp4_quantize(x, w)
+
+
+FORMATS = {name: ExpertFormat(name) for name in ("dense", "fp8", "int8", "mxfp4")}
+
+
+def expert_format(name: str | None) -> ExpertFormat:
+    """A format by name; None and the dense dtypes' names (``bf16``, ``bfloat16``, ...) are dense."""
+    if name is None or name in ("dense", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+        return FORMATS["dense"]
+    if name not in FORMATS:
+        raise ValueError(f"unknown expert dtype '{name}'; choose fp8, int8 or mxfp4 (or bf16 for the checkpoint's own)")
+    return FORMATS[name]
+
+
+def _mxfp4_expand(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``blocks [out, G, 16]`` uint8, ``scales [out, G]`` uint8 -> ``[out, G * 32]``: low nibble first."""
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    out, groups, half = blocks.shape
+    dense = torch.empty(out, groups, 2 * half, dtype=dtype, device=blocks.device)
+    dense[..., 0::2] = lut[(blocks & 0x0F).to(torch.int64)]
+    dense[..., 1::2] = lut[(blocks >> 4).to(torch.int64)]
+    # 2^(e - 127) exactly: ldexp, as the checkpoint's own reference does
+    torch.ldexp(dense, (scales.to(torch.int32) - 127)[..., None], out=dense)
+    return dense.view(out, groups * 2 * half)
+
+
+def _mxfp4_quantize(x: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+    """``x [out, in]`` fp32 -> blocks and scales: each 32-value block shares the exponent
+    ``floor(log2(amax)) - 2`` (e2m1's largest exponent), values round to the nearest e2m1 value."""
+    out, inp = x.shape
+    if inp % MX_BLOCK:
+        raise ValueError(f"mxfp4 needs {name}'s input size to be a multiple of {MX_BLOCK}, got {inp}")
+    groups = x.view(out, inp // MX_BLOCK, MX_BLOCK)
+    amax = groups.abs().amax(dim=-1)
+    exponent = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp(min=2.0**-126))) - 2, torch.full_like(amax, -127))
+    exponent = exponent.clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    values = torch.tensor(FP4_VALUES, dtype=torch.float32, device=x.device)
+    nibbles = (scaled[..., None] - values).abs().argmin(dim=-1).to(torch.uint8)  # nearest; +0 before -0
+    blocks = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return {f"{name}_blocks": blocks.contiguous(), f"{name}_scales": (exponent + 127).to(torch.uint8)}

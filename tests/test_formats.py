@@ -1,0 +1,124 @@
+"""Expert storage formats against their definitions (e4m3, per-block and per-channel scales, OCP MXFP4)
+and against transformers' own MXFP4 decoder, over odd sizes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from expertflow.formats import FP4_VALUES, FP8_BLOCK, WeightSpec, expert_format
+
+
+def e2m1(nibble: int) -> float:
+    """The OCP e2m1 value of a 4-bit code, from its bits."""
+    sign = -1.0 if nibble & 0b1000 else 1.0
+    exponent, mantissa = (nibble >> 1) & 0b11, nibble & 1
+    return sign * (mantissa * 0.5 if exponent == 0 else (1 + mantissa / 2) * 2.0 ** (exponent - 1))
+
+
+def test_the_fp4_table_is_e2m1():
+    assert [e2m1(n) for n in range(16)] == list(FP4_VALUES)
+
+
+@pytest.mark.parametrize("out, groups", [(1, 1), (7, 3), (33, 2)])
+def test_mxfp4_expands_as_its_definition_and_as_transformers(out, groups):
+    g = torch.Generator().manual_seed(out * 10 + groups)
+    blocks = torch.randint(0, 256, (out, groups, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(110, 140, (out, groups), dtype=torch.uint8, generator=g)
+    spec = WeightSpec("w", out, groups * 32)
+    dense = expert_format("mxfp4").expand(spec, {"w_blocks": blocks, "w_scales": scales}, torch.float32)
+    assert dense.shape == (out, groups * 32)
+    for r in range(out):
+        for c in range(0, groups * 32, 5):
+            byte = int(blocks[r, c // 32, (c % 32) // 2])
+            nibble = byte & 0x0F if c % 2 == 0 else byte >> 4
+            assert dense[r, c].item() == e2m1(nibble) * 2.0 ** (int(scales[r, c // 32]) - 127)
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    theirs = convert_moe_packed_tensors(blocks[None], scales[None], dtype=torch.bfloat16)[0]  # [in, out]
+    ours = expert_format("mxfp4").expand(WeightSpec("w", out, groups * 32, transposed=True),
+                                         {"w_blocks": blocks, "w_scales": scales}, torch.bfloat16)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (7, 64), (33, 96)])
+def test_mxfp4_round_trips_what_it_can_hold(shape):
+    """Values that are e2m1 codes times a power of two per 32-block come back exactly."""
+    g = torch.Generator().manual_seed(shape[0])
+    codes = torch.tensor(FP4_VALUES)[torch.randint(0, 16, shape, generator=g)]
+    codes[:, ::32] = 6.0  # each block's largest magnitude is 6: its exponent is exact
+    powers = 2.0 ** torch.randint(-8, 8, (shape[0], shape[1] // 32), generator=g).float()
+    x = codes * powers.repeat_interleave(32, 1)
+    spec = WeightSpec("w", *shape)
+    fmt = expert_format("mxfp4")
+    assert torch.equal(fmt.expand(spec, fmt.quantize(spec, x), torch.float32), x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_mxfp4_rounds_to_the_nearest_code(out, groups, seed):
+    x = torch.randn(out, groups * 32, generator=torch.Generator().manual_seed(seed)) * 3
+    spec = WeightSpec("w", out, groups * 32)
+    fmt = expert_format("mxfp4")
+    y = fmt.expand(spec, fmt.quantize(spec, x), torch.float32)
+    for r in range(out):
+        for b in range(groups):
+            block = x[r, b * 32 : (b + 1) * 32]
+            step = 2.0 ** (math.floor(math.log2(block.abs().max().item())) - 2)  # the block's scale
+            grid = torch.tensor(FP4_VALUES) * step
+            nearest = grid[(block[:, None] - grid).abs().argmin(dim=1)]
+            assert torch.allclose(y[r, b * 32 : (b + 1) * 32].abs(), nearest.abs())
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (130, 257), (256, 128)])
+def test_fp8_block_scales_follow_the_definition(shape):
+    g = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(shape, generator=g) * torch.logspace(-2, 2, shape[1])  # very different blocks
+    spec = WeightSpec("w", *shape)
+    fmt = expert_format("fp8")
+    stored = fmt.quantize(spec, x)
+    assert stored["w"].dtype == torch.float8_e4m3fn and stored["w"].shape == shape
+    rows, cols = -(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK)
+    assert stored["w_scale"].shape == (rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            block = x[i * FP8_BLOCK : (i + 1) * FP8_BLOCK, j * FP8_BLOCK : (j + 1) * FP8_BLOCK]
+            assert stored["w_scale"][i, j].item() == pytest.approx(block.abs().max().item() / 448, rel=1e-6)
+    y = fmt.expand(spec, stored, torch.float32)
+    scale = stored["w_scale"].repeat_interleave(FP8_BLOCK, 0)[: shape[0]].repeat_interleave(FP8_BLOCK, 1)[:, : shape[1]]
+    # e4m3 keeps 3 mantissa bits: within 2^-4 relative for normals, half the smallest subnormal (2^-10 scaled) below
+    assert ((y - x).abs() <= torch.maximum(x.abs() / 16, scale * 2.0**-10)).all()
+    assert torch.equal(y, stored["w"].float() * scale)  # the definition: q * s
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (64, 5)])
+def test_int8_per_channel(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    spec = WeightSpec("w", *shape, transposed=True)  # gpt-oss's layout: [in, out] = shape
+    fmt = expert_format("int8")
+    stored = fmt.quantize(spec, x)
+    rows = x.t()
+    assert torch.allclose(stored["w_scale"], rows.abs().amax(dim=1) / 127)
+    y = fmt.expand(spec, stored, torch.float32)
+    assert y.shape == x.shape
+    assert ((y - x).abs() <= stored["w_scale"][None, :] / 2 + 1e-7).all()
+
+
+def test_stored_sizes():
+    """A Mixtral expert's gate_up: fp8 and int8 hold half the bf16 bytes, mxfp4 about a quarter."""
+    spec = WeightSpec("gate_up", 2 * 14336, 4096, bias=False)
+    size = {name: sum(t.nbytes for t in expert_format(name).stored(spec, torch.bfloat16))
+            for name in ("dense", "fp8", "int8", "mxfp4")}
+    assert size["fp8"] / size["dense"] == pytest.approx(0.5, abs=0.001)
+    assert size["int8"] / size["dense"] == pytest.approx(0.5, abs=0.001)
+    assert size["mxfp4"] / size["dense"] == pytest.approx(4.25 / 16, abs=0.001)
+    with pytest.raises(ValueError, match="unknown expert dtype 'fp4'"):
+        expert_format("fp4")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        expert_format("mxfp4").stored(WeightSpec("w", 4, 33), torch.bfloat16)
+    assert np.isclose(sum(t.nbytes for t in expert_format("dense").stored(WeightSpec("w", 4, 8, bias=True), torch.float32)), 4 * 8 * 4 + 4 * 4)
