@@ -24,6 +24,10 @@ CONFIGS = {
     "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
                         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, num_key_value_heads=4,
                         qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
+    # gpt-oss: MXFP4 blocks need input sizes that are multiples of 32 (hidden 32, ffn 64)
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, head_dim=8, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
     "switch_transformers": dict(d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
                                 num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_experts=8,
                                 vocab_size=97, expert_capacity=64, decoder_start_token_id=0, pad_token_id=0,
@@ -46,7 +50,10 @@ def build(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32) ->
 
 
 def _published(state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
-    """Fused v5 expert tensors rewritten as the per-expert tensors of checkpoints as published."""
+    """Fused v5 expert tensors rewritten as the per-expert tensors of checkpoints as published
+    (gpt-oss publishes them fused)."""
+    if model_type == "gpt_oss":
+        return state
     out = {}
     for name, t in state.items():
         m = re.fullmatch(r"(.*\.experts)\.(gate_up_proj|down_proj)", name)
@@ -65,11 +72,35 @@ def _published(state: dict[str, torch.Tensor], model_type: str) -> dict[str, tor
     return out
 
 
+def _mxfp4(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gpt-oss's fused expert weights as its MXFP4 checkpoints hold them: ``_blocks`` and ``_scales``
+    of each ``[E, in, out]`` weight, quantized along ``in`` (biases stay)."""
+    from expertflow.formats import WeightSpec, expert_format
+
+    fmt, out = expert_format("mxfp4"), {}
+    for name, t in state.items():
+        if not re.fullmatch(r".*\.experts\.(gate_up_proj|down_proj)", name):
+            out[name] = t
+            continue
+        spec = WeightSpec("w", t.shape[2], t.shape[1], transposed=True)
+        parts = [fmt.quantize(spec, t[e].float()) for e in range(t.shape[0])]
+        out[name + "_blocks"] = torch.stack([q["w_blocks"] for q in parts])
+        out[name + "_scales"] = torch.stack([q["w_scales"] for q in parts])
+    return out
+
+
 def save(model: torch.nn.Module, folder: Path, layout: str, num_shards: int = 1) -> Path:
-    """Saves ``model`` with its experts ``fused`` (v5 tensors) or ``published`` (one tensor per expert)."""
+    """Saves ``model`` with its experts ``fused`` (v5 tensors), ``published`` (one tensor per expert,
+    where the architecture publishes them so) or ``mxfp4`` (gpt-oss's quantized checkpoints)."""
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if layout == "mxfp4":
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+        state = _mxfp4(state)
     for a, b in [("lm_head.weight", "model.embed_tokens.weight")]:
         if getattr(model.config, "tie_word_embeddings", False) and a in state and b in state:
             del state[a]
@@ -105,13 +136,22 @@ def expert_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
     num = getattr(first, "num_experts", None) or len(first)
     if hasattr(first, "gate_up_proj"):
         tensors = [first.gate_up_proj[0], first.down_proj[0]]
+        tensors += [getattr(first, f"{n}_bias")[0] for n in ("gate_up_proj", "down_proj") if hasattr(first, f"{n}_bias")]
     else:
         tensors = [first["expert_0"].wi.weight, first["expert_0"].wo.weight]
     per = sum(-(-t.numel() * t.element_size() // 256) * 256 for t in tensors)
     return total - expert_param_bytes, per, num * len(experts)
 
 
-def quarter_budget(model: torch.nn.Module) -> int:
-    """A gpu_memory that holds the non-expert weights and a quarter of the experts (headroom 0)."""
+def quarter_budget(model: torch.nn.Module, stored_format: str | None = None) -> int:
+    """A gpu_memory that holds the non-expert weights and a quarter of the experts (headroom 0), the
+    experts dense or in ``stored_format`` (as the pool packs them)."""
     non_expert, per, count = expert_bytes(model)
+    if stored_format is not None:
+        from expertflow.formats import expert_format
+        from expertflow.models import architecture_for
+
+        arch = architecture_for(model.config.model_type)
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        per = sum(-(-t.nbytes // 256) * 256 for t in arch.pool_tensors(model.config, dtype, expert_format(stored_format)))
     return non_expert + (count // 4) * per

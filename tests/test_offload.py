@@ -31,6 +31,13 @@ def checkpoints(tmp_path_factory):
             if arch == "switch_transformers" and layout == "fused":
                 continue  # Switch checkpoints only exist with one module per expert
             out[(arch, layout)] = (model, save(model, tmp_path_factory.mktemp(f"{arch}-{layout}"), layout, num_shards=2))
+    # gpt-oss's MXFP4 checkpoint: the reference is transformers' own model on the dequantized weights.
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    folder = save(build("gpt_oss"), tmp_path_factory.mktemp("gpt_oss-mxfp4"), "mxfp4", num_shards=2)
+    dequantized = AutoModelForCausalLM.from_pretrained(folder, quantization_config=Mxfp4Config(dequantize=True),
+                                                       dtype=torch.float32).eval()
+    out[("gpt_oss", "mxfp4")] = (dequantized, folder)
     return out
 
 
@@ -47,6 +54,7 @@ def logits(model, prompt):
 
 
 CASES = [(a, l) for a in ARCHS for l in ("fused", "published") if not (a == "switch_transformers" and l == "fused")]
+CASES.append(("gpt_oss", "mxfp4"))
 
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
@@ -55,7 +63,7 @@ def test_same_tokens_and_logits_as_transformers(checkpoints, arch, layout, polic
     reference, folder = checkpoints[(arch, layout)]
     want_tokens = generate(reference, PROMPT)
     want_logits = logits(reference, PROMPT)
-    budget = quarter_budget(reference)
+    budget = quarter_budget(reference, stored_format="mxfp4" if layout == "mxfp4" else None)
     model = ef.from_pretrained(folder, gpu_memory=budget, policy=policy, headroom=0, progress=False)
     try:
         stats_cache = model.expertflow.cache
@@ -122,5 +130,66 @@ def test_one_routing_transfer_per_layer_visit(checkpoints, policy):
         generate(model, PROMPT)
         # NEW_TOKENS forward passes (the prefill and NEW_TOKENS - 1 decode steps), each visiting every layer once.
         assert model.expertflow.host_transfers == NEW_TOKENS * model.expertflow.num_layers
+    finally:
+        model.expertflow.close()
+
+
+def test_compressed_experts_fit_more_slots_in_the_same_budget(checkpoints):
+    """gpt-oss's MXFP4 experts stay compressed: the budget that holds a quarter of them dense holds
+    over three times as many slots, and their bytes per expert are what MXFP4 packs."""
+    reference, mxfp4_folder = checkpoints[("gpt_oss", "mxfp4")]
+    _, dense_folder = checkpoints[("gpt_oss", "fused")]
+    budget = quarter_budget(reference)
+    dense = ef.from_pretrained(dense_folder, gpu_memory=budget, policy="lru", headroom=0, progress=False)
+    packed = ef.from_pretrained(mxfp4_folder, gpu_memory=budget, policy="lru", headroom=0, progress=False)
+    try:
+        assert packed.expertflow.expert_format.name == "mxfp4" and dense.expertflow.expert_format.dense
+        assert packed.expertflow.cache.num_slots >= 3 * dense.expertflow.cache.num_slots
+        # gate_up (128 out x 32 in) and down (32 x 64): 4-bit codes and a byte of scale per 32 inputs,
+        # or fp32 weights; fp32 biases either way; each tensor 256-byte aligned
+        align = lambda n: -(-n // 256) * 256  # noqa: E731
+        weights = [(128, 32), (32, 64)]
+        assert packed.expertflow.pool.expert_bytes(0) == sum(align(o * i // 2) + align(o * i // 32) + align(4 * o) for o, i in weights)
+        assert dense.expertflow.pool.expert_bytes(0) == sum(align(4 * o * i) + align(4 * o) for o, i in weights)
+    finally:
+        dense.expertflow.close()
+        packed.expertflow.close()
+
+
+@pytest.mark.parametrize("expert_dtype", ["fp8", "int8"])
+def test_quantized_at_load_computes_the_quantized_weights(checkpoints, expert_dtype):
+    """expert_dtype quantizes a dense checkpoint's experts at load: the offloaded model gives the
+    tokens and logits of transformers' model whose expert weights are replaced by their quantized
+    values (q * scale, per 128x128 block for fp8, per row for int8), and its pool holds the codes."""
+    import copy
+
+    from expertflow.formats import FP8_BLOCK
+
+    reference, folder = checkpoints[("mixtral", "published")]
+    quantized = copy.deepcopy(reference)
+    for layer in quantized.model.layers:
+        experts = layer.mlp.experts
+        for param in (experts.gate_up_proj, experts.down_proj):
+            with torch.no_grad():
+                for e in range(param.shape[0]):
+                    w = param[e]
+                    if expert_dtype == "int8":
+                        scale = w.abs().amax(dim=1, keepdim=True) / 127
+                        param[e] = torch.round(w / scale).clamp(-127, 127) * scale
+                    else:
+                        out, inp = w.shape
+                        for i in range(0, out, FP8_BLOCK):
+                            for j in range(0, inp, FP8_BLOCK):
+                                block = w[i : i + FP8_BLOCK, j : j + FP8_BLOCK]
+                                scale = block.abs().max() / 448
+                                param[e, i : i + FP8_BLOCK, j : j + FP8_BLOCK] = (block / scale).to(torch.float8_e4m3fn).float() * scale
+    model = ef.from_pretrained(folder, expert_slots="25%", policy="lru", expert_dtype=expert_dtype, progress=False)
+    try:
+        assert model.expertflow.expert_format.name == expert_dtype
+        codes = model.expertflow.pool.expert(0, 3)["gate_up"]
+        assert codes.dtype == (torch.int8 if expert_dtype == "int8" else torch.float8_e4m3fn)
+        assert generate(model, PROMPT).tolist() == generate(quantized, PROMPT).tolist()
+        torch.testing.assert_close(logits(model, PROMPT), logits(quantized, PROMPT), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(logits(quantized, PROMPT), logits(reference, PROMPT), atol=1e-6)  # it did quantize
     finally:
         model.expertflow.close()

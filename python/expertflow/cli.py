@@ -85,7 +85,15 @@ def _port_number(text: str) -> int:
 
 POSITIVE = _int_at_least(1)
 NON_NEGATIVE = _int_at_least(0)
+def _expert_dtype(text: str) -> str:
+    from .formats import expert_format
+
+    expert_format(text)
+    return text
+
+
 SLOTS, DTYPE, SIZE = _checked(_slots, "slots"), _checked(_dtype, "dtype"), _checked(_size, "size")
+EXPERT_DTYPE = _checked(_expert_dtype, "expert dtype")
 _port = _checked(_port_number, "port")
 
 
@@ -208,7 +216,7 @@ def _load(args: argparse.Namespace, policy: str):
     return from_pretrained(
         args.model, gpu_memory=args.gpu_memory, policy=policy, dtype=args.dtype, expert_slots=args.expert_slots,
         progress=not getattr(args, "quiet", False), predictor=predictor if policy == "expertflow" else None,
-        distributed=getattr(args, "nproc_per_node", 1) > 1,
+        distributed=getattr(args, "nproc_per_node", 1) > 1, expert_dtype=getattr(args, "expert_dtype", None),
     )
 
 
@@ -416,6 +424,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch_size=args.max_batch_size,
           schedule=args.schedule, max_queue=args.max_queue, gpu_memory=args.gpu_memory, policy=args.policy,
           dtype=args.dtype, expert_slots=args.expert_slots, progress=False, distributed=args.nproc_per_node > 1,
+          expert_dtype=args.expert_dtype,
           predictor=BUNDLED_PREDICTOR if args.policy == "expertflow" and Path(args.model).resolve() == BUNDLED_MODEL else None)
     return 0
 
@@ -426,6 +435,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-slots", default=None, type=SLOTS,
                    help="slot count or share of all experts (e.g. 25%%) instead of the budget")
     p.add_argument("--dtype", default=None, type=DTYPE, help="compute dtype: float32, float16 or bfloat16 (default: the checkpoint's)")
+    p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE,
+                   help="how experts are stored and copied: fp8, int8 (quantized at load), bf16 (expands a quantized "
+                        "checkpoint); default: the checkpoint's own (gpt-oss: mxfp4)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
@@ -560,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", default="12GiB", type=SIZE)
     p.add_argument("--expert-slots", default=None, type=SLOTS)
     p.add_argument("--dtype", default=None, type=DTYPE)
+    p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE, help="fp8, int8 or bf16 (default: the checkpoint's)")
     p.add_argument("--policy", default="expertflow")
     p.add_argument("--max-batch-size", type=POSITIVE, default=8)
     p.add_argument("--schedule", default="expertflow", choices=["expertflow", "fifo"])

@@ -10,6 +10,7 @@ follows from ``gpu_memory``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import warnings
@@ -21,6 +22,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, CheckpointError
+from .formats import FORMATS, ExpertFormat, expert_format
 from .models import Architecture, architecture_for
 from .offload import MoELayer, OffloadedExperts, OffloadEngine
 from .policies import make_policy
@@ -78,10 +80,22 @@ def moe_layers(model: torch.nn.Module, arch: Architecture) -> list[MoELayer]:
 
 
 def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, config, ckpt: Checkpoint, progress: bool,
-               experts: list[int] | None = None) -> None:
-    """Reads every expert (or, of each layer, those in ``experts``) from the checkpoint into the pool."""
+               experts: list[int] | None = None, checkpoint_format: ExpertFormat | None = None,
+               pool_format: ExpertFormat | None = None, dtype: torch.dtype | None = None) -> None:
+    """Reads every expert (or, of each layer, those in ``experts``) from the checkpoint into the pool.
+
+    Where the pool keeps another storage format than the checkpoint (``pool_format``: fp8 from bf16,
+    dense from MXFP4, ...), each expert is staged in the checkpoint's format, expanded and stored in
+    the pool's (``dtype``: the compute dtype of dense weights and biases)."""
     num_experts = pool.num_experts(0)
     wanted = list(range(num_experts)) if experts is None else experts
+    checkpoint_format = checkpoint_format or FORMATS["dense"]
+    convert = pool_format is not None and pool_format != checkpoint_format
+    if convert and dtype is None:
+        raise ValueError("converting experts between storage formats needs the compute dtype")
+    staged = {t.name: t for t in arch.pool_tensors(config, cast(torch.dtype, dtype), checkpoint_format)} if convert else {}
+    # Dense weights and biases may be converted to the compute dtype; codes and scales never are.
+    dense_names = {n for w in arch.weights(config) for n in (w.name, f"{w.name}_bias")}
     bar = tqdm(total=len(layers) * len(wanted), desc="Loading experts", unit="expert", disable=not progress)
     source_dtype: tuple[torch.dtype, str] | None = None
     for layer in layers:
@@ -93,9 +107,10 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
                     f"expert {e} of MoE layer {layer.index} ({layer.path}) is not in the checkpoint at {ckpt.folder}; "
                     f"expected {arch.describe_sources(layer.path)}"
                 )
+            staging = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in staged.items()}
             for src in sources:
                 info = ckpt.info(src.checkpoint_name)
-                target = packed[src.pool_tensor]
+                target = staged[src.pool_tensor] if convert else packed[src.pool_tensor]
                 rows = target.shape[0] // 2 if (arch.gated and src.pool_tensor == "gate_up" and src.expert_index is None) else target.shape[0]
                 want = (rows, *target.shape[1:])
                 if src.expert_index is not None:
@@ -105,28 +120,40 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
                         f"tensor '{info.name}' in {info.file} has shape {list(info.shape)}, expected {list(want)} "
                         f"for this {config.model_type} config"
                     )
-                if source_dtype is None:
-                    source_dtype = (info.dtype, info.name)
-                elif info.dtype != source_dtype[0]:
-                    raise CheckpointError(
-                        f"tensor '{info.name}' in {info.file} is {info.dtype} but '{source_dtype[1]}' is {source_dtype[0]}; "
-                        "all routed experts of a checkpoint must share one dtype"
-                    )
+                if src.pool_tensor in dense_names:
+                    if source_dtype is None:
+                        source_dtype = (info.dtype, info.name)
+                    elif info.dtype != source_dtype[0]:
+                        raise CheckpointError(
+                            f"tensor '{info.name}' in {info.file} is {info.dtype} but '{source_dtype[1]}' is {source_dtype[0]}; "
+                            "all routed experts of a checkpoint must share one dtype"
+                        )
+                elif info.dtype != target.dtype:
+                    raise CheckpointError(f"tensor '{info.name}' in {info.file} is {info.dtype}; {src.pool_tensor} must be {target.dtype}")
                 nbytes = info.nbytes // num_experts if src.expert_index is not None else info.nbytes
                 offset = nbytes * (src.expert_index or 0)
                 row_bytes = target.nbytes // target.shape[0]
                 with ckpt.view(info, offset, nbytes) as raw:
-                    if info.dtype == target.dtype:
-                        pool.write_tensor(layer.index, e, src.pool_tensor, raw, offset=src.row_offset * row_bytes)
-                    else:
+                    data = raw
+                    if info.dtype != target.dtype:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
-                            converted = torch.frombuffer(raw, dtype=info.dtype).to(target.dtype)
-                        pool.write_tensor(
-                            layer.index, e, src.pool_tensor, converted.view(torch.uint8).numpy().data,
-                            offset=src.row_offset * row_bytes,
-                        )
+                            data = torch.frombuffer(raw, dtype=info.dtype).to(target.dtype).view(torch.uint8).numpy().data
+                    if convert:
+                        start = src.row_offset * row_bytes
+                        chunk = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                        staging[src.pool_tensor].view(-1).view(torch.uint8)[start : start + chunk.numel()] = chunk
+                    else:
+                        pool.write_tensor(layer.index, e, src.pool_tensor, data, offset=src.row_offset * row_bytes)
                 ckpt.release(info, offset, nbytes)
+            if convert:
+                assert pool_format is not None and dtype is not None
+                for weight in arch.weights(config):
+                    dense = checkpoint_format.expand(weight, staging, torch.float32)
+                    for name, tensor in pool_format.quantize(weight, dense).items():
+                        pool.write_tensor(layer.index, e, name, tensor.to(packed[name].dtype))
+                    if weight.bias:
+                        pool.write_tensor(layer.index, e, f"{weight.name}_bias", staging[f"{weight.name}_bias"])
             bar.update(1)
     bar.close()
 
@@ -147,11 +174,13 @@ def plan_slots(
     budget: int,
     headroom: int | str | None = None,
     expert_slots: int | str | None = None,
+    expert_format: ExpertFormat | None = None,
 ) -> int:
-    """How many expert slots fit ``budget`` beside the model's resident (non-expert) weights."""
+    """How many expert slots fit ``budget`` beside the model's resident (non-expert) weights; a slot
+    holds one expert in ``expert_format`` (default dense)."""
     num_experts, top_k, _, _ = arch.dims(config)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    expert_bytes = sum(-(-t.nbytes // 256) * 256 for t in arch.pool_tensors(config, dtype))  # as the pool packs them
+    expert_bytes = sum(-(-t.nbytes // 256) * 256 for t in arch.pool_tensors(config, dtype, expert_format))  # as the pool packs them
     weights_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     total_experts = num_layers * num_experts
     if policy == "all_gpu":
@@ -205,6 +234,7 @@ def attach(
     owns_pool: bool = True,
     predictor=None,
     shard=None,
+    expert_format: ExpertFormat | None = None,
 ) -> OffloadEngine:
     """Connects a model built under :func:`offloaded_experts` to a filled pool: ``model.expertflow``.
 
@@ -214,6 +244,7 @@ def attach(
     ``owns_pool=False`` leaves the pool open when the engine closes, so one pool can serve several
     engines in turn (benchmarks compare policies this way). ``shard`` (an
     :class:`~expertflow.distributed.ExpertShard`): this process computes only its rank's experts.
+    ``expert_format``: the storage format the pool holds the experts in (default dense).
     """
     layers = moe_layers(model, arch)
     if isinstance(predictor, (str, Path)):
@@ -231,7 +262,8 @@ def attach(
     offload_policy = policy if not isinstance(policy, str) else make_policy(policy, predictor)
     top_k = arch.dims(model.config)[1]
     cache = ExpertCache(pool, num_slots, policy=offload_policy.cache_policy, experts_per_token=top_k)
-    engine = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k, shard)
+    engine = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k, shard, expert_format,
+                           arch.weights(model.config))
     # nn.Module.__setattr__'s stub admits only tensors and modules; any value is a plain attribute.
     model.expertflow = engine  # type: ignore[assignment]
     return engine
@@ -296,6 +328,14 @@ def _resident(path: Path, dtype: torch.dtype | None, device: torch.device, progr
     if not 1 <= top_k <= num_experts:
         raise CheckpointError(f"{path / 'config.json'} routes each token to {top_k} of {num_experts} experts; "
                               "top-k must be between 1 and the expert count")
+    load_config = {}
+    if getattr(config, "quantization_config", None) is not None:
+        arch.checkpoint_format(config)  # refuses quantizations we cannot read, before any weight loads
+        # The quantized tensors are routed experts, which we read ourselves: transformers builds the
+        # model unquantized and loads the rest.
+        stripped = copy.deepcopy(config)
+        del stripped.quantization_config
+        load_config = {"config": stripped}
     with Checkpoint(path) as ckpt:  # validates every shard before transformers reads one
         verbosity = transformers.logging.get_verbosity()
         # Transformers would list every routed expert as unexpected; _check_loading_info reports the
@@ -310,7 +350,7 @@ def _resident(path: Path, dtype: torch.dtype | None, device: torch.device, progr
                 # pointer to a report the verbosity above hides.
                 model, info = arch.auto_class.from_pretrained(
                     path, dtype=dtype or "auto", device_map={"": device}, output_loading_info=True,
-                    ignore_mismatched_sizes=True,
+                    ignore_mismatched_sizes=True, **load_config,
                 )
         finally:
             transformers.logging.set_verbosity(verbosity)
@@ -325,13 +365,16 @@ def _resident(path: Path, dtype: torch.dtype | None, device: torch.device, progr
 
 
 def _filled_pool(model, arch: Architecture, layers: list[MoELayer], ckpt: Checkpoint, backend_obj, progress: bool,
-                 shard=None) -> ExpertPool:
-    """The pool, filled from the checkpoint. With ``shard``: one shared pool for the host, created by
-    rank 0 and mapped by the others; each rank reads its own experts into it."""
+                 shard=None, pool_format: ExpertFormat | None = None) -> ExpertPool:
+    """The pool, filled from the checkpoint, in ``pool_format`` (default: the checkpoint's own). With
+    ``shard``: one shared pool for the host, created by rank 0 and mapped by the others; each rank
+    reads its own experts into it."""
     config = model.config
     pool_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     num_experts = arch.dims(config)[0]
-    tensors = arch.pool_tensors(config, pool_dtype)
+    checkpoint_format = arch.checkpoint_format(read_config(ckpt.folder))
+    pool_format = pool_format or checkpoint_format
+    tensors = arch.pool_tensors(config, pool_dtype, pool_format)
     if shard is None:
         pool = ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj)
     else:
@@ -350,7 +393,7 @@ def _filled_pool(model, arch: Architecture, layers: list[MoELayer], ckpt: Checkp
         pool = created or ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj, attach=path)
     try:
         _fill_pool(pool, layers, arch, config, ckpt, progress and (shard is None or shard.rank == 0),
-                   None if shard is None else shard.owned_ids(num_experts))
+                   None if shard is None else shard.owned_ids(num_experts), checkpoint_format, pool_format, pool_dtype)
         if shard is not None:
             shard.barrier()  # every expert is in before any rank computes
     except BaseException:
@@ -401,6 +444,7 @@ def from_pretrained(
     backend: str | None = None,
     progress: bool = True,
     distributed: bool = False,
+    expert_dtype: str | None = None,
 ) -> torch.nn.Module:
     """Loads a MoE checkpoint folder with its routed experts offloaded.
 
@@ -417,6 +461,11 @@ def from_pretrained(
     :class:`~expertflow.predictor.RoutingPathPredictor`) drives the ``expertflow`` policy; without
     one it plans from the previous token's path.
 
+    ``expert_dtype``: the storage format of the experts in host memory, over the link and in their
+    slots (``formats.py``): None keeps the checkpoint's (bf16, or gpt-oss's MXFP4); ``"fp8"`` or
+    ``"int8"`` quantize at load, ``"bf16"`` expands a quantized checkpoint. Slots are sized by it,
+    so the same ``gpu_memory`` holds 2-4x more compressed experts.
+
     ``distributed=True`` (under ``torchrun``, one process per GPU of one host): each process caches
     and computes its share of the experts with ``gpu_memory`` (and ``expert_slots``) of its own, the
     host holds one shared pool, and every process returns the same model (``distributed.py``).
@@ -425,6 +474,7 @@ def from_pretrained(
     if predictor is not None and offload_policy.name != "expertflow":
         raise ValueError(f"a routing-path predictor drives the expertflow policy only, not {policy}")
     # Every argument is checked before any weight loads.
+    requested_format = expert_format(expert_dtype) if expert_dtype is not None else None
     budget = parse_bytes(gpu_memory)
     if headroom is not None:
         parse_bytes(headroom)
@@ -446,19 +496,24 @@ def from_pretrained(
     device = _device_for(backend_obj, device)
     with _resident(Path(path), dtype, device, progress) as (model, arch, layers, ckpt):
         config = model.config
+        pool_format = requested_format or arch.checkpoint_format(read_config(path))
         # The slot count needs the resident weights' size; the pool (the model's bulk) is read after it.
-        num_slots = plan_slots(model, arch, config, len(layers), offload_policy.name, budget, headroom, expert_slots)
+        num_slots = plan_slots(model, arch, config, len(layers), offload_policy.name, budget, headroom, expert_slots,
+                               pool_format)
         if shard is not None:  # a rank never caches another rank's experts
             num_slots = min(num_slots, len(layers) * len(shard.owned_ids(arch.dims(config)[0])))
-        pool = _filled_pool(model, arch, layers, ckpt, backend_obj, progress, shard)
+        pool = _filled_pool(model, arch, layers, ckpt, backend_obj, progress, shard, pool_format)
     try:
-        attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor, shard=shard)
+        attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor, shard=shard,
+               expert_format=pool_format)
     except BaseException:
         pool.close()
         raise
+    dense_bytes = sum(-(-t.nbytes // 256) * 256 for t in arch.pool_tensors(config, next(p.dtype for p in model.parameters() if p.is_floating_point())))
+    stored = "" if pool_format.dense else f" as {pool_format.name}, {format_bytes(dense_bytes)} dense"
     log.info(
-        "%s: %d MoE layers x %d experts (%s each) in pinned memory; %d slots on %s (%s), policy %s",
-        config.model_type, pool.num_layers, pool.num_experts(0), format_bytes(pool.expert_bytes(0)), num_slots,
+        "%s: %d MoE layers x %d experts (%s each%s) in pinned memory; %d slots on %s (%s), policy %s",
+        config.model_type, pool.num_layers, pool.num_experts(0), format_bytes(pool.expert_bytes(0)), stored, num_slots,
         device, pool.backend.name, offload_policy.name,
     )
     return model

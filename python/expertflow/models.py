@@ -8,13 +8,20 @@ Per expert, the pool holds:
 
 - gated (SwiGLU) families — Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3:
   ``gate_up`` ``[2 * ffn, hidden]`` (gate rows, then up rows) and ``down`` ``[hidden, ffn]``;
+- gpt-oss: ``gate_up`` ``[hidden, 2 * ffn]`` (gate and up columns interleaved) and ``down``
+  ``[ffn, hidden]``, transposed as its model keeps them, each with a bias; its clamped SwiGLU;
 - Switch Transformers: ``wi`` ``[ffn, hidden]`` and ``wo`` ``[hidden, ffn]``.
+
+Those are the dense weights (:class:`~expertflow.formats.WeightSpec`); the pool holds them in a
+storage format (``formats.py``): dense, or fp8 / int8 / mxfp4 data with scales, biases dense.
 
 Checkpoint layouts accepted for each experts module at model path ``P``:
 
 - fused (transformers v5): ``P.gate_up_proj`` ``[E, 2F, H]`` and ``P.down_proj`` ``[E, H, F]``;
 - per expert, as published: ``P'.{e}.gate_proj.weight`` / ``up_proj`` / ``down_proj`` (Mixtral:
-  ``w1`` / ``w3`` / ``w2`` under ``block_sparse_moe``); Switch: ``P.expert_{e}.wi.weight`` / ``wo``.
+  ``w1`` / ``w3`` / ``w2`` under ``block_sparse_moe``); Switch: ``P.expert_{e}.wi.weight`` / ``wo``;
+- gpt-oss: ``P.gate_up_proj`` / ``P.down_proj`` (``[E, ...]``, dense) or their MXFP4
+  ``_blocks`` / ``_scales``, and ``P.gate_up_proj_bias`` / ``P.down_proj_bias``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,20 @@ from dataclasses import dataclass
 
 import torch
 
+from .formats import FORMATS, ExpertFormat, WeightSpec
+
 __all__ = ["Architecture", "ARCHITECTURES", "architecture_for", "ExpertSource"]
+
+
+def _gpt_oss_name(pool_tensor: str) -> str:
+    """A pool tensor's checkpoint name in a gpt-oss experts module: gate_up -> gate_up_proj,
+    gate_up_blocks -> gate_up_proj_blocks, down_bias -> down_proj_bias."""
+    for weight in ("gate_up", "down"):
+        if pool_tensor == weight:
+            return f"{weight}_proj"
+        if pool_tensor.startswith(weight + "_"):
+            return f"{weight}_proj{pool_tensor[len(weight):]}"
+    raise ValueError(f"no gpt-oss checkpoint tensor for pool tensor '{pool_tensor}'")
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,7 @@ class Architecture:
     published_block: str | None = None  # Mixtral publishes ".mlp." as ".block_sparse_moe."
     published_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     encoder_decoder: bool = False
+    style: str = "swiglu"  # how an expert computes: swiglu, switch (wi/wo) or gpt_oss (clamped, biased)
 
     @property
     def auto_class(self):
@@ -75,13 +96,31 @@ class Architecture:
     def activation(self, config) -> str:
         return config.dense_act_fn if self.encoder_decoder else config.hidden_act
 
-    def pool_tensors(self, config, dtype: torch.dtype):
-        from .runtime import TensorSpec
-
+    def weights(self, config) -> list[WeightSpec]:
+        """The dense weights of one expert, as this architecture computes with them."""
         _, _, hidden, ffn = self.dims(config)
+        if self.style == "gpt_oss":
+            return [WeightSpec("gate_up", 2 * ffn, hidden, transposed=True, bias=True),
+                    WeightSpec("down", hidden, ffn, transposed=True, bias=True)]
         if self.gated:
-            return (TensorSpec("gate_up", dtype, (2 * ffn, hidden)), TensorSpec("down", dtype, (hidden, ffn)))
-        return (TensorSpec("wi", dtype, (ffn, hidden)), TensorSpec("wo", dtype, (hidden, ffn)))
+            return [WeightSpec("gate_up", 2 * ffn, hidden), WeightSpec("down", hidden, ffn)]
+        return [WeightSpec("wi", ffn, hidden), WeightSpec("wo", hidden, ffn)]
+
+    def pool_tensors(self, config, dtype: torch.dtype, expert_format: ExpertFormat | None = None) -> list:
+        """The pool tensors (``runtime.TensorSpec``) of one expert in ``expert_format`` (default dense)."""
+        fmt = expert_format or FORMATS["dense"]
+        return [spec for weight in self.weights(config) for spec in fmt.stored(weight, dtype)]
+
+    def checkpoint_format(self, config) -> ExpertFormat:
+        """The format the checkpoint stores its experts in (gpt-oss: MXFP4 where its config says so)."""
+        method = (getattr(config, "quantization_config", None) or {})
+        method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", None)
+        if method is None:
+            return FORMATS["dense"]
+        if method == "mxfp4" and self.style == "gpt_oss":
+            return FORMATS["mxfp4"]
+        raise ValueError(f"this {config.model_type} checkpoint is quantized with '{method}'; ExpertFlow reads "
+                         "gpt-oss MXFP4 and unquantized checkpoints (quantize at load with expert_dtype='fp8' or 'int8')")
 
     def sources(self, path: str, expert: int, config, available) -> list[ExpertSource] | None:
         """The checkpoint tensors of one expert of the experts module at ``path``, or None if absent.
@@ -89,6 +128,11 @@ class Architecture:
         ``available``: a container of the checkpoint's tensor names.
         """
         _, _, _, ffn = self.dims(config)
+        if self.style == "gpt_oss":
+            names = ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales") \
+                if f"{path}.gate_up_proj_blocks" in available else ("gate_up", "down")
+            out = [ExpertSource(n, f"{path}.{_gpt_oss_name(n)}", expert) for n in names + ("gate_up_bias", "down_bias")]
+            return out if all(s.checkpoint_name in available for s in out) else None
         if not self.gated:
             base = f"{path}.expert_{expert}"
             out = [ExpertSource("wi", f"{base}.wi.weight"), ExpertSource("wo", f"{base}.wo.weight")]
@@ -108,6 +152,8 @@ class Architecture:
         return None
 
     def describe_sources(self, path: str) -> str:
+        if self.style == "gpt_oss":
+            return f"{path}.gate_up_proj / .down_proj (or their _blocks and _scales, MXFP4) with .gate_up_proj_bias / .down_proj_bias"
         if not self.gated:
             return f"{path}.expert_<e>.wi.weight / .wo.weight"
         published = path.replace(".mlp.", self.published_block) if self.published_block else path
@@ -133,8 +179,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(("olmoe",), _TM + "olmoe.modeling_olmoe", "OlmoeExperts"),
     Architecture(("deepseek_v2",), _TM + "deepseek_v2.modeling_deepseek_v2", "DeepseekV2Experts"),
     Architecture(("deepseek_v3",), _TM + "deepseek_v3.modeling_deepseek_v3", "DeepseekV3Experts"),
+    Architecture(("gpt_oss",), _TM + "gpt_oss.modeling_gpt_oss", "GptOssExperts", router_attr="router", style="gpt_oss"),
     Architecture(("switch_transformers",), _TM + "switch_transformers.modeling_switch_transformers",
-                 "SwitchTransformersExperts", router_attr="router", gated=False, encoder_decoder=True),
+                 "SwitchTransformersExperts", router_attr="router", gated=False, encoder_decoder=True, style="switch"),
 )
 
 

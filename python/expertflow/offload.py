@@ -28,6 +28,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .distributed import assign
+from .formats import FORMATS, ExpertFormat, WeightSpec
 from .models import Architecture
 from .planner import Plan
 from .policies import EngineInfo, Policy, StepContext
@@ -53,6 +54,9 @@ class OffloadedExperts(nn.Module):
         self.num_experts = architecture.dims(config)[0]
         self.act_fn = ACT2FN[architecture.activation(config)]
         self.gated = architecture.gated
+        self.style = architecture.style
+        if self.style == "gpt_oss":  # its clamped SwiGLU
+            self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.layer = -1
         self.engine: OffloadEngine | None = None
 
@@ -66,7 +70,14 @@ class OffloadedExperts(nn.Module):
         return self.engine.run_layer(self, hidden_states, routing, weights)
 
     def compute(self, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """One expert on its tokens: ``x [n, hidden] -> [n, hidden]``."""
+        """One expert on its tokens: ``x [n, hidden] -> [n, hidden]`` (dense ``weights``, the
+        architecture's layout: ``Architecture.weights``). The arithmetic is transformers' own."""
+        if self.style == "gpt_oss":
+            gate_up = x @ weights["gate_up"] + weights["gate_up_bias"]
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+            gate = gate.clamp(min=None, max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+            return ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))) @ weights["down"] + weights["down_bias"]
         if self.gated:
             gate, up = F.linear(x, weights["gate_up"]).chunk(2, dim=-1)
             return F.linear(self.act_fn(gate) * up, weights["down"])
@@ -106,9 +117,14 @@ class OffloadEngine:
         model: nn.Module | None = None,
         top_k: int = 1,
         shard: ExpertShard | None = None,
+        expert_format: ExpertFormat | None = None,
+        weights: list[WeightSpec] | None = None,
     ) -> None:
         self.architecture = architecture
         self.shard = shard
+        # Slots hold experts in this storage format; a non-dense one expands just before computing.
+        self.expert_format = expert_format or FORMATS["dense"]
+        self.weights = weights or []
         self.model = model
         self.owns_pool = owns_pool
         self.layers = layers
@@ -236,7 +252,7 @@ class OffloadEngine:
             for i in sorted(range(len(wave)), key=lambda i: not self.cache.slot_ready(slots[i])):
                 e = wave[i]
                 self.cache.wait_slot(slots[i], stream)
-                expert_weights = self.cache.slot_tensors(slots[i], layer.index)
+                expert_weights = self._expand(self.cache.slot_tensors(slots[i], layer.index), hidden_states.dtype)
                 if num_tokens > 1:
                     token_idx = tokens[starts[e] : starts[e + 1]]
                     y = module.compute(expert_weights, hidden_states[token_idx])
@@ -262,6 +278,14 @@ class OffloadEngine:
             else:
                 final.index_add_(0, rows, y.to(final.dtype))
         return final
+
+    def _expand(self, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """A slot's tensors as dense weights (biases as they are): identity for the dense format."""
+        if self.expert_format.dense:
+            return stored
+        dense = {w.name: self.expert_format.expand(w, stored, dtype) for w in self.weights}
+        dense.update({f"{w.name}_bias": stored[f"{w.name}_bias"] for w in self.weights if w.bias})
+        return dense
 
     def stats(self) -> dict:
         """The cache's counters plus ``policy``, ``num_slots``, ``hit_ratio`` and, sharded,
