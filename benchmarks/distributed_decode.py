@@ -31,7 +31,7 @@ from expertflow.bench.shapes import make_config
 from expertflow.loader import attach, moe_layers, offloaded_experts
 from expertflow.models import architecture_for
 from expertflow.oracles import TraceSchedule
-from expertflow.runtime import ExpertPool, get_backend
+from expertflow.runtime import ExpertPool, backend_uses_gpu, get_backend
 from expertflow.traces import read_trace
 from expertflow.units import parse_slots
 
@@ -99,7 +99,7 @@ def main() -> None:
     args = p.parse_args()
     logging.getLogger("expertflow").setLevel(logging.WARNING)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_gpu = get_backend().is_gpu
+    use_gpu = backend_uses_gpu()
     shard = None
     if world > 1:
         from expertflow.distributed import init_distributed
@@ -131,9 +131,9 @@ def main() -> None:
         pool = ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend)
         owned = list(range(num_experts))
     else:
-        created = ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend, shared=True) if rank == 0 else None
-        path = shard.broadcast(created.shared_path if created is not None else "")
-        pool = created or ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend, attach=path)
+        from expertflow.distributed import open_shared_pool
+
+        pool = open_shared_pool(shard, len(layers), num_experts, tensors, backend)
         owned = shard.owned_ids(num_experts)
     generator = torch.Generator(device=device)
     with torch.no_grad():

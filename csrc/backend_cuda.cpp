@@ -52,7 +52,7 @@ class CudaBackend final : public Backend {
                                                            << cudaGetErrorString(status));
   }
   void unregister_host(void* ptr) noexcept override {
-    if (ptr) cudaHostUnregister(ptr);
+    if (ptr && cudaSetDevice(device_index_) == cudaSuccess) cudaHostUnregister(ptr);
   }
   void* alloc_device(size_t bytes) override {
     activate();

@@ -27,7 +27,8 @@ Buffer::Buffer(std::shared_ptr<Backend> backend, size_t bytes, const std::string
     // An anonymous shared-memory file: unlike a /dev/shm name it is bounded by memory alone, not by
     // the mount's size, and it cannot outlive the processes that hold it.
     fd = memfd_create("expertflow-pool", MFD_CLOEXEC);
-    EF_CHECK(fd >= 0, "could not create a shared-memory file: " << std::strerror(errno));
+    const int create_errno = errno;  // saved before anything else can change it
+    EF_CHECK(fd >= 0, "could not create a shared-memory file: " << std::strerror(create_errno));
     if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
       const int err = errno;
       close(fd);
@@ -37,11 +38,16 @@ Buffer::Buffer(std::shared_ptr<Backend> backend, size_t bytes, const std::string
     shared_path_ = "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(fd);
   } else {
     fd = open(attach_path.c_str(), O_RDWR | O_CLOEXEC);
-    EF_CHECK(fd >= 0, "could not open the shared expert pool at " << attach_path << ": " << std::strerror(errno)
+    const int open_errno = errno;
+    EF_CHECK(fd >= 0, "could not open the shared expert pool at " << attach_path << ": " << std::strerror(open_errno)
                                                                   << " (is the process that created it still running?)");
     struct stat st {};
-    const bool sized = fstat(fd, &st) == 0 && static_cast<size_t>(st.st_size) == bytes;
-    if (!sized) {
+    if (fstat(fd, &st) != 0) {
+      const int stat_errno = errno;
+      close(fd);
+      EF_CHECK(false, "could not read the size of the shared expert pool at " << attach_path << ": " << std::strerror(stat_errno));
+    }
+    if (static_cast<size_t>(st.st_size) != bytes) {
       close(fd);
       EF_CHECK(false, "the shared expert pool at " << attach_path << " holds " << st.st_size << " bytes, but this pool's "
                                                    << "layout needs " << bytes << ": both processes must describe the same model");

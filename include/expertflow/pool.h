@@ -9,7 +9,8 @@
 // - A shared arena (several processes of one host, one per GPU) is one anonymous shared-memory file:
 //   the process that creates it keeps the file open, and the others map it through
 //   /proc/<pid>/fd/<fd> (shared_path()) and page-lock it for their own device. Host memory is spent
-//   once whatever the number of processes; each unmaps its view when its Buffer goes.
+//   once whatever the number of processes; each unmaps its view when its Buffer goes. Attaching checks
+//   only that the sizes agree: the processes must build the same layouts (they load the same model).
 #pragma once
 
 #include <cstddef>

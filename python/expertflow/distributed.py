@@ -1,7 +1,8 @@
-"""Expert parallelism over the GPUs of one host: each process (one per GPU) caches a disjoint share of
-the experts, every process runs the same tokens, and one collective per MoE layer combines them.
+"""Expert parallelism over the GPUs of one host: each process (one per GPU) caches a share of the
+experts, every process runs the same tokens, and two small collectives per MoE layer (who holds
+which expert; the combine) keep them in step.
 
-Launched with ``torchrun --nproc-per-node N`` (``expertflow generate|serve|bench --nproc-per-node N``
+Launched with ``torchrun --nproc-per-node N`` (``expertflow generate|serve --nproc-per-node N``
 relaunches itself that way): ``from_pretrained(..., distributed=True)`` joins the process group (NCCL
 on GPUs, gloo on the CPU), one process per GPU.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, cast
 
 import numpy as np
@@ -51,6 +53,9 @@ class ExpertShard:
     rank: int
     world_size: int
     group: Any = None  # a torch.distributed ProcessGroup; None: the default group
+    # gloo, with a timeout of days: a serving follower waits there for rank 0's next pass, however
+    # long the server idles (the default group's watchdog would end it after minutes)
+    control: Any = None
 
     def owner(self, num_experts: int) -> np.ndarray:
         """``[num_experts]``: each expert's owning rank."""
@@ -69,9 +74,9 @@ class ExpertShard:
         import torch.distributed as dist
 
         mine = torch.tensor(held, dtype=torch.uint8, device=device)
-        everyone = torch.empty(self.world_size * len(held), dtype=torch.uint8, device=device)
-        dist.all_gather_into_tensor(everyone, mine, group=self.group)
-        return everyone.view(self.world_size, len(held)).cpu().numpy().astype(bool)
+        everyone = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(everyone, mine, group=self.group)
+        return torch.stack(everyone).cpu().numpy().astype(bool)
 
     def combine(self, contributions: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """``contributions [T, k, H]``: this rank's weighted expert outputs at each (token, rank slot),
@@ -92,17 +97,17 @@ class ExpertShard:
         return cast(str, self.broadcast_object(value))
 
     def broadcast_object(self, value: object) -> object:
-        """Rank 0's (picklable) ``value`` on every rank."""
+        """Rank 0's (picklable) ``value`` on every rank, over the control group."""
         import torch.distributed as dist
 
         box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
     def barrier(self) -> None:
         import torch.distributed as dist
 
-        dist.barrier(group=self.group)
+        dist.barrier(group=self.control)
 
 
 def assign(experts: list[int], owner: np.ndarray, resident: np.ndarray) -> np.ndarray:
@@ -140,7 +145,7 @@ def init_distributed(use_gpu: bool) -> tuple[ExpertShard, torch.device]:
     if local_world and world and local_world != world:
         raise RuntimeError(f"ExpertFlow spreads experts over the GPUs of one host; this launch has {world} processes "
                            f"over {world // local_world} hosts. Use --nnodes 1")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else dist.get_rank()  # one host
     if use_gpu:
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} are visible; "
@@ -151,14 +156,33 @@ def init_distributed(use_gpu: bool) -> tuple[ExpertShard, torch.device]:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_gpu else "gloo", device_id=device if use_gpu else None)
-    return ExpertShard(dist.get_rank(), dist.get_world_size()), device
+    control = dist.new_group(backend="gloo", timeout=timedelta(days=30))
+    return ExpertShard(dist.get_rank(), dist.get_world_size(), control=control), device
+
+
+def open_shared_pool(shard: ExpertShard, num_layers: int, num_experts: int, tensors, backend):
+    """The host's one pool: rank 0 creates it in shared memory, the others map it. A failure on
+    rank 0 reaches every rank as an error instead of a wait for a pool that never comes."""
+    from .runtime import ExpertFlowError, ExpertPool
+
+    created, failure = None, None
+    if shard.rank == 0:
+        try:
+            created = ExpertPool.uniform(num_layers, num_experts, tensors, backend=backend, shared=True)
+        except ExpertFlowError as e:
+            failure = e
+    path = shard.broadcast((created.shared_path or "") if created is not None else f"error: {failure}")
+    if failure is not None:
+        raise failure
+    if path.startswith("error: "):
+        raise ExpertFlowError(f"rank 0 could not create the shared expert pool: {path[7:]}")
+    return created or ExpertPool.uniform(num_layers, num_experts, tensors, backend=backend, attach=path)
 
 
 def relaunch_under_torchrun(nproc_per_node: int, cli_args: list[str]) -> int | None:
-    """From the CLI: runs ``expertflow CLI_ARGS`` as ``nproc_per_node`` processes under torchrun and
-    returns their exit status, or None inside such a process (the caller goes on as one rank). Ranks
-    other than 0 print nothing."""
-    import subprocess
+    """From the CLI: replaces this process with torchrun running ``expertflow CLI_ARGS`` as
+    ``nproc_per_node`` processes, or returns None inside such a process (the caller goes on as one
+    rank). Ranks other than 0 print nothing."""
     import sys
 
     if launched_by_torchrun():
@@ -175,15 +199,21 @@ def relaunch_under_torchrun(nproc_per_node: int, cli_args: list[str]) -> int | N
         raise RuntimeError(f"--nproc-per-node {nproc_per_node}, but this host has {torch.cuda.device_count()} GPU(s)")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
                "-m", "expertflow.cli", *cli_args]
-    return subprocess.run(command, check=False).returncode
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # This process becomes torchrun: signals (Ctrl-C, SIGTERM) reach it, and it stops the ranks.
+    os.execv(sys.executable, command)
+    return 1  # not reached
 
 
 def gather_stats(shard: ExpertShard, stats: dict) -> dict:
-    """Every rank's engine stats on rank 0: ``ranks`` (one dict each) and the counters summed."""
+    """Every rank's engine stats: ``ranks`` (one dict each), the counters summed (``num_slots``: all
+    GPUs' slots), ``stall_ms`` the longest rank's."""
     import torch.distributed as dist
 
     everyone: list = [None] * shard.world_size
     dist.all_gather_object(everyone, stats, group=shard.group)
     total = {k: sum(s[k] for s in everyone) for k, v in stats.items() if isinstance(v, (int, float)) and k != "hit_ratio"}
     total["hit_ratio"] = total["hits"] / total["accesses"] if total.get("accesses") else 0.0
+    total["stall_ms"] = max(s["stall_ms"] for s in everyone)  # the ranks stall at the same time, not in turn
     return {**stats, **total, "ranks": everyone, "world_size": shard.world_size}

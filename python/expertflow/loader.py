@@ -26,7 +26,7 @@ from .formats import FORMATS, ExpertFormat, expert_format
 from .models import Architecture, architecture_for
 from .offload import MoELayer, OffloadedExperts, OffloadEngine
 from .policies import make_policy
-from .runtime import ExpertCache, ExpertFlowError, ExpertPool, get_backend
+from .runtime import ExpertCache, ExpertFlowError, ExpertPool, backend_uses_gpu, get_backend
 from .units import format_bytes, parse_bytes, parse_slots
 
 __all__ = ["from_pretrained", "load_offloaded", "attach", "offloaded_experts", "moe_layers", "plan_slots", "read_config",
@@ -378,19 +378,9 @@ def _filled_pool(model, arch: Architecture, layers: list[MoELayer], ckpt: Checkp
     if shard is None:
         pool = ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj)
     else:
-        created, failure = None, None
-        if shard.rank == 0:
-            try:
-                created = ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj, shared=True)
-            except ExpertFlowError as e:
-                failure = e
-        # The others learn rank 0's failure instead of waiting for a pool that never comes.
-        path = shard.broadcast(created.shared_path if created is not None else f"error: {failure}")
-        if failure is not None:
-            raise failure
-        if path.startswith("error: "):
-            raise ExpertFlowError(f"rank 0 could not create the shared expert pool: {path[7:]}")
-        pool = created or ExpertPool.uniform(len(layers), num_experts, tensors, backend=backend_obj, attach=path)
+        from .distributed import open_shared_pool
+
+        pool = open_shared_pool(shard, len(layers), num_experts, tensors, backend_obj)
     try:
         _fill_pool(pool, layers, arch, config, ckpt, progress and (shard is None or shard.rank == 0),
                    None if shard is None else shard.owned_ids(num_experts), checkpoint_format, pool_format, pool_dtype)
@@ -487,7 +477,7 @@ def from_pretrained(
 
         if device is not None:
             raise ValueError("distributed=True places each process on its own GPU (LOCAL_RANK); leave device unset")
-        use_gpu = get_backend(backend).is_gpu
+        use_gpu = backend_uses_gpu(backend)  # without a backend: one would open a context on GPU 0
         shard, device = init_distributed(use_gpu)
         backend_obj = get_backend(backend, device.index if use_gpu else 0)
         progress = progress and shard.rank == 0

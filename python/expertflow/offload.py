@@ -8,8 +8,8 @@ the rest as they land, and releases them. Tokens are grouped by expert with one 
 one matmul chain per expert. The arithmetic is transformers' eager experts loop, accumulated in
 ascending expert order, so outputs match the resident model.
 
-Host syncs: one per layer (the routing transfer) and, for a policy with a step predictor, one per
-forward pass (its forecast).
+Host syncs: one per layer (the routing transfer; sharded, a second one for who holds which expert)
+and, for a policy with a step predictor, one per forward pass (its forecast).
 
 With an :class:`~expertflow.distributed.ExpertShard` (one process per GPU), the engine caches and
 computes only the experts its rank owns, applies only their part of each plan, and combines the
@@ -153,7 +153,7 @@ class OffloadEngine:
             cache.set_layer_quotas(quotas)
         plan = policy.attach(info)
         if plan is not None:
-            cache.apply(plan)
+            self._apply(plan)
             cache.synchronize()  # a preloading policy (all_gpu) starts with its experts in place
             cache.reset_stats()
         if policy.wants_steps and model is not None and not architecture.encoder_decoder:
@@ -226,19 +226,19 @@ class OffloadEngine:
                 # Tokens grouped by expert with one stable sort of the [k, T] choices (rank-major, as
                 # transformers' loop visits them); the host copy gives each expert's share of the order.
                 order = torch.argsort(routing.t().reshape(-1), stable=True)
-                tokens, ranks = order % num_tokens, order // num_tokens
+                tokens, choices = order % num_tokens, order // num_tokens
         self.routing[layer.index] = chosen
         counts = np.bincount(chosen.ravel(), minlength=num_experts + 1)[:num_experts]
         experts = np.flatnonzero(counts).tolist()  # ascending
         if self.shard is not None:  # this rank's share of the layer's experts (distributed.assign)
             resident = self.shard.residency(self.cache.resident(layer.index, experts), hidden_states.device)
-            ranks_of = assign(experts, self.owner, resident)
-            experts = [e for e, r in zip(experts, ranks_of.tolist()) if r == self.shard.rank]
+            compute_rank = assign(experts, self.owner, resident)
+            experts = [e for e, r in zip(experts, compute_rank.tolist()) if r == self.shard.rank]
             self.computed_unowned += int(np.sum(~self.owned[experts]))
         if num_tokens > 1:
             starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         else:  # one token (decoding at batch 1): slices, no index kernels
-            rank_of = {int(e): r for r, e in enumerate(chosen[0].tolist())}
+            choice_of = {int(e): c for c, e in enumerate(chosen[0].tolist())}
         stream = self.cache.compute_stream()
         outputs: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         # A batch may route to more experts than there are slots: run them in waves that fit.
@@ -256,19 +256,21 @@ class OffloadEngine:
                 if num_tokens > 1:
                     token_idx = tokens[starts[e] : starts[e + 1]]
                     y = module.compute(expert_weights, hidden_states[token_idx])
-                    outputs[e] = (token_idx, y * weights[token_idx, ranks[starts[e] : starts[e + 1]], None])
+                    outputs[e] = (token_idx, y * weights[token_idx, choices[starts[e] : starts[e + 1]], None])
                 else:
-                    r = rank_of[e]
-                    outputs[e] = (None, module.compute(expert_weights, hidden_states) * weights[:, r : r + 1])
+                    c = choice_of[e]
+                    outputs[e] = (None, module.compute(expert_weights, hidden_states) * weights[:, c : c + 1])
             self.cache.release(layer.index, wave, stream)
+        if not experts:  # sharded: every chosen expert runs on another rank; the policy still learns the layer
+            self._apply(self.policy.on_layer(layer.index, chosen, gate))
         if self.shard is not None:
             contributions = hidden_states.new_zeros(num_tokens, k, hidden_states.shape[1])
             for e in experts:
                 rows, y = outputs[e]
                 if rows is None:
-                    contributions[0, rank_of[e]] = y[0].to(contributions.dtype)
+                    contributions[0, choice_of[e]] = y[0].to(contributions.dtype)
                 else:
-                    contributions[rows, ranks[starts[e] : starts[e + 1]]] = y.to(contributions.dtype)
+                    contributions[rows, choices[starts[e] : starts[e + 1]]] = y.to(contributions.dtype)
             return self.shard.combine(contributions, routing)
         final = torch.zeros_like(hidden_states)
         for e in experts:

@@ -31,6 +31,7 @@ from . import _C
 from ._C import ExpertFlowError
 
 __all__ = [
+    "backend_uses_gpu",
     "ExpertFlowError",
     "TensorSpec",
     "LayerSpec",
@@ -59,6 +60,13 @@ def get_backend(name: str | None = None, device_index: int = 0) -> _C.Backend:
     usable raises :class:`ExpertFlowError` with the reason.
     """
     return _C.make_backend(name or os.environ.get("EXPERTFLOW_BACKEND", "auto"), device_index)
+
+
+def backend_uses_gpu(name: str | None = None) -> bool:
+    """Whether :func:`get_backend` (``name``) would pick CUDA, without creating it (creating it
+    opens a context on its GPU)."""
+    name = name or os.environ.get("EXPERTFLOW_BACKEND", "auto")
+    return name in ("cuda", "auto") and _C.cuda_unavailable_reason() == ""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -102,6 +103,9 @@ class Server:
                         self._relay(request)
                 except Exception:  # the engine isolates failing requests; anything else is logged, not fatal
                     log.exception("engine step failed")
+                    if self.engine.shard is not None:  # the ranks are out of step: torchrun stops them all
+                        log.critical("a distributed engine cannot go on after a failed pass; exiting")
+                        os._exit(1)
 
     def _relay(self, request: Request) -> None:
         with self._streams_lock:

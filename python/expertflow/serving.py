@@ -339,7 +339,8 @@ class Engine:
 
     def follow(self) -> None:
         """Distributed ranks other than 0: runs the passes rank 0's engine announces, until it closes.
-        Each request's KV cache is mirrored here; sampling and scheduling happen on rank 0 alone."""
+        Each request's KV cache is mirrored here; sampling and scheduling happen on rank 0 alone. A
+        pass that fails raises, as it does on rank 0: a distributed engine does not retry."""
         if self.shard is None or self.shard.rank == 0:
             raise EngineError("follow() runs on distributed ranks other than 0; rank 0 submits and steps")
         mirrored: dict[int, Request] = {}
@@ -358,10 +359,7 @@ class Engine:
                 request = mirrored[rid]
                 request.output_ids = [ids[-1]] * num_out  # only its count (the length) and last token matter
                 batch.append(request)
-            try:
-                self._forward(batch, message["new_ids"], new_sequences)
-            except Exception as e:  # rank 0's pass fails alike and retries each request alone; so do we
-                log.warning("a mirrored pass failed: %s", e)
+            self._forward(batch, message["new_ids"], new_sequences)  # a failure ends this rank: see _pass
 
     def _check_leader(self) -> None:
         if self.shard is not None and self.shard.rank != 0:
@@ -482,6 +480,11 @@ class Engine:
         try:
             logits = self._forward(batch, new_ids, new_sequences)
         except Exception as e:
+            if self.shard is not None:
+                # The ranks can no longer agree on each request's cache: end the engine (torchrun then
+                # stops every rank) rather than let their collectives fall out of step.
+                log.error("a forward pass failed on a distributed engine; stopping: %s", e)
+                raise
             if len(batch) > 1:
                 for r in batch:
                     self._pass([r], new_sequences)
@@ -537,7 +540,7 @@ class Engine:
         if request in self._running:
             self._running.remove(request)
         if self.shard is not None and self.shard.rank == 0:
-            with self._lock:  # told with the next pass (cancel may come from another thread)
+            with self._lock:  # told with the next pass: a collective belongs to the thread that steps
                 self._freed.append(request.id)
 
 
