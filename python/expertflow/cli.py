@@ -372,16 +372,12 @@ def cmd_bench_scheduler(args: argparse.Namespace) -> int:
         _slots(spec)
     if args.arch is not None:
         from .bench import SHAPES
-        from .oracles import parse_forecast
 
         if args.arch not in SHAPES:
             raise ValueError(f"unknown --arch '{args.arch}'; choose from {', '.join(SHAPES)}")
         if not args.routing.startswith("trace:") or not Path(args.routing[6:]).is_file():
             raise ValueError("--arch models take --routing trace:FILE (an existing trace): random weights route at random")
-        forecasts = _split(args.predictor or "history", "--predictor")
-        for spec in forecasts:
-            if parse_forecast(spec)[0] == "gate-oracle":
-                raise ValueError("--arch: the scheduler groups by history, oracle or noisy-oracle:R forecasts, not gate-oracle")
+        forecasts = _split(args.predictor or "history", "--predictor")  # bench_scheduler_trace checks them first
         from .bench.serving import bench_scheduler_trace
 
         result = bench_scheduler_trace(args.arch, args.routing[6:], args.num_requests, args.batch_size,
