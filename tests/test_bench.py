@@ -142,3 +142,20 @@ def test_checkpoints_the_bench_cannot_time_are_refused(tmp_path):
     with pytest.raises(ValueError, match="routes each token to 3 experts but the model to 2"):
         run_bench(BenchConfig(model=str(mixtral), routing=f"trace:{top3}", slots=["50%"], policies=["lru"],
                               new_tokens=2, progress=False))
+
+
+@pytest.mark.parametrize("expert_dtype, ratio", [("fp8", 0.5), ("mxfp4", 4.25 / 16)])
+def test_compressed_experts_move_fewer_bytes(trace_file, expert_dtype, ratio):
+    """--expert-dtype: the pool holds the experts compressed, every policy still gives all_gpu's
+    tokens, and each copy moves the compressed bytes (the bf16 expert's share, 256-byte aligned)."""
+    sizes = {**TINY, "intermediate_size": 64}  # mxfp4 blocks: input sizes that are multiples of 32
+    dense = run_bench(config(trace_file, policies=["all_gpu", "lru"], predictors=["history"], config_overrides=sizes))
+    packed = run_bench(config(trace_file, policies=["all_gpu", "lru"], predictors=["history"], config_overrides=sizes,
+                              expert_dtype=expert_dtype))
+    assert packed["expert_dtype"] == expert_dtype and dense["expert_dtype"] == "dense"
+    assert packed["dense_expert_bytes"] == dense["expert_bytes"]
+    assert packed["expert_bytes"] == pytest.approx(ratio * dense["expert_bytes"], rel=0.25)  # alignment of tiny tensors
+    assert all(r["same_tokens_as_all_gpu"] for r in packed["rows"])
+    lru_dense, lru_packed = dense["rows"][1], packed["rows"][1]
+    assert lru_packed["bytes_per_token"] / lru_dense["bytes_per_token"] == pytest.approx(
+        packed["expert_bytes"] / dense["expert_bytes"])  # the same misses, each moving fewer bytes

@@ -346,7 +346,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         slots=_split(args.slots, "--slots"),
         policies=_split(args.policies, "--policies") if args.policies != "all" else list(POLICY_NAMES),
         predictors=predictors, gate_accuracy=args.gate_accuracy, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
-        prompt_ids=prompt_ids, transformers=args.arch is not None, accelerate=args.accelerate,
+        prompt_ids=prompt_ids, transformers=args.arch is not None, accelerate=args.accelerate, expert_dtype=args.expert_dtype,
         progress=not args.json,
     )
     result = run_bench(cfg)
@@ -555,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=POSITIVE, default=16, help="random prompt length (--arch, or no prompt given)")
     p.add_argument("--new-tokens", "--max-new-tokens", dest="new_tokens", type=POSITIVE, default=32)
     p.add_argument("--accelerate", default=None, help="also run accelerate's device_map offload at this slot share's budget")
+    p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE,
+                   help="how experts are stored and copied: fp8, int8, mxfp4 (quantized from the dense weights) or bf16")
     p.add_argument("--out", default=None, help="write the results as JSON here, and a PNG beside it")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -409,16 +409,19 @@ def load_offloaded(
     *,
     backend: str | None = None,
     progress: bool = True,
+    expert_dtype: str | None = None,
 ) -> tuple[transformers.PreTrainedModel, Architecture, ExpertPool]:
-    """A checkpoint folder -> (model without routed-expert weights, its architecture, the filled pool).
+    """A checkpoint folder -> (model without routed-expert weights, its architecture, the filled pool,
+    in ``expert_dtype``'s storage format: default the checkpoint's).
 
     :func:`attach` then connects the two under a policy; benchmarks attach one pool to several.
     """
     dtype = compute_dtype(dtype)
+    pool_format = expert_format(expert_dtype) if expert_dtype is not None else None
     backend_obj = get_backend(backend)
     device = _device_for(backend_obj, device)
     with _resident(Path(path), dtype, device, progress) as (model, arch, layers, ckpt):
-        return model, arch, _filled_pool(model, arch, layers, ckpt, backend_obj, progress)
+        return model, arch, _filled_pool(model, arch, layers, ckpt, backend_obj, progress, pool_format=pool_format)
 
 
 def from_pretrained(

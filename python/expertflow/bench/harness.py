@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .. import _C
 from ..files import atomic_output
+from ..formats import expert_format
 from ..loader import attach, load_offloaded, moe_layers, offloaded_experts
 from ..models import Architecture, architecture_for
 from ..offload import OffloadedExperts
@@ -67,6 +68,7 @@ class BenchConfig:
     transformers: bool = True  # the resident model without ExpertFlow (random-weight models only)
     accelerate: str | None = None  # slots share at which to run accelerate's device_map offload
     dtype: torch.dtype = torch.bfloat16
+    expert_dtype: str | None = None  # storage format of the experts (formats.py); None: the checkpoint's, or dense
     config_overrides: dict | None = None  # test hook: smaller dimensions
     progress: bool = True
 
@@ -90,6 +92,7 @@ class BenchConfig:
             raise ValueError("--prompt-ids needs a checkpoint's vocabulary; random-weight --arch models take --prompt-len")
         for s in self.slots + ([self.accelerate] if self.accelerate else []):
             parse_slots(s, "slots")  # the syntax now; the count once the model's experts are known
+        expert_format(self.expert_dtype)
         for spec in self.predictors:
             if self.routing == "live":
                 if spec != "history" and not Path(spec).exists():
@@ -222,7 +225,9 @@ class _Model:
         self.resident = None
         if cfg.model is not None:
             self.model, self.arch, self.pool = load_offloaded(cfg.model, device=device, backend=backend.name,
-                                                              progress=cfg.progress)
+                                                              progress=cfg.progress, expert_dtype=cfg.expert_dtype)
+            self.expert_format = expert_format(cfg.expert_dtype) if cfg.expert_dtype else \
+                self.arch.checkpoint_format(self.model.config)
             self.source = cfg.model
             if self.arch.encoder_decoder:
                 self.pool.close()
@@ -250,14 +255,17 @@ class _Model:
         self.model.load_state_dict(full.state_dict(), strict=False)
         layers = moe_layers(self.model, self.arch)
         num_experts = self.arch.dims(config)[0]
-        self.pool = ExpertPool.uniform(len(layers), num_experts, self.arch.pool_tensors(config, cfg.dtype), backend=backend)
+        self.expert_format = fmt = expert_format(cfg.expert_dtype)
+        self.pool = ExpertPool.uniform(len(layers), num_experts, self.arch.pool_tensors(config, cfg.dtype, fmt), backend=backend)
         experts = [m for m in full.modules() if type(m).__name__ == self.arch.experts_class]
+        weights = {w.name: w for w in self.arch.weights(config)}
         with torch.no_grad():
             for l, module in enumerate(experts):
                 for e in range(num_experts):
                     views = self.pool.expert(l, e)
-                    views["gate_up"].copy_(module.gate_up_proj[e])
-                    views["down"].copy_(module.down_proj[e])
+                    for name, dense in (("gate_up", module.gate_up_proj[e]), ("down", module.down_proj[e])):
+                        for stored, tensor in fmt.quantize(weights[name], dense).items():  # dense: as it is
+                            views[stored].copy_(tensor)
         self.resident = full if cfg.transformers else None
         if self.resident is None:
             del full
@@ -369,7 +377,9 @@ def run_bench(cfg: BenchConfig) -> dict:
                     "backend": backend.name, "torch": torch.__version__, "host": platform.node()},
         "model": m.source, "arch": cfg.arch, "num_layers": L, "num_experts": E, "top_k": m.top_k,
         "routing": cfg.routing, "batch": cfg.batch, "prompt_len": int(prompt.shape[1]), "new_tokens": cfg.new_tokens,
-        "expert_bytes": m.expert_bytes, "pool_bytes": m.pool.total_bytes, "resident_bytes": m.resident_bytes(),
+        "expert_bytes": m.expert_bytes, "expert_dtype": m.expert_format.name,
+        "dense_expert_bytes": sum(-(-t.nbytes // 256) * 256 for t in m.arch.pool_tensors(m.model.config, cfg.dtype)),
+        "pool_bytes": m.pool.total_bytes, "resident_bytes": m.resident_bytes(),
         "pinned_gbps": bandwidth / 1e9, "rows": [],
     }
 
@@ -429,7 +439,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 log.warning("skipping %s at %s: %d slots need more than the device's free memory", name, share, num_slots)
                 continue
             torch.cuda.reset_peak_memory_stats(device)
-        engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False)
+        engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False, expert_format=m.expert_format)
         try:
             _timed(m.model, prompt, cfg.new_tokens, forcing, device)  # warm-up: same routing
             tokens, steps_ms = _timed(m.model, prompt, cfg.new_tokens, forcing, device,
@@ -516,7 +526,8 @@ def _record_live(m: _Model, prompt, cfg: BenchConfig, device) -> list[list[tuple
         return f
 
     handles = [r.register_forward_hook(hook(l)) for l, r in enumerate(routers)]
-    engine = attach(m.model, m.arch, m.pool, m.num_layers * m.num_experts, "all_gpu", owns_pool=False)
+    engine = attach(m.model, m.arch, m.pool, m.num_layers * m.num_experts, "all_gpu", owns_pool=False,
+                    expert_format=m.expert_format)
     try:
         _generate(m.model, prompt, cfg.new_tokens)
     finally:
