@@ -19,9 +19,23 @@ Buffer::Buffer(std::shared_ptr<Backend> backend, Kind kind, size_t bytes)
   data_ = static_cast<uint8_t*>(kind == Kind::kPinned ? backend_->alloc_pinned(bytes) : backend_->alloc_device(bytes));
 }
 
-Buffer::Buffer(std::shared_ptr<Backend> backend, size_t bytes, const std::string& attach_path)
+namespace {
+
+// The page before a shared arena.
+struct SharedHeader {
+  char magic[8];
+  uint64_t arena_bytes;
+  uint64_t layout_tag;
+};
+constexpr char kSharedMagic[8] = {'E', 'F', 'P', 'O', 'O', 'L', '0', '1'};
+constexpr size_t kSharedHeaderBytes = 4096;  // a page: the arena stays page- and 256-byte aligned
+
+}  // namespace
+
+Buffer::Buffer(std::shared_ptr<Backend> backend, size_t bytes, const std::string& attach_path, uint64_t layout_tag)
     : backend_(std::move(backend)), kind_(Kind::kShared), bytes_(bytes) {
   EF_CHECK(bytes > 0, "a shared arena needs at least one byte");
+  const size_t total = bytes + kSharedHeaderBytes;
   int fd = -1;
   if (attach_path.empty()) {
     // An anonymous shared-memory file: unlike a /dev/shm name it is bounded by memory alone, not by
@@ -29,10 +43,10 @@ Buffer::Buffer(std::shared_ptr<Backend> backend, size_t bytes, const std::string
     fd = memfd_create("expertflow-pool", MFD_CLOEXEC);
     const int create_errno = errno;  // saved before anything else can change it
     EF_CHECK(fd >= 0, "could not create a shared-memory file: " << std::strerror(create_errno));
-    if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+    if (ftruncate(fd, static_cast<off_t>(total)) != 0) {
       const int err = errno;
       close(fd);
-      EF_CHECK(false, "could not size a shared-memory file to " << bytes << " bytes: " << std::strerror(err));
+      EF_CHECK(false, "could not size a shared-memory file to " << total << " bytes: " << std::strerror(err));
     }
     fd_ = fd;
     shared_path_ = "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(fd);
@@ -47,24 +61,38 @@ Buffer::Buffer(std::shared_ptr<Backend> backend, size_t bytes, const std::string
       close(fd);
       EF_CHECK(false, "could not read the size of the shared expert pool at " << attach_path << ": " << std::strerror(stat_errno));
     }
-    if (static_cast<size_t>(st.st_size) != bytes) {
+    if (!S_ISREG(st.st_mode) || static_cast<size_t>(st.st_size) != total) {
       close(fd);
-      EF_CHECK(false, "the shared expert pool at " << attach_path << " holds " << st.st_size << " bytes, but this pool's "
-                                                   << "layout needs " << bytes << ": both processes must describe the same model");
+      EF_CHECK(false, attach_path << " is not a shared expert pool of this layout (it holds " << st.st_size
+                                  << " bytes; this pool needs " << total << "): both processes must load the same model");
     }
   }
-  void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  void* data = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   const int map_errno = errno;
   if (fd_ < 0) close(fd);  // an attached mapping stays valid without its descriptor
   if (data == MAP_FAILED) {
     if (fd_ >= 0) close(fd_);
-    EF_CHECK(false, "could not map " << bytes << " bytes of shared host memory: " << std::strerror(map_errno));
+    EF_CHECK(false, "could not map " << total << " bytes of shared host memory: " << std::strerror(map_errno));
   }
-  data_ = static_cast<uint8_t*>(data);
+  mapping_ = static_cast<uint8_t*>(data);
+  mapping_bytes_ = total;
+  auto* header = reinterpret_cast<SharedHeader*>(mapping_);
+  if (attach_path.empty()) {
+    std::memcpy(header->magic, kSharedMagic, sizeof(kSharedMagic));
+    header->arena_bytes = bytes;
+    header->layout_tag = layout_tag;
+  } else if (std::memcmp(header->magic, kSharedMagic, sizeof(kSharedMagic)) != 0 || header->arena_bytes != bytes ||
+             header->layout_tag != layout_tag) {
+    const bool pool = std::memcmp(header->magic, kSharedMagic, sizeof(kSharedMagic)) == 0;
+    munmap(mapping_, mapping_bytes_);
+    EF_CHECK(false, attach_path << (pool ? " is a shared expert pool of other layouts" : " is not a shared expert pool")
+                                << ": both processes must load the same model");
+  }
+  data_ = mapping_ + kSharedHeaderBytes;
   try {
     backend_->register_host(data_, bytes_);
   } catch (...) {
-    munmap(data_, bytes_);
+    munmap(mapping_, mapping_bytes_);
     if (fd_ >= 0) close(fd_);
     throw;
   }
@@ -75,7 +103,7 @@ Buffer::~Buffer() {
     backend_->free_pinned(data_);
   } else if (kind_ == Kind::kShared) {
     backend_->unregister_host(data_);
-    munmap(data_, bytes_);
+    munmap(mapping_, mapping_bytes_);
     if (fd_ >= 0) close(fd_);
   } else {
     backend_->free_device(data_);
@@ -127,8 +155,25 @@ ExpertPool::ExpertPool(std::shared_ptr<Backend> backend, std::vector<int> num_ex
     max_expert_bytes_ = std::max(max_expert_bytes_, layouts_[l].expert_bytes);
   }
   EF_CHECK(shared || attach_path.empty(), "attach_path applies to shared pools only");
-  arena_ = shared ? std::make_shared<Buffer>(backend_, total, attach_path)
+  arena_ = shared ? std::make_shared<Buffer>(backend_, total, attach_path, layout_tag())
                   : std::make_shared<Buffer>(backend_, Buffer::Kind::kPinned, total);
+}
+
+uint64_t ExpertPool::layout_tag() const {
+  // FNV-1a over every layer's expert count and tensors (name, dtype, shape, offset).
+  uint64_t hash = 1469598103934665603ull;
+  auto mix = [&hash](const std::string& text) {
+    for (unsigned char c : text) hash = (hash ^ c) * 1099511628211ull;
+  };
+  for (size_t l = 0; l < layouts_.size(); ++l) {
+    mix("layer " + std::to_string(num_experts_[l]) + ";");
+    for (const auto& t : layouts_[l].tensors) {
+      mix(t.name + ":" + t.dtype + ":" + std::to_string(t.offset));
+      for (int64_t d : t.shape) mix("," + std::to_string(d));
+      mix(";");
+    }
+  }
+  return hash;
 }
 
 void ExpertPool::check_expert(int layer, int expert) const {

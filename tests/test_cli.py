@@ -257,6 +257,16 @@ def test_bench_slot_counts_beyond_100_and_trace_routing_with_defaults(tmp_path, 
     assert {row["policy"] for row in out["rows"]} >= {"lru", "expertflow"}
 
 
+def test_serve_refuses_a_busy_port_before_loading(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert cli_exit_code(["serve", "--port", str(busy.getsockname()[1])]) == 2
+    assert "Address already in use; choose another --port" in capsys.readouterr().err
+
+
 def test_serve_without_its_libraries_names_the_extra(monkeypatch, capsys):
     import sys
 

@@ -87,13 +87,21 @@ def test_one_pool_per_host_whatever_the_processes():
             assert float(pool.expert(0, rank)["w"].sum()) == -1024.0 * 1024
 
 
-def test_attaching_needs_the_same_layout_and_a_living_pool():
+def test_attaching_needs_the_same_layout_and_a_living_pool(tmp_path):
     from expertflow.runtime import ExpertFlowError
 
     spec = [TensorSpec("w", torch.float32, (64, 64))]
     with ExpertPool.uniform(2, 4, spec, "host", shared=True) as pool:
-        with pytest.raises(ExpertFlowError, match="both processes must describe the same model"):
+        with pytest.raises(ExpertFlowError, match="both processes must load the same model"):
             ExpertPool.uniform(3, 4, spec, "host", attach=pool.shared_path)
+        # The same bytes in another layout (transposed, another dtype or name) are refused, not misread.
+        for other in ([TensorSpec("w", torch.float32, (32, 128))], [TensorSpec("w", torch.int32, (64, 64))],
+                      [TensorSpec("v", torch.float32, (64, 64))]):
+            with pytest.raises(ExpertFlowError, match="is a shared expert pool of other layouts"):
+                ExpertPool.uniform(2, 4, other, "host", attach=pool.shared_path)
+        for bad in ("", 5):
+            with pytest.raises(ExpertFlowError, match="attach takes a shared pool's path"):
+                ExpertPool.uniform(2, 4, spec, "host", attach=bad)
         path = pool.shared_path
         same = ExpertPool.uniform(2, 4, spec, "host", attach=path)  # in-process, as another rank would
         pool.set_expert(1, 3, {"w": torch.ones(64, 64)})
@@ -101,6 +109,12 @@ def test_attaching_needs_the_same_layout_and_a_living_pool():
         same.close()
     with pytest.raises(ExpertFlowError, match="could not open the shared expert pool"):
         ExpertPool.uniform(2, 4, spec, "host", attach="/proc/self/fd/987654")
+    # A file of exactly the pool's size that is not a pool is refused, and left as it was.
+    impostor = tmp_path / "same-size.bin"
+    impostor.write_bytes(b"x" * (4096 + 2 * 4 * 64 * 64 * 4))
+    with pytest.raises(ExpertFlowError, match="is not a shared expert pool"):
+        ExpertPool.uniform(2, 4, spec, "host", attach=str(impostor))
+    assert impostor.read_bytes() == b"x" * (4096 + 2 * 4 * 64 * 64 * 4)
 
 
 def test_distributed_needs_torchrun(tmp_path, monkeypatch):
@@ -275,3 +289,37 @@ def test_the_sharded_combine_is_bit_identical_to_one_process(tmp_path, num_token
         assert torch.equal(outputs[0], outputs[1])
     finally:
         dist.destroy_process_group()
+
+
+def test_launch_problems_are_one_line_before_any_rank_starts(tmp_path):
+    """--nproc-per-node checks what would fail in every rank before starting one: exit 2, one line."""
+    env = {**os.environ, "EXPERTFLOW_BACKEND": "host"}
+    cases = [(["--nproc-per-node", "17"], "more than the model's 16 experts per layer"),
+             (["--nproc-per-node", "2", "--model", str(tmp_path / "none")], "does not exist"),
+             (["--nproc-per-node", "2", "--policy", "bogus"], "unknown offload policy 'bogus'")]
+    for extra, message in cases:
+        done = subprocess.run([sys.executable, "-m", "expertflow.cli", "generate", "--prompt-ids", "1,2,3",
+                               "--max-new-tokens", "2", *extra], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 2 and message in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    # Variables left from another launch do not make the command wait for ranks that never come.
+    stale = {**env, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29556"}
+    done = subprocess.run([sys.executable, "-m", "expertflow.cli", "generate", "--prompt-ids", "1,2,3", "--max-new-tokens",
+                           "2", "--nproc-per-node", "2", "--json"], capture_output=True, text=True, env=stale, timeout=240)
+    assert done.returncode == 0 and len(json.loads(done.stdout.splitlines()[-1])["token_ids"]) == 2
+
+
+def test_engine_refuses_what_is_not_a_forecast():
+    import expertflow as ef
+    from expertflow.cli import BUNDLED_MODEL
+    from expertflow.serving import EngineError
+
+    model = ef.from_pretrained(BUNDLED_MODEL, expert_slots="50%", backend="host", progress=False)
+    try:
+        with pytest.raises(EngineError, match="predictor must be a routing-path predictor"):
+            ef.Engine(model, predictor=5)
+        with pytest.raises(EngineError, match="path_forecast must be a function"):
+            ef.Engine(model, path_forecast=5)
+    finally:
+        model.expertflow.close()

@@ -9,8 +9,9 @@
 // - A shared arena (several processes of one host, one per GPU) is one anonymous shared-memory file:
 //   the process that creates it keeps the file open, and the others map it through
 //   /proc/<pid>/fd/<fd> (shared_path()) and page-lock it for their own device. Host memory is spent
-//   once whatever the number of processes; each unmaps its view when its Buffer goes. Attaching checks
-//   only that the sizes agree: the processes must build the same layouts (they load the same model).
+//   once whatever the number of processes; each unmaps its view when its Buffer goes. A header page
+//   before the arena holds a magic number, the arena's size and a hash of the pool's layouts: a file
+//   that is not such a pool, or a pool of other layouts, is refused.
 #pragma once
 
 #include <cstddef>
@@ -33,7 +34,8 @@ class Buffer {
   enum class Kind { kPinned, kDevice, kShared };
   Buffer(std::shared_ptr<Backend> backend, Kind kind, size_t bytes);
   // A shared host arena: created (attach_path empty) or mapped from another process's shared_path().
-  Buffer(std::shared_ptr<Backend> backend, size_t bytes, const std::string& attach_path);
+  // `layout_tag` identifies what the arena holds; attaching to one with another tag is refused.
+  Buffer(std::shared_ptr<Backend> backend, size_t bytes, const std::string& attach_path, uint64_t layout_tag);
   ~Buffer();
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -52,6 +54,8 @@ class Buffer {
   uint8_t* data_ = nullptr;
   int fd_ = -1;  // the creator's shared-memory file, kept open while others may attach
   std::string shared_path_;
+  uint8_t* mapping_ = nullptr;  // shared: the header page, then the arena (data_)
+  size_t mapping_bytes_ = 0;
 };
 
 struct TensorSpec {
@@ -86,6 +90,8 @@ class ExpertPool {
   size_t max_expert_bytes() const { return max_expert_bytes_; }
   size_t total_bytes() const { return arena_->bytes(); }
   const std::string& shared_path() const { return arena_->shared_path(); }
+  // A hash of the layouts (expert counts; tensor names, dtypes, shapes, offsets): same model, same tag.
+  uint64_t layout_tag() const;
 
   const uint8_t* expert_data(int layer, int expert) const;
   size_t expert_bytes(int layer) const { return layout(layer).expert_bytes; }

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -390,6 +391,9 @@ def cmd_bench_scheduler(args: argparse.Namespace) -> int:
         if _tokenizer(args.model) is None:
             raise ValueError(f"{args.model} has no tokenizer; bench-scheduler reads text prompts")
         predictor = args.predictor
+        if predictor not in (None, "history") and not Path(predictor).is_file():
+            raise ValueError(f"--predictor {predictor}: no such predictor file; emulated forecasts (oracle, "
+                             "noisy-oracle:R) and lists need --arch")
         if predictor is None and Path(args.model).resolve() == BUNDLED_MODEL:
             predictor = str(BUNDLED_PREDICTOR)
         if len(slots) > 1:
@@ -656,19 +660,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_before_launch(args: argparse.Namespace) -> None:
+    """What can fail in every rank alike is checked once, before any rank starts: the model folder
+    and config, the policy, and whether there are experts and devices for every process."""
+    from . import _C
+    from .loader import read_config
+    from .models import architecture_for
+    from .policies import make_policy
+    from .runtime import backend_uses_gpu
+
+    if os.environ.get("EXPERTFLOW_RANK_OF_CLI") == "1":
+        return
+    if not Path(args.model).is_dir():
+        raise ValueError(f"model folder {args.model} does not exist")
+    config = read_config(args.model)
+    make_policy(args.policy)
+    num_experts = architecture_for(config.model_type).dims(config)[0]
+    n = args.nproc_per_node
+    if n > num_experts:
+        raise ValueError(f"--nproc-per-node {n} is more than the model's {num_experts} experts per layer; use at most {num_experts}")
+    if backend_uses_gpu():
+        import torch
+
+        if n > torch.cuda.device_count():
+            raise ValueError(f"--nproc-per-node {n}, but this host has {torch.cuda.device_count()} GPU(s)")
+    elif n > (os.cpu_count() or 1):
+        raise ValueError(f"--nproc-per-node {n} CPU processes, but this host has {os.cpu_count()} cores "
+                         f"({_C.cuda_unavailable_reason() or 'the host backend was chosen'})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "nproc_per_node", 1) > 1:
-            from .distributed import relaunch_under_torchrun
+            from .distributed import launch_ranks
 
-            code = relaunch_under_torchrun(args.nproc_per_node, list(argv) if argv is not None else sys.argv[1:])
+            _check_before_launch(args)
+            code = launch_ranks(args.nproc_per_node, list(argv) if argv is not None else sys.argv[1:])
             if code is not None:  # this process launched the ranks; they have finished
                 return code
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"expertflow {args.command}: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK") if os.environ.get("EXPERTFLOW_RANK_OF_CLI") == "1" else None
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        print(f"expertflow {args.command}: error{where}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outputs are written whole or not at all (files.atomic_output)
         print(f"expertflow {args.command}: interrupted", file=sys.stderr)

@@ -2,9 +2,9 @@
 experts, every process runs the same tokens, and two small collectives per MoE layer (who holds
 which expert; the combine) keep them in step.
 
-Launched with ``torchrun --nproc-per-node N`` (``expertflow generate|serve --nproc-per-node N``
-relaunches itself that way): ``from_pretrained(..., distributed=True)`` joins the process group (NCCL
-on GPUs, gloo on the CPU), one process per GPU.
+Launched with ``torchrun --nproc-per-node N`` (or ``expertflow generate|serve --nproc-per-node N``,
+which starts the processes itself): ``from_pretrained(..., distributed=True)`` joins the process
+group (NCCL on GPUs, gloo on the CPU), one process per GPU.
 
 - **Ownership.** Expert ``e`` of every layer belongs to rank ``e % world_size``: only its owner
   prefetches it, so the per-GPU caches act as one cache of ``world_size`` times the slots, and each
@@ -30,6 +30,7 @@ on GPUs, gloo on the CPU), one process per GPU.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
@@ -37,7 +38,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-__all__ = ["ExpertShard", "assign", "init_distributed", "launched_by_torchrun", "relaunch_under_torchrun", "gather_stats"]
+__all__ = ["ExpertShard", "assign", "init_distributed", "launched_by_torchrun", "launch_ranks", "gather_stats"]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -139,7 +140,7 @@ def init_distributed(use_gpu: bool) -> tuple[ExpertShard, torch.device]:
     if not dist.is_initialized() and not launched_by_torchrun():
         missing = ", ".join(name for name in _ENV if name not in os.environ)
         raise RuntimeError(f"distributed=True needs a torchrun launch (missing {missing}); run "
-                           "torchrun --nproc-per-node N ..., or expertflow generate|serve|bench --nproc-per-node N")
+                           "torchrun --nproc-per-node N ..., or expertflow generate|serve --nproc-per-node N")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
     world = int(os.environ.get("WORLD_SIZE", "0"))
     if local_world and world and local_world != world:
@@ -179,31 +180,66 @@ def open_shared_pool(shard: ExpertShard, num_layers: int, num_experts: int, tens
     return created or ExpertPool.uniform(num_layers, num_experts, tensors, backend=backend, attach=path)
 
 
-def relaunch_under_torchrun(nproc_per_node: int, cli_args: list[str]) -> int | None:
-    """From the CLI: replaces this process with torchrun running ``expertflow CLI_ARGS`` as
-    ``nproc_per_node`` processes, or returns None inside such a process (the caller goes on as one
-    rank). Ranks other than 0 print nothing."""
+_LAUNCHED = "EXPERTFLOW_RANK_OF_CLI"  # set by launch_ranks for the processes it starts
+
+
+def launch_ranks(nproc_per_node: int, cli_args: list[str]) -> int | None:
+    """From the CLI: runs ``expertflow CLI_ARGS`` as ``nproc_per_node`` processes of one host, in the
+    environment torchrun would give them, and returns their exit status; or returns None inside such
+    a process (the caller goes on as one rank; ranks other than 0 print nothing).
+
+    The processes are started here rather than by torchrun so that a failing rank's one-line error
+    is the whole report, and Ctrl-C or SIGTERM stop every rank quietly. When one rank fails, the
+    others are stopped and its status is returned."""
+    import signal
+    import socket
+    import subprocess
     import sys
 
-    if launched_by_torchrun():
-        world = int(os.environ["WORLD_SIZE"])
-        if world != nproc_per_node:
-            raise RuntimeError(f"--nproc-per-node {nproc_per_node} but torchrun started {world} processes")
+    if os.environ.get(_LAUNCHED) == "1":
         if int(os.environ["RANK"]) != 0:
             import logging
 
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
-            logging.getLogger().setLevel(logging.WARNING)
+            logging.getLogger().setLevel(logging.ERROR)
         return None
-    if torch.cuda.is_available() and nproc_per_node > torch.cuda.device_count():
-        raise RuntimeError(f"--nproc-per-node {nproc_per_node}, but this host has {torch.cuda.device_count()} GPU(s)")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
-               "-m", "expertflow.cli", *cli_args]
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, _LAUNCHED: "1", "WORLD_SIZE": str(nproc_per_node), "LOCAL_WORLD_SIZE": str(nproc_per_node),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": os.environ.get(
+                "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))}
     sys.stdout.flush()
     sys.stderr.flush()
-    # This process becomes torchrun: signals (Ctrl-C, SIGTERM) reach it, and it stops the ranks.
-    os.execv(sys.executable, command)
-    return 1  # not reached
+    ranks = [subprocess.Popen([sys.executable, "-m", "expertflow.cli", *cli_args],
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc_per_node)]
+
+    received: list[int] = []
+
+    def stop(signum, frame) -> None:
+        received.append(signum)
+        for p in ranks:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = 0
+        while any(p.poll() is None for p in ranks):
+            failed = [p.returncode for p in ranks if p.returncode not in (None, 0)]
+            if failed and not status:  # one rank failed: the others would wait for it forever
+                status = failed[0]
+                for p in ranks:
+                    if p.poll() is None:
+                        p.terminate()
+            time.sleep(0.1)
+        if received:  # stopped by Ctrl-C or SIGTERM: the shell's status for it, whatever the ranks said
+            return 128 + received[0]
+        codes = [128 - c if c < 0 else c for c in (p.returncode for p in ranks)]  # killed by a signal: 128 + it
+        return (128 - status if status < 0 else status) or next((c for c in codes if c), 0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def gather_stats(shard: ExpertShard, stats: dict) -> dict:

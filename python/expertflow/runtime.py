@@ -153,6 +153,8 @@ class ExpertPool:
             [(t.name, _dtype_name(t.dtype), list(t.shape), torch.empty((), dtype=t.dtype).element_size()) for t in spec.tensors]
             for spec in self.layers
         ]
+        if attach is not None and (not isinstance(attach, str) or not attach):
+            raise ExpertFlowError(f"attach takes a shared pool's path (another process's pool.shared_path), got {attach!r}")
         if attach is None:  # an attached pool maps memory another process already holds
             _check_host_memory(sum(spec.num_experts * sum(-(-t.nbytes // 256) * 256 for t in spec.tensors) for spec in self.layers))
         native = _C.ExpertPool(self.backend, [spec.num_experts for spec in self.layers], native_specs,

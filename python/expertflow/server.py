@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -399,6 +400,20 @@ def build_app(server: Server):
     return app
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (0: any free port), or an OSError that says which."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") from None
+    sock.listen(2048)
+    return sock
+
+
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch_size: int = 8, schedule: str = "expertflow", max_queue: int = 256, **load) -> None:
     """Loads the model, starts the engine and serves until interrupted. With ``distributed=True``
@@ -408,8 +423,16 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
 
     from . import from_pretrained
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = from_pretrained(model_path, **load)
+    # The port first: a busy one is an error before minutes of loading, and port 0 becomes a real one.
+    serving_rank = not load.get("distributed") or os.environ.get("RANK", "0") == "0"
+    sock = _bind(host, port) if serving_rank else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = from_pretrained(model_path, **load)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
     shard = model.expertflow.shard
     if shard is not None and shard.rank != 0:
         try:
@@ -419,10 +442,12 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         return
     server = Server(Engine(model, max_batch_size=max_batch_size, schedule=schedule, max_queue=max_queue), tokenizer,
                     model_name=str(model_path).rstrip("/").split("/")[-1], api_key=api_key)
-    log.info("serving %s on http://%s:%d/v1 (%s schedule, batches of %d)%s", server.model_name, host, port, schedule,
-             max_batch_size, "" if api_key is None else ", API key required")
+    assert sock is not None
+    log.info("serving %s on http://%s:%d/v1 (%s schedule, batches of %d)%s", server.model_name, host,
+             sock.getsockname()[1], schedule, max_batch_size, "" if api_key is None else ", API key required")
     try:
-        uvicorn.run(build_app(server), host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(build_app(server), log_level="warning")).run(sockets=[sock])
     finally:
+        sock.close()
         server.close()
         model.expertflow.close()

@@ -168,6 +168,10 @@ class Engine:
         self.length_weight = length_weight
         if predictor is not None and path_forecast is not None:
             raise EngineError("pass a predictor or a path_forecast, not both")
+        if predictor is not None and not isinstance(predictor, (str, Path)) and not (hasattr(predictor, "config") and callable(predictor)):
+            raise EngineError(f"predictor must be a routing-path predictor (a file or a RoutingPathPredictor), got {predictor!r}")
+        if path_forecast is not None and not callable(path_forecast):
+            raise EngineError(f"path_forecast must be a function of the running requests, got {path_forecast!r}")
         if isinstance(predictor, (str, Path)):
             from .predictor import RoutingPathPredictor
 
@@ -335,7 +339,10 @@ class Engine:
         self._waiting.clear()
         self._round.clear()
         if self.shard is not None and self.shard.rank == 0:
-            self.shard.broadcast_object({"op": "stop"})
+            try:
+                self.shard.broadcast_object({"op": "stop"})
+            except Exception as e:  # the followers are gone already (the whole job is stopping)
+                log.debug("could not tell the followers to stop: %s", e)
 
     def follow(self) -> None:
         """Distributed ranks other than 0: runs the passes rank 0's engine announces, until it closes.

@@ -206,14 +206,28 @@ def bench_scheduler_trace(
     slot_specs = [expert_slots] if isinstance(expert_slots, str) else list(expert_slots)
     forecast_specs = [forecasts] if isinstance(forecasts, str) else list(forecasts)
     for spec in forecast_specs:
-        if parse_forecast(spec)[0] == "gate-oracle":
-            raise ValueError("the scheduler groups by next-token forecasts: history, oracle or noisy-oracle:R, not gate-oracle")
+        try:
+            kind = parse_forecast(spec)[0]
+        except ValueError:
+            kind = "unknown"
+        if kind not in ("history", "oracle", "noisy-oracle"):
+            raise ValueError(f"the scheduler groups by next-token forecasts: history, oracle or noisy-oracle:R (R in [0, 1]), "
+                             f"not '{spec}'")
+    from ..models import architecture_for
+    from .shapes import make_config
+
+    trace = read_trace(trace_path)  # before any weight is built: the trace must route this model's experts
+    shape = make_config(arch, layers, trace.max_experts_per_layer, config_overrides)
+    num_experts = architecture_for(shape.model_type).dims(shape)[0]
+    if trace.num_experts != num_experts:
+        raise ValueError(f"the trace routes among {trace.num_experts} experts but {arch} has {num_experts}; "
+                         "use a trace of this model")
     cfg = BenchConfig(arch=arch, layers=layers, routing=f"trace:{trace_path}", config_overrides=config_overrides,
                       progress=progress)
     backend = get_backend()
     device = torch.device("cuda" if backend.is_gpu else "cpu")
     m = _Model(cfg, device, backend)
-    paths = read_trace(trace_path).to_array(m.num_layers)
+    paths = trace.to_array(m.num_layers)
     total = m.num_layers * m.num_experts
     slot_counts = [min(parse_slots(spec, "slots").count(total), total) for spec in slot_specs]
     vocab = int(m.model.config.vocab_size)
