@@ -294,7 +294,7 @@ def test_trace_routing_gives_each_request_its_own_stretch_of_the_trace(tmp_path)
         for figures in run["expertflow"].values():
             assert {"pairs_vs_fifo", "bytes_vs_fifo", "speedup_vs_fifo"} <= set(figures)
     assert result["expertflow"] is result["runs"][0]["expertflow"]["history"]
-    with pytest.raises(ValueError, match="not gate-oracle"):
+    with pytest.raises(ValueError, match="not 'gate-oracle:0.8'"):
         bench_scheduler_trace("mixtral-8x7b", trace_file, 12, 4, 6, forecasts="gate-oracle:0.8")
 
 
