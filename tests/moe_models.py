@@ -36,9 +36,10 @@ CONFIGS = {
 ARCHS = tuple(CONFIGS)
 
 
-def build(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, overrides: dict | None = None) -> torch.nn.Module:
     """A random model whose routing and outputs are far from uniform (weights ~ N(0, 0.2))."""
     kwargs = CONFIGS[model_type] if model_type == "switch_transformers" else {**COMMON, **CONFIGS[model_type]}
+    kwargs = {**kwargs, **(overrides or {})}
     config = AutoConfig.for_model(model_type, **kwargs)
     auto = AutoModelForSeq2SeqLM if model_type == "switch_transformers" else AutoModelForCausalLM
     torch.manual_seed(seed)
@@ -89,9 +90,26 @@ def _mxfp4(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _fp8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every projection (attention, shared and routed experts; not the router, embeddings or head)
+    as DeepSeek-V3 and Qwen3 FP8 checkpoints hold them: e4m3 weights and ``weight_scale_inv`` per
+    128 x 128 block."""
+    from expertflow.formats import WeightSpec, expert_format
+
+    fmt, out = expert_format("fp8"), {}
+    for name, t in state.items():
+        if not name.endswith("proj.weight") or t.ndim != 2:
+            out[name] = t
+            continue
+        q = fmt.quantize(WeightSpec("w", *t.shape), t.float())
+        out[name], out[name + "_scale_inv"] = q["w"], q["w_scale"]
+    return out
+
+
 def save(model: torch.nn.Module, folder: Path, layout: str, num_shards: int = 1) -> Path:
     """Saves ``model`` with its experts ``fused`` (v5 tensors), ``published`` (one tensor per expert,
-    where the architecture publishes them so) or ``mxfp4`` (gpt-oss's quantized checkpoints)."""
+    where the architecture publishes them so), ``mxfp4`` (gpt-oss's quantized checkpoints) or ``fp8``
+    (published, every projection block-quantized, as DeepSeek-V3 and Qwen3 FP8 release them)."""
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -104,8 +122,14 @@ def save(model: torch.nn.Module, folder: Path, layout: str, num_shards: int = 1)
     for a, b in [("lm_head.weight", "model.embed_tokens.weight")]:
         if getattr(model.config, "tie_word_embeddings", False) and a in state and b in state:
             del state[a]
-    if layout == "published":
+    if layout in ("published", "fp8"):
         state = _published(state, model.config.model_type)
+    if layout == "fp8":
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                         "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]}
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+        state = _fp8(state)
     # Tensors that share storage (tied weights) are saved once.
     seen, unique = set(), {}
     for k, v in state.items():

@@ -193,3 +193,31 @@ def test_quantized_at_load_computes_the_quantized_weights(checkpoints, expert_dt
         assert not torch.allclose(logits(quantized, PROMPT), logits(reference, PROMPT), atol=1e-6)  # it did quantize
     finally:
         model.expertflow.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_fp8_checkpoints_keep_their_experts_in_fp8(tmp_path, arch):
+    """A DeepSeek-V3 / Qwen3 FP8 style checkpoint (every projection e4m3 with 128 x 128 block scales):
+    the experts stay fp8 in pool and slots, and the tokens and logits are those of transformers' own
+    model on the dequantized checkpoint."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    sizes = dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256)  # whole 128 x 128 blocks
+    folder = save(build(arch, overrides=sizes), tmp_path / arch, "fp8", num_shards=2)
+    reference = AutoModelForCausalLM.from_pretrained(folder, quantization_config=FineGrainedFP8Config(dequantize=True),
+                                                     dtype=torch.float32).eval()
+    for expert_dtype, stored in ((None, torch.float8_e4m3fn), ("bf16", torch.float32)):  # "bf16": expanded at load
+        model = ef.from_pretrained(folder, expert_slots="25%", policy="lru", dtype="float32", expert_dtype=expert_dtype,
+                                   progress=False)
+        try:
+            assert model.expertflow.expert_format.name == ("fp8" if expert_dtype is None else "dense")
+            assert model.expertflow.pool.expert(1, 2)["gate_up"].dtype == stored
+            assert generate(model, PROMPT).tolist() == generate(reference, PROMPT).tolist()
+            torch.testing.assert_close(logits(model, PROMPT), logits(reference, PROMPT), rtol=1e-5, atol=1e-5)
+            assert model.expertflow.stats()["misses"] > 0
+        finally:
+            model.expertflow.close()
+    # Blocks that do not tile the experts are refused before any weight loads.
+    unaligned = save(build(arch), tmp_path / "unaligned", "fp8")
+    with pytest.raises(ValueError, match="an FFN that is a multiple of 128"):
+        ef.from_pretrained(unaligned, progress=False)

@@ -111,7 +111,9 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
             for src in sources:
                 info = ckpt.info(src.checkpoint_name)
                 target = staged[src.pool_tensor] if convert else packed[src.pool_tensor]
-                rows = target.shape[0] // 2 if (arch.gated and src.pool_tensor == "gate_up" and src.expert_index is None) else target.shape[0]
+                # A published expert's gate and up each fill half of gate_up (and of its fp8 scales)
+                halved = arch.gated and src.pool_tensor in ("gate_up", "gate_up_scale") and src.expert_index is None
+                rows = target.shape[0] // 2 if halved else target.shape[0]
                 want = (rows, *target.shape[1:])
                 if src.expert_index is not None:
                     want = (num_experts, *want)
@@ -328,14 +330,18 @@ def _resident(path: Path, dtype: torch.dtype | None, device: torch.device, progr
     if not 1 <= top_k <= num_experts:
         raise CheckpointError(f"{path / 'config.json'} routes each token to {top_k} of {num_experts} experts; "
                               "top-k must be between 1 and the expert count")
-    load_config = {}
+    load_config: dict = {}
     if getattr(config, "quantization_config", None) is not None:
-        arch.checkpoint_format(config)  # refuses quantizations we cannot read, before any weight loads
-        # The quantized tensors are routed experts, which we read ourselves: transformers builds the
-        # model unquantized and loads the rest.
-        stripped = copy.deepcopy(config)
-        del stripped.quantization_config
-        load_config = {"config": stripped}
+        if arch.checkpoint_format(config).name == "fp8":  # refuses quantizations we cannot read, before any weight loads
+            # fp8 checkpoints quantize the resident layers too: transformers expands those; the routed
+            # experts we read ourselves, in fp8.
+            load_config = {"quantization_config": transformers.FineGrainedFP8Config(dequantize=True)}
+        else:
+            # gpt-oss MXFP4: only the routed experts are quantized, and we read them: transformers builds
+            # the model unquantized and loads the rest.
+            stripped = copy.deepcopy(config)
+            del stripped.quantization_config
+            load_config = {"config": stripped}
     with Checkpoint(path) as ckpt:  # validates every shard before transformers reads one
         verbosity = transformers.logging.get_verbosity()
         # Transformers would list every routed expert as unexpected; _check_loading_info reports the

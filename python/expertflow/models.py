@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import FORMATS, ExpertFormat, WeightSpec
+from .formats import FORMATS, FP8_BLOCK, ExpertFormat, WeightSpec
 
 __all__ = ["Architecture", "ARCHITECTURES", "architecture_for", "ExpertSource"]
 
@@ -119,8 +119,16 @@ class Architecture:
             return FORMATS["dense"]
         if method == "mxfp4" and self.style == "gpt_oss":
             return FORMATS["mxfp4"]
-        raise ValueError(f"this {config.model_type} checkpoint is quantized with '{method}'; ExpertFlow reads "
-                         "gpt-oss MXFP4 and unquantized checkpoints (quantize at load with expert_dtype='fp8' or 'int8')")
+        if method == "fp8" and self.style == "swiglu":  # DeepSeek-V3, Qwen3 FP8: e4m3 with 128 x 128 block scales
+            quant = config.quantization_config
+            block = quant.get("weight_block_size") if isinstance(quant, dict) else getattr(quant, "weight_block_size", None)
+            ffn = self.dims(config)[3]
+            if list(block or []) != [FP8_BLOCK, FP8_BLOCK] or ffn % FP8_BLOCK:
+                raise ValueError(f"this fp8 checkpoint has blocks {block} and an expert FFN of {ffn}; ExpertFlow reads "
+                                 f"{FP8_BLOCK} x {FP8_BLOCK} blocks with an FFN that is a multiple of {FP8_BLOCK}")
+            return FORMATS["fp8"]
+        raise ValueError(f"this {config.model_type} checkpoint is quantized with '{method}'; ExpertFlow reads gpt-oss "
+                         "MXFP4, fp8 block-quantized and unquantized checkpoints (quantize at load with expert_dtype='fp8' or 'int8')")
 
     def sources(self, path: str, expert: int, config, available) -> list[ExpertSource] | None:
         """The checkpoint tensors of one expert of the experts module at ``path``, or None if absent.
@@ -147,6 +155,10 @@ class Architecture:
         for base in dict.fromkeys((f"{published}.{expert}", f"{path}.{expert}")):
             gate, up, down = (f"{base}.{n}.weight" for n in self.published_names)
             out = [ExpertSource("gate_up", gate), ExpertSource("gate_up", up, row_offset=ffn), ExpertSource("down", down)]
+            if f"{gate}_scale_inv" in available:  # fp8: each weight's block scales (whole blocks: ffn % 128 == 0)
+                out += [ExpertSource("gate_up_scale", f"{gate}_scale_inv"),
+                        ExpertSource("gate_up_scale", f"{up}_scale_inv", row_offset=ffn // FP8_BLOCK),
+                        ExpertSource("down_scale", f"{down}_scale_inv")]
             if all(s.checkpoint_name in available for s in out):
                 return out
         return None
