@@ -122,3 +122,15 @@ def test_stored_sizes():
     with pytest.raises(ValueError, match="multiple of 32"):
         expert_format("mxfp4").stored(WeightSpec("w", 4, 33), torch.bfloat16)
     assert np.isclose(sum(t.nbytes for t in expert_format("dense").stored(WeightSpec("w", 4, 8, bias=True), torch.float32)), 4 * 8 * 4 + 4 * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_expands_with_one_rounding(dtype):
+    """Into bf16 (or fp32) the expansion is q * s computed in fp32 and rounded once, whole blocks or not."""
+    for shape in ((256, 384), (130, 257)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1])) * 5
+        spec = WeightSpec("w", *shape)
+        fmt = expert_format("fp8")
+        stored = fmt.quantize(spec, x)
+        scale = stored["w_scale"].repeat_interleave(FP8_BLOCK, 0)[: shape[0]].repeat_interleave(FP8_BLOCK, 1)[:, : shape[1]]
+        assert torch.equal(fmt.expand(spec, stored, dtype), (stored["w"].float() * scale).to(dtype))
