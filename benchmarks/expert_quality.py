@@ -17,6 +17,7 @@ import torch
 import expertflow as ef
 from expertflow.cli import BUNDLED_MODEL
 from expertflow.recorder import read_prompts
+from expertflow.runtime import packed_bytes
 
 NEW_TOKENS = 32
 
@@ -36,9 +37,11 @@ def evaluate(expert_dtype: str | None, texts: list[list[int]]) -> dict:
                                      min_new_tokens=NEW_TOKENS, pad_token_id=model.config.pad_token_id)
                 continuations.append(out[0, len(ids):].tolist())
         arch = model.expertflow.architecture
-        bf16 = sum(-(-t.nbytes // 256) * 256 for t in arch.pool_tensors(model.config, torch.bfloat16))
+        bf16 = packed_bytes(arch.pool_tensors(model.config, torch.bfloat16))
+        # Dense experts are held in the compute dtype (fp32 here); their storage is the checkpoint's bf16.
+        stored = bf16 if model.expertflow.expert_format.dense else model.expertflow.pool.expert_bytes(0)
         return {"perplexity": math.exp(nll / count), "tokens": count, "continuations": continuations,
-                "expert_bytes": model.expertflow.pool.expert_bytes(0), "bf16_expert_bytes": bf16}
+                "stored_expert_bytes": stored, "bf16_expert_bytes": bf16}
     finally:
         model.expertflow.close()
 
@@ -51,13 +54,12 @@ def main() -> None:
     texts = [ids for ids in texts if len(ids) >= 2]
     rows = {name: evaluate(name, texts) for name in ("bf16", "fp8", "int8")}
     base = rows["bf16"]
-    for name, row in rows.items():
+    for row in rows.values():
         same = [a == b for a, b in zip(row["continuations"], base["continuations"])]
         prefix = [next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), NEW_TOKENS)
                   for a, b in zip(row["continuations"], base["continuations"])]
         row.update(perplexity_vs_bf16=row["perplexity"] / base["perplexity"], identical_continuations=sum(same) / len(same),
-                   mean_agreeing_prefix=sum(prefix) / len(prefix),
-                   bytes_vs_bf16=(row["expert_bytes"] if name != "bf16" else row["bf16_expert_bytes"]) / row["bf16_expert_bytes"])
+                   mean_agreeing_prefix=sum(prefix) / len(prefix), bytes_vs_bf16=row["stored_expert_bytes"] / row["bf16_expert_bytes"])
     for row in rows.values():
         del row["continuations"]
     out = Path(__file__).resolve().parent / "results" / "expert-quality-cpu.json"

@@ -174,8 +174,9 @@ def quarter_budget(model: torch.nn.Module, stored_format: str | None = None) -> 
     if stored_format is not None:
         from expertflow.formats import expert_format
         from expertflow.models import architecture_for
+        from expertflow.runtime import packed_bytes
 
         arch = architecture_for(model.config.model_type)
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        per = sum(-(-t.nbytes // 256) * 256 for t in arch.pool_tensors(model.config, dtype, expert_format(stored_format)))
+        per = packed_bytes(arch.pool_tensors(model.config, dtype, expert_format(stored_format)))
     return non_expert + (count // 4) * per

@@ -159,3 +159,14 @@ def test_compressed_experts_move_fewer_bytes(trace_file, expert_dtype, ratio):
     lru_dense, lru_packed = dense["rows"][1], packed["rows"][1]
     assert lru_packed["bytes_per_token"] / lru_dense["bytes_per_token"] == pytest.approx(
         packed["expert_bytes"] / dense["expert_bytes"])  # the same misses, each moving fewer bytes
+
+
+def test_bench_times_a_quantized_checkpoint_in_its_own_format(tmp_path):
+    """A checkpoint that ships compressed experts (gpt-oss MXFP4) is timed as it is stored."""
+    from moe_models import build, save
+
+    folder = save(build("gpt_oss"), tmp_path / "mxfp4", "mxfp4")
+    result = run_bench(BenchConfig(model=str(folder), slots=["50%"], policies=["all_gpu", "lru"], new_tokens=4,
+                                   prompt_len=3, transformers=False, progress=False))
+    assert result["expert_dtype"] == "mxfp4" and result["expert_bytes"] < result["dense_expert_bytes"] / 3
+    assert all(r["same_tokens_as_all_gpu"] for r in result["rows"])

@@ -125,8 +125,9 @@ def test_stored_sizes():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fp8_expands_with_one_rounding(dtype):
-    """Into bf16 (or fp32) the expansion is q * s computed in fp32 and rounded once, whole blocks or not."""
+def test_fp8_expands_as_an_fp32_product_cast_to_the_output(dtype):
+    """Into bf16 (or fp32) the expansion is q * s computed in fp32, then cast: (q.float() * s).to(dtype),
+    as transformers dequantizes fp8 checkpoints, whole blocks or not."""
     for shape in ((256, 384), (130, 257)):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1])) * 5
         spec = WeightSpec("w", *shape)

@@ -436,8 +436,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="slot count or share of all experts (e.g. 25%%) instead of the budget")
     p.add_argument("--dtype", default=None, type=DTYPE, help="compute dtype: float32, float16 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE,
-                   help="how experts are stored and copied: fp8, int8 (quantized at load), bf16 (expands a quantized "
-                        "checkpoint); default: the checkpoint's own (gpt-oss: mxfp4)")
+                   help="how experts are stored and copied: fp8, int8, mxfp4 (quantized at load), bf16 (expands a "
+                        "quantized checkpoint); default: the checkpoint's own (gpt-oss: mxfp4, FP8 releases: fp8)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", default="12GiB", type=SIZE)
     p.add_argument("--expert-slots", default=None, type=SLOTS)
     p.add_argument("--dtype", default=None, type=DTYPE)
-    p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE, help="fp8, int8 or bf16 (default: the checkpoint's)")
+    p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE, help="fp8, int8, mxfp4 or bf16 (default: the checkpoint's)")
     p.add_argument("--policy", default="expertflow")
     p.add_argument("--max-batch-size", type=POSITIVE, default=8)
     p.add_argument("--schedule", default="expertflow", choices=["expertflow", "fifo"])

@@ -91,8 +91,9 @@ class ExpertFormat:
             q, scale = stored[w], stored[f"{w}_scale"]
             out, inp = q.shape
             if out % FP8_BLOCK == 0 and inp % FP8_BLOCK == 0:  # whole blocks: broadcast, no expanded scales
-                # e4m3 is exact in bf16 and fp32; the multiply runs in fp32 and rounds once into the
-                # output (the definition, q * s), in place: 7 bytes of traffic an element in bf16, not 19.
+                # e4m3 is exact in bf16 and fp32; the multiply runs in fp32 and its product is cast into
+                # the output, as transformers' (q.float() * s).to(dtype), in place: on the GPU 7 bytes of
+                # traffic an element in bf16, not 19.
                 dense = q.to(dtype)
                 blocks = dense.view(out // FP8_BLOCK, FP8_BLOCK, inp // FP8_BLOCK, FP8_BLOCK)
                 torch.mul(blocks, scale[:, None, :, None], out=blocks)
@@ -139,13 +140,24 @@ def expert_format(name: str | None) -> ExpertFormat:
     return FORMATS[name]
 
 
+_LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _fp4_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The e2m1 values on ``device``, made once: building it per expansion would copy (and sync) each time."""
+    key = (device, dtype)
+    if key not in _LUTS:
+        _LUTS[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
+    return _LUTS[key]
+
+
 def _mxfp4_expand(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``blocks [out, G, 16]`` uint8, ``scales [out, G]`` uint8 -> ``[out, G * 32]``: low nibble first."""
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    lut = _fp4_table(blocks.device, dtype)
     out, groups, half = blocks.shape
     dense = torch.empty(out, groups, 2 * half, dtype=dtype, device=blocks.device)
-    dense[..., 0::2] = lut[(blocks & 0x0F).to(torch.int64)]
-    dense[..., 1::2] = lut[(blocks >> 4).to(torch.int64)]
+    dense[..., 0::2] = lut[(blocks & 0x0F).to(torch.int32)]
+    dense[..., 1::2] = lut[(blocks >> 4).to(torch.int32)]
     # 2^(e - 127) exactly: ldexp, as the checkpoint's own reference does
     torch.ldexp(dense, (scales.to(torch.int32) - 127)[..., None], out=dense)
     return dense.view(out, groups * 2 * half)

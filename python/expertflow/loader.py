@@ -26,7 +26,7 @@ from .formats import FORMATS, ExpertFormat, expert_format
 from .models import Architecture, architecture_for
 from .offload import MoELayer, OffloadedExperts, OffloadEngine
 from .policies import make_policy
-from .runtime import ExpertCache, ExpertFlowError, ExpertPool, backend_uses_gpu, get_backend
+from .runtime import ExpertCache, ExpertFlowError, ExpertPool, backend_uses_gpu, get_backend, packed_bytes
 from .units import format_bytes, parse_bytes, parse_slots
 
 __all__ = ["from_pretrained", "load_offloaded", "attach", "offloaded_experts", "moe_layers", "plan_slots", "read_config",
@@ -94,7 +94,7 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
     if convert and dtype is None:
         raise ValueError("converting experts between storage formats needs the compute dtype")
     staged = {t.name: t for t in arch.pool_tensors(config, cast(torch.dtype, dtype), checkpoint_format)} if convert else {}
-    # Dense weights and biases may be converted to the compute dtype; codes and scales never are.
+    # Dense weights and biases may be converted to the compute dtype, fp8 scales to fp32; codes never are.
     dense_names = {n for w in arch.weights(config) for n in (w.name, f"{w.name}_bias")}
     bar = tqdm(total=len(layers) * len(wanted), desc="Loading experts", unit="expert", disable=not progress)
     source_dtype: tuple[torch.dtype, str] | None = None
@@ -108,6 +108,12 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
                     f"expected {arch.describe_sources(layer.path)}"
                 )
             staging = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in staged.items()}
+            missing = sorted(set(staged if convert else packed) - {src.pool_tensor for src in sources})
+            if missing:  # a part of the expert the checkpoint does not hold would be left as garbage
+                raise CheckpointError(
+                    f"expert {e} of MoE layer {layer.index} ({layer.path}) in {ckpt.folder} lacks {', '.join(missing)}; "
+                    f"expected {arch.describe_sources(layer.path)}"
+                )
             for src in sources:
                 info = ckpt.info(src.checkpoint_name)
                 target = staged[src.pool_tensor] if convert else packed[src.pool_tensor]
@@ -122,7 +128,7 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
                         f"tensor '{info.name}' in {info.file} has shape {list(info.shape)}, expected {list(want)} "
                         f"for this {config.model_type} config"
                     )
-                if src.pool_tensor in dense_names:
+                if src.pool_tensor in dense_names and target.dtype.itemsize > 1:  # dense weights and biases
                     if source_dtype is None:
                         source_dtype = (info.dtype, info.name)
                     elif info.dtype != source_dtype[0]:
@@ -130,7 +136,8 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
                             f"tensor '{info.name}' in {info.file} is {info.dtype} but '{source_dtype[1]}' is {source_dtype[0]}; "
                             "all routed experts of a checkpoint must share one dtype"
                         )
-                elif info.dtype != target.dtype:
+                elif info.dtype != target.dtype and not (src.pool_tensor.endswith("_scale") and info.dtype.is_floating_point):
+                    # codes must be the format's own (e5m2 is not e4m3); fp8 scales widen to fp32 exactly
                     raise CheckpointError(f"tensor '{info.name}' in {info.file} is {info.dtype}; {src.pool_tensor} must be {target.dtype}")
                 nbytes = info.nbytes // num_experts if src.expert_index is not None else info.nbytes
                 offset = nbytes * (src.expert_index or 0)
@@ -182,7 +189,7 @@ def plan_slots(
     holds one expert in ``expert_format`` (default dense)."""
     num_experts, top_k, _, _ = arch.dims(config)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    expert_bytes = sum(-(-t.nbytes // 256) * 256 for t in arch.pool_tensors(config, dtype, expert_format))  # as the pool packs them
+    expert_bytes = packed_bytes(arch.pool_tensors(config, dtype, expert_format))
     weights_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     total_experts = num_layers * num_experts
     if policy == "all_gpu":
@@ -246,7 +253,8 @@ def attach(
     ``owns_pool=False`` leaves the pool open when the engine closes, so one pool can serve several
     engines in turn (benchmarks compare policies this way). ``shard`` (an
     :class:`~expertflow.distributed.ExpertShard`): this process computes only its rank's experts.
-    ``expert_format``: the storage format the pool holds the experts in (default dense).
+    ``expert_format``: the storage format the pool holds the experts in (default: the one the
+    loader recorded on the pool, else dense).
     """
     layers = moe_layers(model, arch)
     if isinstance(predictor, (str, Path)):
@@ -264,8 +272,8 @@ def attach(
     offload_policy = policy if not isinstance(policy, str) else make_policy(policy, predictor)
     top_k = arch.dims(model.config)[1]
     cache = ExpertCache(pool, num_slots, policy=offload_policy.cache_policy, experts_per_token=top_k)
-    engine = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k, shard, expert_format,
-                           arch.weights(model.config))
+    engine = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k, shard,
+                           expert_format or pool.expert_format, arch.weights(model.config))
     # nn.Module.__setattr__'s stub admits only tensors and modules; any value is a plain attribute.
     model.expertflow = engine  # type: ignore[assignment]
     return engine
@@ -387,6 +395,7 @@ def _filled_pool(model, arch: Architecture, layers: list[MoELayer], ckpt: Checkp
         from .distributed import open_shared_pool
 
         pool = open_shared_pool(shard, len(layers), num_experts, tensors, backend_obj)
+    pool.expert_format = pool_format
     try:
         _fill_pool(pool, layers, arch, config, ckpt, progress and (shard is None or shard.rank == 0),
                    None if shard is None else shard.owned_ids(num_experts), checkpoint_format, pool_format, pool_dtype)
@@ -461,8 +470,9 @@ def from_pretrained(
     one it plans from the previous token's path.
 
     ``expert_dtype``: the storage format of the experts in host memory, over the link and in their
-    slots (``formats.py``): None keeps the checkpoint's (bf16, or gpt-oss's MXFP4); ``"fp8"`` or
-    ``"int8"`` quantize at load, ``"bf16"`` expands a quantized checkpoint. Slots are sized by it,
+    slots (``formats.py``): None keeps the checkpoint's (bf16, gpt-oss's MXFP4, an FP8 release's fp8);
+    ``"fp8"``, ``"int8"`` or ``"mxfp4"`` quantize at load; ``"bf16"`` (or any dense name: the compute
+    dtype's) expands a quantized checkpoint. Slots are sized by it,
     so the same ``gpu_memory`` holds 2-4x more compressed experts.
 
     ``distributed=True`` (under ``torchrun``, one process per GPU of one host): each process caches
@@ -508,7 +518,7 @@ def from_pretrained(
     except BaseException:
         pool.close()
         raise
-    dense_bytes = sum(-(-t.nbytes // 256) * 256 for t in arch.pool_tensors(config, next(p.dtype for p in model.parameters() if p.is_floating_point())))
+    dense_bytes = packed_bytes(arch.pool_tensors(config, next(p.dtype for p in model.parameters() if p.is_floating_point())))
     stored = "" if pool_format.dense else f" as {pool_format.name}, {format_bytes(dense_bytes)} dense"
     log.info(
         "%s: %d MoE layers x %d experts (%s each%s) in pinned memory; %d slots on %s (%s), policy %s",

@@ -124,7 +124,9 @@ class OffloadEngine:
         self.shard = shard
         # Slots hold experts in this storage format; a non-dense one expands just before computing.
         self.expert_format = expert_format or FORMATS["dense"]
-        self.weights = weights or []
+        self.weights = weights if weights is not None else (architecture.weights(model.config) if model is not None else [])
+        if not self.expert_format.dense and not self.weights:
+            raise ValueError(f"experts stored as {self.expert_format.name} need the model's weight specs to expand them")
         self.model = model
         self.owns_pool = owns_pool
         self.layers = layers

@@ -32,6 +32,7 @@ from ._C import ExpertFlowError
 
 __all__ = [
     "backend_uses_gpu",
+    "packed_bytes",
     "ExpertFlowError",
     "TensorSpec",
     "LayerSpec",
@@ -80,6 +81,11 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def packed_bytes(tensors: Iterable[TensorSpec]) -> int:
+    """Bytes one expert of these tensors takes in a pool: each tensor 256-byte aligned, as packed."""
+    return sum(-(-t.nbytes // 256) * 256 for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ class ExpertPool:
         if attach is not None and (not isinstance(attach, str) or not attach):
             raise ExpertFlowError(f"attach takes a shared pool's path (another process's pool.shared_path), got {attach!r}")
         if attach is None:  # an attached pool maps memory another process already holds
-            _check_host_memory(sum(spec.num_experts * sum(-(-t.nbytes // 256) * 256 for t in spec.tensors) for spec in self.layers))
+            _check_host_memory(sum(spec.num_experts * packed_bytes(spec.tensors) for spec in self.layers))
         native = _C.ExpertPool(self.backend, [spec.num_experts for spec in self.layers], native_specs,
                                shared or attach is not None, attach or "")
         self._native: _C.ExpertPool | None = native
@@ -171,6 +177,8 @@ class ExpertPool:
             )
         self._arena: torch.Tensor | None = torch.from_dlpack(native.arena_dlpack())
         self._caches: weakref.WeakSet[ExpertCache] = weakref.WeakSet()
+        #: the storage format (``formats.ExpertFormat``) the loader filled the experts in; None: dense
+        self.expert_format: Any = None
 
     @classmethod
     def uniform(

@@ -38,7 +38,7 @@ from ..offload import OffloadedExperts
 from ..oracles import GateOracle, TraceOracle, TraceSchedule, parse_forecast
 from ..policies import POLICY_NAMES, Expertflow, GateAhead, make_policy
 from ..replay import next_use_positions
-from ..runtime import ExpertPool, get_backend
+from ..runtime import ExpertPool, get_backend, packed_bytes
 from ..traces import read_trace
 from ..units import format_bytes, parse_slots
 from .shapes import SHAPES, make_config
@@ -226,8 +226,7 @@ class _Model:
         if cfg.model is not None:
             self.model, self.arch, self.pool = load_offloaded(cfg.model, device=device, backend=backend.name,
                                                               progress=cfg.progress, expert_dtype=cfg.expert_dtype)
-            self.expert_format = expert_format(cfg.expert_dtype) if cfg.expert_dtype else \
-                self.arch.checkpoint_format(self.model.config)
+            self.expert_format = self.pool.expert_format or expert_format(None)
             self.source = cfg.model
             if self.arch.encoder_decoder:
                 self.pool.close()
@@ -378,7 +377,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         "model": m.source, "arch": cfg.arch, "num_layers": L, "num_experts": E, "top_k": m.top_k,
         "routing": cfg.routing, "batch": cfg.batch, "prompt_len": int(prompt.shape[1]), "new_tokens": cfg.new_tokens,
         "expert_bytes": m.expert_bytes, "expert_dtype": m.expert_format.name,
-        "dense_expert_bytes": sum(-(-t.nbytes // 256) * 256 for t in m.arch.pool_tensors(m.model.config, cfg.dtype)),
+        "dense_expert_bytes": packed_bytes(m.arch.pool_tensors(m.model.config, next(p.dtype for p in m.model.parameters()
+                                                                                       if p.is_floating_point()))),
         "pool_bytes": m.pool.total_bytes, "resident_bytes": m.resident_bytes(),
         "pinned_gbps": bandwidth / 1e9, "rows": [],
     }
