@@ -165,7 +165,9 @@ def _mxfp4_expand(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
 
 def _mxfp4_quantize(x: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
     """``x [out, in]`` fp32 -> blocks and scales: each 32-value block shares the exponent
-    ``floor(log2(amax)) - 2`` (e2m1's largest exponent), values round to the nearest e2m1 value."""
+    ``floor(log2(amax)) - 2`` (e2m1's largest exponent), values round to the nearest e2m1 value
+    (a tie goes to the smaller magnitude, not to even: 0.75 -> 0.5; checkpoints made elsewhere
+    decode the same whatever rounding made them)."""
     out, inp = x.shape
     if inp % MX_BLOCK:
         raise ValueError(f"mxfp4 needs {name}'s input size to be a multiple of {MX_BLOCK}, got {inp}")
