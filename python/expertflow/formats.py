@@ -140,24 +140,25 @@ def expert_format(name: str | None) -> ExpertFormat:
     return FORMATS[name]
 
 
-_LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_PAIRS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _fp4_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The e2m1 values on ``device``, made once: building it per expansion would copy (and sync) each time."""
+def _fp4_pairs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[256, 2]``: the two e2m1 values of every byte (low nibble first), made once per device and
+    dtype: building it per expansion would copy (and sync) each time, and one lookup per byte reads
+    half the indices two per-nibble lookups would."""
     key = (device, dtype)
-    if key not in _LUTS:
-        _LUTS[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
-    return _LUTS[key]
+    if key not in _PAIRS:
+        values = torch.tensor(FP4_VALUES, dtype=dtype)
+        codes = torch.arange(256)
+        _PAIRS[key] = torch.stack([values[codes & 0x0F], values[codes >> 4]], dim=1).to(device)
+    return _PAIRS[key]
 
 
 def _mxfp4_expand(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``blocks [out, G, 16]`` uint8, ``scales [out, G]`` uint8 -> ``[out, G * 32]``: low nibble first."""
-    lut = _fp4_table(blocks.device, dtype)
     out, groups, half = blocks.shape
-    dense = torch.empty(out, groups, 2 * half, dtype=dtype, device=blocks.device)
-    dense[..., 0::2] = lut[(blocks & 0x0F).to(torch.int32)]
-    dense[..., 1::2] = lut[(blocks >> 4).to(torch.int32)]
+    dense = _fp4_pairs(blocks.device, dtype)[blocks.to(torch.int32)].view(out, groups, 2 * half)
     # 2^(e - 127) exactly: ldexp, as the checkpoint's own reference does
     torch.ldexp(dense, (scales.to(torch.int32) - 127)[..., None], out=dense)
     return dense.view(out, groups * 2 * half)
