@@ -107,6 +107,8 @@ def test_int8_per_channel(shape):
     y = fmt.expand(spec, stored, torch.float32)
     assert y.shape == x.shape
     assert ((y - x).abs() <= stored["w_scale"][None, :] / 2 + 1e-7).all()
+    want = (stored["w"].float() * stored["w_scale"][:, None]).t()  # q * s in fp32, [in, out] as stored
+    assert torch.equal(fmt.expand(spec, stored, torch.bfloat16), want.to(torch.bfloat16))
 
 
 def test_stored_sizes():

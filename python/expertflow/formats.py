@@ -100,8 +100,9 @@ class ExpertFormat:
             else:
                 s = scale.repeat_interleave(FP8_BLOCK, 0)[:out].repeat_interleave(FP8_BLOCK, 1)[:, :inp]
                 dense = (q.to(torch.float32) * s).to(dtype)
-        elif self.name == "int8":
-            dense = (stored[w].to(torch.float32) * stored[f"{w}_scale"][:, None]).to(dtype)
+        elif self.name == "int8":  # int8 is exact in bf16; the product is computed in fp32, cast in place
+            dense = stored[w].to(dtype)
+            torch.mul(dense, stored[f"{w}_scale"][:, None], out=dense)
         else:
             dense = _mxfp4_expand(stored[f"{w}_blocks"], stored[f"{w}_scales"], dtype)
         return dense.t().contiguous() if weight.transposed else dense
