@@ -346,6 +346,7 @@ def test_empty_traces_are_refused(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--policy", ","], "--policy ',' names nothing"),
     (["--capacity", ","], "--capacity ',' names nothing"),
+    (["--capacity", "10%,,25%"], "--capacity '10%,,25%' has an empty entry"),
     (["--bandwidth-gbps", "0"], "argument --bandwidth-gbps: 0 is outside (0, inf]"),
     (["--bandwidth-gbps", "-5"], "argument --bandwidth-gbps: -5 is outside (0, inf]"),
     (["--bandwidth-gbps", "nan"], "argument --bandwidth-gbps: nan is outside (0, inf]"),

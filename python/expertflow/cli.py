@@ -99,11 +99,14 @@ _port = _checked(_port_number, "port")
 
 
 def _split(text: str, option: str | None = None) -> list[str]:
-    """The comma-separated entries of ``text``; with ``option``, at least one is required."""
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    if option is not None and not parts:
+    """The comma-separated entries of ``text``, each once, in order; with ``option``, at least one is
+    required and none may be empty."""
+    parts = [part.strip() for part in text.split(",")]
+    if option is not None and not any(parts):
         raise ValueError(f"{option} '{text}' names nothing; give one or more, separated by commas")
-    return parts
+    if option is not None and not all(parts):
+        raise ValueError(f"{option} '{text}' has an empty entry; separate the entries by single commas")
+    return list(dict.fromkeys(p for p in parts if p))
 
 
 def _table(rows: list[tuple[str, ReplayResult, float | None]]) -> str:
