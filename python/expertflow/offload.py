@@ -245,11 +245,13 @@ class OffloadEngine:
         outputs: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         # A batch may route to more experts than there are slots: run them in waves that fit.
         capacity = self.cache.num_slots
-        for start in range(0, len(experts), capacity):
-            wave = experts[start : start + capacity]
-            slots = self.cache.acquire_slots(layer.index, wave, stream=stream, wait=False)
-            if start == 0:
-                self._apply(self.policy.on_layer(layer.index, chosen, gate))
+        waves = [experts[start : start + capacity] for start in range(0, len(experts), capacity)]
+        first = self.cache.acquire_slots(layer.index, waves[0], stream=stream, wait=False) if waves else []
+        # The policy hears the layer once, after the first wave's demand loads are queued (they go
+        # first), and also where this rank runs none of the layer's experts.
+        self._apply(self.policy.on_layer(layer.index, chosen, gate))
+        for n, wave in enumerate(waves):
+            slots = first if n == 0 else self.cache.acquire_slots(layer.index, wave, stream=stream, wait=False)
             # Experts whose bytes have landed first; misses as they land.
             for i in sorted(range(len(wave)), key=lambda i: not self.cache.slot_ready(slots[i])):
                 e = wave[i]
@@ -263,8 +265,6 @@ class OffloadEngine:
                     c = choice_of[e]
                     outputs[e] = (None, module.compute(expert_weights, hidden_states) * weights[:, c : c + 1])
             self.cache.release(layer.index, wave, stream)
-        if not experts:  # sharded: every chosen expert runs on another rank; the policy still learns the layer
-            self._apply(self.policy.on_layer(layer.index, chosen, gate))
         if self.shard is not None:
             contributions = hidden_states.new_zeros(num_tokens, k, hidden_states.shape[1])
             for e in experts:
