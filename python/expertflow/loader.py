@@ -331,16 +331,18 @@ def _check_loading_info(info: dict, layers: list[MoELayer], path: Path) -> None:
 
 @contextlib.contextmanager
 def _resident(path: Path, dtype: torch.dtype | None, device: torch.device, progress: bool):
-    """Yields (model without routed-expert weights, its architecture, MoE layers, open checkpoint)."""
+    """Yields (model without routed-expert weights, its architecture, MoE layers, open checkpoint, the
+    format the checkpoint stores its experts in)."""
     config = read_config(path)
     arch = architecture_for(config.model_type)
+    checkpoint_format = arch.checkpoint_format(config)  # refuses quantizations we cannot read, before any weight loads
     num_experts, top_k = arch.dims(config)[:2]
     if not 1 <= top_k <= num_experts:
         raise CheckpointError(f"{path / 'config.json'} routes each token to {top_k} of {num_experts} experts; "
                               "top-k must be between 1 and the expert count")
     load_config: dict = {}
     if getattr(config, "quantization_config", None) is not None:
-        if arch.checkpoint_format(config).name == "fp8":  # refuses quantizations we cannot read, before any weight loads
+        if checkpoint_format.name == "fp8":
             # fp8 checkpoints quantize the resident layers too: transformers expands those; the routed
             # experts we read ourselves, in fp8.
             load_config = {"quantization_config": transformers.FineGrainedFP8Config(dequantize=True)}
@@ -375,18 +377,17 @@ def _resident(path: Path, dtype: torch.dtype | None, device: torch.device, progr
         if not layers:
             raise ExpertFlowError(f"found no routed experts in this {config.model_type} model")
         _check_loading_info(info, layers, path)
-        yield model, arch, layers, ckpt
+        yield model, arch, layers, ckpt, checkpoint_format
 
 
 def _filled_pool(model, arch: Architecture, layers: list[MoELayer], ckpt: Checkpoint, backend_obj, progress: bool,
-                 shard=None, pool_format: ExpertFormat | None = None) -> ExpertPool:
+                 checkpoint_format: ExpertFormat, shard=None, pool_format: ExpertFormat | None = None) -> ExpertPool:
     """The pool, filled from the checkpoint, in ``pool_format`` (default: the checkpoint's own). With
     ``shard``: one shared pool for the host, created by rank 0 and mapped by the others; each rank
     reads its own experts into it."""
     config = model.config
     pool_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     num_experts = arch.dims(config)[0]
-    checkpoint_format = arch.checkpoint_format(read_config(ckpt.folder))
     pool_format = pool_format or checkpoint_format
     tensors = arch.pool_tensors(config, pool_dtype, pool_format)
     if shard is None:
@@ -435,8 +436,9 @@ def load_offloaded(
     pool_format = expert_format(expert_dtype) if expert_dtype is not None else None
     backend_obj = get_backend(backend)
     device = _device_for(backend_obj, device)
-    with _resident(Path(path), dtype, device, progress) as (model, arch, layers, ckpt):
-        return model, arch, _filled_pool(model, arch, layers, ckpt, backend_obj, progress, pool_format=pool_format)
+    with _resident(Path(path), dtype, device, progress) as (model, arch, layers, ckpt, checkpoint_format):
+        return model, arch, _filled_pool(model, arch, layers, ckpt, backend_obj, progress, checkpoint_format,
+                                         pool_format=pool_format)
 
 
 def from_pretrained(
@@ -503,15 +505,15 @@ def from_pretrained(
     else:
         backend_obj = get_backend(backend)
     device = _device_for(backend_obj, device)
-    with _resident(Path(path), dtype, device, progress) as (model, arch, layers, ckpt):
+    with _resident(Path(path), dtype, device, progress) as (model, arch, layers, ckpt, checkpoint_format):
         config = model.config
-        pool_format = requested_format or arch.checkpoint_format(read_config(path))
+        pool_format = requested_format or checkpoint_format
         # The slot count needs the resident weights' size; the pool (the model's bulk) is read after it.
         num_slots = plan_slots(model, arch, config, len(layers), offload_policy.name, budget, headroom, expert_slots,
                                pool_format)
         if shard is not None:  # a rank never caches another rank's experts
             num_slots = min(num_slots, len(layers) * len(shard.owned_ids(arch.dims(config)[0])))
-        pool = _filled_pool(model, arch, layers, ckpt, backend_obj, progress, shard, pool_format)
+        pool = _filled_pool(model, arch, layers, ckpt, backend_obj, progress, checkpoint_format, shard, pool_format)
     try:
         attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor, shard=shard,
                expert_format=pool_format)
