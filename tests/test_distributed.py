@@ -197,34 +197,18 @@ def test_two_process_server_answers_as_one_process(tmp_path):
     openai = pytest.importorskip("openai")
     pytest.importorskip("fastapi")
     import threading
-    import time
 
-    from test_server import free_port, get
+    from test_server import start_server
 
     import expertflow as ef
     from expertflow.cli import BUNDLED_MODEL
 
-    port = free_port()
-    env = {**os.environ, "EXPERTFLOW_BACKEND": "host"}
-    proc = subprocess.Popen([sys.executable, "-m", "expertflow.cli", "serve", "--port", str(port), "--expert-slots", "50%",
-                             "--dtype", "float32", "--max-batch-size", "2", "--nproc-per-node", "2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server("--expert-slots", "50%", "--dtype", "float32", "--max-batch-size", "2",
+                              "--nproc-per-node", "2", timeout=240)
     try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                if get(f"{base}/v1/models", key=None)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"the server did not start: {proc.stdout.read()}")
-            time.sleep(0.5)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
         prompts = ["ROMEO:", "The json module", "JULIET:", "def main"]
-        streamed: dict[str, list[int]] = {}
+        streamed: dict[str, str] = {}
 
         def stream(prompt: str) -> None:
             chunks = client.completions.create(model="tiny-mixtral", prompt=prompt, max_tokens=10, temperature=0, stream=True)

@@ -62,26 +62,30 @@ def announce_body(base: str, nbytes: int) -> tuple[int, dict]:
         conn.close()
 
 
-@pytest.fixture(scope="module")
-def server():
+def start_server(*args: str, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """``expertflow serve ARGS`` (host backend) on a free port, once it answers: (process, base URL)."""
     port = free_port()
     env = {**os.environ, "EXPERTFLOW_BACKEND": "host"}
-    # fp32: greedy tokens do not depend on which requests share a batch.
-    proc = subprocess.Popen([sys.executable, "-m", "expertflow.cli", "serve", "--port", str(port), "--api-key", KEY,
-                             "--expert-slots", "50%", "--dtype", "float32", "--max-batch-size", "4"],
+    proc = subprocess.Popen([sys.executable, "-m", "expertflow.cli", "serve", "--port", str(port), *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + timeout
     while True:
         try:
             if get(f"{base}/v1/models")[0] == 200:
-                break
+                return proc, base
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
             pytest.fail(f"the server did not start: {proc.stdout.read()}")
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server():
+    # fp32: greedy tokens do not depend on which requests share a batch.
+    proc, base = start_server("--api-key", KEY, "--expert-slots", "50%", "--dtype", "float32", "--max-batch-size", "4")
     yield base
     proc.terminate()
     proc.wait(timeout=30)
