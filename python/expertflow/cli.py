@@ -667,12 +667,13 @@ def _check_before_launch(args: argparse.Namespace) -> None:
     """What can fail in every rank alike is checked once, before any rank starts: the model folder
     and config, the policy, and whether there are experts and devices for every process."""
     from . import _C
+    from .distributed import cli_rank
     from .loader import read_config
     from .models import architecture_for
     from .policies import make_policy
     from .runtime import backend_uses_gpu
 
-    if os.environ.get("EXPERTFLOW_RANK_OF_CLI") == "1":
+    if cli_rank() is not None:  # checked once, by the process that started the ranks
         return
     if not Path(args.model).is_dir():
         raise ValueError(f"model folder {args.model} does not exist")
@@ -705,8 +706,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return code
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as e:
-        rank = os.environ.get("RANK") if os.environ.get("EXPERTFLOW_RANK_OF_CLI") == "1" else None
-        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        from .distributed import cli_rank
+
+        rank = cli_rank()
+        where = f" (rank {rank})" if rank else ""
         print(f"expertflow {args.command}: error{where}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outputs are written whole or not at all (files.atomic_output)

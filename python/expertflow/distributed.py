@@ -38,7 +38,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-__all__ = ["ExpertShard", "assign", "init_distributed", "launched_by_torchrun", "launch_ranks", "gather_stats"]
+__all__ = ["ExpertShard", "assign", "init_distributed", "launched_by_torchrun", "launch_ranks", "cli_rank", "gather_stats"]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -183,6 +183,11 @@ def open_shared_pool(shard: ExpertShard, num_layers: int, num_experts: int, tens
 _LAUNCHED = "EXPERTFLOW_RANK_OF_CLI"  # set by launch_ranks for the processes it starts
 
 
+def cli_rank() -> int | None:
+    """This process's rank when :func:`launch_ranks` started it, else None."""
+    return int(os.environ["RANK"]) if os.environ.get(_LAUNCHED) == "1" else None
+
+
 def launch_ranks(nproc_per_node: int, cli_args: list[str]) -> int | None:
     """From the CLI: runs ``expertflow CLI_ARGS`` as ``nproc_per_node`` processes of one host, in the
     environment torchrun would give them, and returns their exit status; or returns None inside such
@@ -196,8 +201,9 @@ def launch_ranks(nproc_per_node: int, cli_args: list[str]) -> int | None:
     import subprocess
     import sys
 
-    if os.environ.get(_LAUNCHED) == "1":
-        if int(os.environ["RANK"]) != 0:
+    rank = cli_rank()
+    if rank is not None:
+        if rank != 0:
             import logging
 
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
