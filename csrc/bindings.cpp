@@ -340,6 +340,18 @@ PYBIND11_MODULE(_C, m) {
              for (const auto& s : r.slot_table()) out.append(slot_dict(s));
              return out;
            })
+      .def("occupied",
+           [](Runtime& r) {
+             const std::vector<SlotMeta> slots = r.slot_table();
+             IntArray out({static_cast<py::ssize_t>(slots.size()), py::ssize_t{2}});
+             auto view = out.mutable_unchecked<2>();
+             for (size_t i = 0; i < slots.size(); ++i) {
+               view(i, 0) = slots[i].layer;
+               view(i, 1) = slots[i].expert;
+             }
+             return out;
+           },
+           "[num_slots, 2] int32: each slot's (layer, expert), -1 when empty.")
       .def("synchronize", &Runtime::synchronize, py::call_guard<py::gil_scoped_release>())
       .def("pause_prefetch", &Runtime::pause_prefetch)
       .def("resume_prefetch", &Runtime::resume_prefetch)

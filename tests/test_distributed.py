@@ -24,11 +24,11 @@ def run_cli(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
-def test_two_processes_generate_the_tokens_of_one(tmp_path, model_type):
+@pytest.mark.parametrize("model_type, policy", [("mixtral", "lru"), ("qwen2_moe", "lru"), ("mixtral", "expertflow")])
+def test_two_processes_generate_the_tokens_of_one(tmp_path, model_type, policy):
     folder = save(build(model_type), tmp_path / model_type, "published")
     args = ["generate", "--model", str(folder), "--prompt-ids", "5,17,3,88,41,9,12", "--max-new-tokens", "12",
-            "--expert-slots", "50%", "--policy", "lru", "--json"]
+            "--expert-slots", "50%", "--policy", policy, "--json"]
     one = run_cli(*args)
     two = run_cli(*args, "--nproc-per-node", "2")
     assert two["token_ids"] == one["token_ids"]
@@ -189,6 +189,50 @@ def test_assignment_balances_copies_from_its_definition(world, data):
             misses += 1
             copies[ranks[i]] += 1
     assert copies.max() == -(-misses // world)  # no link copies more than its share, rounded up
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4), st.data())
+def test_prefetches_are_dealt_out_from_their_definition(world, data):
+    from expertflow.distributed import deal_prefetches
+
+    num_layers, num_experts = data.draw(st.integers(1, 5)), data.draw(st.integers(world, 12))
+    holders = np.array(data.draw(st.lists(st.booleans(), min_size=world * num_layers * num_experts,
+                                          max_size=world * num_layers * num_experts))).reshape(world, num_layers, num_experts)
+    pairs = data.draw(st.lists(st.tuples(st.integers(0, num_layers - 1), st.integers(0, num_experts - 1)),
+                               unique=True, max_size=num_layers * num_experts))
+    layers = np.array([p[0] for p in pairs], dtype=np.int32)
+    experts = np.array([p[1] for p in pairs], dtype=np.int32)
+    owner = np.arange(num_experts) % world
+    ranks = deal_prefetches(layers, experts, owner, holders)
+    assert ranks.shape == (len(pairs),)
+    copies = []
+    for (layer, e), rank in zip(pairs, ranks.tolist()):
+        held_by = holders[:, layer, e]
+        if held_by.any():  # stays where it is held, its owner first: no expert crosses two links
+            assert rank == (owner[e] if held_by[owner[e]] else np.flatnonzero(held_by)[0])
+        else:
+            copies.append(rank)
+    # The copies take turns: after every prefix (in due order) no link has two more than another.
+    counts = np.zeros(world, dtype=int)
+    for rank in copies:
+        counts[rank] += 1
+        assert counts.max() - counts.min() <= 1
+
+
+def test_the_cache_reports_what_it_holds():
+    from expertflow.runtime import ExpertCache
+
+    pool = ExpertPool.uniform(3, 5, [TensorSpec("w", torch.float32, (4,))], "host")
+    with pool, ExpertCache(pool, num_slots=4, policy="lru") as cache:
+        assert not cache.held(3, 5).any()
+        cache.acquire(2, [4, 1])
+        cache.release(2, [4, 1])
+        cache.acquire(0, [3])
+        cache.release(0, [3])
+        want = np.zeros((3, 5), dtype=bool)
+        want[2, [1, 4]] = want[0, 3] = True
+        assert (cache.held(3, 5) == want).all()
 
 
 def test_two_process_server_answers_as_one_process(tmp_path):

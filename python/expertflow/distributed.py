@@ -38,7 +38,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-__all__ = ["ExpertShard", "assign", "init_distributed", "launched_by_torchrun", "launch_ranks", "cli_rank", "gather_stats"]
+__all__ = ["ExpertShard", "assign", "deal_prefetches", "init_distributed", "launched_by_torchrun", "launch_ranks", "cli_rank", "gather_stats"]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -69,12 +69,12 @@ class ExpertShard:
     def owned_ids(self, num_experts: int) -> list[int]:
         return np.flatnonzero(self.owned(num_experts)).tolist()
 
-    def residency(self, held: list[bool], device: torch.device) -> np.ndarray:
-        """``held [n]``: whether this rank holds each of a layer's chosen experts -> ``[world, n]``
-        bool for every rank (one all_gather and one transfer to the host)."""
+    def holders(self, held: np.ndarray, device: torch.device) -> np.ndarray:
+        """``held [L, E]`` bool: which experts this rank's cache holds -> ``[world, L, E]`` bool for every
+        rank (one all_gather of a byte per expert and one transfer to the host)."""
         import torch.distributed as dist
 
-        mine = torch.tensor(held, dtype=torch.uint8, device=device)
+        mine = torch.from_numpy(held.astype(np.uint8)).to(device)
         everyone = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(everyone, mine, group=self.group)
         return torch.stack(everyone).cpu().numpy().astype(bool)
@@ -128,6 +128,26 @@ def assign(experts: list[int], owner: np.ndarray, resident: np.ndarray) -> np.nd
             continue
         fewest = np.flatnonzero(copies == copies.min())
         ranks[i] = owner[e] if owner[e] in fewest else fewest[0]
+        copies[ranks[i]] += 1
+    return ranks
+
+
+def deal_prefetches(layers: np.ndarray, experts: np.ndarray, owner: np.ndarray, holders: np.ndarray) -> np.ndarray:
+    """The rank that brings in each of a plan's prefetches ``(layers[i], experts[i])`` (``[n]``, in
+    due order), the same on every rank. ``holders [world, L, E]``: which rank holds which expert.
+
+    An expert some rank holds stays there (its owner if it holds it, else the lowest such rank), so
+    one expert never travels over two links. The rest are dealt out one at a time, in due order, to
+    the rank with the fewest copies so far, the owner first on ties, then the lowest rank: the links
+    take turns, and no link idles while another has two copies queued."""
+    world = holders.shape[0]
+    owners = owner[experts]
+    held_by = holders[:, layers, experts]  # [world, n]
+    ranks = np.where(held_by[owners, np.arange(len(experts))], owners, np.argmax(held_by, axis=0))
+    copies = np.zeros(world, dtype=np.int64)
+    for i in np.flatnonzero(~held_by.any(axis=0)).tolist():  # the copies, dealt in due order
+        fewest = np.flatnonzero(copies == copies.min())
+        ranks[i] = owners[i] if owners[i] in fewest else fewest[0]
         copies[ranks[i]] += 1
     return ranks
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .distributed import assign
+from .distributed import assign, deal_prefetches
 from .formats import FORMATS, ExpertFormat, WeightSpec
 from .models import Architecture
 from .planner import Plan
@@ -138,6 +138,9 @@ class OffloadEngine:
         self.owner = shard.owner(self.num_experts) if shard is not None else np.zeros(self.num_experts, dtype=np.int64)
         self.owned = self.owner == (shard.rank if shard is not None else 0)
         self.computed_unowned = 0  # sharded: experts this rank computed for another owner (balanced links)
+        # sharded: [world, L, E] which rank holds which expert, as gathered at the last layer and
+        # updated (identically on every rank) by the copies dealt out since
+        self._holders = np.zeros((shard.world_size if shard is not None else 1, len(layers), self.num_experts), dtype=bool)
         self.host_transfers = 0
         self.steps = 0
         self._positions: torch.Tensor | None = None
@@ -194,9 +197,16 @@ class OffloadEngine:
     def _apply(self, plan: Plan | None) -> None:
         if plan is None:
             return
-        if self.shard is not None:  # another rank's experts are never needed here
-            keep = self.owned[plan.experts]
-            never = ~self.owned[None, :]
+        if self.shard is not None:  # this rank's share of the prefetches (distributed.deal_prefetches)
+            ranks = deal_prefetches(plan.layers, plan.experts, self.owner, self._holders)
+            self._holders[ranks, plan.layers, plan.experts] = True
+            keep = ranks == self.shard.rank
+            # Experts another rank holds or brings in run there (assign): never needed here.
+            never = np.zeros(self._holders.shape[1:], dtype=bool)
+            never[plan.layers[~keep], plan.experts[~keep]] = True
+            elsewhere = self._holders.copy()
+            elsewhere[self.shard.rank] = False
+            never |= elsewhere.any(axis=0) & ~self._holders[self.shard.rank]
             plan = Plan(plan.layers[keep], plan.experts[keep], plan.due[keep],
                         None if plan.next_use is None else np.where(never, np.inf, plan.next_use),
                         None if plan.following_use is None else np.where(never, np.inf, plan.following_use),
@@ -233,8 +243,9 @@ class OffloadEngine:
         counts = np.bincount(chosen.ravel(), minlength=num_experts + 1)[:num_experts]
         experts = np.flatnonzero(counts).tolist()  # ascending
         if self.shard is not None:  # this rank's share of the layer's experts (distributed.assign)
-            resident = self.shard.residency(self.cache.resident(layer.index, experts), hidden_states.device)
-            compute_rank = assign(experts, self.owner, resident)
+            self._holders = self.shard.holders(self.cache.held(self.num_layers, num_experts), hidden_states.device)
+            compute_rank = assign(experts, self.owner, self._holders[:, layer.index, experts])
+            self._holders[compute_rank, layer.index, experts] = True  # the misses land there
             experts = [e for e, r in zip(experts, compute_rank.tolist()) if r == self.shard.rank]
             self.computed_unowned += int(np.sum(~self.owned[experts]))
         if num_tokens > 1:

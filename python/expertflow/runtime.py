@@ -470,6 +470,16 @@ class ExpertCache:
         self._check_open()
         return [bool(r) for r in self._native.resident(layer, list(experts))]
 
+    def held(self, num_layers: int, num_experts: int) -> np.ndarray:
+        """``[num_layers, num_experts]`` bool: which experts hold a slot (landed or in flight), from one
+        native call."""
+        self._check_open()
+        occupied = self._native.occupied()
+        occupied = occupied[occupied[:, 0] >= 0]
+        held = np.zeros((num_layers, num_experts), dtype=bool)
+        held[occupied[:, 0], occupied[:, 1]] = True
+        return held
+
     def slot_table(self) -> list[dict[str, Any]]:
         """Per slot: layer, expert (-1 when empty), pin_count, planned, next_use, following_use,
         last_use, use_count, prefetched_unused."""
