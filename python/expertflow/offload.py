@@ -56,7 +56,8 @@ class OffloadedExperts(nn.Module):
         self.gated = architecture.gated
         self.style = architecture.style
         if self.style == "gpt_oss":  # its clamped SwiGLU
-            self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+            # older transformers (5.17) fix both in the module instead of the config
+            self.alpha, self.limit = getattr(config, "swiglu_alpha", 1.702), getattr(config, "swiglu_limit", 7.0)
         self.layer = -1
         self.engine: OffloadEngine | None = None
 
