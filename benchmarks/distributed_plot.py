@@ -1,5 +1,6 @@
 """Decode throughput on one and two H200s at the same slots per GPU (benchmarks/distributed_decode.py):
-tokens/s per batch size and policy, with static ownership and with balanced links. Writes
+tokens/s per batch size and policy: static ownership, misses balanced across the links, and
+prefetches balanced too. Writes
 docs/img/distributed-h200.png.
 
     python benchmarks/distributed_plot.py
@@ -18,7 +19,8 @@ import matplotlib.pyplot as plt
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks/results"
 RUNS = [("1 GPU", "distributed-1gpu.json"), ("2 GPUs, static owners", "distributed-static-2gpu.json"),
-        ("2 GPUs, balanced links", "distributed-2gpu.json")]
+        ("2 GPUs, misses balanced", "distributed-misses-2gpu.json"),
+        ("2 GPUs, misses and prefetches balanced", "distributed-2gpu.json")]
 
 
 def main() -> None:
