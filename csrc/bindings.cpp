@@ -18,6 +18,7 @@
 #include "expertflow/backend.h"
 #include "expertflow/cache.h"
 #include "expertflow/error.h"
+#include "expertflow/expand.h"
 #include "expertflow/pool.h"
 #include "expertflow/runtime.h"
 
@@ -143,6 +144,35 @@ PYBIND11_MODULE(_C, m) {
   m.attr("TENSOR_ALIGNMENT") = kTensorAlignment;
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
         "Empty when a CUDA device is usable by this build; otherwise the reason.");
+
+  m.def("expand_kernels_available", &expand_kernels_available,
+        "True when this build has the GPU expansion kernels of compressed experts.");
+  m.def(
+      "expand_weight",
+      [](const std::string& format, const std::string& dtype, uintptr_t codes, uintptr_t scales, uintptr_t out,
+         int64_t rows, int64_t cols, bool transposed, int device, uintptr_t stream) {
+        ExpandArgs args;
+        if (format == "fp8") args.format = StoredFormat::kFp8Block;
+        else if (format == "int8") args.format = StoredFormat::kInt8Row;
+        else if (format == "mxfp4") args.format = StoredFormat::kMxfp4;
+        else throw Error("expand_weight: format must be fp8, int8 or mxfp4, got '" + format + "'");
+        if (dtype == "bfloat16") args.dtype = DenseType::kBf16;
+        else if (dtype == "float16") args.dtype = DenseType::kFp16;
+        else if (dtype == "float32") args.dtype = DenseType::kFp32;
+        else throw Error("expand_weight: dtype must be bfloat16, float16 or float32, got '" + dtype + "'");
+        args.codes = reinterpret_cast<const void*>(codes);
+        args.scales = reinterpret_cast<const void*>(scales);
+        args.out = reinterpret_cast<void*>(out);
+        args.rows = rows;
+        args.cols = cols;
+        args.transposed = transposed;
+        args.device = device;
+        args.stream = reinterpret_cast<void*>(stream);
+        expand_weight(args);
+      },
+      py::arg("format"), py::arg("dtype"), py::arg("codes"), py::arg("scales"), py::arg("out"), py::arg("rows"),
+      py::arg("cols"), py::arg("transposed"), py::arg("device"), py::arg("stream"),
+      "Expands a compressed weight [rows, cols] (device pointers) into `out` on `stream` (expand.h).");
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
       .def_property_readonly("name", &Backend::name)

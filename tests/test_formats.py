@@ -137,3 +137,44 @@ def test_fp8_expands_as_an_fp32_product_cast_to_the_output(dtype):
         stored = fmt.quantize(spec, x)
         scale = stored["w_scale"].repeat_interleave(FP8_BLOCK, 0)[: shape[0]].repeat_interleave(FP8_BLOCK, 1)[:, : shape[1]]
         assert torch.equal(fmt.expand(spec, stored, dtype), (stored["w"].float() * scale).to(dtype))
+
+
+def _dense_from_definition(name: str, stored: dict[str, torch.Tensor], spec: WeightSpec, dtype: torch.dtype) -> torch.Tensor:
+    """code value * scale, the product in fp32, one rounding into ``dtype``; transposed where the spec is."""
+    if name == "fp8":
+        q, s = stored["w"].float(), stored["w_scale"]
+        s = s.repeat_interleave(FP8_BLOCK, 0)[: q.shape[0]].repeat_interleave(FP8_BLOCK, 1)[:, : q.shape[1]]
+    elif name == "int8":
+        q, s = stored["w"].float(), stored["w_scale"][:, None]
+    else:
+        blocks, scales = stored["w_blocks"], stored["w_scales"]
+        table = torch.tensor([e2m1(n) for n in range(16)])
+        nibbles = torch.stack([blocks & 15, blocks >> 4], dim=-1).long()  # low nibble first
+        q = table[nibbles].reshape(blocks.shape[0], -1)
+        s = torch.tensor(2.0) ** (scales.float() - 127).repeat_interleave(32, 1)
+    dense = (q * s).to(dtype)
+    return dense.t().contiguous() if spec.transposed else dense
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", ["fp8", "int8", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_expansion_follows_the_definition_bit_for_bit(device, name, dtype, transposed):
+    """On the CPU torch expands; on the GPU the native kernel (csrc/expand.cu) does, both paths of it."""
+    from expertflow import _C
+
+    if device == "cuda" and not _C.expand_kernels_available():
+        pytest.skip("this build has no expansion kernels")
+    shapes = [(1, 32), (7, 64), (33, 96), (130, 256), (256, 384)]
+    if name != "mxfp4":
+        shapes += [(1, 1), (7, 33), (129, 257)]  # odd widths take the tiled path
+    fmt = expert_format(name)
+    for out, inp in shapes:
+        spec = WeightSpec("w", out, inp, transposed=transposed)
+        x = torch.randn(out, inp, generator=torch.Generator().manual_seed(out * inp)) * 3
+        stored = fmt.quantize(spec, x.t() if transposed else x)
+        want = _dense_from_definition(name, stored, spec, dtype)
+        got = fmt.expand(spec, {k: v.to(device) for k, v in stored.items()}, dtype)
+        assert got.shape == spec.shape and got.dtype == dtype
+        assert torch.equal(got.cpu(), want), (name, dtype, transposed, out, inp)

@@ -22,6 +22,7 @@ Biases stay dense. Definitions: e4m3 is torch's ``float8_e4m3fn``; an fp8 weight
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,10 @@ class ExpertFormat:
         w = weight.name
         if self.dense:
             return stored[w]
+        codes, scales = (stored[f"{w}_blocks"], stored[f"{w}_scales"]) if self.name == "mxfp4" else (stored[w], stored[f"{w}_scale"])
+        if (codes.is_cuda and _kernels_available() and codes.is_contiguous() and scales.is_contiguous()
+                and (self.name == "mxfp4" or scales.dtype == torch.float32)):
+            return _expand_on_gpu(self.name, weight, codes, scales, dtype)
         if self.name == "fp8":
             q, scale = stored[w], stored[f"{w}_scale"]
             out, inp = q.shape
@@ -154,6 +159,28 @@ def _fp4_pairs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         codes = torch.arange(256)
         _PAIRS[key] = torch.stack([values[codes & 0x0F], values[codes >> 4]], dim=1).to(device)
     return _PAIRS[key]
+
+
+@functools.cache
+def _kernels_available() -> bool:
+    from . import _C
+
+    return bool(_C.expand_kernels_available())
+
+
+def _expand_on_gpu(name: str, weight: WeightSpec, codes: torch.Tensor, scales: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """One pass of the native kernel (``csrc/expand.cu``) on the current stream: the same values as
+    the torch path below, bit for bit, in about a third of the memory traffic."""
+    from . import _C
+
+    rows = codes.shape[0]
+    cols = codes.shape[1] * MX_BLOCK if name == "mxfp4" else codes.shape[1]
+    out = torch.empty(weight.shape, dtype=dtype, device=codes.device)
+    _C.expand_weight(name, str(dtype).removeprefix("torch."), codes.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                     rows, cols, weight.transposed, codes.device.index,
+                     torch.cuda.current_stream(codes.device).cuda_stream)
+    return out
 
 
 def _mxfp4_expand(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
