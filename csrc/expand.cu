@@ -41,11 +41,14 @@ __device__ __forceinline__ float fp8_value(uint8_t code) {
   return static_cast<float>(v);
 }
 
-// e2m1: sign, 2 exponent bits, 1 mantissa bit -> 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives
+// e2m1: sign, 2 exponent bits, 1 mantissa bit -> 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives, built
+// as fp32 bits (a table indexed at run time would sit in local memory and halve the kernel's speed)
 __device__ __forceinline__ float fp4_value(uint32_t nibble) {
-  const float magnitude[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  const float m = magnitude[nibble & 7u];
-  return (nibble & 8u) ? -m : m;
+  const uint32_t exponent = (nibble >> 1) & 3u, mantissa = nibble & 1u;
+  uint32_t bits = exponent ? ((exponent + 126u) << 23) | (mantissa << 22)  // (1 + m/2) * 2^(e-1)
+                           : (mantissa ? 0x3F000000u : 0u);                  // subnormal: 0.5 or 0
+  bits |= (nibble & 8u) << 28;                                                // sign
+  return __uint_as_float(bits);
 }
 
 // 2^(e - 127) exactly (2^-127 is an fp32 subnormal, still exact)
