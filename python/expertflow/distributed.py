@@ -6,15 +6,18 @@ Launched with ``torchrun --nproc-per-node N`` (or ``expertflow generate|serve --
 which starts the processes itself): ``from_pretrained(..., distributed=True)`` joins the process
 group (NCCL on GPUs, gloo on the CPU), one process per GPU.
 
-- **Ownership.** Expert ``e`` of every layer belongs to rank ``e % world_size``: only its owner
-  prefetches it, so the per-GPU caches act as one cache of ``world_size`` times the slots, and each
-  GPU's own PCIe link carries its own copies.
+- **Ownership.** Expert ``e`` of every layer belongs to rank ``e % world_size``: the owner fills it
+  into the pool and is the first choice to copy it. An expert is cached by one rank at a time, so the
+  per-GPU caches act as one cache of ``world_size`` times the slots.
 - **Balanced links** (:func:`assign`). Static ownership alone leaves a link idle whenever a layer's
   misses fall on one rank (at batch 1 with top-2 of 8 experts, 3 layers in 7). So at each layer the
   ranks exchange which of the chosen experts they hold (one small all_gather) and every rank derives
   the same assignment: an expert some rank holds runs there, and the misses are dealt out so each
   link copies as few as possible, the owner first on ties. Any rank can copy any expert because the
   pool is shared. An expert held by another GPU is computed there, never copied between GPUs.
+- **Balanced prefetches** (:func:`deal_prefetches`). The exchange carries each rank's whole
+  residency map, and every rank splits the step's plan (the same plan everywhere) the same way: a
+  held expert stays with its holder, the rest go to the links in turns, in due order.
 - **Replicated tokens.** Attention and every other resident weight are replicated, and every rank
   runs the same batch, so dispatching tokens to experts costs nothing: each rank already holds every
   token. (Splitting attention would save GPU memory, not time, at the batch sizes offloading serves.)
