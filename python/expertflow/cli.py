@@ -309,6 +309,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             from .distributed import gather_stats
 
             stats = gather_stats(shard, stats)
+            shard.finish()
             if shard.rank != 0:
                 return 0
     finally:

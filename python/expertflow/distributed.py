@@ -60,6 +60,7 @@ class ExpertShard:
     # gloo, with a timeout of days: a serving follower waits there for rank 0's next pass, however
     # long the server idles (the default group's watchdog would end it after minutes)
     control: Any = None
+    owns_group: bool = False  # init_distributed created the default group (not the caller's script)
 
     def owner(self, num_experts: int) -> np.ndarray:
         """``[num_experts]``: each expert's owning rank."""
@@ -112,6 +113,16 @@ class ExpertShard:
         import torch.distributed as dist
 
         dist.barrier(group=self.control)
+
+    def finish(self) -> None:
+        """Ends a run every rank completed: waits for all, then tears down the process group if
+        ExpertFlow created it. Without the wait, rank 0 (which hosts the rendezvous store) could exit
+        while another rank's NCCL watchdog still polls the store, which prints a stack of warnings."""
+        import torch.distributed as dist
+
+        if self.owns_group and dist.is_initialized():
+            self.barrier()
+            dist.destroy_process_group()
 
 
 def assign(experts: list[int], owner: np.ndarray, resident: np.ndarray) -> np.ndarray:
@@ -178,10 +189,11 @@ def init_distributed(use_gpu: bool) -> tuple[ExpertShard, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if use_gpu else "gloo", device_id=device if use_gpu else None)
     control = dist.new_group(backend="gloo", timeout=timedelta(days=30))
-    return ExpertShard(dist.get_rank(), dist.get_world_size(), control=control), device
+    return ExpertShard(dist.get_rank(), dist.get_world_size(), control=control, owns_group=owns_group), device
 
 
 def open_shared_pool(shard: ExpertShard, num_layers: int, num_experts: int, tensors, backend):
