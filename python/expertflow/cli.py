@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cpu_experts import CPU_EXPERT_MODES
 from .files import check_output
 from .replay import REPLAY_POLICIES, ReplayResult, bound, parse_capacity, replay
 from .traces import read_trace, synthetic_trace, write_jsonl_trace
@@ -221,6 +222,7 @@ def _load(args: argparse.Namespace, policy: str):
         args.model, gpu_memory=args.gpu_memory, policy=policy, dtype=args.dtype, expert_slots=args.expert_slots,
         progress=not getattr(args, "quiet", False), predictor=predictor if policy == "expertflow" else None,
         distributed=getattr(args, "nproc_per_node", 1) > 1, expert_dtype=getattr(args, "expert_dtype", None),
+        cpu_experts=getattr(args, "cpu_experts", None), recalibrate=getattr(args, "recalibrate", False),
     )
 
 
@@ -352,7 +354,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         policies=_split(args.policies, "--policies") if args.policies != "all" else list(POLICY_NAMES),
         predictors=predictors, gate_accuracy=args.gate_accuracy, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
         prompt_ids=prompt_ids, transformers=args.arch is not None, accelerate=args.accelerate, expert_dtype=args.expert_dtype,
-        progress=not args.json,
+        cpu_experts=_split(args.cpu_experts, "--cpu-experts"), recalibrate=args.recalibrate, progress=not args.json,
     )
     result = run_bench(cfg)
     result["command"] = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("expertflow") else None
@@ -428,9 +430,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch_size=args.max_batch_size,
           schedule=args.schedule, max_queue=args.max_queue, gpu_memory=args.gpu_memory, policy=args.policy,
           dtype=args.dtype, expert_slots=args.expert_slots, progress=False, distributed=args.nproc_per_node > 1,
-          expert_dtype=args.expert_dtype,
+          expert_dtype=args.expert_dtype, cpu_experts=args.cpu_experts, recalibrate=args.recalibrate,
           predictor=BUNDLED_PREDICTOR if args.policy == "expertflow" and Path(args.model).resolve() == BUNDLED_MODEL else None)
     return 0
+
+
+def _cpu_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu-experts", default=None, choices=list(CPU_EXPERT_MODES),
+                   help="compute missed experts on the CPU from host memory: auto (a calibrated cost model decides; "
+                        "the default under the expertflow policy), on (every miss), off (the default otherwise)")
+    p.add_argument("--recalibrate", action="store_true", help="measure this machine again for --cpu-experts (cached otherwise)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -442,6 +451,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE,
                    help="how experts are stored and copied: fp8, int8, mxfp4 (quantized at load), bf16 (expands a "
                         "quantized checkpoint); default: the checkpoint's own (gpt-oss: mxfp4, FP8 releases: fp8)")
+    _cpu_args(p)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
@@ -565,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerate", default=None, help="also run accelerate's device_map offload at this slot share's budget")
     p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE,
                    help="how experts are stored and copied: fp8, int8, mxfp4 (quantized from the dense weights) or bf16")
+    p.add_argument("--cpu-experts", default="off",
+                   help="comma list of off, auto, on: each policy runs under each (CPU experts, cpu_experts.py)")
+    p.add_argument("--recalibrate", action="store_true", help="measure this machine again for --cpu-experts")
     p.add_argument("--out", default=None, help="write the results as JSON here, and a PNG beside it")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -579,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-slots", default=None, type=SLOTS)
     p.add_argument("--dtype", default=None, type=DTYPE)
     p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE, help="fp8, int8, mxfp4 or bf16 (default: the checkpoint's)")
+    _cpu_args(p)
     p.add_argument("--policy", default="expertflow")
     p.add_argument("--max-batch-size", type=POSITIVE, default=8)
     p.add_argument("--schedule", default="expertflow", choices=["expertflow", "fifo"])
@@ -680,6 +694,8 @@ def _check_before_launch(args: argparse.Namespace) -> None:
         raise ValueError(f"model folder {args.model} does not exist")
     config = read_config(args.model)
     make_policy(args.policy)
+    if getattr(args, "cpu_experts", None) == "on":
+        raise ValueError("--cpu-experts on does not combine with --nproc-per-node (each GPU computes its share); use off or auto")
     num_experts = architecture_for(config.model_type).dims(config)[0]
     n = args.nproc_per_node
     if n > num_experts:

@@ -22,6 +22,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, CheckpointError
+from .cpu_experts import check_mode
 from .formats import FORMATS, ExpertFormat, expert_format
 from .models import Architecture, architecture_for
 from .offload import MoELayer, OffloadedExperts, OffloadEngine
@@ -244,6 +245,8 @@ def attach(
     predictor=None,
     shard=None,
     expert_format: ExpertFormat | None = None,
+    cpu_experts: str = "off",
+    recalibrate: bool = False,
 ) -> OffloadEngine:
     """Connects a model built under :func:`offloaded_experts` to a filled pool: ``model.expertflow``.
 
@@ -254,7 +257,9 @@ def attach(
     engines in turn (benchmarks compare policies this way). ``shard`` (an
     :class:`~expertflow.distributed.ExpertShard`): this process computes only its rank's experts.
     ``expert_format``: the storage format the pool holds the experts in (default: the one the
-    loader recorded on the pool, else dense).
+    loader recorded on the pool, else dense). ``cpu_experts`` (``off``, ``auto``, ``on``): whether
+    missed experts may compute on the CPU from the pool (``cpu_experts.py``); ``recalibrate`` measures
+    the machine again instead of reading the cached calibration.
     """
     layers = moe_layers(model, arch)
     if isinstance(predictor, (str, Path)):
@@ -272,8 +277,12 @@ def attach(
     offload_policy = policy if not isinstance(policy, str) else make_policy(policy, predictor)
     top_k = arch.dims(model.config)[1]
     cache = ExpertCache(pool, num_slots, policy=offload_policy.cache_policy, experts_per_token=top_k)
-    engine = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k, shard,
-                           expert_format or pool.expert_format, arch.weights(model.config))
+    try:
+        engine = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k, shard,
+                               expert_format or pool.expert_format, arch.weights(model.config), cpu_experts, recalibrate)
+    except BaseException:
+        cache.close()
+        raise
     # nn.Module.__setattr__'s stub admits only tensors and modules; any value is a plain attribute.
     model.expertflow = engine  # type: ignore[assignment]
     return engine
@@ -455,6 +464,8 @@ def from_pretrained(
     progress: bool = True,
     distributed: bool = False,
     expert_dtype: str | None = None,
+    cpu_experts: str | None = None,
+    recalibrate: bool = False,
 ) -> torch.nn.Module:
     """Loads a MoE checkpoint folder with its routed experts offloaded.
 
@@ -480,8 +491,19 @@ def from_pretrained(
     ``distributed=True`` (under ``torchrun``, one process per GPU of one host): each process caches
     and computes its share of the experts with ``gpu_memory`` (and ``expert_slots``) of its own, the
     host holds one shared pool, and every process returns the same model (``distributed.py``).
+
+    ``cpu_experts``: ``"auto"`` (the default under ``expertflow``, one process) lets a calibrated
+    cost model compute a missed expert on the CPU, from the pool, where that finishes the layer
+    sooner than copying it; ``"on"`` sends every miss there; ``"off"`` (the default otherwise) never.
+    The calibration is cached per machine; ``recalibrate=True`` measures again (``cpu_experts.py``).
     """
     offload_policy = make_policy(policy)
+    if cpu_experts is None:
+        cpu_experts = "auto" if offload_policy.name == "expertflow" and not distributed else "off"
+    check_mode(cpu_experts)
+    if distributed and cpu_experts == "on":
+        raise ValueError("cpu_experts='on' does not combine with distributed=True (each GPU computes its share); "
+                         "use 'off' or 'auto'")
     if predictor is not None and offload_policy.name != "expertflow":
         raise ValueError(f"a routing-path predictor drives the expertflow policy only, not {policy}")
     # Every argument is checked before any weight loads.
@@ -516,7 +538,7 @@ def from_pretrained(
         pool = _filled_pool(model, arch, layers, ckpt, backend_obj, progress, checkpoint_format, shard, pool_format)
     try:
         attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor, shard=shard,
-               expert_format=pool_format)
+               expert_format=pool_format, cpu_experts=cpu_experts, recalibrate=recalibrate)
     except BaseException:
         pool.close()
         raise

@@ -18,6 +18,9 @@ layer's output with the other ranks (``distributed.py``).
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .cpu_experts import CostModel, CpuExecutor, calibrate, check_mode
 from .distributed import assign, deal_prefetches
 from .formats import FORMATS, ExpertFormat, WeightSpec
 from .models import Architecture
@@ -40,6 +44,8 @@ if TYPE_CHECKING:
     from .distributed import ExpertShard
 
 __all__ = ["OffloadedExperts", "OffloadEngine", "MoELayer"]
+
+log = logging.getLogger("expertflow")
 
 class OffloadedExperts(nn.Module):
     """Stands in for a routed-experts module; holds no weights.
@@ -120,6 +126,8 @@ class OffloadEngine:
         shard: ExpertShard | None = None,
         expert_format: ExpertFormat | None = None,
         weights: list[WeightSpec] | None = None,
+        cpu_experts: str = "off",
+        recalibrate: bool = False,
     ) -> None:
         self.architecture = architecture
         self.shard = shard
@@ -144,6 +152,13 @@ class OffloadEngine:
         self._holders = np.zeros((shard.world_size if shard is not None else 1, len(layers), self.num_experts), dtype=bool)
         self.host_transfers = 0
         self.steps = 0
+        # CPU experts (cpu_experts.py): the cost model, its executor, and their counters
+        self.cost_model: CostModel | None = None
+        self._cpu: CpuExecutor | None = None
+        self.num_cpu_experts = 0
+        self.cpu_ms = 0.0
+        self.cpu_wait_ms = 0.0
+        self._set_up_cpu_experts(check_mode(cpu_experts), recalibrate, model)
         self._positions: torch.Tensor | None = None
         self._next_step: dict[str, Any] | None = None
         # Each MoE layer's routing in the last forward pass, ``[T, k]`` on the host (the copy run_layer
@@ -170,6 +185,48 @@ class OffloadEngine:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def _set_up_cpu_experts(self, mode: str, recalibrate: bool, model: nn.Module | None) -> None:
+        """Calibrates and sets the cost model where ``mode`` may send experts to the CPU; logs what
+        ``auto`` chose and why."""
+        if mode == "off":
+            return
+        if self.shard is not None:
+            if mode == "on":
+                raise ValueError("cpu_experts='on' does not combine with distributed=True; use 'off' or 'auto'")
+            log.info("cpu experts: off (distributed: each GPU's share computes on its GPU)")
+            return
+        on_gpu = self.cache.device.type == "cuda"
+        if mode == "auto" and not on_gpu:
+            log.info("cpu experts: off (host backend: every expert already computes on the CPU, so there is no "
+                     "second pipe to add)")
+            return
+        if model is None or not self.layers:
+            raise ValueError("cpu_experts needs the model, to calibrate its expert arithmetic")
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        config = cast("PreTrainedModel", model).config
+        _, _, hidden, ffn = self.architecture.dims(config)
+        shape_key = (f"{config.model_type} {self.num_experts}x[{hidden}, {ffn}] "
+                     f"{self.expert_format.name} {self.pool.expert_bytes(0)}B")
+        calibration = calibrate(self.layers[0].module.compute, self.pool.expert(0, 0),
+                                lambda tensors, device: self._expand({k: v.to(device) for k, v in tensors.items()}, dtype),
+                                hidden, dtype, self.cache.device, shape_key, recalibrate)
+        cost_model = CostModel(calibration, mode)
+        if mode == "auto" and not cost_model.cpu_can_win():
+            log.info("cpu experts: off (calibrated: %s; one token on the CPU takes longer than two copies)",
+                     calibration.describe())
+            return
+        log.info("cpu experts: %s (calibrated in %.2f s: %s)", mode, calibration.seconds, calibration.describe())
+        self.cost_model = cost_model
+        self._cpu = CpuExecutor(asynchronous=on_gpu)
+
+    def _cpu_expert(self, module: OffloadedExperts, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert computed on the CPU from its pool tensors (no copy): ``x [n, H]`` -> ``[n, H]``."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), x)
+        self.cpu_ms += (time.perf_counter() - start) * 1e3  # one worker thread: no race
+        return y
 
     def next_step(self, positions: torch.Tensor, new_sequences: bool, previous_path: np.ndarray | None = None) -> None:
         """Describes the next forward pass where the caller regroups sequences between passes (a
@@ -243,6 +300,9 @@ class OffloadEngine:
         self.routing[layer.index] = chosen
         counts = np.bincount(chosen.ravel(), minlength=num_experts + 1)[:num_experts]
         experts = np.flatnonzero(counts).tolist()  # ascending
+        cpu_jobs = self._submit_cpu_experts(module, layer.index, experts, counts, chosen, hidden_states)
+        if cpu_jobs:
+            experts = [e for e in experts if e not in cpu_jobs]
         if self.shard is not None:  # this rank's share of the layer's experts (distributed.assign)
             self._holders = self.shard.holders(self.cache.held(self.num_layers, num_experts), hidden_states.device)
             compute_rank = assign(experts, self.owner, self._holders[:, layer.index, experts])
@@ -277,6 +337,19 @@ class OffloadEngine:
                     c = choice_of[e]
                     outputs[e] = (None, module.compute(expert_weights, hidden_states) * weights[:, c : c + 1])
             self.cache.release(layer.index, wave, stream)
+        for e, (token_idx, choice_idx, job) in cpu_jobs.items():
+            start = time.perf_counter()
+            y = job.result().to(hidden_states.device)
+            self.cpu_wait_ms += (time.perf_counter() - start) * 1e3
+            if num_tokens > 1:
+                cpu_rows = torch.as_tensor(token_idx, device=hidden_states.device)
+                cpu_choices = torch.as_tensor(choice_idx, device=hidden_states.device)
+                outputs[e] = (cpu_rows, y * weights[cpu_rows, cpu_choices, None])
+            else:
+                c = int(choice_idx[0])
+                outputs[e] = (None, y * weights[:, c : c + 1])
+        if cpu_jobs:
+            experts = sorted(outputs)  # the sum runs in ascending expert order, wherever each ran
         if self.shard is not None:
             contributions = hidden_states.new_zeros(num_tokens, k, hidden_states.shape[1])
             for e in experts:
@@ -295,6 +368,25 @@ class OffloadEngine:
                 final.index_add_(0, rows, y.to(final.dtype))
         return final
 
+    def _submit_cpu_experts(self, module: OffloadedExperts, layer: int, experts: list[int], counts: np.ndarray,
+                            chosen: np.ndarray, hidden_states: torch.Tensor) -> dict[int, tuple]:
+        """Sends the missed experts the cost model picks to the CPU -> ``{expert: (token_idx, choice_idx,
+        future)}``; the tokens in the order the GPU path takes them (choice-major, then token)."""
+        if self.cost_model is None or self._cpu is None or not experts:
+            return {}
+        missed = [e for e, held in zip(experts, self.cache.resident(layer, experts)) if not held]
+        to_cpu = [e for e, cpu in zip(missed, self.cost_model.choose([int(counts[e]) for e in missed])) if cpu]
+        if not to_cpu:
+            return {}
+        x = hidden_states.to("cpu")  # the layer's one extra host sync, only where the CPU computes
+        jobs = {}
+        for e in to_cpu:
+            choice_idx, token_idx = np.nonzero(e == chosen.T)
+            tokens = x if len(token_idx) == x.shape[0] and (token_idx == np.arange(x.shape[0])).all() else x[torch.from_numpy(token_idx)]
+            jobs[e] = (token_idx, choice_idx, self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, tokens)))
+        self.num_cpu_experts += len(to_cpu)
+        return jobs
+
     def _expand(self, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """A slot's tensors as dense weights (biases as they are): identity for the dense format."""
         if self.expert_format.dense:
@@ -312,10 +404,13 @@ class OffloadEngine:
         s["num_slots"] = self.cache.num_slots
         if self.shard is not None:
             s["computed_unowned"] = self.computed_unowned
+        if self.cost_model is not None:
+            s.update(cpu_experts=self.num_cpu_experts, cpu_ms=self.cpu_ms, cpu_wait_ms=self.cpu_wait_ms)
         return s
 
     def reset_stats(self) -> None:
         self.computed_unowned = 0
+        self.num_cpu_experts, self.cpu_ms, self.cpu_wait_ms = 0, 0.0, 0.0
         self.cache.reset_stats()
 
     def close(self) -> None:
@@ -326,6 +421,9 @@ class OffloadEngine:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._cpu is not None:
+            self._cpu.close()
+            self._cpu = None
         self.policy.close()
         self.cache.close()
         if self.owns_pool:

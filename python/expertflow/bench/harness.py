@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _C
+from ..cpu_experts import check_mode
 from ..files import atomic_output
 from ..formats import expert_format
 from ..loader import attach, load_offloaded, moe_layers, offloaded_experts
@@ -69,6 +70,8 @@ class BenchConfig:
     accelerate: str | None = None  # slots share at which to run accelerate's device_map offload
     dtype: torch.dtype = torch.bfloat16
     expert_dtype: str | None = None  # storage format of the experts (formats.py); None: the checkpoint's, or dense
+    cpu_experts: list[str] = field(default_factory=lambda: ["off"])  # cpu_experts.py modes, each policy under each
+    recalibrate: bool = False
     config_overrides: dict | None = None  # test hook: smaller dimensions
     progress: bool = True
 
@@ -93,6 +96,8 @@ class BenchConfig:
         for s in self.slots + ([self.accelerate] if self.accelerate else []):
             parse_slots(s, "slots")  # the syntax now; the count once the model's experts are known
         expert_format(self.expert_dtype)
+        for mode in self.cpu_experts:
+            check_mode(mode)
         for spec in self.predictors:
             if self.routing == "live":
                 if spec != "history" and not Path(spec).exists():
@@ -416,21 +421,22 @@ def run_bench(cfg: BenchConfig) -> dict:
             torch.cuda.empty_cache()
 
     forcing.attach(m.model, m.arch)
-    configs: list[tuple[str, int, str, str | None]] = []  # (slots, num_slots, policy, forecast)
+    configs: list[tuple[str, int, str, str | None, str]] = []  # (slots, num_slots, policy, forecast, cpu experts)
     for share in cfg.slots:
         num_slots = _slot_share(share, total)
         for name in cfg.policies:
             if name == "all_gpu":
                 continue
             for spec in (cfg.predictors if name == "expertflow" else [None]):
-                configs.append((share, num_slots, name, spec))
+                for mode in cfg.cpu_experts:
+                    configs.append((share, num_slots, name, spec, mode))
     # all_gpu always runs first: it is the compute half of every bound (skipped where it does not fit).
-    configs.insert(0, ("100%", total, "all_gpu", None))
+    configs.insert(0, ("100%", total, "all_gpu", None, "off"))
     reference_tokens = None
     all_gpu_ms = None
     bar = tqdm(configs, desc="bench", unit="config", disable=not cfg.progress)
-    for share, num_slots, name, spec in bar:
-        bar.set_postfix_str(f"{name} {spec or ''} {share}")
+    for share, num_slots, name, spec, mode in bar:
+        bar.set_postfix_str(f"{name} {spec or ''} {share}{'' if mode == 'off' else ' cpu ' + mode}")
         policy, label = _policy(name, spec, cfg, schedule)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -439,7 +445,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                 log.warning("skipping %s at %s: %d slots need more than the device's free memory", name, share, num_slots)
                 continue
             torch.cuda.reset_peak_memory_stats(device)
-        engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False, expert_format=m.expert_format)
+        engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False, expert_format=m.expert_format,
+                        cpu_experts=mode, recalibrate=cfg.recalibrate)
         try:
             _timed(m.model, prompt, cfg.new_tokens, forcing, device)  # warm-up: same routing
             tokens, steps_ms = _timed(m.model, prompt, cfg.new_tokens, forcing, device,
@@ -454,7 +461,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         belady, copy_ms = bound_ms(num_slots)
         bound = max(copy_ms, all_gpu_ms or 0.0)
         row = {
-            "policy": name, "predictor": label, "slots": share, "num_slots": num_slots, "slot_share": num_slots / total,
+            "policy": name, "predictor": label, "cpu_experts": mode if engine.cost_model is not None else "off",
+            "cpu_experts_asked": mode, "cpu_experts_per_token": stats.get("cpu_experts", 0) / decoded,
+            "cpu_wait_ms_per_token": stats.get("cpu_wait_ms", 0.0) / decoded, "slots": share, "num_slots": num_slots, "slot_share": num_slots / total,
             "ms_per_token": ms, "ms_per_token_mean": statistics.fmean(steps_ms), "tokens_per_s": 1e3 / ms,
             "bytes_per_token": stats["bytes_copied"] / decoded, "belady_bytes_per_token": belady,
             "bytes_vs_belady": stats["bytes_copied"] / decoded / belady if belady else None,
@@ -472,7 +481,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         result["rows"].append(row)
     forcing.detach()
     for row in result["rows"]:
-        lru = next((r for r in result["rows"] if r["policy"] == "lru" and r["slots"] == row["slots"]), None)
+        lru = next((r for r in result["rows"] if r["policy"] == "lru" and r["slots"] == row["slots"]
+                    and r["cpu_experts"] == "off"), None)
         row["x_lru"] = row["ms_per_token"] / lru["ms_per_token"] if lru else None
     result["all_gpu_ms"] = all_gpu_ms
     if cfg.accelerate and m.resident is not None:
@@ -486,13 +496,15 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 def format_table(result: dict) -> str:
     """The rows as a text table."""
-    header = ["policy", "forecast", "slots", "ms/token", "bytes/token", "vs Belady", "hit ratio", "demand/token",
+    header = ["policy", "forecast", "cpu", "slots", "ms/token", "bytes/token", "vs Belady", "hit ratio", "demand/token",
               "stall", "x bound", "x lru", "same tokens"]
     table = [header]
     for r in result["rows"]:
         fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
         table.append([
-            r["policy"], r["predictor"] or "-", f"{r['slots']} ({r['num_slots']})", f"{r['ms_per_token']:.2f}",
+            r["policy"], r["predictor"] or "-",
+            "-" if r.get("cpu_experts", "off") == "off" else f"{r['cpu_experts']} ({r['cpu_experts_per_token']:.1f}/token)",
+            f"{r['slots']} ({r['num_slots']})", f"{r['ms_per_token']:.2f}",
             format_bytes(r["bytes_per_token"], si=True), fmt(r["bytes_vs_belady"], "{:.2f}"), f"{r['hit_ratio']:.1%}",
             f"{r['demand_misses_per_token']:.2f}", f"{r['stall_share']:.0%}", fmt(r["x_bound"], "{:.2f}"),
             fmt(r["x_lru"], "{:.2f}"), {True: "yes", False: "NO", None: "-"}[r["same_tokens_as_all_gpu"]],

@@ -1,0 +1,219 @@
+"""Cold experts computed on the CPU, where their weights already are, when that beats copying them.
+
+A missed expert costs a copy over the link (a Mixtral-8x7B expert: 6.4 ms at 55 GB/s). The CPU can
+compute the same expert for a token or two from the pinned pool, with no copy at all. With both
+running at once, a layer's misses have two pipes instead of one: while the link copies one expert,
+the CPU computes another. Whether that pays depends on the machine, so it is measured, not assumed.
+
+- :class:`Calibration` (:func:`calibrate`): the link's time per expert, the CPU's time per expert as
+  ``fixed + per_token * n``, and the GPU's time per resident expert. Measured once at load on the
+  model's own first expert (well under a second), cached per machine, model shape and format in
+  ``$EXPERTFLOW_CACHE_DIR`` (default ``~/.cache/expertflow``) / ``calibration.json``.
+- :class:`CostModel`: per layer, which of the missed experts go to the CPU. The misses are taken
+  with the most tokens first; each goes where it would finish first, the link (queued behind this
+  layer's other copies, then computed on the GPU) or the CPU (queued behind its other experts). Hits
+  always compute on the GPU. Prefill, with many tokens per expert, copies; decode sends a second or
+  third miss to the CPU when the CPU is fast enough.
+- :class:`CpuExecutor`: one worker thread that runs the CPU's experts in the order given, with the
+  torch CPU kernels and ``torch.get_num_threads()`` threads, while the GPU works; on the host
+  backend (no GPU to overlap) it runs them inline.
+
+Modes: ``"off"``; ``"on"`` (every miss to the CPU); ``"auto"`` (the cost model, where the
+calibration says the CPU can ever win a miss, else off, with the reason logged).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["CPU_EXPERT_MODES", "Calibration", "CostModel", "CpuExecutor", "calibrate", "check_mode"]
+
+log = logging.getLogger("expertflow")
+
+CPU_EXPERT_MODES = ("off", "auto", "on")
+_TOKEN_COUNTS = (1, 4, 16)  # CPU time is fitted as a line through these token counts
+
+
+def check_mode(mode: str) -> str:
+    if mode not in CPU_EXPERT_MODES:
+        raise ValueError(f"cpu_experts must be one of {', '.join(CPU_EXPERT_MODES)}, got '{mode}'")
+    return mode
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What one expert costs on this machine, in milliseconds."""
+
+    copy_ms: float  # the link: one expert's stored bytes, pinned host memory to a slot
+    cpu_fixed_ms: float  # the CPU computes an expert for n tokens in cpu_fixed_ms + cpu_per_token_ms * n
+    cpu_per_token_ms: float
+    gpu_ms: float  # the compute device, one resident expert for one token (the host backend: the CPU)
+    cpu_threads: int
+    seconds: float  # how long the measurement took
+
+    def cpu_ms(self, num_tokens: int) -> float:
+        return self.cpu_fixed_ms + self.cpu_per_token_ms * num_tokens
+
+    def describe(self) -> str:
+        return (f"copy {self.copy_ms:.2f} ms per expert, CPU {self.cpu_fixed_ms:.2f} + {self.cpu_per_token_ms:.3f} ms "
+                f"per token ({self.cpu_threads} threads), GPU {self.gpu_ms:.3f} ms")
+
+
+class CostModel:
+    """Chooses, per layer, which missed experts the CPU computes (see the module docstring)."""
+
+    def __init__(self, calibration: Calibration, mode: str) -> None:
+        self.calibration = calibration
+        self.mode = check_mode(mode)
+
+    def cpu_can_win(self) -> bool:
+        """Whether the CPU ever finishes a miss first: one token on the CPU against the second copy
+        in the link's queue (the first copy always goes to the link when the CPU is slower)."""
+        c = self.calibration
+        return c.cpu_ms(1) < 2 * c.copy_ms + c.gpu_ms
+
+    def choose(self, num_tokens: list[int]) -> list[bool]:
+        """``num_tokens [m]``: tokens of each missed expert -> ``[m]`` True where the CPU computes it."""
+        if self.mode == "on":
+            return [True] * len(num_tokens)
+        if self.mode == "off":
+            return [False] * len(num_tokens)
+        c = self.calibration
+        on_cpu = [False] * len(num_tokens)
+        link_ms = cpu_ms = 0.0
+        for i in sorted(range(len(num_tokens)), key=lambda i: -num_tokens[i]):
+            by_link = link_ms + c.copy_ms + c.gpu_ms
+            by_cpu = cpu_ms + c.cpu_ms(num_tokens[i])
+            if by_cpu < by_link:
+                on_cpu[i] = True
+                cpu_ms = by_cpu
+            else:
+                link_ms += c.copy_ms
+        return on_cpu
+
+
+class CpuExecutor:
+    """Runs CPU experts one after another on a worker thread (``asynchronous``) or inline."""
+
+    def __init__(self, asynchronous: bool) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertflow-cpu") if asynchronous else None
+
+    def submit(self, fn: Callable[[], torch.Tensor]) -> Future:
+        if self._pool is not None:
+            return self._pool.submit(fn)
+        done: Future = Future()
+        done.set_result(fn())
+        return done
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("EXPERTFLOW_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertflow"
+    return Path(root) / "calibration.json"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _no_sync() -> None:
+    pass
+
+
+def _median_ms(fn: Callable[[], Any], sync: Callable[[], None], reps: int) -> float:
+    fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+              stored: dict[str, torch.Tensor], expand: Callable[[dict[str, torch.Tensor], torch.device], dict[str, torch.Tensor]],
+              hidden_size: int, dtype: torch.dtype, device: torch.device, shape_key: str,
+              recalibrate: bool = False) -> Calibration:
+    """Measures (or reads from the per-machine cache) what one expert costs.
+
+    ``compute(weights, x [n, hidden])``: the layer's expert arithmetic. ``stored``: one expert's
+    tensors in the pool (pinned host memory, its storage format). ``expand(tensors, device)``: dense
+    weights from stored tensors on ``device``. ``shape_key`` names the model shape and format.
+    """
+    threads = torch.get_num_threads()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "host"
+    key = f"{_cpu_name()} | {threads} threads | {device_name} | {shape_key} | {str(dtype).removeprefix('torch.')}"
+    path = _cache_file()
+    cached: dict[str, dict] = {}
+    if path.exists():
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, ValueError):
+            log.warning("ignoring an unreadable calibration cache %s", path)
+    if not recalibrate and key in cached:
+        try:
+            return Calibration(**cached[key])
+        except TypeError:
+            pass  # written by another version: measure again
+    started = time.perf_counter()
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad():
+        cpu_weights = expand(stored, torch.device("cpu"))
+        g = torch.Generator().manual_seed(0)
+        samples = []
+        for n in _TOKEN_COUNTS:
+            x = (torch.randn(n, hidden_size, generator=g) * 0.1).to(dtype)
+            samples.append(_median_ms(functools.partial(compute, cpu_weights, x), _no_sync, reps=3))
+        per_token, fixed = np.polyfit(np.array(_TOKEN_COUNTS, dtype=np.float64), np.array(samples), 1)
+        fixed, per_token = max(float(fixed), 0.0), max(float(per_token), 0.0)
+        raw = [t.view(torch.uint8).reshape(-1) for t in stored.values()]
+        targets = [torch.empty_like(t, device=device) for t in raw]
+
+        def copy() -> None:
+            for src, dst in zip(raw, targets):
+                dst.copy_(src, non_blocking=True)
+
+        copy_ms = _median_ms(copy, sync, reps=3)
+        if device.type == "cuda":
+            device_weights = expand({k: v.to(device) for k, v in stored.items()}, device)
+            x = torch.zeros(1, hidden_size, dtype=dtype, device=device)
+            gpu_ms = _median_ms(lambda: compute(device_weights, x), sync, reps=5)
+        else:
+            gpu_ms = fixed + per_token
+    calibration = Calibration(copy_ms, fixed, per_token, gpu_ms, threads, time.perf_counter() - started)
+    cached[key] = asdict(calibration)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("could not cache the calibration in %s: %s", path, e)
+    return calibration

@@ -1,0 +1,152 @@
+"""Experts computed on the CPU from the pool: tokens equal to the resident model, a cost model that
+never plans a layer slower than copying alone, and a cached calibration that fits its definition."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import expertflow as ef
+from expertflow.cpu_experts import Calibration, CostModel, CpuExecutor, calibrate
+
+from moe_models import build, save
+
+PROMPT = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46]])
+
+
+@pytest.fixture(autouse=True)
+def host_and_private_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("EXPERTFLOW_BACKEND", "host")
+    monkeypatch.setenv("EXPERTFLOW_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _greedy(model, prompt=PROMPT, n=8):
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_cpu_experts_give_the_resident_models_tokens_and_logits(tmp_path, model_type, asynchronous):
+    """fp32 on the host backend: every miss computed from the pool, inline or on the worker thread,
+    prefill (many tokens an expert) and decode (one)."""
+    reference = build(model_type)
+    folder = save(reference, tmp_path / model_type, "published" if model_type != "gpt_oss" else "fused")
+    copied = ef.from_pretrained(folder, policy="lru", expert_slots="25%", cpu_experts="off", progress=False)
+    with torch.no_grad():
+        copied_logits = copied(PROMPT).logits
+    copied.expertflow.close()
+    model = ef.from_pretrained(folder, policy="lru", expert_slots="25%", cpu_experts="on", progress=False)
+    try:
+        engine = model.expertflow
+        if asynchronous:  # the GPU's arrangement: CPU experts overlap the other experts on a worker thread
+            engine._cpu.close()
+            engine._cpu = CpuExecutor(asynchronous=True)
+        assert _greedy(model).tolist() == _greedy(reference).tolist()
+        with torch.no_grad():
+            logits = model(PROMPT).logits
+        torch.testing.assert_close(logits, reference(PROMPT).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits, copied_logits)  # the same arithmetic as the copied experts, bit for bit
+        s = engine.stats()
+        assert s["cpu_experts"] > 0 and s["cpu_ms"] > 0
+        assert s["misses"] == 0  # "on": no miss was copied, every one ran from the pool
+        assert s["accesses"] == s["hits"]
+    finally:
+        model.expertflow.close()
+
+
+def test_auto_on_the_host_backend_stays_off_and_says_why(tmp_path, caplog):
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    with caplog.at_level(logging.INFO, logger="expertflow"):
+        model = ef.from_pretrained(folder, policy="expertflow", expert_slots="25%", progress=False)
+    try:
+        assert model.expertflow.cost_model is None
+        assert "cpu experts: off (host backend" in caplog.text
+        _greedy(model)
+        assert "cpu_experts" not in model.expertflow.stats()
+    finally:
+        model.expertflow.close()
+
+
+def test_bad_modes_are_refused_before_loading(tmp_path):
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    with pytest.raises(ValueError, match="cpu_experts must be one of off, auto, on"):
+        ef.from_pretrained(folder, cpu_experts="sometimes", progress=False)
+    with pytest.raises(ValueError, match="does not combine with distributed"):
+        ef.from_pretrained(folder, cpu_experts="on", distributed=True, progress=False)
+
+
+DECODE = Calibration(copy_ms=6.4, cpu_fixed_ms=7.3, cpu_per_token_ms=0.1, gpu_ms=0.1, cpu_threads=16, seconds=0.0)
+
+
+def test_the_cost_model_on_the_issue_figures():
+    """A Mixtral expert: 6.4 ms to copy, 7.4 ms on 16 cores for one token."""
+    auto = CostModel(DECODE, "auto")
+    assert auto.cpu_can_win()
+    assert auto.choose([1]) == [False]  # one miss: the link is free, a copy is sooner
+    assert sorted(auto.choose([1, 1])) == [False, True]  # the second miss would wait 6.4 ms: the CPU
+    assert auto.choose([200, 150]) == [False, False]  # prefill: 27 ms on the CPU, copies win
+    assert CostModel(DECODE, "on").choose([200, 1]) == [True, True]
+    assert CostModel(DECODE, "off").choose([1, 1]) == [False, False]
+    slow = Calibration(copy_ms=1.0, cpu_fixed_ms=5.0, cpu_per_token_ms=0.1, gpu_ms=0.1, cpu_threads=2, seconds=0.0)
+    assert not CostModel(slow, "auto").cpu_can_win()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=0, max_size=12), st.floats(0.1, 20), st.floats(0.0, 20),
+       st.floats(0.0, 2), st.floats(0.0, 1))
+def test_auto_never_plans_a_layer_slower_than_copying(tokens, copy_ms, fixed, per_token, gpu_ms):
+    """From the definition: a layer finishes when both pipes do. The link copies its experts one
+    after another (each then computes on the GPU); the CPU computes its own one after another."""
+    c = Calibration(copy_ms, fixed, per_token, gpu_ms, 4, 0.0)
+    on_cpu = CostModel(c, "auto").choose(tokens)
+    assert len(on_cpu) == len(tokens)
+
+    def finish(assignment):
+        num_copies = sum(1 for cpu in assignment if not cpu)
+        link = num_copies * copy_ms + (gpu_ms if num_copies else 0.0)
+        cpu = sum(c.cpu_ms(n) for n, on in zip(tokens, assignment) if on)
+        return max(link, cpu)
+
+    assert finish(on_cpu) <= finish([False] * len(tokens)) + 1e-9
+
+
+def test_calibration_fits_its_definition_and_is_cached(tmp_path):
+    """A stand-in expert that takes 2 + 0.5 n ms on the CPU: the fit recovers both numbers; the
+    second call reads the cache; recalibrate measures again."""
+
+    def compute(weights, x):
+        time.sleep((2.0 + 0.5 * x.shape[0]) / 1e3)
+        return x
+
+    stored = {"w": torch.zeros(1024, dtype=torch.uint8)}
+    args = (compute, stored, lambda tensors, device: {k: v.to(device) for k, v in tensors.items()}, 8, torch.float32,
+            torch.device("cpu"), "stand-in")
+    first = calibrate(*args)
+    assert first.cpu_fixed_ms == pytest.approx(2.0, abs=0.6)
+    assert first.cpu_per_token_ms == pytest.approx(0.5, abs=0.1)
+    assert first.copy_ms >= 0 and first.seconds < 10
+    cache = json.loads((tmp_path / "cache" / "calibration.json").read_text())
+    assert len(cache) == 1 and "stand-in" in next(iter(cache))
+    assert calibrate(*args) == first  # read back, not measured
+    again = calibrate(*args, recalibrate=True)
+    assert again.seconds != first.seconds
+
+
+def test_bench_runs_each_policy_with_and_without_cpu_experts(tmp_path):
+    from expertflow.bench import BenchConfig, run_bench
+
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    result = run_bench(BenchConfig(model=str(folder), routing="live", slots=["25%"], policies=["all_gpu", "lru"],
+                                   cpu_experts=["off", "on"], new_tokens=6, progress=False, prompt_ids=[3, 14, 15]))
+    rows = {(r["policy"], r["cpu_experts"]): r for r in result["rows"]}
+    assert set(rows) == {("all_gpu", "off"), ("lru", "off"), ("lru", "on")}
+    assert rows[("lru", "on")]["cpu_experts_per_token"] > 0 and rows[("lru", "off")]["cpu_experts_per_token"] == 0
+    assert rows[("lru", "on")]["same_tokens_as_all_gpu"] and rows[("lru", "off")]["same_tokens_as_all_gpu"]
+    assert rows[("lru", "on")]["bytes_per_token"] == 0  # every miss ran from host memory
