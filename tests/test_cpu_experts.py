@@ -64,7 +64,7 @@ def test_cpu_experts_give_the_resident_models_tokens_and_logits(tmp_path, model_
 def test_auto_on_the_host_backend_stays_off_and_says_why(tmp_path, caplog):
     folder = save(build("mixtral"), tmp_path / "m", "published")
     with caplog.at_level(logging.INFO, logger="expertflow"):
-        model = ef.from_pretrained(folder, policy="expertflow", expert_slots="25%", progress=False)
+        model = ef.from_pretrained(folder, policy="expertflow", expert_slots="25%", cpu_experts="auto", progress=False)
     try:
         assert model.expertflow.cost_model is None
         assert "cpu experts: off (host backend" in caplog.text
@@ -88,14 +88,18 @@ DECODE = Calibration(copy_ms=6.4, cpu_fixed_ms=7.3, cpu_per_token_ms=0.1, gpu_ms
 def test_the_cost_model_on_the_issue_figures():
     """A Mixtral expert: 6.4 ms to copy, 7.4 ms on 16 cores for one token."""
     auto = CostModel(DECODE, "auto")
-    assert auto.cpu_can_win()
+    assert auto.cpu_can_win(8)
     assert auto.choose([1]) == [False]  # one miss: the link is free, a copy is sooner
     assert sorted(auto.choose([1, 1])) == [False, True]  # the second miss would wait 6.4 ms: the CPU
     assert auto.choose([200, 150]) == [False, False]  # prefill: 27 ms on the CPU, copies win
     assert CostModel(DECODE, "on").choose([200, 1]) == [True, True]
     assert CostModel(DECODE, "off").choose([1, 1]) == [False, False]
-    slow = Calibration(copy_ms=1.0, cpu_fixed_ms=5.0, cpu_per_token_ms=0.1, gpu_ms=0.1, cpu_threads=2, seconds=0.0)
-    assert not CostModel(slow, "auto").cpu_can_win()
+    # A CPU slower than two copies still wins the third miss of a layer (top-k 4 and up, batches)
+    third = CostModel(Calibration(1.0, 2.5, 0.0, 0.1, 2, 0.0), "auto")
+    assert third.choose([1, 1, 1]) == [False, False, True] and third.cpu_can_win(8)
+    assert not third.cpu_can_win(2)  # two experts a layer: never
+    slow = Calibration(copy_ms=1.0, cpu_fixed_ms=50.0, cpu_per_token_ms=0.1, gpu_ms=0.1, cpu_threads=2, seconds=0.0)
+    assert not CostModel(slow, "auto").cpu_can_win(8)
 
 
 @settings(max_examples=300, deadline=None)
@@ -119,10 +123,11 @@ def test_auto_never_plans_a_layer_slower_than_copying(tokens, copy_ms, fixed, pe
 
 def test_calibration_fits_its_definition_and_is_cached(tmp_path):
     """A stand-in expert that takes 2 + 0.5 n ms on the CPU: the fit recovers both numbers; the
-    second call reads the cache; recalibrate measures again."""
+    second call reads the cache; recalibrate measures again (the stand-in now takes 4 + 0.5 n)."""
+    fixed_ms = [2.0]
 
     def compute(weights, x):
-        time.sleep((2.0 + 0.5 * x.shape[0]) / 1e3)
+        time.sleep((fixed_ms[0] + 0.5 * x.shape[0]) / 1e3)
         return x
 
     stored = {"w": torch.zeros(1024, dtype=torch.uint8)}
@@ -134,9 +139,22 @@ def test_calibration_fits_its_definition_and_is_cached(tmp_path):
     assert first.copy_ms >= 0 and first.seconds < 10
     cache = json.loads((tmp_path / "cache" / "calibration.json").read_text())
     assert len(cache) == 1 and "stand-in" in next(iter(cache))
+    fixed_ms[0] = 4.0
     assert calibrate(*args) == first  # read back, not measured
     again = calibrate(*args, recalibrate=True)
-    assert again.seconds != first.seconds
+    assert again.cpu_fixed_ms == pytest.approx(4.0, abs=0.6)
+    assert calibrate(*args) == again  # the new measurement replaced the old one
+
+
+def test_a_broken_calibration_cache_is_measured_over(tmp_path):
+    cache = tmp_path / "cache" / "calibration.json"
+    cache.parent.mkdir(parents=True)
+    stored = {"w": torch.zeros(64, dtype=torch.uint8)}
+    for text in ("[1, 2]", "{not json", '{"x": 5}'):
+        cache.write_text(text)
+        c = calibrate(lambda w, x: x, stored, lambda t, d: t, 8, torch.float32, torch.device("cpu"), "broken")
+        assert c.cpu_threads == torch.get_num_threads()
+        assert "broken" in next(iter(json.loads(cache.read_text()).keys() - {"x"}))
 
 
 def test_bench_runs_each_policy_with_and_without_cpu_experts(tmp_path):
@@ -147,6 +165,7 @@ def test_bench_runs_each_policy_with_and_without_cpu_experts(tmp_path):
                                    cpu_experts=["off", "on"], new_tokens=6, progress=False, prompt_ids=[3, 14, 15]))
     rows = {(r["policy"], r["cpu_experts"]): r for r in result["rows"]}
     assert set(rows) == {("all_gpu", "off"), ("lru", "off"), ("lru", "on")}
+    assert rows[("lru", "on")]["hit_ratio"] == 0  # no expert came from a slot
     assert rows[("lru", "on")]["cpu_experts_per_token"] > 0 and rows[("lru", "off")]["cpu_experts_per_token"] == 0
     assert rows[("lru", "on")]["same_tokens_as_all_gpu"] and rows[("lru", "off")]["same_tokens_as_all_gpu"]
     assert rows[("lru", "on")]["bytes_per_token"] == 0  # every miss ran from host memory

@@ -222,7 +222,7 @@ def _load(args: argparse.Namespace, policy: str):
         args.model, gpu_memory=args.gpu_memory, policy=policy, dtype=args.dtype, expert_slots=args.expert_slots,
         progress=not getattr(args, "quiet", False), predictor=predictor if policy == "expertflow" else None,
         distributed=getattr(args, "nproc_per_node", 1) > 1, expert_dtype=getattr(args, "expert_dtype", None),
-        cpu_experts=getattr(args, "cpu_experts", None), recalibrate=getattr(args, "recalibrate", False),
+        cpu_experts=getattr(args, "cpu_experts", "off"), recalibrate=getattr(args, "recalibrate", False),
     )
 
 
@@ -436,9 +436,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cpu_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpu-experts", default=None, choices=list(CPU_EXPERT_MODES),
-                   help="compute missed experts on the CPU from host memory: auto (a calibrated cost model decides; "
-                        "the default under the expertflow policy), on (every miss), off (the default otherwise)")
+    p.add_argument("--cpu-experts", default="off", choices=list(CPU_EXPERT_MODES),
+                   help="compute missed experts on the CPU from host memory: auto (a calibrated cost model decides), "
+                        "on (every miss), off (the default)")
     p.add_argument("--recalibrate", action="store_true", help="measure this machine again for --cpu-experts (cached otherwise)")
 
 

@@ -464,7 +464,7 @@ def from_pretrained(
     progress: bool = True,
     distributed: bool = False,
     expert_dtype: str | None = None,
-    cpu_experts: str | None = None,
+    cpu_experts: str = "off",
     recalibrate: bool = False,
 ) -> torch.nn.Module:
     """Loads a MoE checkpoint folder with its routed experts offloaded.
@@ -492,14 +492,13 @@ def from_pretrained(
     and computes its share of the experts with ``gpu_memory`` (and ``expert_slots``) of its own, the
     host holds one shared pool, and every process returns the same model (``distributed.py``).
 
-    ``cpu_experts``: ``"auto"`` (the default under ``expertflow``, one process) lets a calibrated
-    cost model compute a missed expert on the CPU, from the pool, where that finishes the layer
-    sooner than copying it; ``"on"`` sends every miss there; ``"off"`` (the default otherwise) never.
-    The calibration is cached per machine; ``recalibrate=True`` measures again (``cpu_experts.py``).
+    ``cpu_experts``: ``"auto"`` lets a calibrated cost model compute a missed expert on the CPU,
+    from the pool, where that finishes the layer sooner than copying it; ``"on"`` sends every miss
+    there; ``"off"`` (the default) never. On a GPU the CPU's experts round differently, so tokens may
+    differ from ``all_gpu``'s at near-ties. The calibration is cached per machine;
+    ``recalibrate=True`` measures again (``cpu_experts.py``).
     """
     offload_policy = make_policy(policy)
-    if cpu_experts is None:
-        cpu_experts = "auto" if offload_policy.name == "expertflow" and not distributed else "off"
     check_mode(cpu_experts)
     if distributed and cpu_experts == "on":
         raise ValueError("cpu_experts='on' does not combine with distributed=True (each GPU computes its share); "

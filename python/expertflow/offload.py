@@ -212,16 +212,17 @@ class OffloadEngine:
                                 lambda tensors, device: self._expand({k: v.to(device) for k, v in tensors.items()}, dtype),
                                 hidden, dtype, self.cache.device, shape_key, recalibrate)
         cost_model = CostModel(calibration, mode)
-        if mode == "auto" and not cost_model.cpu_can_win():
-            log.info("cpu experts: off (calibrated: %s; one token on the CPU takes longer than two copies)",
-                     calibration.describe())
+        if mode == "auto" and not cost_model.cpu_can_win(self.num_experts):
+            log.info("cpu experts: off (calibrated: %s; the CPU never finishes a miss first, even behind %d copies)",
+                     calibration.describe(), self.num_experts - 1)
             return
         log.info("cpu experts: %s (calibrated in %.2f s: %s)", mode, calibration.seconds, calibration.describe())
         self.cost_model = cost_model
         self._cpu = CpuExecutor(asynchronous=on_gpu)
 
     def _cpu_expert(self, module: OffloadedExperts, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert computed on the CPU from its pool tensors (no copy): ``x [n, H]`` -> ``[n, H]``."""
+        """One expert computed on the CPU from its pool tensors (no copy over the link; a compressed
+        format expands on the CPU first): ``x [n, H]`` -> ``[n, H]``."""
         start = time.perf_counter()
         with torch.no_grad():
             y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), x)
@@ -396,10 +397,14 @@ class OffloadEngine:
         return dense
 
     def stats(self) -> dict:
-        """The cache's counters plus ``policy``, ``num_slots``, ``hit_ratio`` and, sharded,
-        ``computed_unowned`` (experts this rank ran for another owner to balance the links)."""
+        """The cache's counters plus ``policy``, ``num_slots``, ``hit_ratio``; sharded,
+        ``computed_unowned`` (experts this rank ran for another owner to balance the links); with CPU
+        experts, ``cpu_experts``, ``cpu_ms`` and ``cpu_wait_ms``. ``accesses`` counts the experts
+        computed from slots; ``hit_ratio`` is over those and the CPU's."""
         s: dict[str, Any] = dict(self.cache.stats())  # float counters, then the policy name (a str)
-        s["hit_ratio"] = s["hits"] / s["accesses"] if s["accesses"] else 0.0
+        # an expert the CPU computed was not in a slot: it counts against the hit ratio
+        uses = s["accesses"] + self.num_cpu_experts
+        s["hit_ratio"] = s["hits"] / uses if uses else 0.0
         s["policy"] = self.policy.name
         s["num_slots"] = self.cache.num_slots
         if self.shard is not None:

@@ -434,6 +434,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     configs.insert(0, ("100%", total, "all_gpu", None, "off"))
     reference_tokens = None
     all_gpu_ms = None
+    calibrated = False
     bar = tqdm(configs, desc="bench", unit="config", disable=not cfg.progress)
     for share, num_slots, name, spec, mode in bar:
         bar.set_postfix_str(f"{name} {spec or ''} {share}{'' if mode == 'off' else ' cpu ' + mode}")
@@ -446,7 +447,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                 continue
             torch.cuda.reset_peak_memory_stats(device)
         engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False, expert_format=m.expert_format,
-                        cpu_experts=mode, recalibrate=cfg.recalibrate)
+                        cpu_experts=mode, recalibrate=cfg.recalibrate and not calibrated)
+        calibrated = calibrated or mode != "off"  # one calibration serves the whole run
         try:
             _timed(m.model, prompt, cfg.new_tokens, forcing, device)  # warm-up: same routing
             tokens, steps_ms = _timed(m.model, prompt, cfg.new_tokens, forcing, device,
@@ -461,7 +463,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         belady, copy_ms = bound_ms(num_slots)
         bound = max(copy_ms, all_gpu_ms or 0.0)
         row = {
-            "policy": name, "predictor": label, "cpu_experts": mode if engine.cost_model is not None else "off",
+            # an "auto" the calibration turned off reads "auto: off"
+            "policy": name, "predictor": label,
+            "cpu_experts": mode if engine.cost_model is not None or mode == "off" else f"{mode}: off",
             "cpu_experts_asked": mode, "cpu_experts_per_token": stats.get("cpu_experts", 0) / decoded,
             "cpu_wait_ms_per_token": stats.get("cpu_wait_ms", 0.0) / decoded, "slots": share, "num_slots": num_slots, "slot_share": num_slots / total,
             "ms_per_token": ms, "ms_per_token_mean": statistics.fmean(steps_ms), "tokens_per_s": 1e3 / ms,
