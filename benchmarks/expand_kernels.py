@@ -73,7 +73,7 @@ def main() -> None:
 
         kernel_ms = _median_ms(expand)
         original = formats._kernels_available
-        formats._kernels_available = lambda: False  # the torch path, on the same tensors
+        formats._kernels_available = lambda device_index: False  # the torch path, on the same tensors
         try:
             torch_ms = _median_ms(expand)
         finally:

@@ -178,3 +178,45 @@ def test_expansion_follows_the_definition_bit_for_bit(device, name, dtype, trans
         got = fmt.expand(spec, {k: v.to(device) for k, v in stored.items()}, dtype)
         assert got.shape == spec.shape and got.dtype == dtype
         assert torch.equal(got.cpu(), want), (name, dtype, transposed, out, inp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fp8", "int8", "mxfp4"])
+def test_the_gpu_kernel_at_large_and_misaligned_weights(name):
+    """A weight past the grid's 8192 x 256 threads x 8 values (the grid-stride loop), and codes one
+    byte off their alignment (the tiled path, straight)."""
+    from expertflow import _C
+
+    if not _C.expand_kernels_available():
+        pytest.skip("this build has no expansion kernels")
+    fmt = expert_format(name)
+    spec = WeightSpec("w", 4224, 4096)  # 17.3 M values
+    stored = fmt.quantize(spec, torch.randn(4224, 4096, generator=torch.Generator().manual_seed(1)))
+    want = _dense_from_definition(name, stored, spec, torch.bfloat16)
+    on_gpu = {k: v.cuda() for k, v in stored.items()}
+    assert torch.equal(fmt.expand(spec, on_gpu, torch.bfloat16).cpu(), want)
+    codes_name = "w_blocks" if name == "mxfp4" else "w"
+    codes = on_gpu[codes_name]
+    buffer = torch.empty(codes.numel() * codes.element_size() + 1, dtype=torch.uint8, device="cuda")
+    shifted = buffer[1:].view(codes.dtype).view(codes.shape)
+    shifted.copy_(codes)
+    assert shifted.data_ptr() % 8 == 1
+    assert torch.equal(fmt.expand(spec, {**on_gpu, codes_name: shifted}, torch.bfloat16).cpu(), want)
+
+
+@pytest.mark.parametrize("name", ["fp8", "int8", "mxfp4"])
+def test_stored_tensors_of_the_wrong_shape_or_dtype_are_refused_before_the_kernel(name):
+    from expertflow.formats import _check_stored
+
+    fmt = expert_format(name)
+    spec = WeightSpec("w", 64, 128)
+    stored = fmt.quantize(spec, torch.randn(64, 128))
+    codes_name, scales_name = ("w_blocks", "w_scales") if name == "mxfp4" else ("w", "w_scale")
+    _check_stored(name, spec, stored[codes_name], stored[scales_name])  # the format's own: fine
+    with pytest.raises(ValueError, match="codes and scales must be"):
+        _check_stored(name, WeightSpec("w", 32, 128), stored[codes_name], stored[scales_name])
+    with pytest.raises(ValueError, match="codes and scales must be"):
+        _check_stored(name, spec, stored[codes_name].view(torch.uint8) if name != "mxfp4" else stored[codes_name].to(torch.int8),
+                      stored[scales_name])
+    with pytest.raises(ValueError, match="codes and scales must be"):
+        _check_stored(name, spec, stored[codes_name], stored[scales_name].reshape(-1)[:0])

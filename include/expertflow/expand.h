@@ -9,8 +9,8 @@
 //   (gpt-oss keeps its dense experts as [in, out]).
 // - Pointers are device memory on `device`; the kernel runs on `stream` (null: the legacy default
 //   stream) and returns without waiting. Nothing is allocated.
-// - Built only where the CUDA compiler is found (EXPERTFLOW_WITH_KERNELS); elsewhere
-//   expand_kernels_available() is false and expand_weight throws.
+// - Built only where CMake finds a CUDA compiler (csrc/expand.cu, for sm_80 and sm_90 plus PTX);
+//   elsewhere csrc/expand_none.cpp makes expand_kernels_available() false and expand_weight throw.
 #pragma once
 
 #include <cstdint>

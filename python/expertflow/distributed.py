@@ -7,8 +7,9 @@ which starts the processes itself): ``from_pretrained(..., distributed=True)`` j
 group (NCCL on GPUs, gloo on the CPU), one process per GPU.
 
 - **Ownership.** Expert ``e`` of every layer belongs to rank ``e % world_size``: the owner fills it
-  into the pool and is the first choice to copy it. An expert is cached by one rank at a time, so the
-  per-GPU caches act as one cache of ``world_size`` times the slots.
+  into the pool and is the first choice to copy it. An expert is copied to the rank that holds it or
+  was dealt it, so the per-GPU caches hold (all but briefly) disjoint shares and act as one cache of
+  ``world_size`` times the slots.
 - **Balanced links** (:func:`assign`). Static ownership alone leaves a link idle whenever a layer's
   misses fall on one rank (at batch 1 with top-2 of 8 experts, 3 layers in 7). So at each layer the
   ranks exchange which of the chosen experts they hold (one small all_gather) and every rank derives
@@ -115,8 +116,8 @@ class ExpertShard:
         dist.barrier(group=self.control)
 
     def finish(self) -> None:
-        """Ends a run every rank completed: waits for all, then tears down the process group if
-        ExpertFlow created it. Without the wait, rank 0 (which hosts the rendezvous store) could exit
+        """Ends a run every rank completed. Where ExpertFlow created the process group, waits for
+        every rank and tears the group down; a caller's own group is left to the caller. Without the wait, rank 0 (which hosts the rendezvous store) could exit
         while another rank's NCCL watchdog still polls the store, which prints a stack of warnings."""
         import torch.distributed as dist
 
@@ -159,9 +160,14 @@ def deal_prefetches(layers: np.ndarray, experts: np.ndarray, owner: np.ndarray, 
     held_by = holders[:, layers, experts]  # [world, n]
     ranks = np.where(held_by[owners, np.arange(len(experts))], owners, np.argmax(held_by, axis=0))
     copies = np.zeros(world, dtype=np.int64)
+    dealt: dict[tuple[int, int], int] = {}  # a plan may name one expert twice: it goes one way
     for i in np.flatnonzero(~held_by.any(axis=0)).tolist():  # the copies, dealt in due order
+        pair = (int(layers[i]), int(experts[i]))
+        if pair in dealt:
+            ranks[i] = dealt[pair]
+            continue
         fewest = np.flatnonzero(copies == copies.min())
-        ranks[i] = owners[i] if owners[i] in fewest else fewest[0]
+        ranks[i] = dealt[pair] = owners[i] if owners[i] in fewest else fewest[0]
         copies[ranks[i]] += 1
     return ranks
 

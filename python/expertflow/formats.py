@@ -89,8 +89,7 @@ class ExpertFormat:
         if self.dense:
             return stored[w]
         codes, scales = (stored[f"{w}_blocks"], stored[f"{w}_scales"]) if self.name == "mxfp4" else (stored[w], stored[f"{w}_scale"])
-        if (codes.is_cuda and _kernels_available() and codes.is_contiguous() and scales.is_contiguous()
-                and (self.name == "mxfp4" or scales.dtype == torch.float32)):
+        if codes.is_cuda and _kernels_available(codes.device.index or 0) and codes.is_contiguous() and scales.is_contiguous():
             return _expand_on_gpu(self.name, weight, codes, scales, dtype)
         if self.name == "fp8":
             q, scale = stored[w], stored[f"{w}_scale"]
@@ -162,10 +161,27 @@ def _fp4_pairs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 @functools.cache
-def _kernels_available() -> bool:
+def _kernels_available(device_index: int) -> bool:
+    """The native kernels run on this GPU: built (nvcc was found) for Ampere and Hopper, and later
+    GPUs through PTX; older GPUs expand with torch."""
     from . import _C
 
-    return bool(_C.expand_kernels_available())
+    return bool(_C.expand_kernels_available()) and torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def _check_stored(name: str, weight: WeightSpec, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """The kernel indexes raw memory: shapes and dtypes must be the format's, or it is an error."""
+    out, inp = weight.out_features, weight.in_features
+    want: tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]]
+    if name == "fp8":
+        want = (torch.float8_e4m3fn, (out, inp), torch.float32, (-(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)))
+    elif name == "int8":
+        want = (torch.int8, (out, inp), torch.float32, (out,))
+    else:
+        want = (torch.uint8, (out, inp // MX_BLOCK, MX_BLOCK // 2), torch.uint8, (out, inp // MX_BLOCK))
+    got = (codes.dtype, tuple(codes.shape), scales.dtype, tuple(scales.shape))
+    if got != want:
+        raise ValueError(f"{weight.name}: {name} codes and scales must be {want}, got {got}")
 
 
 def _expand_on_gpu(name: str, weight: WeightSpec, codes: torch.Tensor, scales: torch.Tensor,
@@ -174,6 +190,7 @@ def _expand_on_gpu(name: str, weight: WeightSpec, codes: torch.Tensor, scales: t
     the torch path below, bit for bit, in about a third of the memory traffic."""
     from . import _C
 
+    _check_stored(name, weight, codes, scales)
     rows = codes.shape[0]
     cols = codes.shape[1] * MX_BLOCK if name == "mxfp4" else codes.shape[1]
     out = torch.empty(weight.shape, dtype=dtype, device=codes.device)
