@@ -40,6 +40,8 @@ def test_two_processes_generate_the_tokens_of_one(tmp_path, model_type, policy):
     assert all(r["accesses"] > 0 for r in ranks)
     # Layers whose misses fall on one rank send some to the other link (distributed.assign).
     assert two["stats"]["computed_unowned"] > 0
+    # Twice the slots between them, each expert on one rank: the ranks copy no more than one process.
+    assert two["stats"]["bytes_copied"] <= one["stats"]["bytes_copied"]
 
 
 _ATTACH = """
