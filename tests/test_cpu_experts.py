@@ -82,7 +82,12 @@ def test_bad_modes_are_refused_before_loading(tmp_path):
         ef.from_pretrained(folder, cpu_experts="on", distributed=True, progress=False)
 
 
-DECODE = Calibration(copy_ms=6.4, cpu_fixed_ms=7.3, cpu_per_token_ms=0.1, gpu_ms=0.1, cpu_threads=16, seconds=0.0)
+def linear(copy_ms, fixed_ms, per_token_ms, gpu_ms=0.1) -> Calibration:
+    """A calibration whose CPU takes fixed_ms + per_token_ms * n."""
+    return Calibration(copy_ms, (1, 256), (fixed_ms + per_token_ms, fixed_ms + 256 * per_token_ms), gpu_ms, 4, 0.0)
+
+
+DECODE = linear(6.4, 7.3, 0.1)
 
 
 def test_the_cost_model_on_the_issue_figures():
@@ -95,11 +100,23 @@ def test_the_cost_model_on_the_issue_figures():
     assert CostModel(DECODE, "on").choose([200, 1]) == [True, True]
     assert CostModel(DECODE, "off").choose([1, 1]) == [False, False]
     # A CPU slower than two copies still wins the third miss of a layer (top-k 4 and up, batches)
-    third = CostModel(Calibration(1.0, 2.5, 0.0, 0.1, 2, 0.0), "auto")
+    third = CostModel(linear(1.0, 2.5, 0.0), "auto")
     assert third.choose([1, 1, 1]) == [False, False, True] and third.cpu_can_win(8)
     assert not third.cpu_can_win(2)  # two experts a layer: never
-    slow = Calibration(copy_ms=1.0, cpu_fixed_ms=50.0, cpu_per_token_ms=0.1, gpu_ms=0.1, cpu_threads=2, seconds=0.0)
-    assert not CostModel(slow, "auto").cpu_can_win(8)
+    assert not CostModel(linear(1.0, 50.0, 0.1), "auto").cpu_can_win(8)
+
+
+def test_cpu_time_follows_the_measured_points_and_their_last_slope():
+    """Flat where reading the weights dominates, linear where the arithmetic does (the H200 machine's
+    shape: 7 ms for 1 to 16 tokens), extended beyond the last point along its slope."""
+    c = Calibration(6.4, (1, 4, 16, 64, 256), (7.0, 7.0, 7.2, 20.0, 80.0), 0.1, 16, 0.0)
+    assert c.cpu_ms(1) == 7.0 and c.cpu_ms(16) == pytest.approx(7.2)
+    assert c.cpu_ms(40) == pytest.approx(7.2 + (20.0 - 7.2) * 24 / 48)
+    assert c.cpu_ms(512) == pytest.approx(80.0 + 60.0 / 192 * 256)
+    # prefill's experts (128 tokens each) are copied, decode's second miss goes to the CPU
+    auto = CostModel(c, "auto")
+    assert auto.choose([128, 128, 128]) == [False, False, False]
+    assert sorted(auto.choose([1, 1])) == [False, True]
 
 
 @settings(max_examples=300, deadline=None)
@@ -108,7 +125,7 @@ def test_the_cost_model_on_the_issue_figures():
 def test_auto_never_plans_a_layer_slower_than_copying(tokens, copy_ms, fixed, per_token, gpu_ms):
     """From the definition: a layer finishes when both pipes do. The link copies its experts one
     after another (each then computes on the GPU); the CPU computes its own one after another."""
-    c = Calibration(copy_ms, fixed, per_token, gpu_ms, 4, 0.0)
+    c = linear(copy_ms, fixed, per_token, gpu_ms)
     on_cpu = CostModel(c, "auto").choose(tokens)
     assert len(on_cpu) == len(tokens)
 
@@ -122,7 +139,7 @@ def test_auto_never_plans_a_layer_slower_than_copying(tokens, copy_ms, fixed, pe
 
 
 def test_calibration_fits_its_definition_and_is_cached(tmp_path):
-    """A stand-in expert that takes 2 + 0.5 n ms on the CPU: the fit recovers both numbers; the
+    """A stand-in expert that takes 2 + 0.5 n ms on the CPU: the measured curve follows it; the
     second call reads the cache; recalibrate measures again (the stand-in now takes 4 + 0.5 n)."""
     fixed_ms = [2.0]
 
@@ -134,15 +151,16 @@ def test_calibration_fits_its_definition_and_is_cached(tmp_path):
     args = (compute, stored, lambda tensors, device: {k: v.to(device) for k, v in tensors.items()}, 8, torch.float32,
             torch.device("cpu"), "stand-in")
     first = calibrate(*args)
-    assert first.cpu_fixed_ms == pytest.approx(2.0, abs=0.6)
-    assert first.cpu_per_token_ms == pytest.approx(0.5, abs=0.1)
+    assert first.cpu_tokens == (1, 4, 16, 64, 256)
+    for n in (1, 16, 100, 256, 400):
+        assert first.cpu_ms(n) == pytest.approx(2.0 + 0.5 * n, abs=0.8 + 0.02 * n)
     assert first.copy_ms >= 0 and first.seconds < 10
     cache = json.loads((tmp_path / "cache" / "calibration.json").read_text())
     assert len(cache) == 1 and "stand-in" in next(iter(cache))
     fixed_ms[0] = 4.0
     assert calibrate(*args) == first  # read back, not measured
     again = calibrate(*args, recalibrate=True)
-    assert again.cpu_fixed_ms == pytest.approx(4.0, abs=0.6)
+    assert again.cpu_ms(1) == pytest.approx(4.5, abs=0.8)
     assert calibrate(*args) == again  # the new measurement replaced the old one
 
 

@@ -5,9 +5,9 @@ compute the same expert for a token or two from the pinned pool, with no copy at
 running at once, a layer's misses have two pipes instead of one: while the link copies one expert,
 the CPU computes another. Whether that pays depends on the machine, so it is measured, not assumed.
 
-- :class:`Calibration` (:func:`calibrate`): the link's time per expert, the CPU's time per expert as
-  ``fixed + per_token * n``, and the GPU's time per resident expert. Measured once at load on the
-  model's own first expert (well under a second), cached per machine, model shape and format in
+- :class:`Calibration` (:func:`calibrate`): the link's time per expert, the CPU's time per expert
+  for 1 to 256 tokens, and the GPU's time per resident expert. Measured once at load on the
+  model's own first expert (the 10 s budget is ample), cached per machine, model shape and format in
   ``$EXPERTFLOW_CACHE_DIR`` (default ``~/.cache/expertflow``) / ``calibration.json``.
 - :class:`CostModel`: per layer, which of the missed experts go to the CPU. The misses are taken
   with the most tokens first; each goes where it would finish first, the link (queued behind this
@@ -50,7 +50,9 @@ __all__ = ["CPU_EXPERT_MODES", "Calibration", "CostModel", "CpuExecutor", "calib
 log = logging.getLogger("expertflow")
 
 CPU_EXPERT_MODES = ("off", "auto", "on")
-_TOKEN_COUNTS = (1, 4, 16)  # CPU time is fitted as a line through these token counts
+# CPU time is measured at these token counts: decode's few (bound by reading the weights) up to
+# prefill's many (bound by arithmetic), so the cost model sees where the CPU stops paying
+_TOKEN_COUNTS = (1, 4, 16, 64, 256)
 
 
 def check_mode(mode: str) -> str:
@@ -64,18 +66,29 @@ class Calibration:
     """What one expert costs on this machine, in milliseconds."""
 
     copy_ms: float  # the link: one expert's stored bytes, pinned host memory to a slot
-    cpu_fixed_ms: float  # the CPU computes an expert for n tokens in cpu_fixed_ms + cpu_per_token_ms * n
-    cpu_per_token_ms: float
+    cpu_tokens: tuple[int, ...]  # the CPU computed an expert for these token counts ...
+    cpu_times_ms: tuple[float, ...]  # ... in these times (expansion included)
     gpu_ms: float  # the compute device, one resident expert for one token (the host backend: the CPU)
     cpu_threads: int
     seconds: float  # how long the measurement took
 
     def cpu_ms(self, num_tokens: int) -> float:
-        return self.cpu_fixed_ms + self.cpu_per_token_ms * num_tokens
+        """Piecewise linear through the measured points, and along the last segment beyond them: a
+        few tokens cost the time to read the weights (flat), many cost their arithmetic (linear)."""
+        ns, ts = self.cpu_tokens, self.cpu_times_ms
+        if num_tokens <= ns[-1] or len(ns) < 2:
+            return float(np.interp(num_tokens, ns, ts))
+        slope = (ts[-1] - ts[-2]) / (ns[-1] - ns[-2])
+        return ts[-1] + slope * (num_tokens - ns[-1])
+
+    @classmethod
+    def from_json(cls, entry: dict) -> Calibration:
+        return cls(**{**entry, "cpu_tokens": tuple(entry["cpu_tokens"]), "cpu_times_ms": tuple(entry["cpu_times_ms"])})
 
     def describe(self) -> str:
-        return (f"copy {self.copy_ms:.2f} ms per expert, CPU {self.cpu_fixed_ms:.2f} + {self.cpu_per_token_ms:.3f} ms "
-                f"per token ({self.cpu_threads} threads), GPU {self.gpu_ms:.3f} ms")
+        points = ", ".join(f"{t:.1f} ms for {n}" for n, t in zip(self.cpu_tokens, self.cpu_times_ms))
+        return (f"copy {self.copy_ms:.2f} ms per expert, CPU {points} tokens ({self.cpu_threads} threads), "
+                f"GPU {self.gpu_ms:.3f} ms")
 
 
 class CostModel:
@@ -183,8 +196,8 @@ def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.T
             cached = {}
     if not recalibrate and key in cached:
         try:
-            return Calibration(**cached[key])
-        except TypeError:
+            return Calibration.from_json(cached[key])
+        except (TypeError, KeyError):
             pass  # written by another version, or not an entry: measure again
     started = time.perf_counter()
     def sync() -> None:
@@ -202,8 +215,7 @@ def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.T
         for n in _TOKEN_COUNTS:
             x = (torch.randn(n, hidden_size, generator=g) * 0.1).to(dtype)
             samples.append(_median_ms(functools.partial(on_cpu, x), _no_sync, reps=3))
-        per_token, fixed = np.polyfit(np.array(_TOKEN_COUNTS, dtype=np.float64), np.array(samples), 1)
-        fixed, per_token = max(float(fixed), 0.0), max(float(per_token), 0.0)
+        samples = np.maximum.accumulate(samples).tolist()  # more tokens never cost less (timing noise)
         raw = [t.view(torch.uint8).reshape(-1) for t in stored.values()]
         targets = [torch.empty_like(t, device=device) for t in raw]
 
@@ -217,8 +229,8 @@ def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.T
             x = torch.zeros(1, hidden_size, dtype=dtype, device=device)
             gpu_ms = _median_ms(lambda: compute(expand(on_device, device), x), sync, reps=5)
         else:
-            gpu_ms = fixed + per_token
-    calibration = Calibration(copy_ms, fixed, per_token, gpu_ms, threads, time.perf_counter() - started)
+            gpu_ms = samples[0]
+    calibration = Calibration(copy_ms, _TOKEN_COUNTS, tuple(samples), gpu_ms, threads, time.perf_counter() - started)
     cached[key] = asdict(calibration)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
