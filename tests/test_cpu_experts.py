@@ -90,7 +90,7 @@ def linear(copy_ms, fixed_ms, per_token_ms, gpu_ms=0.1) -> Calibration:
 DECODE = linear(6.4, 7.3, 0.1)
 
 
-def test_the_cost_model_on_the_issue_figures():
+def test_the_cost_model_on_the_h200_machines_figures():
     """A Mixtral expert: 6.4 ms to copy, 7.4 ms on 16 cores for one token."""
     auto = CostModel(DECODE, "auto")
     assert auto.cpu_can_win(8)
