@@ -8,12 +8,14 @@ the rest as they land, and releases them. Tokens are grouped by expert with one 
 one matmul chain per expert. The arithmetic is transformers' eager experts loop, accumulated in
 ascending expert order, so outputs match the resident model.
 
-Host syncs: one per layer (the routing transfer; sharded, a second one for who holds which expert)
+Host syncs: one per layer (the routing transfer; sharded, a second one for who holds which expert;
+with CPU experts, a second one in a layer where the CPU computes: its hidden states)
 and, for a policy with a step predictor, one per forward pass (its forecast).
 
-With an :class:`~expertflow.distributed.ExpertShard` (one process per GPU), the engine caches and
-computes only the experts its rank owns, applies only their part of each plan, and combines the
-layer's output with the other ranks (``distributed.py``).
+With an :class:`~expertflow.distributed.ExpertShard` (one process per GPU), the engine computes the
+experts :func:`~expertflow.distributed.assign` gives its rank, applies the part of each plan
+:func:`~expertflow.distributed.deal_prefetches` gives it, and combines the layer's output with the
+other ranks (``distributed.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["OffloadedExperts", "OffloadEngine", "MoELayer"]
 
 log = logging.getLogger("expertflow")
+
 
 class OffloadedExperts(nn.Module):
     """Stands in for a routed-experts module; holds no weights.
