@@ -9,15 +9,9 @@
 //   cleanly and cuda_unavailable_reason() says why, so "auto" falls back to the host backend.
 #include <cuda_runtime.h>
 
+#include "cuda_check.h"
 #include "expertflow/backend.h"
 #include "expertflow/error.h"
-
-#define EF_CUDA_CHECK(call)                                                                     \
-  do {                                                                                          \
-    const cudaError_t ef_status_ = (call);                                                      \
-    EF_CHECK(ef_status_ == cudaSuccess, #call << " failed: " << cudaGetErrorName(ef_status_) \
-                                              << ": " << cudaGetErrorString(ef_status_));       \
-  } while (0)
 
 namespace expertflow {
 namespace {

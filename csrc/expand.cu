@@ -19,6 +19,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include "cuda_check.h"
 #include "expertflow/error.h"
 
 namespace expertflow {
@@ -27,13 +28,6 @@ namespace {
 constexpr int kFp8Block = 128;
 constexpr int kMxBlock = 32;
 constexpr int kTile = 32;
-
-#define EF_CUDA_CHECK(call)                                                                     \
-  do {                                                                                          \
-    const cudaError_t ef_status_ = (call);                                                      \
-    EF_CHECK(ef_status_ == cudaSuccess, #call << " failed: " << cudaGetErrorName(ef_status_) \
-                                              << ": " << cudaGetErrorString(ef_status_));       \
-  } while (0)
 
 __device__ __forceinline__ float fp8_value(uint8_t code) {
   __nv_fp8_e4m3 v;
