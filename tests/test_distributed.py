@@ -150,9 +150,17 @@ def test_a_shared_pool_serves_the_cache_like_a_private_one(backend_name):
                 cache.release(l, [e])
 
 
-def test_assignment_keeps_hits_in_place_and_deals_out_misses():
+def _assign(experts, owner, resident):
+    """distributed.assign on one layer whose residency is ``resident [world, len(experts)]``."""
     from expertflow.distributed import assign
 
+    holders = np.zeros((resident.shape[0], 1, len(owner)), dtype=bool)
+    holders[:, 0, experts] = resident
+    return assign(0, experts, owner, holders)
+
+
+def test_assignment_keeps_hits_in_place_and_deals_out_misses():
+    assign = _assign
     owner = np.arange(8) % 2
     nobody = np.zeros((2, 4), dtype=bool)
     # Four misses over two links: two copies each, every owner keeping its own where the counts allow.
@@ -171,8 +179,7 @@ from hypothesis import strategies as st  # noqa: E402
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 4), st.data())
 def test_assignment_balances_copies_from_its_definition(world, data):
-    from expertflow.distributed import assign
-
+    assign = _assign
     num_experts = data.draw(st.integers(world, 16))
     experts = sorted(data.draw(st.sets(st.integers(0, num_experts - 1), min_size=1, max_size=num_experts)))
     resident = np.array(data.draw(st.lists(st.lists(st.booleans(), min_size=len(experts), max_size=len(experts)),

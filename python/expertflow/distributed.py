@@ -126,25 +126,15 @@ class ExpertShard:
             dist.destroy_process_group()
 
 
-def assign(experts: list[int], owner: np.ndarray, resident: np.ndarray) -> np.ndarray:
-    """The rank that computes each of a layer's chosen ``experts`` (ascending ids), the same on every
-    rank. ``owner [E]``: each expert's owning rank; ``resident [world, n]``: which rank holds which.
+def assign(layer: int, experts: list[int], owner: np.ndarray, holders: np.ndarray) -> np.ndarray:
+    """The rank that computes each of ``layer``'s chosen ``experts`` (ascending ids), the same on every
+    rank. ``owner [E]``: each expert's owning rank; ``holders [world, L, E]``: which rank holds which.
 
-    An expert some rank holds runs there (its owner if it holds it, else the lowest such rank). The
-    misses go one at a time, in id order, to the rank with the fewest copies so far, the owner first
-    on ties, then the lowest rank: no link copies two while another copies none."""
-    world = resident.shape[0]
-    ranks = np.empty(len(experts), dtype=np.int64)
-    copies = np.zeros(world, dtype=np.int64)
-    for i, e in enumerate(experts):
-        holders = np.flatnonzero(resident[:, i])
-        if holders.size:
-            ranks[i] = owner[e] if resident[owner[e], i] else holders[0]
-            continue
-        fewest = np.flatnonzero(copies == copies.min())
-        ranks[i] = owner[e] if owner[e] in fewest else fewest[0]
-        copies[ranks[i]] += 1
-    return ranks
+    The rules of :func:`deal_prefetches`, for the misses of one layer: an expert some rank holds runs
+    there (its owner if it holds it, else the lowest such rank); the misses go one at a time, in id
+    order, to the rank with the fewest copies so far, the owner first on ties, then the lowest rank:
+    no link copies two while another copies none."""
+    return deal_prefetches(np.full(len(experts), layer), np.asarray(experts, dtype=np.int64), owner, holders)
 
 
 def deal_prefetches(layers: np.ndarray, experts: np.ndarray, owner: np.ndarray, holders: np.ndarray) -> np.ndarray:
@@ -294,9 +284,11 @@ def gather_stats(shard: ExpertShard, stats: dict) -> dict:
     GPUs' slots), ``stall_ms`` the longest rank's."""
     import torch.distributed as dist
 
+    from .offload import hit_ratio  # offload imports this module
+
     everyone: list = [None] * shard.world_size
     dist.all_gather_object(everyone, stats, group=shard.group)
     total = {k: sum(s[k] for s in everyone) for k, v in stats.items() if isinstance(v, (int, float)) and k != "hit_ratio"}
-    total["hit_ratio"] = total["hits"] / total["accesses"] if total.get("accesses") else 0.0
+    total["hit_ratio"] = hit_ratio(total)
     total["stall_ms"] = max(s["stall_ms"] for s in everyone)  # the ranks stall at the same time, not in turn
     return {**stats, **total, "ranks": everyone, "world_size": shard.world_size}

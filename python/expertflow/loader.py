@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint, CheckpointError
 from .cpu_experts import check_mode
 from .formats import FORMATS, ExpertFormat, expert_format
-from .models import Architecture, architecture_for
+from .models import Architecture, architecture_for, model_dtype
 from .offload import MoELayer, OffloadedExperts, OffloadEngine
 from .policies import make_policy
 from .runtime import ExpertCache, ExpertFlowError, ExpertPool, backend_uses_gpu, get_backend, packed_bytes
@@ -151,7 +151,9 @@ def _fill_pool(pool: ExpertPool, layers: list[MoELayer], arch: Architecture, con
                             data = torch.frombuffer(raw, dtype=info.dtype).to(target.dtype).view(torch.uint8).numpy().data
                     if convert:
                         start = src.row_offset * row_bytes
-                        chunk = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
+                            chunk = torch.frombuffer(data, dtype=torch.uint8)
                         staging[src.pool_tensor].view(-1).view(torch.uint8)[start : start + chunk.numel()] = chunk
                     else:
                         pool.write_tensor(layer.index, e, src.pool_tensor, data, offset=src.row_offset * row_bytes)
@@ -189,7 +191,7 @@ def plan_slots(
     """How many expert slots fit ``budget`` beside the model's resident (non-expert) weights; a slot
     holds one expert in ``expert_format`` (default dense)."""
     num_experts, top_k, _, _ = arch.dims(config)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = model_dtype(model)
     expert_bytes = packed_bytes(arch.pool_tensors(config, dtype, expert_format))
     weights_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     total_experts = num_layers * num_experts
@@ -279,7 +281,7 @@ def attach(
     cache = ExpertCache(pool, num_slots, policy=offload_policy.cache_policy, experts_per_token=top_k)
     try:
         engine = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k, shard,
-                               expert_format or pool.expert_format, arch.weights(model.config), cpu_experts, recalibrate)
+                               expert_format or pool.expert_format, cpu_experts, recalibrate)
     except BaseException:
         cache.close()
         raise
@@ -395,7 +397,7 @@ def _filled_pool(model, arch: Architecture, layers: list[MoELayer], ckpt: Checkp
     ``shard``: one shared pool for the host, created by rank 0 and mapped by the others; each rank
     reads its own experts into it."""
     config = model.config
-    pool_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    pool_dtype = model_dtype(model)
     num_experts = arch.dims(config)[0]
     pool_format = pool_format or checkpoint_format
     tensors = arch.pool_tensors(config, pool_dtype, pool_format)
@@ -407,7 +409,7 @@ def _filled_pool(model, arch: Architecture, layers: list[MoELayer], ckpt: Checkp
         pool = open_shared_pool(shard, len(layers), num_experts, tensors, backend_obj)
     pool.expert_format = pool_format
     try:
-        _fill_pool(pool, layers, arch, config, ckpt, progress and (shard is None or shard.rank == 0),
+        _fill_pool(pool, layers, arch, config, ckpt, progress,
                    None if shard is None else shard.owned_ids(num_experts), checkpoint_format, pool_format, pool_dtype)
         if shard is not None:
             shard.barrier()  # every expert is in before any rank computes
@@ -532,16 +534,16 @@ def from_pretrained(
         # The slot count needs the resident weights' size; the pool (the model's bulk) is read after it.
         num_slots = plan_slots(model, arch, config, len(layers), offload_policy.name, budget, headroom, expert_slots,
                                pool_format)
-        if shard is not None:  # a rank never caches another rank's experts
+        if shard is not None:  # a rank's share of the slots: at most its own experts' count
             num_slots = min(num_slots, len(layers) * len(shard.owned_ids(arch.dims(config)[0])))
         pool = _filled_pool(model, arch, layers, ckpt, backend_obj, progress, checkpoint_format, shard, pool_format)
     try:
         attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor, shard=shard,
-               expert_format=pool_format, cpu_experts=cpu_experts, recalibrate=recalibrate)
+               cpu_experts=cpu_experts, recalibrate=recalibrate)
     except BaseException:
         pool.close()
         raise
-    dense_bytes = packed_bytes(arch.pool_tensors(config, next(p.dtype for p in model.parameters() if p.is_floating_point())))
+    dense_bytes = packed_bytes(arch.pool_tensors(config, model_dtype(model)))
     stored = "" if pool_format.dense else f" as {pool_format.name}, {format_bytes(dense_bytes)} dense"
     log.info(
         "%s: %d MoE layers x %d experts (%s each%s) in pinned memory; %d slots on %s (%s), policy %s",

@@ -33,7 +33,7 @@ import torch
 
 from .formats import FORMATS, FP8_BLOCK, ExpertFormat, WeightSpec
 
-__all__ = ["Architecture", "ARCHITECTURES", "architecture_for", "ExpertSource"]
+__all__ = ["Architecture", "ARCHITECTURES", "architecture_for", "ExpertSource", "model_dtype"]
 
 
 def _gpt_oss_name(pool_tensor: str) -> str:
@@ -195,6 +195,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(("switch_transformers",), _TM + "switch_transformers.modeling_switch_transformers",
                  "SwitchTransformersExperts", router_attr="router", gated=False, encoder_decoder=True, style="switch"),
 )
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The compute dtype of a model: that of its first floating-point parameter."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def architecture_for(model_type: str) -> Architecture:

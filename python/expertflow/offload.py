@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -35,7 +36,7 @@ from transformers.activations import ACT2FN
 from .cpu_experts import CostModel, CpuExecutor, calibrate, check_mode
 from .distributed import assign, deal_prefetches
 from .formats import FORMATS, ExpertFormat, WeightSpec
-from .models import Architecture
+from .models import Architecture, model_dtype
 from .planner import Plan
 from .policies import EngineInfo, Policy, StepContext
 from .runtime import ExpertCache, ExpertPool
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
     from .distributed import ExpertShard
 
-__all__ = ["OffloadedExperts", "OffloadEngine", "MoELayer"]
+__all__ = ["OffloadedExperts", "OffloadEngine", "MoELayer", "hit_ratio"]
 
 log = logging.getLogger("expertflow")
 
@@ -109,6 +110,13 @@ class MoELayer:
     next: MoELayer | None = field(default=None, repr=False)  # the next MoE layer of the same stack
 
 
+def hit_ratio(stats: dict) -> float:
+    """Hits over every expert use: those computed from slots (``accesses``) and the CPU's, which were
+    not in a slot."""
+    uses = stats["accesses"] + stats.get("cpu_experts", 0)
+    return stats["hits"] / uses if uses else 0.0
+
+
 class OffloadEngine:
     """Runs every offloaded layer of one model on one cache, under one policy.
 
@@ -128,7 +136,6 @@ class OffloadEngine:
         top_k: int = 1,
         shard: ExpertShard | None = None,
         expert_format: ExpertFormat | None = None,
-        weights: list[WeightSpec] | None = None,
         cpu_experts: str = "off",
         recalibrate: bool = False,
     ) -> None:
@@ -136,7 +143,7 @@ class OffloadEngine:
         self.shard = shard
         # Slots hold experts in this storage format; a non-dense one expands just before computing.
         self.expert_format = expert_format or FORMATS["dense"]
-        self.weights = weights if weights is not None else (architecture.weights(model.config) if model is not None else [])
+        self.weights: list[WeightSpec] = architecture.weights(model.config) if model is not None else []
         if not self.expert_format.dense and not self.weights:
             raise ValueError(f"experts stored as {self.expert_format.name} need the model's weight specs to expand them")
         self.model = model
@@ -206,7 +213,7 @@ class OffloadEngine:
             return
         if model is None or not self.layers:
             raise ValueError("cpu_experts needs the model, to calibrate its expert arithmetic")
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        dtype = model_dtype(model)
         config = cast("PreTrainedModel", model).config
         _, _, hidden, ffn = self.architecture.dims(config)
         shape_key = (f"{config.model_type} {self.num_experts}x[{hidden}, {ffn}] "
@@ -266,9 +273,7 @@ class OffloadEngine:
             # Experts another rank holds or brings in run there (assign): never needed here.
             never = np.zeros(self._holders.shape[1:], dtype=bool)
             never[plan.layers[~keep], plan.experts[~keep]] = True
-            elsewhere = self._holders.copy()
-            elsewhere[self.shard.rank] = False
-            never |= elsewhere.any(axis=0) & ~self._holders[self.shard.rank]
+            never |= self._holders.any(axis=0) & ~self._holders[self.shard.rank]
             plan = Plan(plan.layers[keep], plan.experts[keep], plan.due[keep],
                         None if plan.next_use is None else np.where(never, np.inf, plan.next_use),
                         None if plan.following_use is None else np.where(never, np.inf, plan.following_use),
@@ -309,7 +314,7 @@ class OffloadEngine:
             experts = [e for e in experts if e not in cpu_jobs]
         if self.shard is not None:  # this rank's share of the layer's experts (distributed.assign)
             self._holders = self.shard.holders(self.cache.held(self.num_layers, num_experts), hidden_states.device)
-            compute_rank = assign(experts, self.owner, self._holders[:, layer.index, experts])
+            compute_rank = assign(layer.index, experts, self.owner, self._holders)
             self._holders[compute_rank, layer.index, experts] = True  # the misses land there
             experts = [e for e, r in zip(experts, compute_rank.tolist()) if r == self.shard.rank]
             self.computed_unowned += int(np.sum(~self.owned[experts]))
@@ -319,6 +324,17 @@ class OffloadEngine:
             choice_of = {int(e): c for c, e in enumerate(chosen[0].tolist())}
         stream = self.cache.compute_stream()
         outputs: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+
+        def weighted(e: int, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+            """Expert ``e``'s output on its tokens (in the order ``inputs`` gives them) -> (rows, y x weight)."""
+            if num_tokens > 1:
+                token_idx = tokens[starts[e] : starts[e + 1]]
+                return token_idx, y * weights[token_idx, choices[starts[e] : starts[e + 1]], None]
+            c = choice_of[e]
+            return None, y * weights[:, c : c + 1]
+
+        def inputs(e: int) -> torch.Tensor:
+            return hidden_states[tokens[starts[e] : starts[e + 1]]] if num_tokens > 1 else hidden_states
         # A batch may route to more experts than there are slots: run them in waves that fit.
         capacity = self.cache.num_slots
         waves = [experts[start : start + capacity] for start in range(0, len(experts), capacity)]
@@ -333,25 +349,13 @@ class OffloadEngine:
                 e = wave[i]
                 self.cache.wait_slot(slots[i], stream)
                 expert_weights = self._expand(self.cache.slot_tensors(slots[i], layer.index), hidden_states.dtype)
-                if num_tokens > 1:
-                    token_idx = tokens[starts[e] : starts[e + 1]]
-                    y = module.compute(expert_weights, hidden_states[token_idx])
-                    outputs[e] = (token_idx, y * weights[token_idx, choices[starts[e] : starts[e + 1]], None])
-                else:
-                    c = choice_of[e]
-                    outputs[e] = (None, module.compute(expert_weights, hidden_states) * weights[:, c : c + 1])
+                outputs[e] = weighted(e, module.compute(expert_weights, inputs(e)))
             self.cache.release(layer.index, wave, stream)
-        for e, (token_idx, choice_idx, job) in cpu_jobs.items():
+        for e, job in cpu_jobs.items():
             start = time.perf_counter()
             y = job.result().to(hidden_states.device)
             self.cpu_wait_ms += (time.perf_counter() - start) * 1e3
-            if num_tokens > 1:
-                cpu_rows = torch.as_tensor(token_idx, device=hidden_states.device)
-                cpu_choices = torch.as_tensor(choice_idx, device=hidden_states.device)
-                outputs[e] = (cpu_rows, y * weights[cpu_rows, cpu_choices, None])
-            else:
-                c = int(choice_idx[0])
-                outputs[e] = (None, y * weights[:, c : c + 1])
+            outputs[e] = weighted(e, y)
         if cpu_jobs:
             experts = sorted(outputs)  # the sum runs in ascending expert order, wherever each ran
         if self.shard is not None:
@@ -373,9 +377,9 @@ class OffloadEngine:
         return final
 
     def _submit_cpu_experts(self, module: OffloadedExperts, layer: int, experts: list[int], counts: np.ndarray,
-                            chosen: np.ndarray, hidden_states: torch.Tensor) -> dict[int, tuple]:
-        """Sends the missed experts the cost model picks to the CPU -> ``{expert: (token_idx, choice_idx,
-        future)}``; the tokens in the order the GPU path takes them (choice-major, then token)."""
+                            chosen: np.ndarray, hidden_states: torch.Tensor) -> dict[int, Future]:
+        """Sends the missed experts the cost model picks to the CPU -> ``{expert: future [n, H]}``, each
+        expert's tokens in the order the GPU path takes them (choice-major, then token)."""
         if self.cost_model is None or self._cpu is None or not experts:
             return {}
         missed = [e for e, held in zip(experts, self.cache.resident(layer, experts)) if not held]
@@ -385,9 +389,9 @@ class OffloadEngine:
         x = hidden_states.to("cpu")  # the layer's one extra host sync, only where the CPU computes
         jobs = {}
         for e in to_cpu:
-            choice_idx, token_idx = np.nonzero(e == chosen.T)
-            tokens = x if len(token_idx) == x.shape[0] and (token_idx == np.arange(x.shape[0])).all() else x[torch.from_numpy(token_idx)]
-            jobs[e] = (token_idx, choice_idx, self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, tokens)))
+            token_idx = np.nonzero(e == chosen.T)[1]
+            rows = x if len(token_idx) == x.shape[0] and (token_idx == np.arange(x.shape[0])).all() else x[torch.from_numpy(token_idx)]
+            jobs[e] = self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, rows))
         self.num_cpu_experts += len(to_cpu)
         return jobs
 
@@ -405,15 +409,13 @@ class OffloadEngine:
         experts, ``cpu_experts``, ``cpu_ms`` and ``cpu_wait_ms``. ``accesses`` counts the experts
         computed from slots; ``hit_ratio`` is over those and the CPU's."""
         s: dict[str, Any] = dict(self.cache.stats())  # float counters, then the policy name (a str)
-        # an expert the CPU computed was not in a slot: it counts against the hit ratio
-        uses = s["accesses"] + self.num_cpu_experts
-        s["hit_ratio"] = s["hits"] / uses if uses else 0.0
         s["policy"] = self.policy.name
         s["num_slots"] = self.cache.num_slots
         if self.shard is not None:
             s["computed_unowned"] = self.computed_unowned
         if self.cost_model is not None:
             s.update(cpu_experts=self.num_cpu_experts, cpu_ms=self.cpu_ms, cpu_wait_ms=self.cpu_wait_ms)
+        s["hit_ratio"] = hit_ratio(s)
         return s
 
     def reset_stats(self) -> None:

@@ -34,7 +34,7 @@ from ..cpu_experts import check_mode
 from ..files import atomic_output
 from ..formats import expert_format
 from ..loader import attach, load_offloaded, moe_layers, offloaded_experts
-from ..models import Architecture, architecture_for
+from ..models import Architecture, architecture_for, model_dtype
 from ..offload import OffloadedExperts
 from ..oracles import GateOracle, TraceOracle, TraceSchedule, parse_forecast
 from ..policies import POLICY_NAMES, Expertflow, GateAhead, make_policy
@@ -382,8 +382,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "model": m.source, "arch": cfg.arch, "num_layers": L, "num_experts": E, "top_k": m.top_k,
         "routing": cfg.routing, "batch": cfg.batch, "prompt_len": int(prompt.shape[1]), "new_tokens": cfg.new_tokens,
         "expert_bytes": m.expert_bytes, "expert_dtype": m.expert_format.name,
-        "dense_expert_bytes": packed_bytes(m.arch.pool_tensors(m.model.config, next(p.dtype for p in m.model.parameters()
-                                                                                       if p.is_floating_point()))),
+        "dense_expert_bytes": packed_bytes(m.arch.pool_tensors(m.model.config, model_dtype(m.model))),
         "pool_bytes": m.pool.total_bytes, "resident_bytes": m.resident_bytes(),
         "pinned_gbps": bandwidth / 1e9, "rows": [],
     }
