@@ -148,7 +148,7 @@ def test_calibration_fits_its_definition_and_is_cached(tmp_path):
         return x
 
     stored = {"w": torch.zeros(1024, dtype=torch.uint8)}
-    args = (compute, stored, lambda tensors, device: {k: v.to(device) for k, v in tensors.items()}, 8, torch.float32,
+    args = (compute, stored, lambda tensors: tensors, 8, torch.float32,
             torch.device("cpu"), "stand-in")
     first = calibrate(*args)
     assert first.cpu_tokens == (1, 4, 16, 64, 256)
@@ -170,7 +170,7 @@ def test_a_broken_calibration_cache_is_measured_over(tmp_path):
     stored = {"w": torch.zeros(64, dtype=torch.uint8)}
     for text in ("[1, 2]", "{not json", '{"x": 5}'):
         cache.write_text(text)
-        c = calibrate(lambda w, x: x, stored, lambda t, d: t, 8, torch.float32, torch.device("cpu"), "broken")
+        c = calibrate(lambda w, x: x, stored, lambda t: t, 8, torch.float32, torch.device("cpu"), "broken")
         assert c.cpu_threads == torch.get_num_threads()
         assert "broken" in next(iter(json.loads(cache.read_text()).keys() - {"x"}))
 

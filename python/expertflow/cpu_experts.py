@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .files import atomic_output
+
 __all__ = ["CPU_EXPERT_MODES", "Calibration", "CostModel", "CpuExecutor", "calibrate", "check_mode"]
 
 log = logging.getLogger("expertflow")
@@ -172,14 +174,14 @@ def _median_ms(fn: Callable[[], Any], sync: Callable[[], None], reps: int) -> fl
 
 
 def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
-              stored: dict[str, torch.Tensor], expand: Callable[[dict[str, torch.Tensor], torch.device], dict[str, torch.Tensor]],
+              stored: dict[str, torch.Tensor], expand: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
               hidden_size: int, dtype: torch.dtype, device: torch.device, shape_key: str,
               recalibrate: bool = False) -> Calibration:
     """Measures (or reads from the per-machine cache) what one expert costs.
 
     ``compute(weights, x [n, hidden])``: the layer's expert arithmetic. ``stored``: one expert's
-    tensors in the pool (pinned host memory, its storage format). ``expand(tensors, device)``: dense
-    weights from stored tensors on ``device``. ``shape_key`` names the model shape and format.
+    tensors in the pool (pinned host memory, its storage format). ``expand(tensors)``: dense weights
+    from stored tensors, on their device. ``shape_key`` names the model shape and format.
     """
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "host"
@@ -204,10 +206,8 @@ def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.T
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    cpu = torch.device("cpu")
-
     def on_cpu(x: torch.Tensor) -> torch.Tensor:  # as the executor runs it: expansion included
-        return compute(expand(stored, cpu), x)
+        return compute(expand(stored), x)
 
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
@@ -227,16 +227,15 @@ def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.T
         if device.type == "cuda":  # a resident expert: expanded from its slot, then computed
             on_device = {k: v.to(device) for k, v in stored.items()}
             x = torch.zeros(1, hidden_size, dtype=dtype, device=device)
-            gpu_ms = _median_ms(lambda: compute(expand(on_device, device), x), sync, reps=5)
+            gpu_ms = _median_ms(lambda: compute(expand(on_device), x), sync, reps=5)
         else:
             gpu_ms = samples[0]
     calibration = Calibration(copy_ms, _TOKEN_COUNTS, tuple(samples), gpu_ms, threads, time.perf_counter() - started)
     cached[key] = asdict(calibration)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
-        tmp.replace(path)
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(cached, indent=1))
     except OSError as e:
         log.warning("could not cache the calibration in %s: %s", path, e)
     return calibration

@@ -92,7 +92,7 @@ class ExpertFormat:
         if codes.is_cuda and _kernels_available(codes.device.index or 0) and codes.is_contiguous() and scales.is_contiguous():
             return _expand_on_gpu(self.name, weight, codes, scales, dtype)
         if self.name == "fp8":
-            q, scale = stored[w], stored[f"{w}_scale"]
+            q, scale = codes, scales
             out, inp = q.shape
             if out % FP8_BLOCK == 0 and inp % FP8_BLOCK == 0:  # whole blocks: broadcast, no expanded scales
                 # e4m3 is exact in bf16 and fp32; the multiply runs in fp32 and its product is cast into
@@ -105,10 +105,10 @@ class ExpertFormat:
                 s = scale.repeat_interleave(FP8_BLOCK, 0)[:out].repeat_interleave(FP8_BLOCK, 1)[:, :inp]
                 dense = (q.to(torch.float32) * s).to(dtype)
         elif self.name == "int8":  # int8 is exact in bf16; the product is computed in fp32, cast in place
-            dense = stored[w].to(dtype)
-            torch.mul(dense, stored[f"{w}_scale"][:, None], out=dense)
+            dense = codes.to(dtype)
+            torch.mul(dense, scales[:, None], out=dense)
         else:
-            dense = _mxfp4_expand(stored[f"{w}_blocks"], stored[f"{w}_scales"], dtype)
+            dense = _mxfp4_expand(codes, scales, dtype)
         return dense.t().contiguous() if weight.transposed else dense
 
     def quantize(self, weight: WeightSpec, dense: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -169,16 +169,16 @@ def _kernels_available(device_index: int) -> bool:
     return bool(_C.expand_kernels_available()) and torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
+@functools.cache
+def _stored_codes_and_scales(name: str, weight: WeightSpec) -> tuple:
+    """(codes dtype, shape, scales dtype, shape) as the format stores ``weight`` (:meth:`ExpertFormat.stored`)."""
+    codes, scales = FORMATS[name].stored(weight, torch.float32)[:2]
+    return codes.dtype, tuple(codes.shape), scales.dtype, tuple(scales.shape)
+
+
 def _check_stored(name: str, weight: WeightSpec, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """The kernel indexes raw memory: shapes and dtypes must be the format's, or it is an error."""
-    out, inp = weight.out_features, weight.in_features
-    want: tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]]
-    if name == "fp8":
-        want = (torch.float8_e4m3fn, (out, inp), torch.float32, (-(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)))
-    elif name == "int8":
-        want = (torch.int8, (out, inp), torch.float32, (out,))
-    else:
-        want = (torch.uint8, (out, inp // MX_BLOCK, MX_BLOCK // 2), torch.uint8, (out, inp // MX_BLOCK))
+    want = _stored_codes_and_scales(name, weight)
     got = (codes.dtype, tuple(codes.shape), scales.dtype, tuple(scales.shape))
     if got != want:
         raise ValueError(f"{weight.name}: {name} codes and scales must be {want}, got {got}")
@@ -189,12 +189,13 @@ def _expand_on_gpu(name: str, weight: WeightSpec, codes: torch.Tensor, scales: t
     """One pass of the native kernel (``csrc/expand.cu``) on the current stream: the same values as
     the torch path below, bit for bit, in about a third of the memory traffic."""
     from . import _C
+    from .runtime import _dtype_name
 
     _check_stored(name, weight, codes, scales)
     rows = codes.shape[0]
     cols = codes.shape[1] * MX_BLOCK if name == "mxfp4" else codes.shape[1]
     out = torch.empty(weight.shape, dtype=dtype, device=codes.device)
-    _C.expand_weight(name, str(dtype).removeprefix("torch."), codes.data_ptr(), scales.data_ptr(), out.data_ptr(),
+    _C.expand_weight(name, _dtype_name(dtype), codes.data_ptr(), scales.data_ptr(), out.data_ptr(),
                      rows, cols, weight.transposed, codes.device.index,
                      torch.cuda.current_stream(codes.device).cuda_stream)
     return out

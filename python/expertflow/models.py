@@ -67,11 +67,15 @@ class Architecture:
     modeling_module: str
     experts_class: str
     router_attr: str = "gate"
-    gated: bool = True
     published_block: str | None = None  # Mixtral publishes ".mlp." as ".block_sparse_moe."
     published_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     encoder_decoder: bool = False
     style: str = "swiglu"  # how an expert computes: swiglu, switch (wi/wo) or gpt_oss (clamped, biased)
+
+    @property
+    def gated(self) -> bool:
+        """A gated (SwiGLU) expert: every style but Switch's plain wi/wo."""
+        return self.style != "switch"
 
     @property
     def auto_class(self):
@@ -193,7 +197,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(("deepseek_v3",), _TM + "deepseek_v3.modeling_deepseek_v3", "DeepseekV3Experts"),
     Architecture(("gpt_oss",), _TM + "gpt_oss.modeling_gpt_oss", "GptOssExperts", router_attr="router", style="gpt_oss"),
     Architecture(("switch_transformers",), _TM + "switch_transformers.modeling_switch_transformers",
-                 "SwitchTransformersExperts", router_attr="router", gated=False, encoder_decoder=True, style="switch"),
+                 "SwitchTransformersExperts", router_attr="router", encoder_decoder=True, style="switch"),
 )
 
 

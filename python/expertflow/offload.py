@@ -219,7 +219,7 @@ class OffloadEngine:
         shape_key = (f"{config.model_type} {self.num_experts}x[{hidden}, {ffn}] "
                      f"{self.expert_format.name} {self.pool.expert_bytes(0)}B")
         calibration = calibrate(self.layers[0].module.compute, self.pool.expert(0, 0),
-                                lambda tensors, device: self._expand({k: v.to(device) for k, v in tensors.items()}, dtype),
+                                lambda tensors: self._expand(tensors, dtype),
                                 hidden, dtype, self.cache.device, shape_key, recalibrate)
         cost_model = CostModel(calibration, mode)
         if mode == "auto" and not cost_model.cpu_can_win(self.num_experts):

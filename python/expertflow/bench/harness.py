@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .. import _C
 from ..cpu_experts import check_mode
 from ..files import atomic_output
-from ..formats import expert_format
+from ..formats import FORMATS, ExpertFormat, expert_format
 from ..loader import attach, load_offloaded, moe_layers, offloaded_experts
 from ..models import Architecture, architecture_for, model_dtype
 from ..offload import OffloadedExperts
@@ -231,7 +231,6 @@ class _Model:
         if cfg.model is not None:
             self.model, self.arch, self.pool = load_offloaded(cfg.model, device=device, backend=backend.name,
                                                               progress=cfg.progress, expert_dtype=cfg.expert_dtype)
-            self.expert_format = self.pool.expert_format or expert_format(None)
             self.source = cfg.model
             if self.arch.encoder_decoder:
                 self.pool.close()
@@ -259,8 +258,9 @@ class _Model:
         self.model.load_state_dict(full.state_dict(), strict=False)
         layers = moe_layers(self.model, self.arch)
         num_experts = self.arch.dims(config)[0]
-        self.expert_format = fmt = expert_format(cfg.expert_dtype)
+        fmt = expert_format(cfg.expert_dtype)
         self.pool = ExpertPool.uniform(len(layers), num_experts, self.arch.pool_tensors(config, cfg.dtype, fmt), backend=backend)
+        self.pool.expert_format = fmt  # as the loader records it: attach reads it from the pool
         experts = [m for m in full.modules() if type(m).__name__ == self.arch.experts_class]
         weights = {w.name: w for w in self.arch.weights(config)}
         with torch.no_grad():
@@ -275,6 +275,10 @@ class _Model:
             del full
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    @property
+    def expert_format(self) -> ExpertFormat:
+        return self.pool.expert_format or FORMATS["dense"]
 
     @property
     def num_layers(self) -> int:
@@ -445,7 +449,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 log.warning("skipping %s at %s: %d slots need more than the device's free memory", name, share, num_slots)
                 continue
             torch.cuda.reset_peak_memory_stats(device)
-        engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False, expert_format=m.expert_format,
+        engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False,
                         cpu_experts=mode, recalibrate=cfg.recalibrate and not calibrated)
         calibrated = calibrated or mode != "off"  # one calibration serves the whole run
         try:
@@ -541,8 +545,7 @@ def _record_live(m: _Model, prompt, cfg: BenchConfig, device) -> list[list[tuple
         return f
 
     handles = [r.register_forward_hook(hook(l)) for l, r in enumerate(routers)]
-    engine = attach(m.model, m.arch, m.pool, m.num_layers * m.num_experts, "all_gpu", owns_pool=False,
-                    expert_format=m.expert_format)
+    engine = attach(m.model, m.arch, m.pool, m.num_layers * m.num_experts, "all_gpu", owns_pool=False)
     try:
         _generate(m.model, prompt, cfg.new_tokens)
     finally:
