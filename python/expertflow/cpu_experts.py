@@ -57,9 +57,13 @@ CPU_EXPERT_MODES = ("off", "auto", "on")
 _TOKEN_COUNTS = (1, 4, 16, 64, 256)
 
 
-def check_mode(mode: str) -> str:
+def check_mode(mode: str, distributed: bool = False) -> str:
+    """``mode`` if it is one, and allowed: ``on`` does not combine with experts spread over GPUs."""
     if mode not in CPU_EXPERT_MODES:
         raise ValueError(f"cpu_experts must be one of {', '.join(CPU_EXPERT_MODES)}, got '{mode}'")
+    if distributed and mode == "on":
+        raise ValueError("cpu_experts='on' does not combine with distributed=True (each GPU computes its share); "
+                         "use 'off' or 'auto'")
     return mode
 
 

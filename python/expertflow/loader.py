@@ -501,10 +501,7 @@ def from_pretrained(
     ``recalibrate=True`` measures again (``cpu_experts.py``).
     """
     offload_policy = make_policy(policy)
-    check_mode(cpu_experts)
-    if distributed and cpu_experts == "on":
-        raise ValueError("cpu_experts='on' does not combine with distributed=True (each GPU computes its share); "
-                         "use 'off' or 'auto'")
+    check_mode(cpu_experts, distributed)
     if predictor is not None and offload_policy.name != "expertflow":
         raise ValueError(f"a routing-path predictor drives the expertflow policy only, not {policy}")
     # Every argument is checked before any weight loads.

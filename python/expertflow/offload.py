@@ -168,7 +168,7 @@ class OffloadEngine:
         self.num_cpu_experts = 0
         self.cpu_ms = 0.0
         self.cpu_wait_ms = 0.0
-        self._set_up_cpu_experts(check_mode(cpu_experts), recalibrate, model)
+        self._set_up_cpu_experts(check_mode(cpu_experts, shard is not None), recalibrate, model)
         self._positions: torch.Tensor | None = None
         self._next_step: dict[str, Any] | None = None
         # Each MoE layer's routing in the last forward pass, ``[T, k]`` on the host (the copy run_layer
@@ -201,9 +201,7 @@ class OffloadEngine:
         ``auto`` chose and why."""
         if mode == "off":
             return
-        if self.shard is not None:
-            if mode == "on":
-                raise ValueError("cpu_experts='on' does not combine with distributed=True; use 'off' or 'auto'")
+        if self.shard is not None:  # "auto" (check_mode refused "on")
             log.info("cpu experts: off (distributed: each GPU's share computes on its GPU)")
             return
         on_gpu = self.cache.device.type == "cuda"

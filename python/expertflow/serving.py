@@ -423,6 +423,13 @@ class Engine:
         ``[B, V]`` and stores each sequence's new cache entries and routing path."""
         from transformers import DynamicCache
 
+        if self.shard is not None and self.shard.rank == 0:
+            # The followers run this pass too: told first, they build their caches while the leader does.
+            with self._lock:
+                freed, self._freed = self._freed, []
+            self.shard.broadcast_object({"op": "forward", "free": freed, "ids": [r.id for r in batch], "new_sequences": new_sequences,
+                                         "prompts": [r.prompt_ids if new_sequences else None for r in batch],
+                                         "num_out": [len(r.output_ids) for r in batch], "new_ids": new_ids})
         past = [r.length if not new_sequences else 0 for r in batch]
         width = max(len(n) for n in new_ids)
         total = [p + len(n) for p, n in zip(past, new_ids)]
@@ -444,12 +451,6 @@ class Engine:
                 cache.update(keys, values, layer)
         if self.before_pass is not None:
             self.before_pass(batch, new_ids, past)
-        if self.shard is not None and self.shard.rank == 0:  # the followers run this pass too
-            with self._lock:
-                freed, self._freed = self._freed, []
-            self.shard.broadcast_object({"op": "forward", "free": freed, "ids": [r.id for r in batch], "new_sequences": new_sequences,
-                                         "prompts": [r.prompt_ids if new_sequences else None for r in batch],
-                                         "num_out": [len(r.output_ids) for r in batch], "new_ids": new_ids})
         self.offload.next_step(positions[:, -1], new_sequences, self._previous_paths(batch, new_sequences))
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
