@@ -17,9 +17,15 @@ from expertflow.runtime import ExpertPool, TensorSpec
 from moe_models import build, save
 
 
-def run_cli(*args: str) -> dict:
-    env = {**os.environ, "EXPERTFLOW_BACKEND": "host"}
-    done = subprocess.run([sys.executable, "-m", "expertflow.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``expertflow ARGS`` in a subprocess on the host backend (``env`` adds variables)."""
+    env = {**os.environ, "EXPERTFLOW_BACKEND": "host", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "expertflow.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def run_cli(*args: str, env: dict | None = None) -> dict:
+    done = cli(*args, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -335,21 +341,19 @@ def test_the_sharded_combine_is_bit_identical_to_one_process(tmp_path, num_token
 
 def test_launch_problems_are_one_line_before_any_rank_starts(tmp_path):
     """--nproc-per-node checks what would fail in every rank before starting one: exit 2, one line."""
-    env = {**os.environ, "EXPERTFLOW_BACKEND": "host"}
     cases = [(["--nproc-per-node", "17"], "more than the model's 16 experts per layer"),
              (["--nproc-per-node", "2", "--model", str(tmp_path / "none")], "does not exist"),
              (["--nproc-per-node", "2", "--policy", "bogus"], "unknown offload policy 'bogus'")]
     for extra, message in cases:
-        done = subprocess.run([sys.executable, "-m", "expertflow.cli", "generate", "--prompt-ids", "1,2,3",
-                               "--max-new-tokens", "2", *extra], capture_output=True, text=True, env=env, timeout=120)
+        done = cli("generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "2", *extra, timeout=120)
         assert done.returncode == 2 and message in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     # Variables left from another launch do not make the command wait for ranks that never come.
-    stale = {**env, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+    stale = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29556"}
-    done = subprocess.run([sys.executable, "-m", "expertflow.cli", "generate", "--prompt-ids", "1,2,3", "--max-new-tokens",
-                           "2", "--nproc-per-node", "2", "--json"], capture_output=True, text=True, env=stale, timeout=240)
-    assert done.returncode == 0 and len(json.loads(done.stdout.splitlines()[-1])["token_ids"]) == 2
+    result = run_cli("generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--nproc-per-node", "2", "--json",
+                     env=stale)
+    assert len(result["token_ids"]) == 2
 
 
 def test_engine_refuses_what_is_not_a_forecast():
