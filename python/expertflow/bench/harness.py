@@ -223,11 +223,20 @@ def belady_bytes(visits: list[tuple[int, list[int]]], num_slots: int, expert_byt
     return misses * expert_bytes
 
 
+def check_trace(trace, num_experts: int, model: str | None) -> None:
+    """The trace must route among the model's experts."""
+    if trace.num_experts != num_experts:
+        raise ValueError(f"the trace routes among {trace.num_experts} experts but {model} has {num_experts}; "
+                         "use a trace of this model")
+
+
 class _Model:
     """The model under test: its offloaded form, the pool, and (random weights) the resident form."""
 
     def __init__(self, cfg: BenchConfig, device: torch.device, backend) -> None:
         self.resident = None
+        # the routing trace (trace:FILE), read once
+        self.trace = read_trace(cfg.routing[6:]) if cfg.routing.startswith("trace:") else None
         if cfg.model is not None:
             self.model, self.arch, self.pool = load_offloaded(cfg.model, device=device, backend=backend.name,
                                                               progress=cfg.progress, expert_dtype=cfg.expert_dtype)
@@ -239,11 +248,11 @@ class _Model:
         arch = cfg.arch
         if arch is None:  # validate() requires one of the two
             raise ValueError("give either --model (a checkpoint folder) or --arch (random weights at real dimensions)")
-        top_k = None
-        if cfg.routing.startswith("trace:"):
-            top_k = read_trace(cfg.routing[6:]).max_experts_per_layer
+        top_k = self.trace.max_experts_per_layer if self.trace is not None else None
         config = make_config(arch, cfg.layers, top_k, cfg.config_overrides)
         self.arch = architecture_for(config.model_type)
+        if self.trace is not None:  # before any weight is built
+            check_trace(self.trace, self.arch.dims(config)[0], arch)
         self.source = f"{arch} ({SHAPES[arch].source}), random weights"
         from transformers import AutoModelForCausalLM
 
@@ -360,11 +369,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(1, m.model.config.vocab_size, (cfg.batch, cfg.prompt_len), generator=g).to(device)
     schedule = None
-    if cfg.routing.startswith("trace:"):
-        trace = read_trace(cfg.routing[6:])
-        if trace.num_experts != E:
-            raise ValueError(f"the trace routes among {trace.num_experts} experts but {cfg.arch or cfg.model} has {E}; "
-                             "use a trace of this model")
+    if m.trace is not None:
+        trace = m.trace
+        check_trace(trace, E, cfg.arch or cfg.model)
         if trace.max_experts_per_layer != m.top_k:
             raise ValueError(f"the trace routes each token to {trace.max_experts_per_layer} experts but the model to "
                              f"{m.top_k}; use a trace recorded with the model's top-k")

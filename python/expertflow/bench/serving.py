@@ -199,7 +199,6 @@ def bench_scheduler_trace(
     from ..loader import attach
     from ..oracles import blur, parse_forecast
     from ..runtime import get_backend
-    from ..traces import read_trace
     from ..units import parse_slots
     from .harness import BenchConfig, _Model
 
@@ -213,21 +212,13 @@ def bench_scheduler_trace(
         if kind not in ("history", "oracle", "noisy-oracle"):
             raise ValueError(f"the scheduler groups by next-token forecasts: history, oracle or noisy-oracle:R (R in [0, 1]), "
                              f"not '{spec}'")
-    from ..models import architecture_for
-    from .shapes import make_config
-
-    trace = read_trace(trace_path)  # before any weight is built: the trace must route this model's experts
-    shape = make_config(arch, layers, trace.max_experts_per_layer, config_overrides)
-    num_experts = architecture_for(shape.model_type).dims(shape)[0]
-    if trace.num_experts != num_experts:
-        raise ValueError(f"the trace routes among {trace.num_experts} experts but {arch} has {num_experts}; "
-                         "use a trace of this model")
     cfg = BenchConfig(arch=arch, layers=layers, routing=f"trace:{trace_path}", config_overrides=config_overrides,
                       progress=progress)
     backend = get_backend()
     device = torch.device("cuda" if backend.is_gpu else "cpu")
-    m = _Model(cfg, device, backend)
-    paths = trace.to_array(m.num_layers)
+    m = _Model(cfg, device, backend)  # checks, before any weight is built, that the trace routes its experts
+    assert m.trace is not None
+    paths = m.trace.to_array(m.num_layers)
     total = m.num_layers * m.num_experts
     slot_counts = [min(parse_slots(spec, "slots").count(total), total) for spec in slot_specs]
     vocab = int(m.model.config.vocab_size)
@@ -237,14 +228,17 @@ def bench_scheduler_trace(
     expert_bytes, num_layers = m.expert_bytes, m.num_layers
     forcing = RequestForcing(paths, device)
     forcing.attach(m.model, m.arch)
+    path_forecasts = {}  # each emulated forecast, built once for every slot count
+    for spec in forecast_specs:
+        kind, keep = parse_forecast(spec)
+        path_forecasts[spec] = None if kind == "history" else \
+            forcing.path_forecast(paths if keep >= 1 else blur(paths, m.num_experts, keep, seed=0))
     runs = []
     try:
         for spec, num_slots in zip(slot_specs, slot_counts):
             run: dict = {"expert_slots": spec, "num_slots": num_slots, "expertflow": {}}
             for schedule, forecast in [("fifo", "history")] + [("expertflow", f) for f in forecast_specs]:
-                kind, keep = parse_forecast(forecast)
-                path_forecast = None if kind == "history" else \
-                    forcing.path_forecast(paths if keep >= 1 else blur(paths, m.num_experts, keep, seed=0))
+                path_forecast = None if schedule == "fifo" else path_forecasts[forecast]
                 offload = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False)
                 try:
                     figures = _serve(m.model, prompts, batch_size, schedule, max_new_tokens, forcing, spacing, device,
