@@ -72,10 +72,11 @@ class CudaBackend final : public Backend {
   void destroy_stream(Stream stream) noexcept override {
     if (stream) cudaStreamDestroy(static_cast<cudaStream_t>(stream));
   }
-  Event create_event(bool timing) override {
+  Event create_event(bool timing, bool host_sleeps) override {
     activate();
     cudaEvent_t event = nullptr;
-    EF_CUDA_CHECK(cudaEventCreateWithFlags(&event, timing ? cudaEventDefault : cudaEventDisableTiming));
+    const unsigned flags = (timing ? cudaEventDefault : cudaEventDisableTiming) | (host_sleeps ? cudaEventBlockingSync : 0);
+    EF_CUDA_CHECK(cudaEventCreateWithFlags(&event, flags));
     return event;
   }
   void destroy_event(Event event) noexcept override {

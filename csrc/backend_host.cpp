@@ -125,7 +125,7 @@ class HostBackend final : public Backend {
 
   Stream create_stream(bool /*high_priority*/) override { return new HostStream(); }
   void destroy_stream(Stream stream) noexcept override { delete static_cast<HostStream*>(stream); }
-  Event create_event(bool /*timing*/) override { return new EventRef(std::make_shared<HostEvent>()); }
+  Event create_event(bool /*timing*/, bool /*host_sleeps*/) override { return new EventRef(std::make_shared<HostEvent>()); }
   void destroy_event(Event event) noexcept override { delete static_cast<EventRef*>(event); }
 
   void copy_to_device_async(void* dst, const void* src, size_t bytes, Stream stream) override {

@@ -39,7 +39,10 @@ class Backend {
   // high_priority: the demand stream; otherwise the prefetch stream.
   virtual Stream create_stream(bool high_priority) = 0;
   virtual void destroy_stream(Stream stream) noexcept = 0;
-  virtual Event create_event(bool timing) = 0;
+  // timing: elapsed_ms may read it. host_sleeps: synchronize() on it sleeps until the event fires
+  // instead of spinning (CUDA's blocking sync); for threads that wait in the background, whose
+  // spinning slows the thread that launches compute.
+  virtual Event create_event(bool timing, bool host_sleeps) = 0;
   virtual void destroy_event(Event event) noexcept = 0;
 
   virtual void copy_to_device_async(void* dst, const void* src, size_t bytes, Stream stream) = 0;

@@ -8,6 +8,8 @@
 //   and none while a demand load is unfinished. Stream priority does not reorder host-to-device copies
 //   on the GPU (measured on the H200), so this host-side throttle is what lets a demand load overtake a
 //   long prefetch: it waits for at most the chunks already in flight.
+// - The dispatcher never spins: it sleeps on its chunk events and on the newest demand load's ready
+//   event, so it does not slow the thread that launches compute.
 // - Each slot has at most one unfinished job. A job is queued (no chunk submitted), started (some
 //   chunks submitted; only the dispatcher's current job) or submitted (all chunks submitted; the slot's
 //   ready event is recorded after the last one). Queued and started jobs can be cancelled: a started

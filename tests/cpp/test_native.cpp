@@ -66,7 +66,7 @@ class RecordingBackend final : public Backend {
   void free_device(void* p) noexcept override { inner->free_device(p); }
   Stream create_stream(bool hp) override { return inner->create_stream(hp); }
   void destroy_stream(Stream s) noexcept override { inner->destroy_stream(s); }
-  Event create_event(bool t) override { return inner->create_event(t); }
+  Event create_event(bool t, bool s) override { return inner->create_event(t, s); }
   void destroy_event(Event e) noexcept override { inner->destroy_event(e); }
   void copy_to_device_async(void* dst, const void* src, size_t bytes, Stream s) override {
     {
@@ -261,7 +261,7 @@ void test_copy_waits_for_the_slot_to_be_freed() {
   std::vector<uint8_t> big_src(kBig, 3), big_dst(kBig, 0);
   Stream blocker = backend->create_stream(false);
   Stream compute = backend->create_stream(false);
-  Event gate = backend->create_event(false);
+  Event gate = backend->create_event(false, false);
   backend->copy_to_device_async(big_dst.data(), big_src.data(), kBig, blocker);
   backend->record(gate, blocker);
   backend->wait(compute, gate);
