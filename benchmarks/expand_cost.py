@@ -1,10 +1,11 @@
-"""What expanding compressed experts costs a decode step: the same trace-forced benchmark run twice
-in one process, once as shipped and once with the expansion replaced by handing back an unwritten
-buffer of the right shape (no kernel at all). Routing is forced from the trace, so both runs copy the
-same experts at the same moments, and the difference in ms/token is the expansion's cost on the step,
-copies overlapping it included. (The second run's tokens are meaningless; only its timing is kept.)
+"""What expanding compressed experts costs a decode step: the same trace-forced benchmark run as
+shipped and with the expansion taken out (each expert's dense weights left as they are in the
+scratch buffers, no kernel and no host work), alternating ``--rounds`` times on one model in one
+process. Routing is forced from the trace, so both runs copy the same experts at the same moments,
+and the difference in median ms/token is the expansion's cost on the step, copies overlapping it
+included. (The ablated runs' tokens are meaningless; only their timing is kept.)
 
-    python benchmarks/expand_cost.py --arch mixtral-8x7b --expert-dtype fp8 --slots 11,31 \\
+    python benchmarks/expand_cost.py --arch mixtral-8x7b --expert-dtype fp8 --slots 11,31 --rounds 3 \\
         --routing trace:TRACES/mixtral-8x7b-instruct.gsm8k.jsonl --out benchmarks/results/expand-cost-mixtral-fp8-h200.json
 """
 
@@ -12,12 +13,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from expertflow.bench.harness import BenchConfig, run_bench
-from expertflow.formats import ExpertFormat
+from expertflow.bench.harness import BenchConfig, _Model, run_bench
+from expertflow.formats import ExpertFormat, SlotExpander
+from expertflow.runtime import get_backend
+
+
+class _Unexpanded:
+    """Takes the expansion out: both paths hand back dense buffers of the right shape, unwritten."""
+
+    def __init__(self) -> None:
+        self.buffers: dict = {}
+
+    def __enter__(self) -> None:
+        self.saved = (ExpertFormat.expand, SlotExpander.__call__)
+        buffers = self.buffers
+
+        def expand(fmt, weight, stored, dtype):
+            device = next(iter(stored.values())).device
+            key = (weight.name, weight.shape, dtype, device)
+            if key not in buffers:
+                buffers[key] = torch.empty(weight.shape, dtype=dtype, device=device)
+            return buffers[key]
+
+        def call(expander, slot_address, stream, slot_tensors):
+            return {**expander.dense, **{b: slot_tensors[b] for b in expander.biases}}
+
+        ExpertFormat.expand, SlotExpander.__call__ = expand, call  # type: ignore[method-assign]
+
+    def __exit__(self, *exc) -> None:
+        ExpertFormat.expand, SlotExpander.__call__ = self.saved  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -28,37 +58,39 @@ def main() -> None:
     p.add_argument("--slots", default="11,31")
     p.add_argument("--policies", default="all_gpu,lru,expertflow")
     p.add_argument("--expert-dtype", default="fp8")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     cfg = BenchConfig(arch=args.arch, layers=args.layers, routing=args.routing, slots=args.slots.split(","),
-                      policies=args.policies.split(","), expert_dtype=args.expert_dtype, transformers=False)
+                      policies=args.policies.split(","), expert_dtype=args.expert_dtype, transformers=False,
+                      progress=False)
     cfg.validate()
-    shipped = run_bench(cfg)
-    buffers: dict = {}
-    original = ExpertFormat.expand
-
-    def unexpanded(self, weight, stored, dtype):
-        device = next(iter(stored.values())).device
-        key = (weight.name, weight.shape, dtype, device)
-        if key not in buffers:
-            buffers[key] = torch.empty(weight.shape, dtype=dtype, device=device)
-        return buffers[key]
-
-    ExpertFormat.expand = unexpanded  # type: ignore[method-assign]
+    backend = get_backend()
+    model = _Model(cfg, torch.device("cuda" if backend.is_gpu else "cpu"), backend)
+    shipped: list[dict] = []
+    ablated: list[dict] = []
     try:
-        ablated = run_bench(cfg)
+        for _ in tqdm(range(args.rounds), desc="rounds"):
+            shipped.append(run_bench(cfg, model))
+            with _Unexpanded():
+                ablated.append(run_bench(cfg, model))
     finally:
-        ExpertFormat.expand = original  # type: ignore[method-assign]
+        model.pool.close()
     rows = []
-    for with_row, without_row in zip(shipped["rows"], ablated["rows"]):
-        rows.append({"policy": with_row["policy"], "slots": with_row["slots"],
-                     "ms_per_token": with_row["ms_per_token"], "ms_per_token_unexpanded": without_row["ms_per_token"],
-                     "expansion_share": 1 - without_row["ms_per_token"] / with_row["ms_per_token"],
-                     "bytes_per_token": with_row["bytes_per_token"],
-                     "same_bytes": with_row["bytes_per_token"] == without_row["bytes_per_token"]})
+    for i, first in enumerate(shipped[0]["rows"]):
+        with_ms = [r["rows"][i]["ms_per_token"] for r in shipped]
+        without_ms = [r["rows"][i]["ms_per_token"] for r in ablated]
+        rows.append({"policy": first["policy"], "slots": first["slots"],
+                     "ms_per_token": statistics.median(with_ms), "ms_per_token_unexpanded": statistics.median(without_ms),
+                     "expansion_share": 1 - statistics.median(without_ms) / statistics.median(with_ms),
+                     "ms_per_token_rounds": with_ms, "ms_per_token_unexpanded_rounds": without_ms,
+                     "bytes_per_token": first["bytes_per_token"],
+                     "same_bytes": all(r["rows"][i]["bytes_per_token"] == first["bytes_per_token"] for r in shipped + ablated)})
         print(json.dumps(rows[-1]), flush=True)
     result = {"arch": args.arch, "layers": args.layers, "expert_dtype": args.expert_dtype, "routing": args.routing,
-              "machine": shipped.get("machine"), "rows": rows}
+              "rounds": args.rounds, "machine": shipped[0].get("machine"), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 

@@ -72,12 +72,12 @@ def main() -> None:
                 fmt.expand(spec, stored, torch.bfloat16)
 
         kernel_ms = _median_ms(expand)
-        original = formats._kernels_available
-        formats._kernels_available = lambda device_index: False  # the torch path, on the same tensors
+        original = formats.kernels_available
+        formats.kernels_available = lambda device_index: False  # the torch path, on the same tensors
         try:
             torch_ms = _median_ms(expand)
         finally:
-            formats._kernels_available = original
+            formats.kernels_available = original
         row = {"arch": arch_name, "format": name, "stored_bytes": stored_bytes, "dense_bytes": dense_bytes,
                "kernel_ms": kernel_ms, "torch_ms": torch_ms, "speedup": torch_ms / kernel_ms,
                "kernel_gbps": (stored_bytes + dense_bytes) / kernel_ms / 1e6}

@@ -13,6 +13,8 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "dlpack.h"
 #include "expertflow/backend.h"
@@ -136,6 +138,20 @@ Plan make_plan(const IntArray& layers, const IntArray& experts, const DoubleArra
   return plan;
 }
 
+StoredFormat stored_format(const std::string& format) {
+  if (format == "fp8") return StoredFormat::kFp8Block;
+  if (format == "int8") return StoredFormat::kInt8Row;
+  if (format == "mxfp4") return StoredFormat::kMxfp4;
+  throw Error("expansion: format must be fp8, int8 or mxfp4, got '" + format + "'");
+}
+
+DenseType dense_type(const std::string& dtype) {
+  if (dtype == "bfloat16") return DenseType::kBf16;
+  if (dtype == "float16") return DenseType::kFp16;
+  if (dtype == "float32") return DenseType::kFp32;
+  throw Error("expansion: dtype must be bfloat16, float16 or float32, got '" + dtype + "'");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -152,14 +168,8 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& format, const std::string& dtype, uintptr_t codes, uintptr_t scales, uintptr_t out,
          int64_t rows, int64_t cols, bool transposed, int device, uintptr_t stream) {
         ExpandArgs args;
-        if (format == "fp8") args.format = StoredFormat::kFp8Block;
-        else if (format == "int8") args.format = StoredFormat::kInt8Row;
-        else if (format == "mxfp4") args.format = StoredFormat::kMxfp4;
-        else throw Error("expand_weight: format must be fp8, int8 or mxfp4, got '" + format + "'");
-        if (dtype == "bfloat16") args.dtype = DenseType::kBf16;
-        else if (dtype == "float16") args.dtype = DenseType::kFp16;
-        else if (dtype == "float32") args.dtype = DenseType::kFp32;
-        else throw Error("expand_weight: dtype must be bfloat16, float16 or float32, got '" + dtype + "'");
+        args.format = stored_format(format);
+        args.dtype = dense_type(dtype);
         args.codes = reinterpret_cast<const void*>(codes);
         args.scales = reinterpret_cast<const void*>(scales);
         args.out = reinterpret_cast<void*>(out);
@@ -173,6 +183,26 @@ PYBIND11_MODULE(_C, m) {
       py::arg("format"), py::arg("dtype"), py::arg("codes"), py::arg("scales"), py::arg("out"), py::arg("rows"),
       py::arg("cols"), py::arg("transposed"), py::arg("device"), py::arg("stream"),
       "Expands a compressed weight [rows, cols] (device pointers) into `out` on `stream` (expand.h).");
+  py::class_<ExpertExpansion>(m, "ExpertExpansion",
+                              "One expert's weights expanded in one call from its packed bytes (expand.h).")
+      .def(py::init([](const std::string& format, const std::string& dtype,
+                       const std::vector<std::tuple<int64_t, int64_t, uintptr_t, int64_t, int64_t, bool>>& weights,
+                       int device) {
+             std::vector<PackedWeight> packed;
+             for (const auto& [codes_offset, scales_offset, out, rows, cols, transposed] : weights) {
+               packed.push_back(PackedWeight{stored_format(format), dense_type(dtype), codes_offset, scales_offset,
+                                             reinterpret_cast<void*>(out), rows, cols, transposed});
+             }
+             return std::make_unique<ExpertExpansion>(std::move(packed), device);
+           }),
+           py::arg("format"), py::arg("dtype"), py::arg("weights"), py::arg("device"),
+           "weights: (codes offset, scales offset, output address, rows, cols, transposed) per weight.")
+      .def(
+          "run",
+          [](const ExpertExpansion& self, uintptr_t base, uintptr_t stream) {
+            self.run(reinterpret_cast<const void*>(base), reinterpret_cast<void*>(stream));
+          },
+          py::arg("base"), py::arg("stream"));
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
       .def_property_readonly("name", &Backend::name)

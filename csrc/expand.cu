@@ -195,20 +195,48 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
+void check_shape(StoredFormat format, int64_t rows, int64_t cols) {
+  EF_CHECK(rows > 0 && cols > 0, "cannot expand a " << rows << " x " << cols << " weight");
+  EF_CHECK(format != StoredFormat::kMxfp4 || cols % kMxBlock == 0,
+           "mxfp4 needs a multiple of " << kMxBlock << " columns, got " << cols);
+}
+
+void launch_any(const ExpandArgs& a) {
+  switch (a.format) {
+    case StoredFormat::kFp8Block: launch_format<StoredFormat::kFp8Block>(a); break;
+    case StoredFormat::kInt8Row: launch_format<StoredFormat::kInt8Row>(a); break;
+    case StoredFormat::kMxfp4: launch_format<StoredFormat::kMxfp4>(a); break;
+  }
+}
+
 }  // namespace
 
 bool expand_kernels_available() { return true; }
 
 void expand_weight(const ExpandArgs& a) {
-  EF_CHECK(a.rows > 0 && a.cols > 0, "cannot expand a " << a.rows << " x " << a.cols << " weight");
-  EF_CHECK(a.format != StoredFormat::kMxfp4 || a.cols % kMxBlock == 0,
-           "mxfp4 needs a multiple of " << kMxBlock << " columns, got " << a.cols);
+  check_shape(a.format, a.rows, a.cols);
   EF_CHECK(a.codes && a.scales && a.out, "expand_weight needs codes, scales and an output");
   DeviceGuard guard(a.device);
-  switch (a.format) {
-    case StoredFormat::kFp8Block: launch_format<StoredFormat::kFp8Block>(a); break;
-    case StoredFormat::kInt8Row: launch_format<StoredFormat::kInt8Row>(a); break;
-    case StoredFormat::kMxfp4: launch_format<StoredFormat::kMxfp4>(a); break;
+  launch_any(a);
+}
+
+ExpertExpansion::ExpertExpansion(std::vector<PackedWeight> weights, int device)
+    : weights_(std::move(weights)), device_(device) {
+  EF_CHECK(!weights_.empty(), "an expert expansion needs at least one weight");
+  for (const PackedWeight& w : weights_) {
+    check_shape(w.format, w.rows, w.cols);
+    EF_CHECK(w.out && w.codes_offset >= 0 && w.scales_offset >= 0,
+             "an expert expansion needs an output and non-negative offsets for every weight");
+  }
+}
+
+void ExpertExpansion::run(const void* base, void* stream) const {
+  EF_CHECK(base, "expanding an expert needs the address of its packed bytes");
+  DeviceGuard guard(device_);
+  const auto* bytes = static_cast<const uint8_t*>(base);
+  for (const PackedWeight& w : weights_) {
+    launch_any(ExpandArgs{w.format, w.dtype, bytes + w.codes_offset, bytes + w.scales_offset, w.out, w.rows, w.cols,
+                          w.transposed, device_, stream});
   }
 }
 

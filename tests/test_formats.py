@@ -204,6 +204,53 @@ def test_the_gpu_kernel_at_large_and_misaligned_weights(name):
     assert torch.equal(fmt.expand(spec, {**on_gpu, codes_name: shifted}, torch.bfloat16).cpu(), want)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fp8", "int8", "mxfp4"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_slot_expander_expands_whichever_slot_it_is_given(name, transposed):
+    """Experts packed in slots as the pool packs them (256-byte aligned tensors, a dense bias): one
+    expander made on slot 0 expands each slot, in any order, as the definition says."""
+    from expertflow import _C
+    from expertflow.formats import SlotExpander
+
+    if not _C.expand_kernels_available():
+        pytest.skip("this build has no expansion kernels")
+    fmt = expert_format(name)
+    weights = [WeightSpec("gate_up", 2 * 96, 64, transposed=transposed), WeightSpec("down", 64, 96, transposed=transposed, bias=True)]
+    specs = [s for w in weights for s in fmt.stored(w, torch.bfloat16)]
+    offsets, end = [], 0
+    for s in specs:
+        offsets.append(end)
+        end = -(-(end + s.nbytes) // 256) * 256
+    num_slots, slot_bytes = 3, end
+    arena = torch.zeros(num_slots * slot_bytes, dtype=torch.uint8, device="cuda")
+
+    def views(slot):
+        base = slot * slot_bytes
+        return {s.name: arena[base + o : base + o + s.nbytes].view(s.dtype).view(s.shape) for s, o in zip(specs, offsets)}
+
+    stored = []
+    for slot in range(num_slots):
+        g = torch.Generator().manual_seed(slot)
+        tensors = {}
+        for w in weights:
+            x = torch.randn(w.out_features, w.in_features, generator=g) * 3
+            tensors.update(fmt.quantize(w, x.t() if transposed else x))
+            if w.bias:
+                tensors[f"{w.name}_bias"] = torch.randn(w.out_features, generator=g).to(torch.bfloat16)
+        for k, v in views(slot).items():
+            v.copy_(tensors[k])
+        stored.append(tensors)
+    expander = SlotExpander(fmt, weights, views(0), arena.data_ptr(), torch.bfloat16)
+    stream = torch.cuda.current_stream().cuda_stream
+    for slot in (2, 0, 1, 2):
+        got = expander(arena.data_ptr() + slot * slot_bytes, stream, views(slot))
+        for w in weights:
+            as_w = {"w" + k[len(w.name):]: v for k, v in stored[slot].items() if k.startswith(w.name)}
+            assert torch.equal(got[w.name].cpu(), _dense_from_definition(name, as_w, w, torch.bfloat16)), (slot, w)
+        assert torch.equal(got["down_bias"].cpu(), stored[slot]["down_bias"])
+
+
 @pytest.mark.parametrize("name", ["fp8", "int8", "mxfp4"])
 def test_stored_tensors_of_the_wrong_shape_or_dtype_are_refused_before_the_kernel(name):
     from expertflow.formats import _check_stored

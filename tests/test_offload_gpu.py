@@ -88,3 +88,34 @@ def test_host_syncs_per_forward(bf16_checkpoints, policy, tmp_path):
         assert got <= baseline + extra, f"{got} syncs, transformers makes {baseline}; at most {extra} more expected"
     finally:
         offloaded.expertflow.close()
+
+
+@pytest.mark.parametrize("arch,layout,expert_dtype", [("mixtral", "published", "fp8"), ("mixtral", "published", "int8"),
+                                                      ("gpt_oss", "mxfp4", None)])
+def test_compressed_experts_expand_per_slot_as_torch_does(tmp_path, monkeypatch, arch, layout, expert_dtype):
+    """On the GPU each expert expands from its slot in one native call (formats.SlotExpander): logits
+    and tokens are bit for bit those of the same run expanding each weight with torch, so every slot's
+    codes, scales and biases are read at the right offsets (gpt-oss: transposed, with biases)."""
+    from expertflow import formats, offload
+
+    if not formats.kernels_available(0):
+        pytest.skip("this build or GPU has no expansion kernels")
+    folder = save(build(arch, dtype=torch.bfloat16), tmp_path, layout)
+    prompt = PROMPT.cuda()
+
+    def run():
+        model = ef.from_pretrained(folder, expert_slots="25%", policy="lru", expert_dtype=expert_dtype, progress=False)
+        try:
+            assert model.expertflow.expert_format.name == (expert_dtype or "mxfp4")
+            with torch.no_grad():
+                return generate(model), model(prompt).logits, model.expertflow.stats()["misses"]
+        finally:
+            model.expertflow.close()
+
+    tokens, logits, misses = run()
+    assert misses > 0  # experts moved through the slots
+    monkeypatch.setattr(offload, "kernels_available", lambda device_index: False)
+    monkeypatch.setattr(formats, "kernels_available", lambda device_index: False)
+    torch_tokens, torch_logits, _ = run()
+    assert tokens == torch_tokens
+    assert torch.equal(logits, torch_logits)

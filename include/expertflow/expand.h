@@ -9,11 +9,16 @@
 //   (gpt-oss keeps its dense experts as [in, out]).
 // - Pointers are device memory on `device`; the kernel runs on `stream` (null: the legacy default
 //   stream) and returns without waiting. Nothing is allocated.
+// - ExpertExpansion expands all of one expert's weights in one call: their codes and scales sit at
+//   fixed offsets in the expert's packed bytes (a slot), their outputs at fixed addresses (a scratch
+//   buffer), so a step passes one pointer per expert. Its arguments are checked once, when it is made.
 // - Built only where CMake finds a CUDA compiler (csrc/expand.cu, for sm_80 and sm_90 plus PTX);
-//   elsewhere csrc/expand_none.cpp makes expand_kernels_available() false and expand_weight throw.
+//   elsewhere csrc/expand_none.cpp makes expand_kernels_available() false, and expand_weight and
+//   ExpertExpansion throw.
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace expertflow {
 
@@ -40,5 +45,29 @@ struct ExpandArgs {
 
 bool expand_kernels_available();
 void expand_weight(const ExpandArgs& args);
+
+// A weight inside an expert's packed bytes: codes and scales at byte offsets from the expert's start.
+struct PackedWeight {
+  StoredFormat format;
+  DenseType dtype;
+  int64_t codes_offset;
+  int64_t scales_offset;
+  void* out;
+  int64_t rows;
+  int64_t cols;
+  bool transposed;
+};
+
+class ExpertExpansion {
+ public:
+  ExpertExpansion(std::vector<PackedWeight> weights, int device);
+  // Expands every weight of the expert whose packed bytes start at `base` (device memory) on `stream`.
+  void run(const void* base, void* stream) const;
+  int device() const { return device_; }
+
+ private:
+  std::vector<PackedWeight> weights_;
+  int device_;
+};
 
 }  // namespace expertflow

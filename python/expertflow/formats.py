@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["WeightSpec", "ExpertFormat", "FORMATS", "expert_format", "FP4_VALUES", "FP8_BLOCK"]
+__all__ = ["WeightSpec", "ExpertFormat", "FORMATS", "expert_format", "FP4_VALUES", "FP8_BLOCK", "SlotExpander",
+           "kernels_available"]
 
 #: e2m1 values of the 16 nibbles: sign bit 3, exponent bits 2-1, mantissa bit 0
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -89,7 +90,7 @@ class ExpertFormat:
         if self.dense:
             return stored[w]
         codes, scales = (stored[f"{w}_blocks"], stored[f"{w}_scales"]) if self.name == "mxfp4" else (stored[w], stored[f"{w}_scale"])
-        if codes.is_cuda and _kernels_available(codes.device.index or 0) and codes.is_contiguous() and scales.is_contiguous():
+        if codes.is_cuda and kernels_available(codes.device.index or 0) and codes.is_contiguous() and scales.is_contiguous():
             return _expand_on_gpu(self.name, weight, codes, scales, dtype)
         if self.name == "fp8":
             q, scale = codes, scales
@@ -161,7 +162,7 @@ def _fp4_pairs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 @functools.cache
-def _kernels_available(device_index: int) -> bool:
+def kernels_available(device_index: int) -> bool:
     """The native kernels run on this GPU: built (nvcc was found) for Ampere and Hopper, and later
     GPUs through PTX; older GPUs expand with torch."""
     from . import _C
@@ -199,6 +200,53 @@ def _expand_on_gpu(name: str, weight: WeightSpec, codes: torch.Tensor, scales: t
                      rows, cols, weight.transposed, codes.device.index,
                      torch.cuda.current_stream(codes.device).cuda_stream)
     return out
+
+
+class SlotExpander:
+    """Expands experts of one slot layout on the GPU with one native call each (``ExpertExpansion``).
+
+    A decode step expands every expert it runs; per weight, the Python of :meth:`ExpertFormat.expand`
+    (checks, an allocation, a launch) cost about as much host time as the kernel's GPU time, and at
+    batch 1 the host is the bottleneck. Here the checks run once, the dense weights go to one
+    persistent scratch buffer per weight, and a call passes the slot's address. The scratch is
+    rewritten by the next expert: compute reads it on the same stream first, as every expert of a
+    step computes on the one compute stream. The values are the kernel's, bit for bit
+    :meth:`ExpertFormat.expand`'s.
+
+    ``slot_tensors``: the views of the slot at ``slot_address`` (names, shapes and dtypes as the
+    format stores ``weights``); every slot of the layout holds them at the same offsets. ``dtype``: the
+    compute dtype. The GPU must run the kernels (``kernels_available``).
+    """
+
+    def __init__(self, fmt: ExpertFormat, weights: list[WeightSpec], slot_tensors: dict[str, torch.Tensor],
+                 slot_address: int, dtype: torch.dtype) -> None:
+        from . import _C
+        from .runtime import _dtype_name
+
+        if fmt.dense:
+            raise ValueError("dense experts need no expansion")
+        device = next(iter(slot_tensors.values())).device
+        self.dense: dict[str, torch.Tensor] = {}
+        packed = []
+        for w in weights:
+            names = (f"{w.name}_blocks", f"{w.name}_scales") if fmt.name == "mxfp4" else (w.name, f"{w.name}_scale")
+            codes, scales = slot_tensors[names[0]], slot_tensors[names[1]]
+            _check_stored(fmt.name, w, codes, scales)
+            out = torch.empty(w.shape, dtype=dtype, device=device)
+            self.dense[w.name] = out
+            cols = codes.shape[1] * MX_BLOCK if fmt.name == "mxfp4" else codes.shape[1]
+            packed.append((codes.data_ptr() - slot_address, scales.data_ptr() - slot_address, out.data_ptr(),
+                           codes.shape[0], cols, w.transposed))
+        self.biases = [f"{w.name}_bias" for w in weights if w.bias]
+        self._native = _C.ExpertExpansion(fmt.name, _dtype_name(dtype), packed, device.index or 0)
+
+    def __call__(self, slot_address: int, stream: int, slot_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The dense weights of the expert in the slot at ``slot_address`` (and its dense biases, from
+        ``slot_tensors``), expanded on ``stream``."""
+        self._native.run(slot_address, stream)
+        if not self.biases:
+            return self.dense
+        return {**self.dense, **{b: slot_tensors[b] for b in self.biases}}
 
 
 def _mxfp4_expand(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -35,7 +36,7 @@ from transformers.activations import ACT2FN
 
 from .cpu_experts import CostModel, CpuExecutor, calibrate, check_mode
 from .distributed import assign, deal_prefetches
-from .formats import FORMATS, ExpertFormat, WeightSpec
+from .formats import FORMATS, ExpertFormat, SlotExpander, WeightSpec, kernels_available
 from .models import Architecture, model_dtype
 from .planner import Plan
 from .policies import EngineInfo, Policy, StepContext
@@ -169,6 +170,7 @@ class OffloadEngine:
         self.cpu_ms = 0.0
         self.cpu_wait_ms = 0.0
         self._set_up_cpu_experts(check_mode(cpu_experts, shard is not None), recalibrate, model)
+        self._expanders: dict[tuple[int, torch.dtype], SlotExpander] = {}  # _slot_expansion's, per layout
         self._positions: torch.Tensor | None = None
         self._next_step: dict[str, Any] | None = None
         # Each MoE layer's routing in the last forward pass, ``[T, k]`` on the host (the copy run_layer
@@ -321,6 +323,7 @@ class OffloadEngine:
         else:  # one token (decoding at batch 1): slices, no index kernels
             choice_of = {int(e): c for c, e in enumerate(chosen[0].tolist())}
         stream = self.cache.compute_stream()
+        expand = self._slot_expansion(layer.index, hidden_states.dtype, stream)
         outputs: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
         def weighted(e: int, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -346,7 +349,7 @@ class OffloadEngine:
             for i in sorted(range(len(wave)), key=lambda i: not self.cache.slot_ready(slots[i])):
                 e = wave[i]
                 self.cache.wait_slot(slots[i], stream)
-                expert_weights = self._expand(self.cache.slot_tensors(slots[i], layer.index), hidden_states.dtype)
+                expert_weights = expand(slots[i])
                 outputs[e] = weighted(e, module.compute(expert_weights, inputs(e)))
             self.cache.release(layer.index, wave, stream)
         for e, job in cpu_jobs.items():
@@ -392,6 +395,27 @@ class OffloadEngine:
             jobs[e] = self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, rows))
         self.num_cpu_experts += len(to_cpu)
         return jobs
+
+    def _slot_expansion(self, layer: int, dtype: torch.dtype, stream) -> Callable[[int], dict[str, torch.Tensor]]:
+        """``slot -> weights``: a slot's tensors as dense weights of ``layer``, for compute on ``stream``.
+        On a GPU with the kernels, one native call per expert (``formats.SlotExpander``, one per slot
+        layout and dtype); otherwise :meth:`_expand`."""
+        cache = self.cache
+        if self.expert_format.dense:
+            return lambda slot: cache.slot_tensors(slot, layer)
+        if cache.device.type != "cuda" or not kernels_available(cache.device.index or 0):
+            return lambda slot: self._expand(cache.slot_tensors(slot, layer), dtype)
+        key = (cache.layout_id(layer), dtype)
+        expander = self._expanders.get(key)
+        if expander is None:
+            expander = self._expanders[key] = SlotExpander(self.expert_format, self.weights,
+                                                           cache.slot_tensors(0, layer), cache.slot_address(0), dtype)
+        handle = stream.cuda_stream
+
+        def expand(slot: int) -> dict[str, torch.Tensor]:
+            return expander(cache.slot_address(slot), handle, cache.slot_tensors(slot, layer))
+
+        return expand
 
     def _expand(self, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """A slot's tensors as dense weights (biases as they are): identity for the dense format."""

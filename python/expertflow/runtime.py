@@ -425,6 +425,16 @@ class ExpertCache:
             self._views[key] = views
         return views
 
+    def layout_id(self, layer: int) -> int:
+        """Layers with equal ids lay their experts out identically (and share slot views)."""
+        return self._layout_ids[layer]
+
+    def slot_address(self, slot: int) -> int:
+        """Address of ``slot``'s first byte (device memory on the CUDA backend)."""
+        if not 0 <= slot < self.num_slots:
+            raise ExpertFlowError(f"slot {slot} is out of range (num_slots={self.num_slots})")
+        return self._open_arena().data_ptr() + slot * self.slot_bytes
+
     def acquire(self, layer: int, experts: Sequence[int], stream: StreamLike = None) -> list[dict[str, torch.Tensor]]:
         """Pins ``experts`` of ``layer`` and returns, per expert, its tensors in device slots.
 

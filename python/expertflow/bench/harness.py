@@ -352,15 +352,16 @@ def _timed(model, prompt, n, forcing: TraceForcing, device, on_step=None) -> tup
     return tokens, [(b - a) * 1e3 for a, b in itertools.pairwise(times[1:])]
 
 
-def run_bench(cfg: BenchConfig) -> dict:
-    """Runs every configuration of ``cfg``; returns the results (see the module docstring)."""
+def run_bench(cfg: BenchConfig, model: _Model | None = None) -> dict:
+    """Runs every configuration of ``cfg``; returns the results (see the module docstring).
+    ``model``: one built for ``cfg`` earlier, to run it again (the caller closes its pool)."""
     cfg.validate()
     backend = get_backend()
     device = torch.device("cuda" if backend.is_gpu else "cpu")
     if cfg.accelerate and (device.type != "cuda" or cfg.arch is None):
         raise ValueError("--accelerate compares with accelerate's device_map offload: it needs a GPU and an --arch model")
     logging.getLogger("expertflow").setLevel(logging.WARNING)
-    m = _Model(cfg, device, backend)
+    m = model if model is not None else _Model(cfg, device, backend)
     L, E = m.num_layers, m.num_experts
     total = L * E
     if cfg.prompt_ids is not None:
@@ -504,7 +505,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         for row in result["rows"]:
             if row["slots"] == cfg.accelerate:
                 row["x_accelerate"] = acc["ms_per_token"] / row["ms_per_token"]
-    m.pool.close()
+    if model is None:
+        m.pool.close()
     return result
 
 
