@@ -187,3 +187,6 @@ def test_bench_runs_each_policy_with_and_without_cpu_experts(tmp_path):
     assert rows[("lru", "on")]["cpu_experts_per_token"] > 0 and rows[("lru", "off")]["cpu_experts_per_token"] == 0
     assert rows[("lru", "on")]["same_tokens_as_all_gpu"] and rows[("lru", "off")]["same_tokens_as_all_gpu"]
     assert rows[("lru", "on")]["bytes_per_token"] == 0  # every miss ran from host memory
+    calibration = rows[("lru", "on")]["cpu_calibration"]  # what the cost model measured, and how long it took
+    assert calibration["seconds"] > 0 and len(calibration["cpu_times_ms"]) == len(calibration["cpu_tokens"])
+    assert rows[("lru", "off")]["cpu_calibration"] is None

@@ -22,7 +22,7 @@ import logging
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -478,7 +478,9 @@ def run_bench(cfg: BenchConfig, model: _Model | None = None) -> dict:
             "policy": name, "predictor": label,
             "cpu_experts": mode if engine.cost_model is not None or mode == "off" else f"{mode}: off",
             "cpu_experts_asked": mode, "cpu_experts_per_token": stats.get("cpu_experts", 0) / decoded,
-            "cpu_wait_ms_per_token": stats.get("cpu_wait_ms", 0.0) / decoded, "slots": share, "num_slots": num_slots, "slot_share": num_slots / total,
+            "cpu_wait_ms_per_token": stats.get("cpu_wait_ms", 0.0) / decoded,
+            "cpu_calibration": asdict(engine.cost_model.calibration) if engine.cost_model is not None else None,
+            "slots": share, "num_slots": num_slots, "slot_share": num_slots / total,
             "ms_per_token": ms, "ms_per_token_mean": statistics.fmean(steps_ms), "tokens_per_s": 1e3 / ms,
             "bytes_per_token": stats["bytes_copied"] / decoded, "belady_bytes_per_token": belady,
             "bytes_vs_belady": stats["bytes_copied"] / decoded / belady if belady else None,
