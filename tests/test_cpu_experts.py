@@ -190,3 +190,4 @@ def test_bench_runs_each_policy_with_and_without_cpu_experts(tmp_path):
     calibration = rows[("lru", "on")]["cpu_calibration"]  # what the cost model measured, and how long it took
     assert calibration["seconds"] > 0 and len(calibration["cpu_times_ms"]) == len(calibration["cpu_tokens"])
     assert rows[("lru", "off")]["cpu_calibration"] is None
+    assert all(r["prefill_ms"] > 0 for r in rows.values())

@@ -465,6 +465,7 @@ def run_bench(cfg: BenchConfig, model: _Model | None = None) -> dict:
             tokens, steps_ms = _timed(m.model, prompt, cfg.new_tokens, forcing, device,
                                       on_step=lambda s, engine=engine: engine.reset_stats() if s == 1 else None)
             stats = engine.stats()
+            prefill_ms = (forcing.times[1] - forcing.times[0]) * 1e3  # the prompt's pass (the host time of its start to the next's)
         finally:
             engine.close()
         decoded = cfg.new_tokens - 1
@@ -481,7 +482,7 @@ def run_bench(cfg: BenchConfig, model: _Model | None = None) -> dict:
             "cpu_wait_ms_per_token": stats.get("cpu_wait_ms", 0.0) / decoded,
             "cpu_calibration": asdict(engine.cost_model.calibration) if engine.cost_model is not None else None,
             "slots": share, "num_slots": num_slots, "slot_share": num_slots / total,
-            "ms_per_token": ms, "ms_per_token_mean": statistics.fmean(steps_ms), "tokens_per_s": 1e3 / ms,
+            "ms_per_token": ms, "ms_per_token_mean": statistics.fmean(steps_ms), "prefill_ms": prefill_ms, "tokens_per_s": 1e3 / ms,
             "bytes_per_token": stats["bytes_copied"] / decoded, "belady_bytes_per_token": belady,
             "bytes_vs_belady": stats["bytes_copied"] / decoded / belady if belady else None,
             "hit_ratio": stats["hit_ratio"], "demand_misses_per_token": stats["misses"] / decoded,
