@@ -164,6 +164,22 @@ def test_calibration_fits_its_definition_and_is_cached(tmp_path):
     assert calibrate(*args) == again  # the new measurement replaced the old one
 
 
+def test_a_slow_outlier_at_few_tokens_does_not_lift_the_curve(tmp_path, monkeypatch):
+    """Noise only adds time: a first point slower than later ones is an outlier and takes the least
+    of the points after it; a curve that rises stays as measured."""
+    from expertflow import cpu_experts
+
+    monkeypatch.setenv("EXPERTFLOW_CACHE_DIR", str(tmp_path))
+    stored = {"w": torch.zeros(64, dtype=torch.uint8)}
+    for measured, want in (([14.7, 8.9, 9.1, 10.1, 29.5], [8.9, 8.9, 9.1, 10.1, 29.5]),
+                           ([2.0, 3.0, 5.0, 9.0, 30.0], [2.0, 3.0, 5.0, 9.0, 30.0])):
+        times = iter(measured + [1.0])  # then the copy
+        monkeypatch.setattr(cpu_experts, "_median_ms", lambda fn, sync, reps, times=times: next(times))
+        c = calibrate(lambda w, x: x, stored, lambda t: t, 8, torch.float32, torch.device("cpu"), "outlier",
+                      recalibrate=True)
+        assert list(c.cpu_times_ms) == want
+
+
 def test_a_broken_calibration_cache_is_measured_over(tmp_path):
     cache = tmp_path / "cache" / "calibration.json"
     cache.parent.mkdir(parents=True)
