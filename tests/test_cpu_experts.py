@@ -106,6 +106,22 @@ def test_the_cost_model_on_the_h200_machines_figures():
     assert not CostModel(linear(1.0, 50.0, 0.1), "auto").cpu_can_win(8)
 
 
+def test_the_cost_model_learns_what_the_cpu_costs_inside_a_step():
+    """Calibrated alone the CPU beats a copy (5.8 against 6.5 ms); inside steps it takes 11.6 ms. After
+    a few observations the model weighs the CPU at about twice its calibration: a lone miss copies
+    again, a second one still goes to the CPU (11.6 < 6.5 + 6.5 + 0.1)."""
+    auto = CostModel(linear(6.5, 5.7, 0.1), "auto")
+    assert auto.choose([1]) == [True]
+    for _ in range(30):
+        auto.observe(1, 11.6)
+    assert auto.cpu_scale == pytest.approx(2.0, rel=1e-2)  # 11.6 / 5.8
+    assert auto.choose([1]) == [False]
+    assert sorted(auto.choose([1, 1])) == [False, True]
+    for _ in range(30):  # and back, when the steps leave the CPU alone again
+        auto.observe(4, 6.1)
+    assert auto.cpu_scale == pytest.approx(1.0, rel=1e-2) and auto.choose([1]) == [True]
+
+
 def test_cpu_time_follows_the_measured_points_and_their_last_slope():
     """Flat where reading the weights dominates, linear where the arithmetic does (the H200 machine's
     shape: 7 ms for 1 to 16 tokens), extended beyond the last point along its slope."""

@@ -236,7 +236,10 @@ class OffloadEngine:
         start = time.perf_counter()
         with torch.no_grad():
             y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), x)
-        self.cpu_ms += (time.perf_counter() - start) * 1e3  # one worker thread: no race
+        ms = (time.perf_counter() - start) * 1e3
+        self.cpu_ms += ms  # one worker thread: no race
+        if self.cost_model is not None:
+            self.cost_model.observe(x.shape[0], ms)  # what the CPU costs inside a step, not alone
         return y
 
     def next_step(self, positions: torch.Tensor, new_sequences: bool, previous_path: np.ndarray | None = None) -> None:
