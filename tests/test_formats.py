@@ -121,6 +121,8 @@ def test_stored_sizes():
     assert size["mxfp4"] / size["dense"] == pytest.approx(4.25 / 16, abs=0.001)
     with pytest.raises(ValueError, match="unknown expert dtype 'fp4'"):
         expert_format("fp4")
+    for name in ("dense", "bf16", "bfloat16", "half", "fp16", "float", "float32"):  # what dtype= also takes
+        assert expert_format(name).dense, name
     with pytest.raises(ValueError, match="multiple of 32"):
         expert_format("mxfp4").stored(WeightSpec("w", 4, 33), torch.bfloat16)
     assert np.isclose(sum(t.nbytes for t in expert_format("dense").stored(WeightSpec("w", 4, 8, bias=True), torch.float32)), 4 * 8 * 4 + 4 * 4)

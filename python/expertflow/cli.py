@@ -435,6 +435,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expert_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE,
+                   help="how experts are stored and copied: fp8, int8, mxfp4 (quantized at load), bf16 (expands a "
+                        "quantized checkpoint); default: the checkpoint's own (gpt-oss: mxfp4, FP8 releases: fp8)")
+
+
 def _cpu_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-experts", default="off", choices=list(CPU_EXPERT_MODES),
                    help="compute missed experts on the CPU from host memory: auto (a calibrated cost model decides), "
@@ -448,9 +454,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-slots", default=None, type=SLOTS,
                    help="slot count or share of all experts (e.g. 25%%) instead of the budget")
     p.add_argument("--dtype", default=None, type=DTYPE, help="compute dtype: float32, float16 or bfloat16 (default: the checkpoint's)")
-    p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE,
-                   help="how experts are stored and copied: fp8, int8, mxfp4 (quantized at load), bf16 (expands a "
-                        "quantized checkpoint); default: the checkpoint's own (gpt-oss: mxfp4, FP8 releases: fp8)")
+    _expert_dtype_arg(p)
     _cpu_args(p)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
@@ -573,8 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=POSITIVE, default=16, help="random prompt length (--arch, or no prompt given)")
     p.add_argument("--new-tokens", "--max-new-tokens", dest="new_tokens", type=POSITIVE, default=32)
     p.add_argument("--accelerate", default=None, help="also run accelerate's device_map offload at this slot share's budget")
-    p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE,
-                   help="how experts are stored and copied: fp8, int8, mxfp4 (quantized from the dense weights) or bf16")
+    _expert_dtype_arg(p)
     p.add_argument("--cpu-experts", default="off",
                    help="comma list of off, auto, on: each policy runs under each (CPU experts, cpu_experts.py)")
     p.add_argument("--recalibrate", action="store_true", help="measure this machine again for --cpu-experts")
@@ -591,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", default="12GiB", type=SIZE)
     p.add_argument("--expert-slots", default=None, type=SLOTS)
     p.add_argument("--dtype", default=None, type=DTYPE)
-    p.add_argument("--expert-dtype", default=None, type=EXPERT_DTYPE, help="fp8, int8, mxfp4 or bf16 (default: the checkpoint's)")
+    _expert_dtype_arg(p)
     _cpu_args(p)
     p.add_argument("--policy", default="expertflow")
     p.add_argument("--max-batch-size", type=POSITIVE, default=8)

@@ -137,9 +137,14 @@ class ExpertFormat:
 FORMATS = {name: ExpertFormat(name) for name in ("dense", "fp8", "int8", "mxfp4")}
 
 
+#: the compute dtypes, and their other names; ``dtype`` and ``expert_dtype`` take both
+COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
 def expert_format(name: str | None) -> ExpertFormat:
-    """A format by name; None and the dense dtypes' names (``bf16``, ``bfloat16``, ...) are dense."""
-    if name is None or name in ("dense", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+    """A format by name; None and the compute dtypes' names (``bf16``, ``half``, ...) are dense."""
+    if name is None or name == "dense" or DTYPE_ALIASES.get(name, name) in COMPUTE_DTYPES:
         return FORMATS["dense"]
     if name not in FORMATS:
         raise ValueError(f"unknown expert dtype '{name}'; choose fp8, int8 or mxfp4 (or bf16 for the checkpoint's own)")

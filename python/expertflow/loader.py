@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, CheckpointError
 from .cpu_experts import check_mode
-from .formats import FORMATS, ExpertFormat, expert_format
+from .formats import COMPUTE_DTYPES, DTYPE_ALIASES, FORMATS, ExpertFormat, expert_format
 from .models import Architecture, architecture_for, model_dtype
 from .offload import MoELayer, OffloadedExperts, OffloadEngine
 from .policies import make_policy
@@ -290,15 +290,13 @@ def attach(
     return engine
 
 
-COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
 
 def compute_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``dtype`` as a torch floating-point compute dtype (None: the checkpoint's)."""
     if dtype is None or dtype in COMPUTE_DTYPES.values():
         return dtype  # type: ignore[return-value]
-    name = _DTYPE_ALIASES.get(str(dtype), str(dtype)).removeprefix("torch.")
+    name = DTYPE_ALIASES.get(str(dtype), str(dtype)).removeprefix("torch.")
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"dtype '{dtype}' is not a compute dtype; use {', '.join(COMPUTE_DTYPES)} (or leave it out for the checkpoint's)")
     return COMPUTE_DTYPES[name]
