@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 #include <set>
+#include <utility>
 
 #include "expertflow/error.h"
 
@@ -21,14 +22,45 @@ Buffer::Buffer(std::shared_ptr<Backend> backend, Kind kind, size_t bytes)
 
 namespace {
 
-// The page before a shared arena.
+// The page before a shared arena. (Its size is checked against the file's before it is mapped.)
 struct SharedHeader {
   char magic[8];
-  uint64_t arena_bytes;
   uint64_t layout_tag;
 };
-constexpr char kSharedMagic[8] = {'E', 'F', 'P', 'O', 'O', 'L', '0', '1'};
+constexpr char kSharedMagic[8] = {'E', 'F', 'P', 'O', 'O', 'L', '0', '2'};
 constexpr size_t kSharedHeaderBytes = 4096;  // a page: the arena stays page- and 256-byte aligned
+
+// A descriptor closed on scope exit unless released: every error below throws through it.
+class FdGuard {
+ public:
+  explicit FdGuard(int fd) : fd_(fd) {}
+  ~FdGuard() {
+    if (fd_ >= 0) close(fd_);
+  }
+  FdGuard(const FdGuard&) = delete;
+  FdGuard& operator=(const FdGuard&) = delete;
+  int get() const { return fd_; }
+  int release() { return std::exchange(fd_, -1); }
+
+ private:
+  int fd_;
+};
+
+// A mapping unmapped on scope exit unless released.
+class MappingGuard {
+ public:
+  MappingGuard(void* data, size_t bytes) : data_(data), bytes_(bytes) {}
+  ~MappingGuard() {
+    if (data_) munmap(data_, bytes_);
+  }
+  MappingGuard(const MappingGuard&) = delete;
+  MappingGuard& operator=(const MappingGuard&) = delete;
+  void* release() { return std::exchange(data_, nullptr); }
+
+ private:
+  void* data_;
+  size_t bytes_;
+};
 
 }  // namespace
 
@@ -36,66 +68,50 @@ Buffer::Buffer(std::shared_ptr<Backend> backend, size_t bytes, const std::string
     : backend_(std::move(backend)), kind_(Kind::kShared), bytes_(bytes) {
   EF_CHECK(bytes > 0, "a shared arena needs at least one byte");
   const size_t total = bytes + kSharedHeaderBytes;
-  int fd = -1;
-  if (attach_path.empty()) {
-    // An anonymous shared-memory file: unlike a /dev/shm name it is bounded by memory alone, not by
-    // the mount's size, and it cannot outlive the processes that hold it.
-    fd = memfd_create("expertflow-pool", MFD_CLOEXEC);
-    const int create_errno = errno;  // saved before anything else can change it
-    EF_CHECK(fd >= 0, "could not create a shared-memory file: " << std::strerror(create_errno));
-    if (ftruncate(fd, static_cast<off_t>(total)) != 0) {
-      const int err = errno;
-      close(fd);
-      EF_CHECK(false, "could not size a shared-memory file to " << total << " bytes: " << std::strerror(err));
-    }
-    fd_ = fd;
-    shared_path_ = "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(fd);
+  const bool create = attach_path.empty();
+  // An anonymous shared-memory file: unlike a /dev/shm name it is bounded by memory alone, not by
+  // the mount's size, and it cannot outlive the processes that hold it.
+  FdGuard fd(create ? memfd_create("expertflow-pool", MFD_CLOEXEC) : open(attach_path.c_str(), O_RDWR | O_CLOEXEC));
+  const int open_errno = errno;  // saved before anything else can change it
+  if (create) {
+    EF_CHECK(fd.get() >= 0, "could not create a shared-memory file: " << std::strerror(open_errno));
+    const int sized = ftruncate(fd.get(), static_cast<off_t>(total));
+    const int size_errno = errno;
+    EF_CHECK(sized == 0, "could not size a shared-memory file to " << total << " bytes: " << std::strerror(size_errno));
   } else {
-    fd = open(attach_path.c_str(), O_RDWR | O_CLOEXEC);
-    const int open_errno = errno;
-    EF_CHECK(fd >= 0, "could not open the shared expert pool at " << attach_path << ": " << std::strerror(open_errno)
-                                                                  << " (is the process that created it still running?)");
+    EF_CHECK(fd.get() >= 0, "could not open the shared expert pool at " << attach_path << ": " << std::strerror(open_errno)
+                                                                        << " (is the process that created it still running?)");
     struct stat st {};
-    if (fstat(fd, &st) != 0) {
-      const int stat_errno = errno;
-      close(fd);
-      EF_CHECK(false, "could not read the size of the shared expert pool at " << attach_path << ": " << std::strerror(stat_errno));
-    }
-    if (!S_ISREG(st.st_mode) || static_cast<size_t>(st.st_size) != total) {
-      close(fd);
-      EF_CHECK(false, attach_path << " is not a shared expert pool of this layout (it holds " << st.st_size
-                                  << " bytes; this pool needs " << total << "): both processes must load the same model");
-    }
+    const int statted = fstat(fd.get(), &st);
+    const int stat_errno = errno;
+    EF_CHECK(statted == 0, "could not read the size of the shared expert pool at " << attach_path << ": "
+                                                                                   << std::strerror(stat_errno));
+    EF_CHECK(S_ISREG(st.st_mode) && static_cast<size_t>(st.st_size) == total,
+             attach_path << " is not a shared expert pool of this layout (it holds " << st.st_size << " bytes; this pool needs "
+                         << total << "): both processes must load the same model");
   }
-  void* data = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  void* data = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
   const int map_errno = errno;
-  if (fd_ < 0) close(fd);  // an attached mapping stays valid without its descriptor
-  if (data == MAP_FAILED) {
-    if (fd_ >= 0) close(fd_);
-    EF_CHECK(false, "could not map " << total << " bytes of shared host memory: " << std::strerror(map_errno));
-  }
-  mapping_ = static_cast<uint8_t*>(data);
-  mapping_bytes_ = total;
-  auto* header = reinterpret_cast<SharedHeader*>(mapping_);
-  if (attach_path.empty()) {
+  EF_CHECK(data != MAP_FAILED, "could not map " << total << " bytes of shared host memory: " << std::strerror(map_errno));
+  MappingGuard mapping(data, total);
+  auto* header = static_cast<SharedHeader*>(data);
+  if (create) {
     std::memcpy(header->magic, kSharedMagic, sizeof(kSharedMagic));
-    header->arena_bytes = bytes;
     header->layout_tag = layout_tag;
-  } else if (std::memcmp(header->magic, kSharedMagic, sizeof(kSharedMagic)) != 0 || header->arena_bytes != bytes ||
-             header->layout_tag != layout_tag) {
+  } else {
     const bool pool = std::memcmp(header->magic, kSharedMagic, sizeof(kSharedMagic)) == 0;
-    munmap(mapping_, mapping_bytes_);
-    EF_CHECK(false, attach_path << (pool ? " is a shared expert pool of other layouts" : " is not a shared expert pool")
-                                << ": both processes must load the same model");
+    EF_CHECK(pool && header->layout_tag == layout_tag,
+             attach_path << (pool ? " is a shared expert pool of other layouts" : " is not a shared expert pool")
+                         << ": both processes must load the same model");
   }
-  data_ = mapping_ + kSharedHeaderBytes;
-  try {
-    backend_->register_host(data_, bytes_);
-  } catch (...) {
-    munmap(mapping_, mapping_bytes_);
-    if (fd_ >= 0) close(fd_);
-    throw;
-  }
+  data_ = static_cast<uint8_t*>(data) + kSharedHeaderBytes;
+  backend_->register_host(data_, bytes_);
+  mapping_ = static_cast<uint8_t*>(mapping.release());
+  mapping_bytes_ = total;
+  if (create) {  // the creator keeps its descriptor: the /proc path other processes attach through names it
+    shared_path_ = "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(fd.get());
+    fd_ = fd.release();
+  }  // an attached mapping stays valid without its descriptor
 }
 
 Buffer::~Buffer() {
