@@ -1,9 +1,9 @@
 """What expanding compressed experts costs a decode step: the same trace-forced benchmark run as
 shipped and with the expansion taken out (each expert's dense weights left as they are in the
-scratch buffers, no kernel and no host work), alternating ``--rounds`` times on one model in one
-process. Routing is forced from the trace, so both runs copy the same experts at the same moments,
-and the difference in median ms/token is the expansion's cost on the step, copies overlapping it
-included. (The ablated runs' tokens are meaningless; only their timing is kept.)
+scratch buffers, no kernel and no host work), ``--rounds`` times on one model in one process, the
+two in either order as often. Routing is forced from the trace, so both runs copy the same experts
+at the same moments, and the difference in median ms/token is the expansion's cost on the step,
+copies overlapping it included. (The ablated runs' tokens are meaningless; only their timing is kept.)
 
     python benchmarks/expand_cost.py --arch mixtral-8x7b --expert-dtype fp8 --slots 11,31 --rounds 3 \\
         --routing trace:TRACES/mixtral-8x7b-instruct.gsm8k.jsonl --out benchmarks/results/expand-cost-mixtral-fp8-h200.json
@@ -29,9 +29,9 @@ class _Unexpanded:
 
     def __init__(self) -> None:
         self.buffers: dict = {}
+        self.saved = (ExpertFormat.expand, SlotExpander.__call__)
 
     def __enter__(self) -> None:
-        self.saved = (ExpertFormat.expand, SlotExpander.__call__)
         buffers = self.buffers
 
         def expand(fmt, weight, stored, dtype):
@@ -72,10 +72,13 @@ def main() -> None:
     shipped: list[dict] = []
     ablated: list[dict] = []
     try:
-        for _ in tqdm(range(args.rounds), desc="rounds"):
-            shipped.append(run_bench(cfg, model))
-            with _Unexpanded():
-                ablated.append(run_bench(cfg, model))
+        for r in tqdm(range(args.rounds), desc="rounds"):
+            for ablate in ((False, True) if r % 2 == 0 else (True, False)):  # either order as often
+                if ablate:
+                    with _Unexpanded():
+                        ablated.append(run_bench(cfg, model))
+                else:
+                    shipped.append(run_bench(cfg, model))
     finally:
         model.pool.close()
     rows = []

@@ -122,6 +122,30 @@ def test_the_cost_model_learns_what_the_cpu_costs_inside_a_step():
     assert auto.cpu_scale == pytest.approx(1.0, rel=1e-2) and auto.choose([1]) == [True]
 
 
+def test_a_slow_cpu_is_tried_again_and_kept_once_it_is_fast():
+    """The loop a run makes: choose, then observe what the chosen CPU experts took. While the CPU
+    takes 2.5x its calibration inside steps, a layer's second miss mostly copies; the CPU is still
+    tried now and then (a scale that kept it out for good could never be measured again), and once it
+    is back at its calibrated speed the second miss goes to it again."""
+    auto = CostModel(linear(6.5, 5.7, 0.1), "auto")
+
+    def layers(num_layers: int, true_scale: float) -> int:
+        sent = 0
+        for _ in range(num_layers):
+            for to_cpu in auto.choose([1, 1]):
+                if to_cpu:
+                    sent += 1
+                    auto.observe(1, 5.8 * true_scale)
+        return sent
+
+    slow = layers(1000, 2.5)
+    assert 0 < slow < 100  # tried again now and then, mostly copied
+    assert auto.cpu_scale > 2.0
+    layers(300, 1.0)
+    assert auto.cpu_scale == pytest.approx(1.0, abs=0.05)
+    assert layers(100, 1.0) >= 100  # every layer's second miss (at least) goes to the CPU again
+
+
 def test_cpu_time_follows_the_measured_points_and_their_last_slope():
     """Flat where reading the weights dominates, linear where the arithmetic does (the H200 machine's
     shape: 7 ms for 1 to 16 tokens), extended beyond the last point along its slope."""

@@ -243,7 +243,9 @@ def test_slot_expander_expands_whichever_slot_it_is_given(name, transposed):
         for k, v in views(slot).items():
             v.copy_(tensors[k])
         stored.append(tensors)
-    expander = SlotExpander(fmt, weights, views(0), arena.data_ptr(), torch.bfloat16)
+    expander = SlotExpander(fmt, weights, views(0), arena.data_ptr(), slot_bytes, torch.bfloat16)
+    with pytest.raises(ValueError, match="inside the slot"):
+        SlotExpander(fmt, weights, views(1), arena.data_ptr(), slot_bytes, torch.bfloat16)  # slot 1, said to be slot 0
     stream = torch.cuda.current_stream().cuda_stream
     for slot in (2, 0, 1, 2):
         got = expander(arena.data_ptr() + slot * slot_bytes, stream, views(slot))

@@ -103,20 +103,22 @@ def test_compressed_experts_expand_per_slot_as_torch_does(tmp_path, monkeypatch,
     folder = save(build(arch, dtype=torch.bfloat16), tmp_path, layout)
     prompt = PROMPT.cuda()
 
-    def run():
+    def run(native: bool):
         model = ef.from_pretrained(folder, expert_slots="25%", policy="lru", expert_dtype=expert_dtype, progress=False)
         try:
             assert model.expertflow.expert_format.name == (expert_dtype or "mxfp4")
             with torch.no_grad():
-                return generate(model), model(prompt).logits, model.expertflow.stats()["misses"]
+                out = generate(model), model(prompt).logits, model.expertflow.stats()["misses"]
+            assert bool(model.expertflow._expanders) == native  # the path under test ran (or did not)
+            return out
         finally:
             model.expertflow.close()
 
-    tokens, logits, misses = run()
+    tokens, logits, misses = run(native=True)
     assert misses > 0  # experts moved through the slots
     monkeypatch.setattr(offload, "kernels_available", lambda device_index: False)
     monkeypatch.setattr(formats, "kernels_available", lambda device_index: False)
-    torch_tokens, torch_logits, _ = run()
+    torch_tokens, torch_logits, _ = run(native=False)
     assert tokens == torch_tokens
     assert torch.equal(logits, torch_logits)
 

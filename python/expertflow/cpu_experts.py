@@ -13,7 +13,8 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   with the most tokens first; each goes where it would finish first, the link (queued behind this
   layer's other copies, then computed on the GPU) or the CPU (queued behind its other experts). Hits
   always compute on the GPU. Prefill, with many tokens per expert, copies; decode sends a second or
-  third miss to the CPU when the CPU is fast enough.
+  third miss to the CPU when the CPU is fast enough. The CPU's times are the calibration's scaled by
+  what CPU experts then take inside steps (:meth:`CostModel.observe`).
 - :class:`CpuExecutor`: one worker thread that runs the CPU's experts in the order given, with the
   torch CPU kernels and ``torch.get_num_threads()`` threads, while the GPU works; on the host
   backend (no GPU to overlap) it runs them inline.
@@ -22,7 +23,8 @@ Modes: ``"off"`` (the default); ``"on"`` (every miss to the CPU); ``"auto"`` (th
 the calibration says the CPU can ever win a miss, else off, with the reason logged).
 
 Numerics: the CPU's bf16 kernels round differently from the GPU's, and which misses go to the CPU
-depends on what the cache holds at that moment (prefetches in flight included). So on a GPU the
+depends on what the cache holds at that moment (prefetches in flight included) and on the CPU times
+measured in earlier steps (:meth:`CostModel.observe`), so it can change from run to run. On a GPU the
 tokens can differ from ``all_gpu``'s where two candidates nearly tie; fp32 on the host backend is
 bit-identical. That is why ``auto`` is opt-in.
 """
@@ -107,6 +109,7 @@ class CostModel:
         # the CPU's own threads share the cores there, which the calibration (alone on the machine)
         # does not see. Measured on the H200 machine: 5.8 ms calibrated, about 11 ms in the step.
         self.cpu_scale = 1.0
+        self._layers_without_cpu = 0  # layers with misses since the CPU last got one (see choose)
 
     def observe(self, num_tokens: int, ms: float) -> None:
         """A CPU expert of ``num_tokens`` took ``ms`` inside a step: the cost model's CPU times move a
@@ -116,9 +119,15 @@ class CostModel:
             self.cpu_scale += 0.2 * (ms / calibrated - self.cpu_scale)
 
     def cpu_can_win(self, num_experts: int) -> bool:
-        """Whether :meth:`choose` would ever send a miss to the CPU: in its most favourable layer, every
-        one of ``num_experts`` experts missed with one token each (the longest link queue)."""
-        return any(self.choose([1] * num_experts))
+        """Whether :meth:`choose` would ever send a miss to the CPU, at the calibrated costs: in its most
+        favourable layer, every one of ``num_experts`` experts missed with one token each (the longest
+        link queue)."""
+        state = self.cpu_scale, self._layers_without_cpu
+        self.cpu_scale = 1.0
+        try:
+            return any(self.choose([1] * num_experts))
+        finally:
+            self.cpu_scale, self._layers_without_cpu = state
 
     def choose(self, num_tokens: list[int]) -> list[bool]:
         """``num_tokens [m]``: tokens of each missed expert -> ``[m]`` True where the CPU computes it."""
@@ -127,16 +136,28 @@ class CostModel:
         if self.mode == "off":
             return [False] * len(num_tokens)
         c = self.calibration
+        scale = self.cpu_scale  # once: the worker thread updates it
         on_cpu = [False] * len(num_tokens)
         link_ms = cpu_ms = 0.0
         for i in sorted(range(len(num_tokens)), key=lambda i: -num_tokens[i]):
             by_link = link_ms + c.copy_ms + c.gpu_ms
-            by_cpu = cpu_ms + c.cpu_ms(num_tokens[i]) * self.cpu_scale
+            by_cpu = cpu_ms + c.cpu_ms(num_tokens[i]) * scale
             if by_cpu < by_link:
                 on_cpu[i] = True
                 cpu_ms = by_cpu
             else:
                 link_ms += c.copy_ms
+        if any(on_cpu) or not num_tokens:
+            self._layers_without_cpu = 0
+        else:
+            # Only CPU experts are observed: a scale that keeps the CPU out would never be measured
+            # again. After 100 layers with misses and none on the CPU, the scale goes half way back
+            # to the calibration, so the CPU is tried again now and then, and kept if it has become
+            # faster.
+            self._layers_without_cpu += 1
+            if self._layers_without_cpu >= 100:
+                self._layers_without_cpu = 0
+                self.cpu_scale = 1.0 + (scale - 1.0) / 2
         return on_cpu
 
 

@@ -219,12 +219,13 @@ class SlotExpander:
     :meth:`ExpertFormat.expand`'s.
 
     ``slot_tensors``: the views of the slot at ``slot_address`` (names, shapes and dtypes as the
-    format stores ``weights``); every slot of the layout holds them at the same offsets. ``dtype``: the
-    compute dtype. The GPU must run the kernels (``kernels_available``).
+    format stores ``weights``, contiguous, within ``slot_bytes``); every slot of the layout holds them
+    at the same offsets. ``dtype``: the compute dtype. The GPU must run the kernels
+    (``kernels_available``). For inference: the kernel rewrites the scratch without autograd knowing.
     """
 
     def __init__(self, fmt: ExpertFormat, weights: list[WeightSpec], slot_tensors: dict[str, torch.Tensor],
-                 slot_address: int, dtype: torch.dtype) -> None:
+                 slot_address: int, slot_bytes: int, dtype: torch.dtype) -> None:
         from . import _C
         from .runtime import _dtype_name
 
@@ -237,6 +238,11 @@ class SlotExpander:
             names = (f"{w.name}_blocks", f"{w.name}_scales") if fmt.name == "mxfp4" else (w.name, f"{w.name}_scale")
             codes, scales = slot_tensors[names[0]], slot_tensors[names[1]]
             _check_stored(fmt.name, w, codes, scales)
+            for t in (codes, scales):  # the kernel reads raw memory at fixed offsets in every slot
+                start = t.data_ptr() - slot_address
+                if not t.is_contiguous() or start < 0 or start + t.nbytes > slot_bytes:
+                    raise ValueError(f"{w.name}: the stored tensors must be contiguous and inside the slot's "
+                                     f"{slot_bytes} bytes")
             out = torch.empty(w.shape, dtype=dtype, device=device)
             self.dense[w.name] = out
             cols = codes.shape[1] * MX_BLOCK if fmt.name == "mxfp4" else codes.shape[1]

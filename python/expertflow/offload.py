@@ -411,12 +411,12 @@ class OffloadEngine:
         key = (cache.layout_id(layer), dtype)
         expander = self._expanders.get(key)
         if expander is None:
-            expander = self._expanders[key] = SlotExpander(self.expert_format, self.weights,
-                                                           cache.slot_tensors(0, layer), cache.slot_address(0), dtype)
-        handle = stream.cuda_stream
+            expander = self._expanders[key] = SlotExpander(self.expert_format, self.weights, cache.slot_tensors(0, layer),
+                                                           cache.slot_address(0), cache.slot_bytes, dtype)
+        handle, first, slot_bytes = stream.cuda_stream, cache.slot_address(0), cache.slot_bytes
 
         def expand(slot: int) -> dict[str, torch.Tensor]:
-            return expander(cache.slot_address(slot), handle, cache.slot_tensors(slot, layer))
+            return expander(first + slot * slot_bytes, handle, cache.slot_tensors(slot, layer))
 
         return expand
 
@@ -459,6 +459,7 @@ class OffloadEngine:
         if self._cpu is not None:
             self._cpu.close()
             self._cpu = None
+        self._expanders.clear()  # their scratch holds a dense expert per slot layout
         self.policy.close()
         self.cache.close()
         if self.owns_pool:
