@@ -97,6 +97,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true", help="tiny dimensions, for a smoke test on the CPU")
     args = p.parse_args()
+    if args.new_tokens < 2 or args.prompt_len < 1 or args.layers < 1:
+        p.error("--new-tokens must be at least 2 (the first is the prompt's pass), --prompt-len and --layers at least 1")
     logging.getLogger("expertflow").setLevel(logging.WARNING)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_gpu = backend_uses_gpu()
@@ -163,8 +165,9 @@ def main() -> None:
             forcing.attach(model, arch)
             try:
                 _timed(model, prompt, args.new_tokens, forcing, device)
-                offload.reset_stats()
-                tokens, steps_ms = _timed(model, prompt, args.new_tokens, forcing, device)
+                # counted from the first decode step, as bench counts them: the prompt's pass is not a token's
+                tokens, steps_ms = _timed(model, prompt, args.new_tokens, forcing, device,
+                                          on_step=lambda s, offload=offload: offload.reset_stats() if s == 1 else None)
                 stats = offload.stats()
                 if shard is not None:
                     from expertflow.distributed import gather_stats
@@ -175,7 +178,7 @@ def main() -> None:
                 offload.close()
             ms = statistics.median(steps_ms)
             result["rows"].append({"batch": batch, "policy": policy, "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms,
-                                   "bytes_per_token": stats["bytes_copied"] / (batch * args.new_tokens),
+                                   "bytes_per_token": stats["bytes_copied"] / (batch * (args.new_tokens - 1)),
                                    "hit_ratio": stats["hit_ratio"], "tokens": tokens,
                                    "computed_unowned": stats.get("computed_unowned", 0),
                                    "bytes_per_rank": [r["bytes_copied"] for r in stats.get("ranks", [stats])]})
