@@ -329,10 +329,10 @@ void CopyEngine::run_dispatcher() {
         dispatcher_cv_.wait(lk);
         continue;
       }
-      // Every wait below sleeps (events made with host_sleeps): a waiting thread that spins was
-      // measured on the H200 machine to slow the thread launching compute by 40% (14.4 -> 20.6 ms a
-      // resident Mixtral step while another thread spun on copies), which is most of a step at
-      // batch 1. Waking takes tens of microseconds: with two chunks in flight (the default) the
+      // Every wait below sleeps (events made with host_sleeps): at batch 1 the thread launching
+      // compute bounds the step, and on the H200 machine a thread spinning on copies beside it
+      // slowed a resident Mixtral step by about 5% more than one sleeping on them (18.4 against
+      // 17.5 ms; 12.5 alone). Waking takes tens of microseconds: with two chunks in flight (the default) the
       // second keeps the link busy meanwhile; with one, the link idles (75% of the ceiling, measured).
       if (have_work && demand_outstanding_locked()) {
         // The demand stream runs in order: its newest load lands last. Events live until close(),
