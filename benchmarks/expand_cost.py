@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from expertflow.bench.harness import BenchConfig, _Model, run_bench
+from expertflow.bench.harness import BenchConfig, build_model, run_bench
 from expertflow.formats import ExpertFormat, SlotExpander
-from expertflow.runtime import get_backend
 
 
 class _Unexpanded:
@@ -66,9 +65,7 @@ def main() -> None:
     cfg = BenchConfig(arch=args.arch, layers=args.layers, routing=args.routing, slots=args.slots.split(","),
                       policies=args.policies.split(","), expert_dtype=args.expert_dtype, transformers=False,
                       progress=False)
-    cfg.validate()
-    backend = get_backend()
-    model = _Model(cfg, torch.device("cuda" if backend.is_gpu else "cpu"), backend)
+    model = build_model(cfg)
     shipped: list[dict] = []
     ablated: list[dict] = []
     try:

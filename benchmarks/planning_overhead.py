@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from expertflow.bench.harness import BenchConfig, TraceForcing, _Model, _policy, _timed
+from expertflow.bench.harness import BenchConfig, BenchModel, TraceForcing, _policy, _timed
 from expertflow.loader import attach
 from expertflow.oracles import TraceSchedule
 from expertflow.runtime import get_backend
@@ -42,7 +42,7 @@ def main() -> None:
                       new_tokens=args.new_tokens, progress=False)
     backend = get_backend()
     device = torch.device("cuda" if backend.is_gpu else "cpu")
-    m = _Model(cfg, device, backend)
+    m = BenchModel(cfg, device, backend)
     prompt = torch.randint(1, 1000, (1, 16), device=device, generator=None)
     schedule = TraceSchedule(read_trace(args.trace), m.num_layers, args.new_tokens, [0], prompt.shape[1])
     forcing = TraceForcing(schedule, device)

@@ -288,3 +288,34 @@ def test_serve_and_bench_scheduler_arguments(tmp_path, capsys):
     assert "has no tokenizer; bench-scheduler reads text prompts" in capsys.readouterr().err
     out = run_json(capsys, "bench-scheduler", "--num-requests", "2", "--max-new-tokens", "2", "--json")
     assert out["fifo"]["tokens"] == out["expertflow"]["tokens"] == 4
+
+
+def test_bench_runs_several_batch_sizes_on_one_model(tmp_path, capsys, monkeypatch):
+    """--batch 1,2 builds the model once and writes one result per batch size beside --out's name;
+    each has the rows of a run of that batch size alone, and all_gpu's tokens."""
+    from expertflow.bench import harness
+
+    built = []
+    build_model = harness.build_model
+    monkeypatch.setattr(harness, "build_model", lambda cfg: built.append(cfg) or build_model(cfg))
+    monkeypatch.setattr("expertflow.bench.build_model", harness.build_model)
+    out = tmp_path / "r.json"
+    common = ["--prompt", "ROMEO:", "--new-tokens", "3", "--slots", "25%", "--policies", "lru"]
+    assert main(["bench", *common, "--batch", "1,2,1", "--out", str(out)]) == 0
+    assert len(built) == 1  # one model for both
+    printed = capsys.readouterr().out
+    assert "batch 1\n" in printed and "batch 2\n" in printed
+    results = {b: json.loads((tmp_path / f"r-b{b}.json").read_text()) for b in (1, 2)}
+    assert not out.exists() and (tmp_path / "r-b2.png").exists()
+    assert [results[b]["batch"] for b in (1, 2)] == [1, 2]
+    for b in (1, 2):
+        alone = run_json(capsys, "bench", *common, "--batch", str(b), "--json")
+        assert [r["policy"] for r in alone["rows"]] == [r["policy"] for r in results[b]["rows"]]
+        assert alone["rows"][-1]["same_tokens_as_all_gpu"] and results[b]["rows"][-1]["same_tokens_as_all_gpu"]
+
+
+@pytest.mark.parametrize("batch,message", [("0", "0 is below the minimum of 1"), ("1,x", "'x' is not a whole number"),
+                                           (",", "names nothing")])
+def test_bad_batch_sizes_are_refused_before_loading(capsys, batch, message):
+    assert cli_exit_code(["bench", "--batch", batch]) == 2
+    assert message in capsys.readouterr().err

@@ -247,7 +247,7 @@ def test_trace_routing_gives_each_request_its_own_stretch_of_the_trace(tmp_path)
     the scheduler can group by names, before each pass, the path that pass then takes."""
     import numpy as np
 
-    from expertflow.bench.harness import BenchConfig, _Model
+    from expertflow.bench.harness import BenchConfig, BenchModel
     from expertflow.bench.serving import RequestForcing, bench_scheduler_trace
     from expertflow.loader import attach
     from expertflow.runtime import get_backend
@@ -256,7 +256,7 @@ def test_trace_routing_gives_each_request_its_own_stretch_of_the_trace(tmp_path)
     trace_file = tmp_path / "t.jsonl"
     write_jsonl_trace(synthetic_trace(num_layers=4, num_experts=8, top_k=2, num_tokens=300, seed=3), trace_file)
     tiny = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, vocab_size=101)
-    m = _Model(BenchConfig(arch="mixtral-8x7b", layers=4, routing=f"trace:{trace_file}", config_overrides=tiny,
+    m = BenchModel(BenchConfig(arch="mixtral-8x7b", layers=4, routing=f"trace:{trace_file}", config_overrides=tiny,
                            progress=False), torch.device("cpu"), get_backend("host"))
     paths = read_trace(trace_file).to_array(4)
     forcing = RequestForcing(paths, torch.device("cpu"))

@@ -40,16 +40,23 @@ def _checked(parse, what: str):
     return convert
 
 
+def _whole_number(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a whole number") from None
+    if value < minimum:
+        raise ValueError(f"{value} is below the minimum of {minimum}")
+    return value
+
+
 def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"'{text}' is not a whole number") from None
-        if value < minimum:
-            raise ValueError(f"{value} is below the minimum of {minimum}")
-        return value
-    return _checked(parse, "int")
+    return _checked(lambda text: _whole_number(text, minimum), "int")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """``1,4,16`` -> [1, 4, 16]: each at least 1, each once."""
+    return list(dict.fromkeys(_whole_number(part, 1) for part in _split(text, "--batch")))
 
 
 def _float_in(low: float, high: float, low_open: bool = True):
@@ -326,12 +333,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, format_table, plot, run_bench, save
+    import dataclasses
+
+    from .bench import BenchConfig, build_model, format_table, plot, run_bench, save
     from .policies import POLICY_NAMES
 
-    if args.out:
-        check_output(args.out, args.force)
-        check_output(Path(args.out).with_suffix(".png"), args.force)
+    batches = args.batch
+    # One batch size writes --out; several write one file each, --out's name with -b<N>.
+    outs = {b: Path(args.out) if len(batches) == 1 else Path(args.out).with_stem(f"{Path(args.out).stem}-b{b}")
+            for b in batches} if args.out else {}
+    for out in outs.values():
+        check_output(out, args.force)
+        check_output(out.with_suffix(".png"), args.force)
     if args.layers is not None and args.arch is None:
         raise ValueError("--layers applies to --arch models; a checkpoint runs all its layers")
     model = args.model if args.arch is None else None
@@ -349,22 +362,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bundled = model is not None and Path(model).resolve() == BUNDLED_MODEL and args.routing == "live"
         predictors = ["history", str(BUNDLED_PREDICTOR)] if bundled else ["history"]
     cfg = BenchConfig(
-        model=model, arch=args.arch, layers=args.layers, routing=args.routing, batch=args.batch,
+        model=model, arch=args.arch, layers=args.layers, routing=args.routing, batch=batches[0],
         slots=_split(args.slots, "--slots"),
         policies=_split(args.policies, "--policies") if args.policies != "all" else list(POLICY_NAMES),
         predictors=predictors, gate_accuracy=args.gate_accuracy, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
         prompt_ids=prompt_ids, transformers=args.arch is not None, accelerate=args.accelerate, expert_dtype=args.expert_dtype,
         cpu_experts=_split(args.cpu_experts, "--cpu-experts"), recalibrate=args.recalibrate, progress=not args.json,
     )
-    result = run_bench(cfg)
-    result["command"] = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("expertflow") else None
-    if args.out:
-        save(result, args.out)
-        plot(result, Path(args.out).with_suffix(".png"))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(format_table(result))
+    built = build_model(cfg)  # once for every batch size
+    try:
+        for batch in batches:
+            result = run_bench(dataclasses.replace(cfg, batch=batch), built)
+            result["command"] = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("expertflow") else None
+            if outs:
+                save(result, outs[batch])
+                plot(result, outs[batch].with_suffix(".png"))
+            if args.json:
+                print(json.dumps(result))
+            else:
+                print((f"batch {batch}\n" if len(batches) > 1 else "") + format_table(result))
+    finally:
+        built.pool.close()
     return 0
 
 
@@ -563,7 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(mixtral-8x7b, qwen3-30b-a3b, gpt-oss-120b, deepseek-v2-lite, olmoe-1b-7b)")
     p.add_argument("--layers", type=POSITIVE, default=None, help="--arch: keep the first N MoE layers")
     p.add_argument("--routing", default="live", help="live, or trace:FILE to force every layer's experts from a trace")
-    p.add_argument("--batch", type=POSITIVE, default=1, help="sequences per step (trace: B offsets into the trace)")
+    p.add_argument("--batch", default=[1], type=_checked(_batch_sizes, "batch sizes"),
+                   help="sequences per step (trace: B offsets into the trace); a comma list runs each on one model, "
+                        "writing --out's name with -b<N> for each")
     p.add_argument("--slots", "--expert-slots", dest="slots", default="25%",
                    help="comma list of slot counts or shares of all experts, e.g. 10%%,25%%,50%%")
     p.add_argument("--policies", default="all", help="comma list, or all")
@@ -583,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recalibrate", action="store_true", help="measure this machine again for --cpu-experts")
     p.add_argument("--out", default=None, help="write the results as JSON here, and a PNG beside it")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object (one a line for several --batch sizes)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server (completions, chat, streaming, /metrics)")

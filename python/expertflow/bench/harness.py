@@ -47,7 +47,8 @@ from .shapes import SHAPES, make_config
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["BenchConfig", "run_bench", "plot", "save", "format_table", "TraceForcing", "belady_bytes"]
+__all__ = ["BenchConfig", "BenchModel", "build_model", "run_bench", "plot", "save", "format_table", "TraceForcing",
+           "belady_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def check_trace(trace, num_experts: int, model: str | None) -> None:
                          "use a trace of this model")
 
 
-class _Model:
+class BenchModel:
     """The model under test: its offloaded form, the pool, and (random weights) the resident form."""
 
     def __init__(self, cfg: BenchConfig, device: torch.device, backend) -> None:
@@ -352,16 +353,27 @@ def _timed(model, prompt, n, forcing: TraceForcing, device, on_step=None) -> tup
     return tokens, [(b - a) * 1e3 for a, b in itertools.pairwise(times[1:])]
 
 
-def run_bench(cfg: BenchConfig, model: _Model | None = None) -> dict:
+def build_model(cfg: BenchConfig) -> BenchModel:
+    """The model ``cfg`` describes, built once to run several configurations that differ only in
+    what :func:`run_bench` varies (batch, prompt, slots, policies, forecasts), e.g. one per batch
+    size. Close its ``pool`` when done. Only the first run of a random-weight model times
+    transformers' resident model, which that run then frees."""
+    cfg.validate()
+    backend = get_backend()
+    return BenchModel(cfg, torch.device("cuda" if backend.is_gpu else "cpu"), backend)
+
+
+def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
     """Runs every configuration of ``cfg``; returns the results (see the module docstring).
-    ``model``: one built for ``cfg`` earlier, to run it again (the caller closes its pool)."""
+    ``model``: one :func:`build_model` made for ``cfg`` earlier, to run it again (the caller closes
+    its pool)."""
     cfg.validate()
     backend = get_backend()
     device = torch.device("cuda" if backend.is_gpu else "cpu")
     if cfg.accelerate and (device.type != "cuda" or cfg.arch is None):
         raise ValueError("--accelerate compares with accelerate's device_map offload: it needs a GPU and an --arch model")
     logging.getLogger("expertflow").setLevel(logging.WARNING)
-    m = model if model is not None else _Model(cfg, device, backend)
+    m = model if model is not None else build_model(cfg)
     L, E = m.num_layers, m.num_experts
     total = L * E
     if cfg.prompt_ids is not None:
@@ -544,7 +556,7 @@ def format_table(result: dict) -> str:
     return "\n".join(notes + lines)
 
 
-def _record_live(m: _Model, prompt, cfg: BenchConfig, device) -> list[list[tuple[int, list[int]]]]:
+def _record_live(m: BenchModel, prompt, cfg: BenchConfig, device) -> list[list[tuple[int, list[int]]]]:
     """Live routing: the experts each layer chose in each step of one all_gpu generation."""
     steps: list[list[tuple[int, list[int]]]] = []
     routers = _routers(m.model, m.arch)
@@ -569,7 +581,7 @@ def _record_live(m: _Model, prompt, cfg: BenchConfig, device) -> list[list[tuple
     return steps
 
 
-def _accelerate(m: _Model, cfg: BenchConfig, prompt, forcing: TraceForcing, device) -> dict:
+def _accelerate(m: BenchModel, cfg: BenchConfig, prompt, forcing: TraceForcing, device) -> dict:
     """accelerate's device_map offload of the resident model, at the budget of ``cfg.accelerate`` slots."""
     from accelerate import dispatch_model, infer_auto_device_map
 

@@ -200,7 +200,7 @@ def bench_scheduler_trace(
     from ..oracles import blur, parse_forecast
     from ..runtime import get_backend
     from ..units import parse_slots
-    from .harness import BenchConfig, _Model
+    from .harness import BenchConfig, BenchModel
 
     slot_specs = [expert_slots] if isinstance(expert_slots, str) else list(expert_slots)
     forecast_specs = [forecasts] if isinstance(forecasts, str) else list(forecasts)
@@ -216,7 +216,7 @@ def bench_scheduler_trace(
                       progress=progress)
     backend = get_backend()
     device = torch.device("cuda" if backend.is_gpu else "cpu")
-    m = _Model(cfg, device, backend)  # checks, before any weight is built, that the trace routes its experts
+    m = BenchModel(cfg, device, backend)  # checks, before any weight is built, that the trace routes its experts
     assert m.trace is not None
     paths = m.trace.to_array(m.num_layers)
     total = m.num_layers * m.num_experts
