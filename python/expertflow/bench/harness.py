@@ -358,20 +358,25 @@ def build_model(cfg: BenchConfig) -> BenchModel:
     what :func:`run_bench` varies (batch, prompt, slots, policies, forecasts), e.g. one per batch
     size. Close its ``pool`` when done. Only the first run of a random-weight model times
     transformers' resident model, which that run then frees."""
+    backend, device = _checked_device(cfg)
+    return BenchModel(cfg, device, backend)
+
+
+def _checked_device(cfg: BenchConfig) -> tuple:
+    """(backend, device) for ``cfg``, once it is checked (before any weight is built)."""
     cfg.validate()
     backend = get_backend()
-    return BenchModel(cfg, torch.device("cuda" if backend.is_gpu else "cpu"), backend)
+    device = torch.device("cuda" if backend.is_gpu else "cpu")
+    if cfg.accelerate and (device.type != "cuda" or cfg.arch is None):
+        raise ValueError("--accelerate compares with accelerate's device_map offload: it needs a GPU and an --arch model")
+    return backend, device
 
 
 def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
     """Runs every configuration of ``cfg``; returns the results (see the module docstring).
     ``model``: one :func:`build_model` made for ``cfg`` earlier, to run it again (the caller closes
     its pool)."""
-    cfg.validate()
-    backend = get_backend()
-    device = torch.device("cuda" if backend.is_gpu else "cpu")
-    if cfg.accelerate and (device.type != "cuda" or cfg.arch is None):
-        raise ValueError("--accelerate compares with accelerate's device_map offload: it needs a GPU and an --arch model")
+    backend, device = _checked_device(cfg)
     logging.getLogger("expertflow").setLevel(logging.WARNING)
     m = model if model is not None else build_model(cfg)
     L, E = m.num_layers, m.num_experts
