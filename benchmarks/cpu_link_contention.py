@@ -6,12 +6,13 @@ both at once, the "second pipe" of CPU experts slows the first. On the H200 mach
 expert took 5.8 ms on the CPU alone and 9-12 ms inside decode steps (docs/cpu_experts.md); this
 separates the causes. Each measurement is a median over ``--reps``:
 
-1. ``cpu_alone``: one expert (``x [tokens, H] @ gate_up.T``, SwiGLU, ``@ down.T``, bf16, torch's CPU
-   kernels, ``torch.get_num_threads()`` threads) from pinned memory;
-2. ``copy_alone`` (GPU only): the same expert's bytes, pinned memory to the device, GB/s;
-3. ``both``: the CPU expert in a loop on a worker thread while the copies run, each measured;
-4. ``cpu_beside_launches`` (GPU only): the CPU expert while the main thread launches small kernels
-   back to back, as a batch-1 decode step does.
+1. ``cpu_alone_ms``: one expert (``x [tokens, H] @ gate_up.T``, SwiGLU, ``@ down.T``, bf16, torch's
+   CPU kernels, ``torch.get_num_threads()`` threads) from pinned memory;
+2. ``copy_alone_gbps`` (GPU only): the same expert's bytes, pinned memory to the device;
+3. ``copy_beside_cpu_expert`` (GPU only): the CPU expert in a loop on a worker thread while the main
+   thread copies, each measured (``copy_gbps``, ``thread_ms``);
+4. ``launches_beside_cpu_expert`` (GPU only): 600 small kernels launched back to back, as a batch-1
+   decode step does, alone and beside the CPU expert's loop.
 
     python benchmarks/cpu_link_contention.py --out benchmarks/results/cpu-link-contention-h200.json
 """
@@ -86,20 +87,24 @@ def main() -> None:
         def beside(work, measure_main, label: str) -> None:
             """``work`` loops on a thread while the main thread measures ``measure_main``; the
             thread's own times come back too."""
-            stop, times = threading.Event(), []
+            stop, measuring, times = threading.Event(), threading.Event(), []
 
             def loop() -> None:
                 while not stop.is_set():
+                    inside = measuring.is_set()
                     start = time.perf_counter()
                     work()
-                    times.append((time.perf_counter() - start) * 1e3)
+                    if inside and measuring.is_set():  # only runs wholly beside the measurement
+                        times.append((time.perf_counter() - start) * 1e3)
 
             thread = threading.Thread(target=loop, daemon=True)
             thread.start()
             time.sleep(0.05)
+            measuring.set()
             try:
                 main_ms = measure_main()
             finally:
+                measuring.clear()
                 stop.set()
                 thread.join()
             result[label] = {"main_ms": main_ms, "thread_ms": statistics.median(times) if times else None}

@@ -1,7 +1,7 @@
 """What expanding compressed experts costs a decode step: the same trace-forced benchmark run as
 shipped and with the expansion taken out (each expert's dense weights left as they are in the
 scratch buffers, no kernel and no host work), ``--rounds`` times on one model in one process, the
-two in either order as often. Routing is forced from the trace, so both runs copy the same experts
+order of the two alternating from round to round. Routing is forced from the trace, so both runs copy the same experts
 at the same moments, and the difference in median ms/token is the expansion's cost on the step,
 copies overlapping it included. (The ablated runs' tokens are meaningless; only their timing is kept.)
 

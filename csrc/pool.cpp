@@ -104,14 +104,14 @@ Buffer::Buffer(std::shared_ptr<Backend> backend, size_t bytes, const std::string
              attach_path << (pool ? " is a shared expert pool of other layouts" : " is not a shared expert pool")
                          << ": both processes must load the same model");
   }
+  // The creator keeps its descriptor: the /proc path other processes attach through names it. An
+  // attached mapping stays valid without its descriptor.
+  if (create) shared_path_ = "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(fd.get());
   data_ = static_cast<uint8_t*>(data) + kSharedHeaderBytes;
   backend_->register_host(data_, bytes_);
   mapping_ = static_cast<uint8_t*>(mapping.release());
   mapping_bytes_ = total;
-  if (create) {  // the creator keeps its descriptor: the /proc path other processes attach through names it
-    shared_path_ = "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(fd.get());
-    fd_ = fd.release();
-  }  // an attached mapping stays valid without its descriptor
+  if (create) fd_ = fd.release();
 }
 
 Buffer::~Buffer() {

@@ -205,6 +205,7 @@ def test_force_never_deletes_what_the_output_would_not_hold(tmp_path, capsys):
     (["synth-trace", "--experts", "100000"], "traces hold at most 4096 layers and 65536 experts per layer"),
     (["generate", "--policy", "lru", "--predictor", "p.safetensors", "--prompt", "x"], "--predictor drives the expertflow policy only"),
     (["bench", "--layers", "2"], "--layers applies to --arch models"),
+    (["bench", "--batch", "1,4", "--accelerate", "25%"], "--accelerate runs with one --batch size"),
 ])
 def test_contradictory_arguments_are_refused(tmp_path, capsys, argv, message):
     if argv[0] == "synth-trace":

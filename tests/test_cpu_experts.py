@@ -132,6 +132,7 @@ def test_a_slow_cpu_is_tried_again_and_kept_once_it_is_fast():
     def layers(num_layers: int, true_scale: float) -> int:
         sent = 0
         for _ in range(num_layers):
+            assert auto.choose([]) == []  # a layer of hits between every two: it neither counts nor resets
             for to_cpu in auto.choose([1, 1]):
                 if to_cpu:
                     sent += 1

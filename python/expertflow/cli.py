@@ -339,6 +339,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .policies import POLICY_NAMES
 
     batches = args.batch
+    if args.accelerate and len(batches) > 1:
+        raise ValueError("--accelerate runs with one --batch size: it compares with transformers' model, which the "
+                         "first run frees")
     # One batch size writes --out; several write one file each, --out's name with -b<N>.
     outs = {b: Path(args.out) if len(batches) == 1 else Path(args.out).with_stem(f"{Path(args.out).stem}-b{b}")
             for b in batches} if args.out else {}
@@ -372,7 +375,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     built = build_model(cfg)  # once for every batch size
     try:
         for batch in batches:
-            result = run_bench(dataclasses.replace(cfg, batch=batch), built)
+            # --recalibrate measures once: the later batch sizes read what the first measured
+            result = run_bench(dataclasses.replace(cfg, batch=batch, recalibrate=cfg.recalibrate and batch == batches[0]),
+                               built)
             result["command"] = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("expertflow") else None
             if outs:
                 save(result, outs[batch])

@@ -147,9 +147,9 @@ class CostModel:
                 cpu_ms = by_cpu
             else:
                 link_ms += c.copy_ms
-        if any(on_cpu) or not num_tokens:
+        if any(on_cpu):
             self._layers_without_cpu = 0
-        else:
+        elif num_tokens:  # a layer without misses says nothing either way
             # Only CPU experts are observed: a scale that keeps the CPU out would never be measured
             # again. After 100 layers with misses and none on the CPU, the scale goes half way back
             # to the calibration, so the CPU is tried again now and then, and kept if it has become

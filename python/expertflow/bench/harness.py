@@ -357,7 +357,7 @@ def build_model(cfg: BenchConfig) -> BenchModel:
     """The model ``cfg`` describes, built once to run several configurations that differ only in
     what :func:`run_bench` varies (batch, prompt, slots, policies, forecasts), e.g. one per batch
     size. Close its ``pool`` when done. Only the first run of a random-weight model times
-    transformers' resident model, which that run then frees."""
+    transformers' resident model (and accelerate's offload of it), which that run then frees."""
     backend, device = _checked_device(cfg)
     return BenchModel(cfg, device, backend)
 
@@ -449,74 +449,76 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
             torch.cuda.empty_cache()
 
     forcing.attach(m.model, m.arch)
-    configs: list[tuple[str, int, str, str | None, str]] = []  # (slots, num_slots, policy, forecast, cpu experts)
-    for share in cfg.slots:
-        num_slots = _slot_share(share, total)
-        for name in cfg.policies:
+    try:  # a reused model must not keep this run's routing hooks, whatever happens
+        configs: list[tuple[str, int, str, str | None, str]] = []  # (slots, num_slots, policy, forecast, cpu experts)
+        for share in cfg.slots:
+            num_slots = _slot_share(share, total)
+            for name in cfg.policies:
+                if name == "all_gpu":
+                    continue
+                for spec in (cfg.predictors if name == "expertflow" else [None]):
+                    for mode in cfg.cpu_experts:
+                        configs.append((share, num_slots, name, spec, mode))
+        # all_gpu always runs first: it is the compute half of every bound (skipped where it does not fit).
+        configs.insert(0, ("100%", total, "all_gpu", None, "off"))
+        reference_tokens = None
+        all_gpu_ms = None
+        calibrated = False
+        bar = tqdm(configs, desc="bench", unit="config", disable=not cfg.progress)
+        for share, num_slots, name, spec, mode in bar:
+            bar.set_postfix_str(f"{name} {spec or ''} {share}{'' if mode == 'off' else ' cpu ' + mode}")
+            policy, label = _policy(name, spec, cfg, schedule)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                free = torch.cuda.mem_get_info(device)[0]
+                if num_slots * m.expert_bytes > free - (1 << 30):
+                    log.warning("skipping %s at %s: %d slots need more than the device's free memory", name, share, num_slots)
+                    continue
+                torch.cuda.reset_peak_memory_stats(device)
+            engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False,
+                            cpu_experts=mode, recalibrate=cfg.recalibrate and not calibrated)
+            calibrated = calibrated or mode != "off"  # one calibration serves the whole run
+            try:
+                _timed(m.model, prompt, cfg.new_tokens, forcing, device)  # warm-up: same routing
+                tokens, steps_ms = _timed(m.model, prompt, cfg.new_tokens, forcing, device,
+                                          on_step=lambda s, engine=engine: engine.reset_stats() if s == 1 else None)
+                stats = engine.stats()
+                prefill_ms = (forcing.times[1] - forcing.times[0]) * 1e3  # the prompt's pass (the host time of its start to the next's)
+            finally:
+                engine.close()
+            decoded = cfg.new_tokens - 1
+            ms = statistics.median(steps_ms)
             if name == "all_gpu":
-                continue
-            for spec in (cfg.predictors if name == "expertflow" else [None]):
-                for mode in cfg.cpu_experts:
-                    configs.append((share, num_slots, name, spec, mode))
-    # all_gpu always runs first: it is the compute half of every bound (skipped where it does not fit).
-    configs.insert(0, ("100%", total, "all_gpu", None, "off"))
-    reference_tokens = None
-    all_gpu_ms = None
-    calibrated = False
-    bar = tqdm(configs, desc="bench", unit="config", disable=not cfg.progress)
-    for share, num_slots, name, spec, mode in bar:
-        bar.set_postfix_str(f"{name} {spec or ''} {share}{'' if mode == 'off' else ' cpu ' + mode}")
-        policy, label = _policy(name, spec, cfg, schedule)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            free = torch.cuda.mem_get_info(device)[0]
-            if num_slots * m.expert_bytes > free - (1 << 30):
-                log.warning("skipping %s at %s: %d slots need more than the device's free memory", name, share, num_slots)
-                continue
-            torch.cuda.reset_peak_memory_stats(device)
-        engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False,
-                        cpu_experts=mode, recalibrate=cfg.recalibrate and not calibrated)
-        calibrated = calibrated or mode != "off"  # one calibration serves the whole run
-        try:
-            _timed(m.model, prompt, cfg.new_tokens, forcing, device)  # warm-up: same routing
-            tokens, steps_ms = _timed(m.model, prompt, cfg.new_tokens, forcing, device,
-                                      on_step=lambda s, engine=engine: engine.reset_stats() if s == 1 else None)
-            stats = engine.stats()
-            prefill_ms = (forcing.times[1] - forcing.times[0]) * 1e3  # the prompt's pass (the host time of its start to the next's)
-        finally:
-            engine.close()
-        decoded = cfg.new_tokens - 1
-        ms = statistics.median(steps_ms)
-        if name == "all_gpu":
-            all_gpu_ms, reference_tokens = ms, tokens
-        belady, copy_ms = bound_ms(num_slots)
-        bound = max(copy_ms, all_gpu_ms or 0.0)
-        row = {
-            # an "auto" the calibration turned off reads "auto: off"
-            "policy": name, "predictor": label,
-            "cpu_experts": mode if engine.cost_model is not None or mode == "off" else f"{mode}: off",
-            "cpu_experts_asked": mode, "cpu_experts_per_token": stats.get("cpu_experts", 0) / decoded,
-            "cpu_wait_ms_per_token": stats.get("cpu_wait_ms", 0.0) / decoded,
-            "cpu_calibration": asdict(engine.cost_model.calibration) if engine.cost_model is not None else None,
-            # the in-step CPU time over the calibrated, as the cost model had learnt it by the end
-            "cpu_scale": engine.cost_model.cpu_scale if engine.cost_model is not None else None,
-            "slots": share, "num_slots": num_slots, "slot_share": num_slots / total,
-            "ms_per_token": ms, "ms_per_token_mean": statistics.fmean(steps_ms), "prefill_ms": prefill_ms, "tokens_per_s": 1e3 / ms,
-            "bytes_per_token": stats["bytes_copied"] / decoded, "belady_bytes_per_token": belady,
-            "bytes_vs_belady": stats["bytes_copied"] / decoded / belady if belady else None,
-            "hit_ratio": stats["hit_ratio"], "demand_misses_per_token": stats["misses"] / decoded,
-            "prefetches_per_token": stats["prefetches"] / decoded, "wasted_prefetches": stats["wasted_prefetches"],
-            "cancelled_prefetches": stats["cancelled_prefetches"],
-            "stall_share": stats["stall_ms"] / sum(steps_ms) if steps_ms else 0.0,
-            "bound_ms": bound, "x_bound": ms / bound if bound else None,
-            "same_tokens_as_all_gpu": tokens == reference_tokens if reference_tokens is not None else None,
-        }
-        if device.type == "cuda":
-            row["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device) + num_slots * m.expert_bytes
-            row["gpu_budget_bytes"] = m.resident_bytes() + num_slots * m.expert_bytes + min(
-                (m.resident_bytes() + num_slots * m.expert_bytes) // 9, 2 << 30)
-        result["rows"].append(row)
-    forcing.detach()
+                all_gpu_ms, reference_tokens = ms, tokens
+            belady, copy_ms = bound_ms(num_slots)
+            bound = max(copy_ms, all_gpu_ms or 0.0)
+            row = {
+                # an "auto" the calibration turned off reads "auto: off"
+                "policy": name, "predictor": label,
+                "cpu_experts": mode if engine.cost_model is not None or mode == "off" else f"{mode}: off",
+                "cpu_experts_asked": mode, "cpu_experts_per_token": stats.get("cpu_experts", 0) / decoded,
+                "cpu_wait_ms_per_token": stats.get("cpu_wait_ms", 0.0) / decoded,
+                "cpu_calibration": asdict(engine.cost_model.calibration) if engine.cost_model is not None else None,
+                # the in-step CPU time over the calibrated, as the cost model had learnt it by the end
+                "cpu_scale": engine.cost_model.cpu_scale if engine.cost_model is not None else None,
+                "slots": share, "num_slots": num_slots, "slot_share": num_slots / total,
+                "ms_per_token": ms, "ms_per_token_mean": statistics.fmean(steps_ms), "prefill_ms": prefill_ms, "tokens_per_s": 1e3 / ms,
+                "bytes_per_token": stats["bytes_copied"] / decoded, "belady_bytes_per_token": belady,
+                "bytes_vs_belady": stats["bytes_copied"] / decoded / belady if belady else None,
+                "hit_ratio": stats["hit_ratio"], "demand_misses_per_token": stats["misses"] / decoded,
+                "prefetches_per_token": stats["prefetches"] / decoded, "wasted_prefetches": stats["wasted_prefetches"],
+                "cancelled_prefetches": stats["cancelled_prefetches"],
+                "stall_share": stats["stall_ms"] / sum(steps_ms) if steps_ms else 0.0,
+                "bound_ms": bound, "x_bound": ms / bound if bound else None,
+                "same_tokens_as_all_gpu": tokens == reference_tokens if reference_tokens is not None else None,
+            }
+            if device.type == "cuda":
+                row["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device) + num_slots * m.expert_bytes
+                row["gpu_budget_bytes"] = m.resident_bytes() + num_slots * m.expert_bytes + min(
+                    (m.resident_bytes() + num_slots * m.expert_bytes) // 9, 2 << 30)
+            result["rows"].append(row)
+    finally:
+        forcing.detach()
     for row in result["rows"]:
         lru = next((r for r in result["rows"] if r["policy"] == "lru" and r["slots"] == row["slots"]
                     and r["cpu_experts"] == "off"), None)
@@ -524,6 +526,9 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
     result["all_gpu_ms"] = all_gpu_ms
     if cfg.accelerate and m.resident is not None:
         acc = result["accelerate"] = _accelerate(m, cfg, prompt, forcing, device)
+        m.resident = None  # dispatched by accelerate: not the resident model any more
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         for row in result["rows"]:
             if row["slots"] == cfg.accelerate:
                 row["x_accelerate"] = acc["ms_per_token"] / row["ms_per_token"]
