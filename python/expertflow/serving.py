@@ -364,7 +364,12 @@ class Engine:
                 if new_sequences:
                     mirrored[rid] = Request(rid, prompt, SamplingParams(), _engine=self)
                 request = mirrored[rid]
-                request.output_ids = [ids[-1]] * num_out  # only its count (the length) and last token matter
+                # Only its count (the length) and last token matter here; a pass adds at most one.
+                out = request.output_ids
+                if len(out) < num_out:
+                    out.extend([ids[-1]] * (num_out - len(out)))
+                elif out:
+                    out[-1] = ids[-1]
                 batch.append(request)
             self._forward(batch, message["new_ids"], new_sequences)  # a failure ends this rank: see _pass
 
