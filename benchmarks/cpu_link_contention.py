@@ -30,18 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-
-def _median_ms(fn, reps: int, sync=lambda: None) -> float:
-    for _ in range(2):  # warm-up: thread pools, first touches
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from expertflow.timing import median_ms
 
 
 def main() -> None:
@@ -70,7 +59,7 @@ def main() -> None:
     result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                                 "device": torch.cuda.get_device_name() if gpu else None, "torch": torch.__version__},
                     "expert_bytes": expert_bytes, "tokens": args.tokens, "reps": args.reps}
-    result["cpu_alone_ms"] = _median_ms(cpu_expert, args.reps)
+    result["cpu_alone_ms"] = median_ms(cpu_expert, args.reps)
     print(f"CPU expert alone: {result['cpu_alone_ms']:.2f} ms ({expert_bytes / result['cpu_alone_ms'] / 1e6:.1f} GB/s read)",
           flush=True)
     if gpu:
@@ -80,7 +69,7 @@ def main() -> None:
             targets[0].copy_(gate_up, non_blocking=True)
             targets[1].copy_(down, non_blocking=True)
 
-        copy_ms = _median_ms(copy, args.reps, torch.cuda.synchronize)
+        copy_ms = median_ms(copy, args.reps, torch.cuda.synchronize)
         result["copy_alone_gbps"] = expert_bytes / copy_ms / 1e6
         print(f"copy alone: {copy_ms:.2f} ms, {result['copy_alone_gbps']:.1f} GB/s", flush=True)
 
@@ -109,7 +98,7 @@ def main() -> None:
                 thread.join()
             result[label] = {"main_ms": main_ms, "thread_ms": statistics.median(times) if times else None}
 
-        beside(cpu_expert, lambda: _median_ms(copy, args.reps, torch.cuda.synchronize), "copy_beside_cpu_expert")
+        beside(cpu_expert, lambda: median_ms(copy, args.reps, torch.cuda.synchronize), "copy_beside_cpu_expert")
         r = result["copy_beside_cpu_expert"]
         r["copy_gbps"] = expert_bytes / r["main_ms"] / 1e6
         print(f"both: copy {r['copy_gbps']:.1f} GB/s, CPU expert {r['thread_ms']:.2f} ms", flush=True)
@@ -121,8 +110,8 @@ def main() -> None:
                 small.add_(1)
             torch.cuda.synchronize()
 
-        alone = _median_ms(launches, args.reps)
-        beside(cpu_expert, lambda: _median_ms(launches, args.reps), "launches_beside_cpu_expert")
+        alone = median_ms(launches, args.reps)
+        beside(cpu_expert, lambda: median_ms(launches, args.reps), "launches_beside_cpu_expert")
         r = result["launches_beside_cpu_expert"]
         r["launches_alone_ms"] = alone
         print(f"600 launches: {alone:.2f} ms alone, {r['main_ms']:.2f} ms beside the CPU expert "

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from expertflow.loader import attach, moe_layers, offloaded_experts
 from expertflow.models import architecture_for
 from expertflow.oracles import TraceSchedule
 from expertflow.runtime import ExpertPool, backend_uses_gpu, get_backend
+from expertflow.timing import median_ms
 from expertflow.traces import read_trace
 from expertflow.units import parse_slots
 
@@ -46,17 +46,6 @@ def _available_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
-def _median_ms(fn, reps: int = 50) -> float:
-    times = []
-    for _ in range(reps + 5):
-        _sync_all()
-        t0 = time.perf_counter()
-        fn()
-        _sync_all()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[5:])
-
-
 def _collectives(shard, hidden: int, top_k: int, device: torch.device) -> dict:
     """The combine at batch 1 and 8: all_reduce of [T, k, H] (what the engine does) against an
     all_gather of each rank's [T, k, H] share (what a dispatch-free gather would move)."""
@@ -66,8 +55,8 @@ def _collectives(shard, hidden: int, top_k: int, device: torch.device) -> dict:
     for tokens in (1, 8):
         x = torch.zeros(tokens, top_k, hidden, dtype=torch.bfloat16, device=device)
         gathered = torch.empty(shard.world_size * x.numel(), dtype=x.dtype, device=device)
-        out[f"all_reduce_ms_T{tokens}"] = _median_ms(lambda x=x: dist.all_reduce(x))
-        out[f"all_gather_ms_T{tokens}"] = _median_ms(lambda x=x, g=gathered: dist.all_gather_into_tensor(g, x.reshape(-1)))
+        out[f"all_reduce_ms_T{tokens}"] = median_ms(lambda x=x: dist.all_reduce(x), 50, sync=_sync_all, warmup=5)
+        out[f"all_gather_ms_T{tokens}"] = median_ms(lambda x=x, g=gathered: dist.all_gather_into_tensor(g, x.reshape(-1)), 50, sync=_sync_all, warmup=5)
     return out
 
 
@@ -78,8 +67,8 @@ def _peer_copy(expert_bytes: int, rank: int) -> dict:
     src_peer = torch.empty(expert_bytes, dtype=torch.uint8, device="cuda:1")
     src_host = torch.empty(expert_bytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(expert_bytes, dtype=torch.uint8, device="cuda:0")
-    peer = _median_ms(lambda: dst.copy_(src_peer, non_blocking=True), reps=20)
-    host = _median_ms(lambda: dst.copy_(src_host, non_blocking=True), reps=20)
+    peer = median_ms(lambda: dst.copy_(src_peer, non_blocking=True), 20, sync=_sync_all, warmup=5)
+    host = median_ms(lambda: dst.copy_(src_host, non_blocking=True), 20, sync=_sync_all, warmup=5)
     return {"expert_from_peer_ms": peer, "expert_from_host_ms": host, "peer_gbps": expert_bytes / peer / 1e6,
             "host_gbps": expert_bytes / host / 1e6, "peer_access": torch.cuda.can_device_access_peer(0, 1)}
 

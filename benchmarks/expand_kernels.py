@@ -36,7 +36,7 @@ def _config(shape: str):
     return make_config(shape, 1, None, None)
 
 
-def _median_ms(fn, reps: int = 50) -> float:
+def _median_gpu_ms(fn, reps: int = 50) -> float:
     times = []
     for i in range(reps + 5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -71,11 +71,11 @@ def main() -> None:
             for spec in specs:
                 fmt.expand(spec, stored, torch.bfloat16)
 
-        kernel_ms = _median_ms(expand)
+        kernel_ms = _median_gpu_ms(expand)
         original = formats.kernels_available
         formats.kernels_available = lambda device_index: False  # the torch path, on the same tensors
         try:
-            torch_ms = _median_ms(expand)
+            torch_ms = _median_gpu_ms(expand)
         finally:
             formats.kernels_available = original
         row = {"arch": arch_name, "format": name, "stored_bytes": stored_bytes, "dense_bytes": dense_bytes,

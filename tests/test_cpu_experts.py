@@ -215,7 +215,7 @@ def test_a_slow_outlier_at_few_tokens_does_not_lift_the_curve(tmp_path, monkeypa
     for measured, want in (([14.7, 8.9, 9.1, 10.1, 29.5], [8.9, 8.9, 9.1, 10.1, 29.5]),
                            ([2.0, 3.0, 5.0, 9.0, 30.0], [2.0, 3.0, 5.0, 9.0, 30.0])):
         times = iter(measured + [1.0])  # then the copy
-        monkeypatch.setattr(cpu_experts, "_median_ms", lambda fn, sync, reps, times=times: next(times))
+        monkeypatch.setattr(cpu_experts, "median_ms", lambda fn, reps, sync=None, times=times: next(times))
         c = calibrate(lambda w, x: x, stored, lambda t: t, 8, torch.float32, torch.device("cpu"), "outlier",
                       recalibrate=True)
         assert list(c.cpu_times_ms) == want

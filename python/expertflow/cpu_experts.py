@@ -36,18 +36,17 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from .files import atomic_output
+from .timing import median_ms
 
 __all__ = ["CPU_EXPERT_MODES", "Calibration", "CostModel", "CpuExecutor", "calibrate", "check_mode"]
 
@@ -193,23 +192,6 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def _no_sync() -> None:
-    pass
-
-
-def _median_ms(fn: Callable[[], Any], sync: Callable[[], None], reps: int) -> float:
-    for _ in range(2):  # warm-up: thread pools, first touches
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
               stored: dict[str, torch.Tensor], expand: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
               hidden_size: int, dtype: torch.dtype, device: torch.device, shape_key: str,
@@ -251,10 +233,10 @@ def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.T
         samples = []
         for n in _TOKEN_COUNTS:
             x = (torch.randn(n, hidden_size, generator=g) * 0.1).to(dtype)
-            samples.append(_median_ms(functools.partial(on_cpu, x), _no_sync, reps=5))
+            samples.append(median_ms(functools.partial(on_cpu, x), reps=5))
         # More tokens never cost less. Timing noise only adds time, so a point above a later one is
         # noise: each takes the least of itself and the points after it. (A slow first point once
-        # lifted the whole curve, 14.7 ms at 1 to 64 tokens where 8.9 ms was right, and turned auto off.)
+        # lifted the whole curve, 14.7 ms at 1 to 64 tokens where 5.8 ms was right, and turned auto off.)
         samples = np.minimum.accumulate(samples[::-1])[::-1].tolist()
         raw = [t.view(torch.uint8).reshape(-1) for t in stored.values()]
         targets = [torch.empty_like(t, device=device) for t in raw]
@@ -263,11 +245,11 @@ def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.T
             for src, dst in zip(raw, targets):
                 dst.copy_(src, non_blocking=True)
 
-        copy_ms = _median_ms(copy, sync, reps=3)
+        copy_ms = median_ms(copy, reps=3, sync=sync)
         if device.type == "cuda":  # a resident expert: expanded from its slot, then computed
             on_device = {k: v.to(device) for k, v in stored.items()}
             x = torch.zeros(1, hidden_size, dtype=dtype, device=device)
-            gpu_ms = _median_ms(lambda: compute(expand(on_device), x), sync, reps=5)
+            gpu_ms = median_ms(lambda: compute(expand(on_device), x), reps=5, sync=sync)
         else:
             gpu_ms = samples[0]
     calibration = Calibration(copy_ms, _TOKEN_COUNTS, tuple(samples), gpu_ms, threads, time.perf_counter() - started)
