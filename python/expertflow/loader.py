@@ -290,8 +290,6 @@ def attach(
     return engine
 
 
-
-
 def compute_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``dtype`` as a torch floating-point compute dtype (None: the checkpoint's)."""
     if dtype is None or dtype in COMPUTE_DTYPES.values():

@@ -170,7 +170,8 @@ class OffloadEngine:
         self.cpu_ms = 0.0
         self.cpu_wait_ms = 0.0
         self._set_up_cpu_experts(check_mode(cpu_experts, shard is not None), recalibrate, model)
-        self._expanders: dict[tuple[int, torch.dtype], SlotExpander] = {}  # _slot_expansion's, per layout
+        self._expanders: dict[tuple[int, torch.dtype], SlotExpander] = {}  # per slot layout and dtype
+        self._expansions: dict[tuple[int, torch.dtype, int], Callable] = {}  # _slot_expansion's, per layer
         self._positions: torch.Tensor | None = None
         self._next_step: dict[str, Any] | None = None
         # Each MoE layer's routing in the last forward pass, ``[T, k]`` on the host (the copy run_layer
@@ -402,7 +403,15 @@ class OffloadEngine:
     def _slot_expansion(self, layer: int, dtype: torch.dtype, stream) -> Callable[[int], dict[str, torch.Tensor]]:
         """``slot -> weights``: a slot's tensors as dense weights of ``layer``, for compute on ``stream``.
         On a GPU with the kernels, one native call per expert (``formats.SlotExpander``, one per slot
-        layout and dtype); otherwise :meth:`_expand`."""
+        layout and dtype); otherwise :meth:`_expand`. Made once per layer, dtype and stream: every
+        layer visit asks for it."""
+        handle = stream.cuda_stream if stream is not None else 0
+        expand = self._expansions.get((layer, dtype, handle))
+        if expand is None:
+            expand = self._expansions[layer, dtype, handle] = self._make_slot_expansion(layer, dtype, handle)
+        return expand
+
+    def _make_slot_expansion(self, layer: int, dtype: torch.dtype, handle: int) -> Callable[[int], dict[str, torch.Tensor]]:
         cache = self.cache
         if self.expert_format.dense:
             return lambda slot: cache.slot_tensors(slot, layer)
@@ -410,10 +419,10 @@ class OffloadEngine:
             return lambda slot: self._expand(cache.slot_tensors(slot, layer), dtype)
         key = (cache.layout_id(layer), dtype)
         expander = self._expanders.get(key)
-        if expander is None:
+        if expander is None:  # one scratch per layout and dtype, shared by its layers
             expander = self._expanders[key] = SlotExpander(self.expert_format, self.weights, cache.slot_tensors(0, layer),
                                                            cache.slot_address(0), cache.slot_bytes, dtype)
-        handle, first, slot_bytes = stream.cuda_stream, cache.slot_address(0), cache.slot_bytes
+        first, slot_bytes = cache.slot_address(0), cache.slot_bytes
 
         def expand(slot: int) -> dict[str, torch.Tensor]:
             return expander(first + slot * slot_bytes, handle, cache.slot_tensors(slot, layer))
@@ -460,6 +469,7 @@ class OffloadEngine:
             self._cpu.close()
             self._cpu = None
         self._expanders.clear()  # their scratch holds a dense expert per slot layout
+        self._expansions.clear()
         self.policy.close()
         self.cache.close()
         if self.owns_pool:
