@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cpu_experts import CPU_EXPERT_MODES
+from .cpu_experts import CPU_EXPERT_MODES, check_mode
 from .files import check_output
 from .replay import REPLAY_POLICIES, ReplayResult, bound, parse_capacity, replay
 from .traces import read_trace, synthetic_trace, write_jsonl_trace
@@ -464,10 +464,15 @@ def _expert_dtype_arg(p: argparse.ArgumentParser) -> None:
                         "quantized checkpoint); default: the checkpoint's own (gpt-oss: mxfp4, FP8 releases: fp8)")
 
 
-def _cpu_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpu-experts", default="off", choices=list(CPU_EXPERT_MODES),
-                   help="compute missed experts on the CPU from host memory: auto (a calibrated cost model decides), "
-                        "on (every miss), off (the default)")
+def _cpu_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """``--cpu-experts`` (``several``: a comma list, each policy run under each) and ``--recalibrate``."""
+    if several:
+        p.add_argument("--cpu-experts", default="off",
+                       help="comma list of off, auto, on: each policy runs under each (CPU experts, cpu_experts.py)")
+    else:
+        p.add_argument("--cpu-experts", default="off", choices=list(CPU_EXPERT_MODES),
+                       help="compute missed experts on the CPU from host memory: auto (a calibrated cost model "
+                            "decides), on (every miss), off (the default)")
     p.add_argument("--recalibrate", action="store_true", help="measure this machine again for --cpu-experts (cached otherwise)")
 
 
@@ -603,9 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", "--max-new-tokens", dest="new_tokens", type=POSITIVE, default=32)
     p.add_argument("--accelerate", default=None, help="also run accelerate's device_map offload at this slot share's budget")
     _expert_dtype_arg(p)
-    p.add_argument("--cpu-experts", default="off",
-                   help="comma list of off, auto, on: each policy runs under each (CPU experts, cpu_experts.py)")
-    p.add_argument("--recalibrate", action="store_true", help="measure this machine again for --cpu-experts")
+    _cpu_args(p, several=True)
     p.add_argument("--out", default=None, help="write the results as JSON here, and a PNG beside it")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object (one a line for several --batch sizes)")
@@ -722,8 +725,7 @@ def _check_before_launch(args: argparse.Namespace) -> None:
         raise ValueError(f"model folder {args.model} does not exist")
     config = read_config(args.model)
     make_policy(args.policy)
-    if getattr(args, "cpu_experts", None) == "on":
-        raise ValueError("--cpu-experts on does not combine with --nproc-per-node (each GPU computes its share); use off or auto")
+    check_mode(getattr(args, "cpu_experts", "off"), distributed=True)
     num_experts = architecture_for(config.model_type).dims(config)[0]
     n = args.nproc_per_node
     if n > num_experts:
