@@ -21,11 +21,9 @@ from pathlib import Path
 
 import torch
 
-from expertflow.bench.harness import BenchConfig, BenchModel, TraceForcing, _policy, _timed
+from expertflow.bench.harness import BenchConfig, TraceForcing, _policy, _timed, build_model
 from expertflow.loader import attach
 from expertflow.oracles import TraceSchedule
-from expertflow.runtime import get_backend
-from expertflow.traces import read_trace
 
 
 def main() -> None:
@@ -38,13 +36,15 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if "all_gpu:-" not in args.configs.split(","):
+        ap.error("--configs must include all_gpu:-, the baseline every other configuration is compared with")
     cfg = BenchConfig(arch="mixtral-8x7b", layers=args.layers, routing=f"trace:{args.trace}", transformers=False,
                       new_tokens=args.new_tokens, progress=False)
-    backend = get_backend()
-    device = torch.device("cuda" if backend.is_gpu else "cpu")
-    m = BenchModel(cfg, device, backend)
+    m = build_model(cfg)
+    device = m.device
     prompt = torch.randint(1, 1000, (1, 16), device=device, generator=None)
-    schedule = TraceSchedule(read_trace(args.trace), m.num_layers, args.new_tokens, [0], prompt.shape[1])
+    assert m.trace is not None  # read once, by the model
+    schedule = TraceSchedule(m.trace, m.num_layers, args.new_tokens, [0], prompt.shape[1])
     forcing = TraceForcing(schedule, device)
     forcing.attach(m.model, m.arch)
     slots = m.num_layers * m.num_experts

@@ -375,9 +375,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     built = build_model(cfg)  # once for every batch size
     try:
         for batch in batches:
-            # --recalibrate measures once: the later batch sizes read what the first measured
-            result = run_bench(dataclasses.replace(cfg, batch=batch, recalibrate=cfg.recalibrate and batch == batches[0]),
-                               built)
+            result = run_bench(dataclasses.replace(cfg, batch=batch), built)
             result["command"] = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("expertflow") else None
             if outs:
                 save(result, outs[batch])

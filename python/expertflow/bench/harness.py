@@ -235,7 +235,9 @@ class BenchModel:
     """The model under test: its offloaded form, the pool, and (random weights) the resident form."""
 
     def __init__(self, cfg: BenchConfig, device: torch.device, backend) -> None:
+        self.device = device
         self.resident = None
+        self.recalibrated = False  # a run with --recalibrate measured the CPU experts' costs for this model
         # the routing trace (trace:FILE), read once
         self.trace = read_trace(cfg.routing[6:]) if cfg.routing.startswith("trace:") else None
         if cfg.model is not None:
@@ -463,7 +465,6 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
         configs.insert(0, ("100%", total, "all_gpu", None, "off"))
         reference_tokens = None
         all_gpu_ms = None
-        calibrated = False
         bar = tqdm(configs, desc="bench", unit="config", disable=not cfg.progress)
         for share, num_slots, name, spec, mode in bar:
             bar.set_postfix_str(f"{name} {spec or ''} {share}{'' if mode == 'off' else ' cpu ' + mode}")
@@ -476,8 +477,9 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
                     continue
                 torch.cuda.reset_peak_memory_stats(device)
             engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False,
-                            cpu_experts=mode, recalibrate=cfg.recalibrate and not calibrated)
-            calibrated = calibrated or mode != "off"  # one calibration serves the whole run
+                            cpu_experts=mode, recalibrate=cfg.recalibrate and not m.recalibrated)
+            # one measurement serves every later run of the model
+            m.recalibrated = m.recalibrated or (cfg.recalibrate and mode != "off")
             try:
                 _timed(m.model, prompt, cfg.new_tokens, forcing, device)  # warm-up: same routing
                 tokens, steps_ms = _timed(m.model, prompt, cfg.new_tokens, forcing, device,

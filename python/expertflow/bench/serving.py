@@ -198,9 +198,8 @@ def bench_scheduler_trace(
     are the first slot count's, with the first forecast."""
     from ..loader import attach
     from ..oracles import blur, parse_forecast
-    from ..runtime import get_backend
     from ..units import parse_slots
-    from .harness import BenchConfig, BenchModel
+    from .harness import BenchConfig, build_model
 
     slot_specs = [expert_slots] if isinstance(expert_slots, str) else list(expert_slots)
     forecast_specs = [forecasts] if isinstance(forecasts, str) else list(forecasts)
@@ -214,9 +213,8 @@ def bench_scheduler_trace(
                              f"not '{spec}'")
     cfg = BenchConfig(arch=arch, layers=layers, routing=f"trace:{trace_path}", config_overrides=config_overrides,
                       progress=progress)
-    backend = get_backend()
-    device = torch.device("cuda" if backend.is_gpu else "cpu")
-    m = BenchModel(cfg, device, backend)  # checks, before any weight is built, that the trace routes its experts
+    m = build_model(cfg)  # checks, before any weight is built, that the trace routes its experts
+    device = m.device
     assert m.trace is not None
     paths = m.trace.to_array(m.num_layers)
     total = m.num_layers * m.num_experts
