@@ -4,105 +4,125 @@ A missed expert either crosses the link (the DMA engine reads its bytes from pin
 is computed on the CPU (the cores read the same bytes). If the host's memory bandwidth cannot feed
 both at once, the "second pipe" of CPU experts slows the first. On the H200 machine a Mixtral
 expert took 5.8 ms on the CPU alone and 9-12 ms inside decode steps (docs/cpu_experts.md); this
-separates the causes. Each measurement is a median over ``--reps``:
+separates the causes. ``--num-experts`` experts take turns, so that every call reads its expert from
+memory, as a step does, not from a last-level cache that one expert nearly fits (300 MB there).
+Each measurement is a median over ``--reps``, for each ``--kernels`` (torch's ``F.linear`` and the
+native ``HostLinear``):
 
-1. ``cpu_alone_ms``: one expert (``x [tokens, H] @ gate_up.T``, SwiGLU, ``@ down.T``, bf16, torch's
-   CPU kernels, ``torch.get_num_threads()`` threads) from pinned memory;
-2. ``copy_alone_gbps`` (GPU only): the same expert's bytes, pinned memory to the device;
-3. ``copy_beside_cpu_expert`` (GPU only): the CPU expert in a loop on a worker thread while the main
-   thread copies, each measured (``copy_gbps``, ``thread_ms``);
-4. ``launches_beside_cpu_expert`` (GPU only): 600 small kernels launched back to back, as a batch-1
-   decode step does, alone and beside the CPU expert's loop.
+1. ``cpu_alone_ms``: one expert (``x [tokens, H] @ gate_up.T``, SwiGLU, ``@ down.T``, bf16) from
+   pinned memory, for each of ``--tokens``;
+2. ``copy_alone_gbps`` (GPU only): an expert's bytes, pinned memory to the device;
+3. ``beside_copy`` (GPU only): the CPU expert in a loop on a worker thread while the main thread
+   copies, each measured (``copy_gbps``, ``cpu_ms``);
+4. ``beside_launches`` (GPU only): 600 small kernels launched back to back, as a batch-1 decode step
+   does, alone and beside the CPU expert's loop;
+5. ``read_gbps``: host memory's read bandwidth as the cores see it (an integer max over the experts'
+   bytes, in turn);
+6. ``by_threads``: 1 and 3 again for each of ``--threads`` CPU thread counts (fewer threads leave
+   cores to the launching thread and the copy engine's dispatcher).
 
-    python benchmarks/cpu_link_contention.py --out benchmarks/results/cpu-link-contention-h200.json
+    python benchmarks/cpu_link_contention.py --threads 8,12,15,16 --out benchmarks/results/cpu-link-contention-h200.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from expertflow.cpu_experts import HostLinear
 from expertflow.timing import median_ms
+
+
+def _int_list(text: str, what: str, p: argparse.ArgumentParser) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"{what} takes comma-separated integers, got '{text}'")
+    if any(v < 1 for v in values):
+        p.error(f"{what} values must be at least 1")
+    return values
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=4096, help="Mixtral-8x7B's")
     p.add_argument("--ffn", type=int, default=14336)
-    p.add_argument("--tokens", type=int, default=1)
+    p.add_argument("--num-experts", type=int, default=4, help="experts taking turns (4 of Mixtral's: 1.4 GB)")
+    p.add_argument("--tokens", default="1,4,16", help="comma-separated token counts for cpu_alone_ms")
+    p.add_argument("--kernels", default="torch,native", help="comma-separated: torch, native")
     p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--threads", default="", help="comma-separated CPU thread counts to sweep (default: none)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    if min(args.hidden, args.ffn, args.tokens, args.reps) < 1:
-        p.error("--hidden, --ffn, --tokens and --reps must be at least 1")
+    if min(args.hidden, args.ffn, args.num_experts, args.reps) < 1:
+        p.error("--hidden, --ffn, --num-experts and --reps must be at least 1")
+    token_counts = _int_list(args.tokens, "--tokens", p) or [1]
+    sweep = _int_list(args.threads, "--threads", p)
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    if not kernels or set(kernels) - {"torch", "native"}:
+        p.error(f"--kernels takes torch and/or native, got '{args.kernels}'")
     gpu = torch.cuda.is_available()
-    pin = gpu  # pinned memory needs a CUDA driver
-    gate_up = torch.randn(2 * args.ffn, args.hidden, dtype=torch.bfloat16) * 0.02
-    down = torch.randn(args.hidden, args.ffn, dtype=torch.bfloat16) * 0.02
-    if pin:
-        gate_up, down = gate_up.pin_memory(), down.pin_memory()
-    x = torch.randn(args.tokens, args.hidden, dtype=torch.bfloat16)
-    expert_bytes = (gate_up.numel() + down.numel()) * 2
+    experts = []
+    for _ in range(args.num_experts):
+        gate_up = torch.randn(2 * args.ffn, args.hidden, dtype=torch.bfloat16) * 0.02
+        down = torch.randn(args.hidden, args.ffn, dtype=torch.bfloat16) * 0.02
+        experts.append((gate_up.pin_memory(), down.pin_memory()) if gpu else (gate_up, down))  # pinning needs CUDA
+    expert_bytes = sum(t.numel() * 2 for t in experts[0])
+    threads_default = torch.get_num_threads()
 
-    def cpu_expert() -> None:
-        g, u = F.linear(x, gate_up).chunk(2, dim=-1)
-        F.linear(F.silu(g) * u, down)
+    def expert_fn(kernel: str, num_tokens: int, threads: int) -> tuple[Callable[[], None], Callable[[], None]]:
+        """(one expert on the CPU, the next expert each call; its close)."""
+        linear = HostLinear(threads) if kernel == "native" else None
+        product = linear if linear is not None else F.linear
+        x = torch.randn(num_tokens, args.hidden, dtype=torch.bfloat16)
+        turn = itertools.cycle(experts)
 
-    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                                "device": torch.cuda.get_device_name() if gpu else None, "torch": torch.__version__},
-                    "expert_bytes": expert_bytes, "tokens": args.tokens, "reps": args.reps}
-    result["cpu_alone_ms"] = median_ms(cpu_expert, args.reps)
-    print(f"CPU expert alone: {result['cpu_alone_ms']:.2f} ms ({expert_bytes / result['cpu_alone_ms'] / 1e6:.1f} GB/s read)",
-          flush=True)
+        def run() -> None:
+            gate_up, down = next(turn)
+            g, u = product(x, gate_up).chunk(2, dim=-1)
+            product(F.silu(g) * u, down)
+
+        return run, (linear.close if linear is not None else lambda: None)
+
+    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": threads_default,
+                                "device": torch.cuda.get_device_name() if gpu else None, "torch": torch.__version__,
+                                "native_isa": HostLinear(1).isa},
+                    "expert_bytes": expert_bytes, "num_experts": args.num_experts, "reps": args.reps}
+    words = itertools.cycle([gate_up.view(torch.int32) for gate_up, _ in experts])
+    read_ms = median_ms(lambda: next(words).max(), args.reps)
+    result["read_gbps"] = experts[0][0].numel() * 2 / read_ms / 1e6
+    print(f"host memory read by the cores: {result['read_gbps']:.1f} GB/s", flush=True)
+
+    result["cpu_alone_ms"] = {}
+    for kernel in kernels:
+        for n in token_counts:
+            run, close = expert_fn(kernel, n, threads_default)
+            ms = median_ms(run, args.reps)
+            close()
+            result["cpu_alone_ms"][f"{kernel} {n}"] = ms
+            print(f"CPU expert alone, {kernel}, {n} tokens: {ms:.2f} ms ({expert_bytes / ms / 1e6:.1f} GB/s read)",
+                  flush=True)
     if gpu:
-        targets = (torch.empty_like(gate_up, device="cuda"), torch.empty_like(down, device="cuda"))
+        targets = [torch.empty_like(t, device="cuda") for t in experts[0]]
+        sources = itertools.cycle(experts)
 
         def copy() -> None:
-            targets[0].copy_(gate_up, non_blocking=True)
-            targets[1].copy_(down, non_blocking=True)
+            for src, dst in zip(next(sources), targets):
+                dst.copy_(src, non_blocking=True)
 
         copy_ms = median_ms(copy, args.reps, torch.cuda.synchronize)
         result["copy_alone_gbps"] = expert_bytes / copy_ms / 1e6
         print(f"copy alone: {copy_ms:.2f} ms, {result['copy_alone_gbps']:.1f} GB/s", flush=True)
-
-        def beside(work, measure_main, label: str) -> None:
-            """``work`` loops on a thread while the main thread measures ``measure_main``; the
-            thread's own times come back too."""
-            stop, measuring, times = threading.Event(), threading.Event(), []
-
-            def loop() -> None:
-                while not stop.is_set():
-                    inside = measuring.is_set()
-                    start = time.perf_counter()
-                    work()
-                    if inside and measuring.is_set():  # only runs wholly beside the measurement
-                        times.append((time.perf_counter() - start) * 1e3)
-
-            thread = threading.Thread(target=loop, daemon=True)
-            thread.start()
-            time.sleep(0.05)
-            measuring.set()
-            try:
-                main_ms = measure_main()
-            finally:
-                measuring.clear()
-                stop.set()
-                thread.join()
-            result[label] = {"main_ms": main_ms, "thread_ms": statistics.median(times) if times else None}
-
-        beside(cpu_expert, lambda: median_ms(copy, args.reps, torch.cuda.synchronize), "copy_beside_cpu_expert")
-        r = result["copy_beside_cpu_expert"]
-        r["copy_gbps"] = expert_bytes / r["main_ms"] / 1e6
-        print(f"both: copy {r['copy_gbps']:.1f} GB/s, CPU expert {r['thread_ms']:.2f} ms", flush=True)
-
         small = torch.zeros(64, device="cuda")
 
         def launches() -> None:  # about a decode step's worth of small kernels, then its sync
@@ -110,12 +130,56 @@ def main() -> None:
                 small.add_(1)
             torch.cuda.synchronize()
 
-        alone = median_ms(launches, args.reps)
-        beside(cpu_expert, lambda: median_ms(launches, args.reps), "launches_beside_cpu_expert")
-        r = result["launches_beside_cpu_expert"]
-        r["launches_alone_ms"] = alone
-        print(f"600 launches: {alone:.2f} ms alone, {r['main_ms']:.2f} ms beside the CPU expert "
-              f"(which then took {r['thread_ms']:.2f} ms)", flush=True)
+        result["launches_alone_ms"] = median_ms(launches, args.reps)
+
+    def beside(work: Callable[[], None], measure_main: Callable[[], float]) -> tuple[float, float | None]:
+        """``work`` loops on a thread while the main thread measures ``measure_main``: (main's ms, the
+        thread's median ms over its runs wholly beside the measurement)."""
+        stop, measuring, times = threading.Event(), threading.Event(), []
+
+        def loop() -> None:
+            while not stop.is_set():
+                inside = measuring.is_set()
+                start = time.perf_counter()
+                work()
+                if inside and measuring.is_set():
+                    times.append((time.perf_counter() - start) * 1e3)
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        time.sleep(0.05)
+        measuring.set()
+        try:
+            main_ms = measure_main()
+        finally:
+            measuring.clear()
+            stop.set()
+            thread.join()
+        return main_ms, statistics.median(times) if times else None
+
+    def contention(kernel: str, threads: int) -> dict:
+        row: dict = {"kernel": kernel, "threads": threads}
+        run, close = expert_fn(kernel, 1, threads)
+        try:
+            row["cpu_alone_ms"] = median_ms(run, args.reps)
+            if gpu:
+                main_ms, row["cpu_beside_copy_ms"] = beside(run, lambda: median_ms(copy, args.reps, torch.cuda.synchronize))
+                row["copy_beside_cpu_gbps"] = expert_bytes / main_ms / 1e6
+                row["launches_beside_cpu_ms"], row["cpu_beside_launches_ms"] = beside(
+                    run, lambda: median_ms(launches, args.reps))
+        finally:
+            close()
+        print(row, flush=True)
+        return row
+
+    if gpu:
+        result["contention"] = [contention(kernel, threads_default) for kernel in kernels]
+    result["by_threads"] = []
+    for threads in sweep:
+        for kernel in kernels:
+            torch.set_num_threads(threads if kernel == "torch" else threads_default)
+            result["by_threads"].append(contention(kernel, threads))
+    torch.set_num_threads(threads_default)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 

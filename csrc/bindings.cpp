@@ -21,6 +21,7 @@
 #include "expertflow/cache.h"
 #include "expertflow/error.h"
 #include "expertflow/expand.h"
+#include "expertflow/host_linear.h"
 #include "expertflow/pool.h"
 #include "expertflow/runtime.h"
 
@@ -203,6 +204,32 @@ PYBIND11_MODULE(_C, m) {
             self.run(reinterpret_cast<const void*>(base), reinterpret_cast<void*>(stream));
           },
           py::arg("base"), py::arg("stream"));
+
+  py::class_<HostLinear>(m, "HostLinear", "A bf16 linear layer on the host's cores (host_linear.h).")
+      .def(py::init([](int num_threads, const std::string& isa) {
+             HostIsa limit = HostIsa::kAvx512Bf16;
+             if (isa == "avx512") {
+               limit = HostIsa::kAvx512;
+             } else if (isa == "portable") {
+               limit = HostIsa::kPortable;
+             } else {
+               EF_CHECK(isa == "best", "isa must be best, avx512 or portable, got '" << isa << "'");
+             }
+             return std::make_unique<HostLinear>(num_threads, limit);
+           }),
+           py::arg("num_threads"), py::arg("isa") = "best",
+           "isa: the best kernel to allow (the CPU may offer less).")
+      .def_property_readonly("num_threads", &HostLinear::num_threads)
+      .def_property_readonly("isa", [](const HostLinear& self) { return host_isa_name(self.isa()); })
+      .def(
+          "linear_bf16",
+          [](HostLinear& self, uintptr_t x, uintptr_t w, uintptr_t y, int64_t n, int64_t in, int64_t out) {
+            self.linear_bf16(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(w),
+                             reinterpret_cast<uint16_t*>(y), n, in, out);
+          },
+          py::arg("x"), py::arg("w"), py::arg("y"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
+          py::call_guard<py::gil_scoped_release>(),
+          "y [n, out] = x [n, in] . w [out, in]^T; host addresses of contiguous bf16 tensors.");
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
       .def_property_readonly("name", &Backend::name)

@@ -3,17 +3,20 @@ never plans a layer slower than copying alone, and a cached calibration that fit
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import expertflow as ef
-from expertflow.cpu_experts import Calibration, CostModel, CpuExecutor, calibrate
+from expertflow import ExpertFlowError
+from expertflow.cpu_experts import Calibration, CostModel, CpuExecutor, HostLinear, calibrate
 
 from moe_models import build, save
 
@@ -59,6 +62,79 @@ def test_cpu_experts_give_the_resident_models_tokens_and_logits(tmp_path, model_
         assert s["accesses"] == s["hits"]
     finally:
         model.expertflow.close()
+
+
+def test_bf16_cpu_experts_run_the_native_kernel_and_stay_close_to_the_resident_model(tmp_path, monkeypatch):
+    """bf16: the CPU's experts take their products from HostLinear (its sums run in another order
+    than torch's, so logits agree to bf16's precision, not bit for bit)."""
+    reference = build("mixtral", dtype=torch.bfloat16)
+    folder = save(reference, tmp_path / "m", "published")
+    calls = []
+    native = HostLinear.__call__
+    monkeypatch.setattr(HostLinear, "__call__", lambda self, x, w: calls.append(x.dtype) or native(self, x, w))
+    model = ef.from_pretrained(folder, policy="lru", expert_slots="25%", cpu_experts="on", progress=False)
+    try:
+        with torch.no_grad():
+            logits, want = model(PROMPT).logits, reference(PROMPT).logits
+        assert calls and set(calls) == {torch.bfloat16}
+        assert model.expertflow.stats()["cpu_experts"] > 0
+        torch.testing.assert_close(logits.float(), want.float(), rtol=0.05, atol=0.05 * want.float().abs().max().item())
+    finally:
+        model.expertflow.close()
+
+
+@pytest.mark.parametrize("isa", ["best", "avx512", "portable"])
+@pytest.mark.parametrize("n", [1, 7, 33])
+@pytest.mark.parametrize("in_features,out_features", [(1, 7), (7, 1), (33, 33), (4100, 9)])
+def test_host_linear_follows_the_definition(isa, n, in_features, out_features):
+    """y = x . w^T from fp32 sums with one rounding to bf16: within that rounding (2^-8 of |y|) plus
+    the fp32 sum's own error bound (in x 2^-23 of sum |x_k w_k|) of the float64 product."""
+    g = torch.Generator().manual_seed(n * in_features + out_features)
+    x = torch.randn(n, in_features, generator=g).to(torch.bfloat16)
+    w = torch.randn(out_features, in_features, generator=g).to(torch.bfloat16)
+    linear = HostLinear(3, isa)
+    try:
+        y = linear(x, w)
+        exact = x.double() @ w.double().T
+        bound = exact.abs() * 2**-8 + (x.double().abs() @ w.double().abs().T) * in_features * 2**-23
+        assert y.dtype == torch.bfloat16 and y.shape == (n, out_features)
+        assert ((y.double() - exact).abs() <= bound + 1e-30).all()
+    finally:
+        linear.close()
+
+
+def test_host_linear_leaves_what_it_does_not_take_to_torch():
+    linear = HostLinear(2)
+    try:
+        assert linear.isa in ("avx512bf16", "avx512", "portable") and HostLinear(1, "portable").isa == "portable"
+        x32, w32 = torch.randn(3, 8), torch.randn(5, 8)
+        assert torch.equal(linear(x32, w32), F.linear(x32, w32))  # fp32: torch's kernel, bit for bit
+        x, w = x32.bfloat16(), torch.randn(8, 5).bfloat16().T  # a transposed view: not contiguous
+        assert torch.equal(linear(x, w), F.linear(x, w))
+        with pytest.raises(RuntimeError):  # shapes that do not fit: torch's own error
+            linear(x, torch.randn(5, 9).bfloat16())
+        with pytest.raises(ExpertFlowError, match="isa must be best, avx512 or portable"):
+            HostLinear(2, "sse")
+        with pytest.raises(ExpertFlowError, match="num_threads must be 1 to 4096"):
+            HostLinear(0)
+    finally:
+        linear.close()
+    assert torch.equal(linear(x32.bfloat16(), w32.bfloat16()), F.linear(x32.bfloat16(), w32.bfloat16()))  # closed
+
+
+def test_calibration_reads_a_new_expert_at_every_call(tmp_path):
+    """Each timed call takes the next of the experts given, so none is read from a warm cache."""
+    seen = []
+
+    def compute(weights, x):
+        seen.append(int(weights["w"][0]))
+        return x
+
+    experts = [{"w": torch.full((64,), e, dtype=torch.uint8)} for e in range(3)]
+    calibrate(compute, experts, lambda t: t, 8, torch.float32, torch.device("cpu"), "rotation")
+    assert len(seen) >= 3 * 5 and all(b == (a + 1) % 3 for a, b in itertools.pairwise(seen))
+    with pytest.raises(ValueError, match="at least one expert"):
+        calibrate(compute, [], lambda t: t, 8, torch.float32, torch.device("cpu"), "none")
 
 
 def test_auto_on_the_host_backend_stays_off_and_says_why(tmp_path, caplog):
@@ -189,7 +265,7 @@ def test_calibration_fits_its_definition_and_is_cached(tmp_path):
         return x
 
     stored = {"w": torch.zeros(1024, dtype=torch.uint8)}
-    args = (compute, stored, lambda tensors: tensors, 8, torch.float32,
+    args = (compute, [stored], lambda tensors: tensors, 8, torch.float32,
             torch.device("cpu"), "stand-in")
     first = calibrate(*args)
     assert first.cpu_tokens == (1, 4, 16, 64, 256)
@@ -216,7 +292,7 @@ def test_a_slow_outlier_at_few_tokens_does_not_lift_the_curve(tmp_path, monkeypa
                            ([2.0, 3.0, 5.0, 9.0, 30.0], [2.0, 3.0, 5.0, 9.0, 30.0])):
         times = iter(measured + [1.0])  # then the copy
         monkeypatch.setattr(cpu_experts, "median_ms", lambda fn, reps, sync=None, times=times: next(times))
-        c = calibrate(lambda w, x: x, stored, lambda t: t, 8, torch.float32, torch.device("cpu"), "outlier",
+        c = calibrate(lambda w, x: x, [stored], lambda t: t, 8, torch.float32, torch.device("cpu"), "outlier",
                       recalibrate=True)
         assert list(c.cpu_times_ms) == want
 
@@ -227,7 +303,7 @@ def test_a_broken_calibration_cache_is_measured_over(tmp_path):
     stored = {"w": torch.zeros(64, dtype=torch.uint8)}
     for text in ("[1, 2]", "{not json", '{"x": 5}'):
         cache.write_text(text)
-        c = calibrate(lambda w, x: x, stored, lambda t: t, 8, torch.float32, torch.device("cpu"), "broken")
+        c = calibrate(lambda w, x: x, [stored], lambda t: t, 8, torch.float32, torch.device("cpu"), "broken")
         assert c.cpu_threads == torch.get_num_threads()
         assert "broken" in next(iter(json.loads(cache.read_text()).keys() - {"x"}))
 

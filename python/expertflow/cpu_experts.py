@@ -15,9 +15,14 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   always compute on the GPU. Prefill, with many tokens per expert, copies; decode sends a second or
   third miss to the CPU when the CPU is fast enough. The CPU's times are the calibration's scaled by
   what CPU experts then take inside steps (:meth:`CostModel.observe`).
-- :class:`CpuExecutor`: one worker thread that runs the CPU's experts in the order given, with the
-  torch CPU kernels and ``torch.get_num_threads()`` threads, while the GPU works; on the host
-  backend (no GPU to overlap) it runs them inline.
+- :class:`CpuExecutor`: one worker thread that runs the CPU's experts in the order given while the
+  GPU works; on the host backend (no GPU to overlap) it runs them inline. Their bf16 products go to
+  :class:`HostLinear` (``torch.get_num_threads()`` threads), other dtypes to torch's CPU kernels.
+- :class:`HostLinear`: ``F.linear`` for bf16 with ExpertFlow's native kernel (``host_linear.h``). At
+  decode an expert's products are matrix-vector products bound by host memory; torch's bf16 kernel
+  read a Mixtral expert at about 60 GB/s on the H200 machine, whose cores read memory at 180, and it
+  splits the rows statically, so one thread that loses its core to the thread launching the GPU's
+  kernels holds up the product. The native kernel deals the rows out in chunks as threads come free.
 
 Modes: ``"off"`` (the default); ``"on"`` (every miss to the CPU); ``"auto"`` (the cost model, where
 the calibration says the CPU can ever win a miss, else off, with the reason logged).
@@ -32,27 +37,33 @@ bit-identical. That is why ``auto`` is opt-in.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from . import _C
 from .files import atomic_output
 from .timing import median_ms
 
-__all__ = ["CPU_EXPERT_MODES", "Calibration", "CostModel", "CpuExecutor", "calibrate", "check_mode"]
+__all__ = ["CPU_EXPERT_MODES", "Calibration", "CostModel", "CpuExecutor", "HostLinear", "calibrate", "check_mode"]
 
 log = logging.getLogger("expertflow")
 
 CPU_EXPERT_MODES = ("off", "auto", "on")
+# Bumped when the calibration measures differently, so older cached entries are measured over. 2: each
+# timed call reads another expert, and bf16 products run on the native kernel.
+_CALIBRATION_VERSION = 2
 # CPU time is measured at these token counts: decode's few (bound by reading the weights) up to
 # prefill's many (bound by arithmetic), so the cost model sees where the CPU stops paying
 _TOKEN_COUNTS = (1, 4, 16, 64, 256)
@@ -160,11 +171,39 @@ class CostModel:
         return on_cpu
 
 
-class CpuExecutor:
-    """Runs CPU experts one after another on a worker thread (``asynchronous``) or inline."""
+class HostLinear:
+    """``F.linear(x, w)`` on the host's cores: bf16 ``x [n, in]`` and contiguous ``w [out, in]`` with
+    the native kernel (fp32 sums, one rounding to bf16 per output, as torch's), anything else with
+    ``F.linear``. ``isa`` names the kernel: ``avx512bf16``, ``avx512`` or ``portable``."""
 
-    def __init__(self, asynchronous: bool) -> None:
+    def __init__(self, num_threads: int, isa: str = "best") -> None:
+        self._kernel: _C.HostLinear | None = _C.HostLinear(num_threads, isa)
+        self.isa = self._kernel.isa
+        self.num_threads = num_threads
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        kernel = self._kernel
+        if (kernel is None or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
+                or w.device.type != "cpu" or x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]
+                or x.numel() == 0 or w.numel() == 0 or not w.is_contiguous()):
+            return F.linear(x, w)  # also raises torch's errors for shapes that do not fit
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+        kernel.linear_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], w.shape[0])
+        return y
+
+    def close(self) -> None:
+        """Joins the kernel's threads; later calls use ``F.linear``."""
+        self._kernel = None
+
+
+class CpuExecutor:
+    """Runs CPU experts one after another on a worker thread (``asynchronous``) or inline; ``linear``
+    is their products' kernel (:class:`HostLinear`)."""
+
+    def __init__(self, asynchronous: bool, num_threads: int | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertflow-cpu") if asynchronous else None
+        self.linear = HostLinear(num_threads or torch.get_num_threads())
 
     def submit(self, fn: Callable[[], torch.Tensor]) -> Future:
         if self._pool is not None:
@@ -177,6 +216,7 @@ class CpuExecutor:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self.linear.close()
 
 
 def _cache_file() -> Path:
@@ -193,18 +233,25 @@ def _cpu_name() -> str:
 
 
 def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
-              stored: dict[str, torch.Tensor], expand: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+              experts: Sequence[dict[str, torch.Tensor]],
+              expand: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
               hidden_size: int, dtype: torch.dtype, device: torch.device, shape_key: str,
-              recalibrate: bool = False) -> Calibration:
+              recalibrate: bool = False, threads: int | None = None) -> Calibration:
     """Measures (or reads from the per-machine cache) what one expert costs.
 
-    ``compute(weights, x [n, hidden])``: the layer's expert arithmetic. ``stored``: one expert's
-    tensors in the pool (pinned host memory, its storage format). ``expand(tensors)``: dense weights
-    from stored tensors, on their device. ``shape_key`` names the model shape and format.
+    ``compute(weights, x [n, hidden])``: the layer's expert arithmetic, as the executor runs it.
+    ``experts``: a few experts' tensors in the pool (pinned host memory, their storage format); each
+    timed call takes the next, so that the CPU reads its expert from memory as in a step, not from a
+    cache that one expert would fit (the H200 machine's CPU has 300 MB of L3, a Mixtral expert 352 MB).
+    ``expand(tensors)``: dense weights from stored tensors, on their device. ``shape_key`` names the
+    model shape and format; ``threads`` the CPU threads computing (default ``torch.get_num_threads()``).
     """
-    threads = torch.get_num_threads()
+    if not experts:
+        raise ValueError("calibrate needs at least one expert")
+    threads = threads or torch.get_num_threads()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "host"
-    key = f"{_cpu_name()} | {threads} threads | {device_name} | {shape_key} | {str(dtype).removeprefix('torch.')}"
+    key = (f"{_cpu_name()} | {threads} threads | {device_name} | {shape_key} | {str(dtype).removeprefix('torch.')}"
+           f" | v{_CALIBRATION_VERSION}")
     path = _cache_file()
     cached: dict[str, dict] = {}
     if path.exists():
@@ -225,8 +272,10 @@ def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.T
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    turn = itertools.cycle(experts)
+
     def on_cpu(x: torch.Tensor) -> torch.Tensor:  # as the executor runs it: expansion included
-        return compute(expand(stored), x)
+        return compute(expand(next(turn)), x)
 
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
@@ -238,16 +287,16 @@ def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.T
         # noise: each takes the least of itself and the points after it. (A slow first point once
         # lifted the whole curve, 14.7 ms at 1 to 64 tokens where 5.8 ms was right, and turned auto off.)
         samples = np.minimum.accumulate(samples[::-1])[::-1].tolist()
-        raw = [t.view(torch.uint8).reshape(-1) for t in stored.values()]
-        targets = [torch.empty_like(t, device=device) for t in raw]
+        raws = itertools.cycle([[t.view(torch.uint8).reshape(-1) for t in stored.values()] for stored in experts])
+        targets = [torch.empty_like(t, device=device) for t in next(raws)]
 
         def copy() -> None:
-            for src, dst in zip(raw, targets):
+            for src, dst in zip(next(raws), targets):
                 dst.copy_(src, non_blocking=True)
 
         copy_ms = median_ms(copy, reps=3, sync=sync)
         if device.type == "cuda":  # a resident expert: expanded from its slot, then computed
-            on_device = {k: v.to(device) for k, v in stored.items()}
+            on_device = {k: v.to(device) for k, v in experts[0].items()}
             x = torch.zeros(1, hidden_size, dtype=dtype, device=device)
             gpu_ms = median_ms(lambda: compute(expand(on_device), x), reps=5, sync=sync)
         else:

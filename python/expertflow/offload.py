@@ -81,9 +81,12 @@ class OffloadedExperts(nn.Module):
             routing = torch.where(hit, routing.to(torch.int8).argmax(dim=-1), self.num_experts)
         return self.engine.run_layer(self, hidden_states, routing, weights)
 
-    def compute(self, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def compute(self, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear) -> torch.Tensor:
         """One expert on its tokens: ``x [n, hidden] -> [n, hidden]`` (dense ``weights``, the
-        architecture's layout: ``Architecture.weights``). The arithmetic is transformers' own."""
+        architecture's layout: ``Architecture.weights``). The arithmetic is transformers' own;
+        ``linear`` computes its ``[out, in]`` products (the CPU's experts pass ``cpu_experts.HostLinear``;
+        gpt-oss keeps its weights as ``[in, out]`` and multiplies with torch)."""
         if self.style == "gpt_oss":
             gate_up = x @ weights["gate_up"] + weights["gate_up_bias"]
             gate, up = gate_up[..., ::2], gate_up[..., 1::2]
@@ -91,12 +94,12 @@ class OffloadedExperts(nn.Module):
             up = up.clamp(min=-self.limit, max=self.limit)
             return ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))) @ weights["down"] + weights["down_bias"]
         if self.gated:
-            gate, up = F.linear(x, weights["gate_up"]).chunk(2, dim=-1)
-            return F.linear(self.act_fn(gate) * up, weights["down"])
-        h = self.act_fn(F.linear(x, weights["wi"]))
+            gate, up = linear(x, weights["gate_up"]).chunk(2, dim=-1)
+            return linear(self.act_fn(gate) * up, weights["down"])
+        h = self.act_fn(linear(x, weights["wi"]))
         if h.dtype != weights["wo"].dtype:
             h = h.to(weights["wo"].dtype)
-        return F.linear(h, weights["wo"])
+        return linear(h, weights["wo"])
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, offloaded"
@@ -219,24 +222,35 @@ class OffloadEngine:
         _, _, hidden, ffn = self.architecture.dims(config)
         shape_key = (f"{config.model_type} {self.num_experts}x[{hidden}, {ffn}] "
                      f"{self.expert_format.name} {self.pool.expert_bytes(0)}B")
-        calibration = calibrate(self.layers[0].module.compute, self.pool.expert(0, 0),
-                                lambda tensors: self._expand(tensors, dtype),
-                                hidden, dtype, self.cache.device, shape_key, recalibrate)
+        executor = CpuExecutor(asynchronous=on_gpu)
+        try:
+            # Each timed call reads another of layer 0's experts, as steps do (see calibrate).
+            experts = [self.pool.expert(0, e) for e in range(self.pool.num_experts(0))]
+            calibration = calibrate(functools.partial(self.layers[0].module.compute, linear=executor.linear),
+                                    experts, lambda tensors: self._expand(tensors, dtype),
+                                    hidden, dtype, self.cache.device, shape_key, recalibrate,
+                                    executor.linear.num_threads)
+        except BaseException:
+            executor.close()
+            raise
         cost_model = CostModel(calibration, mode)
         if mode == "auto" and not cost_model.cpu_can_win(self.num_experts):
+            executor.close()
             log.info("cpu experts: off (calibrated: %s; the CPU never finishes a miss first, even behind %d copies)",
                      calibration.describe(), self.num_experts - 1)
             return
-        log.info("cpu experts: %s (calibrated in %.2f s: %s)", mode, calibration.seconds, calibration.describe())
+        log.info("cpu experts: %s (calibrated in %.2f s: %s; bf16 products on the %s kernel)", mode,
+                 calibration.seconds, calibration.describe(), executor.linear.isa)
         self.cost_model = cost_model
-        self._cpu = CpuExecutor(asynchronous=on_gpu)
+        self._cpu = executor
 
-    def _cpu_expert(self, module: OffloadedExperts, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+    def _cpu_expert(self, module: OffloadedExperts, layer: int, expert: int, x: torch.Tensor,
+                    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """One expert computed on the CPU from its pool tensors (no copy over the link; a compressed
-        format expands on the CPU first): ``x [n, H]`` -> ``[n, H]``."""
+        format expands on the CPU first): ``x [n, H]`` -> ``[n, H]``, its products by ``linear``."""
         start = time.perf_counter()
         with torch.no_grad():
-            y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), x)
+            y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), x, linear)
         ms = (time.perf_counter() - start) * 1e3
         self.cpu_ms += ms  # one worker thread: no race
         if self.cost_model is not None:
@@ -396,7 +410,7 @@ class OffloadEngine:
         for e in to_cpu:
             token_idx = np.nonzero(e == chosen.T)[1]
             rows = x if len(token_idx) == x.shape[0] and (token_idx == np.arange(x.shape[0])).all() else x[torch.from_numpy(token_idx)]
-            jobs[e] = self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, rows))
+            jobs[e] = self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, rows, self._cpu.linear))
         self.num_cpu_experts += len(to_cpu)
         return jobs
 

@@ -14,6 +14,7 @@
 #include "expertflow/cache.h"
 #include "expertflow/copy_engine.h"
 #include "expertflow/error.h"
+#include "expertflow/host_linear.h"
 #include "expertflow/pool.h"
 #include "expertflow/runtime.h"
 
@@ -307,6 +308,75 @@ void test_runtime_round_trip() {
   expect_error([&] { runtime.acquire(0, {0}, nullptr); }, "closed");
 }
 
+uint16_t bf16_of_int(int v) {  // small integers are exact in bf16: the float's top 16 bits
+  const float f = static_cast<float>(v);
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Integer operands with |y| <= 240 make every product, sum and bf16 result exact, so each kernel must
+// give the definition's answer bit for bit, whatever its order of summation.
+void test_host_linear_exact() {
+  std::vector<HostIsa> isas = {HostIsa::kPortable};
+  if (host_isa() >= HostIsa::kAvx512) isas.push_back(HostIsa::kAvx512);
+  if (host_isa() == HostIsa::kAvx512Bf16) isas.push_back(HostIsa::kAvx512Bf16);
+  for (HostIsa isa : isas) {
+    for (int threads : {1, 3}) {
+      HostLinear linear(threads, isa);
+      EXPECT(linear.isa() == isa && linear.num_threads() == threads);
+      for (int64_t n : {1, 3, 5, 9}) {
+        for (int64_t in : {1, 7, 33, 60}) {
+          for (int64_t out : {1, 7, 33, 70}) {
+            std::vector<int> xi(n * in), wi(out * in);
+            for (size_t i = 0; i < xi.size(); ++i) xi[i] = static_cast<int>((i * 7 + n) % 5) - 2;
+            for (size_t i = 0; i < wi.size(); ++i) wi[i] = static_cast<int>((i * 3 + out) % 5) - 2;
+            std::vector<uint16_t> x(xi.size()), w(wi.size()), y(n * out, 0xffff);
+            for (size_t i = 0; i < xi.size(); ++i) x[i] = bf16_of_int(xi[i]);
+            for (size_t i = 0; i < wi.size(); ++i) w[i] = bf16_of_int(wi[i]);
+            linear.linear_bf16(x.data(), w.data(), y.data(), n, in, out);
+            for (int64_t t = 0; t < n; ++t) {
+              for (int64_t r = 0; r < out; ++r) {
+                int sum = 0;
+                for (int64_t k = 0; k < in; ++k) sum += xi[t * in + k] * wi[r * in + k];
+                if (y[t * out + r] != bf16_of_int(sum)) {
+                  throw Failure{"isa " + host_isa_name(isa) + " n=" + std::to_string(n) + " in=" + std::to_string(in) +
+                                " out=" + std::to_string(out) + ": y[" + std::to_string(t) + "," +
+                                std::to_string(r) + "] != " + std::to_string(sum)};
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Many calls from two threads at once, on one pool of four: each caller gets its own answer.
+void test_host_linear_concurrent_calls() {
+  HostLinear linear(4);
+  const int64_t in = 40, out = 300;
+  std::vector<uint16_t> w(out * in, bf16_of_int(1));
+  auto caller = [&](int value, bool* ok) {
+    std::vector<uint16_t> x(in, bf16_of_int(value)), y(out);
+    for (int call = 0; call < 200; ++call) {
+      std::fill(y.begin(), y.end(), 0);
+      linear.linear_bf16(x.data(), w.data(), y.data(), 1, in, out);
+      for (uint16_t v : y) *ok = *ok && v == bf16_of_int(value * in);
+    }
+  };
+  bool ok_a = true, ok_b = true;
+  std::thread a(caller, 1, &ok_a), b(caller, -2, &ok_b);
+  a.join();
+  b.join();
+  EXPECT(ok_a && ok_b);
+  std::vector<uint16_t> x(in), y(out);
+  expect_error([&] { linear.linear_bf16(x.data(), w.data(), y.data(), 0, in, out); }, "sizes must be positive");
+  expect_error([&] { linear.linear_bf16(nullptr, w.data(), y.data(), 1, in, out); }, "needs x, w and y");
+  expect_error([] { HostLinear bad(0); }, "num_threads");
+}
+
 }  // namespace
 
 int main() {
@@ -319,6 +389,8 @@ int main() {
       {"copy_engine_demand_overtakes_queue", test_copy_engine_demand_overtakes_queue},
       {"copy_waits_for_the_slot_to_be_freed", test_copy_waits_for_the_slot_to_be_freed},
       {"runtime_round_trip", test_runtime_round_trip},
+      {"host_linear_exact", test_host_linear_exact},
+      {"host_linear_concurrent_calls", test_host_linear_concurrent_calls},
   };
   int passed = 0, failed = 0;
   for (const auto& [name, fn] : tests) {

@@ -1,0 +1,77 @@
+// A linear layer on the host's cores, for experts computed where their weights already are (the
+// pinned pool) instead of being copied to the GPU.
+//
+// Why native: at decode an expert sees a token or two, so y = x . W^T is a matrix-vector product
+// that only has to read W once. It is bound by host memory bandwidth, and it shares the cores with
+// the thread that launches the GPU's kernels. torch's bf16 CPU matmul read a Mixtral expert at about
+// 60 GB/s where the cores read memory at 180, and its static split of the rows waits for its slowest
+// thread, which a busy core makes slow.
+//
+// Invariants:
+// - y [n, out] = x [n, in] . w [out, in]^T, every tensor bf16 (raw bits), row-major and contiguous.
+//   Products and sums are fp32 (exact products; the sum's order differs from torch's); each output
+//   rounds once to bf16, to nearest even. NaN stays NaN.
+// - Rows of w are dealt out in chunks of about 128 KB from an atomic counter, so a thread that lost
+//   its core leaves its share to the others instead of holding up the call. The calling thread works
+//   too; num_threads counts it.
+// - Workers sleep on a condition variable between calls: an idle HostLinear takes no core.
+// - One call runs at a time (a mutex); calls from several threads take turns.
+// - The kernels: AVX-512 BF16 dot products where the CPU has them, else AVX-512F, else portable C++;
+//   chosen at construction (the CPU is asked at run time, so one build runs on every x86-64 CPU).
+// - Destruction joins the workers. Nothing else allocates after construction.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace expertflow {
+
+enum class HostIsa { kPortable, kAvx512, kAvx512Bf16 };
+
+// The best kernel this CPU runs, at most `limit`.
+HostIsa host_isa(HostIsa limit = HostIsa::kAvx512Bf16);
+std::string host_isa_name(HostIsa isa);
+
+class HostLinear {
+ public:
+  // num_threads >= 1 (the caller plus num_threads - 1 workers); isa at most what host_isa() allows.
+  explicit HostLinear(int num_threads, HostIsa isa_limit = HostIsa::kAvx512Bf16);
+  ~HostLinear();
+  HostLinear(const HostLinear&) = delete;
+  HostLinear& operator=(const HostLinear&) = delete;
+
+  void linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t n, int64_t in, int64_t out);
+
+  int num_threads() const { return static_cast<int>(workers_.size()) + 1; }
+  HostIsa isa() const { return isa_; }
+
+ private:
+  struct Job {
+    const uint16_t* x;
+    const uint16_t* w;
+    uint16_t* y;
+    int64_t n, in, out, rows_per_chunk, num_chunks;
+  };
+  void run_chunks(const Job& job, uint64_t generation);
+  void worker_loop();
+
+  const HostIsa isa_;
+  std::vector<std::thread> workers_;
+  std::mutex call_mu_;  // one call at a time
+  std::mutex mu_;       // guards the fields below
+  std::condition_variable wake_, done_;
+  Job job_{};
+  uint64_t generation_ = 0;  // calls so far
+  bool stopping_ = false;
+  // The next chunk to take, with the call's generation in the high 32 bits: a worker that woke late
+  // cannot take a chunk of a call it did not read.
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int64_t> num_done_{0};  // chunks of the current call finished
+};
+
+}  // namespace expertflow
