@@ -64,20 +64,26 @@ def test_cpu_experts_give_the_resident_models_tokens_and_logits(tmp_path, model_
         model.expertflow.close()
 
 
-def test_bf16_cpu_experts_run_the_native_kernel_and_stay_close_to_the_resident_model(tmp_path, monkeypatch):
-    """bf16: the CPU's experts take their products from HostLinear (its sums run in another order
-    than torch's, so logits agree to bf16's precision, not bit for bit)."""
+def test_bf16_cpu_experts_run_the_native_kernel_and_stay_close_to_the_resident_model(tmp_path):
+    """bf16: the CPU's experts take their products from HostLinear's native kernel (its sums run in
+    another order than torch's, so logits agree to bf16's precision, not bit for bit)."""
     reference = build("mixtral", dtype=torch.bfloat16)
     folder = save(reference, tmp_path / "m", "published")
-    calls = []
-    native = HostLinear.__call__
-    monkeypatch.setattr(HostLinear, "__call__", lambda self, x, w: calls.append(x.dtype) or native(self, x, w))
     model = ef.from_pretrained(folder, policy="lru", expert_slots="25%", cpu_experts="on", progress=False)
     try:
+        linear = model.expertflow._cpu.linear
+        linear.max_tokens = 2**62  # whatever this machine's calibration chose
+        kernel, calls = linear._kernel, []
+
+        class Counting:
+            def linear_bf16(self, *args):
+                calls.append(args[3])  # n
+                kernel.linear_bf16(*args)
+
+        linear._kernel = Counting()
         with torch.no_grad():
             logits, want = model(PROMPT).logits, reference(PROMPT).logits
-        assert calls and set(calls) == {torch.bfloat16}
-        assert model.expertflow.stats()["cpu_experts"] > 0
+        assert len(calls) >= 2 * model.expertflow.stats()["cpu_experts"] > 0  # two products an expert
         torch.testing.assert_close(logits.float(), want.float(), rtol=0.05, atol=0.05 * want.float().abs().max().item())
     finally:
         model.expertflow.close()
@@ -122,11 +128,37 @@ def test_host_linear_leaves_what_it_does_not_take_to_torch():
     assert torch.equal(linear(x32.bfloat16(), w32.bfloat16()), F.linear(x32.bfloat16(), w32.bfloat16()))  # closed
 
 
+def test_calibration_gives_each_token_count_the_faster_kernel():
+    """A stand-in whose native kernel takes 1 ms up to 16 tokens and 40 ms beyond, torch 3 + 0.1 n
+    ms: the native kernel serves up to 16 tokens, the curve takes the faster time at each point, and a
+    cached calibration sets the kernel's limit again."""
+    def compute(weights, x, linear):
+        n = x.shape[0]
+        native = isinstance(linear, HostLinear) and n <= linear.max_tokens
+        time.sleep(((1.0 if n <= 16 else 40.0) if native else 3.0 + 0.1 * n) / 1e3)
+        return x
+
+    linear = HostLinear(1)
+    try:
+        args = (compute, [{"w": torch.zeros(64, dtype=torch.uint8)}], lambda t: t, 8, torch.bfloat16,
+                torch.device("cpu"), "two kernels")
+        c = calibrate(*args, linear=linear)
+        assert c.native_max_tokens == 16 and linear.max_tokens == 16
+        assert c.cpu_ms(1) == pytest.approx(1.0, abs=0.7) and c.cpu_ms(16) == pytest.approx(1.0, abs=0.7)
+        assert c.cpu_ms(64) == pytest.approx(3.0 + 6.4, abs=1.5) and c.cpu_ms(256) == pytest.approx(3.0 + 25.6, abs=3)
+        linear.max_tokens = 0
+        assert calibrate(*args, linear=linear) == c and linear.max_tokens == 16  # from the cache
+        fp32 = calibrate(*args[:4], torch.float32, *args[5:], linear=linear)  # native is bf16 only
+        assert fp32.native_max_tokens == 0 and linear.max_tokens == 0
+    finally:
+        linear.close()
+
+
 def test_calibration_reads_a_new_expert_at_every_call(tmp_path):
     """Each timed call takes the next of the experts given, so none is read from a warm cache."""
     seen = []
 
-    def compute(weights, x):
+    def compute(weights, x, linear):
         seen.append(int(weights["w"][0]))
         return x
 
@@ -260,7 +292,7 @@ def test_calibration_fits_its_definition_and_is_cached(tmp_path):
     second call reads the cache; recalibrate measures again (the stand-in now takes 4 + 0.5 n)."""
     fixed_ms = [2.0]
 
-    def compute(weights, x):
+    def compute(weights, x, linear):
         time.sleep((fixed_ms[0] + 0.5 * x.shape[0]) / 1e3)
         return x
 
@@ -292,7 +324,7 @@ def test_a_slow_outlier_at_few_tokens_does_not_lift_the_curve(tmp_path, monkeypa
                            ([2.0, 3.0, 5.0, 9.0, 30.0], [2.0, 3.0, 5.0, 9.0, 30.0])):
         times = iter(measured + [1.0])  # then the copy
         monkeypatch.setattr(cpu_experts, "median_ms", lambda fn, reps, sync=None, times=times: next(times))
-        c = calibrate(lambda w, x: x, [stored], lambda t: t, 8, torch.float32, torch.device("cpu"), "outlier",
+        c = calibrate(lambda w, x, linear: x, [stored], lambda t: t, 8, torch.float32, torch.device("cpu"), "outlier",
                       recalibrate=True)
         assert list(c.cpu_times_ms) == want
 
@@ -303,7 +335,7 @@ def test_a_broken_calibration_cache_is_measured_over(tmp_path):
     stored = {"w": torch.zeros(64, dtype=torch.uint8)}
     for text in ("[1, 2]", "{not json", '{"x": 5}'):
         cache.write_text(text)
-        c = calibrate(lambda w, x: x, [stored], lambda t: t, 8, torch.float32, torch.device("cpu"), "broken")
+        c = calibrate(lambda w, x, linear: x, [stored], lambda t: t, 8, torch.float32, torch.device("cpu"), "broken")
         assert c.cpu_threads == torch.get_num_threads()
         assert "broken" in next(iter(json.loads(cache.read_text()).keys() - {"x"}))
 

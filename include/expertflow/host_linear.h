@@ -18,7 +18,7 @@
 // - One call runs at a time (a mutex); calls from several threads take turns.
 // - The kernels: AVX-512 BF16 dot products where the CPU has them, else AVX-512F, else portable C++;
 //   chosen at construction (the CPU is asked at run time, so one build runs on every x86-64 CPU).
-// - Destruction joins the workers. Nothing else allocates after construction.
+// - Destruction joins the workers. A call allocates only to grow the buffer of x's padded copy.
 #pragma once
 
 #include <atomic>
@@ -55,7 +55,7 @@ class HostLinear {
     const uint16_t* x;
     const uint16_t* w;
     uint16_t* y;
-    int64_t n, in, out, rows_per_chunk, num_chunks;
+    int64_t n, in, out, x_stride, rows_per_chunk, num_chunks;
   };
   void run_chunks(const Job& job, uint64_t generation);
   void worker_loop();
@@ -72,6 +72,7 @@ class HostLinear {
   // cannot take a chunk of a call it did not read.
   std::atomic<uint64_t> ticket_{0};
   std::atomic<int64_t> num_done_{0};  // chunks of the current call finished
+  std::vector<uint16_t> x_padded_;    // x with its rows spread apart (linear_bf16), kept between calls
 };
 
 }  // namespace expertflow

@@ -62,7 +62,8 @@ log = logging.getLogger("expertflow")
 
 CPU_EXPERT_MODES = ("off", "auto", "on")
 # Bumped when the calibration measures differently, so older cached entries are measured over. 2: each
-# timed call reads another expert, and bf16 products run on the native kernel.
+# timed call reads another expert; bf16 products run on the native kernel up to the token count where
+# it stops being the faster of the two.
 _CALIBRATION_VERSION = 2
 # CPU time is measured at these token counts: decode's few (bound by reading the weights) up to
 # prefill's many (bound by arithmetic), so the cost model sees where the CPU stops paying
@@ -89,6 +90,7 @@ class Calibration:
     gpu_ms: float  # the compute device, one resident expert for one token (the host backend: the CPU)
     cpu_threads: int
     seconds: float  # how long the measurement took
+    native_max_tokens: int = 0  # HostLinear computes experts of up to this many tokens; torch the rest
 
     def cpu_ms(self, num_tokens: int) -> float:
         """Piecewise linear through the measured points, and along the last segment beyond them: a
@@ -105,8 +107,8 @@ class Calibration:
 
     def describe(self) -> str:
         points = ", ".join(f"{t:.1f} ms for {n}" for n, t in zip(self.cpu_tokens, self.cpu_times_ms))
-        return (f"copy {self.copy_ms:.2f} ms per expert, CPU {points} tokens ({self.cpu_threads} threads), "
-                f"GPU {self.gpu_ms:.3f} ms")
+        return (f"copy {self.copy_ms:.2f} ms per expert, CPU {points} tokens ({self.cpu_threads} threads, "
+                f"native kernel up to {self.native_max_tokens} tokens), GPU {self.gpu_ms:.3f} ms")
 
 
 class CostModel:
@@ -172,19 +174,22 @@ class CostModel:
 
 
 class HostLinear:
-    """``F.linear(x, w)`` on the host's cores: bf16 ``x [n, in]`` and contiguous ``w [out, in]`` with
-    the native kernel (fp32 sums, one rounding to bf16 per output, as torch's), anything else with
-    ``F.linear``. ``isa`` names the kernel: ``avx512bf16``, ``avx512`` or ``portable``."""
+    """``F.linear(x, w)`` on the host's cores: bf16 ``x [n, in]`` with ``n <= max_tokens`` and contiguous
+    ``w [out, in]`` with the native kernel (fp32 sums, one rounding to bf16 per output, as torch's),
+    anything else with ``F.linear``. ``isa`` names the kernel: ``avx512bf16``, ``avx512`` or
+    ``portable``. The calibration sets ``max_tokens`` to where the native kernel stops being faster
+    (it reads the weights once, which wins at decode's few tokens; torch's blocked GEMM wins at more)."""
 
-    def __init__(self, num_threads: int, isa: str = "best") -> None:
+    def __init__(self, num_threads: int, isa: str = "best", max_tokens: int | None = None) -> None:
         self._kernel: _C.HostLinear | None = _C.HostLinear(num_threads, isa)
         self.isa = self._kernel.isa
         self.num_threads = num_threads
+        self.max_tokens = max_tokens if max_tokens is not None else 2**62
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel
-        if (kernel is None or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
-                or w.device.type != "cpu" or x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]
+        if (kernel is None or x.dim() != 2 or x.shape[0] > self.max_tokens or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
+                or w.device.type != "cpu" or w.dim() != 2 or x.shape[1] != w.shape[1]
                 or x.numel() == 0 or w.numel() == 0 or not w.is_contiguous()):
             return F.linear(x, w)  # also raises torch's errors for shapes that do not fit
         x = x.contiguous()
@@ -232,23 +237,27 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+def calibrate(compute: Callable[..., torch.Tensor],
               experts: Sequence[dict[str, torch.Tensor]],
               expand: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
               hidden_size: int, dtype: torch.dtype, device: torch.device, shape_key: str,
-              recalibrate: bool = False, threads: int | None = None) -> Calibration:
-    """Measures (or reads from the per-machine cache) what one expert costs.
+              recalibrate: bool = False, linear: HostLinear | None = None) -> Calibration:
+    """Measures (or reads from the per-machine cache) what one expert costs, and sets
+    ``linear.max_tokens`` from it.
 
-    ``compute(weights, x [n, hidden])``: the layer's expert arithmetic, as the executor runs it.
+    ``compute(weights, x [n, hidden], linear)``: the layer's expert arithmetic, as the executor runs it
+    with ``linear`` as its product. With a :class:`HostLinear` and bf16, each point is measured with
+    the native kernel and with torch's, and takes the faster; the native kernel serves from one token up
+    to the last point where it was faster.
     ``experts``: a few experts' tensors in the pool (pinned host memory, their storage format); each
     timed call takes the next, so that the CPU reads its expert from memory as in a step, not from a
     cache that one expert would fit (the H200 machine's CPU has 300 MB of L3, a Mixtral expert 352 MB).
     ``expand(tensors)``: dense weights from stored tensors, on their device. ``shape_key`` names the
-    model shape and format; ``threads`` the CPU threads computing (default ``torch.get_num_threads()``).
+    model shape and format.
     """
     if not experts:
         raise ValueError("calibrate needs at least one expert")
-    threads = threads or torch.get_num_threads()
+    threads = linear.num_threads if linear is not None else torch.get_num_threads()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "host"
     key = (f"{_cpu_name()} | {threads} threads | {device_name} | {shape_key} | {str(dtype).removeprefix('torch.')}"
            f" | v{_CALIBRATION_VERSION}")
@@ -264,9 +273,13 @@ def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.T
             cached = {}
     if not recalibrate and key in cached:
         try:
-            return Calibration.from_json(cached[key])
+            calibration = Calibration.from_json(cached[key])
         except (TypeError, KeyError):
             pass  # written by another version, or not an entry: measure again
+        else:
+            if linear is not None:
+                linear.max_tokens = calibration.native_max_tokens
+            return calibration
     started = time.perf_counter()
     def sync() -> None:
         if device.type == "cuda":
@@ -274,15 +287,21 @@ def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.T
 
     turn = itertools.cycle(experts)
 
-    def on_cpu(x: torch.Tensor) -> torch.Tensor:  # as the executor runs it: expansion included
-        return compute(expand(next(turn)), x)
+    def on_cpu(x: torch.Tensor, product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return compute(expand(next(turn)), x, product)  # as the executor runs it: expansion included
 
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
-        samples = []
+        samples, native_max_tokens, native_wins = [], 0, linear is not None and dtype == torch.bfloat16
         for n in _TOKEN_COUNTS:
             x = (torch.randn(n, hidden_size, generator=g) * 0.1).to(dtype)
-            samples.append(median_ms(functools.partial(on_cpu, x), reps=5))
+            ms = median_ms(functools.partial(on_cpu, x, F.linear), reps=5)
+            if native_wins and linear is not None:  # until the first point where it loses
+                native_ms = median_ms(functools.partial(on_cpu, x, linear), reps=5)
+                native_wins = native_ms < ms
+                if native_wins:
+                    ms, native_max_tokens = native_ms, n
+            samples.append(ms)
         # More tokens never cost less. Timing noise only adds time, so a point above a later one is
         # noise: each takes the least of itself and the points after it. (A slow first point once
         # lifted the whole curve, 14.7 ms at 1 to 64 tokens where 5.8 ms was right, and turned auto off.)
@@ -298,10 +317,13 @@ def calibrate(compute: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.T
         if device.type == "cuda":  # a resident expert: expanded from its slot, then computed
             on_device = {k: v.to(device) for k, v in experts[0].items()}
             x = torch.zeros(1, hidden_size, dtype=dtype, device=device)
-            gpu_ms = median_ms(lambda: compute(expand(on_device), x), reps=5, sync=sync)
+            gpu_ms = median_ms(lambda: compute(expand(on_device), x, F.linear), reps=5, sync=sync)
         else:
             gpu_ms = samples[0]
-    calibration = Calibration(copy_ms, _TOKEN_COUNTS, tuple(samples), gpu_ms, threads, time.perf_counter() - started)
+    calibration = Calibration(copy_ms, _TOKEN_COUNTS, tuple(samples), gpu_ms, threads, time.perf_counter() - started,
+                              native_max_tokens)
+    if linear is not None:
+        linear.max_tokens = native_max_tokens
     cached[key] = asdict(calibration)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -226,10 +226,8 @@ class OffloadEngine:
         try:
             # Each timed call reads another of layer 0's experts, as steps do (see calibrate).
             experts = [self.pool.expert(0, e) for e in range(self.pool.num_experts(0))]
-            calibration = calibrate(functools.partial(self.layers[0].module.compute, linear=executor.linear),
-                                    experts, lambda tensors: self._expand(tensors, dtype),
-                                    hidden, dtype, self.cache.device, shape_key, recalibrate,
-                                    executor.linear.num_threads)
+            calibration = calibrate(self.layers[0].module.compute, experts, lambda tensors: self._expand(tensors, dtype),
+                                    hidden, dtype, self.cache.device, shape_key, recalibrate, executor.linear)
         except BaseException:
             executor.close()
             raise
@@ -239,7 +237,7 @@ class OffloadEngine:
             log.info("cpu experts: off (calibrated: %s; the CPU never finishes a miss first, even behind %d copies)",
                      calibration.describe(), self.num_experts - 1)
             return
-        log.info("cpu experts: %s (calibrated in %.2f s: %s; bf16 products on the %s kernel)", mode,
+        log.info("cpu experts: %s (calibrated in %.2f s: %s; native kernel: %s)", mode,
                  calibration.seconds, calibration.describe(), executor.linear.isa)
         self.cost_model = cost_model
         self._cpu = executor
