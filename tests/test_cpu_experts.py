@@ -109,6 +109,19 @@ def test_host_linear_follows_the_definition(isa, n, in_features, out_features):
         linear.close()
 
 
+def test_a_miss_the_cache_would_keep_is_copied_when_the_cpu_wins_only_by_the_copy_it_saves_now():
+    """CPU 3.4 ms against a 6.4 ms copy: with a cold cache a lone miss goes to the CPU; once 60% of
+    recent experts hit (a copy would likely be reused: 0.6 x 6.4 ms saved later) it is copied, and a
+    second miss still goes to the CPU (it would wait behind the first copy)."""
+    model = CostModel(linear(6.4, 3.3, 0.1), "auto")
+    assert model.choose([1]) == [True]
+    for _ in range(200):
+        model.observe_hits(5, 3)
+    assert model.hit_ratio == pytest.approx(0.6, abs=1e-3)
+    assert model.choose([1]) == [False] and model.choose([1, 1]).count(True) == 1
+    assert model.cpu_can_win(8)  # judged with a cold cache, as at load
+
+
 def test_host_linear_leaves_what_it_does_not_take_to_torch():
     linear = HostLinear(2)
     try:

@@ -13,7 +13,8 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   with the most tokens first; each goes where it would finish first, the link (queued behind this
   layer's other copies, then computed on the GPU) or the CPU (queued behind its other experts). Hits
   always compute on the GPU. Prefill, with many tokens per expert, copies; decode sends a second or
-  third miss to the CPU when the CPU is fast enough. The CPU's times are the calibration's scaled by
+  third miss to the CPU when the CPU is fast enough. A copied miss stays in the cache and may hit
+  later, so the CPU's side also carries the cache's recent hit ratio times one copy. The CPU's times are the calibration's scaled by
   what CPU experts then take inside steps (:meth:`CostModel.observe`).
 - :class:`CpuExecutor`: one worker thread that runs the CPU's experts in the order given while the
   GPU works; on the host backend (no GPU to overlap) it runs them inline. Their bf16 products go to
@@ -122,6 +123,15 @@ class CostModel:
         # does not see. Measured on the H200 machine: 5.8 ms calibrated, about 11 ms in the step.
         self.cpu_scale = 1.0
         self._layers_without_cpu = 0  # layers with misses since the CPU last got one (see choose)
+        # A copied miss stays in its slot and may hit at its next use; one computed on the CPU leaves the
+        # cache as it was, so its next use misses again. The CPU's side carries that later copy, priced
+        # at the cache's recent hit ratio (an average over the last few dozen layers) times one copy.
+        self.hit_ratio = 0.0
+
+    def observe_hits(self, num_used: int, num_hits: int) -> None:
+        """A layer used ``num_used`` experts, ``num_hits`` of them in slots (prefetches in flight count)."""
+        if num_used:
+            self.hit_ratio += 0.05 * (num_hits / num_used - self.hit_ratio)
 
     def observe(self, num_tokens: int, ms: float) -> None:
         """A CPU expert of ``num_tokens`` took ``ms`` inside a step: the cost model's CPU times move a
@@ -134,12 +144,12 @@ class CostModel:
         """Whether :meth:`choose` would ever send a miss to the CPU, at the calibrated costs: in its most
         favourable layer, every one of ``num_experts`` experts missed with one token each (the longest
         link queue)."""
-        state = self.cpu_scale, self._layers_without_cpu
-        self.cpu_scale = 1.0
+        state = self.cpu_scale, self._layers_without_cpu, self.hit_ratio
+        self.cpu_scale, self.hit_ratio = 1.0, 0.0
         try:
             return any(self.choose([1] * num_experts))
         finally:
-            self.cpu_scale, self._layers_without_cpu = state
+            self.cpu_scale, self._layers_without_cpu, self.hit_ratio = state
 
     def choose(self, num_tokens: list[int]) -> list[bool]:
         """``num_tokens [m]``: tokens of each missed expert -> ``[m]`` True where the CPU computes it."""
@@ -149,12 +159,13 @@ class CostModel:
             return [False] * len(num_tokens)
         c = self.calibration
         scale = self.cpu_scale  # once: the worker thread updates it
+        later_copy_ms = self.hit_ratio * c.copy_ms
         on_cpu = [False] * len(num_tokens)
         link_ms = cpu_ms = 0.0
         for i in sorted(range(len(num_tokens)), key=lambda i: -num_tokens[i]):
             by_link = link_ms + c.copy_ms + c.gpu_ms
             by_cpu = cpu_ms + c.cpu_ms(num_tokens[i]) * scale
-            if by_cpu < by_link:
+            if by_cpu + later_copy_ms < by_link:
                 on_cpu[i] = True
                 cpu_ms = by_cpu
             else:

@@ -400,6 +400,7 @@ class OffloadEngine:
         if self.cost_model is None or self._cpu is None or not experts:
             return {}
         missed = [e for e, held in zip(experts, self.cache.resident(layer, experts)) if not held]
+        self.cost_model.observe_hits(len(experts), len(experts) - len(missed))
         to_cpu = [e for e, cpu in zip(missed, self.cost_model.choose([int(counts[e]) for e in missed])) if cpu]
         if not to_cpu:
             return {}
