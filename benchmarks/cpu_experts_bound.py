@@ -13,10 +13,11 @@ expert from ``--cpu-ms``, the best split's speed-up over GPU-only:
 It is an upper bound for ``cpu_experts="auto"``: the split is the best one for each layer, and
 nothing else (host syncs, the CPU's start) is counted. Inputs default to the H200 machine's
 Mixtral-8x7B figures (docs/cpu_experts.md): a copy 6.47 ms, a layer's compute 2.0 ms (a resident
-step of 8 layers, about 16 ms), CPU 5.8 ms alone and 9-12 ms inside steps.
+step of 8 layers, about 16 ms); CPU times of the native kernel (2.9 ms alone, about 3.5 inside
+steps) and of torch's (5.8 ms from a warm cache, 7.4 and 10 from memory and inside steps).
 
     python benchmarks/cpu_experts_bound.py --trace TRACES/mixtral-8x7b-instruct.gsm8k.jsonl \\
-        --out benchmarks/results/cpu-experts-bound-mixtral.json
+        --cpu-ms 2.9,3.5,5.8,7.4,10 --out benchmarks/results/cpu-experts-bound-mixtral.json
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2000, help="tokens of the trace to replay (the first ones)")
     p.add_argument("--copy-ms", type=float, default=6.47)
     p.add_argument("--compute-ms", type=float, default=2.0, help="a layer's compute, experts resident")
-    p.add_argument("--cpu-ms", default="5.8,7.4,10,12")
+    p.add_argument("--cpu-ms", default="2.9,3.5,5.8,7.4,10")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     slots = [int(s) for s in args.slots.split(",")]
