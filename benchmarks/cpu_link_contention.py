@@ -16,12 +16,14 @@ native ``HostLinear``):
    copies, each measured (``copy_gbps``, ``cpu_ms``);
 4. ``beside_launches`` (GPU only): 600 small kernels launched back to back, as a batch-1 decode step
    does, alone and beside the CPU expert's loop;
-5. ``read_gbps``: host memory's read bandwidth as the cores see it (an integer max over the experts'
-   bytes, in turn);
+5. ``read_gbps``: what torch's integer max reads over the experts' bytes, in turn: a floor of the
+   host's read bandwidth (the native kernel reads faster);
 6. ``by_threads``: 1 and 3 again for each of ``--threads`` CPU thread counts (fewer threads leave
    cores to the launching thread and the copy engine's dispatcher).
 
-    python benchmarks/cpu_link_contention.py --threads 8,12,15,16 --out benchmarks/results/cpu-link-contention-h200.json
+    python benchmarks/cpu_link_contention.py --out benchmarks/results/cpu-link-contention-h200.json
+    python benchmarks/cpu_link_contention.py --tokens 1 --threads 8,12,15 \
+        --out benchmarks/results/cpu-link-contention-threads-h200.json
 """
 
 from __future__ import annotations

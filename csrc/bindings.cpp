@@ -229,7 +229,8 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("x"), py::arg("w"), py::arg("y"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
           py::call_guard<py::gil_scoped_release>(),
-          "y [n, out] = x [n, in] . w [out, in]^T; host addresses of contiguous bf16 tensors.");
+          "y [n, out] = x [n, in] . w [out, in]^T; host addresses of contiguous bf16 tensors.")
+      .def("close", &HostLinear::close, py::call_guard<py::gil_scoped_release>(), "Joins the workers.");
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
       .def_property_readonly("name", &Backend::name)

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <system_error>
 
 #include "expertflow/error.h"
 
@@ -19,13 +20,7 @@
 namespace expertflow {
 namespace {
 
-struct Operands {
-  const uint16_t* x;
-  const uint16_t* w;
-  uint16_t* y;
-  int64_t n, in, out;
-  int64_t x_stride;  // elements from one token's row of x to the next
-};
+using Operands = LinearOperands;
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t u = static_cast<uint32_t>(bits) << 16;
@@ -47,7 +42,7 @@ void rows_portable(const Operands& j, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* w = j.w + r * j.in;
     for (int64_t t = 0; t < j.n; ++t) {
-      const uint16_t* x = j.x + t * j.x_stride;
+      const uint16_t* x = j.x + t * j.in;
       float acc = 0.0f;
       for (int64_t k = 0; k < j.in; ++k) acc += bf16_to_float(x[k]) * bf16_to_float(w[k]);
       j.y[t * j.out + r] = float_to_bf16(acc);
@@ -56,8 +51,6 @@ void rows_portable(const Operands& j, int64_t r0, int64_t r1) {
 }
 
 #ifdef EF_X86
-// Tiles of R rows by T tokens: each row's bytes are read once per T tokens, and R x T independent
-// accumulators keep the FMA units busy while the loads stream.
 
 // Each row of w streams from memory once; the hardware prefetcher alone left the kernel at 30 GB/s on a
 // 2-core EPYC where a software prefetch 2 KB ahead of every row reached 45 (8 MB per expert read).
@@ -71,44 +64,76 @@ EF_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 mask) {  // 16 bf16 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
+// Tiles of R rows by T tokens: each row's bytes are read once per T tokens, and R x T independent
+// accumulators keep the vector units busy while the loads stream. The operands are copied into
+// locals and the loops fully unrolled so that GCC keeps the accumulators in registers: reading them
+// through the Operands reference, it stored all 16 accumulators of a 4 x 4 tile to the stack at every
+// step of k.
 template <int R, int T>
 EF_AVX512 void tile_avx512(const Operands& j, int64_t r, int64_t t) {
+  const int64_t in = j.in;
+  const uint16_t* x[T];
+  const uint16_t* w[R];
+#pragma GCC unroll 4
+  for (int b = 0; b < T; ++b) x[b] = j.x + (t + b) * in;
+#pragma GCC unroll 4
+  for (int a = 0; a < R; ++a) w[a] = j.w + (r + a) * in;
   __m512 acc[R][T];
+#pragma GCC unroll 4
   for (int a = 0; a < R; ++a)
+#pragma GCC unroll 4
     for (int b = 0; b < T; ++b) acc[a][b] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < j.in; k += 16) {
-    const __mmask16 mask = j.in - k >= 16 ? static_cast<__mmask16>(0xffff)
-                                          : static_cast<__mmask16>((1u << (j.in - k)) - 1u);
+  for (int64_t k = 0; k < in; k += 16) {
+    const __mmask16 mask = in - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (in - k)) - 1u);
     __m512 xv[T];
-    for (int b = 0; b < T; ++b) xv[b] = load16(j.x + (t + b) * j.x_stride + k, mask);
+#pragma GCC unroll 4
+    for (int b = 0; b < T; ++b) xv[b] = load16(x[b] + k, mask);
+#pragma GCC unroll 4
     for (int a = 0; a < R; ++a) {
-      _mm_prefetch(reinterpret_cast<const char*>(j.w + (r + a) * j.in + k) + kPrefetchBytes, _MM_HINT_T0);
-      const __m512 wv = load16(j.w + (r + a) * j.in + k, mask);
+      _mm_prefetch(reinterpret_cast<const char*>(w[a] + k) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512 wv = load16(w[a] + k, mask);
+#pragma GCC unroll 4
       for (int b = 0; b < T; ++b) acc[a][b] = _mm512_fmadd_ps(wv, xv[b], acc[a][b]);
     }
   }
+#pragma GCC unroll 4
   for (int a = 0; a < R; ++a)
+#pragma GCC unroll 4
     for (int b = 0; b < T; ++b) j.y[(t + b) * j.out + r + a] = float_to_bf16(_mm512_reduce_add_ps(acc[a][b]));
 }
 
 // vdpbf16ps: 32 bf16 products a step, added in pairs into 16 fp32 lanes (inputs' denormals read as 0).
 template <int R, int T>
 EF_AVX512_BF16 void tile_avx512_bf16(const Operands& j, int64_t r, int64_t t) {
+  const int64_t in = j.in;
+  const uint16_t* x[T];
+  const uint16_t* w[R];
+#pragma GCC unroll 4
+  for (int b = 0; b < T; ++b) x[b] = j.x + (t + b) * in;
+#pragma GCC unroll 4
+  for (int a = 0; a < R; ++a) w[a] = j.w + (r + a) * in;
   __m512 acc[R][T];
+#pragma GCC unroll 4
   for (int a = 0; a < R; ++a)
+#pragma GCC unroll 4
     for (int b = 0; b < T; ++b) acc[a][b] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < j.in; k += 32) {
-    const __mmask32 mask = j.in - k >= 32 ? static_cast<__mmask32>(0xffffffffu)
-                                          : static_cast<__mmask32>((1u << (j.in - k)) - 1u);
+  for (int64_t k = 0; k < in; k += 32) {
+    const __mmask32 mask =
+        in - k >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << (in - k)) - 1u);
     __m512bh xv[T];
-    for (int b = 0; b < T; ++b) xv[b] = (__m512bh)_mm512_maskz_loadu_epi16(mask, j.x + (t + b) * j.x_stride + k);
+#pragma GCC unroll 4
+    for (int b = 0; b < T; ++b) xv[b] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x[b] + k);
+#pragma GCC unroll 4
     for (int a = 0; a < R; ++a) {
-      _mm_prefetch(reinterpret_cast<const char*>(j.w + (r + a) * j.in + k) + kPrefetchBytes, _MM_HINT_T0);
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, j.w + (r + a) * j.in + k);
+      _mm_prefetch(reinterpret_cast<const char*>(w[a] + k) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w[a] + k);
+#pragma GCC unroll 4
       for (int b = 0; b < T; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], wv, xv[b]);
     }
   }
+#pragma GCC unroll 4
   for (int a = 0; a < R; ++a)
+#pragma GCC unroll 4
     for (int b = 0; b < T; ++b) j.y[(t + b) * j.out + r + a] = float_to_bf16(_mm512_reduce_add_ps(acc[a][b]));
 }
 
@@ -153,8 +178,7 @@ void run_rows(HostIsa isa, const Operands& j, int64_t r0, int64_t r1) {
 }
 
 constexpr int64_t kChunkBytes = 128 << 10;  // of w per chunk: a few hundred chunks per expert weight
-constexpr uint64_t kChunkBits = 32;
-constexpr int64_t kPadAbove = 256;  // x rows of fewer elements are too short to collide in L1         // the ticket: generation above, next chunk below
+constexpr uint64_t kChunkBits = 32;  // the ticket: generation above, next chunk below         // the ticket: generation above, next chunk below
 
 }  // namespace
 
@@ -181,16 +205,27 @@ std::string host_isa_name(HostIsa isa) {
 HostLinear::HostLinear(int num_threads, HostIsa isa_limit) : isa_(host_isa(isa_limit)) {
   EF_CHECK(num_threads >= 1 && num_threads <= 4096, "num_threads must be 1 to 4096, got " << num_threads);
   workers_.reserve(num_threads - 1);
-  for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  try {
+    for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  } catch (const std::system_error& e) {
+    close();  // the threads already started must be joined before they are destroyed
+    EF_CHECK(false, "could not start " << num_threads << " threads: " << e.what());
+  }
 }
 
-HostLinear::~HostLinear() {
+HostLinear::~HostLinear() { close(); }
+
+void HostLinear::close() noexcept {
+  std::lock_guard<std::mutex> call(call_mu_);  // after a call in progress
+  closed_ = true;
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
   }
   wake_.notify_all();
-  for (auto& t : workers_) t.join();
+  for (auto& t : workers_) {
+    if (t.joinable()) t.join();
+  }
 }
 
 void HostLinear::linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t n, int64_t in, int64_t out) {
@@ -198,34 +233,25 @@ void HostLinear::linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, 
   EF_CHECK(n >= 1 && in >= 1 && out >= 1, "linear_bf16 sizes must be positive: n=" << n << ", in=" << in
                                                                                    << ", out=" << out);
   std::lock_guard<std::mutex> call(call_mu_);
-  int64_t x_stride = in;
-  if (n > 1 && in >= kPadAbove) {
-    // Rows of x a multiple of 4 KB apart (4096 or 14336 bf16) share their L1 sets with each other
-    // and with the rows of w being read: a tile of 4 tokens and 4 rows ran 5x slower than one token
-    // on the H200 machine's CPU. A copy whose rows sit 64 bytes further apart spreads them out.
-    x_stride = (in + 31) / 32 * 32 + 32;
-    x_padded_.resize(static_cast<size_t>(n * x_stride));
-    for (int64_t t = 0; t < n; ++t) std::memcpy(&x_padded_[t * x_stride], x + t * in, in * sizeof(uint16_t));
-    x = x_padded_.data();
-  }
+  EF_CHECK(!closed_, "linear_bf16 after close()");
   const int64_t rows_per_chunk = std::max<int64_t>(4, kChunkBytes / (in * 2) / 4 * 4);
   const int64_t num_chunks = (out + rows_per_chunk - 1) / rows_per_chunk;
   EF_CHECK(num_chunks < (int64_t{1} << kChunkBits), "linear_bf16: too many rows (" << out << ")");
+  uint32_t generation;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    job_ = Job{x, w, y, n, in, out, x_stride, rows_per_chunk, num_chunks};
+    job_ = Job{LinearOperands{x, w, y, n, in, out}, rows_per_chunk, num_chunks};
     num_done_.store(0, std::memory_order_relaxed);
-    ++generation_;
-    ticket_.store(generation_ << kChunkBits, std::memory_order_release);
+    generation = ++generation_;
+    ticket_.store(uint64_t{generation} << kChunkBits, std::memory_order_release);
   }
   wake_.notify_all();
-  run_chunks(job_, generation_);
+  run_chunks(job_, generation);
   std::unique_lock<std::mutex> lock(mu_);
   done_.wait(lock, [&] { return num_done_.load(std::memory_order_acquire) == num_chunks; });
 }
 
-void HostLinear::run_chunks(const Job& job, uint64_t generation) {
-  const Operands rows{job.x, job.w, job.y, job.n, job.in, job.out, job.x_stride};
+void HostLinear::run_chunks(const Job& job, uint32_t generation) {
   uint64_t ticket = ticket_.load(std::memory_order_acquire);
   for (;;) {
     // A worker that woke late may hold an old call's job: the generation in the ticket tells.
@@ -234,7 +260,7 @@ void HostLinear::run_chunks(const Job& job, uint64_t generation) {
     if (chunk >= job.num_chunks) return;
     if (!ticket_.compare_exchange_weak(ticket, ticket + 1, std::memory_order_acq_rel)) continue;
     const int64_t r0 = chunk * job.rows_per_chunk;
-    run_rows(isa_, rows, r0, std::min(job.out, r0 + job.rows_per_chunk));
+    run_rows(isa_, job.operands, r0, std::min(job.operands.out, r0 + job.rows_per_chunk));
     if (num_done_.fetch_add(1, std::memory_order_acq_rel) + 1 == job.num_chunks) {
       std::lock_guard<std::mutex> lock(mu_);  // the caller checks under mu_: no lost wake-up
       done_.notify_one();
@@ -244,7 +270,7 @@ void HostLinear::run_chunks(const Job& job, uint64_t generation) {
 }
 
 void HostLinear::worker_loop() {
-  uint64_t seen = 0;
+  uint32_t seen = 0;
   for (;;) {
     Job job;
     {

@@ -3,14 +3,15 @@
 //
 // Why native: at decode an expert sees a token or two, so y = x . W^T is a matrix-vector product
 // that only has to read W once. It is bound by host memory bandwidth, and it shares the cores with
-// the thread that launches the GPU's kernels. torch's bf16 CPU matmul read a Mixtral expert at about
-// 60 GB/s where the cores read memory at 180, and its static split of the rows waits for its slowest
-// thread, which a busy core makes slow.
+// the thread that launches the GPU's kernels. On the H200 machine torch's bf16 CPU matmul read a
+// cold Mixtral expert at 55-62 GB/s, this kernel at 111-122; and torch splits the rows statically,
+// so its call waits for its slowest thread, which a busy core makes slow.
 //
 // Invariants:
 // - y [n, out] = x [n, in] . w [out, in]^T, every tensor bf16 (raw bits), row-major and contiguous.
 //   Products and sums are fp32 (exact products; the sum's order differs from torch's); each output
-//   rounds once to bf16, to nearest even. NaN stays NaN.
+//   rounds once to bf16, to nearest even. NaN stays NaN. The AVX-512 BF16 kernel (vdpbf16ps) reads
+//   denormal inputs as zero and flushes denormal partial sums to zero.
 // - Rows of w are dealt out in chunks of about 128 KB from an atomic counter, so a thread that lost
 //   its core leaves its share to the others instead of holding up the call. The calling thread works
 //   too; num_threads counts it.
@@ -18,7 +19,8 @@
 // - One call runs at a time (a mutex); calls from several threads take turns.
 // - The kernels: AVX-512 BF16 dot products where the CPU has them, else AVX-512F, else portable C++;
 //   chosen at construction (the CPU is asked at run time, so one build runs on every x86-64 CPU).
-// - Destruction joins the workers. A call allocates only to grow the buffer of x's padded copy.
+// - close() (and destruction) joins the workers; a call after close() throws. Nothing is allocated
+//   after construction.
 #pragma once
 
 #include <atomic>
@@ -30,6 +32,14 @@
 #include <vector>
 
 namespace expertflow {
+
+// One product's operands: y [n, out] = x [n, in] . w [out, in]^T.
+struct LinearOperands {
+  const uint16_t* x;
+  const uint16_t* w;
+  uint16_t* y;
+  int64_t n, in, out;
+};
 
 enum class HostIsa { kPortable, kAvx512, kAvx512Bf16 };
 
@@ -46,18 +56,17 @@ class HostLinear {
   HostLinear& operator=(const HostLinear&) = delete;
 
   void linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t n, int64_t in, int64_t out);
+  void close() noexcept;  // joins the workers; idempotent
 
   int num_threads() const { return static_cast<int>(workers_.size()) + 1; }
   HostIsa isa() const { return isa_; }
 
  private:
   struct Job {
-    const uint16_t* x;
-    const uint16_t* w;
-    uint16_t* y;
-    int64_t n, in, out, x_stride, rows_per_chunk, num_chunks;
+    LinearOperands operands;
+    int64_t rows_per_chunk, num_chunks;
   };
-  void run_chunks(const Job& job, uint64_t generation);
+  void run_chunks(const Job& job, uint32_t generation);
   void worker_loop();
 
   const HostIsa isa_;
@@ -66,13 +75,15 @@ class HostLinear {
   std::mutex mu_;       // guards the fields below
   std::condition_variable wake_, done_;
   Job job_{};
-  uint64_t generation_ = 0;  // calls so far
+  // Calls so far, modulo 2^32: 32 bits, as the ticket holds them, so the two compare equal after it
+  // wraps (a worker that sleeps through 2^32 calls is not needed: the others take the chunks).
+  uint32_t generation_ = 0;
   bool stopping_ = false;
+  bool closed_ = false;  // guarded by call_mu_
   // The next chunk to take, with the call's generation in the high 32 bits: a worker that woke late
   // cannot take a chunk of a call it did not read.
   std::atomic<uint64_t> ticket_{0};
   std::atomic<int64_t> num_done_{0};  // chunks of the current call finished
-  std::vector<uint16_t> x_padded_;    // x with its rows spread apart (linear_bf16), kept between calls
 };
 
 }  // namespace expertflow

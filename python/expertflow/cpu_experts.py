@@ -20,10 +20,10 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   GPU works; on the host backend (no GPU to overlap) it runs them inline. Their bf16 products go to
   :class:`HostLinear` (``torch.get_num_threads()`` threads), other dtypes to torch's CPU kernels.
 - :class:`HostLinear`: ``F.linear`` for bf16 with ExpertFlow's native kernel (``host_linear.h``). At
-  decode an expert's products are matrix-vector products bound by host memory; torch's bf16 kernel
-  read a Mixtral expert at about 60 GB/s on the H200 machine, whose cores read memory at 180, and it
+  decode an expert's products are matrix-vector products bound by host memory; on the H200 machine
+  torch's bf16 kernel read a cold Mixtral expert at 55-62 GB/s, the native one at 111-122. torch
   splits the rows statically, so one thread that loses its core to the thread launching the GPU's
-  kernels holds up the product. The native kernel deals the rows out in chunks as threads come free.
+  kernels holds up the product; the native kernel deals the rows out in chunks as threads come free.
 
 Modes: ``"off"`` (the default); ``"on"`` (every miss to the CPU); ``"auto"`` (the cost model, where
 the calibration says the CPU can ever win a miss, else off, with the reason logged).
@@ -87,16 +87,19 @@ class Calibration:
 
     copy_ms: float  # the link: one expert's stored bytes, pinned host memory to a slot
     cpu_tokens: tuple[int, ...]  # the CPU computed an expert for these token counts ...
-    cpu_times_ms: tuple[float, ...]  # ... in these times (expansion included)
+    cpu_times_ms: tuple[float, ...]  # ... in these times (expansion included), on the kernel serving each
     gpu_ms: float  # the compute device, one resident expert for one token (the host backend: the CPU)
     cpu_threads: int
     seconds: float  # how long the measurement took
     native_max_tokens: int = 0  # HostLinear computes experts of up to this many tokens; torch the rest
+    torch_times_ms: tuple[float, ...] = ()  # torch's kernel at every point, where the native one was measured
 
     def cpu_ms(self, num_tokens: int) -> float:
-        """Piecewise linear through the measured points, and along the last segment beyond them: a
-        few tokens cost the time to read the weights (flat), many cost their arithmetic (linear)."""
-        ns, ts = self.cpu_tokens, self.cpu_times_ms
+        """Piecewise linear through the measured points of the kernel that serves ``num_tokens``, and
+        along the last segment beyond them: a few tokens cost the time to read the weights (flat),
+        many cost their arithmetic (linear)."""
+        ns = self.cpu_tokens
+        ts = self.torch_times_ms if num_tokens > self.native_max_tokens and self.torch_times_ms else self.cpu_times_ms
         if num_tokens <= ns[-1] or len(ns) < 2:
             return float(np.interp(num_tokens, ns, ts))
         slope = (ts[-1] - ts[-2]) / (ns[-1] - ns[-2])
@@ -104,7 +107,7 @@ class Calibration:
 
     @classmethod
     def from_json(cls, entry: dict) -> Calibration:
-        return cls(**{**entry, "cpu_tokens": tuple(entry["cpu_tokens"]), "cpu_times_ms": tuple(entry["cpu_times_ms"])})
+        return cls(**{**entry, **{k: tuple(entry[k]) for k in ("cpu_tokens", "cpu_times_ms", "torch_times_ms") if k in entry}})
 
     def describe(self) -> str:
         points = ", ".join(f"{t:.1f} ms for {n}" for n, t in zip(self.cpu_tokens, self.cpu_times_ms))
@@ -199,18 +202,21 @@ class HostLinear:
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel
-        if (kernel is None or x.dim() != 2 or x.shape[0] > self.max_tokens or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
-                or w.device.type != "cpu" or w.dim() != 2 or x.shape[1] != w.shape[1]
-                or x.numel() == 0 or w.numel() == 0 or not w.is_contiguous()):
-            return F.linear(x, w)  # also raises torch's errors for shapes that do not fit
+        if (kernel is None or x.dim() != 2 or x.shape[0] > self.max_tokens or x.dtype != torch.bfloat16
+                or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.device.type != "cpu"
+                or w.dim() != 2 or x.shape[1] != w.shape[1] or x.numel() == 0 or w.numel() == 0
+                or not w.is_contiguous() or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return F.linear(x, w)  # also raises torch's errors for shapes that do not fit, and keeps autograd
         x = x.contiguous()
-        y = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+        y = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16, device="cpu")
         kernel.linear_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], w.shape[0])
         return y
 
     def close(self) -> None:
         """Joins the kernel's threads; later calls use ``F.linear``."""
-        self._kernel = None
+        if self._kernel is not None:
+            self._kernel.close()
+            self._kernel = None
 
 
 class CpuExecutor:
@@ -257,9 +263,9 @@ def calibrate(compute: Callable[..., torch.Tensor],
     ``linear.max_tokens`` from it.
 
     ``compute(weights, x [n, hidden], linear)``: the layer's expert arithmetic, as the executor runs it
-    with ``linear`` as its product. With a :class:`HostLinear` and bf16, each point is measured with
-    the native kernel and with torch's, and takes the faster; the native kernel serves from one token up
-    to the last point where it was faster.
+    with ``linear`` as its product. With a :class:`HostLinear` (pass one only where ``compute`` uses
+    it) and bf16, the points are measured with torch's kernel and with the native one, up to the first
+    point where the native one loses; it then serves from one token up to the last point it won.
     ``experts``: a few experts' tensors in the pool (pinned host memory, their storage format); each
     timed call takes the next, so that the CPU reads its expert from memory as in a step, not from a
     cache that one expert would fit (the H200 machine's CPU has 300 MB of L3, a Mixtral expert 352 MB).
@@ -269,9 +275,10 @@ def calibrate(compute: Callable[..., torch.Tensor],
     if not experts:
         raise ValueError("calibrate needs at least one expert")
     threads = linear.num_threads if linear is not None else torch.get_num_threads()
+    both_kernels = linear is not None and dtype == torch.bfloat16
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "host"
     key = (f"{_cpu_name()} | {threads} threads | {device_name} | {shape_key} | {str(dtype).removeprefix('torch.')}"
-           f" | v{_CALIBRATION_VERSION}")
+           f" | {'native and torch' if both_kernels else 'torch'} | v{_CALIBRATION_VERSION}")
     path = _cache_file()
     cached: dict[str, dict] = {}
     if path.exists():
@@ -301,22 +308,30 @@ def calibrate(compute: Callable[..., torch.Tensor],
     def on_cpu(x: torch.Tensor, product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return compute(expand(next(turn)), x, product)  # as the executor runs it: expansion included
 
+    def later_minimum(times: list[float]) -> list[float]:
+        """More tokens never cost less. Timing noise only adds time, so a point above a later one is
+        noise: each takes the least of itself and the points after it. (A slow first point once
+        lifted the whole curve, 14.7 ms at 1 to 64 tokens where 5.8 ms was right, and turned auto off.)"""
+        return np.minimum.accumulate(times[::-1])[::-1].tolist() if times else []
+
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
-        samples, native_max_tokens, native_wins = [], 0, linear is not None and dtype == torch.bfloat16
+        if linear is not None:
+            linear.max_tokens = 2**62  # what is timed as native must be native
+        torch_ms: list[float] = []
+        native_ms: list[float] = []
         for n in _TOKEN_COUNTS:
             x = (torch.randn(n, hidden_size, generator=g) * 0.1).to(dtype)
-            ms = median_ms(functools.partial(on_cpu, x, F.linear), reps=5)
-            if native_wins and linear is not None:  # until the first point where it loses
-                native_ms = median_ms(functools.partial(on_cpu, x, linear), reps=5)
-                native_wins = native_ms < ms
-                if native_wins:
-                    ms, native_max_tokens = native_ms, n
-            samples.append(ms)
-        # More tokens never cost less. Timing noise only adds time, so a point above a later one is
-        # noise: each takes the least of itself and the points after it. (A slow first point once
-        # lifted the whole curve, 14.7 ms at 1 to 64 tokens where 5.8 ms was right, and turned auto off.)
-        samples = np.minimum.accumulate(samples[::-1])[::-1].tolist()
+            torch_ms.append(median_ms(functools.partial(on_cpu, x, F.linear), reps=5))
+            if (both_kernels and linear is not None and len(native_ms) == len(torch_ms) - 1
+                    and (not native_ms or native_ms[-1] < torch_ms[-2])):  # until it loses
+                native_ms.append(median_ms(functools.partial(on_cpu, x, linear), reps=5))
+        torch_ms, native_ms = later_minimum(torch_ms), later_minimum(native_ms)
+        native_points = 0  # the native kernel serves the first native_points points
+        while native_points < len(native_ms) and native_ms[native_points] < torch_ms[native_points]:
+            native_points += 1
+        samples = native_ms[:native_points] + torch_ms[native_points:]
+        native_max_tokens = _TOKEN_COUNTS[native_points - 1] if native_points else 0
         raws = itertools.cycle([[t.view(torch.uint8).reshape(-1) for t in stored.values()] for stored in experts])
         targets = [torch.empty_like(t, device=device) for t in next(raws)]
 
@@ -332,7 +347,7 @@ def calibrate(compute: Callable[..., torch.Tensor],
         else:
             gpu_ms = samples[0]
     calibration = Calibration(copy_ms, _TOKEN_COUNTS, tuple(samples), gpu_ms, threads, time.perf_counter() - started,
-                              native_max_tokens)
+                              native_max_tokens, tuple(torch_ms) if both_kernels else ())
     if linear is not None:
         linear.max_tokens = native_max_tokens
     cached[key] = asdict(calibration)

@@ -66,6 +66,8 @@ class OffloadedExperts(nn.Module):
         self.act_fn = ACT2FN[architecture.activation(config)]
         self.gated = architecture.gated
         self.style = architecture.style
+        # compute's products go through its `linear` argument (gpt-oss multiplies [in, out] with torch)
+        self.takes_linear = self.style != "gpt_oss"
         if self.style == "gpt_oss":  # its clamped SwiGLU
             # older transformers (5.17) fix both in the module instead of the config
             self.alpha, self.limit = getattr(config, "swiglu_alpha", 1.702), getattr(config, "swiglu_limit", 7.0)
@@ -226,8 +228,10 @@ class OffloadEngine:
         try:
             # Each timed call reads another of layer 0's experts, as steps do (see calibrate).
             experts = [self.pool.expert(0, e) for e in range(self.pool.num_experts(0))]
-            calibration = calibrate(self.layers[0].module.compute, experts, lambda tensors: self._expand(tensors, dtype),
-                                    hidden, dtype, self.cache.device, shape_key, recalibrate, executor.linear)
+            module = self.layers[0].module
+            calibration = calibrate(module.compute, experts, lambda tensors: self._expand(tensors, dtype),
+                                    hidden, dtype, self.cache.device, shape_key, recalibrate,
+                                    executor.linear if module.takes_linear else None)
         except BaseException:
             executor.close()
             raise

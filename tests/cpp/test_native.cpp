@@ -325,9 +325,9 @@ void test_host_linear_exact() {
     for (int threads : {1, 3}) {
       HostLinear linear(threads, isa);
       EXPECT(linear.isa() == isa && linear.num_threads() == threads);
-      for (int64_t n : {1, 3, 5, 9}) {
+      for (int64_t n : {1, 2, 3, 5, 6, 9}) {
         for (int64_t in : {1, 7, 33, 60}) {
-          for (int64_t out : {1, 7, 33, 70}) {
+          for (int64_t out : {1, 7, 33, 70, 2190}) {  // 2190 rows at in=60: chunks of 1092, 1092 and 6
             std::vector<int> xi(n * in), wi(out * in);
             for (size_t i = 0; i < xi.size(); ++i) xi[i] = static_cast<int>((i * 7 + n) % 5) - 2;
             for (size_t i = 0; i < wi.size(); ++i) wi[i] = static_cast<int>((i * 3 + out) % 5) - 2;
@@ -375,6 +375,9 @@ void test_host_linear_concurrent_calls() {
   expect_error([&] { linear.linear_bf16(x.data(), w.data(), y.data(), 0, in, out); }, "sizes must be positive");
   expect_error([&] { linear.linear_bf16(nullptr, w.data(), y.data(), 1, in, out); }, "needs x, w and y");
   expect_error([] { HostLinear bad(0); }, "num_threads");
+  linear.close();
+  linear.close();  // twice is fine
+  expect_error([&] { linear.linear_bf16(x.data(), w.data(), y.data(), 1, in, out); }, "after close");
 }
 
 }  // namespace
