@@ -332,7 +332,7 @@ def test_calibration_fits_its_definition_and_is_cached(tmp_path):
     args = (compute, [stored], lambda tensors: tensors, 8, torch.float32,
             torch.device("cpu"), "stand-in")
     first = calibrate(*args)
-    assert first.cpu_tokens == (1, 4, 16, 64, 256)
+    assert first.cpu_tokens == (1, 2, 4, 16, 64, 256)
     for n in (1, 16, 100, 256, 400):
         assert first.cpu_ms(n) == pytest.approx(2.0 + 0.5 * n, abs=0.8 + 0.02 * n)
     assert first.copy_ms >= 0 and first.seconds < 10
@@ -352,8 +352,8 @@ def test_a_slow_outlier_at_few_tokens_does_not_lift_the_curve(tmp_path, monkeypa
 
     monkeypatch.setenv("EXPERTFLOW_CACHE_DIR", str(tmp_path))
     stored = {"w": torch.zeros(64, dtype=torch.uint8)}
-    for measured, want in (([14.7, 8.9, 9.1, 10.1, 29.5], [8.9, 8.9, 9.1, 10.1, 29.5]),
-                           ([2.0, 3.0, 5.0, 9.0, 30.0], [2.0, 3.0, 5.0, 9.0, 30.0])):
+    for measured, want in (([14.7, 8.9, 9.0, 9.1, 10.1, 29.5], [8.9, 8.9, 9.0, 9.1, 10.1, 29.5]),
+                           ([2.0, 2.5, 3.0, 5.0, 9.0, 30.0], [2.0, 2.5, 3.0, 5.0, 9.0, 30.0])):
         times = iter(measured + [1.0])  # then the copy
         monkeypatch.setattr(cpu_experts, "median_ms", lambda fn, reps, sync=None, times=times: next(times))
         c = calibrate(lambda w, x, linear: x, [stored], lambda t: t, 8, torch.float32, torch.device("cpu"), "outlier",
