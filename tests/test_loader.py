@@ -67,6 +67,27 @@ def test_slot_count_follows_the_budget(mixtral):
     m.expertflow.close()
 
 
+def test_a_process_that_holds_some_experts_gets_no_more_slots_than_it_can_fill():
+    """plan_slots with num_owned (a distributed rank's share of each layer): every way of asking,
+    the count stops at num_layers x num_owned; without it, at every expert."""
+    from expertflow.loader import plan_slots
+    from expertflow.models import architecture_for
+
+    model = build("mixtral")  # 3 layers x 8 experts, top-2
+    arch, config = architecture_for("mixtral"), model.config
+    _, per, _ = expert_bytes(model)
+    # the budget beside the model's weights as plan_slots counts them (all of this model's: its experts
+    # are not offloaded)
+    resident = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    ample = resident + 100 * per
+    for owned, most in ((None, 24), (3, 9), (1, 3)):
+        assert plan_slots(model, arch, config, 3, "all_gpu", ample, num_owned=owned) == most
+        assert plan_slots(model, arch, config, 3, "lru", ample, headroom=0, num_owned=owned) == most
+        assert plan_slots(model, arch, config, 3, "lru", ample, expert_slots="100%", num_owned=owned) == most
+        assert plan_slots(model, arch, config, 3, "lru", ample, expert_slots=2, num_owned=owned) == 2
+        assert plan_slots(model, arch, config, 3, "lru", resident + 5 * per, headroom=0, num_owned=owned) == min(5, most)
+
+
 def test_budget_below_minimum_states_the_minimum(mixtral):
     model, folder = mixtral
     non_expert, per, _ = expert_bytes(model)

@@ -187,16 +187,20 @@ def plan_slots(
     headroom: int | str | None = None,
     expert_slots: int | str | None = None,
     expert_format: ExpertFormat | None = None,
+    num_owned: int | None = None,
 ) -> int:
     """How many expert slots fit ``budget`` beside the model's resident (non-expert) weights; a slot
-    holds one expert in ``expert_format`` (default dense)."""
+    holds one expert in ``expert_format`` (default dense). ``num_owned``: the experts of each layer
+    this process holds (distributed: its share; default all), which caps the slots: more could never
+    fill."""
     num_experts, top_k, _, _ = arch.dims(config)
+    most = num_layers * (num_owned if num_owned is not None else num_experts)
     dtype = model_dtype(model)
     expert_bytes = packed_bytes(arch.pool_tensors(config, dtype, expert_format))
     weights_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     total_experts = num_layers * num_experts
     if policy == "all_gpu":
-        return total_experts
+        return most
     if expert_slots is not None:
         num_slots = parse_slots(expert_slots).count(total_experts)
         if not top_k <= num_slots <= total_experts:
@@ -204,7 +208,7 @@ def plan_slots(
                 f"expert_slots={expert_slots} gives {num_slots} slots; use between {top_k} (one layer's experts per "
                 f"token) and {total_experts} (every expert)"
             )
-        return num_slots
+        return min(num_slots, most)
     reserve = parse_bytes(headroom) if headroom is not None else default_headroom(budget)
     num_slots = min(total_experts, max(0, budget - weights_bytes - reserve) // expert_bytes)
     if num_slots < top_k:
@@ -219,7 +223,7 @@ def plan_slots(
             f"({minimum} bytes) for this model: non-expert weights {format_bytes(weights_bytes)} + {reserve_text} + "
             f"{top_k} expert slots of {format_bytes(expert_bytes)} (one layer's experts per token)"
         )
-    return num_slots
+    return min(num_slots, most)
 
 
 def default_headroom(budget: int) -> int:
@@ -525,10 +529,9 @@ def from_pretrained(
         config = model.config
         pool_format = requested_format or checkpoint_format
         # The slot count needs the resident weights' size; the pool (the model's bulk) is read after it.
+        num_owned = len(shard.owned_ids(arch.dims(config)[0])) if shard is not None else None
         num_slots = plan_slots(model, arch, config, len(layers), offload_policy.name, budget, headroom, expert_slots,
-                               pool_format)
-        if shard is not None:  # a rank's share of the slots: at most its own experts' count
-            num_slots = min(num_slots, len(layers) * len(shard.owned_ids(arch.dims(config)[0])))
+                               pool_format, num_owned)
         pool = _filled_pool(model, arch, layers, ckpt, backend_obj, progress, checkpoint_format, shard, pool_format)
     try:
         attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor, shard=shard,
