@@ -167,6 +167,10 @@ def test_bench_scheduler_on_the_bundled_model(capsys):
     assert result["expertflow"]["activated_pairs_per_batch"] <= 0.8 * result["fifo"]["activated_pairs_per_batch"]
     assert result["expertflow"]["bytes_per_token"] < result["fifo"]["bytes_per_token"]
     assert result["config"]["predictor"].endswith("tiny-mixtral-predictor.safetensors")
+    # the shape of the trace-driven bench's result: one run, its slot count and its forecast
+    (run,) = result["runs"]
+    assert run["expert_slots"] == "25%" and run["num_slots"] > 0
+    assert run["fifo"] == result["fifo"] and run["expertflow"] == {result["config"]["predictor"]: result["expertflow"]}
     assert BUNDLED_MODEL.exists()
 
 

@@ -32,7 +32,9 @@ def bench_scheduler(
     dtype: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """``{schedule: {activated_pairs_per_batch, bytes_per_token, tokens_per_s, schedule_ms, ...}}``."""
+    """``{schedule: {activated_pairs_per_batch, bytes_per_token, tokens_per_s, schedule_ms, ...}, "runs":
+    [one run], "config"}``: the shape of :func:`bench_scheduler_trace`'s result, with one slot count and
+    one forecast."""
     from transformers import AutoTokenizer
 
     from .. import from_pretrained
@@ -40,18 +42,23 @@ def bench_scheduler(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     ids = [tokenizer(prompts[i % len(prompts)])["input_ids"] for i in range(num_requests)]
     result: dict = {}
+    num_slots = 0
     for schedule in SCHEDULES[::-1]:  # fifo first: the reference
         model = from_pretrained(model_path, policy=policy, expert_slots=expert_slots, dtype=dtype, progress=False)
         try:
+            num_slots = model.expertflow.cache.num_slots
             result[schedule] = _serve(model, ids, batch_size, schedule, max_new_tokens, None, 0,
                                       next(model.parameters()).device, progress, predictor)
         finally:
             model.expertflow.close()
     _compare(result["fifo"], result["expertflow"])
     result["fifo"].pop("outputs")
+    forecast = str(predictor) if predictor is not None else "history"
+    result["runs"] = [{"expert_slots": expert_slots, "num_slots": num_slots, "fifo": result["fifo"],
+                       "expertflow": {forecast: result["expertflow"]}}]
     result["config"] = {"model": str(model_path), "num_requests": num_requests, "batch_size": batch_size,
                         "max_new_tokens": max_new_tokens, "policy": policy, "expert_slots": expert_slots,
-                        "predictor": str(predictor) if predictor is not None else "history", "dtype": dtype}
+                        "predictor": forecast, "dtype": dtype}
     return result
 
 
@@ -109,8 +116,7 @@ def _sync(device: torch.device) -> None:
 
 
 def format_scheduler_table(result: dict) -> str:
-    runs = result.get("runs") or [{"expert_slots": result["config"]["expert_slots"], "fifo": result["fifo"],
-                                   "expertflow": {result["config"]["predictor"]: result["expertflow"]}}]
+    runs = result["runs"]
     rows = [["slots", "schedule (forecast)", "pairs/batch", "bytes/token", "tokens/s", "schedule ms", "hit ratio", "x fifo tokens/s"]]
     for run in runs:
         entries = [("fifo", run["fifo"])] + [(f"expertflow ({name})", r) for name, r in run["expertflow"].items()]
