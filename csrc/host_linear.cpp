@@ -178,7 +178,7 @@ void run_rows(HostIsa isa, const Operands& j, int64_t r0, int64_t r1) {
 }
 
 constexpr int64_t kChunkBytes = 128 << 10;  // of w per chunk: a few hundred chunks per expert weight
-constexpr uint64_t kChunkBits = 32;  // the ticket: generation above, next chunk below         // the ticket: generation above, next chunk below
+constexpr uint64_t kChunkBits = 32;         // the ticket: generation above, next chunk below
 
 }  // namespace
 
