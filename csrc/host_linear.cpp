@@ -68,21 +68,41 @@ EF_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 mask) {  // 16 bf16 
 // accumulators keep the vector units busy while the loads stream. The operands are copied into
 // locals and the loops fully unrolled so that GCC keeps the accumulators in registers: reading them
 // through the Operands reference, it stored all 16 accumulators of a 4 x 4 tile to the stack at every
-// step of k.
+// step of k. The two kernels below differ only in their step of k: its width, loads and products.
+
+template <int R, int T>
+inline void tile_rows(const Operands& j, int64_t r, int64_t t, const uint16_t* (&x)[T], const uint16_t* (&w)[R]) {
+#pragma GCC unroll 4
+  for (int b = 0; b < T; ++b) x[b] = j.x + (t + b) * j.in;
+#pragma GCC unroll 4
+  for (int a = 0; a < R; ++a) w[a] = j.w + (r + a) * j.in;
+}
+
+template <int R, int T>
+EF_AVX512 inline void zero_tile(__m512 (&acc)[R][T]) {
+#pragma GCC unroll 4
+  for (int a = 0; a < R; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < T; ++b) acc[a][b] = _mm512_setzero_ps();
+}
+
+template <int R, int T>
+EF_AVX512 inline void store_tile(const Operands& j, int64_t r, int64_t t, __m512 (&acc)[R][T]) {
+#pragma GCC unroll 4
+  for (int a = 0; a < R; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < T; ++b) j.y[(t + b) * j.out + r + a] = float_to_bf16(_mm512_reduce_add_ps(acc[a][b]));
+}
+
+// AVX-512F: bf16 widened to fp32, 16 fused multiply-adds a step.
 template <int R, int T>
 EF_AVX512 void tile_avx512(const Operands& j, int64_t r, int64_t t) {
   const int64_t in = j.in;
   const uint16_t* x[T];
   const uint16_t* w[R];
-#pragma GCC unroll 4
-  for (int b = 0; b < T; ++b) x[b] = j.x + (t + b) * in;
-#pragma GCC unroll 4
-  for (int a = 0; a < R; ++a) w[a] = j.w + (r + a) * in;
+  tile_rows<R, T>(j, r, t, x, w);
   __m512 acc[R][T];
-#pragma GCC unroll 4
-  for (int a = 0; a < R; ++a)
-#pragma GCC unroll 4
-    for (int b = 0; b < T; ++b) acc[a][b] = _mm512_setzero_ps();
+  zero_tile<R, T>(acc);
   for (int64_t k = 0; k < in; k += 16) {
     const __mmask16 mask = in - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (in - k)) - 1u);
     __m512 xv[T];
@@ -96,10 +116,7 @@ EF_AVX512 void tile_avx512(const Operands& j, int64_t r, int64_t t) {
       for (int b = 0; b < T; ++b) acc[a][b] = _mm512_fmadd_ps(wv, xv[b], acc[a][b]);
     }
   }
-#pragma GCC unroll 4
-  for (int a = 0; a < R; ++a)
-#pragma GCC unroll 4
-    for (int b = 0; b < T; ++b) j.y[(t + b) * j.out + r + a] = float_to_bf16(_mm512_reduce_add_ps(acc[a][b]));
+  store_tile<R, T>(j, r, t, acc);
 }
 
 // vdpbf16ps: 32 bf16 products a step, added in pairs into 16 fp32 lanes (inputs' denormals read as 0).
@@ -108,15 +125,9 @@ EF_AVX512_BF16 void tile_avx512_bf16(const Operands& j, int64_t r, int64_t t) {
   const int64_t in = j.in;
   const uint16_t* x[T];
   const uint16_t* w[R];
-#pragma GCC unroll 4
-  for (int b = 0; b < T; ++b) x[b] = j.x + (t + b) * in;
-#pragma GCC unroll 4
-  for (int a = 0; a < R; ++a) w[a] = j.w + (r + a) * in;
+  tile_rows<R, T>(j, r, t, x, w);
   __m512 acc[R][T];
-#pragma GCC unroll 4
-  for (int a = 0; a < R; ++a)
-#pragma GCC unroll 4
-    for (int b = 0; b < T; ++b) acc[a][b] = _mm512_setzero_ps();
+  zero_tile<R, T>(acc);
   for (int64_t k = 0; k < in; k += 32) {
     const __mmask32 mask =
         in - k >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << (in - k)) - 1u);
@@ -131,10 +142,7 @@ EF_AVX512_BF16 void tile_avx512_bf16(const Operands& j, int64_t r, int64_t t) {
       for (int b = 0; b < T; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], wv, xv[b]);
     }
   }
-#pragma GCC unroll 4
-  for (int a = 0; a < R; ++a)
-#pragma GCC unroll 4
-    for (int b = 0; b < T; ++b) j.y[(t + b) * j.out + r + a] = float_to_bf16(_mm512_reduce_add_ps(acc[a][b]));
+  store_tile<R, T>(j, r, t, acc);
 }
 
 template <template <int, int> class Tile>
