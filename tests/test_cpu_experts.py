@@ -72,7 +72,7 @@ def test_bf16_cpu_experts_run_the_native_kernel_and_stay_close_to_the_resident_m
     model = ef.from_pretrained(folder, policy="lru", expert_slots="25%", cpu_experts="on", progress=False)
     try:
         linear = model.expertflow._cpu.linear
-        linear.max_tokens = 2**62  # whatever this machine's calibration chose
+        linear.max_tokens = None  # whatever this machine's calibration chose
         kernel, calls = linear._kernel, []
 
         class Counting:
@@ -160,7 +160,7 @@ def test_calibration_gives_each_token_count_the_faster_kernel():
     cached calibration sets the kernel's limit again."""
     def compute(weights, x, linear):
         n = x.shape[0]
-        native = isinstance(linear, HostLinear) and n <= linear.max_tokens
+        native = isinstance(linear, HostLinear) and (linear.max_tokens is None or n <= linear.max_tokens)
         time.sleep(((1.0 if n <= 16 else 40.0) if native else 3.0 + 0.1 * n) / 1e3)
         return x
 

@@ -7,21 +7,21 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
 
 - :class:`Calibration` (:func:`calibrate`): the link's time per expert, the CPU's time per expert
   for 1 to 256 tokens, and the GPU's time per resident expert. Measured once at load on the
-  model's own first expert (the 10 s budget is ample), cached per machine, model shape and format in
+  model's own first layer's experts (the 10 s budget is ample), cached per machine, model shape and format in
   ``$EXPERTFLOW_CACHE_DIR`` (default ``~/.cache/expertflow``) / ``calibration.json``.
 - :class:`CostModel`: per layer, which of the missed experts go to the CPU. The misses are taken
   with the most tokens first; each goes where it would finish first, the link (queued behind this
   layer's other copies, then computed on the GPU) or the CPU (queued behind its other experts). Hits
   always compute on the GPU. Prefill, with many tokens per expert, copies; decode sends a second or
   third miss to the CPU when the CPU is fast enough. A copied miss stays in the cache and may hit
-  later, so the CPU's side also carries the cache's recent hit ratio times one copy. The CPU's times are the calibration's scaled by
-  what CPU experts then take inside steps (:meth:`CostModel.observe`).
+  later, so the CPU's side also carries the cache's recent hit ratio times one copy. The CPU's times
+  are the calibration's scaled by what CPU experts then take inside steps (:meth:`CostModel.observe`).
 - :class:`CpuExecutor`: one worker thread that runs the CPU's experts in the order given while the
   GPU works; on the host backend (no GPU to overlap) it runs them inline. Their bf16 products go to
   :class:`HostLinear` (``torch.get_num_threads()`` threads), other dtypes to torch's CPU kernels.
 - :class:`HostLinear`: ``F.linear`` for bf16 with ExpertFlow's native kernel (``host_linear.h``). At
   decode an expert's products are matrix-vector products bound by host memory; on the H200 machine
-  torch's bf16 kernel read a cold Mixtral expert at 55-62 GB/s, the native one at 111-122. torch
+  torch's bf16 kernel read a cold Mixtral expert at 55-63 GB/s, the native one at 134. torch
   splits the rows statically, so one thread that loses its core to the thread launching the GPU's
   kernels holds up the product; the native kernel deals the rows out in chunks as threads come free.
 
@@ -147,23 +147,13 @@ class CostModel:
     def cpu_can_win(self, num_experts: int) -> bool:
         """Whether :meth:`choose` would ever send a miss to the CPU, at the calibrated costs: in its most
         favourable layer, every one of ``num_experts`` experts missed with one token each (the longest
-        link queue)."""
-        state = self.cpu_scale, self._layers_without_cpu, self.hit_ratio
-        self.cpu_scale, self.hit_ratio = 1.0, 0.0
-        try:
-            return any(self.choose([1] * num_experts))
-        finally:
-            self.cpu_scale, self._layers_without_cpu, self.hit_ratio = state
+        link queue) and a cold cache."""
+        return self.mode == "on" or (self.mode == "auto" and any(self._split([1] * num_experts, 1.0, 0.0)))
 
-    def choose(self, num_tokens: list[int]) -> list[bool]:
-        """``num_tokens [m]``: tokens of each missed expert -> ``[m]`` True where the CPU computes it."""
-        if self.mode == "on":
-            return [True] * len(num_tokens)
-        if self.mode == "off":
-            return [False] * len(num_tokens)
+    def _split(self, num_tokens: list[int], scale: float, later_copy_ms: float) -> list[bool]:
+        """The split of the misses (``num_tokens [m]``) that finishes the layer first: the misses with the
+        most tokens first, each where it would finish first -> ``[m]`` True for the CPU."""
         c = self.calibration
-        scale = self.cpu_scale  # once: the worker thread updates it
-        later_copy_ms = self.hit_ratio * c.copy_ms
         on_cpu = [False] * len(num_tokens)
         link_ms = cpu_ms = 0.0
         for i in sorted(range(len(num_tokens)), key=lambda i: -num_tokens[i]):
@@ -174,6 +164,16 @@ class CostModel:
                 cpu_ms = by_cpu
             else:
                 link_ms += c.copy_ms
+        return on_cpu
+
+    def choose(self, num_tokens: list[int]) -> list[bool]:
+        """``num_tokens [m]``: tokens of each missed expert -> ``[m]`` True where the CPU computes it."""
+        if self.mode == "on":
+            return [True] * len(num_tokens)
+        if self.mode == "off":
+            return [False] * len(num_tokens)
+        scale = self.cpu_scale  # once: the worker thread updates it
+        on_cpu = self._split(num_tokens, scale, self.hit_ratio * self.calibration.copy_ms)
         if any(on_cpu):
             self._layers_without_cpu = 0
         elif num_tokens:  # a layer without misses says nothing either way
@@ -199,11 +199,12 @@ class HostLinear:
         self._kernel: _C.HostLinear | None = _C.HostLinear(num_threads, isa)
         self.isa = self._kernel.isa
         self.num_threads = num_threads
-        self.max_tokens = max_tokens if max_tokens is not None else 2**62
+        self.max_tokens = max_tokens  # None: no limit
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel
-        if (kernel is None or x.dim() != 2 or x.shape[0] > self.max_tokens or x.dtype != torch.bfloat16
+        if (kernel is None or x.dim() != 2 or (self.max_tokens is not None and x.shape[0] > self.max_tokens)
+                or x.dtype != torch.bfloat16
                 or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.device.type != "cpu"
                 or w.dim() != 2 or x.shape[1] != w.shape[1] or x.numel() == 0 or w.numel() == 0
                 or not w.is_contiguous() or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
@@ -317,16 +318,18 @@ def calibrate(compute: Callable[..., torch.Tensor],
 
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
-        if linear is not None:
-            linear.max_tokens = 2**62  # what is timed as native must be native
+        native = linear if both_kernels else None  # timed until the first point where it loses
+        if native is not None:
+            native.max_tokens = None  # what is timed as native must be native
         torch_ms: list[float] = []
         native_ms: list[float] = []
         for n in _TOKEN_COUNTS:
             x = (torch.randn(n, hidden_size, generator=g) * 0.1).to(dtype)
             torch_ms.append(median_ms(functools.partial(on_cpu, x, F.linear), reps=5))
-            if (both_kernels and linear is not None and len(native_ms) == len(torch_ms) - 1
-                    and (not native_ms or native_ms[-1] < torch_ms[-2])):  # until it loses
-                native_ms.append(median_ms(functools.partial(on_cpu, x, linear), reps=5))
+            if native is not None:
+                native_ms.append(median_ms(functools.partial(on_cpu, x, native), reps=5))
+                if native_ms[-1] >= torch_ms[-1]:
+                    native = None
         torch_ms, native_ms = later_minimum(torch_ms), later_minimum(native_ms)
         native_points = 0  # the native kernel serves the first native_points points
         while native_points < len(native_ms) and native_ms[native_points] < torch_ms[native_points]:
