@@ -224,11 +224,14 @@ def belady_bytes(visits: list[tuple[int, list[int]]], num_slots: int, expert_byt
     return misses * expert_bytes
 
 
-def check_trace(trace, num_experts: int, model: str | None) -> None:
-    """The trace must route among the model's experts."""
+def check_trace(trace, num_experts: int, top_k: int, model: str | None) -> None:
+    """The trace must route among the model's experts, as many a token as the model does."""
     if trace.num_experts != num_experts:
         raise ValueError(f"the trace routes among {trace.num_experts} experts but {model} has {num_experts}; "
                          "use a trace of this model")
+    if trace.max_experts_per_layer != top_k:
+        raise ValueError(f"the trace routes each token to {trace.max_experts_per_layer} experts but the model to "
+                         f"{top_k}; use a trace recorded with the model's top-k")
 
 
 class BenchModel:
@@ -244,9 +247,14 @@ class BenchModel:
             self.model, self.arch, self.pool = load_offloaded(cfg.model, device=device, backend=backend.name,
                                                               progress=cfg.progress, expert_dtype=cfg.expert_dtype)
             self.source = cfg.model
-            if self.arch.encoder_decoder:
+            try:
+                if self.arch.encoder_decoder:
+                    raise ValueError(f"{cfg.model} is an encoder-decoder model; the benchmark times decoder-only models")
+                if self.trace is not None:
+                    check_trace(self.trace, self.num_experts, self.top_k, cfg.model)
+            except BaseException:
                 self.pool.close()
-                raise ValueError(f"{cfg.model} is an encoder-decoder model; the benchmark times decoder-only models")
+                raise
             return
         arch = cfg.arch
         if arch is None:  # validate() requires one of the two
@@ -255,7 +263,7 @@ class BenchModel:
         config = make_config(arch, cfg.layers, top_k, cfg.config_overrides)
         self.arch = architecture_for(config.model_type)
         if self.trace is not None:  # before any weight is built
-            check_trace(self.trace, self.arch.dims(config)[0], arch)
+            check_trace(self.trace, *self.arch.dims(config)[:2], arch)
         self.source = f"{arch} ({SHAPES[arch].source}), random weights"
         from transformers import AutoModelForCausalLM
 
@@ -389,12 +397,8 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(1, m.model.config.vocab_size, (cfg.batch, cfg.prompt_len), generator=g).to(device)
     schedule = None
-    if m.trace is not None:
+    if m.trace is not None:  # checked against the model when it was built
         trace = m.trace
-        check_trace(trace, E, cfg.arch or cfg.model)
-        if trace.max_experts_per_layer != m.top_k:
-            raise ValueError(f"the trace routes each token to {trace.max_experts_per_layer} experts but the model to "
-                             f"{m.top_k}; use a trace recorded with the model's top-k")
         stride = max(1, trace.num_tokens // cfg.batch)
         schedule = TraceSchedule(trace, L, cfg.new_tokens, [b * stride for b in range(cfg.batch)], prompt.shape[1])
     if schedule is None:  # trained predictors must fit the model before any configuration runs
