@@ -117,7 +117,7 @@ def test_a_miss_the_cache_would_keep_is_copied_when_the_cpu_wins_only_by_the_cop
     """CPU 3.4 ms against a 6.4 ms copy: with a cold cache a lone miss goes to the CPU; once 60% of
     recent experts hit (a copy would likely be reused: 0.6 x 6.4 ms saved later) it is copied, and a
     second miss still goes to the CPU (it would wait behind the first copy)."""
-    model = CostModel(linear(6.4, 3.3, 0.1), "auto")
+    model = CostModel(line_calibration(6.4, 3.3, 0.1), "auto")
     assert model.choose([1]) == [True]
     for _ in range(200):
         model.observe_hits(5, 3)
@@ -219,12 +219,12 @@ def test_bad_modes_are_refused_before_loading(tmp_path):
         ef.from_pretrained(folder, cpu_experts="on", distributed=True, progress=False)
 
 
-def linear(copy_ms, fixed_ms, per_token_ms, gpu_ms=0.1) -> Calibration:
+def line_calibration(copy_ms, fixed_ms, per_token_ms, gpu_ms=0.1) -> Calibration:
     """A calibration whose CPU takes fixed_ms + per_token_ms * n."""
     return Calibration(copy_ms, (1, 256), (fixed_ms + per_token_ms, fixed_ms + 256 * per_token_ms), gpu_ms, 4, 0.0)
 
 
-DECODE = linear(6.4, 7.3, 0.1)
+DECODE = line_calibration(6.4, 7.3, 0.1)
 
 
 def test_the_cost_model_on_the_h200_machines_figures():
@@ -237,17 +237,17 @@ def test_the_cost_model_on_the_h200_machines_figures():
     assert CostModel(DECODE, "on").choose([200, 1]) == [True, True]
     assert CostModel(DECODE, "off").choose([1, 1]) == [False, False]
     # A CPU slower than two copies still wins the third miss of a layer (top-k 4 and up, batches)
-    third = CostModel(linear(1.0, 2.5, 0.0), "auto")
+    third = CostModel(line_calibration(1.0, 2.5, 0.0), "auto")
     assert third.choose([1, 1, 1]) == [False, False, True] and third.cpu_can_win(8)
     assert not third.cpu_can_win(2)  # two experts a layer: never
-    assert not CostModel(linear(1.0, 50.0, 0.1), "auto").cpu_can_win(8)
+    assert not CostModel(line_calibration(1.0, 50.0, 0.1), "auto").cpu_can_win(8)
 
 
 def test_the_cost_model_learns_what_the_cpu_costs_inside_a_step():
     """Calibrated alone the CPU beats a copy (5.8 against 6.5 ms); inside steps it takes 11.6 ms. After
     a few observations the model weighs the CPU at about twice its calibration: a lone miss copies
     again, a second one still goes to the CPU (11.6 < 6.5 + 6.5 + 0.1)."""
-    auto = CostModel(linear(6.5, 5.7, 0.1), "auto")
+    auto = CostModel(line_calibration(6.5, 5.7, 0.1), "auto")
     assert auto.choose([1]) == [True]
     for _ in range(30):
         auto.observe(1, 11.6)
@@ -264,7 +264,7 @@ def test_a_slow_cpu_is_tried_again_and_kept_once_it_is_fast():
     takes 2.5x its calibration inside steps, a layer's second miss mostly copies; the CPU is still
     tried now and then (a scale that kept it out for good could never be measured again), and once it
     is back at its calibrated speed the second miss goes to it again."""
-    auto = CostModel(linear(6.5, 5.7, 0.1), "auto")
+    auto = CostModel(line_calibration(6.5, 5.7, 0.1), "auto")
 
     def layers(num_layers: int, true_scale: float) -> int:
         sent = 0
@@ -304,7 +304,7 @@ def test_auto_never_plans_a_layer_slower_than_copying(tokens, copy_ms, fixed, pe
     """From the definition: a layer finishes when both pipes do. The link copies its experts one
     after another (each then computes on the GPU); the CPU computes its own one after another, at
     the in-step scale the model has learnt. Whatever the cache's hit ratio, the plan is no slower."""
-    c = linear(copy_ms, fixed, per_token, gpu_ms)
+    c = line_calibration(copy_ms, fixed, per_token, gpu_ms)
     model = CostModel(c, "auto")
     model.hit_ratio, model.cpu_scale = hit_ratio, scale
     on_cpu = model.choose(tokens)
