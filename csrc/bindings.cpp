@@ -79,6 +79,7 @@ py::dict stats_dict(const RuntimeStats& s) {
   d["prefetches"] = s.prefetches;
   d["wasted_prefetches"] = s.wasted_prefetches;
   d["cancelled_prefetches"] = s.cancelled_prefetches;
+  d["backfills"] = s.backfills;
   d["evictions"] = s.evictions;
   d["bytes_copied"] = s.bytes_copied;
   d["prefetch_bytes"] = s.prefetch_bytes;
@@ -422,6 +423,8 @@ PYBIND11_MODULE(_C, m) {
       .def("stats", [](Runtime& r) { return stats_dict(r.stats()); })
       .def("reset_stats", &Runtime::reset_stats)
       .def("resident", &Runtime::resident, py::arg("layer"), py::arg("experts"))
+      .def("landed", &Runtime::landed, py::arg("layer"), py::arg("experts"))
+      .def("backfill", &Runtime::backfill, py::arg("layer"), py::arg("experts"))
       .def("slot_table",
            [](Runtime& r) {
              py::list out;

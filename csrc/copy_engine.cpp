@@ -228,6 +228,12 @@ bool CopyEngine::idle() {
   return true;
 }
 
+int CopyEngine::num_pending_prefetches() {
+  std::lock_guard<std::mutex> lk(mu_);
+  rethrow_dispatcher_error_locked();
+  return static_cast<int>(queue_.size()) + (current_ >= 0 ? 1 : 0);
+}
+
 void CopyEngine::release(int slot, Stream compute) {
   std::lock_guard<std::mutex> lk(mu_);
   rethrow_dispatcher_error_locked();

@@ -43,6 +43,7 @@ Runtime::Runtime(std::shared_ptr<ExpertPool> pool, RuntimeOptions options)
       backend_(pool_->backend()),
       options_(validated(pool_, std::move(options))),
       policy_(parse_policy(options_.policy)),
+      backfilled_(static_cast<size_t>(options_.num_slots), 0),
       cache_(options_.num_slots, policy_, pool_->num_layers()) {
   EF_CHECK(policy_ != Policy::kBelady, "policy 'belady' needs the future and exists for trace replay only; "
                                        "choose lru, lfu or expertflow");
@@ -72,6 +73,7 @@ void Runtime::check_open() const { EF_CHECK(!closed_, "the expert cache is close
 void Runtime::evict_locked(int slot) {
   const SlotMeta& m = cache_.slot(slot);
   if (m.empty()) return;
+  backfilled_[slot] = 0;
   if (engine_->cancel(slot)) {
     ++stats_.cancelled_prefetches;
   } else {
@@ -103,7 +105,7 @@ void Runtime::apply_plan(const Plan& plan) {
   // Stale prefetches: what the new plan no longer names is not worth the rest of its bytes.
   for (int s = 0; s < cache_.num_slots(); ++s) {
     const SlotMeta& m = cache_.slot(s);
-    if (!m.empty() && m.pin_count == 0 && !wanted.count({m.layer, m.expert}) && engine_->cancel(s)) {
+    if (!m.empty() && m.pin_count == 0 && !backfilled_[s] && !wanted.count({m.layer, m.expert}) && engine_->cancel(s)) {
       ++stats_.cancelled_prefetches;
       cache_.clear(s);
     }
@@ -224,6 +226,37 @@ void Runtime::release(int layer, const std::vector<int>& experts, Stream compute
   }
 }
 
+std::vector<uint8_t> Runtime::backfill(int layer, const std::vector<int>& experts) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  for (int expert : experts) pool_->check_expert(layer, expert);
+  EF_CHECK(std::set<int>(experts.begin(), experts.end()).size() == experts.size(),
+           "backfill of layer " << layer << " lists an expert twice; pass each expert once");
+  cache_.advance(layer);
+  // Its next use is at the layer's next visit at the earliest: prefetches due sooner go first.
+  const double due = cache_.position() + pool_->num_layers();
+  std::vector<uint8_t> outcome(experts.size(), 0);
+  for (size_t i = 0; i < experts.size(); ++i) {
+    int s = cache_.find(layer, experts[i]);
+    if (s >= 0) {
+      outcome[i] = 2;
+    } else {
+      if (engine_->num_pending_prefetches() >= kMaxPendingBackfill) continue;
+      s = cache_.pick_slot(layer, cache_.demand_due(), /*prefetch=*/false);  // the slot a demand miss takes
+      if (s < 0) continue;                                                    // every slot is pinned
+      evict_locked(s);
+      cache_.assign(s, layer, experts[i]);
+      engine_->prefetch(s, pool_->expert_data(layer, experts[i]), slot_data(s), pool_->expert_bytes(layer), due);
+      backfilled_[s] = 1;
+      outcome[i] = 1;
+      ++stats_.backfills;
+    }
+    cache_.set_prefetched_unused(s, false);
+    cache_.touch(s);
+  }
+  return outcome;
+}
+
 void Runtime::set_layer_quotas(std::vector<int> quotas) {
   std::lock_guard<std::mutex> lk(mu_);
   check_open();
@@ -266,6 +299,19 @@ std::vector<uint8_t> Runtime::resident(int layer, const std::vector<int>& expert
   for (int expert : experts) {
     pool_->check_expert(layer, expert);
     out.push_back(cache_.find(layer, expert) >= 0 ? 1 : 0);
+  }
+  return out;
+}
+
+std::vector<uint8_t> Runtime::landed(int layer, const std::vector<int>& experts) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  std::vector<uint8_t> out;
+  out.reserve(experts.size());
+  for (int expert : experts) {
+    pool_->check_expert(layer, expert);
+    const int s = cache_.find(layer, expert);
+    out.push_back(s >= 0 && engine_->is_ready(s) ? 1 : 0);
   }
   return out;
 }

@@ -43,7 +43,10 @@ NO_CLOCK_ESTIMATE = 1e15
 
 STAT_KEYS = (
     "accesses", "hits", "misses", "prefetch_hits", "prefetches", "wasted_prefetches", "cancelled_prefetches", "evictions",
+    "backfills",
 )
+#: backfill() queues a copy only while fewer prefetches than this are unfinished (runtime.h).
+MAX_PENDING_BACKFILL = 2
 
 
 class ReferenceError_(Exception):
@@ -61,6 +64,7 @@ class Resident:
     planned: bool = False             # named by the plan in force when it was last admitted
     prefetched_unused: bool = False   # brought in by a prefetch and not acquired since
     queued: bool = False              # that prefetch's copy has not landed: dropping it cancels it
+    backfilled: bool = False          # brought in by backfill(): no plan cancels it
     accesses: list[tuple[int, float]] | None = None  # (recency counter, clock position) of each access
 
     def __post_init__(self) -> None:
@@ -332,7 +336,7 @@ class ReferenceCache:
         clock, which leaves a pending ``now`` alone) is where the next visit lands."""
         wanted = {(layer, expert) for layer, expert, _, _ in entries}
         for i, r in enumerate(self.residents):
-            if r is not None and r.pin_count == 0 and r.queued and (r.layer, r.expert) not in wanted:
+            if r is not None and r.pin_count == 0 and r.queued and not r.backfilled and (r.layer, r.expert) not in wanted:
                 self.stats["cancelled_prefetches"] += 1
                 self.residents[i] = None
         self.tables = None if next_use is None else (np.asarray(next_use), np.asarray(following_use))
@@ -393,6 +397,36 @@ class ReferenceCache:
         if self.timed:  # an untimed plan is admitted once
             self.admit(link_idle=not self.queued_any() and (demand_landed or copies == 0))
         return slots
+
+    def backfill(self, layer: int, experts: list[int], outcome: list[int] | None = None) -> list[int]:
+        """``ExpertCache.backfill``: the clock moves to the layer's visit; each expert in turn is accessed
+        (as acquire's are); a missing one is first loaded into the slot a demand miss would take, its
+        copy queued, but only while fewer than MAX_PENDING_BACKFILL copies are queued and some slot can
+        be taken. -> per expert: 1 queued, 2 already resident, 0 not admitted. ``outcome``: follow the
+        runtime's admissions instead (where copies race, the queue's length is not known here)."""
+        self.advance(layer)
+        due_now = self.position if self.policy == "expertflow" else DUE_NOW
+        result = []
+        for k, e in enumerate(experts):
+            i = self.find(layer, e)
+            if i >= 0:
+                result.append(2)
+            else:
+                pending = sum(r is not None and r.queued for r in self.residents)
+                admit = pending < MAX_PENDING_BACKFILL if outcome is None else outcome[k] == 1
+                i = self.pick(layer, due_now, prefetch=False) if admit else -1
+                if i < 0:
+                    result.append(0)
+                    continue
+                self.evict(i)
+                r = self.load(i, layer, e)
+                r.queued = r.backfilled = True
+                self.stats["backfills"] += 1
+                result.append(1)
+            r = self.residents[i]
+            r.prefetched_unused = False
+            self.access(r)
+        return result
 
     def release(self, layer: int, experts: list[int]) -> None:
         for e in experts:

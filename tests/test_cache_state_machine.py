@@ -1,4 +1,4 @@
-"""Property tests: random prefetch / plan / acquire / release / quota sequences against a reference.
+"""Property tests: random prefetch / plan / acquire / backfill / release / quota sequences against a reference.
 
 The exact machine pauses the prefetch queue so every decision is deterministic and compares each
 slot and counter with tests/reference_cache.py, which computes the documented definition. The async
@@ -190,6 +190,18 @@ class CacheMachine(RuleBasedStateMachine):
             if self.acquire_one(layer, experts):
                 self.cache.release(layer, experts)
                 self.ref.release(layer, experts)
+
+    @rule(layer=LAYERS, experts=st.sets(EXPERTS, min_size=1, max_size=4))
+    def backfill(self, layer, experts):
+        """Experts the CPU computed: accessed, and loaded behind the layer while the link has room."""
+        experts = sorted(experts, key=lambda e: (e * 7919) % 13)
+        if self.exact:
+            self.cache.synchronize()  # as before acquire: only prefetches are unfinished (paused)
+        got = self.cache.backfill(layer, experts)
+        want = self.ref.backfill(layer, experts, None if self.exact else got)
+        if self.exact:
+            assert got == want, f"backfill of layer {layer} {experts}: runtime {got} vs reference {want}"
+        assert len(got) == len(experts) and set(got) <= {0, 1, 2}
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())

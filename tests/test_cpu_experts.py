@@ -126,6 +126,24 @@ def test_a_miss_the_cache_would_keep_is_copied_when_the_cpu_wins_only_by_the_cop
     assert model.cpu_can_win(8)  # judged with a cold cache, as at load
 
 
+def test_a_miss_goes_to_the_cpu_again_once_the_cpus_experts_are_backfilled():
+    """The same 60% hit ratio: while CPU experts are backfilled into the cache (ExpertCache.backfill),
+    the CPU loses no later hit, so a lone miss goes back to the CPU; with a tenth backfilled, the later
+    copy left (0.6 x 0.9 x 6.4 = 3.5 ms, on the CPU's 3.4 against the link's 6.5) still tips it to the
+    link."""
+    model = CostModel(line_calibration(6.4, 3.3, 0.1), "auto")
+    for _ in range(200):
+        model.observe_hits(5, 3)
+    for _ in range(200):
+        model.observe_backfills(10, 1)
+    assert model.backfilled_share == pytest.approx(0.1, abs=1e-3)
+    assert model.choose([1]) == [False]
+    for _ in range(200):
+        model.observe_backfills(2, 2)
+    assert model.backfilled_share == pytest.approx(1.0, abs=1e-3)
+    assert model.choose([1]) == [True]
+
+
 def test_host_linear_leaves_what_it_does_not_take_to_torch():
     linear = HostLinear(2)
     try:
@@ -299,14 +317,16 @@ def test_cpu_time_follows_the_measured_points_and_their_last_slope():
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(1, 64), min_size=0, max_size=12), st.floats(0.1, 20), st.floats(0.0, 20),
-       st.floats(0.0, 2), st.floats(0.0, 1), st.floats(0.0, 1), st.floats(0.5, 3))
-def test_auto_never_plans_a_layer_slower_than_copying(tokens, copy_ms, fixed, per_token, gpu_ms, hit_ratio, scale):
+       st.floats(0.0, 2), st.floats(0.0, 1), st.floats(0.0, 1), st.floats(0.5, 3), st.floats(0.0, 1))
+def test_auto_never_plans_a_layer_slower_than_copying(tokens, copy_ms, fixed, per_token, gpu_ms, hit_ratio, scale,
+                                                      backfilled_share):
     """From the definition: a layer finishes when both pipes do. The link copies its experts one
     after another (each then computes on the GPU); the CPU computes its own one after another, at
-    the in-step scale the model has learnt. Whatever the cache's hit ratio, the plan is no slower."""
+    the in-step scale the model has learnt. Whatever the cache's hit ratio and backfilled share, the
+    plan is no slower."""
     c = line_calibration(copy_ms, fixed, per_token, gpu_ms)
     model = CostModel(c, "auto")
-    model.hit_ratio, model.cpu_scale = hit_ratio, scale
+    model.hit_ratio, model.cpu_scale, model.backfilled_share = hit_ratio, scale, backfilled_share
     on_cpu = model.choose(tokens)
     assert len(on_cpu) == len(tokens)
 
@@ -380,10 +400,15 @@ def test_bench_runs_each_policy_with_and_without_cpu_experts(tmp_path):
                                    cpu_experts=["off", "on"], new_tokens=6, progress=False, prompt_ids=[3, 14, 15]))
     rows = {(r["policy"], r["cpu_experts"]): r for r in result["rows"]}
     assert set(rows) == {("all_gpu", "off"), ("lru", "off"), ("lru", "on")}
-    assert rows[("lru", "on")]["hit_ratio"] == 0  # no expert came from a slot
-    assert rows[("lru", "on")]["cpu_experts_per_token"] > 0 and rows[("lru", "off")]["cpu_experts_per_token"] == 0
-    assert rows[("lru", "on")]["same_tokens_as_all_gpu"] and rows[("lru", "off")]["same_tokens_as_all_gpu"]
-    assert rows[("lru", "on")]["bytes_per_token"] == 0  # every miss ran from host memory
+    on = rows[("lru", "on")]
+    assert on["cpu_experts_per_token"] > 0 and rows[("lru", "off")]["cpu_experts_per_token"] == 0
+    assert on["same_tokens_as_all_gpu"] and rows[("lru", "off")]["same_tokens_as_all_gpu"]
+    assert on["demand_misses_per_token"] == 0  # every miss ran from host memory ...
+    # ... and was backfilled into the cache behind its layer: those are the only bytes moved (a backfill
+    # evicted before it finished moves less than an expert), and later uses of those experts came from slots
+    assert on["backfills_per_token"] > 0 and rows[("lru", "off")]["backfills_per_token"] == 0
+    assert 0 < on["bytes_per_token"] <= on["backfills_per_token"] * result["expert_bytes"] * (1 + 1e-9)
+    assert on["hit_ratio"] > 0
     calibration = rows[("lru", "on")]["cpu_calibration"]  # what the cost model measured, and how long it took
     assert calibration["seconds"] > 0 and len(calibration["cpu_times_ms"]) == len(calibration["cpu_tokens"])
     assert rows[("lru", "off")]["cpu_calibration"] is None

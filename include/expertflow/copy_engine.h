@@ -75,6 +75,8 @@ class CopyEngine {
   bool is_ready(int slot);
   // True when no prefetch is queued or being submitted and no copy is in flight (never blocks).
   bool idle();
+  // Prefetch jobs queued or being submitted (never blocks).
+  int num_pending_prefetches();
   // Compute on `compute` stops reading the slot once it reaches this point.
   void release(int slot, Stream compute);
 

@@ -9,6 +9,13 @@
 //   cancelled (their slots emptied), named ones that are still queued take the new due, and new ones
 //   are admitted as the cache decides (cache.h) and queued by due. acquire() moves the cache's clock
 //   to the layer and, once its misses are on their way, admits what the plan still holds.
+// - backfill() brings experts the caller computes elsewhere (the CPU) into slots for their next use:
+//   they count as used (recency, position) and a missing one takes the slot a demand miss would, but
+//   its copy goes on the prefetch path, due at the layer's next visit, and nothing waits for it. So the
+//   cache evolves as if the GPU had computed them, while the link stays off the layer's critical path.
+//   A backfill is admitted only while fewer than kMaxPendingBackfill prefetch jobs are unfinished (a
+//   link that has fallen behind would copy experts that are evicted again before they land), and a
+//   plan does not cancel it (it is not a forecast the next plan can revise).
 // - One mutex serialises cache state; the copy engine's own lock is taken only inside it.
 // - After close() every call throws and the pool is let go (its pinned arena is freed with its last owner);
 //   the slot arena lives on while zero-copy views of it exist.
@@ -26,6 +33,10 @@
 
 namespace expertflow {
 
+// Unfinished prefetch jobs (queued or being submitted) below which backfill() still queues a copy:
+// one copying and one waiting keeps the link busy without falling behind.
+constexpr int kMaxPendingBackfill = 2;
+
 struct RuntimeOptions {
   int num_slots = 0;
   size_t slot_bytes = 0;  // 0: the pool's largest expert
@@ -41,6 +52,7 @@ struct RuntimeStats {
   uint64_t prefetches = 0;           // prefetch copies queued
   uint64_t wasted_prefetches = 0;    // prefetched, then evicted without being acquired
   uint64_t cancelled_prefetches = 0; // dropped before all their bytes moved
+  uint64_t backfills = 0;            // copies queued by backfill() (their bytes count as prefetch_bytes)
   uint64_t evictions = 0;
   uint64_t bytes_copied = 0;
   uint64_t prefetch_bytes = 0;
@@ -64,6 +76,9 @@ class Runtime {
   void wait_ready(int slot, Stream compute);
   bool is_ready(int slot);
   void release(int layer, const std::vector<int>& experts, Stream compute);
+  // Experts of `layer` computed elsewhere this visit (see the invariants): for each, 1 when its copy
+  // was queued, 2 when it already held a slot (landed or in flight), 0 when it was not admitted.
+  std::vector<uint8_t> backfill(int layer, const std::vector<int>& experts);
   void set_layer_quotas(std::vector<int> quotas);
 
   RuntimeStats stats();
@@ -71,6 +86,8 @@ class Runtime {
   std::vector<SlotMeta> slot_table();
   // Whether each of `experts` of `layer` holds a slot (landed or in flight).
   std::vector<uint8_t> resident(int layer, const std::vector<int>& experts);
+  // Whether each of `experts` of `layer` holds a slot whose bytes have landed.
+  std::vector<uint8_t> landed(int layer, const std::vector<int>& experts);
   void synchronize();
   void pause_prefetch();
   void resume_prefetch();
@@ -94,6 +111,7 @@ class Runtime {
   std::shared_ptr<Backend> backend_;
   RuntimeOptions options_;
   Policy policy_;
+  std::vector<uint8_t> backfilled_;  // [num_slots]: the slot's current occupant came by backfill()
   std::shared_ptr<Buffer> arena_;
   std::unique_ptr<CopyEngine> engine_;
   SlotCache cache_;

@@ -13,9 +13,14 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   with the most tokens first; each goes where it would finish first, the link (queued behind this
   layer's other copies, then computed on the GPU) or the CPU (queued behind its other experts). Hits
   always compute on the GPU. Prefill, with many tokens per expert, copies; decode sends a second or
-  third miss to the CPU when the CPU is fast enough. A copied miss stays in the cache and may hit
-  later, so the CPU's side also carries the cache's recent hit ratio times one copy. The CPU's times
-  are the calibration's scaled by what CPU experts then take inside steps (:meth:`CostModel.observe`).
+  third miss to the CPU when the CPU is fast enough. The CPU's times are the calibration's scaled by
+  what CPU experts then take inside steps (:meth:`CostModel.observe`).
+- Backfill: a CPU expert enters the cache behind its layer while the link has room
+  (:meth:`~expertflow.runtime.ExpertCache.backfill`), so the cache evolves as if the GPU had run it
+  and the link, which the CPU's misses would leave idle at decode, keeps copying off the layer's
+  critical path. A copied miss may hit at its next use; a CPU expert that was not backfilled misses
+  again, so the CPU's side carries the cache's recent hit ratio times one copy for the share of its
+  experts that were not backfilled.
 - :class:`CpuExecutor`: one worker thread that runs the CPU's experts in the order given while the
   GPU works; on the host backend (no GPU to overlap) it runs them inline. Their bf16 products go to
   :class:`HostLinear` (``torch.get_num_threads()`` threads), other dtypes to torch's CPU kernels.
@@ -127,15 +132,23 @@ class CostModel:
         # does not see. Measured on the H200 machine: 5.8 ms calibrated, about 11 ms in the step.
         self.cpu_scale = 1.0
         self._layers_without_cpu = 0  # layers with misses since the CPU last got one (see choose)
-        # A copied miss stays in its slot and may hit at its next use; one computed on the CPU leaves the
-        # cache as it was, so its next use misses again. The CPU's side carries that later copy, priced
-        # at the cache's recent hit ratio (an average over the last few dozen layers) times one copy.
+        # A copied miss stays in its slot and may hit at its next use. One computed on the CPU enters the
+        # cache only when its backfill (ExpertCache.backfill) is admitted; otherwise its next use misses
+        # again. So the CPU's side carries that later copy, priced at the cache's recent hit ratio times
+        # one copy times the recent share of the CPU's experts that were not backfilled (averages over
+        # the last few dozen layers).
         self.hit_ratio = 0.0
+        self.backfilled_share = 0.0
 
     def observe_hits(self, num_used: int, num_hits: int) -> None:
         """A layer used ``num_used`` experts, ``num_hits`` of them in slots (prefetches in flight count)."""
         if num_used:
             self.hit_ratio += 0.05 * (num_hits / num_used - self.hit_ratio)
+
+    def observe_backfills(self, num_cpu: int, num_backfilled: int) -> None:
+        """Of a layer's ``num_cpu`` CPU experts, ``num_backfilled`` are in slots for their next use."""
+        if num_cpu:
+            self.backfilled_share += 0.05 * (num_backfilled / num_cpu - self.backfilled_share)
 
     def observe(self, num_tokens: int, ms: float) -> None:
         """A CPU expert of ``num_tokens`` took ``ms`` inside a step: the cost model's CPU times move a
@@ -173,7 +186,8 @@ class CostModel:
         if self.mode == "off":
             return [False] * len(num_tokens)
         scale = self.cpu_scale  # once: the worker thread updates it
-        on_cpu = self._split(num_tokens, scale, self.hit_ratio * self.calibration.copy_ms)
+        later_copy_ms = self.hit_ratio * (1.0 - self.backfilled_share) * self.calibration.copy_ms
+        on_cpu = self._split(num_tokens, scale, later_copy_ms)
         if any(on_cpu):
             self._layers_without_cpu = 0
         elif num_tokens:  # a layer without misses says nothing either way

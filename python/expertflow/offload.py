@@ -363,6 +363,9 @@ class OffloadEngine:
         # The policy hears the layer once, after the first wave's demand loads are queued (they go
         # first), and also where this rank runs none of the layer's experts.
         self._apply(self.policy.on_layer(layer.index, chosen, gate))
+        if cpu_jobs:  # the CPU's experts enter the cache behind the layer, as if the GPU had run them
+            kept = self.cache.backfill(layer.index, list(cpu_jobs))
+            cast("CostModel", self.cost_model).observe_backfills(len(kept), sum(k > 0 for k in kept))
         for n, wave in enumerate(waves):
             slots = first if n == 0 else self.cache.acquire_slots(layer.index, wave, stream=stream, wait=False)
             # Experts whose bytes have landed first; misses as they land.
@@ -403,7 +406,9 @@ class OffloadEngine:
         expert's tokens in the order the GPU path takes them (choice-major, then token)."""
         if self.cost_model is None or self._cpu is None or not experts:
             return {}
-        missed = [e for e, held in zip(experts, self.cache.resident(layer, experts)) if not held]
+        # An expert whose copy is still on its way (a backfill, a prefetch) counts as missed: the CPU
+        # may finish it before its bytes land.
+        missed = [e for e, landed in zip(experts, self.cache.landed(layer, experts)) if not landed]
         self.cost_model.observe_hits(len(experts), len(experts) - len(missed))
         to_cpu = [e for e, cpu in zip(missed, self.cost_model.choose([int(counts[e]) for e in missed])) if cpu]
         if not to_cpu:

@@ -465,7 +465,8 @@ class ExpertCache:
         """Counters since creation or :meth:`reset_stats`.
 
         ``accesses``, ``hits``, ``misses``, ``prefetch_hits``, ``prefetches``, ``wasted_prefetches``,
-        ``cancelled_prefetches``, ``evictions``, ``bytes_copied`` (= ``prefetch_bytes`` +
+        ``cancelled_prefetches``, ``backfills`` (copies :meth:`backfill` queued; their bytes count in
+        ``prefetch_bytes``), ``evictions``, ``bytes_copied`` (= ``prefetch_bytes`` +
         ``demand_bytes``), ``stalls`` and ``stall_ms`` (time the compute stream waited on copies).
         """
         self._check_open()
@@ -479,6 +480,21 @@ class ExpertCache:
         """Whether each of ``experts`` of ``layer`` holds a slot (its bytes landed or in flight)."""
         self._check_open()
         return [bool(r) for r in self._native.resident(layer, list(experts))]
+
+    def landed(self, layer: int, experts: Sequence[int]) -> list[bool]:
+        """Whether each of ``experts`` of ``layer`` holds a slot whose bytes have landed (never blocks)."""
+        self._check_open()
+        return [bool(r) for r in self._native.landed(layer, list(experts))]
+
+    def backfill(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """Brings ``experts`` of ``layer``, computed elsewhere in this visit (the CPU), into slots for
+        their next use, as if they had been acquired: each counts as used, and a missing one takes the
+        slot a demand miss would. Its copy goes on the prefetch path, due at the layer's next visit;
+        nothing waits for it and no plan cancels it. Admitted only while the link has fewer than two
+        prefetches unfinished. -> for each expert: 1 its copy was queued, 2 it already held a slot
+        (landed or in flight), 0 not admitted."""
+        self._check_open()
+        return list(self._native.backfill(layer, list(experts)))
 
     def held(self, num_layers: int, num_experts: int) -> np.ndarray:
         """``[num_layers, num_experts]`` bool: which experts hold a slot (landed or in flight), from one
