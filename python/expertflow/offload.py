@@ -4,8 +4,10 @@ For one MoE layer, :class:`OffloadedExperts` receives the router's choice, and t
 the host once (with the next layer's gate-ahead picks, when the policy wants them), acquires the
 chosen experts from the :class:`~expertflow.runtime.ExpertCache` (misses are demand-loaded at once),
 applies the plan the policy returns, computes the experts whose bytes have already landed first and
-the rest as they land, and releases them. Tokens are grouped by expert with one sort, so a batch runs
-one matmul chain per expert. The arithmetic is transformers' eager experts loop, accumulated in
+the rest as they land, and releases them. With CPU experts, the misses the cost model picks run on
+the CPU from the pool and are then backfilled into the cache behind the layer
+(:meth:`~expertflow.runtime.ExpertCache.backfill`). Tokens are grouped by expert with one sort, so a
+batch runs one matmul chain per expert. The arithmetic is transformers' eager experts loop, accumulated in
 ascending expert order, so outputs match the resident model.
 
 Host syncs: one per layer (the routing transfer; sharded, a second one for who holds which expert;

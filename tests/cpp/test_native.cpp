@@ -308,6 +308,42 @@ void test_runtime_round_trip() {
   expect_error([&] { runtime.acquire(0, {0}, nullptr); }, "closed");
 }
 
+// Backfill: experts computed elsewhere enter slots on the prefetch path, two copies at most waiting,
+// and no plan cancels them; once landed they are hits with the pool's bytes.
+void test_runtime_backfill() {
+  auto backend = make_host_backend();
+  auto pool = std::make_shared<ExpertPool>(backend, std::vector<int>{4, 4},
+                                           std::vector<ExpertLayout>(2, ExpertLayout::pack({spec("w", {1000}, 4)})));
+  for (int l = 0; l < 2; ++l)
+    for (int e = 0; e < 4; ++e) {
+      std::vector<uint8_t> bytes(4000, static_cast<uint8_t>(l * 16 + e));
+      pool->write(l, e, 0, bytes.data(), bytes.size());
+    }
+  RuntimeOptions options;
+  options.num_slots = 3;
+  options.policy = "lru";
+  Runtime runtime(pool, options);
+  runtime.pause_prefetch();  // the copies wait, so "unfinished" is known
+  EXPECT((runtime.backfill(0, {1, 2, 3}) == std::vector<uint8_t>{1, 1, 0}));  // the third finds two waiting
+  EXPECT((runtime.resident(0, {1, 2, 3}) == std::vector<uint8_t>{1, 1, 0}));
+  EXPECT((runtime.landed(0, {1, 2}) == std::vector<uint8_t>{0, 0}));
+  runtime.apply_plan(Plan{});  // a plan naming nothing cancels unfinished prefetches, not backfills
+  EXPECT((runtime.resident(0, {1, 2}) == std::vector<uint8_t>{1, 1}));
+  EXPECT((runtime.backfill(0, {1}) == std::vector<uint8_t>{2}));
+  expect_error([&] { runtime.backfill(0, {1, 1}); }, "twice");
+  expect_error([&] { runtime.backfill(0, {4}); }, "expert");
+  runtime.resume_prefetch();
+  runtime.synchronize();
+  EXPECT((runtime.landed(0, {1, 2, 3}) == std::vector<uint8_t>{1, 1, 0}));
+  auto slots = runtime.acquire(0, {2, 1}, nullptr);
+  EXPECT(runtime.arena()->data()[runtime.slot_bytes() * slots[0] + 3999] == 2);
+  EXPECT(runtime.arena()->data()[runtime.slot_bytes() * slots[1]] == 1);
+  runtime.release(0, {2, 1}, nullptr);
+  const RuntimeStats s = runtime.stats();
+  EXPECT(s.backfills == 2 && s.hits == 2 && s.misses == 0 && s.prefetches == 0 && s.cancelled_prefetches == 0);
+  EXPECT(s.prefetch_bytes == 2 * 4096 && s.demand_bytes == 0);
+}
+
 uint16_t bf16_of_int(int v) {  // small integers are exact in bf16: the float's top 16 bits
   const float f = static_cast<float>(v);
   uint32_t u;
@@ -392,6 +428,7 @@ int main() {
       {"copy_engine_demand_overtakes_queue", test_copy_engine_demand_overtakes_queue},
       {"copy_waits_for_the_slot_to_be_freed", test_copy_waits_for_the_slot_to_be_freed},
       {"runtime_round_trip", test_runtime_round_trip},
+      {"runtime_backfill", test_runtime_backfill},
       {"host_linear_exact", test_host_linear_exact},
       {"host_linear_concurrent_calls", test_host_linear_concurrent_calls},
   };
