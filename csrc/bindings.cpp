@@ -80,6 +80,7 @@ py::dict stats_dict(const RuntimeStats& s) {
   d["wasted_prefetches"] = s.wasted_prefetches;
   d["cancelled_prefetches"] = s.cancelled_prefetches;
   d["backfills"] = s.backfills;
+  d["cancelled_backfills"] = s.cancelled_backfills;
   d["evictions"] = s.evictions;
   d["bytes_copied"] = s.bytes_copied;
   d["prefetch_bytes"] = s.prefetch_bytes;

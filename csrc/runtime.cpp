@@ -71,11 +71,12 @@ bool Runtime::closed() {
 void Runtime::check_open() const { EF_CHECK(!closed_, "the expert cache is closed; create a new one"); }
 
 void Runtime::evict_locked(int slot) {
+  const bool backfilled = backfilled_[slot] != 0;
+  backfilled_[slot] = 0;
   const SlotMeta& m = cache_.slot(slot);
   if (m.empty()) return;
-  backfilled_[slot] = 0;
   if (engine_->cancel(slot)) {
-    ++stats_.cancelled_prefetches;
+    ++(backfilled ? stats_.cancelled_backfills : stats_.cancelled_prefetches);
   } else {
     ++stats_.evictions;
     if (m.prefetched_unused) ++stats_.wasted_prefetches;
@@ -235,25 +236,48 @@ std::vector<uint8_t> Runtime::backfill(int layer, const std::vector<int>& expert
   cache_.advance(layer);
   // Its next use is at the layer's next visit at the earliest: prefetches due sooner go first.
   const double due = cache_.position() + pool_->num_layers();
-  std::vector<uint8_t> outcome(experts.size(), 0);
+  // As acquire() does: the experts already held are pinned first and each one loaded is pinned, so no
+  // expert of this call takes another's slot; they are used in order, then let go.
+  std::vector<int> slots(experts.size(), -1);
+  std::vector<uint8_t> outcome(experts.size(), static_cast<uint8_t>(BackfillOutcome::kNotAdmitted));
   for (size_t i = 0; i < experts.size(); ++i) {
-    int s = cache_.find(layer, experts[i]);
-    if (s >= 0) {
-      outcome[i] = 2;
-    } else {
-      if (engine_->num_pending_prefetches() >= kMaxPendingBackfill) continue;
-      s = cache_.pick_slot(layer, cache_.demand_due(), /*prefetch=*/false);  // the slot a demand miss takes
-      if (s < 0) continue;                                                    // every slot is pinned
-      evict_locked(s);
-      cache_.assign(s, layer, experts[i]);
-      engine_->prefetch(s, pool_->expert_data(layer, experts[i]), slot_data(s), pool_->expert_bytes(layer), due);
+    const int s = cache_.find(layer, experts[i]);
+    if (s < 0) continue;
+    cache_.pin(s);
+    slots[i] = s;
+    outcome[i] = static_cast<uint8_t>(BackfillOutcome::kHeld);
+    const CopyEngine::JobState state = engine_->job_state(s);
+    if (state == CopyEngine::JobState::kQueued || state == CopyEngine::JobState::kStarted) {
+      // A prefetch still on its way now serves the next use: no new plan cancels it as stale.
       backfilled_[s] = 1;
-      outcome[i] = 1;
-      ++stats_.backfills;
+      engine_->set_due(s, due);
     }
+  }
+  for (size_t i = 0; i < experts.size(); ++i) {
+    if (slots[i] >= 0 || engine_->num_pending_prefetches() >= kBackfillMaxPendingPrefetches) continue;
+    const int s = cache_.pick_slot(layer, cache_.demand_due(), /*prefetch=*/false);  // the slot a demand miss takes
+    if (s < 0) continue;                                                               // every slot is pinned
+    evict_locked(s);
+    cache_.assign(s, layer, experts[i]);
+    cache_.pin(s);
+    engine_->prefetch(s, pool_->expert_data(layer, experts[i]), slot_data(s), pool_->expert_bytes(layer), due);
+    backfilled_[s] = 1;
+    slots[i] = s;
+    outcome[i] = static_cast<uint8_t>(BackfillOutcome::kQueued);
+    ++stats_.backfills;
+  }
+  for (int s : slots) {
+    if (s < 0) continue;
     cache_.set_prefetched_unused(s, false);
     cache_.touch(s);
   }
+  for (int s : slots) {
+    if (s >= 0) cache_.unpin(s);
+  }
+  // The clock may have moved (a layer whose experts all ran on the CPU acquires nothing): prefetches
+  // that had to wait may go now, as after acquire().
+  cache_.readmit([this](int slot) { evict_locked(slot); }, [this](const PlanLoad& p) { queue_prefetch_locked(p); },
+                 engine_->idle());
   return outcome;
 }
 

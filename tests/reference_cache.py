@@ -43,10 +43,12 @@ NO_CLOCK_ESTIMATE = 1e15
 
 STAT_KEYS = (
     "accesses", "hits", "misses", "prefetch_hits", "prefetches", "wasted_prefetches", "cancelled_prefetches", "evictions",
-    "backfills",
+    "backfills", "cancelled_backfills",
 )
 #: backfill() queues a copy only while fewer prefetches than this are unfinished (runtime.h).
 MAX_PENDING_BACKFILL = 2
+#: backfill()'s outcome for each expert (runtime.h): not in a slot, its copy queued, already held.
+NOT_ADMITTED, QUEUED, HELD = 0, 1, 2
 
 
 class ReferenceError_(Exception):
@@ -64,7 +66,7 @@ class Resident:
     planned: bool = False             # named by the plan in force when it was last admitted
     prefetched_unused: bool = False   # brought in by a prefetch and not acquired since
     queued: bool = False              # that prefetch's copy has not landed: dropping it cancels it
-    backfilled: bool = False          # brought in by backfill(): no plan cancels it
+    backfilled: bool = False          # backfill() queued its copy or found it queued: no new plan cancels it
     accesses: list[tuple[int, float]] | None = None  # (recency counter, clock position) of each access
 
     def __post_init__(self) -> None:
@@ -270,7 +272,7 @@ class ReferenceCache:
         if r is None:
             return
         if r.queued:
-            self.stats["cancelled_prefetches"] += 1
+            self.stats["cancelled_backfills" if r.backfilled else "cancelled_prefetches"] += 1
         else:
             self.stats["evictions"] += 1
             if r.prefetched_unused:
@@ -399,33 +401,47 @@ class ReferenceCache:
         return slots
 
     def backfill(self, layer: int, experts: list[int], outcome: list[int] | None = None) -> list[int]:
-        """``ExpertCache.backfill``: the clock moves to the layer's visit; each expert in turn is accessed
-        (as acquire's are); a missing one is first loaded into the slot a demand miss would take, its
-        copy queued, but only while fewer than MAX_PENDING_BACKFILL copies are queued and some slot can
-        be taken. -> per expert: 1 queued, 2 already resident, 0 not admitted. ``outcome``: follow the
-        runtime's admissions instead (where copies race, the queue's length is not known here)."""
+        """``ExpertCache.backfill``: as :meth:`acquire`, but a miss is copied on the prefetch path and
+        nothing waits. The clock moves to the layer's visit; the resident experts are pinned first (one
+        whose prefetch is still queued becomes a backfill: no new plan cancels it as stale); each
+        missing one in turn, while fewer than MAX_PENDING_BACKFILL copies are queued, is loaded into
+        the slot a demand miss would take and pinned, its copy queued; every expert now in a slot is
+        accessed in order, then unpinned; a timed plan is admitted again. -> per expert: QUEUED, HELD
+        or NOT_ADMITTED. ``outcome``: follow the runtime's admissions instead (where copies race, the
+        queue's length is not known here)."""
         self.advance(layer)
-        due_now = self.position if self.policy == "expertflow" else DUE_NOW
-        result = []
-        for k, e in enumerate(experts):
-            i = self.find(layer, e)
+        slots = [self.find(layer, e) for e in experts]
+        result = [HELD if i >= 0 else NOT_ADMITTED for i in slots]
+        for i in slots:
             if i >= 0:
-                result.append(2)
+                self.residents[i].pin_count += 1
+                self.residents[i].backfilled |= self.residents[i].queued
+        due_now = self.position if self.policy == "expertflow" else DUE_NOW
+        for k, e in enumerate(experts):
+            if slots[k] >= 0:
+                continue
+            if outcome is None:
+                admit = sum(r is not None and r.queued for r in self.residents) < MAX_PENDING_BACKFILL
             else:
-                pending = sum(r is not None and r.queued for r in self.residents)
-                admit = pending < MAX_PENDING_BACKFILL if outcome is None else outcome[k] == 1
-                i = self.pick(layer, due_now, prefetch=False) if admit else -1
-                if i < 0:
-                    result.append(0)
-                    continue
-                self.evict(i)
-                r = self.load(i, layer, e)
-                r.queued = r.backfilled = True
-                self.stats["backfills"] += 1
-                result.append(1)
-            r = self.residents[i]
-            r.prefetched_unused = False
-            self.access(r)
+                admit = outcome[k] == QUEUED
+            i = self.pick(layer, due_now, prefetch=False) if admit else -1
+            if i < 0:
+                continue
+            self.evict(i)
+            r = self.load(i, layer, e)
+            r.queued = r.backfilled = True
+            r.pin_count += 1
+            self.stats["backfills"] += 1
+            slots[k], result[k] = i, QUEUED
+        for i in slots:
+            if i >= 0:
+                self.residents[i].prefetched_unused = False
+                self.access(self.residents[i])
+        for i in slots:
+            if i >= 0:
+                self.residents[i].pin_count -= 1
+        if self.timed:
+            self.admit(link_idle=not self.queued_any())
         return result
 
     def release(self, layer: int, experts: list[int]) -> None:

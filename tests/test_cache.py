@@ -235,6 +235,12 @@ def test_errors_reach_python_with_file_and_line():
         cache.apply(Plan(*no_entries, np.zeros((3, 6))))
     with pytest.raises(ef.ExpertFlowError, match="lists an expert twice"):
         cache.acquire(0, [1, 1])
+    with pytest.raises(ef.ExpertFlowError, match="backfill of layer 0 lists an expert twice"):
+        cache.backfill(0, [2, 2])
+    with pytest.raises(ef.ExpertFlowError, match="unknown expert 6 of layer 1"):
+        cache.backfill(1, [6])
+    with pytest.raises(ef.ExpertFlowError, match="unknown expert 6 of layer 1"):
+        cache.landed(1, [6])
     cache.acquire(0, [1])
     cache.release(0, [1])
     with pytest.raises(ef.ExpertFlowError, match="release of layer 0 expert 1 which is not acquired"):
@@ -244,7 +250,8 @@ def test_errors_reach_python_with_file_and_line():
     cache.close()
     cache.close()  # idempotent
     for call in (lambda: cache.acquire(0, [0]), lambda: cache.release(0, [0]), lambda: cache.prefetch([]),
-                 lambda: cache.apply(Plan(*no_entries)), cache.stats, cache.synchronize, lambda: cache.set_layer_quotas([])):
+                 lambda: cache.apply(Plan(*no_entries)), cache.stats, cache.synchronize, lambda: cache.set_layer_quotas([]),
+                 lambda: cache.backfill(0, [0]), lambda: cache.landed(0, [0])):
         with pytest.raises(ef.ExpertFlowError, match="expert cache is closed"):
             call()
     with pytest.raises(ef.ExpertFlowError, match=r"csrc/runtime.cpp:\d+: the expert cache is closed"):

@@ -8,10 +8,10 @@
 //   layer below its quota, another layer's slot; else any candidate. Quotas steer placement; they
 //   never make a load fail while some candidate exists.
 // - A clock counts layer visits: layer l of step s is at position s * num_layers + l. access() and the
-//   runtime's acquire() move it to the layer's visit: a layer below the current one starts the next
-//   step, the current layer again is the same visit (waves), and a plan's `now` says where the next
-//   visit lands (which tells a new step of a one-layer model), so the planner and the cache keep one
-//   clock.
+//   runtime's acquire() and backfill() move it to the layer's visit: a layer below the current one
+//   starts the next step, the current layer again is the same visit (waves), and a plan's `now` says
+//   where the next visit lands (which tells a new step of a one-layer model), so the planner and the
+//   cache keep one clock.
 // - A plan is predicted next uses (integrated prefetching and caching, Cao, Felten, Karlin and Li,
 //   1995): tables of each expert's next use and the one after, where NaN means "no forecast": the
 //   cache estimates it from its own history, 2 * (its layer's next visit) - (its last use), and a

@@ -9,13 +9,16 @@
 //   cancelled (their slots emptied), named ones that are still queued take the new due, and new ones
 //   are admitted as the cache decides (cache.h) and queued by due. acquire() moves the cache's clock
 //   to the layer and, once its misses are on their way, admits what the plan still holds.
-// - backfill() brings experts the caller computes elsewhere (the CPU) into slots for their next use:
-//   they count as used (recency, position) and a missing one takes the slot a demand miss would, but
-//   its copy goes on the prefetch path, due at the layer's next visit, and nothing waits for it. So the
-//   cache evolves as if the GPU had computed them, while the link stays off the layer's critical path.
-//   A backfill is admitted only while fewer than kMaxPendingBackfill prefetch jobs are unfinished (a
-//   link that has fallen behind would copy experts that are evicted again before they land), and a
-//   plan does not cancel it (it is not a forecast the next plan can revise).
+// - backfill() brings experts the caller computes elsewhere (the CPU) into slots for their next use,
+//   as if acquire() had taken them: those held are pinned first, each missing one takes the slot a
+//   demand miss would (never another of the call's), all are used in order, then unpinned. But a
+//   missing one's copy goes on the prefetch path, due at the layer's next visit, and nothing waits
+//   for it. So the cache evolves as if the GPU had run them, while the link works off the layer's
+//   critical path. A copy is queued only while fewer than kBackfillMaxPendingPrefetches prefetch
+//   jobs are unfinished: behind a longer queue it would land late, and meanwhile hold a slot. A new
+//   plan does not cancel a backfill (nor a prefetch still on its way that a backfill found) as
+//   stale, since it is not a forecast the next plan can revise; like any unpinned slot it may still
+//   be evicted, by a miss or by a plan's prefetch.
 // - One mutex serialises cache state; the copy engine's own lock is taken only inside it.
 // - After close() every call throws and the pool is let go (its pinned arena is freed with its last owner);
 //   the slot arena lives on while zero-copy views of it exist.
@@ -35,7 +38,14 @@ namespace expertflow {
 
 // Unfinished prefetch jobs (queued or being submitted) below which backfill() still queues a copy:
 // one copying and one waiting keeps the link busy without falling behind.
-constexpr int kMaxPendingBackfill = 2;
+constexpr int kBackfillMaxPendingPrefetches = 2;
+
+// What backfill() did with each expert.
+enum class BackfillOutcome : uint8_t {
+  kNotAdmitted = 0,  // not in a slot: the link had enough queued, or every slot was pinned
+  kQueued = 1,       // its copy was queued into a slot
+  kHeld = 2,         // it already held a slot (landed, or its copy on the way)
+};
 
 struct RuntimeOptions {
   int num_slots = 0;
@@ -52,7 +62,9 @@ struct RuntimeStats {
   uint64_t prefetches = 0;           // prefetch copies queued
   uint64_t wasted_prefetches = 0;    // prefetched, then evicted without being acquired
   uint64_t cancelled_prefetches = 0; // dropped before all their bytes moved
-  uint64_t backfills = 0;            // copies queued by backfill() (their bytes count as prefetch_bytes)
+  uint64_t backfills = 0;            // copies queued by backfill(): their bytes count as prefetch_bytes,
+                                     // the rest of one that acquire() promotes as demand_bytes
+  uint64_t cancelled_backfills = 0;  // backfills evicted before all their bytes moved
   uint64_t evictions = 0;
   uint64_t bytes_copied = 0;
   uint64_t prefetch_bytes = 0;
@@ -76,8 +88,7 @@ class Runtime {
   void wait_ready(int slot, Stream compute);
   bool is_ready(int slot);
   void release(int layer, const std::vector<int>& experts, Stream compute);
-  // Experts of `layer` computed elsewhere this visit (see the invariants): for each, 1 when its copy
-  // was queued, 2 when it already held a slot (landed or in flight), 0 when it was not admitted.
+  // Experts of `layer` computed elsewhere this visit (see the invariants): a BackfillOutcome each.
   std::vector<uint8_t> backfill(int layer, const std::vector<int>& experts);
   void set_layer_quotas(std::vector<int> quotas);
 
@@ -111,7 +122,9 @@ class Runtime {
   std::shared_ptr<Backend> backend_;
   RuntimeOptions options_;
   Policy policy_;
-  std::vector<uint8_t> backfilled_;  // [num_slots]: the slot's current occupant came by backfill()
+  // [num_slots]: the slot's occupant came by backfill(), or backfill() found its copy on the way; 0 for
+  // every empty slot (evict_locked clears it).
+  std::vector<uint8_t> backfilled_;
   std::shared_ptr<Buffer> arena_;
   std::unique_ptr<CopyEngine> engine_;
   SlotCache cache_;

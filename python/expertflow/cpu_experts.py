@@ -141,12 +141,13 @@ class CostModel:
         self.backfilled_share = 0.0
 
     def observe_hits(self, num_used: int, num_hits: int) -> None:
-        """A layer used ``num_used`` experts, ``num_hits`` of them in slots (prefetches in flight count)."""
+        """A layer used ``num_used`` experts, ``num_hits`` of them in slots with their bytes landed."""
         if num_used:
             self.hit_ratio += 0.05 * (num_hits / num_used - self.hit_ratio)
 
     def observe_backfills(self, num_cpu: int, num_backfilled: int) -> None:
-        """Of a layer's ``num_cpu`` CPU experts, ``num_backfilled`` are in slots for their next use."""
+        """Of a layer's ``num_cpu`` CPU experts, ``num_backfilled`` were left in slots (backfilled, or
+        already there with their copy on the way) for their next use, unless evicted first."""
         if num_cpu:
             self.backfilled_share += 0.05 * (num_backfilled / num_cpu - self.backfilled_share)
 

@@ -42,7 +42,7 @@ from .formats import FORMATS, ExpertFormat, SlotExpander, WeightSpec, kernels_av
 from .models import Architecture, model_dtype
 from .planner import Plan
 from .policies import EngineInfo, Policy, StepContext
-from .runtime import ExpertCache, ExpertPool
+from .runtime import BACKFILL_NOT_ADMITTED, ExpertCache, ExpertPool
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -362,12 +362,17 @@ class OffloadEngine:
         capacity = self.cache.num_slots
         waves = [experts[start : start + capacity] for start in range(0, len(experts), capacity)]
         first = self.cache.acquire_slots(layer.index, waves[0], stream=stream, wait=False) if waves else []
+        if cpu_jobs and len(waves) <= 1:
+            # The CPU's experts enter the cache behind the layer, as if the GPU had run them: after the
+            # demand loads (they go first), while the first wave is pinned, and before the policy's
+            # plan (which would cancel a prefetch the CPU took as stale). Not in a layer of several
+            # waves: its experts overflow the slots already.
+            outcomes = self.cache.backfill(layer.index, list(cpu_jobs))
+            cast("CostModel", self.cost_model).observe_backfills(
+                len(outcomes), sum(o != BACKFILL_NOT_ADMITTED for o in outcomes))
         # The policy hears the layer once, after the first wave's demand loads are queued (they go
         # first), and also where this rank runs none of the layer's experts.
         self._apply(self.policy.on_layer(layer.index, chosen, gate))
-        if cpu_jobs:  # the CPU's experts enter the cache behind the layer, as if the GPU had run them
-            kept = self.cache.backfill(layer.index, list(cpu_jobs))
-            cast("CostModel", self.cost_model).observe_backfills(len(kept), sum(k > 0 for k in kept))
         for n, wave in enumerate(waves):
             slots = first if n == 0 else self.cache.acquire_slots(layer.index, wave, stream=stream, wait=False)
             # Experts whose bytes have landed first; misses as they land.
@@ -409,7 +414,8 @@ class OffloadEngine:
         if self.cost_model is None or self._cpu is None or not experts:
             return {}
         # An expert whose copy is still on its way (a backfill, a prefetch) counts as missed: the CPU
-        # may finish it before its bytes land.
+        # may finish it before its bytes land. The cost model then prices it as a whole copy, though
+        # part of it may have moved: a bias toward the CPU, for experts whose copy is late anyway.
         missed = [e for e, landed in zip(experts, self.cache.landed(layer, experts)) if not landed]
         self.cost_model.observe_hits(len(experts), len(experts) - len(missed))
         to_cpu = [e for e, cpu in zip(missed, self.cost_model.choose([int(counts[e]) for e in missed])) if cpu]

@@ -39,11 +39,18 @@ __all__ = [
     "ExpertPool",
     "ExpertCache",
     "POLICIES",
+    "BACKFILL_NOT_ADMITTED",
+    "BACKFILL_QUEUED",
+    "BACKFILL_HELD",
     "get_backend",
 ]
 
 #: Cache policies of the runtime (``belady`` needs the future and exists only in trace replay).
 POLICIES = ("lru", "lfu", "expertflow")
+
+#: What :meth:`ExpertCache.backfill` did with each expert (``BackfillOutcome`` in ``runtime.h``): not
+#: in a slot (the link had enough queued, or every slot was pinned); its copy queued; already in a slot.
+BACKFILL_NOT_ADMITTED, BACKFILL_QUEUED, BACKFILL_HELD = 0, 1, 2
 
 StreamLike = torch.cuda.Stream | None
 PlanEntry = tuple[int, int] | tuple[int, int, float]
@@ -466,7 +473,8 @@ class ExpertCache:
 
         ``accesses``, ``hits``, ``misses``, ``prefetch_hits``, ``prefetches``, ``wasted_prefetches``,
         ``cancelled_prefetches``, ``backfills`` (copies :meth:`backfill` queued; their bytes count in
-        ``prefetch_bytes``), ``evictions``, ``bytes_copied`` (= ``prefetch_bytes`` +
+        ``prefetch_bytes``, the rest of one that :meth:`acquire` promotes in ``demand_bytes``),
+        ``cancelled_backfills``, ``evictions``, ``bytes_copied`` (= ``prefetch_bytes`` +
         ``demand_bytes``), ``stalls`` and ``stall_ms`` (time the compute stream waited on copies).
         """
         self._check_open()
@@ -488,11 +496,13 @@ class ExpertCache:
 
     def backfill(self, layer: int, experts: Sequence[int]) -> list[int]:
         """Brings ``experts`` of ``layer``, computed elsewhere in this visit (the CPU), into slots for
-        their next use, as if they had been acquired: each counts as used, and a missing one takes the
-        slot a demand miss would. Its copy goes on the prefetch path, due at the layer's next visit;
-        nothing waits for it and no plan cancels it. Admitted only while the link has fewer than two
-        prefetches unfinished. -> for each expert: 1 its copy was queued, 2 it already held a slot
-        (landed or in flight), 0 not admitted."""
+        their next use, as if :meth:`acquire` had taken them: each counts as used, and a missing one
+        takes the slot a demand miss would (never another of the same call's). Its copy goes on the
+        prefetch path, due at the layer's next visit, and nothing waits for it. A copy is queued only
+        while fewer than two prefetches are unfinished (``runtime.h``). A new plan does not cancel a
+        backfill as stale, though a miss or a plan's prefetch may still evict it.
+        -> for each expert: :data:`BACKFILL_QUEUED`, :data:`BACKFILL_HELD` (it already held a slot,
+        landed or on its way) or :data:`BACKFILL_NOT_ADMITTED`."""
         self._check_open()
         return list(self._native.backfill(layer, list(experts)))
 

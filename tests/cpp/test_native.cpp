@@ -342,6 +342,25 @@ void test_runtime_backfill() {
   const RuntimeStats s = runtime.stats();
   EXPECT(s.backfills == 2 && s.hits == 2 && s.misses == 0 && s.prefetches == 0 && s.cancelled_prefetches == 0);
   EXPECT(s.prefetch_bytes == 2 * 4096 && s.demand_bytes == 0);
+
+  // Two experts of one call never take each other's slot, even where the layer's quota is one slot; a
+  // prefetch on its way that a backfill finds is kept by the next plan; a backfill evicted before it
+  // lands counts as a cancelled backfill.
+  Runtime second(pool, options);
+  second.set_layer_quotas({1, 1});
+  second.pause_prefetch();
+  EXPECT((second.backfill(1, {0, 1}) == std::vector<uint8_t>{1, 1}));
+  EXPECT((second.resident(1, {0, 1}) == std::vector<uint8_t>{1, 1}));
+  Plan plan;
+  plan.prefetch = {{0, 3, 0.0}};
+  second.apply_plan(plan);  // the third slot, its copy held back
+  EXPECT((second.backfill(0, {3}) == std::vector<uint8_t>{2}));
+  second.apply_plan(Plan{});
+  EXPECT((second.resident(0, {3}) == std::vector<uint8_t>{1}));
+  second.acquire(0, {0, 1, 2}, nullptr);  // three misses evict all three unfinished copies
+  second.release(0, {0, 1, 2}, nullptr);
+  const RuntimeStats t = second.stats();
+  EXPECT(t.backfills == 2 && t.cancelled_backfills == 3 && t.cancelled_prefetches == 0 && t.misses == 3);
 }
 
 uint16_t bf16_of_int(int v) {  // small integers are exact in bf16: the float's top 16 bits

@@ -514,6 +514,7 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
                 "hit_ratio": stats["hit_ratio"], "demand_misses_per_token": stats["misses"] / decoded,
                 "prefetches_per_token": stats["prefetches"] / decoded, "wasted_prefetches": stats["wasted_prefetches"],
                 "cancelled_prefetches": stats["cancelled_prefetches"], "backfills_per_token": stats["backfills"] / decoded,
+                "cancelled_backfills": stats["cancelled_backfills"],
                 "stall_share": stats["stall_ms"] / sum(steps_ms) if steps_ms else 0.0,
                 "bound_ms": bound, "x_bound": ms / bound if bound else None,
                 "same_tokens_as_all_gpu": tokens == reference_tokens if reference_tokens is not None else None,
