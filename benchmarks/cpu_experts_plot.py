@@ -28,6 +28,8 @@ def main() -> None:
         rows = [r for r in result["rows"] if r["policy"] != "all_gpu"]
         for mode in ("off", "auto", "on"):
             mine = sorted((r for r in rows if r["cpu_experts_asked"] == mode), key=lambda r: r["slot_share"])
+            if not mine:  # a run without this mode
+                continue
             ax.plot([100 * r["slot_share"] for r in mine], [r["ms_per_token"] for r in mine], marker="o",
                     label=LABELS[mode])
         ax.axhline(result["all_gpu_ms"], color="gray", linestyle="dashed", label="every expert resident")
@@ -35,7 +37,8 @@ def main() -> None:
         ax.set_ylabel("ms per decode step")  # a step gives each of the batch's sequences a token
         ax.set_ylim(bottom=0)
         ax.set_title(f"batch {batch}", fontsize=9)
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=8)
     fig.suptitle(f"{result['arch']} shape, {result['num_layers']} layers, expertflow policy, "
                  f"{result['machine']['device']} and its 16 cores", fontsize=9)
     fig.tight_layout()
