@@ -70,6 +70,12 @@ bool Runtime::closed() {
 
 void Runtime::check_open() const { EF_CHECK(!closed_, "the expert cache is closed; create a new one"); }
 
+void Runtime::check_distinct_experts(int layer, const std::vector<int>& experts, const char* call) const {
+  for (int expert : experts) pool_->check_expert(layer, expert);
+  EF_CHECK(std::set<int>(experts.begin(), experts.end()).size() == experts.size(),
+           call << " of layer " << layer << " lists an expert twice; pass each expert once");
+}
+
 void Runtime::evict_locked(int slot) {
   const bool backfilled = backfilled_[slot] != 0;
   backfilled_[slot] = 0;
@@ -130,9 +136,7 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
   {
     std::lock_guard<std::mutex> lk(mu_);
     check_open();
-    for (int expert : experts) pool_->check_expert(layer, expert);
-    EF_CHECK(std::set<int>(experts.begin(), experts.end()).size() == experts.size(),
-             "acquire of layer " << layer << " lists an expert twice; pass each expert once");
+    check_distinct_experts(layer, experts, "acquire");
     EF_CHECK(static_cast<int>(experts.size()) <= cache_.num_slots(),
              "capacity of " << cache_.num_slots() << " slots is smaller than the " << experts.size()
                             << " experts layer " << layer << " needs at once; give the cache at least "
@@ -230,9 +234,7 @@ void Runtime::release(int layer, const std::vector<int>& experts, Stream compute
 std::vector<uint8_t> Runtime::backfill(int layer, const std::vector<int>& experts) {
   std::lock_guard<std::mutex> lk(mu_);
   check_open();
-  for (int expert : experts) pool_->check_expert(layer, expert);
-  EF_CHECK(std::set<int>(experts.begin(), experts.end()).size() == experts.size(),
-           "backfill of layer " << layer << " lists an expert twice; pass each expert once");
+  check_distinct_experts(layer, experts, "backfill");
   cache_.advance(layer);
   // Its next use is at the layer's next visit at the earliest: prefetches due sooner go first.
   const double due = cache_.position() + pool_->num_layers();
@@ -315,19 +317,7 @@ std::vector<SlotMeta> Runtime::slot_table() {
   return cache_.slots();
 }
 
-std::vector<uint8_t> Runtime::resident(int layer, const std::vector<int>& experts) {
-  std::lock_guard<std::mutex> lk(mu_);
-  check_open();
-  std::vector<uint8_t> out;
-  out.reserve(experts.size());
-  for (int expert : experts) {
-    pool_->check_expert(layer, expert);
-    out.push_back(cache_.find(layer, expert) >= 0 ? 1 : 0);
-  }
-  return out;
-}
-
-std::vector<uint8_t> Runtime::landed(int layer, const std::vector<int>& experts) {
+std::vector<uint8_t> Runtime::each_expert(int layer, const std::vector<int>& experts, bool landed) {
   std::lock_guard<std::mutex> lk(mu_);
   check_open();
   std::vector<uint8_t> out;
@@ -335,7 +325,7 @@ std::vector<uint8_t> Runtime::landed(int layer, const std::vector<int>& experts)
   for (int expert : experts) {
     pool_->check_expert(layer, expert);
     const int s = cache_.find(layer, expert);
-    out.push_back(s >= 0 && engine_->is_ready(s) ? 1 : 0);
+    out.push_back(s >= 0 && (!landed || engine_->is_ready(s)) ? 1 : 0);
   }
   return out;
 }

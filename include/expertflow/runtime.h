@@ -96,9 +96,9 @@ class Runtime {
   void reset_stats();
   std::vector<SlotMeta> slot_table();
   // Whether each of `experts` of `layer` holds a slot (landed or in flight).
-  std::vector<uint8_t> resident(int layer, const std::vector<int>& experts);
+  std::vector<uint8_t> resident(int layer, const std::vector<int>& experts) { return each_expert(layer, experts, false); }
   // Whether each of `experts` of `layer` holds a slot whose bytes have landed.
-  std::vector<uint8_t> landed(int layer, const std::vector<int>& experts);
+  std::vector<uint8_t> landed(int layer, const std::vector<int>& experts) { return each_expert(layer, experts, true); }
   void synchronize();
   void pause_prefetch();
   void resume_prefetch();
@@ -113,6 +113,10 @@ class Runtime {
 
  private:
   void check_open() const;
+  // Every expert of `layer` exists and none is listed twice (`call` names the caller in the error).
+  void check_distinct_experts(int layer, const std::vector<int>& experts, const char* call) const;
+  // Whether each expert holds a slot (`landed`: one whose bytes have landed).
+  std::vector<uint8_t> each_expert(int layer, const std::vector<int>& experts, bool landed);
   void check_acquired_locked(int slot) const;
   uint8_t* slot_data(int slot) const { return arena_->data() + options_.slot_bytes * static_cast<size_t>(slot); }
   void evict_locked(int slot);

@@ -281,18 +281,28 @@ void test_copy_waits_for_the_slot_to_be_freed() {
   backend->destroy_stream(blocker);
 }
 
-void test_runtime_round_trip() {
-  auto backend = make_host_backend();
-  auto pool = std::make_shared<ExpertPool>(backend, std::vector<int>{4, 4},
+// Two layers of four 4000-byte experts on the host backend; every byte of layer l expert e is 16 l + e.
+std::shared_ptr<ExpertPool> filled_pool() {
+  auto pool = std::make_shared<ExpertPool>(make_host_backend(), std::vector<int>{4, 4},
                                            std::vector<ExpertLayout>(2, ExpertLayout::pack({spec("w", {1000}, 4)})));
   for (int l = 0; l < 2; ++l)
     for (int e = 0; e < 4; ++e) {
       std::vector<uint8_t> bytes(4000, static_cast<uint8_t>(l * 16 + e));
       pool->write(l, e, 0, bytes.data(), bytes.size());
     }
+  return pool;
+}
+
+RuntimeOptions three_lru_slots() {
   RuntimeOptions options;
   options.num_slots = 3;
   options.policy = "lru";
+  return options;
+}
+
+void test_runtime_round_trip() {
+  auto pool = filled_pool();
+  const RuntimeOptions options = three_lru_slots();
   Runtime runtime(pool, options);
   Plan plan;
   plan.prefetch = {{1, 2, 0.0}};
@@ -311,17 +321,8 @@ void test_runtime_round_trip() {
 // Backfill: experts computed elsewhere enter slots on the prefetch path, two copies at most waiting,
 // and no plan cancels them; once landed they are hits with the pool's bytes.
 void test_runtime_backfill() {
-  auto backend = make_host_backend();
-  auto pool = std::make_shared<ExpertPool>(backend, std::vector<int>{4, 4},
-                                           std::vector<ExpertLayout>(2, ExpertLayout::pack({spec("w", {1000}, 4)})));
-  for (int l = 0; l < 2; ++l)
-    for (int e = 0; e < 4; ++e) {
-      std::vector<uint8_t> bytes(4000, static_cast<uint8_t>(l * 16 + e));
-      pool->write(l, e, 0, bytes.data(), bytes.size());
-    }
-  RuntimeOptions options;
-  options.num_slots = 3;
-  options.policy = "lru";
+  auto pool = filled_pool();
+  const RuntimeOptions options = three_lru_slots();
   Runtime runtime(pool, options);
   runtime.pause_prefetch();  // the copies wait, so "unfinished" is known
   EXPECT((runtime.backfill(0, {1, 2, 3}) == std::vector<uint8_t>{1, 1, 0}));  // the third finds two waiting
