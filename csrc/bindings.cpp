@@ -102,6 +102,7 @@ py::dict slot_dict(const SlotMeta& m) {
   d["last_use"] = m.last_use;
   d["use_count"] = m.use_count;
   d["prefetched_unused"] = m.prefetched_unused;
+  d["backfilled"] = m.backfilled;
   return d;
 }
 
@@ -161,6 +162,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ExpertFlow native runtime: pinned expert pool, slot cache, copy engine.";
   py::register_exception<Error>(m, "ExpertFlowError", PyExc_RuntimeError);
   m.attr("TENSOR_ALIGNMENT") = kTensorAlignment;
+  m.attr("BACKFILL_NOT_ADMITTED") = static_cast<int>(BackfillOutcome::kNotAdmitted);
+  m.attr("BACKFILL_QUEUED") = static_cast<int>(BackfillOutcome::kQueued);
+  m.attr("BACKFILL_HELD") = static_cast<int>(BackfillOutcome::kHeld);
+  m.attr("BACKFILL_MAX_PENDING_PREFETCHES") = kBackfillMaxPendingPrefetches;
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
         "Empty when a CUDA device is usable by this build; otherwise the reason.");
 

@@ -175,6 +175,11 @@ void SlotCache::unpin(int slot) {
   --slots_[slot].pin_count;
 }
 
+void SlotCache::set_backfilled(int slot) {
+  check_slot(slot);
+  slots_[slot].backfilled = true;
+}
+
 void SlotCache::set_prefetched_unused(int slot, bool value) {
   check_slot(slot);
   slots_[slot].prefetched_unused = value;

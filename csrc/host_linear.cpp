@@ -225,7 +225,6 @@ HostLinear::~HostLinear() { close(); }
 
 void HostLinear::close() noexcept {
   std::lock_guard<std::mutex> call(call_mu_);  // after a call in progress
-  closed_ = true;
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
@@ -241,7 +240,7 @@ void HostLinear::linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, 
   EF_CHECK(n >= 1 && in >= 1 && out >= 1, "linear_bf16 sizes must be positive: n=" << n << ", in=" << in
                                                                                    << ", out=" << out);
   std::lock_guard<std::mutex> call(call_mu_);
-  EF_CHECK(!closed_, "linear_bf16 after close()");
+  EF_CHECK(!stopping_, "linear_bf16 after close()");
   const int64_t rows_per_chunk = std::max<int64_t>(4, kChunkBytes / (in * 2) / 4 * 4);
   const int64_t num_chunks = (out + rows_per_chunk - 1) / rows_per_chunk;
   EF_CHECK(num_chunks < (int64_t{1} << kChunkBits), "linear_bf16: too many rows (" << out << ")");

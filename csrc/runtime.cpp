@@ -43,7 +43,6 @@ Runtime::Runtime(std::shared_ptr<ExpertPool> pool, RuntimeOptions options)
       backend_(pool_->backend()),
       options_(validated(pool_, std::move(options))),
       policy_(parse_policy(options_.policy)),
-      backfilled_(static_cast<size_t>(options_.num_slots), 0),
       cache_(options_.num_slots, policy_, pool_->num_layers()) {
   EF_CHECK(policy_ != Policy::kBelady, "policy 'belady' needs the future and exists for trace replay only; "
                                        "choose lru, lfu or expertflow");
@@ -77,12 +76,10 @@ void Runtime::check_distinct_experts(int layer, const std::vector<int>& experts,
 }
 
 void Runtime::evict_locked(int slot) {
-  const bool backfilled = backfilled_[slot] != 0;
-  backfilled_[slot] = 0;
   const SlotMeta& m = cache_.slot(slot);
   if (m.empty()) return;
   if (engine_->cancel(slot)) {
-    ++(backfilled ? stats_.cancelled_backfills : stats_.cancelled_prefetches);
+    ++(m.backfilled ? stats_.cancelled_backfills : stats_.cancelled_prefetches);
   } else {
     ++stats_.evictions;
     if (m.prefetched_unused) ++stats_.wasted_prefetches;
@@ -112,7 +109,7 @@ void Runtime::apply_plan(const Plan& plan) {
   // Stale prefetches: what the new plan no longer names is not worth the rest of its bytes.
   for (int s = 0; s < cache_.num_slots(); ++s) {
     const SlotMeta& m = cache_.slot(s);
-    if (!m.empty() && m.pin_count == 0 && !backfilled_[s] && !wanted.count({m.layer, m.expert}) && engine_->cancel(s)) {
+    if (!m.empty() && m.pin_count == 0 && !m.backfilled && !wanted.count({m.layer, m.expert}) && engine_->cancel(s)) {
       ++stats_.cancelled_prefetches;
       cache_.clear(s);
     }
@@ -124,11 +121,28 @@ void Runtime::apply_plan(const Plan& plan) {
   for (const PlanLoad& p : planned) engine_->set_due(p.slot, p.due);
 }
 
+void Runtime::copy_later_locked(int slot, double due) {
+  const SlotMeta& m = cache_.slot(slot);
+  engine_->prefetch(slot, pool_->expert_data(m.layer, m.expert), slot_data(slot), pool_->expert_bytes(m.layer), due);
+}
+
 void Runtime::queue_prefetch_locked(const PlanLoad& load) {
-  const SlotMeta& m = cache_.slot(load.slot);
-  engine_->prefetch(load.slot, pool_->expert_data(m.layer, m.expert), slot_data(load.slot), pool_->expert_bytes(m.layer),
-                    load.due);
+  copy_later_locked(load.slot, load.due);
   ++stats_.prefetches;
+}
+
+void Runtime::readmit_locked() {
+  cache_.readmit([this](int slot) { evict_locked(slot); }, [this](const PlanLoad& p) { queue_prefetch_locked(p); },
+                 engine_->idle());
+}
+
+int Runtime::take_slot_locked(int layer, int expert) {
+  const int s = cache_.pick_slot(layer, cache_.demand_due(), /*prefetch=*/false);
+  if (s < 0) return -1;
+  evict_locked(s);
+  cache_.assign(s, layer, expert);
+  cache_.pin(s);
+  return s;
 }
 
 std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, Stream compute, bool wait) {
@@ -149,7 +163,7 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
     std::vector<size_t> missed;
     for (size_t i = 0; i < experts.size(); ++i) {
       if (slots[i] >= 0) continue;
-      const int s = cache_.pick_slot(layer, cache_.demand_due(), /*prefetch=*/false);
+      const int s = take_slot_locked(layer, experts[i]);
       if (s < 0) {
         for (int pinned : slots) {
           if (pinned >= 0) cache_.unpin(pinned);
@@ -160,9 +174,6 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
                                                      << " slots are pinned; release experts before "
                                                         "acquiring more, or give the cache more slots");
       }
-      evict_locked(s);
-      cache_.assign(s, layer, experts[i]);
-      cache_.pin(s);
       slots[i] = s;
       missed.push_back(i);
     }
@@ -181,8 +192,7 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
     }
     stats_.accesses += experts.size();
     // The clock moved and this layer's experts were used: prefetches that had to wait may go now.
-    cache_.readmit([this](int slot) { evict_locked(slot); }, [this](const PlanLoad& p) { queue_prefetch_locked(p); },
-                   engine_->idle());
+    readmit_locked();
   }
   // Pinned slots cannot change hands, so waiting needs no cache lock (and must not hold it: on the
   // host backend the wait blocks this thread until the bytes land).
@@ -251,19 +261,16 @@ std::vector<uint8_t> Runtime::backfill(int layer, const std::vector<int>& expert
     const CopyEngine::JobState state = engine_->job_state(s);
     if (state == CopyEngine::JobState::kQueued || state == CopyEngine::JobState::kStarted) {
       // A prefetch still on its way now serves the next use: no new plan cancels it as stale.
-      backfilled_[s] = 1;
+      cache_.set_backfilled(s);
       engine_->set_due(s, due);
     }
   }
   for (size_t i = 0; i < experts.size(); ++i) {
     if (slots[i] >= 0 || engine_->num_pending_prefetches() >= kBackfillMaxPendingPrefetches) continue;
-    const int s = cache_.pick_slot(layer, cache_.demand_due(), /*prefetch=*/false);  // the slot a demand miss takes
-    if (s < 0) continue;                                                               // every slot is pinned
-    evict_locked(s);
-    cache_.assign(s, layer, experts[i]);
-    cache_.pin(s);
-    engine_->prefetch(s, pool_->expert_data(layer, experts[i]), slot_data(s), pool_->expert_bytes(layer), due);
-    backfilled_[s] = 1;
+    const int s = take_slot_locked(layer, experts[i]);  // the slot a demand miss takes
+    if (s < 0) continue;                                // every slot is pinned
+    copy_later_locked(s, due);
+    cache_.set_backfilled(s);
     slots[i] = s;
     outcome[i] = static_cast<uint8_t>(BackfillOutcome::kQueued);
     ++stats_.backfills;
@@ -272,14 +279,11 @@ std::vector<uint8_t> Runtime::backfill(int layer, const std::vector<int>& expert
     if (s < 0) continue;
     cache_.set_prefetched_unused(s, false);
     cache_.touch(s);
-  }
-  for (int s : slots) {
-    if (s >= 0) cache_.unpin(s);
+    cache_.unpin(s);  // after every load of the call: none took another's slot
   }
   // The clock may have moved (a layer whose experts all ran on the CPU acquires nothing): prefetches
   // that had to wait may go now, as after acquire().
-  cache_.readmit([this](int slot) { evict_locked(slot); }, [this](const PlanLoad& p) { queue_prefetch_locked(p); },
-                 engine_->idle());
+  readmit_locked();
   return outcome;
 }
 

@@ -87,6 +87,7 @@ class SlotView:
     following_use: float = NEVER
     last_use: int = 0
     use_count: int = 0
+    backfilled: bool = False
 
 
 class ReferenceCache:
@@ -202,7 +203,7 @@ class ReferenceCache:
             first, second = self.next_uses(r)
             out.append(SlotView(r.layer, r.expert, r.pin_count, r.planned, r.prefetched_unused,
                                 r.accesses[-1][1] if r.accesses else DUE_NOW, first, second, self.last_use(r),
-                                len(r.accesses)))
+                                len(r.accesses), r.backfilled))
         return out
 
     def find(self, layer: int, expert: int) -> int:

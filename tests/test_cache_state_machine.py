@@ -43,7 +43,7 @@ TABLE = st.lists(NEXT_USES, min_size=NUM_LAYERS * NUM_EXPERTS, max_size=NUM_LAYE
     lambda v: np.array(v, dtype=np.float64).reshape(NUM_LAYERS, NUM_EXPERTS)
 )
 SLOT_KEYS = ("layer", "expert", "pin_count", "planned", "prefetched_unused", "last_position", "next_use",
-             "following_use", "last_use", "use_count")
+             "following_use", "last_use", "use_count", "backfilled")
 SETTINGS = settings(max_examples=100, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck))
 
 

@@ -104,6 +104,7 @@ class SlotCache {
   void pin(int slot);
   void unpin(int slot);                          // throws when not pinned
   void set_prefetched_unused(int slot, bool value);
+  void set_backfilled(int slot);                 // until the slot is cleared
   // Replaces the plan and admits its prefetches (see the invariants): runs before_load(slot) for each
   // slot about to be reused and after_load for each load as soon as it is chosen (so a later entry
   // that evicts it finds its copy queued). Returns the loads in plan order. `planned` receives the

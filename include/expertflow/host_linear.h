@@ -78,8 +78,8 @@ class HostLinear {
   // Calls so far, modulo 2^32: 32 bits, as the ticket holds them, so the two compare equal after it
   // wraps (a worker that sleeps through 2^32 calls is not needed: the others take the chunks).
   uint32_t generation_ = 0;
+  // Set once, by close(), which holds call_mu_ too: a call reads it under call_mu_ alone.
   bool stopping_ = false;
-  bool closed_ = false;  // guarded by call_mu_
   // The next chunk to take, with the call's generation in the high 32 bits: a worker that woke late
   // cannot take a chunk of a call it did not read.
   std::atomic<uint64_t> ticket_{0};

@@ -36,6 +36,7 @@ struct SlotMeta {
   int pin_count = 0;                    // > 0 while compute may read the slot
   bool planned = false;                 // named by the latest plan's prefetch list
   bool prefetched_unused = false;       // loaded by a prefetch and not acquired since
+  bool backfilled = false;              // the runtime's backfill() queued its copy or found it on the way
   uint64_t last_use = 0;                // recency clock of the last access or load
   uint64_t use_count = 0;               // accesses since loaded
   double last_position = kDueNow;       // position of the last access since loaded (kDueNow: none)

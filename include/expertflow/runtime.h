@@ -121,14 +121,17 @@ class Runtime {
   uint8_t* slot_data(int slot) const { return arena_->data() + options_.slot_bytes * static_cast<size_t>(slot); }
   void evict_locked(int slot);
   void queue_prefetch_locked(const PlanLoad& load);
+  // Queues the copy of the slot's expert on the prefetch path, due at `due` (counted by the caller).
+  void copy_later_locked(int slot, double due);
+  // Admits the plan's prefetches that had to wait, as the clock has moved.
+  void readmit_locked();
+  // The slot a demand miss of `expert` takes, emptied, assigned and pinned; -1 when every slot is pinned.
+  int take_slot_locked(int layer, int expert);
 
   std::shared_ptr<ExpertPool> pool_;  // null after close()
   std::shared_ptr<Backend> backend_;
   RuntimeOptions options_;
   Policy policy_;
-  // [num_slots]: the slot's occupant came by backfill(), or backfill() found its copy on the way; 0 for
-  // every empty slot (evict_locked clears it).
-  std::vector<uint8_t> backfilled_;
   std::shared_ptr<Buffer> arena_;
   std::unique_ptr<CopyEngine> engine_;
   SlotCache cache_;

@@ -6,6 +6,10 @@ from typing import Any
 import numpy as np
 
 TENSOR_ALIGNMENT: int
+BACKFILL_NOT_ADMITTED: int
+BACKFILL_QUEUED: int
+BACKFILL_HELD: int
+BACKFILL_MAX_PENDING_PREFETCHES: int
 
 class ExpertFlowError(RuntimeError): ...
 

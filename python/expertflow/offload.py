@@ -448,11 +448,11 @@ class OffloadEngine:
         if cache.device.type != "cuda" or not kernels_available(cache.device.index or 0):
             return lambda slot: self._expand(cache.slot_tensors(slot, layer), dtype)
         key = (cache.layout_id(layer), dtype)
+        first, slot_bytes = cache.slot_address(0), cache.slot_bytes
         expander = self._expanders.get(key)
         if expander is None:  # one scratch per layout and dtype, shared by its layers
             expander = self._expanders[key] = SlotExpander(self.expert_format, self.weights, cache.slot_tensors(0, layer),
-                                                           cache.slot_address(0), cache.slot_bytes, dtype)
-        first, slot_bytes = cache.slot_address(0), cache.slot_bytes
+                                                           first, slot_bytes, dtype)
 
         def expand(slot: int) -> dict[str, torch.Tensor]:
             return expander(first + slot * slot_bytes, handle, cache.slot_tensors(slot, layer))

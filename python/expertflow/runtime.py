@@ -50,7 +50,7 @@ POLICIES = ("lru", "lfu", "expertflow")
 
 #: What :meth:`ExpertCache.backfill` did with each expert (``BackfillOutcome`` in ``runtime.h``): not
 #: in a slot (the link had enough queued, or every slot was pinned); its copy queued; already in a slot.
-BACKFILL_NOT_ADMITTED, BACKFILL_QUEUED, BACKFILL_HELD = 0, 1, 2
+BACKFILL_NOT_ADMITTED, BACKFILL_QUEUED, BACKFILL_HELD = _C.BACKFILL_NOT_ADMITTED, _C.BACKFILL_QUEUED, _C.BACKFILL_HELD
 
 StreamLike = torch.cuda.Stream | None
 PlanEntry = tuple[int, int] | tuple[int, int, float]
@@ -499,7 +499,7 @@ class ExpertCache:
         their next use, as if :meth:`acquire` had taken them: each counts as used, and a missing one
         takes the slot a demand miss would (never another of the same call's). Its copy goes on the
         prefetch path, due at the layer's next visit, and nothing waits for it. A copy is queued only
-        while fewer than two prefetches are unfinished (``runtime.h``). A new plan does not cancel a
+        while fewer than ``_C.BACKFILL_MAX_PENDING_PREFETCHES`` (2) prefetches are unfinished. A new plan does not cancel a
         backfill as stale, though a miss or a plan's prefetch may still evict it.
         -> for each expert: :data:`BACKFILL_QUEUED`, :data:`BACKFILL_HELD` (it already held a slot,
         landed or on its way) or :data:`BACKFILL_NOT_ADMITTED`."""

@@ -40,6 +40,7 @@ from ..oracles import GateOracle, TraceOracle, TraceSchedule, parse_forecast
 from ..policies import POLICY_NAMES, Expertflow, GateAhead, make_policy
 from ..replay import next_use_positions
 from ..runtime import ExpertPool, get_backend, packed_bytes
+from ..timing import median_ms
 from ..traces import read_trace
 from ..units import format_bytes, parse_slots
 from .shapes import SHAPES, make_config
@@ -123,14 +124,8 @@ def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 5)
     """Host-to-device bytes/s from pinned memory (the host backend: a memcpy), median of ``reps``."""
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    times = []
-    for _ in range(reps + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times[1:])
+    ms = median_ms(lambda: dst.copy_(src, non_blocking=True), reps, sync=lambda: _sync(device), warmup=1)
+    return nbytes / (ms / 1e3)
 
 
 def _routers(model: torch.nn.Module, arch: Architecture) -> list[torch.nn.Module]:
@@ -388,7 +383,7 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
     its pool)."""
     backend, device = _checked_device(cfg)
     logging.getLogger("expertflow").setLevel(logging.WARNING)
-    m = model if model is not None else build_model(cfg)
+    m = model if model is not None else BenchModel(cfg, device, backend)
     L, E = m.num_layers, m.num_experts
     total = L * E
     if cfg.prompt_ids is not None:
