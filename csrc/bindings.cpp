@@ -87,6 +87,8 @@ py::dict stats_dict(const RuntimeStats& s) {
   d["demand_bytes"] = s.demand_bytes;
   d["stalls"] = s.stalls;
   d["stall_ms"] = s.stall_ms;
+  d["timed_demand_bytes"] = s.timed_demand_bytes;
+  d["demand_ms"] = s.demand_ms;
   return d;
 }
 

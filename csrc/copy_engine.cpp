@@ -53,19 +53,19 @@ void CopyEngine::close() noexcept {
   for (Event e : ready_events_) backend_->destroy_event(e);
   for (Event e : free_events_) backend_->destroy_event(e);
   for (Event e : chunk_events_) backend_->destroy_event(e);
-  for (auto& t : stalls_pending_) {
+  for (auto& t : timers_pending_) {
     backend_->destroy_event(t.start);
     backend_->destroy_event(t.end);
   }
-  for (auto& t : stall_timers_free_) {
+  for (auto& t : timers_free_) {
     backend_->destroy_event(t.start);
     backend_->destroy_event(t.end);
   }
   ready_events_.clear();
   free_events_.clear();
   chunk_events_.clear();
-  stalls_pending_.clear();
-  stall_timers_free_.clear();
+  timers_pending_.clear();
+  timers_free_.clear();
   backend_->destroy_stream(prefetch_stream_);
   backend_->destroy_stream(demand_stream_);
   prefetch_stream_ = demand_stream_ = nullptr;
@@ -137,6 +137,9 @@ CopyEngine::JobState CopyEngine::job_state(int slot) {
 
 void CopyEngine::submit_demand_locked(int slot, size_t from) {
   Job& job = jobs_[slot];
+  const size_t remaining = job.bytes - from;
+  Timer timer{};
+  if (remaining > 0) timer = take_timer_locked();  // first: the only step here that allocates
   if (from == 0) {
     backend_->wait(demand_stream_, free_events_[slot]);
     backend_->wait(demand_stream_, ready_events_[slot]);
@@ -145,8 +148,13 @@ void CopyEngine::submit_demand_locked(int slot, size_t from) {
     backend_->record(ready_events_[slot], prefetch_stream_);
     backend_->wait(demand_stream_, ready_events_[slot]);
   }
-  const size_t remaining = job.bytes - from;
-  if (remaining > 0) backend_->copy_to_device_async(job.dst + from, job.src + from, remaining, demand_stream_);
+  if (remaining > 0) {
+    timer.demand_bytes = remaining;
+    backend_->record(timer.start, demand_stream_);
+    backend_->copy_to_device_async(job.dst + from, job.src + from, remaining, demand_stream_);
+    backend_->record(timer.end, demand_stream_);
+    timers_pending_.push_back(timer);
+  }
   backend_->record(ready_events_[slot], demand_stream_);
   stats_.demand_bytes += remaining;
   job.submitted = job.bytes;
@@ -181,23 +189,17 @@ bool CopyEngine::promote(int slot) {
 
 bool CopyEngine::wait_ready(int slot, Stream compute) {
   Event ready;
-  StallTimer timer{};
+  Timer timer{};
   {
     std::lock_guard<std::mutex> lk(mu_);
     rethrow_dispatcher_error_locked();
     check_slot(slot);
     EF_CHECK(jobs_[slot].state == JobState::kNone || jobs_[slot].state == JobState::kSubmitted,
              "slot " << slot << " is waited on before its copy was submitted; promote it first");
-    harvest_stalls_locked();
+    harvest_timers_locked();
     ready = ready_events_[slot];
     if (backend_->query(ready)) return false;
-    if (stall_timers_free_.empty()) {
-      timer.start = backend_->create_event(true, false);
-      timer.end = backend_->create_event(true, false);
-    } else {
-      timer = stall_timers_free_.back();
-      stall_timers_free_.pop_back();
-    }
+    timer = take_timer_locked();
     ++stats_.num_stalls;
   }
   // Outside the lock: on the host backend the null compute stream blocks right here.
@@ -205,7 +207,7 @@ bool CopyEngine::wait_ready(int slot, Stream compute) {
   backend_->wait(compute, ready);
   backend_->record(timer.end, compute);
   std::lock_guard<std::mutex> lk(mu_);
-  stalls_pending_.push_back(timer);
+  timers_pending_.push_back(timer);
   return true;
 }
 
@@ -241,12 +243,31 @@ void CopyEngine::release(int slot, Stream compute) {
   backend_->record(free_events_[slot], compute);
 }
 
-void CopyEngine::harvest_stalls_locked() {
-  while (!stalls_pending_.empty() && backend_->query(stalls_pending_.front().end)) {
-    StallTimer t = stalls_pending_.front();
-    stalls_pending_.pop_front();
-    stats_.stall_ms += backend_->elapsed_ms(t.start, t.end);
-    stall_timers_free_.push_back(t);
+CopyEngine::Timer CopyEngine::take_timer_locked() {
+  Timer timer{};
+  if (timers_free_.empty()) {
+    timer.start = backend_->create_event(true, false);
+    timer.end = backend_->create_event(true, false);
+  } else {
+    timer = timers_free_.back();
+    timers_free_.pop_back();
+  }
+  timer.demand_bytes = 0;
+  return timer;
+}
+
+void CopyEngine::harvest_timers_locked() {
+  while (!timers_pending_.empty() && backend_->query(timers_pending_.front().end)) {
+    Timer t = timers_pending_.front();
+    timers_pending_.pop_front();
+    const double ms = backend_->elapsed_ms(t.start, t.end);
+    if (t.demand_bytes > 0) {
+      stats_.timed_demand_bytes += t.demand_bytes;
+      stats_.demand_ms += ms;
+    } else {
+      stats_.stall_ms += ms;
+    }
+    timers_free_.push_back(t);
   }
 }
 
@@ -281,13 +302,13 @@ void CopyEngine::synchronize() {
 
 CopyStats CopyEngine::stats() {
   std::lock_guard<std::mutex> lk(mu_);
-  harvest_stalls_locked();
+  harvest_timers_locked();
   return stats_;
 }
 
 void CopyEngine::reset_stats() {
   std::lock_guard<std::mutex> lk(mu_);
-  harvest_stalls_locked();
+  harvest_timers_locked();
   stats_ = CopyStats{};
 }
 

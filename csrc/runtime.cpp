@@ -305,6 +305,8 @@ RuntimeStats Runtime::stats() {
   out.bytes_copied = copy.prefetch_bytes + copy.demand_bytes;
   out.stalls = copy.num_stalls;
   out.stall_ms = copy.stall_ms;
+  out.timed_demand_bytes = copy.timed_demand_bytes;
+  out.demand_ms = copy.demand_ms;
   return out;
 }
 

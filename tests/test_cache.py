@@ -29,9 +29,11 @@ def test_acquire_returns_the_pool_bytes(backend_name, policy):
             for weights, e in zip(cache.acquire(layer, experts), experts):
                 assert_expert(weights, pool, layer, e)
             cache.release(layer, experts)
+        cache.synchronize()  # every load landed: each is timed once (a copy's time inside the steps)
         s = cache.stats()
         assert s["hits"] + s["misses"] == s["accesses"] == 24
         assert s["bytes_copied"] == s["misses"] * pool.expert_bytes(0)
+        assert s["timed_demand_bytes"] == s["demand_bytes"] == s["bytes_copied"] and s["demand_ms"] > 0
 
 
 def test_hits_misses_and_lru_eviction():

@@ -64,6 +64,28 @@ def test_cpu_experts_give_the_resident_models_tokens_and_logits(tmp_path, model_
         model.expertflow.close()
 
 
+def test_the_engine_prices_copies_at_what_demand_loads_took_inside_steps(tmp_path):
+    """Once a pass the engine hands the cost model the demand loads' time per expert since the last
+    pass, as the runtime timed them: their byte-weighted mean over the run is the runtime's total."""
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    model = ef.from_pretrained(folder, policy="lru", expert_slots="25%", cpu_experts="on", progress=False)
+    try:
+        engine = model.expertflow
+        engine.cost_model.mode = "off"  # every miss copied: demand loads to time
+        seen = []
+        engine.cost_model.observe_link = seen.append
+        _greedy(model)
+        engine.cache.synchronize()
+        engine._observe_link()  # the last pass's loads
+        s = engine.stats()
+        assert s["misses"] > 0 and s["timed_demand_bytes"] == s["demand_bytes"] > 0
+        overall = s["demand_ms"] * engine.pool.expert_bytes(0) / s["timed_demand_bytes"]
+        assert len(seen) >= 2 and min(seen) > 0
+        assert min(seen) * (1 - 1e-9) <= overall <= max(seen) * (1 + 1e-9)
+    finally:
+        model.expertflow.close()
+
+
 def test_bf16_cpu_experts_run_the_native_kernel_and_stay_close_to_the_resident_model(tmp_path):
     """bf16: the CPU's experts take their products from HostLinear's native kernel (its sums run in
     another order than torch's, so logits agree to bf16's precision, not bit for bit)."""
@@ -269,12 +291,42 @@ def test_the_cost_model_learns_what_the_cpu_costs_inside_a_step():
     assert auto.choose([1]) == [True]
     for _ in range(30):
         auto.observe(1, 11.6)
-    assert auto.cpu_scale == pytest.approx(2.0, rel=1e-2)  # 11.6 / 5.8
+    assert auto.cpu_scales[1] == pytest.approx(2.0, rel=1e-2)  # 11.6 / 5.8
     assert auto.choose([1]) == [False]
     assert sorted(auto.choose([1, 1])) == [False, True]
     for _ in range(30):  # and back, when the steps leave the CPU alone again
         auto.observe(4, 6.1)
-    assert auto.cpu_scale == pytest.approx(1.0, rel=1e-2) and auto.choose([1]) == [True]
+    assert auto.cpu_scales[1] == pytest.approx(1.0, rel=1e-2) and auto.choose([1]) == [True]
+
+
+def test_each_cpu_kernel_has_its_own_scale():
+    """The native kernel serves up to 2 tokens here (3.5 ms calibrated), torch's the rest (8 ms for 64,
+    32 for 256). Inside steps torch takes three times its calibration and the native kernel its own:
+    what one kernel does says nothing of the other, so prefill's experts of 64 tokens (24 ms, past
+    three copies' 19.6) now copy while decode's lone miss (3.5 ms) still goes to the CPU."""
+    c = Calibration(6.5, (1, 2, 64, 256), (3.5, 3.5, 8.0, 32.0), 0.1, 16, 0.0, 2, (6.0, 6.0, 8.0, 32.0))
+    auto = CostModel(c, "auto")
+    assert auto.choose([64, 64, 64]) == [False, True, False]  # the second: 8 ms beats a second copy's 13.1
+    for _ in range(40):
+        auto.observe(64, 24.0)
+        auto.observe(1, 3.5)
+    assert auto.cpu_scales == [pytest.approx(1.0), pytest.approx(3.0, rel=1e-2)]
+    assert auto.choose([64, 64, 64]) == [False, False, False]
+    assert auto.choose([1]) == [True]  # one scale for both (3) would copy it: 10.5 ms against 6.6
+
+
+def test_the_link_is_priced_at_its_time_inside_steps():
+    """Two misses of one token each: alone, a copy (6.5 ms) finishes with the CPU's first (3.4 ms), so
+    one goes to each pipe. Once demand loads take 8 ms inside steps, the CPU's two (6.8 ms) finish
+    first, and the model sends both there."""
+    auto = CostModel(line_calibration(6.5, 3.3, 0.1), "auto")
+    assert sorted(auto.choose([1, 1])) == [False, True]
+    for _ in range(40):
+        auto.observe_link(8.0)
+    assert auto.link_scale == pytest.approx(8.0 / 6.5, rel=1e-2)
+    assert auto.choose([1, 1]) == [True, True]
+    auto.observe_link(0.0)  # nothing timed: no change
+    assert auto.link_scale == pytest.approx(8.0 / 6.5, rel=1e-2)
 
 
 def test_a_slow_cpu_is_tried_again_and_kept_once_it_is_fast():
@@ -296,9 +348,9 @@ def test_a_slow_cpu_is_tried_again_and_kept_once_it_is_fast():
 
     slow = layers(1000, 2.5)
     assert 0 < slow < 100  # tried again now and then, mostly copied
-    assert auto.cpu_scale > 2.0
+    assert auto.cpu_scales[1] > 2.0
     layers(300, 1.0)
-    assert auto.cpu_scale == pytest.approx(1.0, abs=0.05)
+    assert auto.cpu_scales[1] == pytest.approx(1.0, abs=0.05)
     assert layers(100, 1.0) >= 100  # every layer's second miss (at least) goes to the CPU again
 
 
@@ -317,23 +369,27 @@ def test_cpu_time_follows_the_measured_points_and_their_last_slope():
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(1, 64), min_size=0, max_size=12), st.floats(0.1, 20), st.floats(0.0, 20),
-       st.floats(0.0, 2), st.floats(0.0, 1), st.floats(0.0, 1), st.floats(0.5, 3), st.floats(0.0, 1))
-def test_auto_never_plans_a_layer_slower_than_copying(tokens, copy_ms, fixed, per_token, gpu_ms, hit_ratio, scale,
-                                                      backfilled_share):
+       st.floats(0.0, 2), st.floats(0.0, 1), st.floats(0.0, 1), st.floats(0.5, 3), st.floats(0.5, 3),
+       st.integers(0, 8), st.floats(0.5, 2), st.floats(0.0, 1))
+def test_auto_never_plans_a_layer_slower_than_copying(tokens, copy_ms, fixed, per_token, gpu_ms, hit_ratio, native_scale,
+                                                      torch_scale, native_max_tokens, link_scale, backfilled_share):
     """From the definition: a layer finishes when both pipes do. The link copies its experts one
-    after another (each then computes on the GPU); the CPU computes its own one after another, at
-    the in-step scale the model has learnt. Whatever the cache's hit ratio and backfilled share, the
-    plan is no slower."""
-    c = line_calibration(copy_ms, fixed, per_token, gpu_ms)
+    after another at its in-step time (each then computes on the GPU); the CPU computes its own one
+    after another, each at the in-step scale of the kernel serving its token count. Whatever the
+    cache's hit ratio and backfilled share, the plan is no slower."""
+    line = line_calibration(copy_ms, fixed, per_token, gpu_ms)
+    c = Calibration(line.copy_ms, line.cpu_tokens, line.cpu_times_ms, gpu_ms, 4, 0.0, native_max_tokens)
     model = CostModel(c, "auto")
-    model.hit_ratio, model.cpu_scale, model.backfilled_share = hit_ratio, scale, backfilled_share
+    model.hit_ratio, model.backfilled_share = hit_ratio, backfilled_share
+    model.cpu_scales, model.link_scale = [native_scale, torch_scale], link_scale
     on_cpu = model.choose(tokens)
     assert len(on_cpu) == len(tokens)
 
     def finish(assignment):
         num_copies = sum(1 for cpu in assignment if not cpu)
-        link = num_copies * copy_ms + (gpu_ms if num_copies else 0.0)
-        cpu = sum(c.cpu_ms(n) * scale for n, on in zip(tokens, assignment) if on)
+        link = num_copies * copy_ms * link_scale + (gpu_ms if num_copies else 0.0)
+        cpu = sum(c.cpu_ms(n) * (native_scale if n <= native_max_tokens else torch_scale)
+                  for n, on in zip(tokens, assignment) if on)
         return max(link, cpu)
 
     assert finish(on_cpu) <= finish([False] * len(tokens)) + 1e-9

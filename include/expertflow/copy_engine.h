@@ -19,6 +19,9 @@
 //   compute stream when the slot's last reader released it) and on the slot's previous ready event:
 //   weights are never overwritten while read, and two jobs for one slot never interleave.
 // - Compute waits on a slot only after its job is submitted, so it never waits on a stale record.
+// - Timers (event pairs: a stall on the compute stream, a demand load on the demand stream) are
+//   harvested in the order they were recorded, once their end event has completed; their events are
+//   reused, never destroyed before close().
 #pragma once
 
 #include <condition_variable>
@@ -47,6 +50,10 @@ struct CopyStats {
   uint64_t demand_bytes = 0;
   uint64_t num_stalls = 0;   // compute had to wait for a copy still in flight
   double stall_ms = 0;       // how long compute waited, measured with events on the compute stream
+  // Demand loads timed on the demand stream, from the start of their bytes to their landing: what a
+  // copy takes inside a step (beside prefetch chunks and the CPU's memory traffic), not alone.
+  uint64_t timed_demand_bytes = 0;
+  double demand_ms = 0;
 };
 
 class CopyEngine {
@@ -102,9 +109,10 @@ class CopyEngine {
     uint64_t sequence = 0;
     JobState state = JobState::kNone;
   };
-  struct StallTimer {
+  struct Timer {
     Event start;
     Event end;
+    size_t demand_bytes = 0;  // a demand load of these bytes; 0: a stall
   };
   using QueueKey = std::tuple<double, uint64_t, int>;  // (due, arrival, slot)
 
@@ -113,7 +121,8 @@ class CopyEngine {
   void submit_chunk_locked();
   bool demand_outstanding_locked();
   void submit_demand_locked(int slot, size_t from);
-  void harvest_stalls_locked();
+  Timer take_timer_locked();
+  void harvest_timers_locked();
   void check_slot(int slot) const;
   void rethrow_dispatcher_error_locked();
 
@@ -134,8 +143,8 @@ class CopyEngine {
   int current_ = -1;                  // slot whose job the dispatcher is submitting
   std::deque<Event> chunks_in_flight_;
   std::vector<int> demand_in_flight_;
-  std::deque<StallTimer> stalls_pending_;
-  std::vector<StallTimer> stall_timers_free_;
+  std::deque<Timer> timers_pending_;
+  std::vector<Timer> timers_free_;
   uint64_t next_sequence_ = 0;
   CopyStats stats_;
   bool paused_ = false;

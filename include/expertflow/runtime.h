@@ -71,6 +71,8 @@ struct RuntimeStats {
   uint64_t demand_bytes = 0;
   uint64_t stalls = 0;
   double stall_ms = 0;
+  uint64_t timed_demand_bytes = 0;  // demand loads timed on their stream (CopyStats): what a copy
+  double demand_ms = 0;             // takes inside a step
 };
 
 class Runtime {

@@ -13,8 +13,10 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   with the most tokens first; each goes where it would finish first, the link (queued behind this
   layer's other copies, then computed on the GPU) or the CPU (queued behind its other experts). Hits
   always compute on the GPU. Prefill, with many tokens per expert, copies; decode sends a second or
-  third miss to the CPU when the CPU is fast enough. The CPU's times are the calibration's scaled by
-  what CPU experts then take inside steps (:meth:`CostModel.observe`).
+  third miss to the CPU when the CPU is fast enough. Both pipes are priced at what they take inside
+  steps: the CPU's times are the calibration's scaled by what CPU experts then take (per kernel,
+  :meth:`CostModel.observe`), a copy's by what demand loads take on the link (timed by the runtime,
+  :meth:`CostModel.observe_link`).
 - Backfill: a CPU expert enters the cache behind its layer while the link has room
   (:meth:`~expertflow.runtime.ExpertCache.backfill`), so the cache evolves as if the GPU had run it
   and the link, which the CPU's misses would leave idle at decode, keeps copying off the layer's
@@ -127,10 +129,18 @@ class CostModel:
     def __init__(self, calibration: Calibration, mode: str) -> None:
         self.calibration = calibration
         self.mode = check_mode(mode)
-        # The CPU's time inside a step over its calibrated time: the launching thread, the copies and
-        # the CPU's own threads share the cores there, which the calibration (alone on the machine)
-        # does not see. Measured on the H200 machine: 5.8 ms calibrated, about 11 ms in the step.
-        self.cpu_scale = 1.0
+        # The CPU's time inside a step over its calibrated time, one scale per kernel (the native one,
+        # serving up to calibration.native_max_tokens tokens, then torch's): the launching thread, the
+        # copies and the CPU's own threads share the cores there, which the calibration (alone on the
+        # machine) does not see, and the two kernels feel it differently (torch splits its rows
+        # statically, so one thread that loses its core holds up the product; the native kernel deals
+        # them out as threads come free). Measured on the H200 machine: 5.8 ms calibrated, about 11 ms
+        # in the step, before the native kernel.
+        self.cpu_scales = [1.0, 1.0]
+        # The link's time per copy inside a step over its calibrated time: there a copy runs beside
+        # prefetch chunks and the CPU's reads of host memory (on the H200 machine 49-51 GB/s against
+        # 55 alone), timed by the runtime on the demand stream (observe_link).
+        self.link_scale = 1.0
         self._layers_without_cpu = 0  # layers with misses since the CPU last got one (see choose)
         # A copied miss stays in its slot and may hit at its next use. One computed on the CPU enters the
         # cache only when its backfill (ExpertCache.backfill) is admitted; otherwise its next use misses
@@ -139,6 +149,10 @@ class CostModel:
         # the last few dozen layers).
         self.hit_ratio = 0.0
         self.backfilled_share = 0.0
+
+    def _kernel(self, num_tokens: int) -> int:
+        """Which of :attr:`cpu_scales` prices an expert of ``num_tokens``: 0 native, 1 torch."""
+        return 0 if num_tokens <= self.calibration.native_max_tokens else 1
 
     def observe_hits(self, num_used: int, num_hits: int) -> None:
         """A layer used ``num_used`` experts, ``num_hits`` of them in slots with their bytes landed."""
@@ -152,32 +166,43 @@ class CostModel:
             self.backfilled_share += 0.05 * (num_backfilled / num_cpu - self.backfilled_share)
 
     def observe(self, num_tokens: int, ms: float) -> None:
-        """A CPU expert of ``num_tokens`` took ``ms`` inside a step: the cost model's CPU times move a
-        fifth of the way toward what the steps see (an exponential average over the last few)."""
+        """A CPU expert of ``num_tokens`` took ``ms`` inside a step: the scale of the kernel that served
+        it moves a fifth of the way toward what the steps see (an exponential average over the last
+        few)."""
         calibrated = self.calibration.cpu_ms(num_tokens)
         if calibrated > 0:
-            self.cpu_scale += 0.2 * (ms / calibrated - self.cpu_scale)
+            k = self._kernel(num_tokens)
+            self.cpu_scales[k] += 0.2 * (ms / calibrated - self.cpu_scales[k])
+
+    def observe_link(self, ms_per_copy: float) -> None:
+        """Demand loads took ``ms_per_copy`` per expert inside a step (their bytes over their time on
+        the demand stream): the link's scale moves a fifth of the way toward it."""
+        if self.calibration.copy_ms > 0 and ms_per_copy > 0:
+            self.link_scale += 0.2 * (ms_per_copy / self.calibration.copy_ms - self.link_scale)
 
     def cpu_can_win(self, num_experts: int) -> bool:
         """Whether :meth:`choose` would ever send a miss to the CPU, at the calibrated costs: in its most
         favourable layer, every one of ``num_experts`` experts missed with one token each (the longest
         link queue) and a cold cache."""
-        return self.mode == "on" or (self.mode == "auto" and any(self._split([1] * num_experts, 1.0, 0.0)))
+        return self.mode == "on" or (
+            self.mode == "auto" and any(self._split([1] * num_experts, (1.0, 1.0), self.calibration.copy_ms, 0.0)))
 
-    def _split(self, num_tokens: list[int], scale: float, later_copy_ms: float) -> list[bool]:
+    def _split(self, num_tokens: list[int], cpu_scales: Sequence[float], copy_ms: float,
+               later_copy_ms: float) -> list[bool]:
         """The split of the misses (``num_tokens [m]``) that finishes the layer first: the misses with the
-        most tokens first, each where it would finish first -> ``[m]`` True for the CPU."""
+        most tokens first, each where it would finish first -> ``[m]`` True for the CPU. A copy takes
+        ``copy_ms``; the CPU its calibrated time times its kernel's scale."""
         c = self.calibration
         on_cpu = [False] * len(num_tokens)
         link_ms = cpu_ms = 0.0
         for i in sorted(range(len(num_tokens)), key=lambda i: -num_tokens[i]):
-            by_link = link_ms + c.copy_ms + c.gpu_ms
-            by_cpu = cpu_ms + c.cpu_ms(num_tokens[i]) * scale
+            by_link = link_ms + copy_ms + c.gpu_ms
+            by_cpu = cpu_ms + c.cpu_ms(num_tokens[i]) * cpu_scales[self._kernel(num_tokens[i])]
             if by_cpu + later_copy_ms < by_link:
                 on_cpu[i] = True
                 cpu_ms = by_cpu
             else:
-                link_ms += c.copy_ms
+                link_ms += copy_ms
         return on_cpu
 
     def choose(self, num_tokens: list[int]) -> list[bool]:
@@ -186,20 +211,21 @@ class CostModel:
             return [True] * len(num_tokens)
         if self.mode == "off":
             return [False] * len(num_tokens)
-        scale = self.cpu_scale  # once: the worker thread updates it
-        later_copy_ms = self.hit_ratio * (1.0 - self.backfilled_share) * self.calibration.copy_ms
-        on_cpu = self._split(num_tokens, scale, later_copy_ms)
+        scales = tuple(self.cpu_scales)  # once: the worker thread updates them
+        copy_ms = self.calibration.copy_ms * self.link_scale
+        later_copy_ms = self.hit_ratio * (1.0 - self.backfilled_share) * copy_ms
+        on_cpu = self._split(num_tokens, scales, copy_ms, later_copy_ms)
         if any(on_cpu):
             self._layers_without_cpu = 0
         elif num_tokens:  # a layer without misses says nothing either way
             # Only CPU experts are observed: a scale that keeps the CPU out would never be measured
-            # again. After 100 layers with misses and none on the CPU, the scale goes half way back
+            # again. After 100 layers with misses and none on the CPU, the scales go half way back
             # to the calibration, so the CPU is tried again now and then, and kept if it has become
             # faster.
             self._layers_without_cpu += 1
             if self._layers_without_cpu >= 100:
                 self._layers_without_cpu = 0
-                self.cpu_scale = 1.0 + (scale - 1.0) / 2
+                self.cpu_scales = [1.0 + (scale - 1.0) / 2 for scale in scales]
         return on_cpu
 
 

@@ -176,6 +176,7 @@ class OffloadEngine:
         self.num_cpu_experts = 0
         self.cpu_ms = 0.0
         self.cpu_wait_ms = 0.0
+        self._link_seen: tuple[float, float] = (0, 0.0)  # the runtime's timed demand bytes and ms at the last _observe_link
         self._set_up_cpu_experts(check_mode(cpu_experts, shard is not None), recalibrate, model)
         self._expanders: dict[tuple[int, torch.dtype], SlotExpander] = {}  # per slot layout and dtype
         self._expansions: dict[tuple[int, torch.dtype, int], Callable] = {}  # _slot_expansion's, per layer
@@ -411,7 +412,11 @@ class OffloadEngine:
                             chosen: np.ndarray, hidden_states: torch.Tensor) -> dict[int, Future]:
         """Sends the missed experts the cost model picks to the CPU -> ``{expert: future [n, H]}``, each
         expert's tokens in the order the GPU path takes them (choice-major, then token)."""
-        if self.cost_model is None or self._cpu is None or not experts:
+        if self.cost_model is None or self._cpu is None:
+            return {}
+        if layer == 0:
+            self._observe_link()
+        if not experts:
             return {}
         # An expert whose copy is still on its way (a backfill, a prefetch) counts as missed: the CPU
         # may finish it before its bytes land. The cost model then prices it as a whole copy, though
@@ -429,6 +434,16 @@ class OffloadEngine:
             jobs[e] = self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, rows, self._cpu.linear))
         self.num_cpu_experts += len(to_cpu)
         return jobs
+
+    def _observe_link(self) -> None:
+        """Once a pass: what demand loads took per expert inside the steps since the last call (timed
+        by the runtime on the demand stream) goes to the cost model."""
+        stats = self.cache.stats()
+        num_bytes, ms = stats["timed_demand_bytes"], stats["demand_ms"]
+        new_bytes, new_ms = num_bytes - self._link_seen[0], ms - self._link_seen[1]
+        self._link_seen = (num_bytes, ms)
+        if new_bytes > 0 and new_ms > 0:
+            cast("CostModel", self.cost_model).observe_link(new_ms * self.pool.expert_bytes(0) / new_bytes)
 
     def _slot_expansion(self, layer: int, dtype: torch.dtype, stream) -> Callable[[int], dict[str, torch.Tensor]]:
         """``slot -> weights``: a slot's tensors as dense weights of ``layer``, for compute on ``stream``.
@@ -485,6 +500,7 @@ class OffloadEngine:
     def reset_stats(self) -> None:
         self.computed_unowned = 0
         self.num_cpu_experts, self.cpu_ms, self.cpu_wait_ms = 0, 0.0, 0.0
+        self._link_seen = (0, 0.0)
         self.cache.reset_stats()
 
     def close(self) -> None:

@@ -475,7 +475,9 @@ class ExpertCache:
         ``cancelled_prefetches``, ``backfills`` (copies :meth:`backfill` queued; their bytes count in
         ``prefetch_bytes``, the rest of one that :meth:`acquire` promotes in ``demand_bytes``),
         ``cancelled_backfills``, ``evictions``, ``bytes_copied`` (= ``prefetch_bytes`` +
-        ``demand_bytes``), ``stalls`` and ``stall_ms`` (time the compute stream waited on copies).
+        ``demand_bytes``), ``stalls`` and ``stall_ms`` (time the compute stream waited on copies),
+        ``timed_demand_bytes`` and ``demand_ms`` (demand loads timed on their stream, from their first
+        byte to their last: what a copy takes inside a step; a load still in flight is not yet counted).
         """
         self._check_open()
         return self._native.stats()

@@ -281,6 +281,30 @@ void test_copy_waits_for_the_slot_to_be_freed() {
   backend->destroy_stream(blocker);
 }
 
+// Demand loads are timed on their stream, from their first byte to their last; prefetches are not.
+void test_copy_engine_times_demand_loads() {
+  auto backend = make_host_backend();
+  constexpr size_t kSmall = 64 << 10, kBig = size_t{64} << 20;
+  std::vector<uint8_t> src(kSmall + kBig, 7), dst(kSmall + kBig, 0);
+  CopyEngine engine(backend, 2, CopyEngineOptions{4096, 2});
+  engine.pause();
+  engine.prefetch(0, &src[0], &dst[0], kSmall, 1.0);
+  const auto start = std::chrono::steady_clock::now();
+  engine.demand(1, &src[kSmall], &dst[kSmall], kBig);
+  engine.wait_ready(1, nullptr);  // the null stream is this thread: it blocks until the bytes land
+  const double wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  CopyStats s = engine.stats();
+  EXPECT(s.timed_demand_bytes == kBig && dst[kSmall + kBig - 1] == 7);
+  EXPECT(s.demand_ms > 0 && s.demand_ms <= wall_ms + 0.5);
+  EXPECT(engine.promote(0));  // the queued prefetch, needed now: timed as a demand load of its bytes
+  engine.wait_ready(0, nullptr);
+  s = engine.stats();
+  EXPECT(s.timed_demand_bytes == kBig + kSmall && s.demand_bytes == kBig + kSmall && s.prefetch_bytes == 0);
+  engine.reset_stats();
+  s = engine.stats();
+  EXPECT(s.timed_demand_bytes == 0 && s.demand_ms == 0);
+}
+
 // Two layers of four 4000-byte experts on the host backend; every byte of layer l expert e is 16 l + e.
 std::shared_ptr<ExpertPool> filled_pool() {
   auto pool = std::make_shared<ExpertPool>(make_host_backend(), std::vector<int>{4, 4},
@@ -447,6 +471,7 @@ int main() {
       {"copy_engine_due_order_and_chunks", test_copy_engine_due_order_and_chunks},
       {"copy_engine_demand_overtakes_queue", test_copy_engine_demand_overtakes_queue},
       {"copy_waits_for_the_slot_to_be_freed", test_copy_waits_for_the_slot_to_be_freed},
+      {"copy_engine_times_demand_loads", test_copy_engine_times_demand_loads},
       {"runtime_round_trip", test_runtime_round_trip},
       {"runtime_backfill", test_runtime_backfill},
       {"host_linear_exact", test_host_linear_exact},
