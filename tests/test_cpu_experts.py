@@ -315,6 +315,20 @@ def test_each_cpu_kernel_has_its_own_scale():
     assert auto.choose([1]) == [True]  # one scale for both (3) would copy it: 10.5 ms against 6.6
 
 
+def test_an_erratic_cpu_is_priced_at_its_usual_worst():
+    """A lone miss: a copy takes 6.6 ms, the CPU 3.5 calibrated. A CPU steadily 1.5 times slower in
+    steps (5.25 ms) takes it. One as fast on average but alternating between 1 and 2 times its
+    calibration is priced at its scale plus its spread (1.5 + 0.5: 7 ms), and the miss is copied."""
+    c = line_calibration(6.5, 3.4, 0.1)
+    steady, erratic = CostModel(c, "auto"), CostModel(c, "auto")
+    for i in range(60):
+        steady.observe(1, 3.5 * 1.5)
+        erratic.observe(1, 3.5 * (1.0 if i % 2 else 2.0))
+    assert steady.cpu_scales[1] == pytest.approx(1.5) and steady.cpu_spreads[1] < 0.01
+    assert erratic.cpu_scales[1] == pytest.approx(1.5, abs=0.06) and erratic.cpu_spreads[1] == pytest.approx(0.5, abs=0.06)
+    assert steady.choose([1]) == [True] and erratic.choose([1]) == [False]
+
+
 def test_the_link_is_priced_at_its_time_inside_steps():
     """Two misses of one token each: alone, a copy (6.5 ms) finishes with the CPU's first (3.4 ms), so
     one goes to each pipe. Once demand loads take 8 ms inside steps, the CPU's two (6.8 ms) finish
@@ -348,7 +362,7 @@ def test_a_slow_cpu_is_tried_again_and_kept_once_it_is_fast():
 
     slow = layers(1000, 2.5)
     assert 0 < slow < 100  # tried again now and then, mostly copied
-    assert auto.cpu_scales[1] > 2.0
+    assert auto.cpu_scales[1] > 1.7 and auto.choose([1]) == [False]  # still known to be slow: a lone miss copies
     layers(300, 1.0)
     assert auto.cpu_scales[1] == pytest.approx(1.0, abs=0.05)
     assert layers(100, 1.0) >= 100  # every layer's second miss (at least) goes to the CPU again
@@ -370,29 +384,34 @@ def test_cpu_time_follows_the_measured_points_and_their_last_slope():
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(1, 64), min_size=0, max_size=12), st.floats(0.1, 20), st.floats(0.0, 20),
        st.floats(0.0, 2), st.floats(0.0, 1), st.floats(0.0, 1), st.floats(0.5, 3), st.floats(0.5, 3),
-       st.integers(0, 8), st.floats(0.5, 2), st.floats(0.0, 1))
+       st.integers(0, 8), st.floats(0.5, 2), st.floats(0.0, 1), st.floats(0.0, 1), st.floats(0.0, 1))
 def test_auto_never_plans_a_layer_slower_than_copying(tokens, copy_ms, fixed, per_token, gpu_ms, hit_ratio, native_scale,
-                                                      torch_scale, native_max_tokens, link_scale, backfilled_share):
+                                                      torch_scale, native_max_tokens, link_scale, backfilled_share,
+                                                      native_spread, torch_spread):
     """From the definition: a layer finishes when both pipes do. The link copies its experts one
     after another at its in-step time (each then computes on the GPU); the CPU computes its own one
-    after another, each at the in-step scale of the kernel serving its token count. Whatever the
-    cache's hit ratio and backfilled share, the plan is no slower."""
+    after another, each at the in-step scale of the kernel serving its token count, or slower by the
+    kernel's spread. Whatever the cache's hit ratio and backfilled share, the plan is no slower,
+    either way."""
     line = line_calibration(copy_ms, fixed, per_token, gpu_ms)
     c = Calibration(line.copy_ms, line.cpu_tokens, line.cpu_times_ms, gpu_ms, 4, 0.0, native_max_tokens)
     model = CostModel(c, "auto")
     model.hit_ratio, model.backfilled_share = hit_ratio, backfilled_share
     model.cpu_scales, model.link_scale = [native_scale, torch_scale], link_scale
+    model.cpu_spreads = [native_spread, torch_spread]
     on_cpu = model.choose(tokens)
     assert len(on_cpu) == len(tokens)
 
-    def finish(assignment):
+    def finish(assignment, slow):
         num_copies = sum(1 for cpu in assignment if not cpu)
         link = num_copies * copy_ms * link_scale + (gpu_ms if num_copies else 0.0)
-        cpu = sum(c.cpu_ms(n) * (native_scale if n <= native_max_tokens else torch_scale)
+        cpu = sum(c.cpu_ms(n) * (native_scale + slow * native_spread if n <= native_max_tokens
+                                 else torch_scale + slow * torch_spread)
                   for n, on in zip(tokens, assignment) if on)
         return max(link, cpu)
 
-    assert finish(on_cpu) <= finish([False] * len(tokens)) + 1e-9
+    for slow in (0, 1):
+        assert finish(on_cpu, slow) <= finish([False] * len(tokens), slow) + 1e-9
 
 
 def test_calibration_fits_its_definition_and_is_cached(tmp_path):

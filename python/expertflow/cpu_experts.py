@@ -14,9 +14,9 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   layer's other copies, then computed on the GPU) or the CPU (queued behind its other experts). Hits
   always compute on the GPU. Prefill, with many tokens per expert, copies; decode sends a second or
   third miss to the CPU when the CPU is fast enough. Both pipes are priced at what they take inside
-  steps: the CPU's times are the calibration's scaled by what CPU experts then take (per kernel,
-  :meth:`CostModel.observe`), a copy's by what demand loads take on the link (timed by the runtime,
-  :meth:`CostModel.observe_link`).
+  steps: the CPU's times are the calibration's scaled by what CPU experts then take, plus how much
+  that strays (per kernel, :meth:`CostModel.observe`), a copy's by what demand loads take on the
+  link (timed by the runtime, :meth:`CostModel.observe_link`).
 - Backfill: a CPU expert enters the cache behind its layer while the link has room
   (:meth:`~expertflow.runtime.ExpertCache.backfill`), so the cache evolves as if the GPU had run it
   and the link, which the CPU's misses would leave idle at decode, keeps copying off the layer's
@@ -137,6 +137,13 @@ class CostModel:
         # them out as threads come free). Measured on the H200 machine: 5.8 ms calibrated, about 11 ms
         # in the step, before the native kernel.
         self.cpu_scales = [1.0, 1.0]
+        # How far single experts stray from that scale (an average of |measured/calibrated - scale|, per
+        # kernel). The CPU is priced at scale + spread: its time varies with what else the host does in
+        # the step (on the H200 machine torch's kernel ended prefill runs of one configuration at 1.3
+        # to 2.5 times its calibration), and a CPU expert late by that much holds up its layer while
+        # one on time saves at most the copy it replaced. So a miss goes to the CPU only where the CPU
+        # wins even when slow by its usual spread; a steady CPU pays almost nothing for this.
+        self.cpu_spreads = [0.0, 0.0]
         # The link's time per copy inside a step over its calibrated time: there a copy runs beside
         # prefetch chunks and the CPU's reads of host memory (on the H200 machine 49-51 GB/s against
         # 55 alone), timed by the runtime on the demand stream (observe_link).
@@ -168,11 +175,12 @@ class CostModel:
     def observe(self, num_tokens: int, ms: float) -> None:
         """A CPU expert of ``num_tokens`` took ``ms`` inside a step: the scale of the kernel that served
         it moves a fifth of the way toward what the steps see (an exponential average over the last
-        few)."""
+        few), and its spread a fifth of the way toward this expert's distance from the scale."""
         calibrated = self.calibration.cpu_ms(num_tokens)
         if calibrated > 0:
-            k = self._kernel(num_tokens)
-            self.cpu_scales[k] += 0.2 * (ms / calibrated - self.cpu_scales[k])
+            k, ratio = self._kernel(num_tokens), ms / calibrated
+            self.cpu_spreads[k] += 0.2 * (abs(ratio - self.cpu_scales[k]) - self.cpu_spreads[k])
+            self.cpu_scales[k] += 0.2 * (ratio - self.cpu_scales[k])
 
     def observe_link(self, ms_per_copy: float) -> None:
         """Demand loads took ``ms_per_copy`` per expert inside a step (their bytes over their time on
@@ -211,21 +219,23 @@ class CostModel:
             return [True] * len(num_tokens)
         if self.mode == "off":
             return [False] * len(num_tokens)
-        scales = tuple(self.cpu_scales)  # once: the worker thread updates them
+        scales, spreads = tuple(self.cpu_scales), tuple(self.cpu_spreads)  # once: the worker thread updates them
         copy_ms = self.calibration.copy_ms * self.link_scale
         later_copy_ms = self.hit_ratio * (1.0 - self.backfilled_share) * copy_ms
-        on_cpu = self._split(num_tokens, scales, copy_ms, later_copy_ms)
+        on_cpu = self._split(num_tokens, [scale + spread for scale, spread in zip(scales, spreads)], copy_ms,
+                             later_copy_ms)
         if any(on_cpu):
             self._layers_without_cpu = 0
         elif num_tokens:  # a layer without misses says nothing either way
             # Only CPU experts are observed: a scale that keeps the CPU out would never be measured
             # again. After 100 layers with misses and none on the CPU, the scales go half way back
-            # to the calibration, so the CPU is tried again now and then, and kept if it has become
-            # faster.
+            # to the calibration and the spreads half way to none, so the CPU is tried again now and
+            # then, and kept if it has become faster.
             self._layers_without_cpu += 1
             if self._layers_without_cpu >= 100:
                 self._layers_without_cpu = 0
                 self.cpu_scales = [1.0 + (scale - 1.0) / 2 for scale in scales]
+                self.cpu_spreads = [spread / 2 for spread in spreads]
         return on_cpu
 
 
