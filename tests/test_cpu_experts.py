@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import time
 
 import pytest
@@ -291,28 +292,31 @@ def test_the_cost_model_learns_what_the_cpu_costs_inside_a_step():
     assert auto.choose([1]) == [True]
     for _ in range(30):
         auto.observe(1, 11.6)
-    assert auto.cpu_scales[1] == pytest.approx(2.0, rel=1e-2)  # 11.6 / 5.8
+    assert auto.cpu_scales[0] == pytest.approx(2.0, rel=1e-2)  # 11.6 / 5.8
     assert auto.choose([1]) == [False]
     assert sorted(auto.choose([1, 1])) == [False, True]
     for _ in range(30):  # and back, when the steps leave the CPU alone again
         auto.observe(4, 6.1)
-    assert auto.cpu_scales[1] == pytest.approx(1.0, rel=1e-2) and auto.choose([1]) == [True]
+    assert auto.cpu_scales[0] == pytest.approx(1.0, rel=1e-2) and auto.choose([1]) == [True]
 
 
-def test_each_cpu_kernel_has_its_own_scale():
-    """The native kernel serves up to 2 tokens here (3.5 ms calibrated), torch's the rest (8 ms for 64,
-    32 for 256). Inside steps torch takes three times its calibration and the native kernel its own:
-    what one kernel does says nothing of the other, so prefill's experts of 64 tokens (24 ms, past
-    three copies' 19.6) now copy while decode's lone miss (3.5 ms) still goes to the CPU."""
-    c = Calibration(6.5, (1, 2, 64, 256), (3.5, 3.5, 8.0, 32.0), 0.1, 16, 0.0, 2, (6.0, 6.0, 8.0, 32.0))
+def test_each_calibration_point_has_its_own_scale():
+    """The native kernel serves up to 2 tokens here (3.5 ms calibrated), torch's the rest (6 ms for 4,
+    8 for 64, 32 for 256). Inside steps torch's 64-token experts take three times their calibration,
+    its 4-token ones and the native kernel's their own: what one size does says nothing of another,
+    so prefill's experts of 64 tokens (24 ms, past three copies' 19.6) now copy while decode's lone
+    miss (3.5 ms) and batched decode's 4-token experts still go to the CPU."""
+    c = Calibration(6.5, (1, 2, 4, 64, 256), (3.5, 3.5, 6.0, 8.0, 32.0), 0.1, 16, 0.0, 2, (6.0, 6.0, 6.0, 8.0, 32.0))
     auto = CostModel(c, "auto")
     assert auto.choose([64, 64, 64]) == [False, True, False]  # the second: 8 ms beats a second copy's 13.1
     for _ in range(40):
-        auto.observe(64, 24.0)
+        auto.observe(70, 24.0 * c.cpu_ms(70) / 8.0)  # priced at the point of 64 tokens
         auto.observe(1, 3.5)
-    assert auto.cpu_scales == [pytest.approx(1.0), pytest.approx(3.0, rel=1e-2)]
+        auto.observe(3, 6.0)  # torch's kernel (past 2 tokens), nearest to 4
+    assert auto.cpu_scales == [pytest.approx(1.0), 1.0, pytest.approx(1.0), pytest.approx(3.0), 1.0]
     assert auto.choose([64, 64, 64]) == [False, False, False]
-    assert auto.choose([1]) == [True]  # one scale for both (3) would copy it: 10.5 ms against 6.6
+    assert auto.choose([1]) == [True]  # one scale for all (3) would copy it: 10.5 ms against 6.6
+    assert auto.choose([4, 4]) == [True, False]  # 6 ms beats a copy, 12 does not beat two
 
 
 def test_an_erratic_cpu_is_priced_at_its_usual_worst():
@@ -324,8 +328,8 @@ def test_an_erratic_cpu_is_priced_at_its_usual_worst():
     for i in range(60):
         steady.observe(1, 3.5 * 1.5)
         erratic.observe(1, 3.5 * (1.0 if i % 2 else 2.0))
-    assert steady.cpu_scales[1] == pytest.approx(1.5) and steady.cpu_spreads[1] < 0.01
-    assert erratic.cpu_scales[1] == pytest.approx(1.5, abs=0.06) and erratic.cpu_spreads[1] == pytest.approx(0.5, abs=0.06)
+    assert steady.cpu_scales[0] == pytest.approx(1.5) and steady.cpu_spreads[0] < 0.01
+    assert erratic.cpu_scales[0] == pytest.approx(1.5, abs=0.06) and erratic.cpu_spreads[0] == pytest.approx(0.5, abs=0.06)
     assert steady.choose([1]) == [True] and erratic.choose([1]) == [False]
 
 
@@ -362,9 +366,9 @@ def test_a_slow_cpu_is_tried_again_and_kept_once_it_is_fast():
 
     slow = layers(1000, 2.5)
     assert 0 < slow < 100  # tried again now and then, mostly copied
-    assert auto.cpu_scales[1] > 1.7 and auto.choose([1]) == [False]  # still known to be slow: a lone miss copies
+    assert auto.cpu_scales[0] > 1.7 and auto.choose([1]) == [False]  # still known to be slow: a lone miss copies
     layers(300, 1.0)
-    assert auto.cpu_scales[1] == pytest.approx(1.0, abs=0.05)
+    assert auto.cpu_scales[0] == pytest.approx(1.0, abs=0.05)
     assert layers(100, 1.0) >= 100  # every layer's second miss (at least) goes to the CPU again
 
 
@@ -381,32 +385,37 @@ def test_cpu_time_follows_the_measured_points_and_their_last_slope():
     assert sorted(auto.choose([1, 1])) == [False, True]
 
 
+POINTS = (1, 2, 4, 16, 64, 256)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(1, 64), min_size=0, max_size=12), st.floats(0.1, 20), st.floats(0.0, 20),
-       st.floats(0.0, 2), st.floats(0.0, 1), st.floats(0.0, 1), st.floats(0.5, 3), st.floats(0.5, 3),
-       st.integers(0, 8), st.floats(0.5, 2), st.floats(0.0, 1), st.floats(0.0, 1), st.floats(0.0, 1))
-def test_auto_never_plans_a_layer_slower_than_copying(tokens, copy_ms, fixed, per_token, gpu_ms, hit_ratio, native_scale,
-                                                      torch_scale, native_max_tokens, link_scale, backfilled_share,
-                                                      native_spread, torch_spread):
+@given(st.lists(st.integers(1, 300), min_size=0, max_size=12), st.floats(0.1, 20), st.floats(0.0, 20),
+       st.floats(0.0, 2), st.floats(0.0, 1), st.floats(0.0, 1), st.sampled_from([0, 1, 2, 4]),
+       st.lists(st.floats(0.5, 3), min_size=len(POINTS), max_size=len(POINTS)),
+       st.lists(st.floats(0.0, 1), min_size=len(POINTS), max_size=len(POINTS)), st.floats(0.5, 2), st.floats(0.0, 1))
+def test_auto_never_plans_a_layer_slower_than_copying(tokens, copy_ms, fixed, per_token, gpu_ms, hit_ratio,
+                                                      native_max_tokens, scales, spreads, link_scale, backfilled_share):
     """From the definition: a layer finishes when both pipes do. The link copies its experts one
     after another at its in-step time (each then computes on the GPU); the CPU computes its own one
-    after another, each at the in-step scale of the kernel serving its token count, or slower by the
-    kernel's spread. Whatever the cache's hit ratio and backfilled share, the plan is no slower,
-    either way."""
-    line = line_calibration(copy_ms, fixed, per_token, gpu_ms)
-    c = Calibration(line.copy_ms, line.cpu_tokens, line.cpu_times_ms, gpu_ms, 4, 0.0, native_max_tokens)
+    after another, each at the in-step scale of its calibration point (the nearest in log tokens of
+    those its kernel serves), or slower by that point's spread. Whatever the cache's hit ratio and
+    backfilled share, the plan is no slower, either way."""
+    c = Calibration(copy_ms, POINTS, tuple(fixed + per_token * n for n in POINTS), gpu_ms, 4, 0.0, native_max_tokens)
     model = CostModel(c, "auto")
     model.hit_ratio, model.backfilled_share = hit_ratio, backfilled_share
-    model.cpu_scales, model.link_scale = [native_scale, torch_scale], link_scale
-    model.cpu_spreads = [native_spread, torch_spread]
+    model.cpu_scales, model.cpu_spreads, model.link_scale = list(scales), list(spreads), link_scale
     on_cpu = model.choose(tokens)
     assert len(on_cpu) == len(tokens)
+
+    def point_of(n):
+        native = n <= native_max_tokens
+        mine = [i for i, p in enumerate(POINTS) if (p <= native_max_tokens) == native] or range(len(POINTS))
+        return min(mine, key=lambda i: abs(math.log(POINTS[i]) - math.log(n)))
 
     def finish(assignment, slow):
         num_copies = sum(1 for cpu in assignment if not cpu)
         link = num_copies * copy_ms * link_scale + (gpu_ms if num_copies else 0.0)
-        cpu = sum(c.cpu_ms(n) * (native_scale + slow * native_spread if n <= native_max_tokens
-                                 else torch_scale + slow * torch_spread)
+        cpu = sum(c.cpu_ms(n) * (scales[point_of(n)] + slow * spreads[point_of(n)])
                   for n, on in zip(tokens, assignment) if on)
         return max(link, cpu)
 

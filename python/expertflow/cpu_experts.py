@@ -15,7 +15,7 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   always compute on the GPU. Prefill, with many tokens per expert, copies; decode sends a second or
   third miss to the CPU when the CPU is fast enough. Both pipes are priced at what they take inside
   steps: the CPU's times are the calibration's scaled by what CPU experts then take, plus how much
-  that strays (per kernel, :meth:`CostModel.observe`), a copy's by what demand loads take on the
+  that strays (per calibration point, :meth:`CostModel.observe`), a copy's by what demand loads take on the
   link (timed by the runtime, :meth:`CostModel.observe_link`).
 - Backfill: a CPU expert enters the cache behind its layer while the link has room
   (:meth:`~expertflow.runtime.ExpertCache.backfill`), so the cache evolves as if the GPU had run it
@@ -48,6 +48,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -129,21 +130,27 @@ class CostModel:
     def __init__(self, calibration: Calibration, mode: str) -> None:
         self.calibration = calibration
         self.mode = check_mode(mode)
-        # The CPU's time inside a step over its calibrated time, one scale per kernel (the native one,
-        # serving up to calibration.native_max_tokens tokens, then torch's): the launching thread, the
-        # copies and the CPU's own threads share the cores there, which the calibration (alone on the
-        # machine) does not see, and the two kernels feel it differently (torch splits its rows
-        # statically, so one thread that loses its core holds up the product; the native kernel deals
-        # them out as threads come free). Measured on the H200 machine: 5.8 ms calibrated, about 11 ms
-        # in the step, before the native kernel.
-        self.cpu_scales = [1.0, 1.0]
+        # The CPU's time inside a step over its calibrated time, one scale per calibration point (an
+        # expert is priced at the nearest point, in log tokens, of the kernel serving it): the
+        # launching thread, the copies and the CPU's own threads share the cores there, which the
+        # calibration (alone on the machine) does not see, and experts of different sizes feel it
+        # differently. The native kernel deals its rows out as threads come free; torch's splits them
+        # statically, so one thread that loses its core holds up the product; and a few tokens are
+        # bound by reading the weights, many by arithmetic. On the H200 machine one scale for all let
+        # batch-16 decode's 4-token experts price its prompt's 64-token ones, which then ran late.
+        # Measured there: 5.8 ms calibrated, about 11 ms in the step, before the native kernel. A
+        # point's first observation sets its scale; later ones move it a fifth of the way.
+        num_points = len(calibration.cpu_tokens)
+        self.cpu_scales = [1.0] * num_points
         # How far single experts stray from that scale (an average of |measured/calibrated - scale|, per
-        # kernel). The CPU is priced at scale + spread: its time varies with what else the host does in
-        # the step (on the H200 machine torch's kernel ended prefill runs of one configuration at 1.3
-        # to 2.5 times its calibration), and a CPU expert late by that much holds up its layer while
+        # point). The CPU is priced at scale + spread: its time varies with what else the host does in
+        # the step (on the H200 machine torch's kernel ended prefill runs of one configuration at 1.5
+        # and 2.5 times its calibration), and a CPU expert late by that much holds up its layer while
         # one on time saves at most the copy it replaced. So a miss goes to the CPU only where the CPU
         # wins even when slow by its usual spread; a steady CPU pays almost nothing for this.
-        self.cpu_spreads = [0.0, 0.0]
+        self.cpu_spreads = [0.0] * num_points
+        self._observed = [False] * num_points
+        self._points: dict[int, int] = {}  # num_tokens -> its point (_point's memo)
         # The link's time per copy inside a step over its calibrated time: there a copy runs beside
         # prefetch chunks and the CPU's reads of host memory (on the H200 machine 49-51 GB/s against
         # 55 alone), timed by the runtime on the demand stream (observe_link).
@@ -157,9 +164,18 @@ class CostModel:
         self.hit_ratio = 0.0
         self.backfilled_share = 0.0
 
-    def _kernel(self, num_tokens: int) -> int:
-        """Which of :attr:`cpu_scales` prices an expert of ``num_tokens``: 0 native, 1 torch."""
-        return 0 if num_tokens <= self.calibration.native_max_tokens else 1
+    def _point(self, num_tokens: int) -> int:
+        """Which of :attr:`cpu_scales` prices an expert of ``num_tokens``: the calibration point nearest
+        in log tokens among those its kernel serves."""
+        point = self._points.get(num_tokens)
+        if point is None:
+            c = self.calibration
+            native = num_tokens <= c.native_max_tokens
+            same_kernel = [i for i, n in enumerate(c.cpu_tokens) if (n <= c.native_max_tokens) == native]
+            point = min(same_kernel or range(len(c.cpu_tokens)),
+                        key=lambda i: abs(math.log(c.cpu_tokens[i] / max(num_tokens, 1))))
+            self._points[num_tokens] = point
+        return point
 
     def observe_hits(self, num_used: int, num_hits: int) -> None:
         """A layer used ``num_used`` experts, ``num_hits`` of them in slots with their bytes landed."""
@@ -173,12 +189,17 @@ class CostModel:
             self.backfilled_share += 0.05 * (num_backfilled / num_cpu - self.backfilled_share)
 
     def observe(self, num_tokens: int, ms: float) -> None:
-        """A CPU expert of ``num_tokens`` took ``ms`` inside a step: the scale of the kernel that served
-        it moves a fifth of the way toward what the steps see (an exponential average over the last
-        few), and its spread a fifth of the way toward this expert's distance from the scale."""
+        """A CPU expert of ``num_tokens`` took ``ms`` inside a step: the scale of its point (see
+        :meth:`_point`) moves a fifth of the way toward what the steps see (an exponential average over
+        the last few; the first observation sets it), and its spread a fifth of the way toward this
+        expert's distance from the scale."""
         calibrated = self.calibration.cpu_ms(num_tokens)
         if calibrated > 0:
-            k, ratio = self._kernel(num_tokens), ms / calibrated
+            k, ratio = self._point(num_tokens), ms / calibrated
+            if not self._observed[k]:
+                self._observed[k] = True
+                self.cpu_scales[k] = ratio
+                return
             self.cpu_spreads[k] += 0.2 * (abs(ratio - self.cpu_scales[k]) - self.cpu_spreads[k])
             self.cpu_scales[k] += 0.2 * (ratio - self.cpu_scales[k])
 
@@ -193,19 +214,20 @@ class CostModel:
         favourable layer, every one of ``num_experts`` experts missed with one token each (the longest
         link queue) and a cold cache."""
         return self.mode == "on" or (
-            self.mode == "auto" and any(self._split([1] * num_experts, (1.0, 1.0), self.calibration.copy_ms, 0.0)))
+            self.mode == "auto"
+            and any(self._split([1] * num_experts, [1.0] * len(self.cpu_scales), self.calibration.copy_ms, 0.0)))
 
     def _split(self, num_tokens: list[int], cpu_scales: Sequence[float], copy_ms: float,
                later_copy_ms: float) -> list[bool]:
         """The split of the misses (``num_tokens [m]``) that finishes the layer first: the misses with the
         most tokens first, each where it would finish first -> ``[m]`` True for the CPU. A copy takes
-        ``copy_ms``; the CPU its calibrated time times its kernel's scale."""
+        ``copy_ms``; the CPU its calibrated time times its point's scale."""
         c = self.calibration
         on_cpu = [False] * len(num_tokens)
         link_ms = cpu_ms = 0.0
         for i in sorted(range(len(num_tokens)), key=lambda i: -num_tokens[i]):
             by_link = link_ms + copy_ms + c.gpu_ms
-            by_cpu = cpu_ms + c.cpu_ms(num_tokens[i]) * cpu_scales[self._kernel(num_tokens[i])]
+            by_cpu = cpu_ms + c.cpu_ms(num_tokens[i]) * cpu_scales[self._point(num_tokens[i])]
             if by_cpu + later_copy_ms < by_link:
                 on_cpu[i] = True
                 cpu_ms = by_cpu
