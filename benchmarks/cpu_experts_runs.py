@@ -46,7 +46,11 @@ def main() -> None:
         print(f"{path.name}: batch {result['batch']}, prompt {result['prompt_len']}, resident step "
               + (f"{resident:.1f} ms" if resident else "not run"))
         for s in speedups(result):
-            scales = " ".join(f"{k} {v:.2f}" for k, v in (s["cpu_scales"] or {}).items())
+            # {case: {tokens: scale}} (older files: {tokens: scale}, or none)
+            learnt = s["cpu_scales"] or {}
+            cases = learnt if all(isinstance(v, dict) for v in learnt.values()) else {"": learnt}
+            scales = "; ".join(f"{case} " * bool(case) + " ".join(f"{k} {v:.2f}" for k, v in per.items())
+                               for case, per in cases.items())
             link = f" link {s['link_scale']:.2f}" if s["link_scale"] is not None else ""
             print(f"  {s['slots']:>4} {s['mode']:<4} decode {s['off_ms']:7.1f} -> {s['ms']:7.1f} ms ({s['decode']:.2f}x)"
                   f"  prefill {s['off_prefill_ms']:7.1f} -> {s['prefill_ms']:7.1f} ms ({s['prefill']:.2f}x)"

@@ -140,16 +140,21 @@ class CostModel:
         # batch-16 decode's 4-token experts price its prompt's 64-token ones, which then ran late.
         # Measured there: 5.8 ms calibrated, about 11 ms in the step, before the native kernel. A
         # point's first observation sets its scale; later ones move it a fifth of the way.
+        # Each point has two scales: CPU experts of a layer that also copies (the link reads host
+        # memory beside them) and of one that does not. Otherwise the model learns only the CPU
+        # beside the copies its own splits make: on the H200 machine the 1-token scale was 1.2 in
+        # `auto`, which split a layer's two misses between the pipes, and 0.9 in `on`, which gave
+        # both to the CPU and was faster. Index: point + num_points for "beside copies".
         num_points = len(calibration.cpu_tokens)
-        self.cpu_scales = [1.0] * num_points
+        self.cpu_scales = [1.0] * (2 * num_points)
         # How far single experts stray from that scale (an average of |measured/calibrated - scale|, per
         # point). The CPU is priced at scale + spread: its time varies with what else the host does in
         # the step (on the H200 machine torch's kernel ended prefill runs of one configuration at 1.5
         # and 2.5 times its calibration), and a CPU expert late by that much holds up its layer while
         # one on time saves at most the copy it replaced. So a miss goes to the CPU only where the CPU
         # wins even when slow by its usual spread; a steady CPU pays almost nothing for this.
-        self.cpu_spreads = [0.0] * num_points
-        self._observed = [False] * num_points
+        self.cpu_spreads = [0.0] * (2 * num_points)
+        self._observed = [False] * (2 * num_points)
         self._points: dict[int, int] = {}  # num_tokens -> its point (_point's memo)
         # The link's time per copy inside a step over its calibrated time: there a copy runs beside
         # prefetch chunks and the CPU's reads of host memory (on the H200 machine 49-51 GB/s against
@@ -177,6 +182,11 @@ class CostModel:
             self._points[num_tokens] = point
         return point
 
+    def by_point(self, values: Sequence[float]) -> dict[str, dict[str, float]]:
+        """:attr:`cpu_scales` or :attr:`cpu_spreads` as ``{"alone" | "beside_copies": {tokens: value}}``."""
+        points = [str(n) for n in self.calibration.cpu_tokens]
+        return {"alone": dict(zip(points, values[: len(points)])), "beside_copies": dict(zip(points, values[len(points) :]))}
+
     def observe_hits(self, num_used: int, num_hits: int) -> None:
         """A layer used ``num_used`` experts, ``num_hits`` of them in slots with their bytes landed."""
         if num_used:
@@ -188,14 +198,15 @@ class CostModel:
         if num_cpu:
             self.backfilled_share += 0.05 * (num_backfilled / num_cpu - self.backfilled_share)
 
-    def observe(self, num_tokens: int, ms: float) -> None:
-        """A CPU expert of ``num_tokens`` took ``ms`` inside a step: the scale of its point (see
-        :meth:`_point`) moves a fifth of the way toward what the steps see (an exponential average over
-        the last few; the first observation sets it), and its spread a fifth of the way toward this
-        expert's distance from the scale."""
+    def observe(self, num_tokens: int, ms: float, beside_copies: bool) -> None:
+        """A CPU expert of ``num_tokens`` took ``ms`` inside a step, in a layer that also copied
+        (``beside_copies``) or not: the scale of its point (see :meth:`_point`) for that case moves a
+        fifth of the way toward what the steps see (an exponential average over the last few; the
+        first observation sets it), and its spread a fifth of the way toward this expert's distance
+        from the scale."""
         calibrated = self.calibration.cpu_ms(num_tokens)
         if calibrated > 0:
-            k, ratio = self._point(num_tokens), ms / calibrated
+            k, ratio = self._point(num_tokens) + beside_copies * len(self.calibration.cpu_tokens), ms / calibrated
             if not self._observed[k]:
                 self._observed[k] = True
                 self.cpu_scales[k] = ratio
@@ -213,27 +224,42 @@ class CostModel:
         """Whether :meth:`choose` would ever send a miss to the CPU, at the calibrated costs: in its most
         favourable layer, every one of ``num_experts`` experts missed with one token each (the longest
         link queue) and a cold cache."""
+        ones = [1.0] * len(self.calibration.cpu_tokens)
         return self.mode == "on" or (
-            self.mode == "auto"
-            and any(self._split([1] * num_experts, [1.0] * len(self.cpu_scales), self.calibration.copy_ms, 0.0)))
+            self.mode == "auto" and any(self._split([1] * num_experts, ones, ones, self.calibration.copy_ms, 0.0)))
 
-    def _split(self, num_tokens: list[int], cpu_scales: Sequence[float], copy_ms: float,
+    def _split(self, num_tokens: list[int], alone: Sequence[float], beside: Sequence[float], copy_ms: float,
                later_copy_ms: float) -> list[bool]:
-        """The split of the misses (``num_tokens [m]``) that finishes the layer first: the misses with the
-        most tokens first, each where it would finish first -> ``[m]`` True for the CPU. A copy takes
-        ``copy_ms``; the CPU its calibrated time times its point's scale."""
+        """The split of the misses (``num_tokens [m]``) that finishes the layer first -> ``[m]`` True for
+        the CPU. A copy takes ``copy_ms``; a CPU expert its calibrated time times its point's price,
+        from ``alone`` where the layer copies nothing, else from ``beside``; each CPU expert also
+        carries ``later_copy_ms``. Three candidates: every miss copied; every miss on the CPU; and the
+        misses with the most tokens first, each where it would finish first (the CPU beside copies).
+        The cheapest wins, the earlier on a tie."""
         c = self.calibration
-        on_cpu = [False] * len(num_tokens)
-        link_ms = cpu_ms = 0.0
+
+        def cpu_ms(n: int, prices: Sequence[float]) -> float:
+            return c.cpu_ms(n) * prices[self._point(n)]
+
+        greedy = [False] * len(num_tokens)
+        link_ms = on_cpu_ms = 0.0
         for i in sorted(range(len(num_tokens)), key=lambda i: -num_tokens[i]):
             by_link = link_ms + copy_ms + c.gpu_ms
-            by_cpu = cpu_ms + c.cpu_ms(num_tokens[i]) * cpu_scales[self._point(num_tokens[i])]
+            by_cpu = on_cpu_ms + cpu_ms(num_tokens[i], beside)
             if by_cpu + later_copy_ms < by_link:
-                on_cpu[i] = True
-                cpu_ms = by_cpu
+                greedy[i] = True
+                on_cpu_ms = by_cpu
             else:
                 link_ms += copy_ms
-        return on_cpu
+
+        def cost(plan: list[bool]) -> float:
+            num_copies = plan.count(False)
+            prices = beside if num_copies else alone
+            cpu = sum(cpu_ms(n, prices) + later_copy_ms for n, on in zip(num_tokens, plan) if on)
+            return max(num_copies * copy_ms + (c.gpu_ms if num_copies else 0.0), cpu)
+
+        candidates = [[False] * len(num_tokens), [True] * len(num_tokens), greedy]
+        return min(candidates, key=cost)
 
     def choose(self, num_tokens: list[int]) -> list[bool]:
         """``num_tokens [m]``: tokens of each missed expert -> ``[m]`` True where the CPU computes it."""
@@ -242,10 +268,11 @@ class CostModel:
         if self.mode == "off":
             return [False] * len(num_tokens)
         scales, spreads = tuple(self.cpu_scales), tuple(self.cpu_spreads)  # once: the worker thread updates them
+        prices = [scale + spread for scale, spread in zip(scales, spreads)]
+        num_points = len(self.calibration.cpu_tokens)
         copy_ms = self.calibration.copy_ms * self.link_scale
         later_copy_ms = self.hit_ratio * (1.0 - self.backfilled_share) * copy_ms
-        on_cpu = self._split(num_tokens, [scale + spread for scale, spread in zip(scales, spreads)], copy_ms,
-                             later_copy_ms)
+        on_cpu = self._split(num_tokens, prices[:num_points], prices[num_points:], copy_ms, later_copy_ms)
         if any(on_cpu):
             self._layers_without_cpu = 0
         elif num_tokens:  # a layer without misses says nothing either way

@@ -250,16 +250,17 @@ class OffloadEngine:
         self._cpu = executor
 
     def _cpu_expert(self, module: OffloadedExperts, layer: int, expert: int, x: torch.Tensor,
-                    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], beside_copies: bool) -> torch.Tensor:
         """One expert computed on the CPU from its pool tensors (no copy over the link; a compressed
-        format expands on the CPU first): ``x [n, H]`` -> ``[n, H]``, its products by ``linear``."""
+        format expands on the CPU first): ``x [n, H]`` -> ``[n, H]``, its products by ``linear``;
+        ``beside_copies``: its layer also copies misses."""
         start = time.perf_counter()
         with torch.no_grad():
             y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), x, linear)
         ms = (time.perf_counter() - start) * 1e3
         self.cpu_ms += ms  # one worker thread: no race
         if self.cost_model is not None:
-            self.cost_model.observe(x.shape[0], ms)  # what the CPU costs inside a step, not alone
+            self.cost_model.observe(x.shape[0], ms, beside_copies)  # what the CPU costs inside a step, not alone
         return y
 
     def next_step(self, positions: torch.Tensor, new_sequences: bool, previous_path: np.ndarray | None = None) -> None:
@@ -427,11 +428,13 @@ class OffloadEngine:
         if not to_cpu:
             return {}
         x = hidden_states.to("cpu")  # the layer's one extra host sync, only where the CPU computes
+        beside_copies = len(to_cpu) < len(missed)
         jobs = {}
         for e in to_cpu:
             token_idx = np.nonzero(e == chosen.T)[1]
             rows = x if len(token_idx) == x.shape[0] and (token_idx == np.arange(x.shape[0])).all() else x[torch.from_numpy(token_idx)]
-            jobs[e] = self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, rows, self._cpu.linear))
+            jobs[e] = self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, rows, self._cpu.linear,
+                                                         beside_copies))
         self.num_cpu_experts += len(to_cpu)
         return jobs
 
