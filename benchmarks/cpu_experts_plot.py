@@ -1,7 +1,8 @@
 """CPU experts on the H200 machine: ms per token with GPU-only offload (cpu_experts off), the cost
-model (auto) and every miss on the CPU (on), against the slots, at batch 1, 4 and 16
-(benchmarks/results/cpu_experts_h200-b{1,4,16}.json, made by the command in docs/cpu_experts.md).
-Writes docs/img/cpu-experts-h200.png.
+model (auto) and every miss on the CPU (on), against the slots, at batch 1, 4 and 16, from the
+latest runs (made by the commands in docs/cpu_experts.md): batch 1 the final code's two runs
+(their median, with a bar from the faster to the slower), batches 4 and 16 design P's one run (the
+final code did not run there). Writes docs/img/cpu-experts-h200.png.
 
     python benchmarks/cpu_experts_plot.py
 """
@@ -9,6 +10,7 @@ Writes docs/img/cpu-experts-h200.png.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -18,29 +20,41 @@ import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"off": "GPU only (off)", "auto": "auto", "on": "CPU for every miss (on)"}
-BATCHES = (1, 4, 16)
+RUNS = {  # batch -> (its result files, what they ran)
+    1: (["cpu_experts_final_b1_run1_h200.json", "cpu_experts_final_b1_run2_h200.json"], "final code, 2 runs"),
+    4: (["cpu_experts_pointscales_run1_h200-b4.json"], "design P, 1 run"),
+    16: (["cpu_experts_pointscales_run1_h200-b16.json"], "design P, 1 run"),
+}
 
 
 def main() -> None:
-    fig, axes = plt.subplots(1, len(BATCHES), figsize=(12, 3.8))
-    for ax, batch in zip(axes, BATCHES):
-        result = json.loads((ROOT / f"benchmarks/results/cpu_experts_h200-b{batch}.json").read_text())
-        rows = [r for r in result["rows"] if r["policy"] != "all_gpu"]
+    fig, axes = plt.subplots(1, len(RUNS), figsize=(12, 3.8))
+    for ax, (batch, (files, label)) in zip(axes, RUNS.items()):
+        results = [json.loads((ROOT / "benchmarks/results" / f).read_text()) for f in files]
         for mode in ("off", "auto", "on"):
-            mine = sorted((r for r in rows if r["cpu_experts_asked"] == mode), key=lambda r: r["slot_share"])
-            if not mine:  # a run without this mode
+            by_share: dict[float, list[float]] = {}
+            for result in results:
+                for r in result["rows"]:
+                    if r["policy"] != "all_gpu" and r["cpu_experts_asked"] == mode:
+                        by_share.setdefault(100 * r["slot_share"], []).append(r["ms_per_token"])
+            if not by_share:  # runs without this mode
                 continue
-            ax.plot([100 * r["slot_share"] for r in mine], [r["ms_per_token"] for r in mine], marker="o",
-                    label=LABELS[mode])
-        ax.axhline(result["all_gpu_ms"], color="gray", linestyle="dashed", label="every expert resident")
+            shares = sorted(by_share)
+            mid = [statistics.median(by_share[x]) for x in shares]
+            low = [m - min(by_share[x]) for m, x in zip(mid, shares)]
+            high = [max(by_share[x]) - m for m, x in zip(mid, shares)]
+            ax.errorbar(shares, mid, yerr=[low, high], marker="o", capsize=3, label=LABELS[mode])
+        resident = statistics.median(r["all_gpu_ms"] for r in results)
+        ax.axhline(resident, color="gray", linestyle="dashed", label="every expert resident")
         ax.set_xlabel("slots, % of the experts")
         ax.set_ylabel("ms per decode step")  # a step gives each of the batch's sequences a token
         ax.set_ylim(bottom=0)
-        ax.set_title(f"batch {batch}", fontsize=9)
+        ax.set_title(f"batch {batch} ({label})", fontsize=9)
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.suptitle(f"{result['arch']} shape, {result['num_layers']} layers, expertflow policy, "
-                 f"{result['machine']['device']} and its 16 cores", fontsize=9)
+    first = results[0]
+    fig.suptitle(f"{first['arch']} shape, {first['num_layers']} layers, expertflow policy, "
+                 f"{first['machine']['device']} and its 16 cores", fontsize=9)
     fig.tight_layout()
     fig.savefig(ROOT / "docs/img/cpu-experts-h200.png", dpi=120)
 
