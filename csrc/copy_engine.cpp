@@ -53,9 +53,11 @@ void CopyEngine::close() noexcept {
   for (Event e : ready_events_) backend_->destroy_event(e);
   for (Event e : free_events_) backend_->destroy_event(e);
   for (Event e : chunk_events_) backend_->destroy_event(e);
-  for (auto& t : timers_pending_) {
-    backend_->destroy_event(t.start);
-    backend_->destroy_event(t.end);
+  for (auto* timers : {&stalls_pending_, &demands_pending_}) {
+    for (auto& t : *timers) {
+      backend_->destroy_event(t.start);
+      backend_->destroy_event(t.end);
+    }
   }
   for (auto& t : timers_free_) {
     backend_->destroy_event(t.start);
@@ -64,7 +66,8 @@ void CopyEngine::close() noexcept {
   ready_events_.clear();
   free_events_.clear();
   chunk_events_.clear();
-  timers_pending_.clear();
+  stalls_pending_.clear();
+  demands_pending_.clear();
   timers_free_.clear();
   backend_->destroy_stream(prefetch_stream_);
   backend_->destroy_stream(demand_stream_);
@@ -135,11 +138,9 @@ CopyEngine::JobState CopyEngine::job_state(int slot) {
   return jobs_[slot].state;
 }
 
-void CopyEngine::submit_demand_locked(int slot, size_t from) {
+void CopyEngine::submit_demand_locked(int slot, size_t from, Timer& timer) {
   Job& job = jobs_[slot];
   const size_t remaining = job.bytes - from;
-  Timer timer{};
-  if (remaining > 0) timer = take_timer_locked();  // first: the only step here that allocates
   if (from == 0) {
     backend_->wait(demand_stream_, free_events_[slot]);
     backend_->wait(demand_stream_, ready_events_[slot]);
@@ -149,23 +150,34 @@ void CopyEngine::submit_demand_locked(int slot, size_t from) {
     backend_->wait(demand_stream_, ready_events_[slot]);
   }
   if (remaining > 0) {
-    timer.demand_bytes = remaining;
     backend_->record(timer.start, demand_stream_);
     backend_->copy_to_device_async(job.dst + from, job.src + from, remaining, demand_stream_);
     backend_->record(timer.end, demand_stream_);
-    timers_pending_.push_back(timer);
   }
   backend_->record(ready_events_[slot], demand_stream_);
   stats_.demand_bytes += remaining;
   job.submitted = job.bytes;
   job.state = JobState::kSubmitted;
   demand_in_flight_.push_back(slot);
+  if (remaining > 0) {
+    timer.bytes = remaining;
+    demands_pending_.push_back(timer);
+  } else {
+    give_back_timer_locked(timer);
+  }
 }
 
 void CopyEngine::demand(int slot, const void* src, void* dst, size_t bytes) {
   std::lock_guard<std::mutex> lk(mu_);
-  new_job_locked(slot, src, dst, bytes, 0);
-  submit_demand_locked(slot, 0);
+  rethrow_dispatcher_error_locked();
+  Timer timer = take_timer_locked();  // before the job changes: the one step here that allocates
+  try {
+    new_job_locked(slot, src, dst, bytes, 0);
+    submit_demand_locked(slot, 0, timer);
+  } catch (...) {
+    give_back_timer_locked(timer);
+    throw;
+  }
 }
 
 bool CopyEngine::promote(int slot) {
@@ -173,18 +185,22 @@ bool CopyEngine::promote(int slot) {
   rethrow_dispatcher_error_locked();
   check_slot(slot);
   Job& job = jobs_[slot];
-  if (job.state == JobState::kQueued) {
-    queue_.erase(QueueKey{job.due, job.sequence, slot});
-    submit_demand_locked(slot, 0);
-    return true;
+  const bool started = job.state == JobState::kStarted;
+  if (job.state != JobState::kQueued && !started) return false;
+  Timer timer = take_timer_locked();  // before the job changes
+  try {
+    if (started) {
+      current_ = -1;
+    } else {
+      queue_.erase(QueueKey{job.due, job.sequence, slot});
+    }
+    submit_demand_locked(slot, started ? job.submitted : 0, timer);
+  } catch (...) {
+    give_back_timer_locked(timer);
+    throw;
   }
-  if (job.state == JobState::kStarted) {
-    current_ = -1;
-    submit_demand_locked(slot, job.submitted);
-    if (queue_.empty()) idle_cv_.notify_all();
-    return true;
-  }
-  return false;
+  if (started && queue_.empty()) idle_cv_.notify_all();
+  return true;
 }
 
 bool CopyEngine::wait_ready(int slot, Stream compute) {
@@ -203,11 +219,22 @@ bool CopyEngine::wait_ready(int slot, Stream compute) {
     ++stats_.num_stalls;
   }
   // Outside the lock: on the host backend the null compute stream blocks right here.
-  backend_->record(timer.start, compute);
-  backend_->wait(compute, ready);
-  backend_->record(timer.end, compute);
+  try {
+    backend_->record(timer.start, compute);
+    backend_->wait(compute, ready);
+    backend_->record(timer.end, compute);
+  } catch (...) {
+    std::lock_guard<std::mutex> lk(mu_);
+    give_back_timer_locked(timer);
+    throw;
+  }
   std::lock_guard<std::mutex> lk(mu_);
-  timers_pending_.push_back(timer);
+  if (closed_) {  // close() ran meanwhile and destroyed the timers it knew of
+    backend_->destroy_event(timer.start);
+    backend_->destroy_event(timer.end);
+  } else {
+    stalls_pending_.push_back(timer);
+  }
   return true;
 }
 
@@ -247,27 +274,39 @@ CopyEngine::Timer CopyEngine::take_timer_locked() {
   Timer timer{};
   if (timers_free_.empty()) {
     timer.start = backend_->create_event(true, false);
-    timer.end = backend_->create_event(true, false);
+    try {
+      timer.end = backend_->create_event(true, false);
+    } catch (...) {
+      backend_->destroy_event(timer.start);
+      throw;
+    }
   } else {
     timer = timers_free_.back();
     timers_free_.pop_back();
   }
-  timer.demand_bytes = 0;
+  timer.bytes = 0;
+  timer.generation = stats_generation_;
   return timer;
 }
 
+void CopyEngine::give_back_timer_locked(const Timer& timer) { timers_free_.push_back(timer); }
+
 void CopyEngine::harvest_timers_locked() {
-  while (!timers_pending_.empty() && backend_->query(timers_pending_.front().end)) {
-    Timer t = timers_pending_.front();
-    timers_pending_.pop_front();
-    const double ms = backend_->elapsed_ms(t.start, t.end);
-    if (t.demand_bytes > 0) {
-      stats_.timed_demand_bytes += t.demand_bytes;
-      stats_.demand_ms += ms;
-    } else {
-      stats_.stall_ms += ms;
+  for (auto* pending : {&stalls_pending_, &demands_pending_}) {
+    while (!pending->empty() && backend_->query(pending->front().end)) {
+      const Timer t = pending->front();
+      pending->pop_front();
+      if (t.generation == stats_generation_) {
+        const double ms = backend_->elapsed_ms(t.start, t.end);
+        if (pending == &demands_pending_) {
+          stats_.timed_demand_bytes += t.bytes;
+          stats_.demand_ms += ms;
+        } else {
+          stats_.stall_ms += ms;
+        }
+      }
+      timers_free_.push_back(t);
     }
-    timers_free_.push_back(t);
   }
 }
 
@@ -310,6 +349,7 @@ void CopyEngine::reset_stats() {
   std::lock_guard<std::mutex> lk(mu_);
   harvest_timers_locked();
   stats_ = CopyStats{};
+  ++stats_generation_;  // what is still in flight belonged to the window just closed
 }
 
 bool CopyEngine::demand_outstanding_locked() {

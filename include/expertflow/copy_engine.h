@@ -19,9 +19,11 @@
 //   compute stream when the slot's last reader released it) and on the slot's previous ready event:
 //   weights are never overwritten while read, and two jobs for one slot never interleave.
 // - Compute waits on a slot only after its job is submitted, so it never waits on a stale record.
-// - Timers (event pairs: a stall on the compute stream, a demand load on the demand stream) are
-//   harvested in the order they were recorded, once their end event has completed; their events are
-//   reused, never destroyed before close().
+// - Timers are event pairs: a stall on the compute stream, a demand load on the demand stream. Each
+//   stream's timers are harvested in the order they were recorded, once their end event has
+//   completed, into the stats window they were recorded in (reset_stats opens a new one, so a load
+//   in flight across a reset counts in neither). Their events are reused, and destroyed only by
+//   close(); a timer is taken before any state changes, and given back if a backend call fails.
 #pragma once
 
 #include <condition_variable>
@@ -110,9 +112,10 @@ class CopyEngine {
     JobState state = JobState::kNone;
   };
   struct Timer {
-    Event start;
-    Event end;
-    size_t demand_bytes = 0;  // a demand load of these bytes; 0: a stall
+    Event start = nullptr;
+    Event end = nullptr;
+    size_t bytes = 0;          // a demand load's bytes (a stall: 0)
+    uint64_t generation = 0;   // the stats window it counts in
   };
   using QueueKey = std::tuple<double, uint64_t, int>;  // (due, arrival, slot)
 
@@ -120,8 +123,9 @@ class CopyEngine {
   void run_dispatcher();
   void submit_chunk_locked();
   bool demand_outstanding_locked();
-  void submit_demand_locked(int slot, size_t from);
+  void submit_demand_locked(int slot, size_t from, Timer& timer);
   Timer take_timer_locked();
+  void give_back_timer_locked(const Timer& timer);
   void harvest_timers_locked();
   void check_slot(int slot) const;
   void rethrow_dispatcher_error_locked();
@@ -143,8 +147,10 @@ class CopyEngine {
   int current_ = -1;                  // slot whose job the dispatcher is submitting
   std::deque<Event> chunks_in_flight_;
   std::vector<int> demand_in_flight_;
-  std::deque<Timer> timers_pending_;
+  std::deque<Timer> stalls_pending_;   // on the compute stream, in record order
+  std::deque<Timer> demands_pending_;  // on the demand stream, in record order
   std::vector<Timer> timers_free_;
+  uint64_t stats_generation_ = 0;
   uint64_t next_sequence_ = 0;
   CopyStats stats_;
   bool paused_ = false;

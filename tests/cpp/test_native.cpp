@@ -303,6 +303,22 @@ void test_copy_engine_times_demand_loads() {
   engine.reset_stats();
   s = engine.stats();
   EXPECT(s.timed_demand_bytes == 0 && s.demand_ms == 0);
+  engine.resume();
+  engine.prefetch(0, &src[0], &dst[0], kSmall, 1.0);  // a prefetch moves bytes but is not timed
+  engine.synchronize();
+  engine.demand(1, &src[kSmall], &dst[kSmall], 0);  // nothing to move: nothing timed
+  engine.wait_ready(1, nullptr);
+  s = engine.stats();
+  EXPECT(s.prefetch_bytes == kSmall && s.timed_demand_bytes == 0 && s.demand_bytes == 0);
+  // A load still in flight at a reset counts in neither window.
+  engine.demand(1, &src[kSmall], &dst[kSmall], kBig);
+  engine.reset_stats();
+  engine.synchronize();
+  s = engine.stats();
+  EXPECT(s.timed_demand_bytes == 0 && s.demand_bytes == 0 && s.demand_ms == 0);
+  engine.demand(0, &src[0], &dst[0], kSmall);  // and the next window times its own
+  engine.synchronize();
+  EXPECT(engine.stats().timed_demand_bytes == kSmall);
 }
 
 // Two layers of four 4000-byte experts on the host backend; every byte of layer l expert e is 16 l + e.
