@@ -9,14 +9,15 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   for 1 to 256 tokens, and the GPU's time per resident expert. Measured once at load on the
   model's own first layer's experts (the 10 s budget is ample), cached per machine, model shape and format in
   ``$EXPERTFLOW_CACHE_DIR`` (default ``~/.cache/expertflow``) / ``calibration.json``.
-- :class:`CostModel`: per layer, which of the missed experts go to the CPU. The misses are taken
-  with the most tokens first; each goes where it would finish first, the link (queued behind this
-  layer's other copies, then computed on the GPU) or the CPU (queued behind its other experts). Hits
-  always compute on the GPU. Prefill, with many tokens per expert, copies; decode sends a second or
-  third miss to the CPU when the CPU is fast enough. Both pipes are priced at what they take inside
-  steps: the CPU's times are the calibration's scaled by what CPU experts then take, plus how much
-  that strays (per calibration point, :meth:`CostModel.observe`), a copy's by what demand loads take on the
-  link (timed by the runtime, :meth:`CostModel.observe_link`).
+- :class:`CostModel`: per layer, which of the missed experts go to the CPU: the split whose later
+  pipe finishes first, the link copying its misses one after another (each then computed on the
+  GPU) and the CPU computing its own one after another, each CPU expert also carrying the copy it
+  may cost later. Hits always compute on the GPU. Prefill, with many tokens per expert, copies;
+  decode sends a second or third miss to the CPU when the CPU is fast enough. Both pipes are priced
+  at what they take inside steps: the CPU's times are the calibration's scaled by what CPU experts
+  then take, plus how much that strays (per calibration point, and apart for layers with and
+  without demand loads: :meth:`CostModel.observe`), a copy's by what demand loads take on the link
+  (timed by the runtime, :meth:`CostModel.observe_link`).
 - Backfill: a CPU expert enters the cache behind its layer while the link has room
   (:meth:`~expertflow.runtime.ExpertCache.backfill`), so the cache evolves as if the GPU had run it
   and the link, which the CPU's misses would leave idle at decode, keeps copying off the layer's
@@ -48,9 +49,9 @@ import functools
 import itertools
 import json
 import logging
-import math
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -127,65 +128,69 @@ class Calibration:
 class CostModel:
     """Chooses, per layer, which missed experts the CPU computes (see the module docstring)."""
 
+    # A layer's CPU experts run either with demand loads of the same layer beside them (some misses
+    # copied) or without (every miss on the CPU; backfills may still run on the link): cpu_scales[case].
+    WITHOUT_DEMAND_LOADS, WITH_DEMAND_LOADS = 0, 1
+
     def __init__(self, calibration: Calibration, mode: str) -> None:
         self.calibration = calibration
         self.mode = check_mode(mode)
-        # The CPU's time inside a step over its calibrated time, one scale per calibration point (an
-        # expert is priced at the nearest point, in log tokens, of the kernel serving it): the
-        # launching thread, the copies and the CPU's own threads share the cores there, which the
-        # calibration (alone on the machine) does not see, and experts of different sizes feel it
-        # differently. The native kernel deals its rows out as threads come free; torch's splits them
-        # statically, so one thread that loses its core holds up the product; and a few tokens are
-        # bound by reading the weights, many by arithmetic. On the H200 machine one scale for all let
-        # batch-16 decode's 4-token experts price its prompt's 64-token ones, which then ran late.
-        # Measured there: 5.8 ms calibrated, about 11 ms in the step, before the native kernel. A
-        # point's first observation sets its scale; later ones move it a fifth of the way.
-        # Each point has two scales: CPU experts of a layer that also copies (the link reads host
-        # memory beside them) and of one that does not. Otherwise the model learns only the CPU
-        # beside the copies its own splits make: on the H200 machine the 1-token scale was 1.2 in
-        # `auto`, which split a layer's two misses between the pipes, and 0.9 in `on`, which gave
-        # both to the CPU and was faster. Index: point + num_points for "beside copies".
+        # The CPU's time inside a step over its calibrated time, per case (above) and calibration point
+        # (an expert is priced at the nearest point, in log tokens, of those its kernel serves):
+        # [case][point]. The launching thread, the copies and the CPU's own threads share the cores
+        # and host memory there, which the calibration (alone on the machine) does not see, and
+        # experts of different sizes feel it differently: the native kernel deals its rows out as
+        # threads come free, torch's splits them statically (one thread that loses its core holds
+        # up the product), and a few tokens are bound by reading the weights, many by arithmetic.
+        # On the H200 machine one scale for all let batch-16 decode's 4-token experts price its
+        # prompt's 64-token ones, which then ran late. And the two cases differ: with one scale the
+        # model learnt only the CPU beside the copies its own splits made (1.2 at one token in
+        # `auto`) while `on`, every miss on the CPU, saw 0.9. Each observation moves a scale a fifth
+        # of the way.
         num_points = len(calibration.cpu_tokens)
-        self.cpu_scales = [1.0] * (2 * num_points)
-        # How far single experts stray from that scale (an average of |measured/calibrated - scale|, per
-        # point). The CPU is priced at scale + spread: its time varies with what else the host does in
-        # the step (on the H200 machine torch's kernel ended prefill runs of one configuration at 1.5
-        # and 2.5 times its calibration), and a CPU expert late by that much holds up its layer while
-        # one on time saves at most the copy it replaced. So a miss goes to the CPU only where the CPU
-        # wins even when slow by its usual spread; a steady CPU pays almost nothing for this.
-        self.cpu_spreads = [0.0] * (2 * num_points)
-        self._observed = [False] * (2 * num_points)
+        self.cpu_scales = [[1.0] * num_points for _ in range(2)]
+        # How far single experts stray from that scale (an average of |measured/calibrated - scale|):
+        # [case][point]. The CPU is priced at scale + spread: its time varies with what else the host
+        # does in the step (on the H200 machine torch's kernel ended prefill runs of one configuration
+        # at 1.5 and 2.5 times its calibration), and a CPU expert late by that much holds up its
+        # layer while one on time saves at most the copy it replaced. So a miss goes to the CPU only
+        # where the CPU wins even when slow by its usual spread; a steady CPU pays little for this.
+        self.cpu_spreads = [[0.0] * num_points for _ in range(2)]
         self._points: dict[int, int] = {}  # num_tokens -> its point (_point's memo)
         # The link's time per copy inside a step over its calibrated time: there a copy runs beside
         # prefetch chunks and the CPU's reads of host memory (on the H200 machine 49-51 GB/s against
         # 55 alone), timed by the runtime on the demand stream (observe_link).
         self.link_scale = 1.0
-        self._layers_without_cpu = 0  # layers with misses since the CPU last got one (see choose)
         # A copied miss stays in its slot and may hit at its next use. One computed on the CPU enters the
         # cache only when its backfill (ExpertCache.backfill) is admitted; otherwise its next use misses
-        # again. So the CPU's side carries that later copy, priced at the cache's recent hit ratio times
-        # one copy times the recent share of the CPU's experts that were not backfilled (averages over
-        # the last few dozen layers).
+        # again. So each CPU expert carries that later copy, priced at the cache's recent hit ratio
+        # times one copy times the recent share of the CPU's experts that were not backfilled
+        # (averages over the last few dozen layers).
         self.hit_ratio = 0.0
         self.backfilled_share = 0.0
+        # observe() runs on the executor's worker thread, choose() on the thread running the model.
+        self._lock = threading.Lock()
 
     def _point(self, num_tokens: int) -> int:
-        """Which of :attr:`cpu_scales` prices an expert of ``num_tokens``: the calibration point nearest
-        in log tokens among those its kernel serves."""
+        """Which point of :attr:`cpu_scales` prices an expert of ``num_tokens``: the calibration point
+        nearest in log tokens among those its kernel serves. (Where the native kernel won at every
+        point, torch serves only experts past the last one, priced at that point's scales.)"""
         point = self._points.get(num_tokens)
         if point is None:
             c = self.calibration
             native = num_tokens <= c.native_max_tokens
             same_kernel = [i for i, n in enumerate(c.cpu_tokens) if (n <= c.native_max_tokens) == native]
-            point = min(same_kernel or range(len(c.cpu_tokens)),
-                        key=lambda i: abs(math.log(c.cpu_tokens[i] / max(num_tokens, 1))))
+            n = max(num_tokens, 1)  # nearest in log tokens: the least ratio, the lower point on a tie
+            point = min(same_kernel or [len(c.cpu_tokens) - 1],
+                        key=lambda i: max(c.cpu_tokens[i], n) / min(c.cpu_tokens[i], n))
             self._points[num_tokens] = point
         return point
 
-    def by_point(self, values: Sequence[float]) -> dict[str, dict[str, float]]:
-        """:attr:`cpu_scales` or :attr:`cpu_spreads` as ``{"alone" | "beside_copies": {tokens: value}}``."""
+    def by_point(self, values: list[list[float]]) -> dict[str, dict[str, float]]:
+        """:attr:`cpu_scales` or :attr:`cpu_spreads` as ``{case: {tokens: value}}``, the cases
+        ``without_demand_loads`` and ``with_demand_loads``."""
         points = [str(n) for n in self.calibration.cpu_tokens]
-        return {"alone": dict(zip(points, values[: len(points)])), "beside_copies": dict(zip(points, values[len(points) :]))}
+        return {case: dict(zip(points, row)) for case, row in zip(("without_demand_loads", "with_demand_loads"), values)}
 
     def observe_hits(self, num_used: int, num_hits: int) -> None:
         """A layer used ``num_used`` experts, ``num_hits`` of them in slots with their bytes landed."""
@@ -198,26 +203,27 @@ class CostModel:
         if num_cpu:
             self.backfilled_share += 0.05 * (num_backfilled / num_cpu - self.backfilled_share)
 
-    def observe(self, num_tokens: int, ms: float, beside_copies: bool) -> None:
-        """A CPU expert of ``num_tokens`` took ``ms`` inside a step, in a layer that also copied
-        (``beside_copies``) or not: the scale of its point (see :meth:`_point`) for that case moves a
-        fifth of the way toward what the steps see (an exponential average over the last few; the
-        first observation sets it), and its spread a fifth of the way toward this expert's distance
-        from the scale."""
+    def observe(self, num_tokens: int, ms: float, with_demand_loads: bool) -> None:
+        """A CPU expert of ``num_tokens`` took ``ms`` inside a step, in a layer that also demand-loaded
+        misses or not: the scale for that case and the expert's point (:meth:`_point`) moves a fifth
+        of the way toward what the steps see, and its spread a fifth of the way toward this expert's
+        distance from the scale."""
         calibrated = self.calibration.cpu_ms(num_tokens)
         if calibrated > 0:
-            k, ratio = self._point(num_tokens) + beside_copies * len(self.calibration.cpu_tokens), ms / calibrated
-            if not self._observed[k]:
-                self._observed[k] = True
-                self.cpu_scales[k] = ratio
-                return
-            self.cpu_spreads[k] += 0.2 * (abs(ratio - self.cpu_scales[k]) - self.cpu_spreads[k])
-            self.cpu_scales[k] += 0.2 * (ratio - self.cpu_scales[k])
+            case, point, ratio = int(with_demand_loads), self._point(num_tokens), ms / calibrated
+            with self._lock:
+                scales, spreads = self.cpu_scales[case], self.cpu_spreads[case]
+                spreads[point] += 0.2 * (abs(ratio - scales[point]) - spreads[point])
+                scales[point] += 0.2 * (ratio - scales[point])
 
-    def observe_link(self, ms_per_copy: float) -> None:
-        """Demand loads took ``ms_per_copy`` per expert inside a step (their bytes over their time on
-        the demand stream): the link's scale moves a fifth of the way toward it."""
-        if self.calibration.copy_ms > 0 and ms_per_copy > 0:
+    def observe_link(self, ms_per_copy: float | None) -> None:
+        """Demand loads took ``ms_per_copy`` per expert inside a pass (their bytes over their time on
+        the demand stream): the link's scale moves a fifth of the way toward it. ``None``: the pass
+        timed none (every miss went to the CPU, or none missed), and the scale goes 2% of the way
+        back to the calibration, so that a link once priced out is tried, and measured, again."""
+        if ms_per_copy is None:
+            self.link_scale += 0.02 * (1.0 - self.link_scale)
+        elif self.calibration.copy_ms > 0 and ms_per_copy > 0:
             self.link_scale += 0.2 * (ms_per_copy / self.calibration.copy_ms - self.link_scale)
 
     def cpu_can_win(self, num_experts: int) -> bool:
@@ -226,65 +232,69 @@ class CostModel:
         link queue) and a cold cache."""
         ones = [1.0] * len(self.calibration.cpu_tokens)
         return self.mode == "on" or (
-            self.mode == "auto" and any(self._split([1] * num_experts, ones, ones, self.calibration.copy_ms, 0.0)))
+            self.mode == "auto" and any(self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms, 0.0)))
 
-    def _split(self, num_tokens: list[int], alone: Sequence[float], beside: Sequence[float], copy_ms: float,
+    def _split(self, num_tokens: list[int], prices: list[list[float]], copy_ms: float,
                later_copy_ms: float) -> list[bool]:
-        """The split of the misses (``num_tokens [m]``) that finishes the layer first -> ``[m]`` True for
-        the CPU. A copy takes ``copy_ms``; a CPU expert its calibrated time times its point's price,
-        from ``alone`` where the layer copies nothing, else from ``beside``; each CPU expert also
-        carries ``later_copy_ms``. Three candidates: every miss copied; every miss on the CPU; and the
-        misses with the most tokens first, each where it would finish first (the CPU beside copies).
-        The cheapest wins, the earlier on a tie."""
+        """The split of the misses (``num_tokens [m]``) that costs least -> ``[m]`` True for the CPU.
+
+        A plan costs the later of its two pipes, plus ``later_copy_ms`` for each CPU expert: the link
+        copies its misses one after another (``copy_ms`` each, then the GPU computes); the CPU
+        computes its own one after another, each at its calibrated time times ``prices[case]
+        [point]``, the case being whether any miss is copied. With some copied, the cheapest k CPU
+        experts are the k quickest on the CPU (the link's time depends only on how many it copies),
+        so the plan is the best k from 0 to m; the fewer CPU experts on a tie."""
         c = self.calibration
+        m = len(num_tokens)
 
-        def cpu_ms(n: int, prices: Sequence[float]) -> float:
-            return c.cpu_ms(n) * prices[self._point(n)]
+        def cpu_ms(n: int, case: int) -> float:
+            return c.cpu_ms(n) * prices[case][self._point(n)]
 
-        greedy = [False] * len(num_tokens)
-        link_ms = on_cpu_ms = 0.0
-        for i in sorted(range(len(num_tokens)), key=lambda i: -num_tokens[i]):
-            by_link = link_ms + copy_ms + c.gpu_ms
-            by_cpu = on_cpu_ms + cpu_ms(num_tokens[i], beside)
-            if by_cpu + later_copy_ms < by_link:
-                greedy[i] = True
-                on_cpu_ms = by_cpu
+        with_loads = [cpu_ms(n, self.WITH_DEMAND_LOADS) for n in num_tokens]
+        order = sorted(range(m), key=lambda i: -with_loads[i])  # the link takes the first m - k
+
+        best_k, best_cost = 0, m * copy_ms + (c.gpu_ms if m else 0.0)
+        beside_copies = 0.0  # the k quickest experts on the CPU, with demand loads beside them
+        for k in range(1, m + 1):
+            if k < m:
+                beside_copies += with_loads[order[m - k]]
+                cost = max((m - k) * copy_ms + c.gpu_ms, beside_copies)
             else:
-                link_ms += copy_ms
-
-        def cost(plan: list[bool]) -> float:
-            num_copies = plan.count(False)
-            prices = beside if num_copies else alone
-            cpu = sum(cpu_ms(n, prices) + later_copy_ms for n, on in zip(num_tokens, plan) if on)
-            return max(num_copies * copy_ms + (c.gpu_ms if num_copies else 0.0), cpu)
-
-        candidates = [[False] * len(num_tokens), [True] * len(num_tokens), greedy]
-        return min(candidates, key=cost)
+                cost = sum(cpu_ms(n, self.WITHOUT_DEMAND_LOADS) for n in num_tokens)
+            cost += k * later_copy_ms
+            if cost < best_cost:
+                best_k, best_cost = k, cost
+        on_cpu = [False] * m
+        for i in order[m - best_k :]:
+            on_cpu[i] = True
+        return on_cpu
 
     def choose(self, num_tokens: list[int]) -> list[bool]:
-        """``num_tokens [m]``: tokens of each missed expert -> ``[m]`` True where the CPU computes it."""
+        """``num_tokens [m]``: tokens of each missed expert -> ``[m]`` True where the CPU computes it.
+
+        Only the CPU experts a plan runs are observed, so a price that keeps the CPU out would never
+        be measured again: each (case, point) this layer priced but did not run goes 1% of the way
+        back to the calibration (scale 1, spread 0), and the CPU is tried again now and then, and
+        kept where it has become faster."""
         if self.mode == "on":
             return [True] * len(num_tokens)
         if self.mode == "off":
             return [False] * len(num_tokens)
-        scales, spreads = tuple(self.cpu_scales), tuple(self.cpu_spreads)  # once: the worker thread updates them
-        prices = [scale + spread for scale, spread in zip(scales, spreads)]
-        num_points = len(self.calibration.cpu_tokens)
+        with self._lock:
+            prices = [[scale + spread for scale, spread in zip(scales, spreads)]
+                      for scales, spreads in zip(self.cpu_scales, self.cpu_spreads)]
         copy_ms = self.calibration.copy_ms * self.link_scale
         later_copy_ms = self.hit_ratio * (1.0 - self.backfilled_share) * copy_ms
-        on_cpu = self._split(num_tokens, prices[:num_points], prices[num_points:], copy_ms, later_copy_ms)
-        if any(on_cpu):
-            self._layers_without_cpu = 0
-        elif num_tokens:  # a layer without misses says nothing either way
-            # Only CPU experts are observed: a scale that keeps the CPU out would never be measured
-            # again. After 100 layers with misses and none on the CPU, the scales go half way back
-            # to the calibration and the spreads half way to none, so the CPU is tried again now and
-            # then, and kept if it has become faster.
-            self._layers_without_cpu += 1
-            if self._layers_without_cpu >= 100:
-                self._layers_without_cpu = 0
-                self.cpu_scales = [1.0 + (scale - 1.0) / 2 for scale in scales]
-                self.cpu_spreads = [spread / 2 for spread in spreads]
+        on_cpu = self._split(num_tokens, prices, copy_ms, later_copy_ms)
+        ran_case = self.WITHOUT_DEMAND_LOADS if all(on_cpu) else self.WITH_DEMAND_LOADS
+        ran = {self._point(n) for n, cpu in zip(num_tokens, on_cpu) if cpu}
+        with self._lock:
+            for point in {self._point(n) for n in num_tokens}:
+                for case in (self.WITHOUT_DEMAND_LOADS, self.WITH_DEMAND_LOADS):
+                    if case == ran_case and point in ran:
+                        continue
+                    self.cpu_scales[case][point] += 0.01 * (1.0 - self.cpu_scales[case][point])
+                    self.cpu_spreads[case][point] *= 0.99
         return on_cpu
 
 

@@ -176,7 +176,7 @@ class OffloadEngine:
         self.num_cpu_experts = 0
         self.cpu_ms = 0.0
         self.cpu_wait_ms = 0.0
-        self._link_seen: tuple[float, float] = (0, 0.0)  # the runtime's timed demand bytes and ms at the last _observe_link
+        self._link_seen: tuple[int, float] = (0, 0.0)  # the runtime's timed demand bytes and ms at the last _observe_link
         self._set_up_cpu_experts(check_mode(cpu_experts, shard is not None), recalibrate, model)
         self._expanders: dict[tuple[int, torch.dtype], SlotExpander] = {}  # per slot layout and dtype
         self._expansions: dict[tuple[int, torch.dtype, int], Callable] = {}  # _slot_expansion's, per layer
@@ -250,17 +250,17 @@ class OffloadEngine:
         self._cpu = executor
 
     def _cpu_expert(self, module: OffloadedExperts, layer: int, expert: int, x: torch.Tensor,
-                    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], beside_copies: bool) -> torch.Tensor:
+                    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], with_demand_loads: bool) -> torch.Tensor:
         """One expert computed on the CPU from its pool tensors (no copy over the link; a compressed
         format expands on the CPU first): ``x [n, H]`` -> ``[n, H]``, its products by ``linear``;
-        ``beside_copies``: its layer also copies misses."""
+        ``with_demand_loads``: its layer also copies misses."""
         start = time.perf_counter()
         with torch.no_grad():
             y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), x, linear)
         ms = (time.perf_counter() - start) * 1e3
         self.cpu_ms += ms  # one worker thread: no race
         if self.cost_model is not None:
-            self.cost_model.observe(x.shape[0], ms, beside_copies)  # what the CPU costs inside a step, not alone
+            self.cost_model.observe(x.shape[0], ms, with_demand_loads)  # what the CPU costs inside a step, not alone
         return y
 
     def next_step(self, positions: torch.Tensor, new_sequences: bool, previous_path: np.ndarray | None = None) -> None:
@@ -428,25 +428,25 @@ class OffloadEngine:
         if not to_cpu:
             return {}
         x = hidden_states.to("cpu")  # the layer's one extra host sync, only where the CPU computes
-        beside_copies = len(to_cpu) < len(missed)
+        with_demand_loads = len(to_cpu) < len(missed)
         jobs = {}
         for e in to_cpu:
             token_idx = np.nonzero(e == chosen.T)[1]
             rows = x if len(token_idx) == x.shape[0] and (token_idx == np.arange(x.shape[0])).all() else x[torch.from_numpy(token_idx)]
             jobs[e] = self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, rows, self._cpu.linear,
-                                                         beside_copies))
+                                                         with_demand_loads))
         self.num_cpu_experts += len(to_cpu)
         return jobs
 
     def _observe_link(self) -> None:
-        """Once a pass: what demand loads took per expert inside the steps since the last call (timed
-        by the runtime on the demand stream) goes to the cost model."""
+        """Once a pass: what demand loads took per expert since the last call (timed by the runtime on
+        the demand stream, counted once landed) goes to the cost model; none timed, it hears so."""
         stats = self.cache.stats()
-        num_bytes, ms = stats["timed_demand_bytes"], stats["demand_ms"]
+        num_bytes, ms = int(stats["timed_demand_bytes"]), stats["demand_ms"]
         new_bytes, new_ms = num_bytes - self._link_seen[0], ms - self._link_seen[1]
         self._link_seen = (num_bytes, ms)
-        if new_bytes > 0 and new_ms > 0:
-            cast("CostModel", self.cost_model).observe_link(new_ms * self.pool.expert_bytes(0) / new_bytes)
+        cost_model = cast("CostModel", self.cost_model)
+        cost_model.observe_link(new_ms * self.pool.expert_bytes(0) / new_bytes if new_bytes > 0 and new_ms > 0 else None)
 
     def _slot_expansion(self, layer: int, dtype: torch.dtype, stream) -> Callable[[int], dict[str, torch.Tensor]]:
         """``slot -> weights``: a slot's tensors as dense weights of ``layer``, for compute on ``stream``.
