@@ -572,3 +572,29 @@ def test_bench_runs_each_policy_with_and_without_cpu_experts(tmp_path):
     assert calibration["seconds"] > 0 and len(calibration["cpu_times_ms"]) == len(calibration["cpu_tokens"])
     assert rows[("lru", "off")]["cpu_calibration"] is None
     assert all(r["prefill_ms"] > 0 for r in rows.values())
+
+
+def test_the_bench_traces_each_layer_of_the_timed_run(tmp_path):
+    """--layer-trace: every row carries one record per MoE layer per pass of the timed run (the
+    prompt's, then each decode step's), in layer order; the decode passes' records add up to the
+    row's per-token counters (taken over the same steps)."""
+    from expertflow.bench import BenchConfig, run_bench
+
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    new_tokens, prompt = 5, [3, 14, 15]
+    result = run_bench(BenchConfig(model=str(folder), routing="live", slots=["25%"], policies=["lru"],
+                                   cpu_experts=["off", "on"], new_tokens=new_tokens, progress=False,
+                                   prompt_ids=prompt, layer_trace=True))
+    num_layers, decoded = result["num_layers"], new_tokens - 1
+    for row in result["rows"]:
+        trace = row["layer_trace"]
+        assert [r["layer"] for r in trace] == list(range(num_layers)) * new_tokens
+        assert [r["tokens"] for r in trace] == [len(prompt)] * num_layers + [1] * num_layers * decoded
+        decode = trace[num_layers:]
+        assert sum(r["cpu_experts"] for r in decode) == pytest.approx(row["cpu_experts_per_token"] * decoded)
+        assert sum(r["misses"] for r in decode) == pytest.approx(row["demand_misses_per_token"] * decoded)
+        assert all(1 <= r["experts"] <= 2 for r in decode)  # top-2 of one token
+        assert all(r["host_ms"] > 0 and r["cpu_ms"] >= 0 and r["cpu_wait_ms"] >= 0 for r in trace)
+    on = next(r for r in result["rows"] if r["cpu_experts"] == "on")
+    assert sum(r["cpu_experts"] for r in on["layer_trace"]) > 0 and all(r["misses"] == 0 for r in on["layer_trace"])
+

@@ -371,12 +371,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         predictors=predictors, gate_accuracy=args.gate_accuracy, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
         prompt_ids=prompt_ids, transformers=args.arch is not None, accelerate=args.accelerate, expert_dtype=args.expert_dtype,
         cpu_experts=_split(args.cpu_experts, "--cpu-experts"), recalibrate=args.recalibrate, progress=not args.json,
+        layer_trace=args.layer_trace,
     )
     built = build_model(cfg)  # once for every batch size
     try:
         for batch in batches:
             result = run_bench(dataclasses.replace(cfg, batch=batch), built)
-            result["command"] = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("expertflow") else None
+            # as typed, or run as python -m expertflow.cli
+            launched = sys.argv[0].endswith(("expertflow", os.path.join("expertflow", "cli.py")))
+            result["command"] = "expertflow " + " ".join(sys.argv[1:]) if launched else None
             if outs:
                 save(result, outs[batch])
                 plot(result, outs[batch].with_suffix(".png"))
@@ -607,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerate", default=None, help="also run accelerate's device_map offload at this slot share's budget")
     _expert_dtype_arg(p)
     _cpu_args(p, several=True)
+    p.add_argument("--layer-trace", action="store_true",
+                   help="add each row the timed run's per-layer records: misses, CPU experts, CPU and wait ms, host ms")
     p.add_argument("--out", default=None, help="write the results as JSON here, and a PNG beside it")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object (one a line for several --batch sizes)")

@@ -177,6 +177,10 @@ class OffloadEngine:
         self.cpu_ms = 0.0
         self.cpu_wait_ms = 0.0
         self._link_seen: tuple[int, float] = (0, 0.0)  # the runtime's timed demand bytes and ms at the last _observe_link
+        # A list: run_layer appends a record of each layer visit (a diagnostic: it costs two stats
+        # reads a layer). layer, tokens, experts used, misses (demand loads), cpu_experts, cpu_ms,
+        # cpu_wait_ms, host_ms (run_layer's host time; the GPU's work may finish in the next layer's).
+        self.layer_trace: list[dict] | None = None
         self._set_up_cpu_experts(check_mode(cpu_experts, shard is not None), recalibrate, model)
         self._expanders: dict[tuple[int, torch.dtype], SlotExpander] = {}  # per slot layout and dtype
         self._expansions: dict[tuple[int, torch.dtype, int], Callable] = {}  # _slot_expansion's, per layer
@@ -312,7 +316,22 @@ class OffloadEngine:
         weights: torch.Tensor,
     ) -> torch.Tensor:
         """``hidden_states [T, H]``, ``routing [T, k]`` expert ids (``num_experts``: none), ``weights
-        [T, k]`` -> ``[T, H]``."""
+        [T, k]`` -> ``[T, H]``. With :attr:`layer_trace` a list, appends one record of the visit."""
+        if self.layer_trace is None:
+            return self._run_layer(module, hidden_states, routing, weights)
+        before = (time.perf_counter(), self.cache.stats()["misses"], self.num_cpu_experts, self.cpu_ms, self.cpu_wait_ms)
+        out = self._run_layer(module, hidden_states, routing, weights)
+        now = (time.perf_counter(), self.cache.stats()["misses"], self.num_cpu_experts, self.cpu_ms, self.cpu_wait_ms)
+        chosen = self.routing[module.layer]
+        self.layer_trace.append({
+            "layer": module.layer, "tokens": routing.shape[0],
+            "experts": int(np.unique(chosen[chosen < self.num_experts]).size) if chosen is not None else 0,
+            "misses": int(now[1] - before[1]), "cpu_experts": now[2] - before[2], "cpu_ms": now[3] - before[3],
+            "cpu_wait_ms": now[4] - before[4], "host_ms": (now[0] - before[0]) * 1e3})
+        return out
+
+    def _run_layer(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
         layer = self.layers[module.layer]
         num_tokens, k = routing.shape
         num_experts = self.num_experts

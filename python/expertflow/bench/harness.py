@@ -74,6 +74,7 @@ class BenchConfig:
     expert_dtype: str | None = None  # storage format of the experts (formats.py); None: the checkpoint's, or dense
     cpu_experts: list[str] = field(default_factory=lambda: ["off"])  # cpu_experts.py modes, each policy under each
     recalibrate: bool = False
+    layer_trace: bool = False  # each row gets the timed run's per-layer records (OffloadEngine.layer_trace)
     config_overrides: dict | None = None  # test hook: smaller dimensions
     progress: bool = True
 
@@ -481,6 +482,8 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
             m.recalibrated = m.recalibrated or (cfg.recalibrate and mode != "off")
             try:
                 _timed(m.model, prompt, cfg.new_tokens, forcing, device)  # warm-up: same routing
+                if cfg.layer_trace:
+                    engine.layer_trace = []
                 tokens, steps_ms = _timed(m.model, prompt, cfg.new_tokens, forcing, device,
                                           on_step=lambda s, engine=engine: engine.reset_stats() if s == 1 else None)
                 stats = engine.stats()
@@ -522,6 +525,8 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
                 row["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device) + num_slots * m.expert_bytes
                 row["gpu_budget_bytes"] = m.resident_bytes() + num_slots * m.expert_bytes + min(
                     (m.resident_bytes() + num_slots * m.expert_bytes) // 9, 2 << 30)
+            if cfg.layer_trace:
+                row["layer_trace"] = engine.layer_trace  # the prompt's pass, then each decode step's
             result["rows"].append(row)
     finally:
         forcing.detach()
