@@ -199,7 +199,7 @@ bool CopyEngine::promote(int slot) {
     give_back_timer_locked(timer);
     throw;
   }
-  if (started && queue_.empty()) idle_cv_.notify_all();
+  if (queue_.empty() && current_ < 0) idle_cv_.notify_all();  // the queue may have drained: wake synchronize()
   return true;
 }
 
@@ -229,9 +229,8 @@ bool CopyEngine::wait_ready(int slot, Stream compute) {
     throw;
   }
   std::lock_guard<std::mutex> lk(mu_);
-  if (closed_) {  // close() ran meanwhile and destroyed the timers it knew of
-    backend_->destroy_event(timer.start);
-    backend_->destroy_event(timer.end);
+  if (closed_) {
+    give_back_timer_locked(timer);  // destroys it: close() ran meanwhile
   } else {
     stalls_pending_.push_back(timer);
   }
@@ -289,13 +288,21 @@ CopyEngine::Timer CopyEngine::take_timer_locked() {
   return timer;
 }
 
-void CopyEngine::give_back_timer_locked(const Timer& timer) { timers_free_.push_back(timer); }
+void CopyEngine::give_back_timer_locked(const Timer& timer) {
+  if (closed_) {  // close() has destroyed the timers it knew of; this one was out (wait_ready)
+    backend_->destroy_event(timer.start);
+    backend_->destroy_event(timer.end);
+    return;
+  }
+  timers_free_.push_back(timer);
+}
 
 void CopyEngine::harvest_timers_locked() {
   for (auto* pending : {&stalls_pending_, &demands_pending_}) {
     while (!pending->empty() && backend_->query(pending->front().end)) {
       const Timer t = pending->front();
       pending->pop_front();
+      timers_free_.push_back(t);  // first: its events stay owned if elapsed_ms throws
       if (t.generation == stats_generation_) {
         const double ms = backend_->elapsed_ms(t.start, t.end);
         if (pending == &demands_pending_) {
@@ -305,7 +312,6 @@ void CopyEngine::harvest_timers_locked() {
           stats_.stall_ms += ms;
         }
       }
-      timers_free_.push_back(t);
     }
   }
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import time
 
 import pytest
@@ -438,7 +439,8 @@ def test_auto_plans_the_cheapest_split_and_never_one_slower_than_copying(
     def point_of(n):
         native = n <= native_max_tokens
         mine = [i for i, p in enumerate(POINTS) if (p <= native_max_tokens) == native] or [num_points - 1]
-        return min(mine, key=lambda i: max(POINTS[i], n) / min(POINTS[i], n))  # nearest in log tokens
+        # nearest in log tokens, the lower point on an exact tie (log2 of powers of two is exact)
+        return min(mine, key=lambda i: (round(abs(math.log2(POINTS[i]) - math.log2(n)), 9), POINTS[i]))
 
     def finish(assignment, slow):
         num_copies = sum(1 for cpu in assignment if not cpu)
@@ -597,4 +599,24 @@ def test_the_bench_traces_each_layer_of_the_timed_run(tmp_path):
         assert all(r["host_ms"] > 0 and r["cpu_ms"] >= 0 and r["cpu_wait_ms"] >= 0 for r in trace)
     on = next(r for r in result["rows"] if r["cpu_experts"] == "on")
     assert sum(r["cpu_experts"] for r in on["layer_trace"]) > 0 and all(r["misses"] == 0 for r in on["layer_trace"])
+
+
+def test_a_price_no_plan_used_stays_as_learnt():
+    """A layer with one miss prices it copied or on the CPU without demand loads; the price with
+    demand loads beside the CPU is not used, so it must not drift: decode's lone misses would
+    otherwise pull the price of split layers toward the calibration."""
+    auto = CostModel(line_calibration(6.8, 2.9, 0.1), "auto")
+    for _ in range(40):
+        auto.observe(1, 3.0 * 1.4, with_demand_loads=True)
+    learnt = auto.cpu_scales[1][0]
+    for _ in range(300):
+        auto.choose([1])
+    assert auto.cpu_scales[1][0] == learnt
+    for _ in range(100):  # a layer of two misses prices it, and when it copies both ...
+        auto.observe(1, 3.0 * 5.0, with_demand_loads=False)
+        auto.observe(1, 3.0 * 5.0, with_demand_loads=True)
+    assert auto.choose([1, 1]) == [False, False]
+    before = auto.cpu_scales[1][0]
+    auto.choose([1, 1])
+    assert auto.cpu_scales[1][0] == pytest.approx(before + 0.01 * (1 - before))  # ... it drifts back
 

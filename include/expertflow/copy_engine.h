@@ -78,7 +78,8 @@ class CopyEngine {
   // Moves the rest of a queued or started prefetch of `slot` to the demand stream; no-op otherwise.
   // Returns true when a job was promoted.
   bool promote(int slot);
-  // Makes `compute` wait until the slot's bytes have landed. Returns true when it had to wait.
+  // Makes `compute` wait until the slot's bytes have landed. Returns true when it had to wait. Not
+  // to be called while close() may run: close() destroys the events and streams it records on.
   bool wait_ready(int slot, Stream compute);
   // True when the slot's bytes have landed (never blocks).
   bool is_ready(int slot);

@@ -232,11 +232,12 @@ class CostModel:
         link queue) and a cold cache."""
         ones = [1.0] * len(self.calibration.cpu_tokens)
         return self.mode == "on" or (
-            self.mode == "auto" and any(self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms, 0.0)))
+            self.mode == "auto" and any(self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms, 0.0)[0]))
 
     def _split(self, num_tokens: list[int], prices: list[list[float]], copy_ms: float,
-               later_copy_ms: float) -> list[bool]:
-        """The split of the misses (``num_tokens [m]``) that costs least -> ``[m]`` True for the CPU.
+               later_copy_ms: float) -> tuple[list[bool], set[tuple[int, int]]]:
+        """The split of the misses (``num_tokens [m]``) that costs least -> (``[m]`` True for the CPU,
+        the (case, point) prices some candidate plan used).
 
         A plan costs the later of its two pipes, plus ``later_copy_ms`` for each CPU expert: the link
         copies its misses one after another (``copy_ms`` each, then the GPU computes); the CPU
@@ -267,15 +268,19 @@ class CostModel:
         on_cpu = [False] * m
         for i in order[m - best_k :]:
             on_cpu[i] = True
-        return on_cpu
+        # Every expert was priced without demand loads (k = m); with them, all but the slowest (k < m).
+        priced = {(self.WITHOUT_DEMAND_LOADS, self._point(n)) for n in num_tokens}
+        priced |= {(self.WITH_DEMAND_LOADS, self._point(num_tokens[i])) for i in order[1:]}
+        return on_cpu, priced
 
     def choose(self, num_tokens: list[int]) -> list[bool]:
         """``num_tokens [m]``: tokens of each missed expert -> ``[m]`` True where the CPU computes it.
 
         Only the CPU experts a plan runs are observed, so a price that keeps the CPU out would never
-        be measured again: each (case, point) this layer priced but did not run goes 1% of the way
-        back to the calibration (scale 1, spread 0), and the CPU is tried again now and then, and
-        kept where it has become faster."""
+        be measured again: each (case, point) a candidate plan of this layer priced but the chosen
+        one did not run goes 1% of the way back to the calibration (scale 1, spread 0), and the CPU
+        is tried again now and then, and kept where it has become faster. Near a tie that costs a
+        few layers in a hundred sent to the slower pipe, each by about the tie's margin."""
         if self.mode == "on":
             return [True] * len(num_tokens)
         if self.mode == "off":
@@ -285,16 +290,13 @@ class CostModel:
                       for scales, spreads in zip(self.cpu_scales, self.cpu_spreads)]
         copy_ms = self.calibration.copy_ms * self.link_scale
         later_copy_ms = self.hit_ratio * (1.0 - self.backfilled_share) * copy_ms
-        on_cpu = self._split(num_tokens, prices, copy_ms, later_copy_ms)
+        on_cpu, priced = self._split(num_tokens, prices, copy_ms, later_copy_ms)
         ran_case = self.WITHOUT_DEMAND_LOADS if all(on_cpu) else self.WITH_DEMAND_LOADS
-        ran = {self._point(n) for n, cpu in zip(num_tokens, on_cpu) if cpu}
+        ran = {(ran_case, self._point(n)) for n, cpu in zip(num_tokens, on_cpu) if cpu}
         with self._lock:
-            for point in {self._point(n) for n in num_tokens}:
-                for case in (self.WITHOUT_DEMAND_LOADS, self.WITH_DEMAND_LOADS):
-                    if case == ran_case and point in ran:
-                        continue
-                    self.cpu_scales[case][point] += 0.01 * (1.0 - self.cpu_scales[case][point])
-                    self.cpu_spreads[case][point] *= 0.99
+            for case, point in priced - ran:
+                self.cpu_scales[case][point] += 0.01 * (1.0 - self.cpu_scales[case][point])
+                self.cpu_spreads[case][point] *= 0.99
         return on_cpu
 
 

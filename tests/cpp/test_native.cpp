@@ -321,6 +321,59 @@ void test_copy_engine_times_demand_loads() {
   EXPECT(engine.stats().timed_demand_bytes == kSmall);
 }
 
+// The host backend, failing the create_event call numbered `fail_at` (counting from 1).
+class FailingEventBackend final : public Backend {
+ public:
+  explicit FailingEventBackend(int fail_at) : fail_at_(fail_at) {}
+  std::shared_ptr<Backend> inner = make_host_backend();
+  std::string name() const override { return "failing"; }
+  bool is_gpu() const override { return false; }
+  int device_index() const override { return -1; }
+  void* alloc_pinned(size_t b) override { return inner->alloc_pinned(b); }
+  void free_pinned(void* p) noexcept override { inner->free_pinned(p); }
+  void register_host(void* p, size_t b) override { inner->register_host(p, b); }
+  void unregister_host(void* p) noexcept override { inner->unregister_host(p); }
+  void* alloc_device(size_t b) override { return inner->alloc_device(b); }
+  void free_device(void* p) noexcept override { inner->free_device(p); }
+  Stream create_stream(bool hp) override { return inner->create_stream(hp); }
+  void destroy_stream(Stream s) noexcept override { inner->destroy_stream(s); }
+  Event create_event(bool t, bool s) override {
+    if (++num_created_ == fail_at_) throw Error("create_event failed (injected)");
+    return inner->create_event(t, s);
+  }
+  void destroy_event(Event e) noexcept override { inner->destroy_event(e); }
+  void copy_to_device_async(void* dst, const void* src, size_t bytes, Stream s) override {
+    inner->copy_to_device_async(dst, src, bytes, s);
+  }
+  void record(Event e, Stream s) override { inner->record(e, s); }
+  void wait(Stream s, Event e) override { inner->wait(s, e); }
+  bool query(Event e) override { return inner->query(e); }
+  void synchronize(Event e) override { inner->synchronize(e); }
+  void synchronize_stream(Stream s) override { inner->synchronize_stream(s); }
+  float elapsed_ms(Event a, Event b) override { return inner->elapsed_ms(a, b); }
+
+ private:
+  int fail_at_;
+  int num_created_ = 0;
+};
+
+// A demand load whose timer cannot be made fails before its job changes: the slot takes the next
+// load as if the failed one had never been asked for. (One slot, {4096, 2}: the engine makes 2 + 3
+// events; the demand's timer is the 6th and 7th.)
+void test_copy_engine_demand_fails_before_its_job_changes() {
+  for (int fail_at : {6, 7}) {
+    auto backend = std::make_shared<FailingEventBackend>(fail_at);
+    constexpr size_t kBytes = 8192;
+    std::vector<uint8_t> src(kBytes, 9), dst(kBytes, 0);
+    CopyEngine engine(backend, 1, CopyEngineOptions{4096, 2});
+    expect_error([&] { engine.demand(0, src.data(), dst.data(), kBytes); }, "injected");
+    EXPECT(engine.job_state(0) == CopyEngine::JobState::kNone);
+    engine.demand(0, src.data(), dst.data(), kBytes);
+    engine.wait_ready(0, nullptr);
+    EXPECT(dst[kBytes - 1] == 9 && engine.stats().timed_demand_bytes == kBytes);
+  }
+}
+
 // Two layers of four 4000-byte experts on the host backend; every byte of layer l expert e is 16 l + e.
 std::shared_ptr<ExpertPool> filled_pool() {
   auto pool = std::make_shared<ExpertPool>(make_host_backend(), std::vector<int>{4, 4},
@@ -488,6 +541,7 @@ int main() {
       {"copy_engine_demand_overtakes_queue", test_copy_engine_demand_overtakes_queue},
       {"copy_waits_for_the_slot_to_be_freed", test_copy_waits_for_the_slot_to_be_freed},
       {"copy_engine_times_demand_loads", test_copy_engine_times_demand_loads},
+      {"copy_engine_demand_fails_before_its_job_changes", test_copy_engine_demand_fails_before_its_job_changes},
       {"runtime_round_trip", test_runtime_round_trip},
       {"runtime_backfill", test_runtime_backfill},
       {"host_linear_exact", test_host_linear_exact},
