@@ -255,11 +255,11 @@ class CostModel:
         order = sorted(range(m), key=lambda i: -with_loads[i])  # the link takes the first m - k
 
         best_k, best_cost = 0, m * copy_ms + (c.gpu_ms if m else 0.0)
-        beside_copies = 0.0  # the k quickest experts on the CPU, with demand loads beside them
+        cpu_with_loads = 0.0  # the k quickest experts on the CPU, with demand loads beside them
         for k in range(1, m + 1):
             if k < m:
-                beside_copies += with_loads[order[m - k]]
-                cost = max((m - k) * copy_ms + c.gpu_ms, beside_copies)
+                cpu_with_loads += with_loads[order[m - k]]
+                cost = max((m - k) * copy_ms + c.gpu_ms, cpu_with_loads)
             else:
                 cost = sum(cpu_ms(n, self.WITHOUT_DEMAND_LOADS) for n in num_tokens)
             cost += k * later_copy_ms

@@ -503,9 +503,10 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
                 "cpu_experts_asked": mode, "cpu_experts_per_token": stats.get("cpu_experts", 0) / decoded,
                 "cpu_wait_ms_per_token": stats.get("cpu_wait_ms", 0.0) / decoded,
                 "cpu_calibration": asdict(engine.cost_model.calibration) if engine.cost_model is not None else None,
-                # the in-step CPU time over the calibrated ({"alone" or "beside_copies": {calibration
-                # point's tokens: scale}}), how far single experts strayed from it, and a copy's
-                # in-step time over its calibrated, as the cost model had learnt them by the end
+                # the in-step CPU time over the calibrated ({"without_demand_loads" or
+                # "with_demand_loads": {calibration point's tokens: scale}}), how far single experts
+                # strayed from it, and a copy's in-step time over its calibrated, as the cost model
+                # had learnt them by the end
                 "cpu_scales": engine.cost_model.by_point(engine.cost_model.cpu_scales) if engine.cost_model is not None else None,
                 "cpu_spreads": engine.cost_model.by_point(engine.cost_model.cpu_spreads) if engine.cost_model is not None else None,
                 "link_scale": engine.cost_model.link_scale if engine.cost_model is not None else None,
