@@ -44,19 +44,12 @@ void expect_error(F&& f, const std::string& fragment) {
   throw Failure{"expected an error containing '" + fragment + "'"};
 }
 
-// Logs every copy submitted (stream, destination, bytes), delegating the work to the host backend.
-class RecordingBackend final : public Backend {
+// The host backend behind every call; a test backend overrides the calls it watches or breaks.
+class ForwardingBackend : public Backend {
  public:
-  struct Copy {
-    Stream stream;
-    void* dst;
-    size_t bytes;
-  };
   std::shared_ptr<Backend> inner = make_host_backend();
-  std::mutex mu;
-  std::vector<Copy> copies;
 
-  std::string name() const override { return "recording"; }
+  std::string name() const override { return "forwarding"; }
   bool is_gpu() const override { return false; }
   int device_index() const override { return -1; }
   void* alloc_pinned(size_t b) override { return inner->alloc_pinned(b); }
@@ -70,10 +63,6 @@ class RecordingBackend final : public Backend {
   Event create_event(bool t, bool s) override { return inner->create_event(t, s); }
   void destroy_event(Event e) noexcept override { inner->destroy_event(e); }
   void copy_to_device_async(void* dst, const void* src, size_t bytes, Stream s) override {
-    {
-      std::lock_guard<std::mutex> lk(mu);
-      copies.push_back({s, dst, bytes});
-    }
     inner->copy_to_device_async(dst, src, bytes, s);
   }
   void record(Event e, Stream s) override { inner->record(e, s); }
@@ -82,6 +71,26 @@ class RecordingBackend final : public Backend {
   void synchronize(Event e) override { inner->synchronize(e); }
   void synchronize_stream(Stream s) override { inner->synchronize_stream(s); }
   float elapsed_ms(Event a, Event b) override { return inner->elapsed_ms(a, b); }
+};
+
+// Logs every copy submitted (stream, destination, bytes).
+class RecordingBackend final : public ForwardingBackend {
+ public:
+  struct Copy {
+    Stream stream;
+    void* dst;
+    size_t bytes;
+  };
+  std::mutex mu;
+  std::vector<Copy> copies;
+
+  void copy_to_device_async(void* dst, const void* src, size_t bytes, Stream s) override {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      copies.push_back({s, dst, bytes});
+    }
+    inner->copy_to_device_async(dst, src, bytes, s);
+  }
 };
 
 TensorSpec spec(const std::string& name, std::vector<int64_t> shape, size_t itemsize) {
@@ -321,36 +330,14 @@ void test_copy_engine_times_demand_loads() {
   EXPECT(engine.stats().timed_demand_bytes == kSmall);
 }
 
-// The host backend, failing the create_event call numbered `fail_at` (counting from 1).
-class FailingEventBackend final : public Backend {
+// Fails the create_event call numbered `fail_at` (counting from 1).
+class FailingEventBackend final : public ForwardingBackend {
  public:
   explicit FailingEventBackend(int fail_at) : fail_at_(fail_at) {}
-  std::shared_ptr<Backend> inner = make_host_backend();
-  std::string name() const override { return "failing"; }
-  bool is_gpu() const override { return false; }
-  int device_index() const override { return -1; }
-  void* alloc_pinned(size_t b) override { return inner->alloc_pinned(b); }
-  void free_pinned(void* p) noexcept override { inner->free_pinned(p); }
-  void register_host(void* p, size_t b) override { inner->register_host(p, b); }
-  void unregister_host(void* p) noexcept override { inner->unregister_host(p); }
-  void* alloc_device(size_t b) override { return inner->alloc_device(b); }
-  void free_device(void* p) noexcept override { inner->free_device(p); }
-  Stream create_stream(bool hp) override { return inner->create_stream(hp); }
-  void destroy_stream(Stream s) noexcept override { inner->destroy_stream(s); }
   Event create_event(bool t, bool s) override {
     if (++num_created_ == fail_at_) throw Error("create_event failed (injected)");
     return inner->create_event(t, s);
   }
-  void destroy_event(Event e) noexcept override { inner->destroy_event(e); }
-  void copy_to_device_async(void* dst, const void* src, size_t bytes, Stream s) override {
-    inner->copy_to_device_async(dst, src, bytes, s);
-  }
-  void record(Event e, Stream s) override { inner->record(e, s); }
-  void wait(Stream s, Event e) override { inner->wait(s, e); }
-  bool query(Event e) override { return inner->query(e); }
-  void synchronize(Event e) override { inner->synchronize(e); }
-  void synchronize_stream(Stream s) override { inner->synchronize_stream(s); }
-  float elapsed_ms(Event a, Event b) override { return inner->elapsed_ms(a, b); }
 
  private:
   int fail_at_;
