@@ -333,6 +333,8 @@ class OffloadEngine:
     def _run_layer(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: torch.Tensor,
                    weights: torch.Tensor) -> torch.Tensor:
         layer = self.layers[module.layer]
+        if layer.index == 0 and self.cost_model is not None:  # a pass begins
+            self._observe_link()
         num_tokens, k = routing.shape
         num_experts = self.num_experts
         nxt = layer.next if self.policy.gate_from_router else None
@@ -432,11 +434,7 @@ class OffloadEngine:
                             chosen: np.ndarray, hidden_states: torch.Tensor) -> dict[int, Future]:
         """Sends the missed experts the cost model picks to the CPU -> ``{expert: future [n, H]}``, each
         expert's tokens in the order the GPU path takes them (choice-major, then token)."""
-        if self.cost_model is None or self._cpu is None:
-            return {}
-        if layer == 0:
-            self._observe_link()
-        if not experts:
+        if self.cost_model is None or self._cpu is None or not experts:
             return {}
         # An expert whose copy is still on its way (a backfill, a prefetch) counts as missed: the CPU
         # may finish it before its bytes land. The cost model then prices it as a whole copy, though
