@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _C
-from ..cpu_experts import check_mode
+from ..cpu_experts import CostModel, check_mode
 from ..files import atomic_output
 from ..formats import FORMATS, ExpertFormat, expert_format
 from ..loader import attach, load_offloaded, moe_layers, offloaded_experts
@@ -127,6 +127,17 @@ def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 5)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     ms = median_ms(lambda: dst.copy_(src, non_blocking=True), reps, sync=lambda: _sync(device), warmup=1)
     return nbytes / (ms / 1e3)
+
+
+def _cost_model_fields(cost_model: CostModel | None) -> dict:
+    """A row's view of the CPU experts' cost model (all None without one): its calibration; the
+    in-step CPU time over the calibrated (``{"without_demand_loads" | "with_demand_loads": {calibration
+    point's tokens: scale}}``) and how far single experts strayed from it; and a copy's in-step time
+    over its calibrated, as the model had learnt them by the end."""
+    if cost_model is None:
+        return dict.fromkeys(("cpu_calibration", "cpu_scales", "cpu_spreads", "link_scale"))
+    return {"cpu_calibration": asdict(cost_model.calibration), "cpu_scales": cost_model.by_point(cost_model.cpu_scales),
+            "cpu_spreads": cost_model.by_point(cost_model.cpu_spreads), "link_scale": cost_model.link_scale}
 
 
 def _routers(model: torch.nn.Module, arch: Architecture) -> list[torch.nn.Module]:
@@ -502,14 +513,7 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
                 "cpu_experts": mode if engine.cost_model is not None or mode == "off" else f"{mode}: off",
                 "cpu_experts_asked": mode, "cpu_experts_per_token": stats.get("cpu_experts", 0) / decoded,
                 "cpu_wait_ms_per_token": stats.get("cpu_wait_ms", 0.0) / decoded,
-                "cpu_calibration": asdict(engine.cost_model.calibration) if engine.cost_model is not None else None,
-                # the in-step CPU time over the calibrated ({"without_demand_loads" or
-                # "with_demand_loads": {calibration point's tokens: scale}}), how far single experts
-                # strayed from it, and a copy's in-step time over its calibrated, as the cost model
-                # had learnt them by the end
-                "cpu_scales": engine.cost_model.by_point(engine.cost_model.cpu_scales) if engine.cost_model is not None else None,
-                "cpu_spreads": engine.cost_model.by_point(engine.cost_model.cpu_spreads) if engine.cost_model is not None else None,
-                "link_scale": engine.cost_model.link_scale if engine.cost_model is not None else None,
+                **_cost_model_fields(engine.cost_model),
                 "slots": share, "num_slots": num_slots, "slot_share": num_slots / total,
                 "ms_per_token": ms, "ms_per_token_mean": statistics.fmean(steps_ms), "prefill_ms": prefill_ms, "tokens_per_s": 1e3 / ms,
                 "bytes_per_token": stats["bytes_copied"] / decoded, "belady_bytes_per_token": belady,
