@@ -167,17 +167,25 @@ void CopyEngine::submit_demand_locked(int slot, size_t from, Timer& timer) {
   }
 }
 
-void CopyEngine::demand(int slot, const void* src, void* dst, size_t bytes) {
-  std::lock_guard<std::mutex> lk(mu_);
-  rethrow_dispatcher_error_locked();
+template <typename Change>
+void CopyEngine::submit_demand_timed_locked(int slot, Change&& change) {
   Timer timer = take_timer_locked();  // before the job changes: the one step here that allocates
   try {
-    new_job_locked(slot, src, dst, bytes, 0);
-    submit_demand_locked(slot, 0, timer);
+    const size_t from = change();
+    submit_demand_locked(slot, from, timer);
   } catch (...) {
     give_back_timer_locked(timer);
     throw;
   }
+}
+
+void CopyEngine::demand(int slot, const void* src, void* dst, size_t bytes) {
+  std::lock_guard<std::mutex> lk(mu_);
+  rethrow_dispatcher_error_locked();
+  submit_demand_timed_locked(slot, [&] {
+    new_job_locked(slot, src, dst, bytes, 0);
+    return size_t{0};
+  });
 }
 
 bool CopyEngine::promote(int slot) {
@@ -187,18 +195,14 @@ bool CopyEngine::promote(int slot) {
   Job& job = jobs_[slot];
   const bool started = job.state == JobState::kStarted;
   if (job.state != JobState::kQueued && !started) return false;
-  Timer timer = take_timer_locked();  // before the job changes
-  try {
-    if (started) {
-      current_ = -1;
-    } else {
+  submit_demand_timed_locked(slot, [&] {
+    if (!started) {
       queue_.erase(QueueKey{job.due, job.sequence, slot});
+      return size_t{0};
     }
-    submit_demand_locked(slot, started ? job.submitted : 0, timer);
-  } catch (...) {
-    give_back_timer_locked(timer);
-    throw;
-  }
+    current_ = -1;
+    return job.submitted;  // the rest of a started prefetch
+  });
   if (queue_.empty() && current_ < 0) idle_cv_.notify_all();  // the queue may have drained: wake synchronize()
   return true;
 }

@@ -125,6 +125,10 @@ class CopyEngine {
   void submit_chunk_locked();
   bool demand_outstanding_locked();
   void submit_demand_locked(int slot, size_t from, Timer& timer);
+  // Takes a timer, then runs `change` (the job's state change, returning the byte the load starts
+  // at) and submits the load; the timer goes back if either throws.
+  template <typename Change>
+  void submit_demand_timed_locked(int slot, Change&& change);
   Timer take_timer_locked();
   void give_back_timer_locked(const Timer& timer);
   void harvest_timers_locked();
