@@ -24,6 +24,8 @@ native ``HostLinear``):
     python benchmarks/cpu_link_contention.py --out benchmarks/results/cpu-link-contention-h200.json
     python benchmarks/cpu_link_contention.py --tokens 1 --threads 8,12,15 \
         --out benchmarks/results/cpu-link-contention-threads-h200.json
+    python benchmarks/cpu_link_contention.py --tokens 64 --contention-tokens 64 --kernels torch --threads 12,14,15,16 \
+        --out benchmarks/results/cpu-link-contention-64-tokens-h200.json
 """
 
 from __future__ import annotations
@@ -64,10 +66,12 @@ def main() -> None:
     p.add_argument("--kernels", default="torch,native", help="comma-separated: torch, native")
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--threads", default="", help="comma-separated CPU thread counts to sweep (default: none)")
+    p.add_argument("--contention-tokens", type=int, default=1,
+                   help="tokens of the CPU expert in 3, 4 and 6 (1: decode's; 64: a batch's prompt pass)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    if min(args.hidden, args.ffn, args.num_experts, args.reps) < 1:
-        p.error("--hidden, --ffn, --num-experts and --reps must be at least 1")
+    if min(args.hidden, args.ffn, args.num_experts, args.reps, args.contention_tokens) < 1:
+        p.error("--hidden, --ffn, --num-experts, --reps and --contention-tokens must be at least 1")
     token_counts = _int_list(args.tokens, "--tokens", p) or [1]
     sweep = _int_list(args.threads, "--threads", p)
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
@@ -160,8 +164,8 @@ def main() -> None:
         return main_ms, statistics.median(times) if times else None
 
     def contention(kernel: str, threads: int) -> dict:
-        row: dict = {"kernel": kernel, "threads": threads}
-        run, close = expert_fn(kernel, 1, threads)
+        row: dict = {"kernel": kernel, "threads": threads, "tokens": args.contention_tokens}
+        run, close = expert_fn(kernel, args.contention_tokens, threads)
         try:
             row["cpu_alone_ms"] = median_ms(run, args.reps)
             if gpu:

@@ -230,6 +230,7 @@ def _load(args: argparse.Namespace, policy: str):
         progress=not getattr(args, "quiet", False), predictor=predictor if policy == "expertflow" else None,
         distributed=getattr(args, "nproc_per_node", 1) > 1, expert_dtype=getattr(args, "expert_dtype", None),
         cpu_experts=getattr(args, "cpu_experts", "off"), recalibrate=getattr(args, "recalibrate", False),
+        cpu_threads=getattr(args, "cpu_threads", None),
     )
 
 
@@ -370,7 +371,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         policies=_split(args.policies, "--policies") if args.policies != "all" else list(POLICY_NAMES),
         predictors=predictors, gate_accuracy=args.gate_accuracy, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
         prompt_ids=prompt_ids, transformers=args.arch is not None, accelerate=args.accelerate, expert_dtype=args.expert_dtype,
-        cpu_experts=_split(args.cpu_experts, "--cpu-experts"), recalibrate=args.recalibrate, progress=not args.json,
+        cpu_experts=_split(args.cpu_experts, "--cpu-experts"), recalibrate=args.recalibrate, cpu_threads=args.cpu_threads,
+        progress=not args.json,
         layer_trace=args.layer_trace,
     )
     built = build_model(cfg)  # once for every batch size
@@ -455,6 +457,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           schedule=args.schedule, max_queue=args.max_queue, gpu_memory=args.gpu_memory, policy=args.policy,
           dtype=args.dtype, expert_slots=args.expert_slots, progress=False, distributed=args.nproc_per_node > 1,
           expert_dtype=args.expert_dtype, cpu_experts=args.cpu_experts, recalibrate=args.recalibrate,
+          cpu_threads=args.cpu_threads,
           predictor=BUNDLED_PREDICTOR if args.policy == "expertflow" and Path(args.model).resolve() == BUNDLED_MODEL else None)
     return 0
 
@@ -466,7 +469,8 @@ def _expert_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _cpu_args(p: argparse.ArgumentParser, several: bool = False) -> None:
-    """``--cpu-experts`` (``several``: a comma list, each policy run under each) and ``--recalibrate``."""
+    """``--cpu-experts`` (``several``: a comma list, each policy run under each), ``--recalibrate`` and
+    ``--cpu-threads``."""
     if several:
         p.add_argument("--cpu-experts", default="off",
                        help="comma list of off, auto, on: each policy runs under each (CPU experts, cpu_experts.py)")
@@ -475,6 +479,8 @@ def _cpu_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                        help="compute missed experts on the CPU from host memory: auto (a calibrated cost model "
                             "decides), on (every miss), off (the default)")
     p.add_argument("--recalibrate", action="store_true", help="measure this machine again for --cpu-experts (cached otherwise)")
+    p.add_argument("--cpu-threads", type=POSITIVE, default=None,
+                   help="threads computing the CPU's experts (default: torch's, usually the cores)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -57,6 +57,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -66,9 +67,10 @@ from . import _C
 from .files import atomic_output
 from .timing import median_ms
 
-__all__ = ["CPU_EXPERT_MODES", "Calibration", "CostModel", "CpuExecutor", "HostLinear", "calibrate", "check_mode"]
+__all__ = ["CPU_EXPERT_MODES", "Calibration", "CostModel", "CpuExecutor", "HostLinear", "calibrate", "check_mode", "check_threads"]
 
 log = logging.getLogger("expertflow")
+T = TypeVar("T")
 
 CPU_EXPERT_MODES = ("off", "auto", "on")
 # Bumped when the calibration measures differently, so older cached entries are measured over. 2: each
@@ -333,20 +335,37 @@ class HostLinear:
             self._kernel = None
 
 
+def check_threads(num_threads: int | None) -> int | None:
+    """``num_threads`` if it is None (the default) or a positive count of CPU threads."""
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"cpu_threads must be a positive number of threads (or None: torch's), got {num_threads!r}")
+    return num_threads
+
+
 class CpuExecutor:
     """Runs CPU experts one after another on a worker thread (``asynchronous``) or inline; ``linear``
-    is their products' kernel (:class:`HostLinear`)."""
+    is their products' kernel (:class:`HostLinear`).
+
+    ``num_threads`` (default ``torch.get_num_threads()``): the native kernel's threads, and on the
+    worker thread torch's too (``torch.set_num_threads`` there sets that thread's OpenMP team; the
+    threads already running keep theirs). Inline, torch's kernels keep the caller's threads."""
 
     def __init__(self, asynchronous: bool, num_threads: int | None = None) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertflow-cpu") if asynchronous else None
-        self.linear = HostLinear(num_threads or torch.get_num_threads())
+        self.num_threads = check_threads(num_threads) or torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertflow-cpu", initializer=torch.set_num_threads,
+                                        initargs=(self.num_threads,)) if asynchronous else None
+        self.linear = HostLinear(self.num_threads)
 
-    def submit(self, fn: Callable[[], torch.Tensor]) -> Future:
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
         if self._pool is not None:
             return self._pool.submit(fn)
-        done: Future = Future()
+        done: Future[T] = Future()
         done.set_result(fn())
         return done
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` where the CPU's experts run (the worker thread, with its thread count), waited for."""
+        return self.submit(fn).result()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -372,7 +391,8 @@ def calibrate(compute: Callable[..., torch.Tensor],
               experts: Sequence[dict[str, torch.Tensor]],
               expand: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
               hidden_size: int, dtype: torch.dtype, device: torch.device, shape_key: str,
-              recalibrate: bool = False, linear: HostLinear | None = None) -> Calibration:
+              recalibrate: bool = False, linear: HostLinear | None = None,
+              executor: CpuExecutor | None = None) -> Calibration:
     """Measures (or reads from the per-machine cache) what one expert costs, and sets
     ``linear.max_tokens`` from it.
 
@@ -384,11 +404,14 @@ def calibrate(compute: Callable[..., torch.Tensor],
     timed call takes the next, so that the CPU reads its expert from memory as in a step, not from a
     cache that one expert would fit (the H200 machine's CPU has 300 MB of L3, a Mixtral expert 352 MB).
     ``expand(tensors)``: dense weights from stored tensors, on their device. ``shape_key`` names the
-    model shape and format.
+    model shape and format. ``executor``: the CPU's times are measured where it runs its experts (its
+    worker thread, with its thread count); without one, on the calling thread.
     """
     if not experts:
         raise ValueError("calibrate needs at least one expert")
-    threads = linear.num_threads if linear is not None else torch.get_num_threads()
+    threads = (executor.num_threads if executor is not None else
+               linear.num_threads if linear is not None else torch.get_num_threads())
+    run: Callable[[Callable[[], float]], float] = executor.run if executor is not None else (lambda fn: fn())
     both_kernels = linear is not None and dtype == torch.bfloat16
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "host"
     key = (f"{_cpu_name()} | {threads} threads | {device_name} | {shape_key} | {str(dtype).removeprefix('torch.')}"
@@ -420,7 +443,8 @@ def calibrate(compute: Callable[..., torch.Tensor],
     turn = itertools.cycle(experts)
 
     def on_cpu(x: torch.Tensor, product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        return compute(expand(next(turn)), x, product)  # as the executor runs it: expansion included
+        with torch.no_grad():  # grad mode is per thread: this may run on the executor's
+            return compute(expand(next(turn)), x, product)  # as the executor runs it: expansion included
 
     def later_minimum(times: list[float]) -> list[float]:
         """More tokens never cost less. Timing noise only adds time, so a point above a later one is
@@ -437,9 +461,9 @@ def calibrate(compute: Callable[..., torch.Tensor],
         native_ms: list[float] = []
         for n in _TOKEN_COUNTS:
             x = (torch.randn(n, hidden_size, generator=g) * 0.1).to(dtype)
-            torch_ms.append(median_ms(functools.partial(on_cpu, x, F.linear), reps=5))
+            torch_ms.append(run(functools.partial(median_ms, functools.partial(on_cpu, x, F.linear), reps=5)))
             if native is not None:
-                native_ms.append(median_ms(functools.partial(on_cpu, x, native), reps=5))
+                native_ms.append(run(functools.partial(median_ms, functools.partial(on_cpu, x, native), reps=5)))
                 if native_ms[-1] >= torch_ms[-1]:
                     native = None
         torch_ms, native_ms = later_minimum(torch_ms), later_minimum(native_ms)

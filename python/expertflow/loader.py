@@ -22,7 +22,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, CheckpointError
-from .cpu_experts import check_mode
+from .cpu_experts import check_mode, check_threads
 from .formats import COMPUTE_DTYPES, DTYPE_ALIASES, FORMATS, ExpertFormat, expert_format
 from .models import Architecture, architecture_for, model_dtype
 from .offload import MoELayer, OffloadedExperts, OffloadEngine
@@ -253,6 +253,7 @@ def attach(
     expert_format: ExpertFormat | None = None,
     cpu_experts: str = "off",
     recalibrate: bool = False,
+    cpu_threads: int | None = None,
 ) -> OffloadEngine:
     """Connects a model built under :func:`offloaded_experts` to a filled pool: ``model.expertflow``.
 
@@ -265,7 +266,8 @@ def attach(
     ``expert_format``: the storage format the pool holds the experts in (default: the one the
     loader recorded on the pool, else dense). ``cpu_experts`` (``off``, ``auto``, ``on``): whether
     missed experts may compute on the CPU from the pool (``cpu_experts.py``); ``recalibrate`` measures
-    the machine again instead of reading the cached calibration.
+    the machine again instead of reading the cached calibration; ``cpu_threads`` sets the CPU experts'
+    threads (default: torch's).
     """
     layers = moe_layers(model, arch)
     if isinstance(predictor, (str, Path)):
@@ -285,7 +287,7 @@ def attach(
     cache = ExpertCache(pool, num_slots, policy=offload_policy.cache_policy, experts_per_token=top_k)
     try:
         engine = OffloadEngine(arch, layers, pool, cache, offload_policy, owns_pool, model, top_k, shard,
-                               expert_format or pool.expert_format, cpu_experts, recalibrate)
+                               expert_format or pool.expert_format, cpu_experts, recalibrate, cpu_threads)
     except BaseException:
         cache.close()
         raise
@@ -468,6 +470,7 @@ def from_pretrained(
     expert_dtype: str | None = None,
     cpu_experts: str = "off",
     recalibrate: bool = False,
+    cpu_threads: int | None = None,
 ) -> torch.nn.Module:
     """Loads a MoE checkpoint folder with its routed experts offloaded.
 
@@ -498,10 +501,12 @@ def from_pretrained(
     from the pool, where that finishes the layer sooner than copying it; ``"on"`` sends every miss
     there; ``"off"`` (the default) never. On a GPU the CPU's experts round differently, so tokens may
     differ from ``all_gpu``'s at near-ties. The calibration is cached per machine;
-    ``recalibrate=True`` measures again (``cpu_experts.py``).
+    ``recalibrate=True`` measures again (``cpu_experts.py``). ``cpu_threads``: the CPU experts'
+    threads (default: ``torch.get_num_threads()``).
     """
     offload_policy = make_policy(policy)
     check_mode(cpu_experts, distributed)
+    check_threads(cpu_threads)
     if predictor is not None and offload_policy.name != "expertflow":
         raise ValueError(f"a routing-path predictor drives the expertflow policy only, not {policy}")
     # Every argument is checked before any weight loads.
@@ -535,7 +540,7 @@ def from_pretrained(
         pool = _filled_pool(model, arch, layers, ckpt, backend_obj, progress, checkpoint_format, shard, pool_format)
     try:
         attach(model, arch, pool, num_slots, offload_policy.name, predictor=predictor, shard=shard,
-               cpu_experts=cpu_experts, recalibrate=recalibrate)
+               cpu_experts=cpu_experts, recalibrate=recalibrate, cpu_threads=cpu_threads)
     except BaseException:
         pool.close()
         raise

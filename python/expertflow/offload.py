@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .cpu_experts import CostModel, CpuExecutor, calibrate, check_mode
+from .cpu_experts import CostModel, CpuExecutor, calibrate, check_mode, check_threads
 from .distributed import assign, deal_prefetches
 from .formats import FORMATS, ExpertFormat, SlotExpander, WeightSpec, kernels_available
 from .models import Architecture, model_dtype
@@ -146,6 +146,7 @@ class OffloadEngine:
         expert_format: ExpertFormat | None = None,
         cpu_experts: str = "off",
         recalibrate: bool = False,
+        cpu_threads: int | None = None,
     ) -> None:
         self.architecture = architecture
         self.shard = shard
@@ -178,10 +179,11 @@ class OffloadEngine:
         self.cpu_wait_ms = 0.0
         self._link_seen: tuple[int, float] = (0, 0.0)  # the runtime's timed demand bytes and ms at the last _observe_link
         # A list: run_layer appends a record of each layer visit (a diagnostic: it costs two stats
-        # reads a layer). layer, tokens, experts used, misses (demand loads), cpu_experts, cpu_ms,
-        # cpu_wait_ms, host_ms (run_layer's host time; the GPU's work may finish in the next layer's).
+        # reads a layer). layer, tokens, experts used, misses (demand loads), backfills, cpu_experts,
+        # cpu_ms, cpu_wait_ms, host_ms (run_layer's host time; the GPU's work may finish in the next
+        # layer's), demand_ms (demand loads timed on the link since the last record: those landed).
         self.layer_trace: list[dict] | None = None
-        self._set_up_cpu_experts(check_mode(cpu_experts, shard is not None), recalibrate, model)
+        self._set_up_cpu_experts(check_mode(cpu_experts, shard is not None), recalibrate, model, check_threads(cpu_threads))
         self._expanders: dict[tuple[int, torch.dtype], SlotExpander] = {}  # per slot layout and dtype
         self._expansions: dict[tuple[int, torch.dtype, int], Callable] = {}  # _slot_expansion's, per layer
         self._positions: torch.Tensor | None = None
@@ -211,9 +213,9 @@ class OffloadEngine:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def _set_up_cpu_experts(self, mode: str, recalibrate: bool, model: nn.Module | None) -> None:
-        """Calibrates and sets the cost model where ``mode`` may send experts to the CPU; logs what
-        ``auto`` chose and why."""
+    def _set_up_cpu_experts(self, mode: str, recalibrate: bool, model: nn.Module | None, num_threads: int | None) -> None:
+        """Calibrates and sets the cost model where ``mode`` may send experts to the CPU (their
+        executor with ``num_threads``); logs what ``auto`` chose and why."""
         if mode == "off":
             return
         if self.shard is not None:  # "auto" (check_mode refused "on")
@@ -231,14 +233,14 @@ class OffloadEngine:
         _, _, hidden, ffn = self.architecture.dims(config)
         shape_key = (f"{config.model_type} {self.num_experts}x[{hidden}, {ffn}] "
                      f"{self.expert_format.name} {self.pool.expert_bytes(0)}B")
-        executor = CpuExecutor(asynchronous=on_gpu)
+        executor = CpuExecutor(asynchronous=on_gpu, num_threads=num_threads)
         try:
             # Each timed call reads another of layer 0's experts, as steps do (see calibrate).
             experts = [self.pool.expert(0, e) for e in range(self.pool.num_experts(0))]
             module = self.layers[0].module
             calibration = calibrate(module.compute, experts, lambda tensors: self._expand(tensors, dtype),
                                     hidden, dtype, self.cache.device, shape_key, recalibrate,
-                                    executor.linear if module.takes_linear else None)
+                                    executor.linear if module.takes_linear else None, executor)
         except BaseException:
             executor.close()
             raise
@@ -253,19 +255,24 @@ class OffloadEngine:
         self.cost_model = cost_model
         self._cpu = executor
 
-    def _cpu_expert(self, module: OffloadedExperts, layer: int, expert: int, x: torch.Tensor,
+    def _cpu_expert(self, module: OffloadedExperts, layer: int, expert: int, x: torch.Tensor, rows: torch.Tensor | None,
                     linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], with_demand_loads: bool) -> torch.Tensor:
         """One expert computed on the CPU from its pool tensors (no copy over the link; a compressed
-        format expands on the CPU first): ``x [n, H]`` -> ``[n, H]``, its products by ``linear``;
-        ``with_demand_loads``: its layer also copies misses."""
+        format expands on the CPU first): the layer's hidden states ``x [T, H]`` on the host, the
+        expert's ``rows [n]`` of them (None: all, in order) -> ``[n, H]``, its products by ``linear``;
+        ``with_demand_loads``: its layer also copies misses. On a GPU the result is pinned, so that its
+        copy to the device waits for nothing on the host: a pageable one blocks the calling thread until
+        the compute stream reaches it, behind the layer's demand loads, and a thread spinning there
+        takes a core from the CPU's next expert."""
         start = time.perf_counter()
-        with torch.no_grad():
-            y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), x, linear)
+        with torch.no_grad():  # the gather runs here, on the CPU's threads, not on the thread launching the GPU's work
+            inputs = x if rows is None else x[rows]
+            y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), inputs, linear)
         ms = (time.perf_counter() - start) * 1e3
         self.cpu_ms += ms  # one worker thread: no race
         if self.cost_model is not None:
-            self.cost_model.observe(x.shape[0], ms, with_demand_loads)  # what the CPU costs inside a step, not alone
-        return y
+            self.cost_model.observe(inputs.shape[0], ms, with_demand_loads)  # what the CPU costs inside a step, not alone
+        return y.pin_memory() if self.cache.device.type == "cuda" else y
 
     def next_step(self, positions: torch.Tensor, new_sequences: bool, previous_path: np.ndarray | None = None) -> None:
         """Describes the next forward pass where the caller regroups sequences between passes (a
@@ -319,15 +326,21 @@ class OffloadEngine:
         [T, k]`` -> ``[T, H]``. With :attr:`layer_trace` a list, appends one record of the visit."""
         if self.layer_trace is None:
             return self._run_layer(module, hidden_states, routing, weights)
-        before = (time.perf_counter(), self.cache.stats()["misses"], self.num_cpu_experts, self.cpu_ms, self.cpu_wait_ms)
+        def snapshot() -> tuple:
+            stats = self.cache.stats()
+            return (time.perf_counter(), stats["misses"], stats["backfills"], stats["demand_ms"], self.num_cpu_experts,
+                    self.cpu_ms, self.cpu_wait_ms)
+
+        before = snapshot()
         out = self._run_layer(module, hidden_states, routing, weights)
-        now = (time.perf_counter(), self.cache.stats()["misses"], self.num_cpu_experts, self.cpu_ms, self.cpu_wait_ms)
+        now = snapshot()
         chosen = self.routing[module.layer]
         self.layer_trace.append({
             "layer": module.layer, "tokens": routing.shape[0],
             "experts": int(np.unique(chosen[chosen < self.num_experts]).size) if chosen is not None else 0,
-            "misses": int(now[1] - before[1]), "cpu_experts": now[2] - before[2], "cpu_ms": now[3] - before[3],
-            "cpu_wait_ms": now[4] - before[4], "host_ms": (now[0] - before[0]) * 1e3})
+            "misses": int(now[1] - before[1]), "backfills": int(now[2] - before[2]), "cpu_experts": now[4] - before[4],
+            "cpu_ms": now[5] - before[5], "cpu_wait_ms": now[6] - before[6], "host_ms": (now[0] - before[0]) * 1e3,
+            "demand_ms": now[3] - before[3]})
         return out
 
     def _run_layer(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: torch.Tensor,
@@ -407,7 +420,7 @@ class OffloadEngine:
             self.cache.release(layer.index, wave, stream)
         for e, job in cpu_jobs.items():
             start = time.perf_counter()
-            y = job.result().to(hidden_states.device)
+            y = job.result().to(hidden_states.device, non_blocking=True)  # pinned on a GPU (_cpu_expert)
             self.cpu_wait_ms += (time.perf_counter() - start) * 1e3
             outputs[e] = weighted(e, y)
         if cpu_jobs:
@@ -449,8 +462,8 @@ class OffloadEngine:
         jobs = {}
         for e in to_cpu:
             token_idx = np.nonzero(e == chosen.T)[1]
-            rows = x if len(token_idx) == x.shape[0] and (token_idx == np.arange(x.shape[0])).all() else x[torch.from_numpy(token_idx)]
-            jobs[e] = self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, rows, self._cpu.linear,
+            rows = None if len(token_idx) == x.shape[0] and (token_idx == np.arange(x.shape[0])).all() else torch.from_numpy(token_idx)
+            jobs[e] = self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, x, rows, self._cpu.linear,
                                                          with_demand_loads))
         self.num_cpu_experts += len(to_cpu)
         return jobs

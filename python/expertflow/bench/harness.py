@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _C
-from ..cpu_experts import CostModel, check_mode
+from ..cpu_experts import CostModel, check_mode, check_threads
 from ..files import atomic_output
 from ..formats import FORMATS, ExpertFormat, expert_format
 from ..loader import attach, load_offloaded, moe_layers, offloaded_experts
@@ -74,6 +74,7 @@ class BenchConfig:
     expert_dtype: str | None = None  # storage format of the experts (formats.py); None: the checkpoint's, or dense
     cpu_experts: list[str] = field(default_factory=lambda: ["off"])  # cpu_experts.py modes, each policy under each
     recalibrate: bool = False
+    cpu_threads: int | None = None  # the CPU experts' threads (None: torch's)
     layer_trace: bool = False  # each row gets the timed run's per-layer records (OffloadEngine.layer_trace)
     config_overrides: dict | None = None  # test hook: smaller dimensions
     progress: bool = True
@@ -101,6 +102,7 @@ class BenchConfig:
         expert_format(self.expert_dtype)
         for mode in self.cpu_experts:
             check_mode(mode)
+        check_threads(self.cpu_threads)
         for spec in self.predictors:
             if self.routing == "live":
                 if spec != "history" and not Path(spec).exists():
@@ -488,7 +490,8 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
                     continue
                 torch.cuda.reset_peak_memory_stats(device)
             engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False,
-                            cpu_experts=mode, recalibrate=cfg.recalibrate and not m.recalibrated)
+                            cpu_experts=mode, recalibrate=cfg.recalibrate and not m.recalibrated,
+                            cpu_threads=cfg.cpu_threads)
             # one measurement serves every later run of the model
             m.recalibrated = m.recalibrated or (cfg.recalibrate and mode != "off")
             try:
