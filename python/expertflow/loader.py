@@ -267,7 +267,7 @@ def attach(
     loader recorded on the pool, else dense). ``cpu_experts`` (``off``, ``auto``, ``on``): whether
     missed experts may compute on the CPU from the pool (``cpu_experts.py``); ``recalibrate`` measures
     the machine again instead of reading the cached calibration; ``cpu_threads`` sets the CPU experts'
-    threads (default: torch's).
+    threads (default: ``cpu_experts.default_threads``).
     """
     layers = moe_layers(model, arch)
     if isinstance(predictor, (str, Path)):
@@ -502,7 +502,7 @@ def from_pretrained(
     there; ``"off"`` (the default) never. On a GPU the CPU's experts round differently, so tokens may
     differ from ``all_gpu``'s at near-ties. The calibration is cached per machine;
     ``recalibrate=True`` measures again (``cpu_experts.py``). ``cpu_threads``: the CPU experts'
-    threads (default: ``torch.get_num_threads()``).
+    threads (default: torch's, beside a GPU at most the cores less one: ``cpu_experts.default_threads``).
     """
     offload_policy = make_policy(policy)
     check_mode(cpu_experts, distributed)

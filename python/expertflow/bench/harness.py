@@ -74,7 +74,7 @@ class BenchConfig:
     expert_dtype: str | None = None  # storage format of the experts (formats.py); None: the checkpoint's, or dense
     cpu_experts: list[str] = field(default_factory=lambda: ["off"])  # cpu_experts.py modes, each policy under each
     recalibrate: bool = False
-    cpu_threads: int | None = None  # the CPU experts' threads (None: torch's)
+    cpu_threads: int | None = None  # the CPU experts' threads (None: cpu_experts.default_threads)
     layer_trace: bool = False  # each row gets the timed run's per-layer records (OffloadEngine.layer_trace)
     config_overrides: dict | None = None  # test hook: smaller dimensions
     progress: bool = True
