@@ -1,8 +1,8 @@
 """CPU experts on the H200 machine: ms per token with GPU-only offload (cpu_experts off), the cost
 model (auto) and every miss on the CPU (on), against the slots, at batch 1, 4 and 16, from the
-latest runs (made by the commands in docs/cpu_experts.md): batch 1 the final code's two runs
-(their median, with a bar from the faster to the slower), batches 4 and 16 design P's one run (the
-final code did not run there). Writes docs/img/cpu-experts-h200.png.
+latest runs of the final code (made by the commands in docs/cpu_experts.md), each in its own
+process: the median over runs, with a bar from the fastest to the slowest; the expertflow policy's
+rows only. Writes docs/img/cpu-experts-h200.png.
 
     python benchmarks/cpu_experts_plot.py
 """
@@ -21,9 +21,9 @@ import matplotlib.pyplot as plt
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"off": "GPU only (off)", "auto": "auto", "on": "CPU for every miss (on)"}
 RUNS = {  # batch -> (its result files, what they ran)
-    1: (["cpu_experts_final_b1_run1_h200.json", "cpu_experts_final_b1_run2_h200.json"], "final code, 2 runs"),
-    4: (["cpu_experts_pointscales_run1_h200-b4.json"], "design P, 1 run"),
-    16: (["cpu_experts_pointscales_run1_h200-b16.json"], "design P, 1 run"),
+    1: ([f"cpu_experts_leftcore_b1_run{i}_h200.json" for i in (1, 2, 3)], "3 runs"),
+    4: ([f"cpu_experts_leftcore_run{i}_h200-b4.json" for i in (1, 2)], "2 runs"),
+    16: ([f"cpu_experts_leftcore_run{i}_h200-b16.json" for i in (1, 2)], "2 runs"),
 }
 
 
@@ -35,7 +35,7 @@ def main() -> None:
             by_share: dict[float, list[float]] = {}
             for result in results:
                 for r in result["rows"]:
-                    if r["policy"] != "all_gpu" and r["cpu_experts_asked"] == mode:
+                    if r["policy"] == "expertflow" and r["cpu_experts_asked"] == mode:
                         by_share.setdefault(100 * r["slot_share"], []).append(r["ms_per_token"])
             if not by_share:  # runs without this mode
                 continue

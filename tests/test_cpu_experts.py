@@ -7,6 +7,8 @@ import itertools
 import json
 import logging
 import math
+import os
+import threading
 import time
 
 import pytest
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 
 import expertflow as ef
 from expertflow import _C, ExpertFlowError
-from expertflow.cpu_experts import Calibration, CostModel, CpuExecutor, HostLinear, calibrate
+from expertflow.cpu_experts import Calibration, CostModel, CpuExecutor, HostLinear, calibrate, default_threads
 
 from moe_models import build, save
 
@@ -271,6 +273,64 @@ def test_bad_modes_are_refused_before_loading(tmp_path):
         ef.from_pretrained(folder, cpu_experts="sometimes", progress=False)
     with pytest.raises(ValueError, match="does not combine with distributed"):
         ef.from_pretrained(folder, cpu_experts="on", distributed=True, progress=False)
+    for bad in (0, -2, 1.5, "4", True):
+        with pytest.raises(ValueError, match="cpu_threads must be a positive number of threads"):
+            ef.from_pretrained(folder, cpu_experts="on", cpu_threads=bad, progress=False)
+
+
+def test_the_executor_runs_torch_with_its_own_thread_count_on_its_worker():
+    """``num_threads`` sets the worker thread's torch threads (and the native kernel's); the caller's
+    threads stay as they were. Inline, torch keeps the caller's."""
+    caller = torch.get_num_threads()
+    for threads in (1, 2):
+        executor = CpuExecutor(asynchronous=True, num_threads=threads)
+        try:
+            assert executor.run(torch.get_num_threads) == threads and executor.linear.num_threads == threads
+            assert executor.run(lambda: threading.current_thread().name).startswith("expertflow-cpu")
+        finally:
+            executor.close()
+        assert torch.get_num_threads() == caller
+    inline = CpuExecutor(asynchronous=False, num_threads=1)
+    try:
+        assert inline.run(torch.get_num_threads) == caller and inline.linear.num_threads == 1
+    finally:
+        inline.close()
+
+
+@pytest.mark.parametrize("torch_threads,cores,asynchronous,expected", [
+    (16, 16, True, 15),   # beside a GPU: one core for the thread launching its work
+    (16, 16, False, 16),  # inline (host backend): nothing else runs meanwhile
+    (4, 16, True, 4),     # fewer asked of torch than the cores allow
+    (2, 1, True, 1),      # one core: still one thread
+])
+def test_default_threads_leave_a_core_to_the_launching_thread(monkeypatch, torch_threads, cores, asynchronous, expected):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: torch_threads)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_threads(asynchronous) == expected
+
+
+def test_calibration_times_the_cpu_where_the_executor_runs_its_experts():
+    """With an executor the CPU's points are timed on its worker thread, with its thread count, and
+    the calibration (and its cache key) record that count."""
+    seen = set()
+
+    def compute(weights, x, linear):
+        seen.add((threading.current_thread().name.split("_")[0], torch.get_num_threads()))
+        return x
+
+    executor = CpuExecutor(asynchronous=True, num_threads=1)
+    try:
+        args = (compute, [{"w": torch.zeros(64, dtype=torch.uint8)}], lambda t: t, 8, torch.float32,
+                torch.device("cpu"), "where it runs")
+        c = calibrate(*args, executor=executor)
+        assert seen == {("expertflow-cpu", 1)} and c.cpu_threads == 1
+        executor2 = CpuExecutor(asynchronous=True, num_threads=2)
+        try:
+            assert calibrate(*args, executor=executor2).cpu_threads == 2  # another count: measured again
+        finally:
+            executor2.close()
+    finally:
+        executor.close()
 
 
 def line_calibration(copy_ms, fixed_ms, per_token_ms, gpu_ms=0.1) -> Calibration:
