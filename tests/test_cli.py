@@ -208,6 +208,7 @@ def test_force_never_deletes_what_the_output_would_not_hold(tmp_path, capsys):
     (["bench", "--batch", "1,4", "--accelerate", "25%"], "--accelerate runs with one --batch size"),
     (["generate", "--nproc-per-node", "2", "--cpu-experts", "on", "--prompt-ids", "1,2"], "does not combine with distributed"),
     (["bench", "--cpu-experts", "auto", "--cpu-threads", "0"], "--cpu-threads"),
+    (["generate", "--cpu-threads", "2", "--prompt-ids", "1,2"], "cpu_threads applies to cpu_experts"),
 ])
 def test_contradictory_arguments_are_refused(tmp_path, capsys, argv, message):
     if argv[0] == "synth-trace":

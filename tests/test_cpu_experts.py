@@ -278,20 +278,32 @@ def test_bad_modes_are_refused_before_loading(tmp_path):
     for bad in (0, -2, 1.5, "4", True):
         with pytest.raises(ValueError, match="cpu_threads must be a positive number of threads"):
             ef.from_pretrained(folder, cpu_experts="on", cpu_threads=bad, progress=False)
+    with pytest.raises(ValueError, match="cpu_threads applies to cpu_experts 'auto' or 'on', not 'off'"):
+        ef.from_pretrained(folder, cpu_experts="off", cpu_threads=2, progress=False)
 
 
 def test_the_executor_runs_torch_with_its_own_thread_count_on_its_worker():
     """``num_threads`` sets the worker thread's torch threads (and the native kernel's); the caller's
-    threads stay as they were. Inline, torch keeps the caller's."""
+    threads stay as they were, and so do those of a thread that first calls torch later. Inline,
+    torch keeps the caller's."""
     caller = torch.get_num_threads()
+
+    def in_a_new_thread() -> int:
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return seen[0]
+
     for threads in (1, 2):
         executor = CpuExecutor(asynchronous=True, num_threads=threads)
         try:
             assert executor.run(torch.get_num_threads) == threads and executor.linear.num_threads == threads
             assert executor.run(lambda: threading.current_thread().name).startswith("expertflow-cpu")
+            assert torch.get_num_threads() == caller and in_a_new_thread() == caller
+            assert executor.run(torch.get_num_threads) == threads  # the worker kept its own
         finally:
             executor.close()
-        assert torch.get_num_threads() == caller
     inline = CpuExecutor(asynchronous=False, num_threads=1)
     try:
         assert inline.run(torch.get_num_threads) == caller and inline.linear.num_threads == 1
@@ -328,7 +340,9 @@ def test_calibration_times_the_cpu_where_the_executor_runs_its_experts():
         assert seen == {("expertflow-cpu", 1)} and c.cpu_threads == 1
         executor2 = CpuExecutor(asynchronous=True, num_threads=2)
         try:
+            seen.clear()
             assert calibrate(*args, executor=executor2).cpu_threads == 2  # another count: measured again
+            assert seen == {("expertflow-cpu", 2)}
         finally:
             executor2.close()
     finally:

@@ -480,7 +480,8 @@ def _cpu_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                             "decides), on (every miss), off (the default)")
     p.add_argument("--recalibrate", action="store_true", help="measure this machine again for --cpu-experts (cached otherwise)")
     p.add_argument("--cpu-threads", type=POSITIVE, default=None,
-                   help="threads computing the CPU's experts (default: torch's, beside a GPU at most the cores less one)")
+                   help="threads computing the CPU's experts, with --cpu-experts auto or on (default: torch's, beside a GPU at most "
+                        "the cores less one)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

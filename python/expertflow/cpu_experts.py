@@ -49,6 +49,7 @@ import functools
 import itertools
 import json
 import logging
+import operator
 import os
 import platform
 import threading
@@ -75,8 +76,9 @@ T = TypeVar("T")
 CPU_EXPERT_MODES = ("off", "auto", "on")
 # Bumped when the calibration measures differently, so older cached entries are measured over. 2: each
 # timed call reads another expert; bf16 products run on the native kernel up to the token count where
-# it stops being the faster of the two. 3: a point at 2 tokens.
-_CALIBRATION_VERSION = 3
+# it stops being the faster of the two. 3: a point at 2 tokens. 4: timed on the executor's worker thread,
+# with its thread count.
+_CALIBRATION_VERSION = 4
 # CPU time is measured at these token counts: decode's few (bound by reading the weights) up to
 # prefill's many (bound by arithmetic), so the cost model sees where the CPU stops paying. 2: on the
 # H200 machine the native kernel took 2.6 ms for 1 and 2 tokens and 10.5 ms for 4 (torch's 6.1).
@@ -335,20 +337,35 @@ class HostLinear:
             self._kernel = None
 
 
-def check_threads(num_threads: int | None) -> int | None:
-    """``num_threads`` if it is None (the default) or a positive count of CPU threads."""
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
+def check_threads(num_threads: int | None, mode: str = "auto") -> int | None:
+    """``num_threads`` as an int if it is None (the default) or a positive count of CPU threads, and
+    ``mode`` (``cpu_experts``) may send experts to the CPU."""
+    if num_threads is None:
+        return None
+    try:
+        count = operator.index(num_threads) if not isinstance(num_threads, bool) else 0
+    except TypeError:
+        count = 0
+    if count < 1:
         raise ValueError(f"cpu_threads must be a positive number of threads (or None: torch's), got {num_threads!r}")
-    return num_threads
+    if mode == "off":
+        raise ValueError("cpu_threads applies to cpu_experts 'auto' or 'on', not 'off'")
+    return count
+
+
+def _own_threads(num_threads: int) -> None:
+    """The calling thread's torch threads become ``num_threads`` (its OpenMP team's count, per thread):
+    set, then read, which fixes the count there before the process-wide one changes back."""
+    torch.set_num_threads(num_threads)
+    torch.get_num_threads()
 
 
 def default_threads(asynchronous: bool) -> int:
     """The CPU experts' threads: torch's (``torch.get_num_threads()``), and beside a GPU (``asynchronous``)
     at most one fewer than the cores this process may use. The thread launching the GPU's work spins
     in its waits for the GPU and takes a core; torch's kernels split their work statically, so one of
-    their threads sharing that core holds up the whole product. On the H200 machine (three runs each,
-    batch 1, 10/25/50% slots) 15 threads of 16 took the prompt's pass a median 1.46/1.35/1.40x faster
-    than GPU-only, 16 threads 1.22/1.21/1.20x; decode alike (docs/cpu_experts.md)."""
+    their threads sharing that core holds up the whole product (measured: docs/cpu_experts.md,
+    "Threads")."""
     threads = torch.get_num_threads()
     if not asynchronous:
         return threads
@@ -360,15 +377,20 @@ class CpuExecutor:
     """Runs CPU experts one after another on a worker thread (``asynchronous``) or inline; ``linear``
     is their products' kernel (:class:`HostLinear`).
 
-    ``num_threads``: the native kernel's threads, and on the worker thread torch's too
-    (``torch.set_num_threads`` there sets that thread's OpenMP team; the threads already running keep
-    theirs). Inline, torch's kernels keep the caller's threads. By default (:func:`default_threads`)
-    the worker leaves a core to the thread launching the GPU's work."""
+    ``num_threads``: the native kernel's threads, and on the worker thread torch's too. Inline, torch's
+    kernels keep the caller's threads. By default (:func:`default_threads`) the worker leaves a core
+    to the thread launching the GPU's work."""
 
     def __init__(self, asynchronous: bool, num_threads: int | None = None) -> None:
         self.num_threads = check_threads(num_threads) or default_threads(asynchronous)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertflow-cpu", initializer=torch.set_num_threads,
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertflow-cpu", initializer=_own_threads,
                                         initargs=(self.num_threads,)) if asynchronous else None
+        if self._pool is not None:
+            # torch.set_num_threads also sets the count that threads take at their first torch call;
+            # once the worker holds its own, that goes back to what the caller had.
+            caller = torch.get_num_threads()
+            self._pool.submit(lambda: None).result()
+            torch.set_num_threads(caller)
         self.linear = HostLinear(self.num_threads)
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
@@ -427,9 +449,11 @@ def calibrate(compute: Callable[..., torch.Tensor],
     threads = (executor.num_threads if executor is not None else
                linear.num_threads if linear is not None else torch.get_num_threads())
     run: Callable[[Callable[[], float]], float] = executor.run if executor is not None else (lambda fn: fn())
+    torch_threads = executor.run(torch.get_num_threads) if executor is not None else torch.get_num_threads()
     both_kernels = linear is not None and dtype == torch.bfloat16
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "host"
-    key = (f"{_cpu_name()} | {threads} threads | {device_name} | {shape_key} | {str(dtype).removeprefix('torch.')}"
+    threads_text = f"{threads} threads" + ("" if torch_threads == threads else f" (torch {torch_threads})")
+    key = (f"{_cpu_name()} | {threads_text} | {device_name} | {shape_key} | {str(dtype).removeprefix('torch.')}"
            f" | {'native and torch' if both_kernels else 'torch'} | v{_CALIBRATION_VERSION}")
     path = _cache_file()
     cached: dict[str, dict] = {}

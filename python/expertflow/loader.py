@@ -506,7 +506,7 @@ def from_pretrained(
     """
     offload_policy = make_policy(policy)
     check_mode(cpu_experts, distributed)
-    check_threads(cpu_threads)
+    check_threads(cpu_threads, cpu_experts)
     if predictor is not None and offload_policy.name != "expertflow":
         raise ValueError(f"a routing-path predictor drives the expertflow policy only, not {policy}")
     # Every argument is checked before any weight loads.

@@ -183,7 +183,8 @@ class OffloadEngine:
         # cpu_ms, cpu_wait_ms, host_ms (run_layer's host time; the GPU's work may finish in the next
         # layer's), demand_ms (demand loads timed on the link since the last record: those landed).
         self.layer_trace: list[dict] | None = None
-        self._set_up_cpu_experts(check_mode(cpu_experts, shard is not None), recalibrate, model, check_threads(cpu_threads))
+        self._set_up_cpu_experts(check_mode(cpu_experts, shard is not None), recalibrate, model,
+                                 check_threads(cpu_threads, cpu_experts))
         self._expanders: dict[tuple[int, torch.dtype], SlotExpander] = {}  # per slot layout and dtype
         self._expansions: dict[tuple[int, torch.dtype, int], Callable] = {}  # _slot_expansion's, per layer
         self._positions: torch.Tensor | None = None

@@ -102,7 +102,7 @@ class BenchConfig:
         expert_format(self.expert_dtype)
         for mode in self.cpu_experts:
             check_mode(mode)
-        check_threads(self.cpu_threads)
+        check_threads(self.cpu_threads, "on" if any(mode != "off" for mode in self.cpu_experts) else "off")
         for spec in self.predictors:
             if self.routing == "live":
                 if spec != "history" and not Path(spec).exists():
