@@ -432,6 +432,7 @@ PYBIND11_MODULE(_C, m) {
       .def("reset_stats", &Runtime::reset_stats)
       .def("resident", &Runtime::resident, py::arg("layer"), py::arg("experts"))
       .def("landed", &Runtime::landed, py::arg("layer"), py::arg("experts"))
+      .def("bytes_to_submit", &Runtime::bytes_to_submit, py::arg("layer"), py::arg("experts"))
       .def("backfill", &Runtime::backfill, py::arg("layer"), py::arg("experts"))
       .def("slot_table",
            [](Runtime& r) {

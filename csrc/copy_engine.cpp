@@ -138,6 +138,13 @@ CopyEngine::JobState CopyEngine::job_state(int slot) {
   return jobs_[slot].state;
 }
 
+size_t CopyEngine::unsubmitted_bytes(int slot) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  const Job& job = jobs_[slot];
+  return job.state == JobState::kQueued || job.state == JobState::kStarted ? job.bytes - job.submitted : 0;
+}
+
 void CopyEngine::submit_demand_locked(int slot, size_t from, Timer& timer) {
   Job& job = jobs_[slot];
   const size_t remaining = job.bytes - from;

@@ -336,6 +336,19 @@ std::vector<uint8_t> Runtime::each_expert(int layer, const std::vector<int>& exp
   return out;
 }
 
+std::vector<int64_t> Runtime::bytes_to_submit(int layer, const std::vector<int>& experts) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  std::vector<int64_t> out;
+  out.reserve(experts.size());
+  for (int expert : experts) {
+    pool_->check_expert(layer, expert);
+    const int s = cache_.find(layer, expert);
+    out.push_back(s < 0 ? -1 : static_cast<int64_t>(engine_->unsubmitted_bytes(s)));
+  }
+  return out;
+}
+
 void Runtime::synchronize() {
   CopyEngine* engine;
   {

@@ -115,6 +115,22 @@ def test_acquire_promotes_a_queued_prefetch():
         assert (s["hits"], s["prefetch_hits"], s["demand_bytes"]) == (1, 1, pool.expert_bytes(2))
 
 
+def test_bytes_to_submit_follow_a_copy_from_queued_to_landed():
+    """-1 for an expert with no slot; a queued prefetch's whole bytes (the link carries them all);
+    0 once landed, and for an acquired demand miss, whose bytes are all on their way."""
+    pool = make_filled_pool("host")
+    with ef.ExpertCache(pool, num_slots=3) as cache:
+        cache.pause_prefetch()
+        cache.prefetch([(1, 2), (1, 4)])
+        assert cache.bytes_to_submit(1, [2, 4, 5]) == [pool.expert_bytes(1), pool.expert_bytes(1), -1]
+        cache.acquire(1, [5])  # a demand miss: submitted at once
+        assert cache.bytes_to_submit(1, [5]) == [0]
+        cache.release(1, [5])
+        cache.resume_prefetch()
+        cache.synchronize()
+        assert cache.bytes_to_submit(1, [2, 4, 5, 0]) == [0, 0, 0, -1]
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_recency_prefetch_evicts_only_unplanned_experts(policy):
     pool = make_filled_pool("host")
@@ -243,6 +259,8 @@ def test_errors_reach_python_with_file_and_line():
         cache.backfill(1, [6])
     with pytest.raises(ef.ExpertFlowError, match="unknown expert 6 of layer 1"):
         cache.landed(1, [6])
+    with pytest.raises(ef.ExpertFlowError, match="unknown expert 6 of layer 1"):
+        cache.bytes_to_submit(1, [6])
     cache.acquire(0, [1])
     cache.release(0, [1])
     with pytest.raises(ef.ExpertFlowError, match="release of layer 0 expert 1 which is not acquired"):
@@ -253,7 +271,7 @@ def test_errors_reach_python_with_file_and_line():
     cache.close()  # idempotent
     for call in (lambda: cache.acquire(0, [0]), lambda: cache.release(0, [0]), lambda: cache.prefetch([]),
                  lambda: cache.apply(Plan(*no_entries)), cache.stats, cache.synchronize, lambda: cache.set_layer_quotas([]),
-                 lambda: cache.backfill(0, [0]), lambda: cache.landed(0, [0])):
+                 lambda: cache.backfill(0, [0]), lambda: cache.landed(0, [0]), lambda: cache.bytes_to_submit(0, [0])):
         with pytest.raises(ef.ExpertFlowError, match="expert cache is closed"):
             call()
     with pytest.raises(ef.ExpertFlowError, match=r"csrc/runtime.cpp:\d+: the expert cache is closed"):

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,49 @@ def test_the_engine_prices_copies_at_what_demand_loads_took_inside_steps(tmp_pat
         assert len(seen) == len(counters) == 9  # 8 new tokens (a pass each) and the last call
         assert seen == [pytest.approx(w) if w is not None else None for w in want]
         assert sum(w is not None for w in want) >= 2 and counters[-1][0] == engine.stats()["demand_bytes"] > 0
+    finally:
+        model.expertflow.close()
+
+
+def test_the_engine_prices_a_queued_prefetch_at_its_bytes_and_skips_landed_experts(tmp_path):
+    """The cost model hears each missed expert's share of a copy still to carry and whether it holds a
+    slot: a demand miss (no slot) 1 and not held, a prefetch still queued 1 and held; an expert whose
+    bytes have landed is no miss."""
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    model = ef.from_pretrained(folder, policy="lru", expert_slots="50%", cpu_experts="on", progress=False)
+    try:
+        engine = model.expertflow
+        engine.cost_model.mode = "off"  # copies every miss; the recorder sees what it was asked
+        asked = []
+        choose = engine.cost_model.choose
+
+        def recording_choose(num_tokens, copy_shares=None, held=None):
+            asked.append((len(num_tokens), copy_shares, held))
+            return choose(num_tokens, copy_shares, held)
+
+        engine.cost_model.choose = recording_choose
+        one = torch.tensor([[5]])
+        with torch.no_grad():
+            model(one)  # one token: each layer uses top_k experts, all misses on a cold cache
+        assert asked and all(shares == [1.0] * n and held == [False] * n for n, shares, held in asked)
+        used = [set(np.unique(r).tolist()) for r in engine.routing]
+        engine.cache.synchronize()
+        asked.clear()
+        with torch.no_grad():
+            model(one)  # the same token: every expert landed in its slot
+        assert all(n == 0 for n, _, _ in asked)
+        # a prefetch of experts of layer 0 not in a slot, held in the queue, beside one landed
+        missing = [e for e in range(engine.num_experts) if e not in used[0]][:2]
+        landed = sorted(used[0])[0]
+        engine.cache.pause_prefetch()
+        engine.cache.prefetch([(0, e) for e in missing] + [(0, landed)])
+        assert engine.cache.bytes_to_submit(0, missing + [landed]) == [engine.pool.expert_bytes(0)] * 2 + [0]
+        asked.clear()
+        experts = sorted(missing + [landed])
+        counts = np.ones(engine.num_experts, dtype=np.int64)
+        engine._submit_cpu_experts(engine.layers[0].module, 0, experts, counts, np.array([experts]), torch.zeros(1, 8))
+        assert asked == [(2, [1.0, 1.0], [True, True])]
+        engine.cache.resume_prefetch()
     finally:
         model.expertflow.close()
 
@@ -533,6 +577,51 @@ def test_auto_plans_the_cheapest_split_and_never_one_slower_than_copying(
     assert cost(on_cpu) == pytest.approx(best, rel=1e-9, abs=1e-9)
     for slow in (0, 1):
         assert finish(on_cpu, slow) <= finish([False] * len(tokens), slow) + 1e-9
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 64), st.floats(0.0, 1.0), st.booleans()), min_size=0, max_size=8),
+       st.floats(0.5, 10), st.floats(0.5, 10), st.floats(0.0, 1), st.floats(0.0, 1), st.booleans())
+def test_copies_on_their_way_are_priced_at_what_is_left_of_them(misses, copy_ms, cpu_ms, gpu_ms, hit_ratio, same_share):
+    """A miss whose copy is on its way costs the link only what is left of it (``copy_shares``) and,
+    taken by the CPU, no later copy (``held``: its copy goes on for its next use). From the
+    definition, against every split: the plan costs no more than copying every miss or computing
+    every one on the CPU, and with one share and one held flag for all it is the cheapest of all
+    2^m splits."""
+    if same_share and misses:  # every copy as far along, and each held or none
+        misses = [(n, misses[0][1], misses[0][2]) for n, _, _ in misses]
+    tokens = [n for n, _, _ in misses]
+    shares = [share for _, share, _ in misses]
+    held = [h for _, _, h in misses]
+    c = Calibration(copy_ms, (1, 256), (cpu_ms, cpu_ms + 25.5), gpu_ms, 4, 0.0)
+    model = CostModel(c, "auto")
+    model.hit_ratio = hit_ratio
+    on_cpu = model.choose(tokens, shares, held)
+    later = hit_ratio * copy_ms
+
+    def cost(assignment):
+        link = [copy_ms * share for share, cpu in zip(shares, assignment) if not cpu]
+        cpu = sum(c.cpu_ms(n) for n, on in zip(tokens, assignment) if on)
+        return max(sum(link) + (gpu_ms if link else 0.0), cpu) + later * sum(
+            1 for on, h in zip(assignment, held) if on and not h)
+
+    assert cost(on_cpu) <= min(cost([False] * len(tokens)), cost([True] * len(tokens))) + 1e-9
+    if same_share:
+        best = min(cost(list(a)) for a in itertools.product([False, True], repeat=len(tokens)))
+        assert cost(on_cpu) == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+def test_a_forecasts_copies_about_to_land_stay_on_the_link():
+    """Two misses of one token at the H200 machine's figures (a copy 6.4 ms, the CPU 7.4): as demand
+    misses one goes to the CPU (7.4 ms against 12.8 + 0.1); with a tenth of each copy left, both wait
+    for the link (1.4 ms). A copy not yet started costs the whole copy, and the CPU takes one only
+    where it carries no later copy: held, its copy goes on for the next use."""
+    auto = CostModel(DECODE, "auto")
+    assert sorted(auto.choose([1, 1])) == [False, True]
+    assert auto.choose([1, 1], [0.1, 0.1], [True, True]) == [False, False]
+    auto.hit_ratio = 1.0  # every expert copied now would hit at its next use: a CPU expert costs a copy later
+    assert auto.choose([1, 1]) == [False, False]
+    assert sorted(auto.choose([1, 1], [1.0, 1.0], [True, True])) == [False, True]
 
 
 def test_a_layer_goes_whole_to_the_cpu_where_the_cpu_is_faster_without_demand_loads_beside_it():

@@ -73,6 +73,9 @@ class CopyEngine {
   void set_due(int slot, double due);  // no-op unless the slot's job is queued
   bool cancel(int slot);                        // drops an unsubmitted job (or its rest); false if none
   JobState job_state(int slot);
+  // Bytes of the slot's prefetch not yet handed to a stream (queued or started); 0 for a slot whose
+  // bytes have all been submitted (or that has no job). Never blocks.
+  size_t unsubmitted_bytes(int slot);
   // Copies now on the demand stream. The slot must have no unfinished job.
   void demand(int slot, const void* src, void* dst, size_t bytes);
   // Moves the rest of a queued or started prefetch of `slot` to the demand stream; no-op otherwise.

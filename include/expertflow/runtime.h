@@ -101,6 +101,10 @@ class Runtime {
   std::vector<uint8_t> resident(int layer, const std::vector<int>& experts) { return each_expert(layer, experts, false); }
   // Whether each of `experts` of `layer` holds a slot whose bytes have landed.
   std::vector<uint8_t> landed(int layer, const std::vector<int>& experts) { return each_expert(layer, experts, true); }
+  // For each of `experts` of `layer`: -1 when it holds no slot, else the bytes of its copy not yet
+  // handed to the link (0: landed, or every byte on its way; acquire() moves the rest of a prefetch
+  // to the demand stream, so these are what the link still carries for it).
+  std::vector<int64_t> bytes_to_submit(int layer, const std::vector<int>& experts);
   void synchronize();
   void pause_prefetch();
   void resume_prefetch();

@@ -49,6 +49,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import operator
 import os
 import platform
@@ -238,47 +239,63 @@ class CostModel:
         return self.mode == "on" or (
             self.mode == "auto" and any(self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms, 0.0)[0]))
 
-    def _split(self, num_tokens: list[int], prices: list[list[float]], copy_ms: float,
-               later_copy_ms: float) -> tuple[list[bool], set[tuple[int, int]]]:
+    def _split(self, num_tokens: list[int], prices: list[list[float]], copy_ms: float, later_copy_ms: float,
+               copy_shares: list[float] | None = None, held: list[bool] | None = None
+               ) -> tuple[list[bool], set[tuple[int, int]]]:
         """The split of the misses (``num_tokens [m]``) that costs least -> (``[m]`` True for the CPU,
         the (case, point) prices some candidate plan used).
 
-        A plan costs the later of its two pipes, plus ``later_copy_ms`` for each CPU expert: the link
-        copies its misses one after another (``copy_ms`` each, then the GPU computes); the CPU
-        computes its own one after another, each at its calibrated time times ``prices[case]
-        [point]``, the case being whether any miss is copied. With some copied, the cheapest k CPU
-        experts are the k quickest on the CPU (the link's time depends only on how many it copies),
-        so the plan is the best k from 0 to m; the fewer CPU experts on a tie."""
+        A plan costs the later of its two pipes, plus ``later_copy_ms`` for each CPU expert that holds
+        no slot (``held [m]``: one whose copy is already on its way keeps it, for its next use): the
+        link copies its misses one after another (``copy_shares [m]`` of a whole copy each, ``copy_ms``:
+        what is left of a copy already on its way, 1 for a demand miss; then the GPU computes); the
+        CPU computes its own one after another, each at its calibrated time times ``prices[case]
+        [point]``, the case being whether any miss is copied. The CPU takes the k misses that cost it
+        least per millisecond of link they save, the plan being the best k from 0 to m; the fewer CPU
+        experts on a tie. With one share and one held flag for all that is exact: the link's time then
+        depends only on how many it copies, and the k quickest on the CPU are the cheapest k. (Else
+        it is a heuristic: never costlier than all copied or all on the CPU, both candidates.)"""
         c = self.calibration
         m = len(num_tokens)
 
         def cpu_ms(n: int, case: int) -> float:
             return c.cpu_ms(n) * prices[case][self._point(n)]
 
+        link = [copy_ms * share for share in (copy_shares if copy_shares is not None else [1.0] * m)]
+        later = [0.0 if held is not None and held[i] else later_copy_ms for i in range(m)]
         with_loads = [cpu_ms(n, self.WITH_DEMAND_LOADS) for n in num_tokens]
-        order = sorted(range(m), key=lambda i: -with_loads[i])  # the link takes the first m - k
+        # the link takes the first m - k; one that costs the link nothing is never the CPU's beside copies
+        order = sorted(range(m), key=lambda i: -(with_loads[i] + later[i]) / link[i] if link[i] > 0 else -math.inf)
 
-        best_k, best_cost = 0, m * copy_ms + (c.gpu_ms if m else 0.0)
-        cpu_with_loads = 0.0  # the k quickest experts on the CPU, with demand loads beside them
+        best_k, best_cost = 0, sum(link) + (c.gpu_ms if m else 0.0)
+        link_left = sum(link)  # the link's misses: all but the k the CPU takes
+        cpu_with_loads = later_ms = 0.0  # the CPU's k, with demand loads beside them, and their later copies
         for k in range(1, m + 1):
+            i = order[m - k]
+            later_ms += later[i]
             if k < m:
-                cpu_with_loads += with_loads[order[m - k]]
-                cost = max((m - k) * copy_ms + c.gpu_ms, cpu_with_loads)
+                link_left -= link[i]
+                cpu_with_loads += with_loads[i]
+                cost = max(link_left + c.gpu_ms, cpu_with_loads)
             else:
                 cost = sum(cpu_ms(n, self.WITHOUT_DEMAND_LOADS) for n in num_tokens)
-            cost += k * later_copy_ms
+            cost += later_ms
             if cost < best_cost:
                 best_k, best_cost = k, cost
         on_cpu = [False] * m
         for i in order[m - best_k :]:
             on_cpu[i] = True
-        # Every expert was priced without demand loads (k = m); with them, all but the slowest (k < m).
+        # Every expert was priced without demand loads (k = m); with them, all but the link's first (k < m).
         priced = {(self.WITHOUT_DEMAND_LOADS, self._point(n)) for n in num_tokens}
         priced |= {(self.WITH_DEMAND_LOADS, self._point(num_tokens[i])) for i in order[1:]}
         return on_cpu, priced
 
-    def choose(self, num_tokens: list[int]) -> list[bool]:
-        """``num_tokens [m]``: tokens of each missed expert -> ``[m]`` True where the CPU computes it.
+    def choose(self, num_tokens: list[int], copy_shares: list[float] | None = None,
+               held: list[bool] | None = None) -> list[bool]:
+        """``num_tokens [m]``: tokens of each missed expert; ``copy_shares [m]``: what the link still
+        has to carry of each, in whole copies (default 1: a demand miss; less for one whose copy is on
+        its way); ``held [m]``: whether each holds a slot (default none) -> ``[m]`` True where the
+        CPU computes it.
 
         Only the CPU experts a plan runs are observed, so a price that keeps the CPU out would never
         be measured again: each (case, point) a candidate plan of this layer priced but the chosen
@@ -294,7 +311,7 @@ class CostModel:
                       for scales, spreads in zip(self.cpu_scales, self.cpu_spreads)]
         copy_ms = self.calibration.copy_ms * self.link_scale
         later_copy_ms = self.hit_ratio * (1.0 - self.backfilled_share) * copy_ms
-        on_cpu, priced = self._split(num_tokens, prices, copy_ms, later_copy_ms)
+        on_cpu, priced = self._split(num_tokens, prices, copy_ms, later_copy_ms, copy_shares, held)
         ran_case = self.WITHOUT_DEMAND_LOADS if all(on_cpu) else self.WITH_DEMAND_LOADS
         ran = {(ran_case, self._point(n)) for n, cpu in zip(num_tokens, on_cpu) if cpu}
         with self._lock:

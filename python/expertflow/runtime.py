@@ -496,6 +496,14 @@ class ExpertCache:
         self._check_open()
         return [bool(r) for r in self._native.landed(layer, list(experts))]
 
+    def bytes_to_submit(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """For each of ``experts`` of ``layer``: -1 when it holds no slot, else the bytes of its copy
+        not yet handed to the link (0: landed, or every byte on its way). A prefetch the next
+        :meth:`acquire` takes moves its rest to the demand stream, so this is what the link still
+        has to carry for it (never blocks)."""
+        self._check_open()
+        return [int(b) for b in self._native.bytes_to_submit(layer, list(experts))]
+
     def backfill(self, layer: int, experts: Sequence[int]) -> list[int]:
         """Brings ``experts`` of ``layer``, computed elsewhere in this visit (the CPU), into slots for
         their next use, as if :meth:`acquire` had taken them: each counts as used, and a missing one

@@ -253,7 +253,11 @@ void test_copy_engine_demand_overtakes_queue() {
   EXPECT(engine.wait_ready(2, nullptr) || dst[2 * kBytes] == 5);
   EXPECT(dst[2 * kBytes + kBytes - 1] == 5);
   EXPECT(engine.job_state(0) == CopyEngine::JobState::kQueued);  // the queue did not have to drain
+  // what the link still has to carry: a queued job's every byte, nothing of a submitted one
+  EXPECT(engine.unsubmitted_bytes(0) == kBytes && engine.unsubmitted_bytes(1) == kBytes);
+  EXPECT(engine.unsubmitted_bytes(2) == 0);
   EXPECT(engine.promote(1));  // a queued prefetch needed now moves to the demand stream
+  EXPECT(engine.unsubmitted_bytes(1) == 0);
   engine.wait_ready(1, nullptr);
   EXPECT(dst[kBytes] == 5 && dst[2 * kBytes - 1] == 5);
   EXPECT(backend->copies.size() == 2 && backend->copies[0].stream == engine.demand_stream() &&
