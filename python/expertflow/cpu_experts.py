@@ -247,8 +247,8 @@ class CostModel:
 
         A plan costs the later of its two pipes, plus ``later_copy_ms`` for each CPU expert that holds
         no slot (``held [m]``: one whose copy is already on its way keeps it, for its next use): the
-        link copies its misses one after another (``copy_shares [m]`` of a whole copy each, ``copy_ms``:
-        what is left of a copy already on its way, 1 for a demand miss; then the GPU computes); the
+        link copies its misses one after another (each ``copy_shares[i]`` times ``copy_ms``: the share
+        left of a copy already on its way, 1 for a demand miss; then the GPU computes); the
         CPU computes its own one after another, each at its calibrated time times ``prices[case]
         [point]``, the case being whether any miss is copied. The CPU takes the k misses that cost it
         least per millisecond of link they save, the plan being the best k from 0 to m; the fewer CPU
