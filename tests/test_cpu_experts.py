@@ -106,9 +106,9 @@ def test_the_engine_prices_copies_at_what_demand_loads_took_inside_steps(tmp_pat
 
 
 def test_the_engine_prices_a_queued_prefetch_at_its_bytes_and_skips_landed_experts(tmp_path):
-    """The cost model hears each missed expert's share of a copy still to carry and whether it holds a
-    slot: a demand miss (no slot) 1 and not held, a prefetch still queued 1 and held; an expert whose
-    bytes have landed is no miss."""
+    """The cost model hears each missed expert's share of a copy still to carry: a demand miss (no
+    slot) 1, a prefetch still queued 1, one part way what is left; an expert whose bytes have landed,
+    or are all on the link, is no miss."""
     folder = save(build("mixtral"), tmp_path / "m", "published")
     model = ef.from_pretrained(folder, policy="lru", expert_slots="50%", cpu_experts="on", progress=False)
     try:
@@ -117,21 +117,21 @@ def test_the_engine_prices_a_queued_prefetch_at_its_bytes_and_skips_landed_exper
         asked = []
         choose = engine.cost_model.choose
 
-        def recording_choose(num_tokens, copy_shares=None, held=None):
-            asked.append((len(num_tokens), copy_shares, held))
-            return choose(num_tokens, copy_shares, held)
+        def recording_choose(num_tokens, copy_shares=None):
+            asked.append((len(num_tokens), copy_shares))
+            return choose(num_tokens, copy_shares)
 
         engine.cost_model.choose = recording_choose
         one = torch.tensor([[5]])
         with torch.no_grad():
             model(one)  # one token: each layer uses top_k experts, all misses on a cold cache
-        assert asked and all(shares == [1.0] * n and held == [False] * n for n, shares, held in asked)
+        assert asked and all(shares == [1.0] * n for n, shares in asked)
         used = [set(np.unique(r).tolist()) for r in engine.routing]
         engine.cache.synchronize()
         asked.clear()
         with torch.no_grad():
             model(one)  # the same token: every expert landed in its slot
-        assert all(n == 0 for n, _, _ in asked)
+        assert all(n == 0 for n, _ in asked)
         # a prefetch of experts of layer 0 not in a slot, held in the queue, beside one landed
         missing = [e for e in range(engine.num_experts) if e not in used[0]][:2]
         landed = sorted(used[0])[0]
@@ -142,8 +142,14 @@ def test_the_engine_prices_a_queued_prefetch_at_its_bytes_and_skips_landed_exper
         experts = sorted(missing + [landed])
         counts = np.ones(engine.num_experts, dtype=np.int64)
         engine._submit_cpu_experts(engine.layers[0].module, 0, experts, counts, np.array([experts]), torch.zeros(1, 8))
-        assert asked == [(2, [1.0, 1.0], [True, True])]
+        assert asked == [(2, [1.0, 1.0])]
         engine.cache.resume_prefetch()
+        # a copy part way (a quarter left), one with every byte on the link, one with no slot
+        quarter = engine.pool.expert_bytes(0) // 4
+        engine.cache.bytes_to_submit = lambda layer, es: [quarter, 0, -1][: len(es)]
+        asked.clear()
+        engine._submit_cpu_experts(engine.layers[0].module, 0, [0, 1, 2], counts, np.array([[0, 1, 2]]), torch.zeros(1, 8))
+        assert asked == [(2, [quarter / engine.pool.expert_bytes(0), 1.0])]
     finally:
         model.expertflow.close()
 
@@ -580,33 +586,32 @@ def test_auto_plans_the_cheapest_split_and_never_one_slower_than_copying(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 64), st.floats(0.0, 1.0), st.booleans()), min_size=0, max_size=8),
-       st.floats(0.5, 10), st.floats(0.5, 10), st.floats(0.0, 1), st.floats(0.0, 1), st.booleans())
-def test_copies_on_their_way_are_priced_at_what_is_left_of_them(misses, copy_ms, cpu_ms, gpu_ms, hit_ratio, same_share):
-    """A miss whose copy is on its way costs the link only what is left of it (``copy_shares``) and,
-    taken by the CPU, no later copy (``held``: its copy goes on for its next use). From the
-    definition, against every split: the plan costs no more than copying every miss or computing
-    every one on the CPU, and with one share and one held flag for all it is the cheapest of all
-    2^m splits."""
-    if same_share and misses:  # every copy as far along, and each held or none
-        misses = [(n, misses[0][1], misses[0][2]) for n, _, _ in misses]
-    tokens = [n for n, _, _ in misses]
-    shares = [share for _, share, _ in misses]
-    held = [h for _, _, h in misses]
-    c = Calibration(copy_ms, (1, 256), (cpu_ms, cpu_ms + 25.5), gpu_ms, 4, 0.0)
+@given(st.lists(st.tuples(st.integers(1, 300), st.floats(0.0, 1.0)), min_size=0, max_size=12),
+       st.floats(0.5, 10), st.floats(0.5, 10), st.floats(0.0, 0.2), st.floats(0.0, 1), st.floats(0.5, 2), st.booleans())
+def test_copies_on_their_way_are_priced_at_what_is_left_of_them(misses, copy_ms, cpu_ms, per_token, gpu_ms, scale, same_share):
+    """A miss whose copy is on its way costs the link only what is left of it (``copy_shares``). From
+    the definition, against every split: the plan costs the least of all 2^m splits (with one share
+    for all, or up to MAX_SPLITS_PRICED misses), and never more than copying every miss or computing
+    every one on the CPU."""
+    if same_share and misses:  # every copy as far along
+        misses = [(n, misses[0][1]) for n, _ in misses]
+    tokens = [n for n, _ in misses]
+    shares = [share for _, share in misses]
+    c = Calibration(copy_ms, (1, 256), (cpu_ms + per_token, cpu_ms + 256 * per_token), gpu_ms, 4, 0.0)
     model = CostModel(c, "auto")
-    model.hit_ratio = hit_ratio
-    on_cpu = model.choose(tokens, shares, held)
-    later = hit_ratio * copy_ms
+    model.cpu_scales = [[scale, scale], [1.2 * scale, 1.2 * scale]]  # slower beside demand loads
+    model.hit_ratio = 0.5
+    on_cpu = model.choose(tokens, shares)
+    later = 0.5 * copy_ms
 
     def cost(assignment):
         link = [copy_ms * share for share, cpu in zip(shares, assignment) if not cpu]
-        cpu = sum(c.cpu_ms(n) for n, on in zip(tokens, assignment) if on)
-        return max(sum(link) + (gpu_ms if link else 0.0), cpu) + later * sum(
-            1 for on, h in zip(assignment, held) if on and not h)
+        case = 1 if link else 0
+        cpu = sum(c.cpu_ms(n) * model.cpu_scales[case][0] for n, on in zip(tokens, assignment) if on)
+        return max(sum(link) + (gpu_ms if link else 0.0), cpu) + later * sum(assignment)
 
     assert cost(on_cpu) <= min(cost([False] * len(tokens)), cost([True] * len(tokens))) + 1e-9
-    if same_share:
+    if same_share or len(tokens) <= CostModel.MAX_SPLITS_PRICED:
         best = min(cost(list(a)) for a in itertools.product([False, True], repeat=len(tokens)))
         assert cost(on_cpu) == pytest.approx(best, rel=1e-9, abs=1e-9)
 
@@ -614,14 +619,13 @@ def test_copies_on_their_way_are_priced_at_what_is_left_of_them(misses, copy_ms,
 def test_a_forecasts_copies_about_to_land_stay_on_the_link():
     """Two misses of one token at the H200 machine's figures (a copy 6.4 ms, the CPU 7.4): as demand
     misses one goes to the CPU (7.4 ms against 12.8 + 0.1); with a tenth of each copy left, both wait
-    for the link (1.4 ms). A copy not yet started costs the whole copy, and the CPU takes one only
-    where it carries no later copy: held, its copy goes on for the next use."""
+    for the link (1.4 ms). Of three, one copy half done and two not started, the CPU takes a whole
+    one (the link 9.7 ms, the CPU 7.4), not the half (12.9)."""
     auto = CostModel(DECODE, "auto")
     assert sorted(auto.choose([1, 1])) == [False, True]
-    assert auto.choose([1, 1], [0.1, 0.1], [True, True]) == [False, False]
-    auto.hit_ratio = 1.0  # every expert copied now would hit at its next use: a CPU expert costs a copy later
-    assert auto.choose([1, 1]) == [False, False]
-    assert sorted(auto.choose([1, 1], [1.0, 1.0], [True, True])) == [False, True]
+    assert auto.choose([1, 1], [0.1, 0.1]) == [False, False]
+    on_cpu = auto.choose([1, 1, 1], [0.5, 1.0, 1.0])
+    assert not on_cpu[0] and sum(on_cpu) == 1
 
 
 def test_a_layer_goes_whole_to_the_cpu_where_the_cpu_is_faster_without_demand_loads_beside_it():

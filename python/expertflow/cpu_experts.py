@@ -136,6 +136,9 @@ class CostModel:
     # A layer's CPU experts run either with demand loads of the same layer beside them (some misses
     # copied) or without (every miss on the CPU; backfills may still run on the link): cpu_scales[case].
     WITHOUT_DEMAND_LOADS, WITH_DEMAND_LOADS = 0, 1
+    # Misses whose every split is priced where their copies are at different stages (2^m plans; a
+    # Mixtral layer has 8 experts, batch 1 decode misses at most 2).
+    MAX_SPLITS_PRICED = 10
 
     def __init__(self, calibration: Calibration, mode: str) -> None:
         self.calibration = calibration
@@ -198,7 +201,8 @@ class CostModel:
         return {case: dict(zip(points, row)) for case, row in zip(("without_demand_loads", "with_demand_loads"), values)}
 
     def observe_hits(self, num_used: int, num_hits: int) -> None:
-        """A layer used ``num_used`` experts, ``num_hits`` of them in slots with their bytes landed."""
+        """A layer used ``num_used`` experts, ``num_hits`` of them in slots with every byte landed or on
+        the link."""
         if num_used:
             self.hit_ratio += 0.05 * (num_hits / num_used - self.hit_ratio)
 
@@ -240,62 +244,67 @@ class CostModel:
             self.mode == "auto" and any(self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms, 0.0)[0]))
 
     def _split(self, num_tokens: list[int], prices: list[list[float]], copy_ms: float, later_copy_ms: float,
-               copy_shares: list[float] | None = None, held: list[bool] | None = None
-               ) -> tuple[list[bool], set[tuple[int, int]]]:
+               copy_shares: list[float] | None = None) -> tuple[list[bool], set[tuple[int, int]]]:
         """The split of the misses (``num_tokens [m]``) that costs least -> (``[m]`` True for the CPU,
         the (case, point) prices some candidate plan used).
 
-        A plan costs the later of its two pipes, plus ``later_copy_ms`` for each CPU expert that holds
-        no slot (``held [m]``: one whose copy is already on its way keeps it, for its next use): the
-        link copies its misses one after another (each ``copy_shares[i]`` times ``copy_ms``: the share
-        left of a copy already on its way, 1 for a demand miss; then the GPU computes); the
-        CPU computes its own one after another, each at its calibrated time times ``prices[case]
-        [point]``, the case being whether any miss is copied. The CPU takes the k misses that cost it
-        least per millisecond of link they save, the plan being the best k from 0 to m; the fewer CPU
-        experts on a tie. With one share and one held flag for all that is exact: the link's time then
-        depends only on how many it copies, and the k quickest on the CPU are the cheapest k. (Else
-        it is a heuristic: never costlier than all copied or all on the CPU, both candidates.)"""
+        A plan costs the later of its two pipes, plus ``later_copy_ms`` for each CPU expert: the link
+        copies its misses one after another (each ``copy_shares[i]`` times ``copy_ms``: the share
+        left of a copy already on its way, default 1 as for a demand miss; then the GPU computes);
+        the CPU computes its own one after another, each at its calibrated time times
+        ``prices[case][point]``, the case being whether any miss is copied. With one share for all
+        the link's time depends only on how many it copies, and the cheapest k CPU experts are the k
+        quickest on the CPU, so the plan is the best k from 0 to m. With shares that differ, every
+        split is priced (up to :attr:`MAX_SPLITS_PRICED` misses; beyond, the CPU takes the k that
+        cost it least per millisecond of link they save). The fewer CPU experts on a tie."""
         c = self.calibration
         m = len(num_tokens)
 
         def cpu_ms(n: int, case: int) -> float:
             return c.cpu_ms(n) * prices[case][self._point(n)]
 
-        link = [copy_ms * share for share in (copy_shares if copy_shares is not None else [1.0] * m)]
-        later = [0.0 if held is not None and held[i] else later_copy_ms for i in range(m)]
+        shares = copy_shares if copy_shares is not None else [1.0] * m
+        link = [copy_ms * share for share in shares]
         with_loads = [cpu_ms(n, self.WITH_DEMAND_LOADS) for n in num_tokens]
-        # the link takes the first m - k; one that costs the link nothing is never the CPU's beside copies
-        order = sorted(range(m), key=lambda i: -(with_loads[i] + later[i]) / link[i] if link[i] > 0 else -math.inf)
-
+        without_loads = sum(cpu_ms(n, self.WITHOUT_DEMAND_LOADS) for n in num_tokens)
+        # Every expert was priced without demand loads (the plan with all on the CPU); with them, each
+        # that some plan gives the CPU beside a copy.
+        priced = {(self.WITHOUT_DEMAND_LOADS, self._point(n)) for n in num_tokens}
+        if 1 < m <= self.MAX_SPLITS_PRICED and len(set(shares)) > 1:
+            masks = _splits(m)  # [2^m, m], fewer CPU experts first
+            on = masks.astype(np.float64)
+            link_ms = (1.0 - on) @ np.asarray(link) + c.gpu_ms
+            costs = np.maximum(link_ms, on @ np.asarray(with_loads)) + later_copy_ms * on.sum(axis=1)
+            costs[0] = sum(link) + c.gpu_ms  # nothing on the CPU
+            costs[-1] = without_loads + later_copy_ms * m  # all on the CPU: no demand load beside them
+            priced |= {(self.WITH_DEMAND_LOADS, self._point(n)) for n in num_tokens}
+            return masks[int(np.argmin(costs))].tolist(), priced
+        # the link takes the first m - k (a cost per link millisecond: with one share, the CPU's time)
+        order = sorted(range(m), key=lambda i: -(with_loads[i] + later_copy_ms) / link[i] if link[i] > 0 else -math.inf)
         best_k, best_cost = 0, sum(link) + (c.gpu_ms if m else 0.0)
         link_left = sum(link)  # the link's misses: all but the k the CPU takes
-        cpu_with_loads = later_ms = 0.0  # the CPU's k, with demand loads beside them, and their later copies
+        cpu_with_loads = 0.0  # the CPU's k, with demand loads beside them
         for k in range(1, m + 1):
             i = order[m - k]
-            later_ms += later[i]
             if k < m:
                 link_left -= link[i]
                 cpu_with_loads += with_loads[i]
                 cost = max(link_left + c.gpu_ms, cpu_with_loads)
             else:
-                cost = sum(cpu_ms(n, self.WITHOUT_DEMAND_LOADS) for n in num_tokens)
-            cost += later_ms
+                cost = without_loads
+            cost += k * later_copy_ms
             if cost < best_cost:
                 best_k, best_cost = k, cost
         on_cpu = [False] * m
         for i in order[m - best_k :]:
             on_cpu[i] = True
-        # Every expert was priced without demand loads (k = m); with them, all but the link's first (k < m).
-        priced = {(self.WITHOUT_DEMAND_LOADS, self._point(n)) for n in num_tokens}
         priced |= {(self.WITH_DEMAND_LOADS, self._point(num_tokens[i])) for i in order[1:]}
         return on_cpu, priced
 
-    def choose(self, num_tokens: list[int], copy_shares: list[float] | None = None,
-               held: list[bool] | None = None) -> list[bool]:
+    def choose(self, num_tokens: list[int], copy_shares: list[float] | None = None) -> list[bool]:
         """``num_tokens [m]``: tokens of each missed expert; ``copy_shares [m]``: what the link still
         has to carry of each, in whole copies (default 1: a demand miss; less for one whose copy is on
-        its way); ``held [m]``: whether each holds a slot (default none) -> ``[m]`` True where the
-        CPU computes it.
+        its way) -> ``[m]`` True where the CPU computes it.
 
         Only the CPU experts a plan runs are observed, so a price that keeps the CPU out would never
         be measured again: each (case, point) a candidate plan of this layer priced but the chosen
@@ -311,7 +320,7 @@ class CostModel:
                       for scales, spreads in zip(self.cpu_scales, self.cpu_spreads)]
         copy_ms = self.calibration.copy_ms * self.link_scale
         later_copy_ms = self.hit_ratio * (1.0 - self.backfilled_share) * copy_ms
-        on_cpu, priced = self._split(num_tokens, prices, copy_ms, later_copy_ms, copy_shares, held)
+        on_cpu, priced = self._split(num_tokens, prices, copy_ms, later_copy_ms, copy_shares)
         ran_case = self.WITHOUT_DEMAND_LOADS if all(on_cpu) else self.WITH_DEMAND_LOADS
         ran = {(ran_case, self._point(n)) for n, cpu in zip(num_tokens, on_cpu) if cpu}
         with self._lock:
@@ -319,6 +328,14 @@ class CostModel:
                 self.cpu_scales[case][point] += 0.01 * (1.0 - self.cpu_scales[case][point])
                 self.cpu_spreads[case][point] *= 0.99
         return on_cpu
+
+
+@functools.cache
+def _splits(m: int) -> np.ndarray:
+    """``[2^m, m]`` bool: every split of m misses (True: the CPU), fewer CPU experts first, so the
+    first least cost is the one with fewest."""
+    masks = ((np.arange(1 << m)[:, None] >> np.arange(m)[None, :]) & 1).astype(bool)
+    return masks[np.argsort(masks.sum(axis=1), kind="stable")]
 
 
 class HostLinear:

@@ -1,6 +1,7 @@
 // Native tests of the torch-free core: pool packing, policy victim choice, cache bookkeeping and
 // copy engine ordering, on the host backend. Run by CTest; prints "N passed, M failed".
 #include <chrono>
+#include <condition_variable>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -90,6 +91,37 @@ class RecordingBackend final : public ForwardingBackend {
       copies.push_back({s, dst, bytes});
     }
     inner->copy_to_device_async(dst, src, bytes, s);
+  }
+};
+
+// Holds every event back until open(): a chunk the dispatcher submitted stays in flight, so its job
+// stays started.
+class GatedBackend final : public ForwardingBackend {
+ public:
+  std::mutex mu;
+  std::condition_variable cv;
+  bool is_open = false;
+
+  void open() {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      is_open = true;
+    }
+    cv.notify_all();
+  }
+  bool query(Event e) override {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      if (!is_open) return false;
+    }
+    return inner->query(e);
+  }
+  void synchronize(Event e) override {
+    {
+      std::unique_lock<std::mutex> lk(mu);
+      cv.wait(lk, [&] { return is_open; });
+    }
+    inner->synchronize(e);
   }
 };
 
@@ -264,6 +296,22 @@ void test_copy_engine_demand_overtakes_queue() {
          backend->copies[1].stream == engine.demand_stream());
   expect_error([&] { engine.prefetch(1, &src[0], &dst[0], kBytes, 1.0); engine.demand(1, &src[0], &dst[0], kBytes); },
                "already has an unfinished copy");
+}
+
+void test_copy_engine_counts_a_started_jobs_unsubmitted_bytes() {
+  auto backend = std::make_shared<GatedBackend>();
+  constexpr size_t kChunk = 4096, kBytes = 3 * kChunk + 100;
+  std::vector<uint8_t> src(kBytes, 9), dst(kBytes, 0);
+  CopyEngine engine(backend, 1, CopyEngineOptions{kChunk, 1});
+  engine.prefetch(0, src.data(), dst.data(), kBytes, 1.0);
+  for (int i = 0; i < 5000 && engine.job_state(0) != CopyEngine::JobState::kStarted; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT(engine.job_state(0) == CopyEngine::JobState::kStarted);
+  EXPECT(engine.unsubmitted_bytes(0) == kBytes - kChunk);  // one chunk on the link, the rest to go
+  backend->open();
+  engine.synchronize();
+  EXPECT(engine.unsubmitted_bytes(0) == 0 && dst[kBytes - 1] == 9);
 }
 
 void test_copy_waits_for_the_slot_to_be_freed() {
@@ -530,6 +578,7 @@ int main() {
       {"conservative_admission", test_conservative_admission},
       {"copy_engine_due_order_and_chunks", test_copy_engine_due_order_and_chunks},
       {"copy_engine_demand_overtakes_queue", test_copy_engine_demand_overtakes_queue},
+      {"copy_engine_counts_a_started_jobs_unsubmitted_bytes", test_copy_engine_counts_a_started_jobs_unsubmitted_bytes},
       {"copy_waits_for_the_slot_to_be_freed", test_copy_waits_for_the_slot_to_be_freed},
       {"copy_engine_times_demand_loads", test_copy_engine_times_demand_loads},
       {"copy_engine_demand_fails_before_its_job_changes", test_copy_engine_demand_fails_before_its_job_changes},
