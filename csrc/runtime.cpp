@@ -323,30 +323,30 @@ std::vector<SlotMeta> Runtime::slot_table() {
   return cache_.slots();
 }
 
-std::vector<uint8_t> Runtime::each_expert(int layer, const std::vector<int>& experts, bool landed) {
+template <typename T, typename OfSlot>
+std::vector<T> Runtime::each_expert(int layer, const std::vector<int>& experts, OfSlot&& of_slot) {
   std::lock_guard<std::mutex> lk(mu_);
   check_open();
-  std::vector<uint8_t> out;
+  std::vector<T> out;
   out.reserve(experts.size());
   for (int expert : experts) {
     pool_->check_expert(layer, expert);
-    const int s = cache_.find(layer, expert);
-    out.push_back(s >= 0 && (!landed || engine_->is_ready(s)) ? 1 : 0);
+    out.push_back(of_slot(cache_.find(layer, expert)));
   }
   return out;
 }
 
+std::vector<uint8_t> Runtime::resident(int layer, const std::vector<int>& experts) {
+  return each_expert<uint8_t>(layer, experts, [](int s) { return s >= 0; });
+}
+
+std::vector<uint8_t> Runtime::landed(int layer, const std::vector<int>& experts) {
+  return each_expert<uint8_t>(layer, experts, [this](int s) { return s >= 0 && engine_->is_ready(s); });
+}
+
 std::vector<int64_t> Runtime::bytes_to_submit(int layer, const std::vector<int>& experts) {
-  std::lock_guard<std::mutex> lk(mu_);
-  check_open();
-  std::vector<int64_t> out;
-  out.reserve(experts.size());
-  for (int expert : experts) {
-    pool_->check_expert(layer, expert);
-    const int s = cache_.find(layer, expert);
-    out.push_back(s < 0 ? -1 : static_cast<int64_t>(engine_->unsubmitted_bytes(s)));
-  }
-  return out;
+  return each_expert<int64_t>(layer, experts,
+                              [this](int s) { return s < 0 ? int64_t{-1} : static_cast<int64_t>(engine_->unsubmitted_bytes(s)); });
 }
 
 void Runtime::synchronize() {

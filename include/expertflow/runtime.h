@@ -98,9 +98,9 @@ class Runtime {
   void reset_stats();
   std::vector<SlotMeta> slot_table();
   // Whether each of `experts` of `layer` holds a slot (landed or in flight).
-  std::vector<uint8_t> resident(int layer, const std::vector<int>& experts) { return each_expert(layer, experts, false); }
+  std::vector<uint8_t> resident(int layer, const std::vector<int>& experts);
   // Whether each of `experts` of `layer` holds a slot whose bytes have landed.
-  std::vector<uint8_t> landed(int layer, const std::vector<int>& experts) { return each_expert(layer, experts, true); }
+  std::vector<uint8_t> landed(int layer, const std::vector<int>& experts);
   // For each of `experts` of `layer`: -1 when it holds no slot, else the bytes of its copy not yet
   // handed to the link (0: landed, or every byte on its way; acquire() moves the rest of a prefetch
   // to the demand stream, so these are what the link still carries for it).
@@ -121,8 +121,9 @@ class Runtime {
   void check_open() const;
   // Every expert of `layer` exists and none is listed twice (`call` names the caller in the error).
   void check_distinct_experts(int layer, const std::vector<int>& experts, const char* call) const;
-  // Whether each expert holds a slot (`landed`: one whose bytes have landed).
-  std::vector<uint8_t> each_expert(int layer, const std::vector<int>& experts, bool landed);
+  // of_slot(its slot, -1 when it holds none) for each of `experts` of `layer`, under the lock.
+  template <typename T, typename OfSlot>
+  std::vector<T> each_expert(int layer, const std::vector<int>& experts, OfSlot&& of_slot);
   void check_acquired_locked(int slot) const;
   uint8_t* slot_data(int slot) const { return arena_->data() + options_.slot_bytes * static_cast<size_t>(slot); }
   void evict_locked(int slot);
