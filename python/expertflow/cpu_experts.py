@@ -275,7 +275,6 @@ class CostModel:
             on = masks.astype(np.float64)
             link_ms = (1.0 - on) @ np.asarray(link) + c.gpu_ms
             costs = np.maximum(link_ms, on @ np.asarray(with_loads)) + later_copy_ms * on.sum(axis=1)
-            costs[0] = sum(link) + c.gpu_ms  # nothing on the CPU
             costs[-1] = without_loads + later_copy_ms * m  # all on the CPU: no demand load beside them
             priced |= {(self.WITH_DEMAND_LOADS, self._point(n)) for n in num_tokens}
             return masks[int(np.argmin(costs))].tolist(), priced
