@@ -406,12 +406,14 @@ PYBIND11_MODULE(_C, m) {
            "Replaces the plan: prefetch entries (layers, experts, due; `sure`: false loads only on an idle "
            "link), optional next-use tables [L, E] and the position of the next access.")
       .def("acquire",
-           [](Runtime& r, int layer, const std::vector<int>& experts, uintptr_t stream, bool wait) {
+           [](Runtime& r, int layer, const std::vector<int>& experts, uintptr_t stream, bool wait,
+              const std::vector<int>& spare) {
              const Stream compute = compute_stream(r, stream);
              py::gil_scoped_release nogil;
-             return r.acquire(layer, experts, compute, wait);
+             return r.acquire(layer, experts, compute, wait, spare);
            },
-           py::arg("layer"), py::arg("experts"), py::arg("stream") = 0, py::arg("wait") = true)
+           py::arg("layer"), py::arg("experts"), py::arg("stream") = 0, py::arg("wait") = true,
+           py::arg("spare") = std::vector<int>{})
       .def("wait_ready",
            [](Runtime& r, int slot, uintptr_t stream) {
              const Stream compute = compute_stream(r, stream);

@@ -145,12 +145,18 @@ int Runtime::take_slot_locked(int layer, int expert) {
   return s;
 }
 
-std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, Stream compute, bool wait) {
+std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, Stream compute, bool wait,
+                                  const std::vector<int>& spare) {
   std::vector<int> slots(experts.size(), -1);
   {
     std::lock_guard<std::mutex> lk(mu_);
     check_open();
     check_distinct_experts(layer, experts, "acquire");
+    for (int expert : spare) {
+      pool_->check_expert(layer, expert);
+      EF_CHECK(std::find(experts.begin(), experts.end(), expert) == experts.end(),
+               "acquire of layer " << layer << " lists expert " << expert << " both to acquire and to spare");
+    }
     EF_CHECK(static_cast<int>(experts.size()) <= cache_.num_slots(),
              "capacity of " << cache_.num_slots() << " slots is smaller than the " << experts.size()
                             << " experts layer " << layer << " needs at once; give the cache at least "
@@ -160,10 +166,27 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
       slots[i] = cache_.find(layer, experts[i]);
       if (slots[i] >= 0) cache_.pin(slots[i]);
     }
+    // The spared slots are pinned while the misses take theirs, and let go once no other is free.
+    std::vector<int> spared;
+    for (int expert : spare) {
+      const int s = cache_.find(layer, expert);
+      if (s >= 0) {
+        cache_.pin(s);
+        spared.push_back(s);
+      }
+    }
+    auto let_go_spared = [&] {
+      for (int s : spared) cache_.unpin(s);
+      spared.clear();
+    };
     std::vector<size_t> missed;
     for (size_t i = 0; i < experts.size(); ++i) {
       if (slots[i] >= 0) continue;
-      const int s = take_slot_locked(layer, experts[i]);
+      int s = take_slot_locked(layer, experts[i]);
+      if (s < 0 && !spared.empty()) {
+        let_go_spared();
+        s = take_slot_locked(layer, experts[i]);
+      }
       if (s < 0) {
         for (int pinned : slots) {
           if (pinned >= 0) cache_.unpin(pinned);
@@ -177,6 +200,7 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
       slots[i] = s;
       missed.push_back(i);
     }
+    let_go_spared();
     for (size_t i = 0; i < experts.size(); ++i) {
       const int s = slots[i];
       if (std::find(missed.begin(), missed.end(), i) != missed.end()) {
@@ -255,12 +279,19 @@ std::vector<uint8_t> Runtime::backfill(int layer, const std::vector<int>& expert
   for (size_t i = 0; i < experts.size(); ++i) {
     const int s = cache_.find(layer, experts[i]);
     if (s < 0) continue;
+    const CopyEngine::JobState state = engine_->job_state(s);
+    if (state == CopyEngine::JobState::kQueued) {
+      // Overtaken before a byte went: the caller has its result without this copy, which moves (below)
+      // only where any backfill would. (Kept, a forecast's prefetches that the CPU took used the link
+      // as much as without the CPU, and with the CPU's time on top.)
+      evict_locked(s);
+      continue;
+    }
     cache_.pin(s);
     slots[i] = s;
     outcome[i] = static_cast<uint8_t>(BackfillOutcome::kHeld);
-    const CopyEngine::JobState state = engine_->job_state(s);
-    if (state == CopyEngine::JobState::kQueued || state == CopyEngine::JobState::kStarted) {
-      // A prefetch still on its way now serves the next use: no new plan cancels it as stale.
+    if (state == CopyEngine::JobState::kStarted) {
+      // A prefetch part way over the link now serves the next use: no new plan cancels it as stale.
       cache_.set_backfilled(s);
       engine_->set_due(s, due);
     }

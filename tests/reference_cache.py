@@ -352,24 +352,39 @@ class ReferenceCache:
                 r.planned = False
         self.admit(link_idle=not self.queued_any())
 
-    def acquire(self, layer: int, experts: list[int], demand_landed: bool = False) -> list[int]:
+    def acquire(self, layer: int, experts: list[int], demand_landed: bool = False, spare: Sequence[int] = ()) -> list[int]:
         """``ExpertCache.acquire``: the clock moves to the layer's visit; resident experts are pinned
-        first, so the misses never evict them; each miss is demand-loaded (due now); then each expert is
-        accessed, and a timed plan is admitted again. ``demand_landed``: whether this acquire's own
-        demand copies have landed by then (see the module docstring)."""
+        first, so the misses never evict them; the resident ones of ``spare`` are pinned too, until a
+        miss finds no other slot; each miss is demand-loaded (due now); then each expert is accessed,
+        and a timed plan is admitted again. ``demand_landed``: whether this acquire's own demand copies
+        have landed by then (see the module docstring)."""
+        if set(spare) & set(experts):
+            raise ReferenceError_("spare")  # refused before the clock moves
         if len(experts) > len(self.residents):
-            raise ReferenceError_("capacity")  # refused before the clock moves
+            raise ReferenceError_("capacity")
         self.advance(layer)
         slots = [self.find(layer, e) for e in experts]
         for i in slots:
             if i >= 0:
                 self.residents[i].pin_count += 1
+        spared = [i for i in (self.find(layer, e) for e in spare) if i >= 0]
+        for i in spared:
+            self.residents[i].pin_count += 1
+
+        def let_go_spared() -> None:
+            for j in spared:
+                self.residents[j].pin_count -= 1
+            spared.clear()
+
         due_now = self.position if self.policy == "expertflow" else DUE_NOW
         missed: list[int] = []
         for k, e in enumerate(experts):
             if slots[k] >= 0:
                 continue
             i = self.pick(layer, due_now, prefetch=False)
+            if i < 0 and spared:
+                let_go_spared()
+                i = self.pick(layer, due_now, prefetch=False)
             if i < 0:
                 # Nothing is left pinned or half-loaded; the evictions made so far, the clock and the
                 # recency counter stay where they went.
@@ -383,6 +398,7 @@ class ReferenceCache:
             self.load(i, layer, e).pin_count += 1
             slots[k] = i
             missed.append(k)
+        let_go_spared()
         copies = len(missed)  # demand copies this acquire puts on the link
         for k, i in enumerate(slots):
             r = self.residents[i]
@@ -403,15 +419,22 @@ class ReferenceCache:
 
     def backfill(self, layer: int, experts: list[int], outcome: list[int] | None = None) -> list[int]:
         """``ExpertCache.backfill``: as :meth:`acquire`, but a miss is copied on the prefetch path and
-        nothing waits. The clock moves to the layer's visit; the resident experts are pinned first (one
-        whose prefetch is still queued becomes a backfill: no new plan cancels it as stale); each
-        missing one in turn, while fewer than MAX_PENDING_BACKFILL copies are queued, is loaded into
-        the slot a demand miss would take and pinned, its copy queued; every expert now in a slot is
-        accessed in order, then unpinned; a timed plan is admitted again. -> per expert: QUEUED, HELD
-        or NOT_ADMITTED. ``outcome``: follow the runtime's admissions instead (where copies race, the
-        queue's length is not known here)."""
+        nothing waits. The clock moves to the layer's visit; a resident expert whose copy has not
+        started is evicted (its copy cancelled) and counts as missing; the other resident ones are
+        pinned first (one whose copy is still on its way becomes a backfill: no new plan cancels it as
+        stale); each missing one in turn, while fewer than MAX_PENDING_BACKFILL copies are queued, is
+        loaded into the slot a demand miss would take and pinned, its copy queued; every expert now in
+        a slot is accessed in order, then unpinned; a timed plan is admitted again. -> per expert:
+        QUEUED, HELD or NOT_ADMITTED. ``outcome``: follow the runtime's admissions instead (where
+        copies race, the queue's length, and whether a queued copy has started, are not known here:
+        a resident one the runtime did not report HELD was cancelled). Without it every queued copy
+        is taken as not started (the prefetch queue is paused)."""
         self.advance(layer)
         slots = [self.find(layer, e) for e in experts]
+        for k, i in enumerate(slots):
+            if i >= 0 and self.residents[i].queued and (outcome is None or outcome[k] != HELD):
+                self.evict(i)
+                slots[k] = -1
         result = [HELD if i >= 0 else NOT_ADMITTED for i in slots]
         for i in slots:
             if i >= 0:

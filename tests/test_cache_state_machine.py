@@ -135,8 +135,9 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache.apply(plan)
         self.ref.apply(entries, next_use, following_use, now)
 
-    def acquire_one(self, layer, experts) -> bool:
-        """Acquires on both sides and checks the bytes; False when both refused."""
+    def acquire_one(self, layer, experts, spare=()) -> bool:
+        """Acquires on both sides (the misses sparing the slots of ``spare``) and checks the bytes;
+        False when both refused."""
         if self.exact:
             # As before apply: only this acquire's own demand copies may be in flight at its readmit.
             self.cache.synchronize()
@@ -151,16 +152,17 @@ class CacheMachine(RuleBasedStateMachine):
         landed = copy.deepcopy(self.ref)
         ref_error = None
         try:
-            self.ref.acquire(layer, experts, demand_landed=False)
+            self.ref.acquire(layer, experts, demand_landed=False, spare=spare)
         except ReferenceError_ as e:
             ref_error = str(e)
         with contextlib.suppress(ReferenceError_):  # it refuses exactly when the reference above did
-            landed.acquire(layer, experts, demand_landed=True)
+            landed.acquire(layer, experts, demand_landed=True, spare=spare)
         try:
-            weights = self.cache.acquire(layer, experts)
+            weights = self.cache.acquire(layer, experts, spare=spare)
         except ef.ExpertFlowError as e:
             assert ref_error is not None, f"runtime raised but the reference did not: {e}"
             assert ("capacity" in str(e)) == (ref_error == "capacity")
+            assert ("to spare" in str(e)) == (ref_error == "spare")
             return False
         assert ref_error is None, f"reference raised {ref_error} but the runtime did not"
         if self.exact and state(landed) != state(self.ref):
@@ -180,6 +182,18 @@ class CacheMachine(RuleBasedStateMachine):
         experts = sorted(experts, key=lambda e: (e * 7919) % 13)  # router order, not sorted
         if self.acquire_one(layer, experts):
             self.held.append((layer, experts))
+
+    @rule(layer=LAYERS, experts=st.sets(EXPERTS, min_size=1, max_size=3), cpu=st.sets(EXPERTS, min_size=1, max_size=3))
+    def layer_with_cpu_experts(self, layer, experts, cpu):
+        """A layer as the engine runs it with CPU experts: its GPU experts acquired, sparing the slots
+        of those the CPU computes, which are then backfilled; the GPU experts released. An expert in
+        both sets is refused on both sides."""
+        experts = sorted(experts, key=lambda e: (e * 7919) % 13)
+        cpu = sorted(cpu)
+        if self.acquire_one(layer, experts, spare=cpu):
+            self.backfill(layer, set(cpu))
+            self.cache.release(layer, experts)
+            self.ref.release(layer, experts)
 
     @rule(start=LAYERS, length=st.integers(1, 2 * NUM_LAYERS + 1), experts=st.lists(EXPERTS, min_size=1, max_size=2,
                                                                                      unique=True))

@@ -154,6 +154,48 @@ def test_the_engine_prices_a_queued_prefetch_at_its_bytes_and_skips_landed_exper
         model.expertflow.close()
 
 
+def test_a_prefetch_the_cpu_overtakes_before_its_bytes_go_is_dropped_and_the_misses_spare_its_slot(tmp_path):
+    """A layer whose experts all have a prefetch held in the queue: the CPU takes the first miss, the
+    link the second (its queued prefetch promoted). The CPU's prefetch moved no byte, so it is
+    cancelled: the CPU has the result without it, and with six other copies waiting it is not queued
+    again. Every acquire spares the slots of the layer's CPU experts."""
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    model = ef.from_pretrained(folder, policy="lru", expert_slots="50%", cpu_experts="on", progress=False)
+    try:
+        engine = model.expertflow
+        engine.cost_model.mode = "auto"
+        engine.cost_model.choose = lambda num_tokens, copy_shares=None: [i == 0 for i in range(len(num_tokens))]
+        acquired, on_cpu = [], []
+        acquire_slots, submit = engine.cache.acquire_slots, engine._submit_cpu_experts
+
+        def recording_acquire(layer, experts, stream=None, wait=True, spare=()):
+            acquired.append((layer, list(experts), list(spare)))
+            return acquire_slots(layer, experts, stream=stream, wait=wait, spare=spare)
+
+        def recording_submit(module, layer, *args):
+            jobs = submit(module, layer, *args)
+            on_cpu.append((layer, sorted(jobs)))
+            return jobs
+
+        engine.cache.acquire_slots, engine._submit_cpu_experts = recording_acquire, recording_submit
+        assert engine.num_experts == 8 and engine.cache.num_slots >= 8
+        engine.cache.pause_prefetch()
+        engine.cache.prefetch([(0, e) for e in range(8)])
+        with torch.no_grad():
+            model(torch.tensor([[5]]))
+        first, second = sorted(np.unique(engine.routing[0]).tolist())
+        assert on_cpu[0] == (0, [first])
+        assert acquired[0] == (0, [second], [first])
+        assert engine.cache.resident(0, [first, second]) == [False, True]
+        stats = engine.cache.stats()
+        # layer 0: the promoted prefetch a hit; every later layer: its second expert demand-loaded
+        assert stats["cancelled_prefetches"] == 1 and stats["hits"] == 1 and stats["misses"] == engine.num_layers - 1
+        assert all(spare == dict(on_cpu)[layer] for layer, _, spare in acquired)
+        engine.cache.resume_prefetch()
+    finally:
+        model.expertflow.close()
+
+
 def test_bf16_cpu_experts_run_the_native_kernel_and_stay_close_to_the_resident_model(tmp_path):
     """bf16: the CPU's experts take their products from HostLinear's native kernel (its sums run in
     another order than torch's, so logits agree to bf16's precision, not bit for bit)."""

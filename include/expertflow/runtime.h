@@ -15,10 +15,15 @@
 //   missing one's copy goes on the prefetch path, due at the layer's next visit, and nothing waits
 //   for it. So the cache evolves as if the GPU had run them, while the link works off the layer's
 //   critical path. A copy is queued only while fewer than kBackfillMaxPendingPrefetches prefetch
-//   jobs are unfinished: behind a longer queue it would land late, and meanwhile hold a slot. A new
-//   plan does not cancel a backfill (nor a prefetch still on its way that a backfill found) as
-//   stale, since it is not a forecast the next plan can revise; like any unpinned slot it may still
-//   be evicted, by a miss or by a plan's prefetch.
+//   jobs are unfinished: behind a longer queue it would land late, and meanwhile hold a slot. A held
+//   one whose copy has not started (no byte handed to the link) is cancelled first and then treated
+//   as missing: the caller computed it without that copy, so it moves only if the link has room, as
+//   any backfill (kept, a forecast's prefetches the CPU overtook went on using the link). A new plan
+//   does not cancel a backfill (nor a started prefetch that a backfill found) as stale, since it is
+//   not a forecast the next plan can revise; like any unpinned slot it may still be evicted, by a
+//   miss or by a plan's prefetch.
+// - acquire(..., spare) takes the slots of `spare` (experts of the layer computed elsewhere in this
+//   visit, whose backfill() follows) for its misses only when no other slot is free.
 // - One mutex serialises cache state; the copy engine's own lock is taken only inside it.
 // - After close() every call throws and the pool is let go (its pinned arena is freed with its last owner);
 //   the slot arena lives on while zero-copy views of it exist.
@@ -85,7 +90,10 @@ class Runtime {
   void apply_plan(const Plan& plan);
   // Slots holding `experts` of `layer`, in order. `compute` will read them (null: see backend.h).
   // With wait=false the caller makes `compute` wait per slot (wait_ready), e.g. hits before misses.
-  std::vector<int> acquire(int layer, const std::vector<int>& experts, Stream compute, bool wait = true);
+  // `spare`: other experts of `layer`, computed elsewhere this visit, whose slots (a copy on its way
+  // for them) the misses take only when no other slot is free.
+  std::vector<int> acquire(int layer, const std::vector<int>& experts, Stream compute, bool wait = true,
+                           const std::vector<int>& spare = {});
   // Makes `compute` wait for an acquired slot's bytes; is_ready() tells without waiting.
   void wait_ready(int slot, Stream compute);
   bool is_ready(int slot);

@@ -398,7 +398,10 @@ class OffloadEngine:
         # A batch may route to more experts than there are slots: run them in waves that fit.
         capacity = self.cache.num_slots
         waves = [experts[start : start + capacity] for start in range(0, len(experts), capacity)]
-        first = self.cache.acquire_slots(layer.index, waves[0], stream=stream, wait=False) if waves else []
+        # The misses spare the slots of the CPU's experts: a copy on its way for one is kept for its
+        # next use (backfill, below), not evicted by its own layer's demand loads.
+        first = self.cache.acquire_slots(layer.index, waves[0], stream=stream, wait=False,
+                                         spare=list(cpu_jobs)) if waves else []
         if cpu_jobs and len(waves) <= 1:
             # The CPU's experts enter the cache behind the layer, as if the GPU had run them: after the
             # demand loads (they go first), while the first wave is pinned, and before the policy's

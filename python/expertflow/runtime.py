@@ -400,15 +400,20 @@ class ExpertCache:
                                 plan.sure)
 
     def acquire_slots(
-        self, layer: int, experts: Sequence[int], stream: StreamLike = None, wait: bool = True
+        self, layer: int, experts: Sequence[int], stream: StreamLike = None, wait: bool = True,
+        spare: Sequence[int] = (),
     ) -> list[int]:
         """Pins ``experts`` of ``layer`` and returns their slot indices (see :meth:`acquire`).
 
         With ``wait=False`` the stream is not made to wait: call :meth:`wait_slot` before reading each
         slot, e.g. computing the slots :meth:`slot_ready` reports first and misses as they land.
+        ``spare``: other experts of ``layer`` computed elsewhere in this visit (the CPU), whose
+        :meth:`backfill` follows: the misses take their slots only when no other slot is free, so a
+        copy on its way for them is kept for their next use.
         """
         self._check_open()
-        return self._native.acquire(layer, [int(e) for e in experts], self._stream_handle(stream), wait)
+        return self._native.acquire(layer, [int(e) for e in experts], self._stream_handle(stream), wait,
+                                    [int(e) for e in spare])
 
     def slot_ready(self, slot: int) -> bool:
         """True when an acquired slot's bytes have landed (never blocks)."""
@@ -442,14 +447,16 @@ class ExpertCache:
             raise ExpertFlowError(f"slot {slot} is out of range (num_slots={self.num_slots})")
         return self._open_arena().data_ptr() + slot * self.slot_bytes
 
-    def acquire(self, layer: int, experts: Sequence[int], stream: StreamLike = None) -> list[dict[str, torch.Tensor]]:
+    def acquire(self, layer: int, experts: Sequence[int], stream: StreamLike = None,
+                spare: Sequence[int] = ()) -> list[dict[str, torch.Tensor]]:
         """Pins ``experts`` of ``layer`` and returns, per expert, its tensors in device slots.
 
         Misses are demand-loaded at once; ``stream`` (default: the current stream; on the host
         backend the calling thread) is made to wait for any copy still in flight, so work queued on
         it afterwards reads complete weights. Call :meth:`release` when that work is queued.
+        ``spare``: as in :meth:`acquire_slots`.
         """
-        slots = self.acquire_slots(layer, experts, stream)
+        slots = self.acquire_slots(layer, experts, stream, spare=spare)
         return [self.slot_tensors(s, layer) for s in slots]
 
     def release(self, layer: int, experts: Sequence[int], stream: StreamLike = None) -> None:
@@ -509,7 +516,9 @@ class ExpertCache:
         their next use, as if :meth:`acquire` had taken them: each counts as used, and a missing one
         takes the slot a demand miss would (never another of the same call's). Its copy goes on the
         prefetch path, due at the layer's next visit, and nothing waits for it. A copy is queued only
-        while fewer than ``_C.BACKFILL_MAX_PENDING_PREFETCHES`` (2) prefetches are unfinished. A new plan does not cancel a
+        while fewer than ``_C.BACKFILL_MAX_PENDING_PREFETCHES`` (2) prefetches are unfinished. One held
+        whose copy has not started is cancelled and then treated as missing (its bytes move only where
+        a backfill's would); one whose copy has started is kept. A new plan does not cancel a
         backfill as stale, though a miss or a plan's prefetch may still evict it.
         -> for each expert: :data:`BACKFILL_QUEUED`, :data:`BACKFILL_HELD` (it already held a slot,
         landed or on its way) or :data:`BACKFILL_NOT_ADMITTED`."""

@@ -468,7 +468,8 @@ void test_runtime_backfill() {
   EXPECT((runtime.landed(0, {1, 2}) == std::vector<uint8_t>{0, 0}));
   runtime.apply_plan(Plan{});  // a plan naming nothing cancels unfinished prefetches, not backfills
   EXPECT((runtime.resident(0, {1, 2}) == std::vector<uint8_t>{1, 1}));
-  EXPECT((runtime.backfill(0, {1}) == std::vector<uint8_t>{2}));
+  // Found again before a byte went, a backfill is cancelled and queued again (one other waits).
+  EXPECT((runtime.backfill(0, {1}) == std::vector<uint8_t>{1}));
   expect_error([&] { runtime.backfill(0, {1, 1}); }, "twice");
   expect_error([&] { runtime.backfill(0, {4}); }, "expert");
   runtime.resume_prefetch();
@@ -479,12 +480,14 @@ void test_runtime_backfill() {
   EXPECT(runtime.arena()->data()[runtime.slot_bytes() * slots[1]] == 1);
   runtime.release(0, {2, 1}, nullptr);
   const RuntimeStats s = runtime.stats();
-  EXPECT(s.backfills == 2 && s.hits == 2 && s.misses == 0 && s.prefetches == 0 && s.cancelled_prefetches == 0);
+  EXPECT(s.backfills == 3 && s.cancelled_backfills == 1 && s.hits == 2 && s.misses == 0 && s.prefetches == 0 &&
+         s.cancelled_prefetches == 0);
   EXPECT(s.prefetch_bytes == 2 * 4096 && s.demand_bytes == 0);
 
   // Two experts of one call never take each other's slot, even where the layer's quota is one slot; a
-  // prefetch on its way that a backfill finds is kept by the next plan; a backfill evicted before it
-  // lands counts as a cancelled backfill.
+  // prefetch that a backfill finds before any of its bytes went is cancelled, and queued again only
+  // where a backfill would be (here two copies wait: not); a backfill evicted before it lands counts
+  // as a cancelled backfill.
   Runtime second(pool, options);
   second.set_layer_quotas({1, 1});
   second.pause_prefetch();
@@ -493,13 +496,61 @@ void test_runtime_backfill() {
   Plan plan;
   plan.prefetch = {{0, 3, 0.0}};
   second.apply_plan(plan);  // the third slot, its copy held back
-  EXPECT((second.backfill(0, {3}) == std::vector<uint8_t>{2}));
-  second.apply_plan(Plan{});
   EXPECT((second.resident(0, {3}) == std::vector<uint8_t>{1}));
-  second.acquire(0, {0, 1, 2}, nullptr);  // three misses evict all three unfinished copies
+  EXPECT((second.backfill(0, {3}) == std::vector<uint8_t>{0}));
+  EXPECT((second.resident(0, {3}) == std::vector<uint8_t>{0}));
+  second.acquire(0, {0, 1, 2}, nullptr);  // three misses: the free slot, then the two unfinished backfills
   second.release(0, {0, 1, 2}, nullptr);
   const RuntimeStats t = second.stats();
-  EXPECT(t.backfills == 2 && t.cancelled_backfills == 3 && t.cancelled_prefetches == 0 && t.misses == 3);
+  EXPECT(t.backfills == 2 && t.cancelled_backfills == 2 && t.cancelled_prefetches == 1 && t.misses == 3);
+}
+
+// Copies on their way when the CPU computes their experts: a started one is kept for the next use (no
+// new plan cancels it) and the layer's misses spare its slot while another is free; a queued one is
+// cancelled (two others still unfinished: not queued again).
+void test_runtime_backfill_of_copies_on_their_way() {
+  auto backend = std::make_shared<GatedBackend>();
+  constexpr size_t kChunk = 4096;  // four chunks an expert
+  auto pool = std::make_shared<ExpertPool>(backend, std::vector<int>{4, 4},
+                                           std::vector<ExpertLayout>(2, ExpertLayout::pack({spec("w", {4096}, 4)})));
+  RuntimeOptions options = three_lru_slots();
+  options.copy.chunk_bytes = kChunk;
+  options.copy.max_chunks_in_flight = 1;  // the first chunk stays on the link while the gate is shut
+  Runtime runtime(pool, options);
+  struct OpenOnExit {  // a failing check opens the gate first, so close() does not wait forever
+    GatedBackend& gate;
+    ~OpenOnExit() { gate.open(); }
+  } open_on_exit{*backend};
+  const size_t bytes = pool->expert_bytes(0);
+  Plan plan;
+  plan.prefetch = {{0, 1, 0.0}, {0, 2, 1.0}, {0, 3, 2.0}};
+  runtime.apply_plan(plan);
+  for (int i = 0; i < 5000 && runtime.bytes_to_submit(0, {1})[0] == static_cast<int64_t>(bytes); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT((runtime.bytes_to_submit(0, {1, 2, 3}) ==
+          std::vector<int64_t>{static_cast<int64_t>(bytes - kChunk), static_cast<int64_t>(bytes), static_cast<int64_t>(bytes)}));
+  EXPECT((runtime.backfill(0, {1, 2}) == std::vector<uint8_t>{2, 0}));
+  EXPECT((runtime.resident(0, {1, 2, 3}) == std::vector<uint8_t>{1, 0, 1}));
+  EXPECT(runtime.stats().cancelled_prefetches == 1);
+  runtime.apply_plan(Plan{});  // stale: expert 3's prefetch; expert 1's copy now serves its next use
+  EXPECT((runtime.resident(0, {1, 2, 3}) == std::vector<uint8_t>{1, 0, 0}));
+  EXPECT(runtime.stats().cancelled_prefetches == 2);
+  // Fill the two free slots: layer 0 expert 1 is now the least recently used.
+  runtime.acquire(1, {0, 1}, nullptr, /*wait=*/false);
+  runtime.release(1, {0, 1}, nullptr);
+  runtime.acquire(0, {3}, nullptr, false, /*spare=*/{1});  // evicts layer 1 expert 0, not the spared slot
+  EXPECT((runtime.resident(0, {1, 3}) == std::vector<uint8_t>{1, 1}));
+  EXPECT((runtime.resident(1, {0, 1}) == std::vector<uint8_t>{0, 1}));
+  runtime.acquire(0, {2}, nullptr, false, {1});  // evicts layer 1 expert 1: every slot but the spared one pinned ...
+  EXPECT((runtime.resident(0, {1, 2}) == std::vector<uint8_t>{1, 1}));
+  runtime.acquire(0, {0}, nullptr, false, {1});  // ... so this miss takes it
+  EXPECT((runtime.resident(0, {0, 1}) == std::vector<uint8_t>{1, 0}));
+  EXPECT(runtime.stats().cancelled_backfills == 1);
+  expect_error([&] { runtime.acquire(0, {2}, nullptr, false, {2}); }, "both to acquire and to spare");
+  backend->open();
+  runtime.release(0, {3, 2, 0}, nullptr);
+  runtime.synchronize();
 }
 
 uint16_t bf16_of_int(int v) {  // small integers are exact in bf16: the float's top 16 bits
@@ -590,6 +641,7 @@ int main() {
       {"copy_engine_demand_fails_before_its_job_changes", test_copy_engine_demand_fails_before_its_job_changes},
       {"runtime_round_trip", test_runtime_round_trip},
       {"runtime_backfill", test_runtime_backfill},
+      {"runtime_backfill_of_copies_on_their_way", test_runtime_backfill_of_copies_on_their_way},
       {"host_linear_exact", test_host_linear_exact},
       {"host_linear_concurrent_calls", test_host_linear_concurrent_calls},
   };
