@@ -1,8 +1,9 @@
 """CPU experts on the H200 machine: ms per token with GPU-only offload (cpu_experts off), the cost
-model (auto) and every miss on the CPU (on), against the slots, at batch 1, 4 and 16, from the
-latest runs of the final code (made by the commands in docs/cpu_experts.md), each in its own
-process: the median over runs, with a bar from the fastest to the slowest; the expertflow policy's
-rows only. Writes docs/img/cpu-experts-h200.png.
+model (auto) and every miss on the CPU (on), against the slots, at batch 1, 4 and 16, with the
+benchmark's history forecast (top row) and the trace's true future (bottom row: its prefetches),
+from the latest runs of the final code (made by the commands in docs/cpu_experts.md), each in its
+own process: the median over runs, with a bar from the fastest to the slowest; the expertflow
+policy's rows only. Writes docs/img/cpu-experts-h200.png.
 
     python benchmarks/cpu_experts_plot.py
 """
@@ -20,38 +21,39 @@ import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"off": "GPU only (off)", "auto": "auto", "on": "CPU for every miss (on)"}
+FORECASTS = {"history": "history forecast", "oracle": "true future (prefetches)"}
 RUNS = {  # batch -> (its result files, what they ran)
-    1: ([f"cpu_experts_leftcore_b1_run{i}_h200.json" for i in (1, 2, 3)], "3 runs"),
-    4: ([f"cpu_experts_leftcore_run{i}_h200-b4.json" for i in (1, 2)], "2 runs"),
-    16: ([f"cpu_experts_leftcore_run{i}_h200-b16.json" for i in (1, 2)], "2 runs"),
+    1: ([f"cpu_experts_overtaken_b1_run{i}_h200.json" for i in (1, 2, 3)], "3 runs"),
+    4: (["cpu_experts_overtaken_run1_h200-b4.json"], "1 run"),
+    16: (["cpu_experts_overtaken_run1_h200-b16.json"], "1 run"),
 }
 
 
 def main() -> None:
-    fig, axes = plt.subplots(1, len(RUNS), figsize=(12, 3.8))
-    for ax, (batch, (files, label)) in zip(axes, RUNS.items()):
-        results = [json.loads((ROOT / "benchmarks/results" / f).read_text()) for f in files]
-        for mode in ("off", "auto", "on"):
-            by_share: dict[float, list[float]] = {}
-            for result in results:
-                for r in result["rows"]:
-                    if r["policy"] == "expertflow" and r["cpu_experts_asked"] == mode:
-                        by_share.setdefault(100 * r["slot_share"], []).append(r["ms_per_token"])
-            if not by_share:  # runs without this mode
-                continue
-            shares = sorted(by_share)
-            mid = [statistics.median(by_share[x]) for x in shares]
-            low = [m - min(by_share[x]) for m, x in zip(mid, shares)]
-            high = [max(by_share[x]) - m for m, x in zip(mid, shares)]
-            ax.errorbar(shares, mid, yerr=[low, high], marker="o", capsize=3, label=LABELS[mode])
-        resident = statistics.median(r["all_gpu_ms"] for r in results)
-        ax.axhline(resident, color="gray", linestyle="dashed", label="every expert resident")
-        ax.set_xlabel("slots, % of the experts")
-        ax.set_ylabel("ms per decode step")  # a step gives each of the batch's sequences a token
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"batch {batch} ({label})", fontsize=9)
-    for ax in axes:
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(len(FORECASTS), len(RUNS), figsize=(12, 7), squeeze=False)
+    for row, (forecast, forecast_label) in zip(axes, FORECASTS.items()):
+        for ax, (batch, (files, label)) in zip(row, RUNS.items()):
+            results = [json.loads((ROOT / "benchmarks/results" / f).read_text()) for f in files]
+            for mode in ("off", "auto", "on"):
+                by_share: dict[float, list[float]] = {}
+                for result in results:
+                    for r in result["rows"]:
+                        if r["policy"] == "expertflow" and r["predictor"] == forecast and r["cpu_experts_asked"] == mode:
+                            by_share.setdefault(100 * r["slot_share"], []).append(r["ms_per_token"])
+                if not by_share:  # runs without this mode
+                    continue
+                shares = sorted(by_share)
+                mid = [statistics.median(by_share[x]) for x in shares]
+                low = [m - min(by_share[x]) for m, x in zip(mid, shares)]
+                high = [max(by_share[x]) - m for m, x in zip(mid, shares)]
+                ax.errorbar(shares, mid, yerr=[low, high], marker="o", capsize=3, label=LABELS[mode])
+            resident = statistics.median(r["all_gpu_ms"] for r in results)
+            ax.axhline(resident, color="gray", linestyle="dashed", label="every expert resident")
+            ax.set_xlabel("slots, % of the experts")
+            ax.set_ylabel("ms per decode step")  # a step gives each of the batch's sequences a token
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"batch {batch}, {forecast_label} ({label})", fontsize=9)
+            ax.legend(fontsize=7)
     first = results[0]
     fig.suptitle(f"{first['arch']} shape, {first['num_layers']} layers, expertflow policy, "
                  f"{first['machine']['device']} and its 16 cores", fontsize=9)

@@ -1,0 +1,77 @@
+"""CPU experts' decision rules side by side, in one process on one model, in rounds: GPU-only
+(``cpu_experts`` off) and ``auto``, then ``auto`` under a changed rule, round after round, so that
+drift in the machine's speed falls on every variant alike. The variants:
+
+- ``normal``: off and auto as built;
+- ``onway_link``: auto, but a copy on its way (a prefetch, a backfill) always stays on the link: only
+  experts with no slot may go to the CPU (``ExpertCache.bytes_to_submit`` reads 0 for the others);
+- ``never``: auto whose cost model never picks the CPU: the engine's CPU-expert path with no CPU
+  work (what merely enabling it costs).
+
+Each row is a bench row (``expertflow.bench``) with its variant and round.
+
+    python benchmarks/cpu_experts_variants.py --routing trace:TRACES/mixtral-8x7b-instruct.gsm8k.jsonl \\
+        --slots 32 --predictors oracle,history --new-tokens 48 --rounds 2 --variants normal,onway_link \\
+        --out benchmarks/results/cpu_experts_variants_32slots_48tokens_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+import expertflow.cpu_experts as cpu_experts
+from expertflow.bench.harness import BenchConfig, build_model, run_bench
+from expertflow.runtime import ExpertCache
+
+VARIANTS = ("normal", "onway_link", "never")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="mixtral-8x7b")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--routing", default="live", help="live, or trace:FILE")
+    parser.add_argument("--slots", default="32")
+    parser.add_argument("--predictors", default="oracle,history")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", default="normal,onway_link")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or args.rounds < 1:
+        parser.error(f"--variants takes {', '.join(VARIANTS)} and --rounds at least 1")
+    cfg = BenchConfig(arch=args.arch, layers=args.layers, routing=args.routing, slots=args.slots.split(","),
+                      policies=["expertflow"], predictors=args.predictors.split(","), cpu_experts=["off", "auto"],
+                      new_tokens=args.new_tokens, progress=False)
+    model = build_model(cfg)
+    bytes_to_submit, choose = ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose
+    rows = []
+    try:
+        for rnd, variant in tqdm([(r, v) for r in range(args.rounds) for v in variants], desc="variants"):
+            ExpertCache.bytes_to_submit = bytes_to_submit if variant != "onway_link" else (
+                lambda self, layer, experts: [b if b < 0 else 0 for b in bytes_to_submit(self, layer, experts)])
+            cpu_experts.CostModel.choose = choose if variant != "never" else (
+                lambda self, num_tokens, copy_shares=None: [False] * len(num_tokens))
+            result = run_bench(cfg if variant == "normal" else dataclasses.replace(cfg, cpu_experts=["auto"]), model)
+            for r in result["rows"]:
+                if r["policy"] == "expertflow":
+                    rows.append({"variant": variant, "round": rnd, **r})
+                    tqdm.write(f"{variant:10s} round {rnd} {r['predictor']:7s} {r['slots']:>4} {r['cpu_experts']:5s} "
+                               f"median {r['ms_per_token']:.2f} mean {r['ms_per_token_mean']:.2f} ms/token, "
+                               f"{r['cpu_experts_per_token']:.2f} CPU experts/token, {r['bytes_per_token'] / 1e9:.2f} GB/token")
+    finally:
+        ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose = bytes_to_submit, choose
+        model.pool.close()
+    args.out.write_text(json.dumps({"command": "python benchmarks/cpu_experts_variants.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
