@@ -52,7 +52,9 @@ def main() -> None:
                       new_tokens=args.new_tokens, progress=False)
     model = build_model(cfg)
     bytes_to_submit, choose = ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose
-    rows = []
+    rows: list[dict] = []
+    command = "python benchmarks/cpu_experts_variants.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
     try:
         for rnd, variant in tqdm([(r, v) for r in range(args.rounds) for v in variants], desc="variants"):
             ExpertCache.bytes_to_submit = bytes_to_submit if variant != "onway_link" else (
@@ -66,11 +68,11 @@ def main() -> None:
                     tqdm.write(f"{variant:10s} round {rnd} {r['predictor']:7s} {r['slots']:>4} {r['cpu_experts']:5s} "
                                f"median {r['ms_per_token']:.2f} mean {r['ms_per_token_mean']:.2f} ms/token, "
                                f"{r['cpu_experts_per_token']:.2f} CPU experts/token, {r['bytes_per_token'] / 1e9:.2f} GB/token")
+            # after every variant, so that a run cut short keeps its finished rounds
+            args.out.write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     finally:
         ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose = bytes_to_submit, choose
         model.pool.close()
-    args.out.write_text(json.dumps({"command": "python benchmarks/cpu_experts_variants.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
