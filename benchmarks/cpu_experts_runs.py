@@ -1,6 +1,6 @@
 """CPU experts over several runs: for each bench result file, each mode's speed-up over GPU-only
-(``cpu_experts`` off) at the same slots, batch and forecast, on the decode step (``ms_per_token``) and
-on the prompt's pass (``prefill_ms``); then, over all the files, the least, median and greatest
+(``cpu_experts`` off) at the same slots, batch and forecast, on the decode step (``ms_per_token``, the
+median; and the mean step, the generation's total time) and on the prompt's pass (``prefill_ms``); then, over all the files, the least, median and greatest
 speed-up of each (batch, prompt, policy, forecast, slots, mode). A process's speed varies (the
 resident step by up to 51% between processes on the H200 machine), so a floor is judged over runs in
 separate processes.
@@ -31,6 +31,7 @@ def speedups(result: dict) -> list[dict]:
         out.append({"batch": result["batch"], "prompt_len": result["prompt_len"], "slots": r["slots"], "policy": r["policy"],
                     "forecast": r.get("predictor") or "-",
                     "mode": r["cpu_experts_asked"], "decode": off["ms_per_token"] / r["ms_per_token"],
+                    "decode_mean": off["ms_per_token_mean"] / r["ms_per_token_mean"],
                     "prefill": off["prefill_ms"] / r["prefill_ms"], "ms": r["ms_per_token"],
                     "off_ms": off["ms_per_token"], "prefill_ms": r["prefill_ms"], "off_prefill_ms": off["prefill_ms"],
                     "cpu_scales": r.get("cpu_scales"), "link_scale": r.get("link_scale")})
@@ -59,6 +60,7 @@ def main() -> None:
                   f"  scales: cpu {scales or '-'}{link}")
             key = (s["batch"], s["prompt_len"], s["policy"], s["forecast"], s["slots"], s["mode"])
             spread[key]["decode"].append(s["decode"])
+            spread[key]["decode (mean step)"].append(s["decode_mean"])
             spread[key]["prefill"].append(s["prefill"])
     print("over the runs: least / median / greatest speed-up over GPU-only")
     def order(key: tuple) -> tuple:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -60,7 +61,12 @@ def test_trace_forced_bench_rows_and_bound(trace_file, tmp_path):
     for r in rows[1:]:
         assert r["bound_ms"] >= result["all_gpu_ms"] and r["belady_bytes_per_token"] > 0
         assert r["x_lru"] == pytest.approx(r["ms_per_token"] / lru["ms_per_token"])
-    assert "oracle" in format_table(result)
+    table = [re.split(r"\s{2,}", line.strip()) for line in format_table(result).splitlines() if "  " in line]
+    header, body = table[0], table[2:]  # then the dashes, then one line a row
+    assert len(body) == len(rows) and "oracle" in {cells[1] for cells in body}
+    for cells, r in zip(body, rows):  # the median step, and beside it the mean (the generation's total time)
+        assert cells[header.index("ms/token")] == f"{r['ms_per_token']:.2f}"
+        assert cells[header.index("mean")] == f"{r['ms_per_token_mean']:.2f}"
     plot(result, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 10_000
 

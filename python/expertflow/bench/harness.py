@@ -558,7 +558,9 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
 
 def format_table(result: dict) -> str:
     """The rows as a text table."""
-    header = ["policy", "forecast", "cpu", "slots", "ms/token", "bytes/token", "vs Belady", "hit ratio", "demand/token",
+    # ms/token is the median decode step; mean is the generation's total time over its steps (they part
+    # where steps are bimodal: a forecast's copies in place or the step waiting on the link)
+    header = ["policy", "forecast", "cpu", "slots", "ms/token", "mean", "bytes/token", "vs Belady", "hit ratio", "demand/token",
               "stall", "x bound", "x lru", "same tokens"]
     table = [header]
     for r in result["rows"]:
@@ -566,7 +568,7 @@ def format_table(result: dict) -> str:
         table.append([
             r["policy"], r["predictor"] or "-",
             "-" if r.get("cpu_experts", "off") == "off" else f"{r['cpu_experts']} ({r['cpu_experts_per_token']:.1f}/token)",
-            f"{r['slots']} ({r['num_slots']})", f"{r['ms_per_token']:.2f}",
+            f"{r['slots']} ({r['num_slots']})", f"{r['ms_per_token']:.2f}", f"{r['ms_per_token_mean']:.2f}",
             format_bytes(r["bytes_per_token"], si=True), fmt(r["bytes_vs_belady"], "{:.2f}"), f"{r['hit_ratio']:.1%}",
             f"{r['demand_misses_per_token']:.2f}", f"{r['stall_share']:.0%}", fmt(r["x_bound"], "{:.2f}"),
             fmt(r["x_lru"], "{:.2f}"), {True: "yes", False: "NO", None: "-"}[r["same_tokens_as_all_gpu"]],
