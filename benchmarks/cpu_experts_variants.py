@@ -1,6 +1,7 @@
 """CPU experts' decision rules side by side, in one process on one model, in rounds: GPU-only
-(``cpu_experts`` off) and ``auto``, then ``auto`` under a changed rule, round after round, so that
-drift in the machine's speed falls on every variant alike. The variants:
+(``cpu_experts`` off) and ``auto``, then ``auto`` under a changed rule, round after round (every
+other round in the reverse order), so that drift in the machine's speed, and any effect of a
+variant's place in a round, falls on every variant alike. The variants:
 
 - ``normal``: off and auto as built;
 - ``onway_link``: auto, but a copy on its way (a prefetch, a backfill) always stays on the link: only
@@ -8,7 +9,8 @@ drift in the machine's speed falls on every variant alike. The variants:
 - ``never``: auto whose cost model never picks the CPU: the engine's CPU-expert path with no CPU
   work (what merely enabling it costs).
 
-Each row is a bench row (``expertflow.bench``) with its variant and round.
+Each row is a bench row (``expertflow.bench``) with its variant and round, and the resident step
+of its run (``all_gpu_ms``); ``machine`` and ``pinned_gbps`` are the first run's.
 
     python benchmarks/cpu_experts_variants.py --routing trace:TRACES/mixtral-8x7b-instruct.gsm8k.jsonl \\
         --slots 32 --predictors oracle,history --new-tokens 48 --rounds 2 --variants normal,onway_link \\
@@ -53,23 +55,27 @@ def main() -> None:
     model = build_model(cfg)
     bytes_to_submit, choose = ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose
     rows: list[dict] = []
+    meta: dict = {}
     command = "python benchmarks/cpu_experts_variants.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
     try:
-        for rnd, variant in tqdm([(r, v) for r in range(args.rounds) for v in variants], desc="variants"):
+        order = [(r, v) for r in range(args.rounds) for v in (variants if r % 2 == 0 else variants[::-1])]
+        for rnd, variant in tqdm(order, desc="variants"):
             ExpertCache.bytes_to_submit = bytes_to_submit if variant != "onway_link" else (
                 lambda self, layer, experts: [b if b < 0 else 0 for b in bytes_to_submit(self, layer, experts)])
             cpu_experts.CostModel.choose = choose if variant != "never" else (
                 lambda self, num_tokens, copy_shares=None: [False] * len(num_tokens))
-            result = run_bench(cfg if variant == "normal" else dataclasses.replace(cfg, cpu_experts=["auto"]), model)
+            modes = (["off", "auto"] if rnd % 2 == 0 else ["auto", "off"]) if variant == "normal" else ["auto"]
+            result = run_bench(dataclasses.replace(cfg, cpu_experts=modes), model)
+            meta = meta or {"machine": result["machine"], "pinned_gbps": result["pinned_gbps"]}
             for r in result["rows"]:
                 if r["policy"] == "expertflow":
-                    rows.append({"variant": variant, "round": rnd, **r})
+                    rows.append({"variant": variant, "round": rnd, "all_gpu_ms": result["all_gpu_ms"], **r})
                     tqdm.write(f"{variant:10s} round {rnd} {r['predictor']:7s} {r['slots']:>4} {r['cpu_experts']:5s} "
                                f"median {r['ms_per_token']:.2f} mean {r['ms_per_token_mean']:.2f} ms/token, "
                                f"{r['cpu_experts_per_token']:.2f} CPU experts/token, {r['bytes_per_token'] / 1e9:.2f} GB/token")
             # after every variant, so that a run cut short keeps its finished rounds
-            args.out.write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+            args.out.write_text(json.dumps({"command": command, **meta, "rows": rows}, indent=1))
     finally:
         ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose = bytes_to_submit, choose
         model.pool.close()

@@ -152,8 +152,8 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
     std::lock_guard<std::mutex> lk(mu_);
     check_open();
     check_distinct_experts(layer, experts, "acquire");
+    check_distinct_experts(layer, spare, "acquire's spare");
     for (int expert : spare) {
-      pool_->check_expert(layer, expert);
       EF_CHECK(std::find(experts.begin(), experts.end(), expert) == experts.end(),
                "acquire of layer " << layer << " lists expert " << expert << " both to acquire and to spare");
     }
@@ -166,11 +166,13 @@ std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, St
       slots[i] = cache_.find(layer, experts[i]);
       if (slots[i] >= 0) cache_.pin(slots[i]);
     }
-    // The spared slots are pinned while the misses take theirs, and let go once no other is free.
+    // The spared slots are pinned while the misses take theirs, and let go once no other is free. Not
+    // one whose copy has not started: backfill() cancels that copy next, so sparing it would only
+    // send a miss to evict another expert.
     std::vector<int> spared;
     for (int expert : spare) {
       const int s = cache_.find(layer, expert);
-      if (s >= 0) {
+      if (s >= 0 && engine_->job_state(s) != CopyEngine::JobState::kQueued) {
         cache_.pin(s);
         spared.push_back(s);
       }
@@ -280,21 +282,19 @@ std::vector<uint8_t> Runtime::backfill(int layer, const std::vector<int>& expert
     const int s = cache_.find(layer, experts[i]);
     if (s < 0) continue;
     const CopyEngine::JobState state = engine_->job_state(s);
-    if (state == CopyEngine::JobState::kQueued) {
+    if (state == CopyEngine::JobState::kQueued && cache_.slot(s).pin_count == 0) {
       // Overtaken before a byte went: the caller has its result without this copy, which moves (below)
       // only where any backfill would. (Kept, a forecast's prefetches that the CPU took used the link
-      // as much as without the CPU, and with the CPU's time on top.)
+      // as much as without the CPU, and with the CPU's time on top.) A backfill queued at an earlier
+      // visit and still waiting is cancelled the same way.
       evict_locked(s);
       continue;
     }
     cache_.pin(s);
     slots[i] = s;
     outcome[i] = static_cast<uint8_t>(BackfillOutcome::kHeld);
-    if (state == CopyEngine::JobState::kStarted) {
-      // A prefetch part way over the link now serves the next use: no new plan cancels it as stale.
-      cache_.set_backfilled(s);
-      engine_->set_due(s, due);
-    }
+    // A prefetch part way over the link now serves the next use: no new plan cancels it as stale.
+    if (state == CopyEngine::JobState::kStarted) cache_.set_backfilled(s);
   }
   for (size_t i = 0; i < experts.size(); ++i) {
     if (slots[i] >= 0 || engine_->num_pending_prefetches() >= kBackfillMaxPendingPrefetches) continue;

@@ -354,11 +354,11 @@ class ReferenceCache:
 
     def acquire(self, layer: int, experts: list[int], demand_landed: bool = False, spare: Sequence[int] = ()) -> list[int]:
         """``ExpertCache.acquire``: the clock moves to the layer's visit; resident experts are pinned
-        first, so the misses never evict them; the resident ones of ``spare`` are pinned too, until a
-        miss finds no other slot; each miss is demand-loaded (due now); then each expert is accessed,
+        first, so the misses never evict them; the resident ones of ``spare`` whose copy is not waiting
+        to start are pinned too, until a miss finds no other slot; each miss is demand-loaded (due now); then each expert is accessed,
         and a timed plan is admitted again. ``demand_landed``: whether this acquire's own demand copies
         have landed by then (see the module docstring)."""
-        if set(spare) & set(experts):
+        if set(spare) & set(experts) or len(set(spare)) < len(spare):
             raise ReferenceError_("spare")  # refused before the clock moves
         if len(experts) > len(self.residents):
             raise ReferenceError_("capacity")
@@ -367,7 +367,8 @@ class ReferenceCache:
         for i in slots:
             if i >= 0:
                 self.residents[i].pin_count += 1
-        spared = [i for i in (self.find(layer, e) for e in spare) if i >= 0]
+        # not a copy that has not started (the exact machine pauses prefetches: queued means that)
+        spared = [i for i in (self.find(layer, e) for e in spare) if i >= 0 and not self.residents[i].queued]
         for i in spared:
             self.residents[i].pin_count += 1
 
@@ -432,7 +433,8 @@ class ReferenceCache:
         self.advance(layer)
         slots = [self.find(layer, e) for e in experts]
         for k, i in enumerate(slots):
-            if i >= 0 and self.residents[i].queued and (outcome is None or outcome[k] != HELD):
+            r = self.residents[i] if i >= 0 else None
+            if r is not None and r.queued and r.pin_count == 0 and (outcome is None or outcome[k] != HELD):
                 self.evict(i)
                 slots[k] = -1
         result = [HELD if i >= 0 else NOT_ADMITTED for i in slots]

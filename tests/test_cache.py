@@ -255,6 +255,13 @@ def test_errors_reach_python_with_file_and_line():
         cache.acquire(0, [1, 1])
     with pytest.raises(ef.ExpertFlowError, match="backfill of layer 0 lists an expert twice"):
         cache.backfill(0, [2, 2])
+    with pytest.raises(ef.ExpertFlowError, match="acquire of layer 0 lists expert 2 both to acquire and to spare"):
+        cache.acquire(0, [1, 2], spare=[2])
+    with pytest.raises(ef.ExpertFlowError, match="acquire's spare of layer 0 lists an expert twice"):
+        cache.acquire_slots(0, [1], spare=[3, 3])
+    with pytest.raises(ef.ExpertFlowError, match="unknown expert 6 of layer 1"):
+        cache.acquire(1, [0], spare=[6])
+    assert cache.stats()["accesses"] == 0  # each refused before any change
     with pytest.raises(ef.ExpertFlowError, match="unknown expert 6 of layer 1"):
         cache.backfill(1, [6])
     with pytest.raises(ef.ExpertFlowError, match="unknown expert 6 of layer 1"):

@@ -23,7 +23,8 @@
 //   not a forecast the next plan can revise; like any unpinned slot it may still be evicted, by a
 //   miss or by a plan's prefetch.
 // - acquire(..., spare) takes the slots of `spare` (experts of the layer computed elsewhere in this
-//   visit, whose backfill() follows) for its misses only when no other slot is free.
+//   visit, whose backfill() follows) for its misses only when no other slot is free; not a slot whose
+//   copy has not started, which backfill() cancels.
 // - One mutex serialises cache state; the copy engine's own lock is taken only inside it.
 // - After close() every call throws and the pool is let go (its pinned arena is freed with its last owner);
 //   the slot arena lives on while zero-copy views of it exist.
@@ -90,8 +91,8 @@ class Runtime {
   void apply_plan(const Plan& plan);
   // Slots holding `experts` of `layer`, in order. `compute` will read them (null: see backend.h).
   // With wait=false the caller makes `compute` wait per slot (wait_ready), e.g. hits before misses.
-  // `spare`: other experts of `layer`, computed elsewhere this visit, whose slots (a copy on its way
-  // for them) the misses take only when no other slot is free.
+  // `spare`: other experts of `layer`, computed elsewhere this visit, whose slots the misses take only
+  // when no other slot is free (those whose bytes have started to move: see the invariants).
   std::vector<int> acquire(int layer, const std::vector<int>& experts, Stream compute, bool wait = true,
                            const std::vector<int>& spare = {});
   // Makes `compute` wait for an acquired slot's bytes; is_ready() tells without waiting.

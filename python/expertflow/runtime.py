@@ -409,7 +409,8 @@ class ExpertCache:
         slot, e.g. computing the slots :meth:`slot_ready` reports first and misses as they land.
         ``spare``: other experts of ``layer`` computed elsewhere in this visit (the CPU), whose
         :meth:`backfill` follows: the misses take their slots only when no other slot is free, so a
-        copy on its way for them is kept for their next use.
+        copy whose bytes have started to move is kept for their next use (one not started is not
+        spared: :meth:`backfill` cancels it).
         """
         self._check_open()
         return self._native.acquire(layer, [int(e) for e in experts], self._stream_handle(stream), wait,

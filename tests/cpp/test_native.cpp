@@ -503,6 +503,25 @@ void test_runtime_backfill() {
   second.release(0, {0, 1, 2}, nullptr);
   const RuntimeStats t = second.stats();
   EXPECT(t.backfills == 2 && t.cancelled_backfills == 2 && t.cancelled_prefetches == 1 && t.misses == 3);
+
+  // A spared expert whose copy has not started is not spared (backfill cancels that copy next): the
+  // miss takes its slot, the least recently used, and the landed experts stay.
+  Runtime third(pool, options);
+  third.pause_prefetch();
+  Plan one;
+  one.prefetch = {{0, 1, 0.0}};
+  third.apply_plan(one);
+  third.acquire(1, {0}, nullptr);
+  third.acquire(1, {1}, nullptr);
+  third.release(1, {0}, nullptr);
+  third.release(1, {1}, nullptr);
+  third.acquire(0, {2}, nullptr, true, /*spare=*/{1});
+  EXPECT((third.resident(0, {1, 2}) == std::vector<uint8_t>{0, 1}));
+  EXPECT((third.resident(1, {0, 1}) == std::vector<uint8_t>{1, 1}));
+  EXPECT(third.stats().cancelled_prefetches == 1);
+  third.release(0, {2}, nullptr);
+  expect_error([&] { third.acquire(0, {2}, nullptr, true, {1, 1}); }, "spare of layer 0 lists an expert twice");
+  third.resume_prefetch();
 }
 
 // Copies on their way when the CPU computes their experts: a started one is kept for the next use (no
