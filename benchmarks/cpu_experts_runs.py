@@ -1,6 +1,6 @@
 """CPU experts over several runs: for each bench result file, each mode's speed-up over GPU-only
 (``cpu_experts`` off) at the same slots, batch and forecast, on the decode step (``ms_per_token``, the
-median; and the mean step, the generation's total time) and on the prompt's pass (``prefill_ms``); then, over all the files, the least, median and greatest
+median; and the mean step, the decode steps' total time) and on the prompt's pass (``prefill_ms``); then, over all the files, the least, median and greatest
 speed-up of each (batch, prompt, policy, forecast, slots, mode). A process's speed varies (the
 resident step by up to 51% between processes on the H200 machine), so a floor is judged over runs in
 separate processes.

@@ -64,7 +64,7 @@ def test_trace_forced_bench_rows_and_bound(trace_file, tmp_path):
     table = [re.split(r"\s{2,}", line.strip()) for line in format_table(result).splitlines() if "  " in line]
     header, body = table[0], table[2:]  # then the dashes, then one line a row
     assert len(body) == len(rows) and "oracle" in {cells[1] for cells in body}
-    for cells, r in zip(body, rows):  # the median step, and beside it the mean (the generation's total time)
+    for cells, r in zip(body, rows):  # the median step, and beside it the mean (the decode steps' total time)
         assert cells[header.index("ms/token")] == f"{r['ms_per_token']:.2f}"
         assert cells[header.index("mean")] == f"{r['ms_per_token_mean']:.2f}"
     plot(result, tmp_path / "b.png")

@@ -558,8 +558,8 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
 
 def format_table(result: dict) -> str:
     """The rows as a text table."""
-    # ms/token is the median decode step; mean is the generation's total time over its steps (they part
-    # where steps are bimodal: a forecast's copies in place or the step waiting on the link)
+    # ms/token is the median decode step; mean is the decode steps' total time over their number (they
+    # part where steps are bimodal: a forecast's copies in place or the step waiting on the link)
     header = ["policy", "forecast", "cpu", "slots", "ms/token", "mean", "bytes/token", "vs Belady", "hit ratio", "demand/token",
               "stall", "x bound", "x lru", "same tokens"]
     table = [header]
