@@ -400,10 +400,10 @@ class OffloadEngine:
         waves = [experts[start : start + capacity] for start in range(0, len(experts), capacity)]
         # The misses spare the slots of the CPU's experts where their backfill follows (one wave): a
         # copy on its way for one is kept for its next use, not evicted by its own layer's demand loads.
-        backfills = bool(cpu_jobs) and len(waves) <= 1
+        backfill_follows = bool(cpu_jobs) and len(waves) <= 1
         first = self.cache.acquire_slots(layer.index, waves[0], stream=stream, wait=False,
-                                         spare=list(cpu_jobs) if backfills else ()) if waves else []
-        if backfills:
+                                         spare=list(cpu_jobs) if backfill_follows else ()) if waves else []
+        if backfill_follows:
             # The CPU's experts enter the cache behind the layer, as if the GPU had run them: after the
             # demand loads (they go first), while the first wave is pinned, and before the policy's
             # plan (which would cancel a prefetch the CPU took as stale). Not in a layer of several
