@@ -7,7 +7,10 @@ variant's place in a round, falls on every variant alike. The variants:
 - ``onway_link``: auto, but a copy on its way (a prefetch, a backfill) always stays on the link: only
   experts with no slot may go to the CPU (``ExpertCache.bytes_to_submit`` reads 0 for the others);
 - ``never``: auto whose cost model never picks the CPU: the engine's CPU-expert path with no CPU
-  work (what merely enabling it costs).
+  work (what merely enabling it costs);
+- ``no_reuse``: auto whose cost model does not hear the plan's forecast of which misses the cache
+  would keep until their next use (``Plan.kept_until_next_use`` reads NaN): every CPU expert's later
+  copy is priced at the cache's recent hit ratio, as before that forecast was used.
 
 Each row is a bench row (``expertflow.bench``) with its variant and round, and the resident step
 of its run (``all_gpu_ms``); ``machine`` and ``pinned_gbps`` are the first run's.
@@ -24,13 +27,15 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 import expertflow.cpu_experts as cpu_experts
 from expertflow.bench.harness import BenchConfig, build_model, run_bench
+from expertflow.planner import Plan
 from expertflow.runtime import ExpertCache
 
-VARIANTS = ("normal", "onway_link", "never")
+VARIANTS = ("normal", "onway_link", "never", "no_reuse")
 
 
 def main() -> None:
@@ -53,7 +58,7 @@ def main() -> None:
                       policies=["expertflow"], predictors=args.predictors.split(","), cpu_experts=["off", "auto"],
                       new_tokens=args.new_tokens, progress=False)
     model = build_model(cfg)
-    bytes_to_submit, choose = ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose
+    bytes_to_submit, choose, kept = ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose, Plan.kept_until_next_use
     rows: list[dict] = []
     meta: dict = {}
     command = "python benchmarks/cpu_experts_variants.py " + " ".join(
@@ -64,7 +69,9 @@ def main() -> None:
             ExpertCache.bytes_to_submit = bytes_to_submit if variant != "onway_link" else (
                 lambda self, layer, experts: [b if b < 0 else 0 for b in bytes_to_submit(self, layer, experts)])
             cpu_experts.CostModel.choose = choose if variant != "never" else (
-                lambda self, num_tokens, copy_shares=None: [False] * len(num_tokens))
+                lambda self, num_tokens, copy_shares=None, kept=None: [False] * len(num_tokens))
+            Plan.kept_until_next_use = kept if variant != "no_reuse" else (  # type: ignore[method-assign]
+                lambda self, layer, experts, num_slots: np.full(len(experts), np.nan))
             modes = (["off", "auto"] if rnd % 2 == 0 else ["auto", "off"]) if variant == "normal" else ["auto"]
             result = run_bench(dataclasses.replace(cfg, cpu_experts=modes), model)
             meta = meta or {"machine": result["machine"], "pinned_gbps": result["pinned_gbps"]}
@@ -77,7 +84,7 @@ def main() -> None:
             # after every variant, so that a run cut short keeps its finished rounds
             args.out.write_text(json.dumps({"command": command, **meta, "rows": rows}, indent=1))
     finally:
-        ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose = bytes_to_submit, choose
+        ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose, Plan.kept_until_next_use = bytes_to_submit, choose, kept
         model.pool.close()
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import expertflow as ef
 from expertflow import _C, ExpertFlowError
 from expertflow.cpu_experts import Calibration, CostModel, CpuExecutor, HostLinear, calibrate, default_threads
+from expertflow.planner import Plan
 
 from moe_models import build, save
 
@@ -117,9 +118,9 @@ def test_the_engine_prices_a_queued_prefetch_at_its_bytes_and_skips_landed_exper
         asked = []
         choose = engine.cost_model.choose
 
-        def recording_choose(num_tokens, copy_shares=None):
+        def recording_choose(num_tokens, copy_shares=None, kept=None):
             asked.append((len(num_tokens), copy_shares))
-            return choose(num_tokens, copy_shares)
+            return choose(num_tokens, copy_shares, kept)
 
         engine.cost_model.choose = recording_choose
         one = torch.tensor([[5]])
@@ -154,6 +155,38 @@ def test_the_engine_prices_a_queued_prefetch_at_its_bytes_and_skips_landed_exper
         model.expertflow.close()
 
 
+def test_the_engine_tells_the_cost_model_which_misses_the_plan_in_force_would_keep(tmp_path):
+    """The policy's plan in force forecasts, for layer 0's three missed experts: expert 1 used again at
+    the next step's visit (kept: nothing else is named before it), expert 4 never again (not kept),
+    expert 6 not at all (NaN: the hit ratio stands in). The engine hands the cost model those, in
+    the misses' order."""
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    model = ef.from_pretrained(folder, policy="lru", expert_slots="50%", cpu_experts="on", progress=False)
+    try:
+        engine = model.expertflow
+        engine.cost_model.mode = "auto"
+        asked = []
+
+        def recording_choose(num_tokens, copy_shares=None, kept=None):
+            asked.append(None if kept is None else list(kept))
+            return [False] * len(num_tokens)
+
+        engine.cost_model.choose = recording_choose
+        L, E = engine.num_layers, engine.num_experts
+        next_use, following_use = np.full((L, E), np.inf), np.full((L, E), np.inf)
+        next_use[0, [1, 4]] = 0.0  # this visit (the step's first, position 0)
+        following_use[0, 1] = L  # the next step's visit of layer 0
+        next_use[0, 6] = following_use[0, 6] = np.nan
+        empty = np.zeros(0, dtype=np.int32)
+        engine._plan = Plan(empty, empty, np.zeros(0), next_use, following_use, 0.0)
+        counts = np.zeros(E, dtype=np.int64)
+        counts[[1, 4, 6]] = 1
+        engine._submit_cpu_experts(engine.layers[0].module, 0, [1, 4, 6], counts, np.array([[1, 4, 6]]), torch.zeros(1, 8))
+        assert len(asked) == 1 and asked[0][:2] == [1.0, 0.0] and math.isnan(asked[0][2])
+    finally:
+        model.expertflow.close()
+
+
 def test_a_prefetch_the_cpu_overtakes_before_its_bytes_go_is_dropped_and_the_misses_spare_its_slot(tmp_path):
     """A layer whose experts all have a prefetch held in the queue: the CPU takes the first miss, the
     link the second (its queued prefetch promoted). The CPU's prefetch moved no byte, so it is
@@ -164,7 +197,7 @@ def test_a_prefetch_the_cpu_overtakes_before_its_bytes_go_is_dropped_and_the_mis
     try:
         engine = model.expertflow
         engine.cost_model.mode = "auto"
-        engine.cost_model.choose = lambda num_tokens, copy_shares=None: [i == 0 for i in range(len(num_tokens))]
+        engine.cost_model.choose = lambda num_tokens, copy_shares=None, kept=None: [i == 0 for i in range(len(num_tokens))]
         acquired, on_cpu = [], []
         acquire_slots, submit = engine.cache.acquire_slots, engine._submit_cpu_experts
 
@@ -256,6 +289,22 @@ def test_a_miss_the_cache_would_keep_is_copied_when_the_cpu_wins_only_by_the_cop
     assert model.hit_ratio == pytest.approx(0.6, abs=1e-3)
     assert model.choose([1]) == [False] and model.choose([1, 1]).count(True) == 1
     assert model.cpu_can_win(8)  # judged with a cold cache, as at load
+
+
+def test_a_miss_the_plan_says_the_cache_would_not_keep_goes_to_the_cpu():
+    """The same 60% hit ratio, the lone miss copied on it. Where the policy's forecast says the cache
+    would not keep the expert until its next use (kept 0: used once within the cache's reach, or
+    never again), no later copy is lost and it goes to the CPU (3.4 ms against 6.5); where it would
+    (kept 1), the CPU's side carries a whole copy and it is copied. Of two misses, one kept and one
+    not, the CPU takes the one not kept; NaN (no forecast) is the hit ratio's price, as before."""
+    model = CostModel(line_calibration(6.4, 3.3, 0.1), "auto")
+    for _ in range(200):
+        model.observe_hits(5, 3)
+    assert model.choose([1]) == [False] and model.choose([1], kept=[math.nan]) == [False]
+    assert model.choose([1], kept=[0.0]) == [True]
+    assert model.choose([1], kept=[1.0]) == [False]
+    assert model.choose([1, 1], kept=[1.0, 0.0]) == [False, True]
+    assert model.choose([1, 1], kept=[0.0, 1.0]) == [True, False]
 
 
 def test_a_miss_goes_to_the_cpu_again_once_the_cpus_experts_are_backfilled():
@@ -581,10 +630,10 @@ POINTS = (1, 2, 4, 16, 64, 256)
        st.floats(0.0, 2), st.floats(0.0, 1), st.floats(0.0, 1), st.sampled_from([0, 1, 2, 4, 256]),
        st.lists(st.floats(0.5, 3), min_size=2 * len(POINTS), max_size=2 * len(POINTS)),
        st.lists(st.floats(0.0, 1), min_size=2 * len(POINTS), max_size=2 * len(POINTS)), st.floats(0.5, 2),
-       st.floats(0.0, 1))
+       st.floats(0.0, 1), st.one_of(st.none(), st.lists(st.sampled_from([0.0, 1.0, math.nan]), min_size=9, max_size=9)))
 def test_auto_plans_the_cheapest_split_and_never_one_slower_than_copying(
         tokens, copy_ms, fixed, per_token, gpu_ms, hit_ratio, native_max_tokens, scales, spreads, link_scale,
-        backfilled_share):
+        backfilled_share, kept):
     """From the definition, against every split of the misses: a layer finishes when both pipes do.
     The link copies its experts one after another at its in-step time (each then computes on the
     GPU); the CPU computes its own one after another, each at its calibrated time times the scale
@@ -592,17 +641,21 @@ def test_auto_plans_the_cheapest_split_and_never_one_slower_than_copying(
     past every point of its kernel, the last point), for a layer that also copies or for one whose
     misses all run on the CPU. Each CPU expert also costs the later copy it may need. The plan costs
     the least of all 2^m splits, and finishes no later than copying every miss, with the CPU at
-    its scale or slower by its spread."""
+    its scale or slower by its spread. The later copy is one copy for the share of CPU experts not
+    backfilled, times whether the cache would keep the expert until its next use (``kept``: 1 or 0
+    by the plan's forecast; where it says nothing, NaN or None, the recent hit ratio)."""
     c = Calibration(copy_ms, POINTS, tuple(fixed + per_token * n for n in POINTS), gpu_ms, 4, 0.0, native_max_tokens)
     model = CostModel(c, "auto")
     model.hit_ratio, model.backfilled_share, model.link_scale = hit_ratio, backfilled_share, link_scale
     num_points = len(POINTS)
     model.cpu_scales = [list(scales[:num_points]), list(scales[num_points:])]
     model.cpu_spreads = [list(spreads[:num_points]), list(spreads[num_points:])]
-    on_cpu = model.choose(tokens)
+    kept = None if kept is None else kept[: len(tokens)]
+    on_cpu = model.choose(tokens, kept=kept)
     assert len(on_cpu) == len(tokens)
     link_ms = copy_ms * link_scale
-    later_ms = hit_ratio * (1 - backfilled_share) * link_ms
+    reused = [hit_ratio if kept is None or math.isnan(kept[i]) else kept[i] for i in range(len(tokens))]
+    later_ms = [reuse * (1 - backfilled_share) * link_ms for reuse in reused]
 
     def point_of(n):
         native = n <= native_max_tokens
@@ -619,7 +672,7 @@ def test_auto_plans_the_cheapest_split_and_never_one_slower_than_copying(
         return max(link, cpu)
 
     def cost(assignment):
-        return finish(assignment, 1) + later_ms * sum(assignment)
+        return finish(assignment, 1) + sum(later for later, on in zip(later_ms, assignment) if on)
 
     best = min(cost(list(a)) for a in itertools.product([False, True], repeat=len(tokens)))
     assert cost(on_cpu) == pytest.approx(best, rel=1e-9, abs=1e-9)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from expertflow import _C
-from expertflow.planner import Calibrator, Forecast, Planner
+from expertflow.planner import Calibrator, Forecast, Plan, Planner
 from expertflow.policies import EngineInfo, Expertflow, HistoryPredictor, StepContext
 
 
@@ -145,3 +147,76 @@ def test_plan_entries_out_of_range_are_refused():
         cache.apply_plan(np.array([-1], np.int32), np.array([2], np.int32), np.zeros(1))
     with pytest.raises(_C.ExpertFlowError, match="plan entry layer 2 expert 0 is out of range"):
         cache.apply_plan(np.array([2], np.int32), np.array([0], np.int32), np.zeros(1))
+
+
+def reference_kept(next_use: np.ndarray, following_use: np.ndarray, visit: float, layer: int, expert: int,
+                   num_slots: int) -> float:
+    """From the definition: the expert's first forecast use after ``visit`` (NaN: none named); kept
+    when fewer than ``num_slots`` other experts are first needed after the visit at or before it."""
+    def first_after(l: int, e: int) -> float:
+        for use in (next_use[l, e], following_use[l, e]):
+            if use > visit:  # NaN compares false
+                return float(use)
+        return float("nan")
+
+    at = first_after(layer, expert)
+    if np.isnan(at):
+        return float("nan")
+    if np.isinf(at):
+        return 0.0
+    others = sum(1 for l in range(next_use.shape[0]) for e in range(next_use.shape[1])
+                 if (l, e) != (layer, expert) and first_after(l, e) <= at)
+    return 1.0 if others < num_slots else 0.0
+
+
+_USES = st.sampled_from([np.nan, np.inf, -1.0, 0.0, 2.0, 3.0, 5.0, 7.0, 9.0, 12.0, 20.0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.data())
+def test_the_plan_says_which_misses_the_cache_would_keep_until_their_next_use(num_layers, num_experts, data):
+    """Against the definition, over tables holding uses past, at, and after the visit, NaN (not
+    forecast) and inf (never), at any clock of the step."""
+    shape = (num_layers, num_experts)
+    next_use = np.array(data.draw(st.lists(_USES, min_size=num_layers * num_experts, max_size=num_layers * num_experts))).reshape(shape)
+    following_use = np.array(data.draw(st.lists(_USES, min_size=num_layers * num_experts, max_size=num_layers * num_experts))).reshape(shape)
+    step = data.draw(st.integers(0, 3))
+    layer = data.draw(st.integers(0, num_layers - 1))
+    now = step * num_layers + data.draw(st.integers(0, layer))  # made at the step's start or after an earlier layer
+    experts = data.draw(st.lists(st.integers(0, num_experts - 1), min_size=0, max_size=num_experts, unique=True))
+    num_slots = data.draw(st.integers(1, num_layers * num_experts + 1))
+    empty = np.zeros(0, dtype=np.int32)
+    plan = Plan(empty, empty, np.zeros(0), next_use, following_use, float(now))
+    got = plan.kept_until_next_use(layer, experts, num_slots)
+    visit = step * num_layers + layer
+    want = [reference_kept(next_use, following_use, visit, layer, e, num_slots) for e in experts]
+    assert got.shape == (len(experts),)
+    np.testing.assert_array_equal(got, np.array(want, dtype=np.float64))
+
+
+def test_a_trace_forecast_keeps_what_returns_soon_and_not_what_returns_late():
+    """Two layers of four experts, each step using one expert a layer. Expert 0 of layer 0 is used
+    at every step; expert 1 of layer 0 this step and again three steps on; expert 2 this step, then
+    never. With two slots, only expert 0 comes back before two others are needed; with five, expert
+    1 does too. A plan without a clock or tables, or a history forecast (no later uses), says
+    nothing."""
+    L, E = 2, 4
+    planner = Planner(L, E)
+    trusting(planner)
+    probs = np.zeros((L, E))
+    probs[0, [0, 1, 2]] = 1.0
+    probs[1, 3] = 1.0
+    later = np.full((2, L, E), np.inf)
+    later[:, 0, 0] = [1, 2]
+    later[:, 0, 1] = [3, np.inf]
+    later[:, 1, 3] = [1, 2]
+    later[:, 1, 0] = [2, 3]  # layer 1's expert 0: two steps on
+    plan = planner.begin_step(Forecast(probs, later, exhaustive=True))
+    # after layer 0's visit (position 0): L0E0 at 2, L1E3 at 1 and 3, L1E0 at 5, L0E1 at 6, L0E2 never
+    np.testing.assert_array_equal(plan.kept_until_next_use(0, [0, 1, 2], num_slots=2), [1, 0, 0])
+    np.testing.assert_array_equal(plan.kept_until_next_use(0, [0, 1, 2], num_slots=5), [1, 1, 0])
+    assert np.isnan(Plan.prefetch_only([(0, 1, 0.0)]).kept_until_next_use(0, [1], 4)).all()
+    history = Planner(L, E)
+    trusting(history)
+    plan = history.begin_step(Forecast(probs))
+    assert np.isnan(plan.kept_until_next_use(0, [0, 1, 2], num_slots=2)).all()

@@ -22,8 +22,11 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   (:meth:`~expertflow.runtime.ExpertCache.backfill`), so the cache evolves as if the GPU had run it
   and the link, which the CPU's misses would leave idle at decode, keeps copying off the layer's
   critical path. A copied miss may hit at its next use; a CPU expert that was not backfilled misses
-  again, so the CPU's side carries the cache's recent hit ratio times one copy for the share of its
-  experts that were not backfilled.
+  again, so the CPU's side carries one copy for the share of its experts that were not backfilled,
+  times the chance that the cache would have kept it until then: where the policy's plan forecasts
+  the expert's next use, whether a cache that evicts the farthest next use keeps it that long
+  (:meth:`~expertflow.planner.Plan.kept_until_next_use`: a miss used once within the cache's reach
+  goes to the CPU, one used again soon is copied), elsewhere the cache's recent hit ratio.
 - :class:`CpuExecutor`: one worker thread that runs the CPU's experts in the order given while the
   GPU works; on the host backend (no GPU to overlap) it runs them inline. Their bf16 products go to
   :class:`HostLinear` (``torch.get_num_threads()`` threads), other dtypes to torch's CPU kernels.
@@ -171,9 +174,10 @@ class CostModel:
         self.link_scale = 1.0
         # A copied miss stays in its slot and may hit at its next use. One computed on the CPU enters the
         # cache only when its backfill (ExpertCache.backfill) is admitted; otherwise its next use misses
-        # again. So each CPU expert carries that later copy, priced at the cache's recent hit ratio
-        # times one copy times the recent share of the CPU's experts that were not backfilled
-        # (averages over the last few dozen layers).
+        # again. So each CPU expert carries that later copy: one copy times the recent share of the
+        # CPU's experts that were not backfilled, times whether the cache would have kept it until its
+        # next use (choose's ``kept``, from the plan's forecast) or, where no forecast says, the cache's
+        # recent hit ratio (averages over the last few dozen layers).
         self.hit_ratio = 0.0
         self.backfilled_share = 0.0
         # observe() runs on the executor's worker thread, choose() on the thread running the model.
@@ -240,23 +244,24 @@ class CostModel:
         favourable layer, every one of ``num_experts`` experts missed with one token each (the longest
         link queue) and a cold cache."""
         ones = [1.0] * len(self.calibration.cpu_tokens)
-        return self.mode == "on" or (
-            self.mode == "auto" and any(self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms, 0.0)[0]))
+        return self.mode == "on" or (self.mode == "auto" and any(
+            self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms, [0.0] * num_experts)[0]))
 
-    def _split(self, num_tokens: list[int], prices: list[list[float]], copy_ms: float, later_copy_ms: float,
+    def _split(self, num_tokens: list[int], prices: list[list[float]], copy_ms: float, later_copy_ms: list[float],
                copy_shares: list[float] | None = None) -> tuple[list[bool], set[tuple[int, int]]]:
         """The split of the misses (``num_tokens [m]``) that costs least -> (``[m]`` True for the CPU,
         the (case, point) prices some candidate plan used).
 
-        A plan costs the later of its two pipes, plus ``later_copy_ms`` for each CPU expert: the link
+        A plan costs the later of its two pipes, plus ``later_copy_ms[i]`` for each CPU expert i: the link
         copies its misses one after another (each ``copy_shares[i]`` times ``copy_ms``: the share
         left of a copy already on its way, default 1 as for a demand miss; then the GPU computes);
         the CPU computes its own one after another, each at its calibrated time times
         ``prices[case][point]``, the case being whether any miss is copied. With one share for all
-        the link's time depends only on how many it copies, and the cheapest k CPU experts are the k
-        quickest on the CPU, so the plan is the best k from 0 to m. With shares that differ, every
-        split is priced (up to :attr:`MAX_SPLITS_PRICED` misses; beyond, the CPU takes the k that
-        cost it least per millisecond of link they save). The fewer CPU experts on a tie."""
+        the link's time depends only on how many it copies, and with one later copy for all the
+        cheapest k CPU experts are the k quickest on the CPU, so the plan is the best k from 0 to m.
+        With shares or later copies that differ, every split is priced (up to
+        :attr:`MAX_SPLITS_PRICED` misses; beyond, the CPU takes the k that cost it least, time and
+        later copy, per millisecond of link they save). The fewer CPU experts on a tie."""
         c = self.calibration
         m = len(num_tokens)
 
@@ -270,28 +275,30 @@ class CostModel:
         # Every expert was priced without demand loads (the plan with all on the CPU); with them, each
         # that some plan gives the CPU beside a copy.
         priced = {(self.WITHOUT_DEMAND_LOADS, self._point(n)) for n in num_tokens}
-        if 1 < m <= self.MAX_SPLITS_PRICED and len(set(shares)) > 1:
+        if 1 < m <= self.MAX_SPLITS_PRICED and (len(set(shares)) > 1 or len(set(later_copy_ms)) > 1):
             masks = _splits(m)  # [2^m, m], fewer CPU experts first
             on = masks.astype(np.float64)
             link_ms = (1.0 - on) @ np.asarray(link) + c.gpu_ms
-            costs = np.maximum(link_ms, on @ np.asarray(with_loads)) + later_copy_ms * on.sum(axis=1)
-            costs[-1] = without_loads + later_copy_ms * m  # all on the CPU: no demand load beside them
+            costs = np.maximum(link_ms, on @ np.asarray(with_loads)) + on @ np.asarray(later_copy_ms)
+            costs[-1] = without_loads + sum(later_copy_ms)  # all on the CPU: no demand load beside them
             priced |= {(self.WITH_DEMAND_LOADS, self._point(n)) for n in num_tokens}
             return masks[int(np.argmin(costs))].tolist(), priced
         # the link takes the first m - k (a cost per link millisecond: with one share, the CPU's time)
-        order = sorted(range(m), key=lambda i: -(with_loads[i] + later_copy_ms) / link[i] if link[i] > 0 else -math.inf)
+        order = sorted(range(m), key=lambda i: -(with_loads[i] + later_copy_ms[i]) / link[i] if link[i] > 0 else -math.inf)
         best_k, best_cost = 0, sum(link) + (c.gpu_ms if m else 0.0)
         link_left = sum(link)  # the link's misses: all but the k the CPU takes
         cpu_with_loads = 0.0  # the CPU's k, with demand loads beside them
+        later_ms = 0.0  # and their later copies
         for k in range(1, m + 1):
             i = order[m - k]
+            later_ms += later_copy_ms[i]
             if k < m:
                 link_left -= link[i]
                 cpu_with_loads += with_loads[i]
                 cost = max(link_left + c.gpu_ms, cpu_with_loads)
             else:
                 cost = without_loads
-            cost += k * later_copy_ms
+            cost += later_ms
             if cost < best_cost:
                 best_k, best_cost = k, cost
         on_cpu = [False] * m
@@ -300,10 +307,13 @@ class CostModel:
         priced |= {(self.WITH_DEMAND_LOADS, self._point(num_tokens[i])) for i in order[1:]}
         return on_cpu, priced
 
-    def choose(self, num_tokens: list[int], copy_shares: list[float] | None = None) -> list[bool]:
+    def choose(self, num_tokens: list[int], copy_shares: list[float] | None = None,
+               kept: Sequence[float] | None = None) -> list[bool]:
         """``num_tokens [m]``: tokens of each missed expert; ``copy_shares [m]``: what the link still
         has to carry of each, in whole copies (default 1: a demand miss; less for one whose copy is on
-        its way) -> ``[m]`` True where the CPU computes it.
+        its way); ``kept [m]``: whether the cache, had the expert been copied, would keep it until its
+        next use, by the policy's forecast (1 or 0; NaN, or None for all: no forecast, the cache's
+        recent hit ratio stands in) -> ``[m]`` True where the CPU computes it.
 
         Only the CPU experts a plan runs are observed, so a price that keeps the CPU out would never
         be measured again: each (case, point) a candidate plan of this layer priced but the chosen
@@ -318,7 +328,9 @@ class CostModel:
             prices = [[scale + spread for scale, spread in zip(scales, spreads)]
                       for scales, spreads in zip(self.cpu_scales, self.cpu_spreads)]
         copy_ms = self.calibration.copy_ms * self.link_scale
-        later_copy_ms = self.hit_ratio * (1.0 - self.backfilled_share) * copy_ms
+        hits = [self.hit_ratio] * len(num_tokens) if kept is None else [
+            self.hit_ratio if math.isnan(k) else float(k) for k in kept]
+        later_copy_ms = [hit * (1.0 - self.backfilled_share) * copy_ms for hit in hits]
         on_cpu, priced = self._split(num_tokens, prices, copy_ms, later_copy_ms, copy_shares)
         ran_case = self.WITHOUT_DEMAND_LOADS if all(on_cpu) else self.WITH_DEMAND_LOADS
         ran = {(ran_case, self._point(n)) for n, cpu in zip(num_tokens, on_cpu) if cpu}

@@ -178,6 +178,9 @@ class OffloadEngine:
         self.cpu_ms = 0.0
         self.cpu_wait_ms = 0.0
         self._link_seen: tuple[int, float] = (0, 0.0)  # the runtime's timed demand bytes and ms at the last _observe_link
+        # The policy's plan in force: its forecast of each expert's next use tells the cost model which
+        # misses the cache would keep, had they been copied (Plan.kept_until_next_use).
+        self._plan: Plan | None = None
         # A list: run_layer appends a record of each layer visit (a diagnostic: it costs two stats
         # reads a layer). layer, tokens, experts used, misses (demand loads), backfills, cpu_experts,
         # cpu_ms, cpu_wait_ms, host_ms (run_layer's host time; the GPU's work may finish in the next
@@ -302,6 +305,7 @@ class OffloadEngine:
     def _apply(self, plan: Plan | None) -> None:
         if plan is None:
             return
+        self._plan = plan
         if self.shard is not None:  # this rank's share of the prefetches (distributed.deal_prefetches)
             ranks = deal_prefetches(plan.layers, plan.experts, self.owner, self._holders)
             self._holders[ranks, plan.layers, plan.experts] = True
@@ -464,8 +468,10 @@ class OffloadEngine:
         expert_bytes = self.pool.expert_bytes(layer)
         missed = [(e, b) for e, b in zip(experts, unsent) if b != 0]
         self.cost_model.observe_hits(len(experts), len(experts) - len(missed))
+        kept = (self._plan.kept_until_next_use(layer, [e for e, _ in missed], self.cache.num_slots).tolist()
+                if self._plan is not None and missed else None)
         choices = self.cost_model.choose([int(counts[e]) for e, _ in missed],
-                                         [1.0 if b < 0 else b / expert_bytes for _, b in missed])
+                                         [1.0 if b < 0 else b / expert_bytes for _, b in missed], kept)
         to_cpu = [e for (e, _), cpu in zip(missed, choices) if cpu]
         if not to_cpu:
             return {}

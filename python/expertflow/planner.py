@@ -30,6 +30,7 @@ device-to-host transfers are the step forecast and each layer's routing, which t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,35 @@ class Plan:
 
     def __len__(self) -> int:
         return int(self.layers.shape[0])
+
+    def kept_until_next_use(self, layer: int, experts: Sequence[int], num_slots: int) -> np.ndarray:
+        """Whether a cache of ``num_slots`` slots that evicts the expert needed farthest ahead would
+        keep each of ``experts`` (ids of ``layer``, used at its visit in the step of :attr:`now`)
+        until its next use, by this plan's forecast -> ``[m]`` float64: 1 kept, 0 not (or never used
+        again), NaN where the plan does not forecast its next use (no tables, no clock, or no use
+        named after this visit).
+
+        It is kept when fewer than ``num_slots`` other experts are next needed before or with that
+        use: then it and they fit the slots at once, and the cache evicts others first (what a
+        forecast does not name is not counted). A miss the cache would not keep costs no later copy
+        when the CPU computes it; one it would keep does (``cpu_experts.CostModel.choose``)."""
+        m = len(experts)
+        if self.next_use is None or self.following_use is None or not np.isfinite(self.now):
+            return np.full(m, np.nan)
+        num_layers = self.next_use.shape[0]
+        visit = self.now - self.now % num_layers + layer  # positions count layer visits (module docstring)
+        with np.errstate(invalid="ignore"):
+            # each expert's first use after this visit (NaN: not forecast, or only uses already past)
+            after = np.where(self.next_use > visit, self.next_use, self.following_use)
+            after = np.where(after > visit, after, np.nan)
+        at = after[layer, np.asarray(experts, dtype=np.int64)]
+        named = np.sort(after[np.isfinite(after)])
+        # others at or before each use: those up to it, less the expert itself
+        num_before = np.searchsorted(named, at, side="right") - 1
+        kept = (num_before < num_slots).astype(np.float64)
+        kept[np.isinf(at)] = 0.0
+        kept[np.isnan(at)] = np.nan
+        return kept
 
 
 @dataclass
