@@ -40,6 +40,30 @@ void SlotCache::advance(int layer) {
   refresh();
 }
 
+void SlotCache::forecast(int layer, int expert, double& first, double& second) const {
+  first = second = std::numeric_limits<double>::quiet_NaN();
+  if (stride_ > 0) {
+    const size_t i = static_cast<size_t>(layer) * static_cast<size_t>(stride_) + static_cast<size_t>(expert);
+    if (expert < stride_ && i < next_use_.size()) {
+      first = next_use_[i];
+      second = following_use_[i];
+    }
+  } else if (const auto it = named_due_.find(key(layer, expert)); it != named_due_.end()) {
+    const std::vector<double>& dues = it->second;
+    const auto ahead = std::upper_bound(dues.begin(), dues.end(), position_);
+    if (ahead != dues.end()) first = *ahead;
+    if (ahead != dues.end() && ahead + 1 != dues.end()) second = *(ahead + 1);
+  }
+  if (!std::isnan(first) && first <= position_) first = second;  // that visit has come: the next use is the one after
+  if (!std::isnan(first) && first <= position_) first = std::numeric_limits<double>::quiet_NaN();  // so has that one
+}
+
+double SlotCache::forecast_next_use(int layer, int expert) const {
+  double first, second;
+  forecast(layer, expert, first, second);
+  return first;
+}
+
 void SlotCache::predict(SlotMeta& m) const {
   double estimate;
   if (num_layers_ > 0) {
@@ -52,22 +76,8 @@ void SlotCache::predict(SlotMeta& m) const {
     estimate = 1e15 + static_cast<double>(clock_ - m.last_use);  // no clock: the least recent is farthest
   }
   const double gap = 2.0 * std::max(num_layers_, 1);
-  double first = std::numeric_limits<double>::quiet_NaN(), second = first;
-  const uint64_t k = key(m.layer, m.expert);
-  if (stride_ > 0) {
-    const size_t i = static_cast<size_t>(m.layer) * static_cast<size_t>(stride_) + static_cast<size_t>(m.expert);
-    if (m.expert < stride_ && i < next_use_.size()) {
-      first = next_use_[i];
-      second = following_use_[i];
-    }
-  } else if (const auto it = named_due_.find(k); it != named_due_.end()) {
-    const std::vector<double>& dues = it->second;
-    const auto ahead = std::upper_bound(dues.begin(), dues.end(), position_);
-    if (ahead != dues.end()) first = *ahead;
-    if (ahead != dues.end() && ahead + 1 != dues.end()) second = *(ahead + 1);
-  }
-  if (!std::isnan(first) && first <= position_) first = second;  // that visit has come: the next use is the one after
-  if (!std::isnan(first) && first <= position_) first = std::numeric_limits<double>::quiet_NaN();  // so has that one
+  double first, second;
+  forecast(m.layer, m.expert, first, second);
   if (std::isnan(first)) {
     m.next_use = estimate;
     m.following_use = estimate + gap;

@@ -298,9 +298,27 @@ std::vector<uint8_t> Runtime::backfill(int layer, const std::vector<int>& expert
   }
   for (size_t i = 0; i < experts.size(); ++i) {
     if (slots[i] >= 0 || engine_->num_pending_prefetches() >= kBackfillMaxPendingPrefetches) continue;
-    const int s = take_slot_locked(layer, experts[i]);  // the slot a demand miss takes
-    if (s < 0) continue;                                // every slot is pinned
-    copy_later_locked(s, due);
+    // Where the plan forecasts the expert's next use, its backfill is a prefetch for that use: due then,
+    // and admitted as a prefetch is (cache.h): not for an expert never used again, and only over an
+    // expert not needed before it. In the slot a demand miss takes, a CPU expert used again only
+    // after the cache's reach evicted one needed sooner, and its bytes delayed the forecast's
+    // prefetches.
+    const double next = policy_ == Policy::kExpertflow ? cache_.forecast_next_use(layer, experts[i])
+                                                       : std::numeric_limits<double>::quiet_NaN();
+    int s;
+    if (std::isnan(next)) {
+      s = take_slot_locked(layer, experts[i]);  // the slot a demand miss takes
+    } else {
+      s = std::isinf(next) ? -1 : cache_.pick_slot(layer, next, /*prefetch=*/true);
+      if (s >= 0 && !cache_.slot(s).empty() && !(cache_.slot(s).next_use > next)) s = -1;
+      if (s >= 0) {
+        evict_locked(s);
+        cache_.assign(s, layer, experts[i]);
+        cache_.pin(s);
+      }
+    }
+    if (s < 0) continue;  // every slot is pinned, or the forecast does not admit it
+    copy_later_locked(s, std::isnan(next) ? due : next);
     cache_.set_backfilled(s);
     slots[i] = s;
     outcome[i] = static_cast<uint8_t>(BackfillOutcome::kQueued);

@@ -161,6 +161,13 @@ class ReferenceCache:
             return None
         return sorted(set(dues))  # two entries with one due are one use
 
+    def forecast_next_use(self, layer: int, expert: int) -> float | None:
+        """The forecast's next use of (layer, expert) after the current visit (NEVER: not again), or
+        None where no forecast names one."""
+        uses = self.forecast_uses(layer, expert)
+        ahead = [u for u in uses if u > self.position] if uses is not None else []
+        return ahead[0] if ahead else None
+
     def estimate(self, r: Resident) -> float:
         """Next use from history: the layer's next visit, pushed back by the time the expert sat unused
         since its last access (since forever when it has none)."""
@@ -424,7 +431,10 @@ class ReferenceCache:
         started is evicted (its copy cancelled) and counts as missing; the other resident ones are
         pinned first (one whose copy is still on its way becomes a backfill: no new plan cancels it as
         stale); each missing one in turn, while fewer than MAX_PENDING_BACKFILL copies are queued, is
-        loaded into the slot a demand miss would take and pinned, its copy queued; every expert now in
+        loaded into the slot a demand miss would take and pinned, its copy queued (under expertflow,
+        where the forecast names its next use, into the slot a prefetch due then would take, and only
+        where a prefetch would be admitted: not for an expert never used again, not over one needed no
+        later); every expert now in
         a slot is accessed in order, then unpinned; a timed plan is admitted again. -> per expert:
         QUEUED, HELD or NOT_ADMITTED. ``outcome``: follow the runtime's admissions instead (where
         copies race, the queue's length, and whether a queued copy has started, are not known here:
@@ -450,7 +460,15 @@ class ReferenceCache:
                 admit = sum(r is not None and r.queued for r in self.residents) < MAX_PENDING_BACKFILL
             else:
                 admit = outcome[k] == QUEUED
-            i = self.pick(layer, due_now, prefetch=False) if admit else -1
+            if not admit:
+                continue
+            forecast = self.forecast_next_use(layer, e) if self.policy == "expertflow" else None
+            if forecast is None:
+                i = self.pick(layer, due_now, prefetch=False)
+            else:  # a prefetch for its forecast next use, admitted as one
+                i = self.pick(layer, forecast, prefetch=True) if forecast != NEVER else -1
+                if i >= 0 and self.residents[i] is not None and self.next_uses(self.residents[i])[0] <= forecast:
+                    i = -1
             if i < 0:
                 continue
             self.evict(i)

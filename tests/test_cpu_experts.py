@@ -187,6 +187,29 @@ def test_the_engine_tells_the_cost_model_which_misses_the_plan_in_force_would_ke
         model.expertflow.close()
 
 
+def test_the_backfilled_share_counts_only_cpu_experts_the_plan_does_not_rule_out(tmp_path):
+    """Every miss to the CPU, on a cold cache: with no plan each layer's CPU experts count toward the
+    backfilled share; under a plan whose forecast uses none of them again (the cache would not keep
+    them, and their later copy costs nothing), none does."""
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    for never_again in (False, True):
+        model = ef.from_pretrained(folder, policy="lru", expert_slots="50%", cpu_experts="on", progress=False)
+        try:
+            engine = model.expertflow
+            seen = []
+            engine.cost_model.observe_backfills = lambda num_cpu, num_backfilled: seen.append(num_cpu)
+            L, E = engine.num_layers, engine.num_experts
+            if never_again:
+                empty = np.zeros(0, dtype=np.int32)
+                engine._plan = Plan(empty, empty, np.zeros(0), np.full((L, E), np.inf), np.full((L, E), np.inf), 0.0)
+            with torch.no_grad():
+                model(torch.tensor([[5]]))
+            top_k = engine.routing[0].shape[1]
+            assert seen == [0 if never_again else top_k] * L
+        finally:
+            model.expertflow.close()
+
+
 def test_a_prefetch_the_cpu_overtakes_before_its_bytes_go_is_dropped_and_the_misses_spare_its_slot(tmp_path):
     """A layer whose experts all have a prefetch held in the queue: the CPU takes the first miss, the
     link the second (its queued prefetch promoted). The CPU's prefetch moved no byte, so it is

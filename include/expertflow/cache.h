@@ -91,6 +91,10 @@ class SlotCache {
 
   // Moves the clock to `layer`'s visit and brings every slot's next uses up to date.
   void advance(int layer);
+  // The forecast's next use of (layer, expert) after the current visit, from the plan's tables (or,
+  // without them, the dues naming it): +inf for never, NaN where no forecast names one (the cache
+  // then estimates, predict()).
+  double forecast_next_use(int layer, int expert) const;
   // The due of a demand load: now, on the clock the expertflow policy's next uses follow (belady's
   // next uses count accesses, not the clock, and need none).
   double demand_due() const { return policy_ == Policy::kExpertflow ? position_ : kDueNow; }
@@ -130,6 +134,9 @@ class SlotCache {
   }
   void check_slot(int slot) const;
   int quota(int layer) const;
+  // (layer, expert)'s forecast uses still ahead of the clock: the next (NaN: none named) and the one named
+  // after it (NaN: none)
+  void forecast(int layer, int expert, double& first, double& second) const;
   void predict(SlotMeta& m) const;  // m's next uses from the tables, the estimate and the clock
   void refresh();                   // predict() every resident (expertflow)
   std::vector<PlanLoad> admit(const BeforeLoad& before_load, const AfterLoad& after_load,

@@ -15,7 +15,10 @@
 //   missing one's copy goes on the prefetch path, due at the layer's next visit, and nothing waits
 //   for it. So the cache evolves as if the GPU had run them, while the link works off the layer's
 //   critical path. A copy is queued only while fewer than kBackfillMaxPendingPrefetches prefetch
-//   jobs are unfinished: behind a longer queue it would land late, and meanwhile hold a slot. A held
+//   jobs are unfinished: behind a longer queue it would land late, and meanwhile hold a slot. Under
+//   the expertflow policy, where the plan forecasts a missing one's next use, its copy is a prefetch
+//   for that use instead: due then, and admitted as the plan's prefetches are (never for an expert
+//   not used again, only over a victim needed later). A held
 //   one whose copy has not started (no byte handed to the link) is cancelled first and then treated
 //   as missing: the caller computed it without that copy, so it moves only if the link has room, as
 //   any backfill (kept, a forecast's prefetches the CPU overtook went on using the link). A new plan

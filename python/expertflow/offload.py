@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -413,8 +414,12 @@ class OffloadEngine:
             # plan (which would cancel a prefetch the CPU took as stale). Not in a layer of several
             # waves: its experts overflow the slots already.
             outcomes = self.cache.backfill(layer.index, list(cpu_jobs))
+            # The backfilled share prices the later copy of CPU experts the cache would keep (or of
+            # any, where no forecast says): one the plan says it would not keep costs none, and its
+            # backfill is not admitted (Runtime::backfill), so it does not count.
+            counted = [o for o, kept in zip(outcomes, self._kept(layer.index, list(cpu_jobs))) if kept != 0.0]
             cast("CostModel", self.cost_model).observe_backfills(
-                len(outcomes), sum(o != BACKFILL_NOT_ADMITTED for o in outcomes))
+                len(counted), sum(o != BACKFILL_NOT_ADMITTED for o in counted))
         # The policy hears the layer once, after the first wave's demand loads are queued (they go
         # first), and also where this rank runs none of the layer's experts.
         self._apply(self.policy.on_layer(layer.index, chosen, gate))
@@ -468,10 +473,9 @@ class OffloadEngine:
         expert_bytes = self.pool.expert_bytes(layer)
         missed = [(e, b) for e, b in zip(experts, unsent) if b != 0]
         self.cost_model.observe_hits(len(experts), len(experts) - len(missed))
-        kept = (self._plan.kept_until_next_use(layer, [e for e, _ in missed], self.cache.num_slots).tolist()
-                if self._plan is not None and missed else None)
         choices = self.cost_model.choose([int(counts[e]) for e, _ in missed],
-                                         [1.0 if b < 0 else b / expert_bytes for _, b in missed], kept)
+                                         [1.0 if b < 0 else b / expert_bytes for _, b in missed],
+                                         self._kept(layer, [e for e, _ in missed]))
         to_cpu = [e for (e, _), cpu in zip(missed, choices) if cpu]
         if not to_cpu:
             return {}
@@ -485,6 +489,13 @@ class OffloadEngine:
                                                          with_demand_loads))
         self.num_cpu_experts += len(to_cpu)
         return jobs
+
+    def _kept(self, layer: int, experts: list[int]) -> list[float]:
+        """``[m]``: whether the cache would keep each expert of ``layer`` until its next use, by the
+        plan in force (1 or 0; NaN: the plan does not say; ``Plan.kept_until_next_use``)."""
+        if self._plan is None or not experts:
+            return [math.nan] * len(experts)
+        return self._plan.kept_until_next_use(layer, experts, self.cache.num_slots).tolist()
 
     def _observe_link(self) -> None:
         """Once a pass: what demand loads took per expert since the last call (timed by the runtime on

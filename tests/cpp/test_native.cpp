@@ -6,6 +6,7 @@
 #include <cstring>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -524,6 +525,38 @@ void test_runtime_backfill() {
   third.resume_prefetch();
 }
 
+// Under the expertflow policy a backfill whose next use the plan forecasts is a prefetch for that use:
+// never for an expert not used again, and only over a victim needed later; with no forecast it takes
+// the slot a demand miss would, as before.
+void test_runtime_backfill_by_forecast() {
+  auto pool = filled_pool();
+  RuntimeOptions options = three_lru_slots();
+  options.policy = "expertflow";
+  Runtime runtime(pool, options);
+  runtime.pause_prefetch();
+  runtime.acquire(1, {0, 1, 2}, nullptr, /*wait=*/false);  // position 1: layer 1 of step 0
+  runtime.release(1, {0, 1, 2}, nullptr);
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  Plan plan;
+  plan.stride = 4;
+  plan.now = 2;  // the next visit: layer 0 of step 1
+  // [layer * 4 + expert]; layer 0's experts are used at this visit (2), then at following_use
+  plan.next_use = {inf, 2, nan, 2, /*layer 1*/ 3, 5, inf, inf};
+  plan.following_use = {inf, 4, nan, 10, /*layer 1*/ nan, nan, inf, inf};
+  runtime.apply_plan(plan);
+  // Expert 1, next used at 4: over layer 1's expert 2 (never used again). Expert 0: never used again.
+  // Expert 3, next used at 10: the victim would be layer 1's expert 1, needed at 5: not admitted.
+  // Expert 2, with no forecast: the slot a demand miss takes (layer 1's expert 1, the farthest of
+  // those left as seen now: 5 against 3).
+  EXPECT((runtime.backfill(0, {1, 0, 3, 2}) == std::vector<uint8_t>{1, 0, 0, 1}));
+  EXPECT((runtime.resident(0, {0, 1, 2, 3}) == std::vector<uint8_t>{0, 1, 1, 0}));
+  EXPECT((runtime.resident(1, {0, 1, 2}) == std::vector<uint8_t>{1, 0, 0}));
+  EXPECT(runtime.stats().backfills == 2);
+  runtime.resume_prefetch();
+  runtime.synchronize();
+  EXPECT((runtime.landed(0, {1, 2}) == std::vector<uint8_t>{1, 1}));
+}
+
 // Copies on their way when the CPU computes their experts: a started one is kept for the next use (no
 // new plan cancels it) and the layer's misses spare its slot while another is free; a queued one is
 // cancelled (two others still unfinished: not queued again).
@@ -661,6 +694,7 @@ int main() {
       {"runtime_round_trip", test_runtime_round_trip},
       {"runtime_backfill", test_runtime_backfill},
       {"runtime_backfill_of_copies_on_their_way", test_runtime_backfill_of_copies_on_their_way},
+      {"runtime_backfill_by_forecast", test_runtime_backfill_by_forecast},
       {"host_linear_exact", test_host_linear_exact},
       {"host_linear_concurrent_calls", test_host_linear_concurrent_calls},
   };
