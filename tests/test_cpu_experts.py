@@ -196,8 +196,8 @@ def test_the_backfilled_share_counts_only_cpu_experts_the_plan_does_not_rule_out
         model = ef.from_pretrained(folder, policy="lru", expert_slots="50%", cpu_experts="on", progress=False)
         try:
             engine = model.expertflow
-            seen = []
-            engine.cost_model.observe_backfills = lambda num_cpu, num_backfilled: seen.append(num_cpu)
+            seen: list[int] = []
+            engine.cost_model.observe_backfills = lambda num_cpu, num_backfilled, seen=seen: seen.append(num_cpu)
             L, E = engine.num_layers, engine.num_experts
             if never_again:
                 empty = np.zeros(0, dtype=np.int32)

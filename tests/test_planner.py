@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -151,22 +153,43 @@ def test_plan_entries_out_of_range_are_refused():
 
 def reference_kept(next_use: np.ndarray, following_use: np.ndarray, visit: float, layer: int, expert: int,
                    num_slots: int) -> float:
-    """From the definition: the expert's first forecast use after ``visit`` (NaN: none named); kept
-    when fewer than ``num_slots`` other experts are first needed after the visit at or before it."""
-    def first_after(l: int, e: int) -> float:
-        for use in (next_use[l, e], following_use[l, e]):
-            if use > visit:  # NaN compares false
-                return float(use)
-        return float("nan")
+    """From the definition: Belady's cache over the uses the plan names after ``visit`` (each expert's
+    next use, then its following use where that comes later). The expert is loaded at the visit; at
+    each later visit up to its next use, every expert used there is loaded, evicting the one whose
+    next named use is farthest (none: never), this expert last on a tie. Kept if it is never
+    evicted (nor a visit up to its use needs more slots than there are); NaN where no use of it is
+    named, 0 where it is never used again."""
+    def named(l: int, e: int) -> list[float]:
+        uses = [u for u in (next_use[l, e], following_use[l, e]) if u > visit]  # NaN compares false
+        return uses[:1] if len(uses) == 2 and not uses[1] > uses[0] else uses
 
-    at = first_after(layer, expert)
-    if np.isnan(at):
-        return float("nan")
-    if np.isinf(at):
+    def next_after(key, q) -> float:
+        return min([u for u in named(*key) if u > q], default=math.inf)
+
+    mine = named(layer, expert)
+    if not mine:
+        return math.nan
+    t = mine[0]
+    if math.isinf(t):
         return 0.0
-    others = sum(1 for l in range(next_use.shape[0]) for e in range(next_use.shape[1])
-                 if (l, e) != (layer, expert) and first_after(l, e) <= at)
-    return 1.0 if others < num_slots else 0.0
+    me = (layer, expert)
+    keys = [(l, e) for l in range(next_use.shape[0]) for e in range(next_use.shape[1])]
+    held = {me}
+    for q in range(int(visit) + 1, int(t) + 1):
+        needed = [key for key in keys if q in named(*key)]
+        for key in needed:
+            if key in held:
+                continue
+            if len(held) == num_slots:
+                victims = [k for k in held if k not in needed]
+                if not victims:  # the visit needs more slots than there are, itself among them
+                    return 0.0
+                victim = max(victims, key=lambda k: (next_after(k, q), k != me))
+                if victim == me:
+                    return 0.0
+                held.remove(victim)
+            held.add(key)
+    return 1.0
 
 
 _USES = st.sampled_from([np.nan, np.inf, -1.0, 0.0, 2.0, 3.0, 5.0, 7.0, 9.0, 12.0, 20.0])
@@ -195,11 +218,12 @@ def test_the_plan_says_which_misses_the_cache_would_keep_until_their_next_use(nu
 
 
 def test_a_trace_forecast_keeps_what_returns_soon_and_not_what_returns_late():
-    """Two layers of four experts, each step using one expert a layer. Expert 0 of layer 0 is used
-    at every step; expert 1 of layer 0 this step and again three steps on; expert 2 this step, then
-    never. With two slots, only expert 0 comes back before two others are needed; with five, expert
-    1 does too. A plan without a clock or tables, or a history forecast (no later uses), says
-    nothing."""
+    """Two layers of four experts. Expert 0 of layer 0 is used at every step; expert 1 of layer 0
+    this step and again three steps on (position 6); expert 2 this step, then never. Before position
+    6: layer 1's expert 3 at 1 and 3 (held between), layer 0's expert 0 at 2, layer 1's expert 0 at
+    5: at most two held at once (positions 2 and 3). With two slots only expert 0 comes back in
+    time; with three, expert 1 does too (though three others are needed before it). A plan without
+    a clock or tables, or a history forecast (no later uses), says nothing."""
     L, E = 2, 4
     planner = Planner(L, E)
     trusting(planner)
@@ -214,7 +238,7 @@ def test_a_trace_forecast_keeps_what_returns_soon_and_not_what_returns_late():
     plan = planner.begin_step(Forecast(probs, later, exhaustive=True))
     # after layer 0's visit (position 0): L0E0 at 2, L1E3 at 1 and 3, L1E0 at 5, L0E1 at 6, L0E2 never
     np.testing.assert_array_equal(plan.kept_until_next_use(0, [0, 1, 2], num_slots=2), [1, 0, 0])
-    np.testing.assert_array_equal(plan.kept_until_next_use(0, [0, 1, 2], num_slots=5), [1, 1, 0])
+    np.testing.assert_array_equal(plan.kept_until_next_use(0, [0, 1, 2], num_slots=3), [1, 1, 0])
     assert np.isnan(Plan.prefetch_only([(0, 1, 0.0)]).kept_until_next_use(0, [1], 4)).all()
     history = Planner(L, E)
     trusting(history)

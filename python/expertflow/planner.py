@@ -74,26 +74,49 @@ class Plan:
         again), NaN where the plan does not forecast its next use (no tables, no clock, or no use
         named after this visit).
 
-        It is kept when fewer than ``num_slots`` other experts are next needed before or with that
-        use: then it and they fit the slots at once, and the cache evicts others first (what a
-        forecast does not name is not counted). A miss the cache would not keep costs no later copy
-        when the CPU computes it; one it would keep does (``cpu_experts.CostModel.choose``)."""
+        Belady's rule over the uses the plan names (each expert's next two): an expert next used at
+        ``t`` is kept when, at every visit after this one up to ``t``, fewer than ``num_slots`` other
+        experts must be held. Another expert must be held at each of its uses up to ``t``, and from
+        its first use to its second where that comes before ``t`` (needed sooner, the cache keeps it
+        instead); one used and not again before ``t`` is evicted first. What no forecast names is
+        not counted. A miss the cache would not keep costs no later copy when the CPU computes it;
+        one it would keep does (``cpu_experts.CostModel.choose``)."""
         m = len(experts)
         if self.next_use is None or self.following_use is None or not np.isfinite(self.now):
             return np.full(m, np.nan)
-        num_layers = self.next_use.shape[0]
+        num_layers, num_experts = self.next_use.shape
         visit = self.now - self.now % num_layers + layer  # positions count layer visits (module docstring)
         with np.errstate(invalid="ignore"):
-            # each expert's first use after this visit (NaN: not forecast, or only uses already past)
-            after = np.where(self.next_use > visit, self.next_use, self.following_use)
-            after = np.where(after > visit, after, np.nan)
-        at = after[layer, np.asarray(experts, dtype=np.int64)]
-        named = np.sort(after[np.isfinite(after)])
-        # others at or before each use: those up to it, less the expert itself
-        num_before = np.searchsorted(named, at, side="right") - 1
-        kept = (num_before < num_slots).astype(np.float64)
-        kept[np.isinf(at)] = 0.0
-        kept[np.isnan(at)] = np.nan
+            # each expert's first named use after this visit (NaN: none) and the one after it (NaN: none)
+            ahead = self.next_use > visit
+            first = np.where(ahead, self.next_use, np.where(self.following_use > visit, self.following_use, np.nan)).ravel()
+            second = np.where(ahead & (self.following_use > self.next_use), self.following_use, np.nan).ravel()
+        mine = layer * num_experts + np.asarray(experts, dtype=np.int64)
+        at = first[mine]
+        kept = np.where(np.isinf(at), 0.0, np.nan)
+        timed = np.flatnonzero(np.isfinite(at))
+        if timed.size == 0:
+            return kept
+        t = at[timed][:, None]  # [m', 1]
+        with np.errstate(invalid="ignore"):
+            others = np.isfinite(first)[None, :] & (first[None, :] <= t)  # [m', L*E]: needed up to t
+            others[np.arange(timed.size), mine[timed]] = False
+            held_to = np.where(second[None, :] < t, second[None, :], first[None, :])  # held through its second use
+            again_at_t = others & (second[None, :] == t)  # used at t too: a slot there as well
+        # Slots held at each visit q in (visit, t]: +1 from an expert's first use, -1 after it is let go
+        # (columns q - visit - 1, one row per miss).
+        span = int(t.max() - visit)
+        rows, cols = np.nonzero(others)
+        opened = (first[cols] - visit - 1).astype(np.int64)
+        closed = (held_to[rows, cols] - visit).astype(np.int64)
+        counts = np.zeros((timed.size, span + 1))
+        np.add.at(counts, (rows, opened), 1.0)
+        np.add.at(counts, (rows, closed), -1.0)
+        held = np.cumsum(counts, axis=1)[:, :span]
+        last = (t[:, 0] - visit - 1).astype(np.int64)
+        held[np.arange(timed.size), last] += again_at_t.sum(axis=1)
+        held[np.arange(span)[None, :] > last[:, None]] = 0.0  # past each miss's own next use
+        kept[timed] = (held.max(axis=1) < num_slots).astype(np.float64)
         return kept
 
 
