@@ -1,8 +1,8 @@
 """CPU experts on the H200 machine: ms per token with GPU-only offload (cpu_experts off), the cost
 model (auto) and every miss on the CPU (on), against the slots, at batch 1, 4 and 16, with the
 benchmark's history forecast (top row) and the trace's true future (bottom row: its prefetches),
-from the latest runs of the final code (made by the commands in docs/cpu_experts.md), each in its
-own process: the median over runs, with a bar from the fastest to the slowest; the expertflow
+from the latest runs of the final code (made by the commands in docs/cpu_experts.md; RUNS says
+which): the median over runs and rounds, with a bar from the fastest to the slowest; the expertflow
 policy's rows only. Writes docs/img/cpu-experts-h200.png.
 
     python benchmarks/cpu_experts_plot.py
@@ -22,21 +22,38 @@ import matplotlib.pyplot as plt
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"off": "GPU only (off)", "auto": "auto", "on": "CPU for every miss (on)"}
 FORECASTS = {"history": "history forecast", "oracle": "true future (prefetches)"}
-RUNS = {  # batch -> (its result files, what they ran)
-    1: ([f"cpu_experts_overtaken_b1_run{i}_h200.json" for i in (1, 2, 3)], "3 runs"),
-    4: (["cpu_experts_overtaken_run1_h200-b4.json"], "1 run"),
-    16: (["cpu_experts_overtaken_run1_h200-b16.json"], "1 run"),
+# (forecast, batch) -> the result files of the final code and what they ran. Each is one process; a
+# variants file holds rounds of GPU-only and `auto` in one (benchmarks/cpu_experts_variants.py). With
+# the history forecast the plan names no later use, so the keep rule of the last change does not act:
+# the runs before it are the final code's there. `on` never asks the cost model: its rows from the run
+# before the last change are the final code's too.
+B1_ON = "cpu_experts_fcbackfill_b1_run1_h200.json"
+RUNS = {
+    ("history", 1): (["cpu_experts_belady_b1_h200.json", B1_ON], "2 runs"),
+    ("history", 4): (["cpu_experts_fcbackfill_h200-b4.json"], "1 run"),
+    ("history", 16): (["cpu_experts_fcbackfill_h200-b16.json"], "1 run"),
+    ("oracle", 1): (["cpu_experts_belady_b1_h200.json", "cpu_experts_belady_variants_16tokens_h200.json",
+                     "cpu_experts_belady_variants_32slots_16tokens_rounds_h200.json", B1_ON],
+                    "3-6 samples; on: 1 run"),
+    ("oracle", 4): (["cpu_experts_belady_h200-b4.json"], "1 run"),
+    ("oracle", 16): (["cpu_experts_fcbackfill_h200-b16.json"], "1 run, keep rule before"),
 }
+ONLY_ON = {("oracle", 1): B1_ON}  # files that give a panel only their `on` rows
 
 
 def main() -> None:
-    fig, axes = plt.subplots(len(FORECASTS), len(RUNS), figsize=(12, 7), squeeze=False)
+    batches = sorted({batch for _, batch in RUNS})
+    fig, axes = plt.subplots(len(FORECASTS), len(batches), figsize=(12, 7), squeeze=False)
     for row, (forecast, forecast_label) in zip(axes, FORECASTS.items()):
-        for ax, (batch, (files, label)) in zip(row, RUNS.items()):
+        for ax, batch in zip(row, batches):
+            files, label = RUNS[(forecast, batch)]
             results = [json.loads((ROOT / "benchmarks/results" / f).read_text()) for f in files]
+            only_on = ONLY_ON.get((forecast, batch))
             for mode in ("off", "auto", "on"):
                 by_share: dict[float, list[float]] = {}
-                for result in results:
+                for f, result in zip(files, results):
+                    if f == only_on and mode != "on":
+                        continue
                     for r in result["rows"]:
                         if r["policy"] == "expertflow" and r["predictor"] == forecast and r["cpu_experts_asked"] == mode:
                             by_share.setdefault(100 * r["slot_share"], []).append(r["ms_per_token"])
@@ -47,7 +64,7 @@ def main() -> None:
                 low = [m - min(by_share[x]) for m, x in zip(mid, shares)]
                 high = [max(by_share[x]) - m for m, x in zip(mid, shares)]
                 ax.errorbar(shares, mid, yerr=[low, high], marker="o", capsize=3, label=LABELS[mode])
-            resident = statistics.median(r["all_gpu_ms"] for r in results)
+            resident = statistics.median(r["all_gpu_ms"] for r in results if r.get("all_gpu_ms"))
             ax.axhline(resident, color="gray", linestyle="dashed", label="every expert resident")
             ax.set_xlabel("slots, % of the experts")
             ax.set_ylabel("ms per decode step")  # a step gives each of the batch's sequences a token
