@@ -10,7 +10,8 @@ variant's place in a round, falls on every variant alike. The variants:
   work (what merely enabling it costs);
 - ``no_reuse``: auto whose cost model does not hear the plan's forecast of which misses the cache
   would keep until their next use (``Plan.kept_until_next_use`` reads NaN): every CPU expert's later
-  copy is priced at the cache's recent hit ratio, as before that forecast was used.
+  copy is priced at the cache's recent hit ratio, as before that forecast was used. Only the price:
+  the runtime still admits backfills by the forecast (``Runtime::backfill``).
 
 Each row is a bench row (``expertflow.bench``) with its variant and round, and the resident step
 of its run (``all_gpu_ms``); ``machine`` and ``pinned_gbps`` are the first run's.

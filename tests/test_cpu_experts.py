@@ -22,6 +22,7 @@ import expertflow as ef
 from expertflow import _C, ExpertFlowError
 from expertflow.cpu_experts import Calibration, CostModel, CpuExecutor, HostLinear, calibrate, default_threads
 from expertflow.planner import Plan
+from expertflow.policies import EngineInfo
 
 from moe_models import build, save
 
@@ -185,6 +186,67 @@ def test_the_engine_tells_the_cost_model_which_misses_the_plan_in_force_would_ke
         assert len(asked) == 1 and asked[0][:2] == [1.0, 0.0] and math.isnan(asked[0][2])
     finally:
         model.expertflow.close()
+
+
+class _EveryExpertEveryStep:
+    """A policy whose step plans forecast every expert at this step's visit of its layer and at the
+    next step's (no prefetches), except at the steps ``renew`` rules out, where it keeps the plan."""
+
+    name, cache_policy, gate_from_router, wants_steps = "every-expert", "expertflow", False, True
+
+    def __init__(self, renew) -> None:
+        self.renew = renew
+
+    def attach(self, info):
+        self.info = info
+
+    def layer_quotas(self, info):
+        return None
+
+    def on_step(self, ctx):
+        if not self.renew(ctx.step):
+            return None
+        L, E = self.info.num_layers, self.info.num_experts
+        next_use = np.repeat((ctx.step * L + np.arange(L, dtype=np.float64))[:, None], E, axis=1)
+        empty = np.zeros(0, dtype=np.int32)
+        return Plan(empty, empty, np.zeros(0), next_use, next_use + L, float(ctx.step * L))
+
+    def on_layer(self, layer, experts, gate):
+        return None
+
+    def close(self):
+        pass
+
+
+def test_the_cost_model_hears_the_step_plan_in_force(tmp_path):
+    """Live generation under a policy whose step plans forecast every expert at each step's visit:
+    a miss's next use is its layer's next visit, and before it every other expert is used once,
+    the whole of one layer at each visit, held no longer. So the cache keeps it exactly when one
+    layer's experts fit beside it: with more slots than a layer has experts, every miss is kept; with
+    as many, none. At a step whose plan the policy does not renew, the engine's cost model hears
+    nothing (NaN), not the last step's forecast."""
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    for slots in ("75%", "8"):
+        model = ef.from_pretrained(folder, policy="expertflow", expert_slots=slots, cpu_experts="on", progress=False)
+        try:
+            engine = model.expertflow
+            engine.policy = _EveryExpertEveryStep(renew=lambda step: step != 2)
+            engine.policy.attach(EngineInfo(engine.num_layers, engine.num_experts, engine.cache.num_slots, 2))
+            heard: list[tuple[int, list[float]]] = []
+
+            def recording_choose(num_tokens, copy_shares=None, kept=None, engine=engine, heard=heard):
+                heard.append((engine.steps - 1, list(kept)))
+                return [False] * len(num_tokens)
+
+            engine.cost_model.choose = recording_choose
+            _greedy(model, n=4)  # steps 0 (the prompt) to 3
+            want = 1.0 if engine.num_experts < engine.cache.num_slots else 0.0
+            assert engine.num_layers >= 2 and {step for step, _ in heard} == {0, 1, 2, 3}
+            for step, kept in heard:
+                assert all(math.isnan(k) for k in kept) if step == 2 else kept == [want] * len(kept), (slots, step, kept)
+            assert want == (1.0 if slots == "75%" else 0.0)
+        finally:
+            model.expertflow.close()
 
 
 def test_the_backfilled_share_counts_only_cpu_experts_the_plan_does_not_rule_out(tmp_path):

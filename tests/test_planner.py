@@ -154,12 +154,14 @@ def test_plan_entries_out_of_range_are_refused():
 def reference_kept(next_use: np.ndarray, following_use: np.ndarray, visit: float, layer: int, expert: int,
                    num_slots: int) -> float:
     """From the definition: Belady's cache over the uses the plan names after ``visit`` (each expert's
-    next use, then its following use where that comes later). The expert is loaded at the visit; at
+    next use, then its following use where that comes later; none where its next use is NaN). The expert is loaded at the visit; at
     each later visit up to its next use, every expert used there is loaded, evicting the one whose
     next named use is farthest (none: never), this expert last on a tie. Kept if it is never
     evicted (nor a visit up to its use needs more slots than there are); NaN where no use of it is
     named, 0 where it is never used again."""
     def named(l: int, e: int) -> list[float]:
+        if math.isnan(next_use[l, e]):  # no forecast
+            return []
         uses = [u for u in (next_use[l, e], following_use[l, e]) if u > visit]  # NaN compares false
         return uses[:1] if len(uses) == 2 and not uses[1] > uses[0] else uses
 
@@ -223,7 +225,8 @@ def test_a_trace_forecast_keeps_what_returns_soon_and_not_what_returns_late():
     6: layer 1's expert 3 at 1 and 3 (held between), layer 0's expert 0 at 2, layer 1's expert 0 at
     5: at most two held at once (positions 2 and 3). With two slots only expert 0 comes back in
     time; with three, expert 1 does too (though three others are needed before it). A plan without
-    a clock or tables, or a history forecast (no later uses), says nothing."""
+    a clock or tables, or with a clock past the layer, or a history forecast (no later uses), says
+    nothing."""
     L, E = 2, 4
     planner = Planner(L, E)
     trusting(planner)
@@ -240,6 +243,10 @@ def test_a_trace_forecast_keeps_what_returns_soon_and_not_what_returns_late():
     np.testing.assert_array_equal(plan.kept_until_next_use(0, [0, 1, 2], num_slots=2), [1, 0, 0])
     np.testing.assert_array_equal(plan.kept_until_next_use(0, [0, 1, 2], num_slots=3), [1, 1, 0])
     assert np.isnan(Plan.prefetch_only([(0, 1, 0.0)]).kept_until_next_use(0, [1], 4)).all()
+    # a clock past layer 0 (made after layer 0 ran): a plan of another step for layer 0, which says nothing
+    late = Plan(plan.layers, plan.experts, plan.due, plan.next_use, plan.following_use, 1.0)
+    assert np.isnan(late.kept_until_next_use(0, [0, 1, 2], num_slots=5)).all()
+    assert late.kept_until_next_use(1, [3], num_slots=5).tolist() == [1.0]  # layer 1 of that step: used again at 3
     history = Planner(L, E)
     trusting(history)
     plan = history.begin_step(Forecast(probs))

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -117,6 +117,14 @@ class MoELayer:
     module: OffloadedExperts
     router: nn.Module
     next: MoELayer | None = field(default=None, repr=False)  # the next MoE layer of the same stack
+
+
+class CpuJob(NamedTuple):
+    """A missed expert the CPU computes: its result ``[n, H]`` to come, and whether the plan in force
+    says the cache would have kept it until its next use (1 or 0; NaN: the plan does not say)."""
+
+    future: Future
+    kept: float
 
 
 def hit_ratio(stats: dict) -> float:
@@ -301,12 +309,12 @@ class OffloadEngine:
         ctx = StepContext(step=self.steps, batch=batch, new_sequences=new, embeddings=output[:, -1],
                           positions=positions, previous_path=previous_path)
         self.steps += 1
+        self._plan = None  # a plan's forecast is of its step: one the policy does not renew says nothing now
         self._apply(self.policy.on_step(ctx))
 
     def _apply(self, plan: Plan | None) -> None:
         if plan is None:
             return
-        self._plan = plan
         if self.shard is not None:  # this rank's share of the prefetches (distributed.deal_prefetches)
             ranks = deal_prefetches(plan.layers, plan.experts, self.owner, self._holders)
             self._holders[ranks, plan.layers, plan.experts] = True
@@ -319,6 +327,7 @@ class OffloadEngine:
                         None if plan.next_use is None else np.where(never, np.inf, plan.next_use),
                         None if plan.following_use is None else np.where(never, np.inf, plan.following_use),
                         plan.now, None if plan.sure is None else plan.sure[keep])
+        self._plan = plan
         self.cache.apply(plan)
 
     def run_layer(
@@ -415,9 +424,9 @@ class OffloadEngine:
             # waves: its experts overflow the slots already.
             outcomes = self.cache.backfill(layer.index, list(cpu_jobs))
             # The backfilled share prices the later copy of CPU experts the cache would keep (or of
-            # any, where no forecast says): one the plan says it would not keep costs none, and its
-            # backfill is not admitted (Runtime::backfill), so it does not count.
-            counted = [o for o, kept in zip(outcomes, self._kept(layer.index, list(cpu_jobs))) if kept != 0.0]
+            # any, where no forecast says); one the plan says it would not keep carries no later
+            # copy, so whether it was backfilled prices nothing.
+            counted = [o for o, job in zip(outcomes, cpu_jobs.values()) if job.kept != 0.0]
             cast("CostModel", self.cost_model).observe_backfills(
                 len(counted), sum(o != BACKFILL_NOT_ADMITTED for o in counted))
         # The policy hears the layer once, after the first wave's demand loads are queued (they go
@@ -434,7 +443,7 @@ class OffloadEngine:
             self.cache.release(layer.index, wave, stream)
         for e, job in cpu_jobs.items():
             start = time.perf_counter()
-            y = job.result().to(hidden_states.device, non_blocking=True)  # pinned on a GPU (_cpu_expert)
+            y = job.future.result().to(hidden_states.device, non_blocking=True)  # pinned on a GPU (_cpu_expert)
             self.cpu_wait_ms += (time.perf_counter() - start) * 1e3
             outputs[e] = weighted(e, y)
         if cpu_jobs:
@@ -458,8 +467,8 @@ class OffloadEngine:
         return final
 
     def _submit_cpu_experts(self, module: OffloadedExperts, layer: int, experts: list[int], counts: np.ndarray,
-                            chosen: np.ndarray, hidden_states: torch.Tensor) -> dict[int, Future]:
-        """Sends the missed experts the cost model picks to the CPU -> ``{expert: future [n, H]}``, each
+                            chosen: np.ndarray, hidden_states: torch.Tensor) -> dict[int, CpuJob]:
+        """Sends the missed experts the cost model picks to the CPU -> ``{expert: CpuJob}``, each
         expert's tokens in the order the GPU path takes them (choice-major, then token)."""
         if self.cost_model is None or self._cpu is None or not experts:
             return {}
@@ -473,29 +482,26 @@ class OffloadEngine:
         expert_bytes = self.pool.expert_bytes(layer)
         missed = [(e, b) for e, b in zip(experts, unsent) if b != 0]
         self.cost_model.observe_hits(len(experts), len(experts) - len(missed))
+        # Whether the cache would keep each miss until its next use, by the plan in force (NaN: it
+        # does not say): a copy it would not keep buys no later hit (Plan.kept_until_next_use).
+        kept = ([math.nan] * len(missed) if self._plan is None or not missed else
+                self._plan.kept_until_next_use(layer, [e for e, _ in missed], self.cache.num_slots).tolist())
         choices = self.cost_model.choose([int(counts[e]) for e, _ in missed],
-                                         [1.0 if b < 0 else b / expert_bytes for _, b in missed],
-                                         self._kept(layer, [e for e, _ in missed]))
+                                         [1.0 if b < 0 else b / expert_bytes for _, b in missed], kept)
         to_cpu = [e for (e, _), cpu in zip(missed, choices) if cpu]
         if not to_cpu:
             return {}
         x = hidden_states.to("cpu")  # the layer's one extra host sync, only where the CPU computes
         with_demand_loads = len(to_cpu) < len(missed)
+        kept_of = {e: k for (e, _), k in zip(missed, kept)}
         jobs = {}
         for e in to_cpu:
             token_idx = np.nonzero(e == chosen.T)[1]
             rows = None if len(token_idx) == x.shape[0] and (token_idx == np.arange(x.shape[0])).all() else torch.from_numpy(token_idx)
-            jobs[e] = self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, x, rows, self._cpu.linear,
-                                                         with_demand_loads))
+            jobs[e] = CpuJob(self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, x, rows,
+                                                                self._cpu.linear, with_demand_loads)), kept_of[e])
         self.num_cpu_experts += len(to_cpu)
         return jobs
-
-    def _kept(self, layer: int, experts: list[int]) -> list[float]:
-        """``[m]``: whether the cache would keep each expert of ``layer`` until its next use, by the
-        plan in force (1 or 0; NaN: the plan does not say; ``Plan.kept_until_next_use``)."""
-        if self._plan is None or not experts:
-            return [math.nan] * len(experts)
-        return self._plan.kept_until_next_use(layer, experts, self.cache.num_slots).tolist()
 
     def _observe_link(self) -> None:
         """Once a pass: what demand loads took per expert since the last call (timed by the runtime on

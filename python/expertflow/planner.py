@@ -71,25 +71,30 @@ class Plan:
         """Whether a cache of ``num_slots`` slots that evicts the expert needed farthest ahead would
         keep each of ``experts`` (ids of ``layer``, used at its visit in the step of :attr:`now`)
         until its next use, by this plan's forecast -> ``[m]`` float64: 1 kept, 0 not (or never used
-        again), NaN where the plan does not forecast its next use (no tables, no clock, or no use
-        named after this visit).
+        again), NaN where the plan does not say: no tables, no clock, a clock past this layer (a plan
+        of another step), or no use of the expert named after this visit (a next use of NaN names
+        none, as for the runtime's cache).
 
-        Belady's rule over the uses the plan names (each expert's next two): an expert next used at
-        ``t`` is kept when, at every visit after this one up to ``t``, fewer than ``num_slots`` other
-        experts must be held. Another expert must be held at each of its uses up to ``t``, and from
-        its first use to its second where that comes before ``t`` (needed sooner, the cache keeps it
-        instead); one used and not again before ``t`` is evicted first. What no forecast names is
-        not counted. A miss the cache would not keep costs no later copy when the CPU computes it;
-        one it would keep does (``cpu_experts.CostModel.choose``)."""
+        Belady's rule over the uses the plan names (each expert's next two), from a cache holding
+        only this expert: it is kept until its next use ``t`` when, at every visit after this one up
+        to ``t``, fewer than ``num_slots`` other experts must be held. Another expert must be held at
+        each of its uses up to ``t``, and from its first use to its second where that comes before
+        ``t`` (needed sooner, the cache keeps it instead); one used and not again before ``t`` is
+        evicted first. What no forecast names is not counted. Positions are whole visits. A miss the
+        cache would not keep costs no later copy when the CPU computes it; one it would keep does
+        (``cpu_experts.CostModel.choose``)."""
         m = len(experts)
         if self.next_use is None or self.following_use is None or not np.isfinite(self.now):
             return np.full(m, np.nan)
         num_layers, num_experts = self.next_use.shape
+        if self.now % num_layers > layer:  # made after a later layer than this one: not this step's plan
+            return np.full(m, np.nan)
         visit = self.now - self.now % num_layers + layer  # positions count layer visits (module docstring)
         with np.errstate(invalid="ignore"):
             # each expert's first named use after this visit (NaN: none) and the one after it (NaN: none)
             ahead = self.next_use > visit
-            first = np.where(ahead, self.next_use, np.where(self.following_use > visit, self.following_use, np.nan)).ravel()
+            later = ~np.isnan(self.next_use) & (self.following_use > visit)
+            first = np.where(ahead, self.next_use, np.where(later, self.following_use, np.nan)).ravel()
             second = np.where(ahead & (self.following_use > self.next_use), self.following_use, np.nan).ravel()
         mine = layer * num_experts + np.asarray(experts, dtype=np.int64)
         at = first[mine]
@@ -97,26 +102,29 @@ class Plan:
         timed = np.flatnonzero(np.isfinite(at))
         if timed.size == 0:
             return kept
-        t = at[timed][:, None]  # [m', 1]
+        # Visit q is column q - visit - 1. Held there by a miss used at t: the experts first used at q,
+        # and those between their first and second use (first < q <= second) whose second comes
+        # before t; at t, also those used a second time at t (less the miss itself, used at t).
+        span = int(at[timed].max() - visit)
+        named = np.isfinite(first) & (first - visit <= span)
+        used_at = np.bincount((first[named] - visit - 1).astype(np.int64), minlength=span)[:span]
         with np.errstate(invalid="ignore"):
-            others = np.isfinite(first)[None, :] & (first[None, :] <= t)  # [m', L*E]: needed up to t
-            others[np.arange(timed.size), mine[timed]] = False
-            held_to = np.where(second[None, :] < t, second[None, :], first[None, :])  # held through its second use
-            again_at_t = others & (second[None, :] == t)  # used at t too: a slot there as well
-        # Slots held at each visit q in (visit, t]: +1 from an expert's first use, -1 after it is let go
-        # (columns q - visit - 1, one row per miss).
-        span = int(t.max() - visit)
-        rows, cols = np.nonzero(others)
-        opened = (first[cols] - visit - 1).astype(np.int64)
-        closed = (held_to[rows, cols] - visit).astype(np.int64)
-        counts = np.zeros((timed.size, span + 1))
-        np.add.at(counts, (rows, opened), 1.0)
-        np.add.at(counts, (rows, closed), -1.0)
-        held = np.cumsum(counts, axis=1)[:, :span]
-        last = (t[:, 0] - visit - 1).astype(np.int64)
-        held[np.arange(timed.size), last] += again_at_t.sum(axis=1)
-        held[np.arange(span)[None, :] > last[:, None]] = 0.0  # past each miss's own next use
-        kept[timed] = (held.max(axis=1) < num_slots).astype(np.float64)
+            spans = named & (second - visit < span)  # held between its uses by some miss: second < its t
+        by_second = np.flatnonzero(spans)[np.argsort(second[spans], kind="stable")]
+        seconds, opens = second[by_second] - visit, (first[by_second] - visit).astype(np.int64)
+        between = np.zeros(span + 1)  # +1 at the column after an expert's first use, -1 after its second
+        done = 0
+        # Misses in order of their next use: each holds what the one before held, and more (a sweep).
+        for i in timed[np.argsort(at[timed], kind="stable")]:
+            t = at[i] - visit
+            upto = int(np.searchsorted(seconds, t, side="left"))  # second use before t
+            between += np.bincount(opens[done:upto], minlength=span + 1)
+            between -= np.bincount(seconds[done:upto].astype(np.int64), minlength=span + 1)
+            done = upto
+            n = int(t)
+            held = used_at[:n] + np.cumsum(between)[:n]
+            held[n - 1] += np.count_nonzero(second == at[i]) - 1
+            kept[i] = float(held.max() < num_slots)
         return kept
 
 

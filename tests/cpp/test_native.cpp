@@ -97,7 +97,7 @@ class RecordingBackend final : public ForwardingBackend {
 
 // Holds every event back until open(): a chunk the dispatcher submitted stays in flight, so its job
 // stays started.
-class GatedBackend final : public ForwardingBackend {
+class GatedBackend : public ForwardingBackend {
  public:
   std::mutex mu;
   std::condition_variable cv;
@@ -123,6 +123,19 @@ class GatedBackend final : public ForwardingBackend {
       cv.wait(lk, [&] { return is_open; });
     }
     inner->synchronize(e);
+  }
+};
+
+// Gated, and keeps the source of every copy in the order the copy engine issued them.
+class GatedRecordingBackend final : public GatedBackend {
+ public:
+  std::vector<const void*> sources;
+  void copy_to_device_async(void* dst, const void* src, size_t bytes, Stream s) override {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      sources.push_back(src);
+    }
+    inner->copy_to_device_async(dst, src, bytes, s);
   }
 };
 
@@ -555,6 +568,41 @@ void test_runtime_backfill_by_forecast() {
   runtime.resume_prefetch();
   runtime.synchronize();
   EXPECT((runtime.landed(0, {1, 2}) == std::vector<uint8_t>{1, 1}));
+
+  // Its copy is due at that use: behind a prefetch due sooner, though that one was queued after it.
+  auto backend = std::make_shared<GatedRecordingBackend>();
+  auto gated = std::make_shared<ExpertPool>(backend, std::vector<int>{4, 4},
+                                            std::vector<ExpertLayout>(2, ExpertLayout::pack({spec("w", {4096}, 4)})));
+  options.copy.chunk_bytes = 4096;
+  options.copy.max_chunks_in_flight = 1;  // the first copy's first chunk holds the link while the gate is shut
+  Runtime ordered(gated, options);
+  struct OpenOnExit {  // a failing check opens the gate first, so close() does not wait forever
+    GatedBackend& gate;
+    ~OpenOnExit() { gate.open(); }
+  } open_on_exit{*backend};
+  Plan tables;
+  tables.stride = 4;
+  tables.now = 0;
+  tables.next_use.assign(8, inf);
+  tables.following_use.assign(8, inf);
+  tables.next_use[1] = 0;           // layer 0 expert 1: used now, then at 6
+  tables.following_use[1] = 6;
+  tables.next_use[4 + 0] = 1;       // layer 1 expert 0: at 1 (the copy holding the link)
+  tables.next_use[4 + 2] = 3;       // layer 1 expert 2: at 3
+  tables.prefetch = {{1, 0, 1.0}};
+  ordered.apply_plan(tables);
+  EXPECT((ordered.backfill(0, {1}) == std::vector<uint8_t>{1}));  // due at 6 (a demand miss's rule: 2)
+  tables.prefetch = {{1, 0, 1.0}, {1, 2, 3.0}};
+  ordered.apply_plan(tables);
+  backend->open();
+  ordered.synchronize();
+  std::vector<const void*> starts;  // each copy's first chunk, in the order they went
+  for (const void* src : backend->sources) {
+    for (const auto& [l, e] : std::vector<std::pair<int, int>>{{1, 0}, {1, 2}, {0, 1}}) {
+      if (src == gated->expert_data(l, e)) starts.push_back(src);
+    }
+  }
+  EXPECT((starts == std::vector<const void*>{gated->expert_data(1, 0), gated->expert_data(1, 2), gated->expert_data(0, 1)}));
 }
 
 // Copies on their way when the CPU computes their experts: a started one is kept for the next use (no
