@@ -138,6 +138,11 @@ int SlotCache::pick_slot(int layer, double due, bool prefetch) const {
   return choose_victim(policy_, slots_, all, due);
 }
 
+bool SlotCache::may_replace(int slot, double due) const {
+  check_slot(slot);
+  return slots_[slot].empty() || slots_[slot].next_use > due;
+}
+
 void SlotCache::assign(int slot, int layer, int expert) {
   check_slot(slot);
   EF_CHECK(find(layer, expert) < 0, "layer " << layer << " expert " << expert << " is already resident in slot "
@@ -265,7 +270,7 @@ std::vector<PlanLoad> SlotCache::admit(const BeforeLoad& before_load, const Afte
       continue;
     }
     // Conservative admission: the victim must not be needed before the expert that replaces it.
-    if (by_next_use && !slots_[s].empty() && !(slots_[s].next_use > item.due)) {
+    if (by_next_use && !may_replace(s, item.due)) {
       admitting = false;
       continue;
     }

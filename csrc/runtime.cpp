@@ -138,11 +138,14 @@ void Runtime::readmit_locked() {
 
 int Runtime::take_slot_locked(int layer, int expert) {
   const int s = cache_.pick_slot(layer, cache_.demand_due(), /*prefetch=*/false);
-  if (s < 0) return -1;
-  evict_locked(s);
-  cache_.assign(s, layer, expert);
-  cache_.pin(s);
-  return s;
+  return s < 0 ? -1 : occupy_locked(s, layer, expert);
+}
+
+int Runtime::occupy_locked(int slot, int layer, int expert) {
+  evict_locked(slot);
+  cache_.assign(slot, layer, expert);
+  cache_.pin(slot);
+  return slot;
 }
 
 std::vector<int> Runtime::acquire(int layer, const std::vector<int>& experts, Stream compute, bool wait,
@@ -305,17 +308,12 @@ std::vector<uint8_t> Runtime::backfill(int layer, const std::vector<int>& expert
     // prefetches.
     const double next = policy_ == Policy::kExpertflow ? cache_.forecast_next_use(layer, experts[i])
                                                        : std::numeric_limits<double>::quiet_NaN();
-    int s;
+    int s = -1;
     if (std::isnan(next)) {
       s = take_slot_locked(layer, experts[i]);  // the slot a demand miss takes
-    } else {
-      s = std::isinf(next) ? -1 : cache_.pick_slot(layer, next, /*prefetch=*/true);
-      if (s >= 0 && !cache_.slot(s).empty() && !(cache_.slot(s).next_use > next)) s = -1;
-      if (s >= 0) {
-        evict_locked(s);
-        cache_.assign(s, layer, experts[i]);
-        cache_.pin(s);
-      }
+    } else if (!std::isinf(next)) {
+      const int victim = cache_.pick_slot(layer, next, /*prefetch=*/true);
+      if (victim >= 0 && cache_.may_replace(victim, next)) s = occupy_locked(victim, layer, experts[i]);
     }
     if (s < 0) continue;  // every slot is pinned, or the forecast does not admit it
     copy_later_locked(s, std::isnan(next) ? due : next);

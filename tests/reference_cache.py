@@ -161,11 +161,16 @@ class ReferenceCache:
             return None
         return sorted(set(dues))  # two entries with one due are one use
 
+    def forecast_ahead(self, layer: int, expert: int) -> list[float]:
+        """The forecast's uses of (layer, expert) still ahead of the clock, in time order (a use whose
+        visit has come gives way); empty where it forecasts none."""
+        uses = self.forecast_uses(layer, expert)
+        return [u for u in uses if u > self.position] if uses is not None else []
+
     def forecast_next_use(self, layer: int, expert: int) -> float | None:
         """The forecast's next use of (layer, expert) after the current visit (NEVER: not again), or
         None where no forecast names one."""
-        uses = self.forecast_uses(layer, expert)
-        ahead = [u for u in uses if u > self.position] if uses is not None else []
+        ahead = self.forecast_ahead(layer, expert)
         return ahead[0] if ahead else None
 
     def estimate(self, r: Resident) -> float:
@@ -182,11 +187,9 @@ class ReferenceCache:
         if self.policy != "expertflow":
             return NEVER, NEVER
         after_next = 2.0 * max(self.num_layers, 1)  # a use with no known successor: the next is two steps on
-        uses = self.forecast_uses(r.layer, r.expert)
-        if uses is not None:
-            ahead = [u for u in uses if u > self.position]  # a use whose visit has come gives way
-            if ahead:
-                return ahead[0], ahead[1] if len(ahead) > 1 else ahead[0] + after_next
+        ahead = self.forecast_ahead(r.layer, r.expert)
+        if ahead:
+            return ahead[0], ahead[1] if len(ahead) > 1 else ahead[0] + after_next
         guess = self.estimate(r)
         return guess, guess + after_next
 
@@ -265,6 +268,12 @@ class ReferenceCache:
             return self.eviction_order(others, due)[0]
         return self.eviction_order(candidates, due)[0] if candidates else -1
 
+    def may_replace(self, i: int, due: float) -> bool:
+        """Conservative admission of a load due at ``due`` into slot ``i``: it is empty, or its
+        expert is next needed after ``due``."""
+        r = self.residents[i]
+        return r is None or self.next_uses(r)[0] > due
+
     def load(self, i: int, layer: int, expert: int) -> Resident:
         self.counter += 1
         self.residents[i] = Resident(layer, expert, loaded_at=self.counter)
@@ -317,10 +326,10 @@ class ReferenceCache:
             if i < 0:
                 waiting = expertflow
                 continue
-            victim = self.residents[i]
-            if expertflow and victim is not None and self.next_uses(victim)[0] <= due:
+            if expertflow and not self.may_replace(i, due):
                 waiting = True  # the victim is needed no later than this prefetch
                 continue
+            victim = self.residents[i]
             if not sure and victim is not None and self.next_use_seen_from(victim, due) != NEVER:
                 continue
             self.evict(i)
@@ -362,8 +371,8 @@ class ReferenceCache:
     def acquire(self, layer: int, experts: list[int], demand_landed: bool = False, spare: Sequence[int] = ()) -> list[int]:
         """``ExpertCache.acquire``: the clock moves to the layer's visit; resident experts are pinned
         first, so the misses never evict them; the resident ones of ``spare`` whose copy is not waiting
-        to start are pinned too, until a miss finds no other slot; each miss is demand-loaded (due now); then each expert is accessed,
-        and a timed plan is admitted again. ``demand_landed``: whether this acquire's own demand copies
+        to start are pinned too, until a miss finds no other slot; each miss is demand-loaded (due
+        now); then each expert is accessed, and a timed plan is admitted again. ``demand_landed``: whether this acquire's own demand copies
         have landed by then (see the module docstring)."""
         if set(spare) & set(experts) or len(set(spare)) < len(spare):
             raise ReferenceError_("spare")  # refused before the clock moves
@@ -434,8 +443,8 @@ class ReferenceCache:
         loaded into the slot a demand miss would take and pinned, its copy queued (under expertflow,
         where the forecast names its next use, into the slot a prefetch due then would take, and only
         where a prefetch would be admitted: not for an expert never used again, not over one needed no
-        later); every expert now in
-        a slot is accessed in order, then unpinned; a timed plan is admitted again. -> per expert:
+        later); every expert now in a slot is accessed in order, then unpinned; a timed plan is
+        admitted again. -> per expert:
         QUEUED, HELD or NOT_ADMITTED. ``outcome``: follow the runtime's admissions instead (where
         copies race, the queue's length, and whether a queued copy has started, are not known here:
         a resident one the runtime did not report HELD was cancelled). Without it every queued copy
@@ -467,7 +476,7 @@ class ReferenceCache:
                 i = self.pick(layer, due_now, prefetch=False)
             else:  # a prefetch for its forecast next use, admitted as one
                 i = self.pick(layer, forecast, prefetch=True) if forecast != NEVER else -1
-                if i >= 0 and self.residents[i] is not None and self.next_uses(self.residents[i])[0] <= forecast:
+                if i >= 0 and not self.may_replace(i, forecast):
                     i = -1
             if i < 0:
                 continue

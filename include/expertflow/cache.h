@@ -101,6 +101,9 @@ class SlotCache {
   // A slot to load an expert of `layer` into, due at `due` (demand_due(): a demand load), or -1 when
   // none may be taken. Candidates are unpinned; a prefetch under lru or lfu also spares planned slots.
   int pick_slot(int layer, double due, bool prefetch) const;
+  // Conservative admission of a load due at `due` into `slot` (pick_slot's): the slot is empty, or
+  // its expert is next needed after `due`.
+  bool may_replace(int slot, double due) const;
 
   void assign(int slot, int layer, int expert);  // replaces the occupant
   void clear(int slot);

@@ -146,6 +146,9 @@ class Runtime {
   void readmit_locked();
   // The slot a demand miss of `expert` takes, emptied, assigned and pinned; -1 when every slot is pinned.
   int take_slot_locked(int layer, int expert);
+  // Empties `slot` (evicting its expert, cancelling a copy not started), gives it to (layer, expert)
+  // and pins it; returns it.
+  int occupy_locked(int slot, int layer, int expert);
 
   std::shared_ptr<ExpertPool> pool_;  // null after close()
   std::shared_ptr<Backend> backend_;
