@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import random
 from typing import ClassVar
@@ -310,6 +311,12 @@ def test_async_cuda():
     _run(AsyncCudaMachine)
 
 
+@functools.cache
+def _host_pool():
+    """One filled host pool for every example (filling one per example would dominate the test)."""
+    return make_filled_pool("host", NUM_LAYERS, NUM_EXPERTS)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(num_slots=st.integers(2, 6), fills=st.lists(st.tuples(LAYERS, st.sets(EXPERTS, min_size=1, max_size=2)),
                                                     min_size=1, max_size=5),
@@ -319,10 +326,7 @@ def test_backfills_under_a_forecast_follow_the_definition(num_slots, fills, tabl
     whose next use the forecast names goes where a prefetch due then would, only where one would be
     admitted; one the forecast does not name takes a demand miss's slot. (The state machine covers
     this too, but reaches it rarely: there the paused queue is often too long for any backfill.)"""
-    pool = getattr(test_backfills_under_a_forecast_follow_the_definition, "pool", None) or make_filled_pool(
-        "host", NUM_LAYERS, NUM_EXPERTS)
-    test_backfills_under_a_forecast_follow_the_definition.pool = pool
-    cache = ef.ExpertCache(pool, num_slots, policy="expertflow")
+    cache = ef.ExpertCache(_host_pool(), num_slots, policy="expertflow")
     ref = ReferenceCache(num_slots, "expertflow", NUM_LAYERS)
     try:
         for fill_layer, fill in fills:  # residents with a history, every copy landed

@@ -781,13 +781,14 @@ def test_copies_on_their_way_are_priced_at_what_is_left_of_them(misses, copy_ms,
     model = CostModel(c, "auto")
     model.cpu_scales = [[scale, scale], [1.2 * scale, 1.2 * scale]]  # slower beside demand loads
     model.hit_ratio = 0.5
+    scales = [row[0] for row in model.cpu_scales]  # as priced: choose then moves unused prices 1% back
     on_cpu = model.choose(tokens, shares)
     later = 0.5 * copy_ms
 
     def cost(assignment):
         link = [copy_ms * share for share, cpu in zip(shares, assignment) if not cpu]
         case = 1 if link else 0
-        cpu = sum(c.cpu_ms(n) * model.cpu_scales[case][0] for n, on in zip(tokens, assignment) if on)
+        cpu = sum(c.cpu_ms(n) * scales[case] for n, on in zip(tokens, assignment) if on)
         return max(sum(link) + (gpu_ms if link else 0.0), cpu) + later * sum(assignment)
 
     assert cost(on_cpu) <= min(cost([False] * len(tokens)), cost([True] * len(tokens))) + 1e-9

@@ -126,6 +126,14 @@ class GatedBackend : public ForwardingBackend {
   }
 };
 
+// Opens the gate when it goes out of scope. Declared after what waits on the gate (a copy engine, a
+// runtime), it goes first: a failing check opens the gate, and close() does not wait forever on a
+// chunk held back.
+struct OpenOnExit {
+  GatedBackend& gate;
+  ~OpenOnExit() { gate.open(); }
+};
+
 // Gated, and keeps the source of every copy in the order the copy engine issued them.
 class GatedRecordingBackend final : public GatedBackend {
  public:
@@ -317,12 +325,7 @@ void test_copy_engine_counts_a_started_jobs_unsubmitted_bytes() {
   constexpr size_t kChunk = 4096, kBytes = 3 * kChunk + 100;
   std::vector<uint8_t> src(kBytes, 9), dst(kBytes, 0);
   CopyEngine engine(backend, 1, CopyEngineOptions{kChunk, 1});
-  // Declared after the engine, so it goes first: a failing check opens the gate, and the engine's
-  // close() does not wait forever on the chunk held back.
-  struct OpenOnExit {
-    GatedBackend& gate;
-    ~OpenOnExit() { gate.open(); }
-  } open_on_exit{*backend};
+  const OpenOnExit open_on_exit{*backend};  // declared after the engine, so it goes first
   engine.prefetch(0, src.data(), dst.data(), kBytes, 1.0);
   for (int i = 0; i < 5000 && engine.job_state(0) != CopyEngine::JobState::kStarted; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -576,10 +579,7 @@ void test_runtime_backfill_by_forecast() {
   options.copy.chunk_bytes = 4096;
   options.copy.max_chunks_in_flight = 1;  // the first copy's first chunk holds the link while the gate is shut
   Runtime ordered(gated, options);
-  struct OpenOnExit {  // a failing check opens the gate first, so close() does not wait forever
-    GatedBackend& gate;
-    ~OpenOnExit() { gate.open(); }
-  } open_on_exit{*backend};
+  const OpenOnExit open_on_exit{*backend};  // declared after the runtime, so it goes first
   Plan tables;
   tables.stride = 4;
   tables.now = 0;
@@ -617,10 +617,7 @@ void test_runtime_backfill_of_copies_on_their_way() {
   options.copy.chunk_bytes = kChunk;
   options.copy.max_chunks_in_flight = 1;  // the first chunk stays on the link while the gate is shut
   Runtime runtime(pool, options);
-  struct OpenOnExit {  // a failing check opens the gate first, so close() does not wait forever
-    GatedBackend& gate;
-    ~OpenOnExit() { gate.open(); }
-  } open_on_exit{*backend};
+  const OpenOnExit open_on_exit{*backend};  // declared after the runtime, so it goes first
   const size_t bytes = pool->expert_bytes(0);
   Plan plan;
   plan.prefetch = {{0, 1, 0.0}, {0, 2, 1.0}, {0, 3, 2.0}};
