@@ -11,7 +11,9 @@ variant's place in a round, falls on every variant alike. The variants:
 - ``no_reuse``: auto whose cost model does not hear the plan's forecast of which misses the cache
   would keep until their next use (``Plan.kept_until_next_use`` reads NaN): every CPU expert's later
   copy is priced at the cache's recent hit ratio, as before that forecast was used. Only the price:
-  the runtime still admits backfills by the forecast (``Runtime::backfill``).
+  the runtime still admits backfills by the forecast (``Runtime::backfill``);
+- ``no_leave``: auto that leaves no forecast miss to the CPU ahead (``CostModel.misses_left_to_cpu``
+  reads 0): the plan's prefetches apply whole, and the CPU takes only what its layer's choice gives it.
 
 Each row is a bench row (``expertflow.bench``) with its variant and round, and the resident step
 of its run (``all_gpu_ms``); ``machine`` and ``pinned_gbps`` are the first run's.
@@ -36,7 +38,7 @@ from expertflow.bench.harness import BenchConfig, build_model, run_bench
 from expertflow.planner import Plan
 from expertflow.runtime import ExpertCache
 
-VARIANTS = ("normal", "onway_link", "never", "no_reuse")
+VARIANTS = ("normal", "onway_link", "never", "no_reuse", "no_leave")
 
 
 def main() -> None:
@@ -60,6 +62,7 @@ def main() -> None:
                       new_tokens=args.new_tokens, progress=False)
     model = build_model(cfg)
     bytes_to_submit, choose, kept = ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose, Plan.kept_until_next_use
+    left = cpu_experts.CostModel.misses_left_to_cpu
     rows: list[dict] = []
     meta: dict = {}
     command = "python benchmarks/cpu_experts_variants.py " + " ".join(
@@ -73,6 +76,8 @@ def main() -> None:
                 lambda self, num_tokens, copy_shares=None, kept=None: [False] * len(num_tokens))
             Plan.kept_until_next_use = kept if variant != "no_reuse" else (  # type: ignore[method-assign]
                 lambda self, layer, experts, num_slots: np.full(len(experts), np.nan))
+            cpu_experts.CostModel.misses_left_to_cpu = left if variant != "no_leave" else (  # type: ignore[method-assign]
+                lambda self, num_tokens: 0)
             modes = (["off", "auto"] if rnd % 2 == 0 else ["auto", "off"]) if variant == "normal" else ["auto"]
             result = run_bench(dataclasses.replace(cfg, cpu_experts=modes), model)
             meta = meta or {"machine": result["machine"], "pinned_gbps": result["pinned_gbps"]}
@@ -86,6 +91,7 @@ def main() -> None:
             args.out.write_text(json.dumps({"command": command, **meta, "rows": rows}, indent=1))
     finally:
         ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose, Plan.kept_until_next_use = bytes_to_submit, choose, kept
+        cpu_experts.CostModel.misses_left_to_cpu = left  # type: ignore[method-assign]
         model.pool.close()
 
 

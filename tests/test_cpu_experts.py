@@ -190,12 +190,15 @@ def test_the_engine_tells_the_cost_model_which_misses_the_plan_in_force_would_ke
 
 class _EveryExpertEveryStep:
     """A policy whose step plans forecast every expert at this step's visit of its layer and at the
-    next step's (no prefetches), except at the steps ``renew`` rules out, where it keeps the plan."""
+    next step's (no prefetches), except at the steps ``renew`` rules out, where it keeps the plan.
+    ``prefetch``: the plans also prefetch every expert for this step's visit, in layer order, and
+    forecast the odd-numbered experts never used again."""
 
     name, cache_policy, gate_from_router, wants_steps = "every-expert", "expertflow", False, True
 
-    def __init__(self, renew) -> None:
+    def __init__(self, renew, prefetch: bool = False) -> None:
         self.renew = renew
+        self.prefetch = prefetch
 
     def attach(self, info):
         self.info = info
@@ -208,8 +211,14 @@ class _EveryExpertEveryStep:
             return None
         L, E = self.info.num_layers, self.info.num_experts
         next_use = np.repeat((ctx.step * L + np.arange(L, dtype=np.float64))[:, None], E, axis=1)
-        empty = np.zeros(0, dtype=np.int32)
-        return Plan(empty, empty, np.zeros(0), next_use, next_use + L, float(ctx.step * L))
+        if not self.prefetch:
+            empty = np.zeros(0, dtype=np.int32)
+            return Plan(empty, empty, np.zeros(0), next_use, next_use + L, float(ctx.step * L))
+        following_use = next_use + L
+        following_use[:, 1::2] = np.inf
+        layers, experts = np.divmod(np.arange(L * E), E)
+        return Plan(layers.astype(np.int32), experts.astype(np.int32), next_use.ravel().copy(), next_use,
+                    following_use, float(ctx.step * L))
 
     def on_layer(self, layer, experts, gate):
         return None
@@ -247,6 +256,114 @@ def test_the_cost_model_hears_the_step_plan_in_force(tmp_path):
             assert want == (1.0 if slots == "75%" else 0.0)
         finally:
             model.expertflow.close()
+
+
+def test_the_engine_leaves_out_of_the_plan_the_misses_the_cpu_computes_instead(tmp_path):
+    """Plans of prefetches for this step's and the next step's visits, drawn at random (the next-use
+    tables too; NaN, inf and past uses among them), some already queued (prefetching paused: not
+    started) and some landed. The engine applies each plan less, at each visit, the first
+    ``misses_left_to_cpu`` of its misses that a cache evicting the farthest next use would not
+    keep until their next use (test_planner.reference_kept, the definition), in the plan's order;
+    a landed one is no miss, a queued one is. The tables stay whole."""
+    from test_planner import reference_kept
+
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    model = ef.from_pretrained(folder, policy="expertflow", expert_slots="7", cpu_experts="on", progress=False)
+    try:
+        engine = model.expertflow
+        L, E, num_slots = engine.num_layers, engine.num_experts, engine.cache.num_slots
+        engine._step_tokens = 1
+        applied: list[Plan] = []
+        apply = engine.cache.apply
+        engine.cache.apply = lambda plan: (applied.append(plan), apply(plan))
+        rng = np.random.default_rng(7)
+        for cpu_ms, per_visit in ((2.9, 2), (3.9, 1)):
+            engine.cost_model = CostModel(line_calibration(6.4, cpu_ms - 0.1, 0.1), "auto")
+            assert engine.cost_model.misses_left_to_cpu(1) == per_visit
+            for trial in range(12):
+                step = int(rng.integers(1, 4))
+                now = float(step * L + rng.integers(0, L))
+                # each expert's uses are visits of its layer: a step before, this one, up to three on
+                visits = (step + rng.integers(-1, 4, size=(L, E))) * L + np.arange(L)[:, None]
+                next_use = np.where(rng.random((L, E)) < 0.8, visits, rng.choice([np.nan, np.inf], size=(L, E)))
+                following_use = next_use + L * rng.choice([np.inf, 1, 2, 3], size=(L, E))
+                flat = next_use.ravel()
+                with np.errstate(invalid="ignore"):
+                    named = np.flatnonzero((flat >= now) & (flat < now - now % L + 2 * L))
+                named = named[np.argsort(flat[named], kind="stable")]
+                plan = Plan((named // E).astype(np.int32), (named % E).astype(np.int32), flat[named], next_use,
+                            following_use, now)
+                engine.cache.apply(Plan(plan.layers[:0], plan.experts[:0], plan.due[:0]))  # no prefetch left over
+                engine.cache.synchronize()
+                landed = {(int(layer), int(e)) for layer, e in zip(plan.layers, plan.experts) if rng.random() < 0.2}
+                for layer, e in landed:
+                    engine.cache.release(layer, [e], None) if engine.cache.acquire_slots(layer, [e]) else None
+                engine.cache.pause_prefetch()
+                queued = {(int(layer), int(e)) for layer, e in zip(plan.layers, plan.experts) if rng.random() < 0.3}
+                engine.cache.prefetch([(layer, e, float(now)) for layer, e in queued])
+                # landed: these, and what earlier trials left in slots
+                landed = {(layer, e) for layer, e in zip(plan.layers.tolist(), plan.experts.tolist())
+                          if engine.cache.bytes_to_submit(layer, [e])[0] == 0}
+                applied.clear()
+                engine._apply(plan)
+                engine.cache.resume_prefetch()
+                want, left_at = [], {}
+                for layer, e, due in zip(plan.layers.tolist(), plan.experts.tolist(), plan.due.tolist()):
+                    is_left = (layer, e) not in landed and left_at.get(due, 0) < per_visit and reference_kept(
+                        next_use, following_use, due, layer, e, num_slots) == 0.0
+                    left_at[due] = left_at.get(due, 0) + is_left
+                    if not is_left:
+                        want.append((layer, e))
+                got = applied[-1]
+                assert list(zip(got.layers.tolist(), got.experts.tolist())) == want, (cpu_ms, trial)
+                assert got.next_use is next_use and got.following_use is following_use and engine._plan is plan
+                assert len(want) < len(plan) or not any(left_at.values())
+    finally:
+        model.expertflow.close()
+
+
+def test_forecast_misses_left_to_the_cpu_give_the_resident_models_tokens(tmp_path):
+    """Live generation under step plans that prefetch every expert and forecast the odd-numbered
+    ones never used again, with `auto` and a CPU that computes two such misses within a copy: each
+    step's plan is applied without the odd experts of each visit (never kept; two a visit), the
+    CPU computes them, and the tokens are the resident model's. Prefetches are held (paused), so no
+    copy is part way when a plan is applied; an odd expert already landed (a demand load) is no
+    miss: it stays, and the next one not landed is left instead."""
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    resident = ef.from_pretrained(folder, policy="all_gpu", progress=False)
+    want = _greedy(resident, n=5)
+    resident.expertflow.close()
+    model = ef.from_pretrained(folder, policy="expertflow", expert_slots="75%", cpu_experts="on", progress=False)
+    try:
+        engine = model.expertflow
+        engine.policy = _EveryExpertEveryStep(renew=lambda step: True, prefetch=True)
+        engine.policy.attach(EngineInfo(engine.num_layers, engine.num_experts, engine.cache.num_slots, 2))
+        engine.cost_model = CostModel(line_calibration(6.4, 2.8, 0.1), "auto")
+        # prices as set: the tiny model's copies and CPU experts take microseconds
+        engine.cost_model.observe = engine.cost_model.observe_link = lambda *args: None
+        L, odd = engine.num_layers, [1, 3, 5, 7]
+        applied: list[tuple[Plan, list[list[int]]]] = []
+        apply = engine.cache.apply
+
+        def recording_apply(plan):
+            landed = [[e for e, b in zip(odd, engine.cache.bytes_to_submit(layer, odd)) if b == 0] for layer in range(L)]
+            applied.append((plan, landed))
+            apply(plan)
+
+        engine.cache.apply = recording_apply
+        engine.cache.pause_prefetch()
+        got = _greedy(model, n=5)
+        assert torch.equal(got, want)
+        decode = [(plan, landed) for plan, landed in applied if plan.due.size and plan.now > 0]  # not the prompt's
+        assert len(decode) == 4
+        for plan, landed in decode:
+            for layer in range(L):
+                misses = [e for e in odd if e not in landed[layer]]
+                named = set(plan.experts[plan.layers == layer].tolist())
+                assert sorted(set(odd) - named) == misses[:2], (layer, landed, sorted(named))
+        assert engine.num_cpu_experts > 0
+    finally:
+        model.expertflow.close()
 
 
 def test_the_backfilled_share_counts_only_cpu_experts_the_plan_does_not_rule_out(tmp_path):
@@ -597,6 +714,25 @@ def test_the_cost_model_on_the_h200_machines_figures():
     assert third.choose([1, 1, 1]) == [False, False, True] and third.cpu_can_win(8)
     assert not third.cpu_can_win(2)  # two experts a layer: never
     assert not CostModel(line_calibration(1.0, 50.0, 0.1), "auto").cpu_can_win(8)
+
+
+def test_a_visit_leaves_to_the_cpu_the_unkept_misses_it_computes_within_one_copy():
+    """A copy takes 6.4 ms. A CPU of 3 ms an expert takes two of a visit's misses that the cache
+    would not keep, one of 4 ms one, one of 7 ms none (the copy is sooner); 64 tokens at 3 + 0.1 a
+    token (9.4 ms) none; only `auto` leaves any. Priced as inside steps: a CPU measured 1.6 times
+    slower there (4.8 ms) takes one, and a link measured twice as slow makes room for more."""
+    assert CostModel(line_calibration(6.4, 2.9, 0.1), "auto").misses_left_to_cpu(1) == 2
+    assert CostModel(line_calibration(6.4, 3.9, 0.1), "auto").misses_left_to_cpu(1) == 1
+    assert CostModel(line_calibration(6.4, 6.9, 0.1), "auto").misses_left_to_cpu(1) == 0
+    assert CostModel(line_calibration(6.4, 2.9, 0.1), "auto").misses_left_to_cpu(64) == 0
+    assert [CostModel(line_calibration(6.4, 2.9, 0.1), mode).misses_left_to_cpu(1) for mode in ("on", "off")] == [0, 0]
+    slow = CostModel(line_calibration(6.4, 2.9, 0.1), "auto")
+    for _ in range(30):
+        slow.observe(1, 4.8, with_demand_loads=True)
+    assert slow.misses_left_to_cpu(1) == 1
+    for _ in range(30):
+        slow.observe_link(12.8)
+    assert slow.misses_left_to_cpu(1) == 2
 
 
 def test_the_cost_model_learns_what_the_cpu_costs_inside_a_step():

@@ -247,6 +247,30 @@ class CostModel:
         return self.mode == "on" or (self.mode == "auto" and any(
             self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms, [0.0] * num_experts)[0]))
 
+    def misses_left_to_cpu(self, num_tokens: int) -> int:
+        """How many forecast misses of one layer visit, each of up to ``num_tokens`` tokens and none
+        of which the cache would keep until its next use, are left to the CPU rather than copied
+        ahead (the engine leaves them out of the plan's prefetches): 0 unless the mode is ``auto``
+        and the CPU computes such an expert sooner than the link copies it; else as many as the CPU
+        computes, one after another, within one copy (at least one). Priced as :meth:`choose` prices
+        them: the calibration times the in-step scale plus spread, the worse of the two cases.
+
+        A copy the cache will not keep until its next use serves that one use and buys no later
+        hit, and where misses wait on the link its milliseconds hold up every copy queued behind it
+        (a Mixtral expert: 6.4 ms to copy, about 3 on the CPU at decode). Left to the CPU, it also
+        takes no slot ahead of its use, so evicts nothing; at its layer :meth:`choose` prices it as
+        any miss, with no later copy."""
+        if self.mode != "auto" or num_tokens < 1:
+            return 0
+        with self._lock:
+            point = self._point(num_tokens)
+            price = max(scales[point] + spreads[point] for scales, spreads in zip(self.cpu_scales, self.cpu_spreads))
+        cpu_ms = self.calibration.cpu_ms(num_tokens) * price
+        copy_ms = self.calibration.copy_ms * self.link_scale
+        if not 0 < cpu_ms < copy_ms:
+            return 0
+        return max(1, int(copy_ms // cpu_ms))
+
     def _split(self, num_tokens: list[int], prices: list[list[float]], copy_ms: float, later_copy_ms: list[float],
                copy_shares: list[float] | None = None) -> tuple[list[bool], set[tuple[int, int]]]:
         """The split of the misses (``num_tokens [m]``) that costs least -> (``[m]`` True for the CPU,

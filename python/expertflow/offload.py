@@ -190,6 +190,7 @@ class OffloadEngine:
         # The policy's plan in force: its forecast of each expert's next use tells the cost model which
         # misses the cache would keep, had they been copied (Plan.kept_until_next_use).
         self._plan: Plan | None = None
+        self._step_tokens: int | None = None  # tokens of the forward pass under way (_on_step)
         # A list: run_layer appends a record of each layer visit (a diagnostic: it costs two stats
         # reads a layer). layer, tokens, experts used, misses (demand loads), backfills, cpu_experts,
         # cpu_ms, cpu_wait_ms, host_ms (run_layer's host time; the GPU's work may finish in the next
@@ -309,6 +310,7 @@ class OffloadEngine:
         ctx = StepContext(step=self.steps, batch=batch, new_sequences=new, embeddings=output[:, -1],
                           positions=positions, previous_path=previous_path)
         self.steps += 1
+        self._step_tokens = batch * length
         self._plan = None  # a plan's forecast is of its step: one the policy does not renew says nothing now
         self._apply(self.policy.on_step(ctx))
 
@@ -328,7 +330,41 @@ class OffloadEngine:
                         None if plan.following_use is None else np.where(never, np.inf, plan.following_use),
                         plan.now, None if plan.sure is None else plan.sure[keep])
         self._plan = plan
-        self.cache.apply(plan)
+        self.cache.apply(self._leave_to_cpu(plan))
+
+    def _leave_to_cpu(self, plan: Plan) -> Plan:
+        """``plan`` less the prefetches the CPU computes instead: at each visit the plan forecasts, up
+        to :meth:`CostModel.misses_left_to_cpu` of its misses that the cache would not keep until
+        their next use (:meth:`Plan.kept_until_next_use` at that visit), among those whose copies have
+        not started, in the plan's order. So the link carries only what the GPU will run, and a
+        prefetch the CPU would overtake at its layer takes no slot (nor evicts) before. The next-use
+        tables stay whole: they still rank evictions and price the layer's choice. Only plans that
+        name later uses (the trace oracles) say which misses are not kept: others apply whole."""
+        cost_model = self.cost_model
+        if cost_model is None or plan.following_use is None or not len(plan) or self._step_tokens is None:
+            return plan
+        per_visit = cost_model.misses_left_to_cpu(self._step_tokens)
+        if per_visit == 0:
+            return plan
+        num_layers, num_slots = self.num_layers, self.cache.num_slots
+        unstarted = np.zeros(len(plan), dtype=bool)
+        for layer in np.unique(plan.layers).tolist():  # one native call a layer named
+            at = np.flatnonzero(plan.layers == layer)
+            unsent = np.asarray(self.cache.bytes_to_submit(layer, plan.experts[at].tolist()))
+            unstarted[at] = (unsent < 0) | (unsent == self.pool.expert_bytes(layer))
+        leave = np.zeros(len(plan), dtype=bool)
+        for due in np.unique(plan.due[unstarted]).tolist():
+            at = np.flatnonzero(unstarted & (plan.due == due))
+            layer = int(plan.layers[at[0]])
+            if due % num_layers != layer or (plan.layers[at] != layer).any():
+                continue  # not a visit of one layer (a plan of positions of its own): nothing to say
+            kept = plan.kept_until_next_use(layer, plan.experts[at].tolist(), num_slots, visit=due)
+            leave[at[kept == 0][:per_visit]] = True
+        if not leave.any():
+            return plan
+        keep = ~leave
+        return Plan(plan.layers[keep], plan.experts[keep], plan.due[keep], plan.next_use, plan.following_use,
+                    plan.now, None if plan.sure is None else plan.sure[keep])
 
     def run_layer(
         self,

@@ -67,13 +67,14 @@ class Plan:
     def __len__(self) -> int:
         return int(self.layers.shape[0])
 
-    def kept_until_next_use(self, layer: int, experts: Sequence[int], num_slots: int) -> np.ndarray:
+    def kept_until_next_use(self, layer: int, experts: Sequence[int], num_slots: int,
+                            visit: float | None = None) -> np.ndarray:
         """Whether a cache of ``num_slots`` slots that evicts the expert needed farthest ahead would
-        keep each of ``experts`` (ids of ``layer``, used at its visit in the step of :attr:`now`)
-        until its next use, by this plan's forecast -> ``[m]`` float64: 1 kept, 0 not (or never used
-        again), NaN where the plan does not say: no tables, no clock, a clock past this layer (a plan
-        of another step), or no use of the expert named after this visit (a next use of NaN names
-        none, as for the runtime's cache).
+        keep each of ``experts`` (ids of ``layer``, used at its visit in the step of :attr:`now`, or
+        at ``visit``, a later position of that layer) until its next use, by this plan's forecast ->
+        ``[m]`` float64: 1 kept, 0 not (or never used again), NaN where the plan does not say: no
+        tables, no clock, a clock past this layer or ``visit`` (a plan of another step), or no use of
+        the expert named after this visit (a next use of NaN names none, as for the runtime's cache).
 
         Belady's rule over the uses the plan names (each expert's next two), from a cache holding
         only this expert: it is kept until its next use ``t`` when, at every visit after this one up
@@ -87,9 +88,14 @@ class Plan:
         if self.next_use is None or self.following_use is None or not np.isfinite(self.now):
             return np.full(m, np.nan)
         num_layers, num_experts = self.next_use.shape
-        if self.now % num_layers > layer:  # made after a later layer than this one: not this step's plan
+        if visit is None:
+            if self.now % num_layers > layer:  # made after a later layer than this one: not this step's plan
+                return np.full(m, np.nan)
+            visit = self.now - self.now % num_layers + layer  # positions count layer visits (module docstring)
+        elif visit % num_layers != layer:
+            raise ValueError(f"position {visit} is not a visit of layer {layer} ({num_layers} layers a step)")
+        elif visit < self.now:  # already run: the plan was made after it
             return np.full(m, np.nan)
-        visit = self.now - self.now % num_layers + layer  # positions count layer visits (module docstring)
         with np.errstate(invalid="ignore"):
             # each expert's first named use after this visit (NaN: none) and the one after it (NaN: none)
             ahead = self.next_use > visit
