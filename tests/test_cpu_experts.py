@@ -261,10 +261,14 @@ def test_the_cost_model_hears_the_step_plan_in_force(tmp_path):
 def test_the_engine_leaves_out_of_the_plan_the_misses_the_cpu_computes_instead(tmp_path):
     """Plans of prefetches for this step's and the next step's visits, drawn at random (the next-use
     tables too; NaN, inf and past uses among them), some already queued (prefetching paused: not
-    started) and some landed. The engine applies each plan less, at each visit, the first
-    ``misses_left_to_cpu`` of its misses that a cache evicting the farthest next use would not
-    keep until their next use (test_planner.reference_kept, the definition), in the plan's order;
-    a landed one is no miss, a queued one is. The tables stay whole."""
+    started) and some landed, the layers coming at a pace drawn too. The engine applies each plan
+    less, at each visit, the first ``misses_left_to_cpu`` of its late misses that a cache evicting
+    the farthest next use would not keep until their next use (test_planner.reference_kept, the
+    definition), in the plan's order. A miss is late when the link, copying every miss of the
+    plan one after another from now (6.4 ms each), lands it after its visit, the visits coming
+    at the pace of the recent decode steps; a landed one is no miss, a queued one is. Before any
+    decode step the engine knows no pace and leaves nothing; a plan naming no later use applies
+    whole. The tables stay whole."""
     from test_planner import reference_kept
 
     folder = save(build("mixtral"), tmp_path / "m", "published")
@@ -273,14 +277,21 @@ def test_the_engine_leaves_out_of_the_plan_the_misses_the_cpu_computes_instead(t
         engine = model.expertflow
         L, E, num_slots = engine.num_layers, engine.num_experts, engine.cache.num_slots
         engine._step_tokens = 1
+        engine.cost_model = CostModel(line_calibration(6.4, 2.8, 0.1), "auto")
         applied: list[Plan] = []
         apply = engine.cache.apply
         engine.cache.apply = lambda plan: (applied.append(plan), apply(plan))
+        empty = np.zeros(0, dtype=np.int32)
+        never = Plan(np.array([0], np.int32), np.array([1], np.int32), np.zeros(1), np.zeros((L, E)), np.full((L, E), np.inf), 0.0)
+        engine._apply(never)  # no decode step yet: no pace
+        assert applied[-1].experts.tolist() == [1]
         rng = np.random.default_rng(7)
         for cpu_ms, per_visit in ((2.9, 2), (3.9, 1)):
             engine.cost_model = CostModel(line_calibration(6.4, cpu_ms - 0.1, 0.1), "auto")
             assert engine.cost_model.misses_left_to_cpu(1) == per_visit
-            for trial in range(12):
+            for trial in range(16):
+                visit_ms = [0.0, 1e9, *rng.uniform(0.5, 8.0, size=2)][trial % 4]
+                engine._decode_steps_ms.extend([visit_ms * L] * 8)
                 step = int(rng.integers(1, 4))
                 now = float(step * L + rng.integers(0, L))
                 # each expert's uses are visits of its layer: a step before, this one, up to three on
@@ -293,7 +304,7 @@ def test_the_engine_leaves_out_of_the_plan_the_misses_the_cpu_computes_instead(t
                 named = named[np.argsort(flat[named], kind="stable")]
                 plan = Plan((named // E).astype(np.int32), (named % E).astype(np.int32), flat[named], next_use,
                             following_use, now)
-                engine.cache.apply(Plan(plan.layers[:0], plan.experts[:0], plan.due[:0]))  # no prefetch left over
+                engine.cache.apply(Plan(empty, empty, np.zeros(0)))  # no prefetch left over
                 engine.cache.synchronize()
                 landed = {(int(layer), int(e)) for layer, e in zip(plan.layers, plan.experts) if rng.random() < 0.2}
                 for layer, e in landed:
@@ -307,9 +318,11 @@ def test_the_engine_leaves_out_of_the_plan_the_misses_the_cpu_computes_instead(t
                 applied.clear()
                 engine._apply(plan)
                 engine.cache.resume_prefetch()
-                want, left_at = [], {}
+                want, left_at, link_ms = [], {}, 0.0
                 for layer, e, due in zip(plan.layers.tolist(), plan.experts.tolist(), plan.due.tolist()):
-                    is_left = (layer, e) not in landed and left_at.get(due, 0) < per_visit and reference_kept(
+                    link_ms += 0.0 if (layer, e) in landed else 6.4
+                    late = link_ms > (due - now) * visit_ms
+                    is_left = (layer, e) not in landed and late and left_at.get(due, 0) < per_visit and reference_kept(
                         next_use, following_use, due, layer, e, num_slots) == 0.0
                     left_at[due] = left_at.get(due, 0) + is_left
                     if not is_left:
@@ -318,6 +331,11 @@ def test_the_engine_leaves_out_of_the_plan_the_misses_the_cpu_computes_instead(t
                 assert list(zip(got.layers.tolist(), got.experts.tolist())) == want, (cpu_ms, trial)
                 assert got.next_use is next_use and got.following_use is following_use and engine._plan is plan
                 assert len(want) < len(plan) or not any(left_at.values())
+                assert visit_ms < 1e9 or len(want) == len(plan)
+                engine.cache.synchronize()
+                silent = Plan(plan.layers, plan.experts, plan.due, next_use, np.full((L, E), np.nan), now)
+                engine._apply(silent)  # no later use named (as the history forecast's plans): applied whole
+                assert applied[-1] is silent
     finally:
         model.expertflow.close()
 
@@ -341,6 +359,7 @@ def test_forecast_misses_left_to_the_cpu_give_the_resident_models_tokens(tmp_pat
         engine.cost_model = CostModel(line_calibration(6.4, 2.8, 0.1), "auto")
         # prices as set: the tiny model's copies and CPU experts take microseconds
         engine.cost_model.observe = engine.cost_model.observe_link = lambda *args: None
+        engine._visit_ms = lambda: 0.0  # the link never ahead: every miss is late
         L, odd = engine.num_layers, [1, 3, 5, 7]
         applied: list[tuple[Plan, list[list[int]]]] = []
         apply = engine.cache.apply

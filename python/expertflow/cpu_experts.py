@@ -247,6 +247,10 @@ class CostModel:
         return self.mode == "on" or (self.mode == "auto" and any(
             self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms, [0.0] * num_experts)[0]))
 
+    def copy_ms(self) -> float:
+        """One expert's copy over the link, as inside steps (the calibration times the link's scale)."""
+        return self.calibration.copy_ms * self.link_scale
+
     def misses_left_to_cpu(self, num_tokens: int) -> int:
         """How many forecast misses of one layer visit, each of up to ``num_tokens`` tokens and none
         of which the cache would keep until its next use, are left to the CPU rather than copied
@@ -266,7 +270,7 @@ class CostModel:
             point = self._point(num_tokens)
             price = max(scales[point] + spreads[point] for scales, spreads in zip(self.cpu_scales, self.cpu_spreads))
         cpu_ms = self.calibration.cpu_ms(num_tokens) * price
-        copy_ms = self.calibration.copy_ms * self.link_scale
+        copy_ms = self.copy_ms()
         if not 0 < cpu_ms < copy_ms:
             return 0
         return max(1, int(copy_ms // cpu_ms))
@@ -351,7 +355,7 @@ class CostModel:
         with self._lock:
             prices = [[scale + spread for scale, spread in zip(scales, spreads)]
                       for scales, spreads in zip(self.cpu_scales, self.cpu_spreads)]
-        copy_ms = self.calibration.copy_ms * self.link_scale
+        copy_ms = self.copy_ms()
         hits = [self.hit_ratio] * len(num_tokens) if kept is None else [
             self.hit_ratio if math.isnan(k) else float(k) for k in kept]
         later_copy_ms = [hit * (1.0 - self.backfilled_share) * copy_ms for hit in hits]

@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -191,6 +192,10 @@ class OffloadEngine:
         # misses the cache would keep, had they been copied (Plan.kept_until_next_use).
         self._plan: Plan | None = None
         self._step_tokens: int | None = None  # tokens of the forward pass under way (_on_step)
+        # When the pass under way began, and the last few decode passes' times (ms, _visit_ms): the
+        # pace at which the layers ask for their experts.
+        self._step_began: float | None = None
+        self._decode_steps_ms: deque[float] = deque(maxlen=8)
         # A list: run_layer appends a record of each layer visit (a diagnostic: it costs two stats
         # reads a layer). layer, tokens, experts used, misses (demand loads), backfills, cpu_experts,
         # cpu_ms, cpu_wait_ms, host_ms (run_layer's host time; the GPU's work may finish in the next
@@ -310,6 +315,10 @@ class OffloadEngine:
         ctx = StepContext(step=self.steps, batch=batch, new_sequences=new, embeddings=output[:, -1],
                           positions=positions, previous_path=previous_path)
         self.steps += 1
+        began = time.perf_counter()
+        if self._step_began is not None and self._step_tokens == batch:  # the pass that ended decoded
+            self._decode_steps_ms.append((began - self._step_began) * 1e3)
+        self._step_began = began
         self._step_tokens = batch * length
         self._plan = None  # a plan's forecast is of its step: one the policy does not renew says nothing now
         self._apply(self.policy.on_step(ctx))
@@ -332,29 +341,44 @@ class OffloadEngine:
         self._plan = plan
         self.cache.apply(self._leave_to_cpu(plan))
 
+    def _visit_ms(self) -> float | None:
+        """The time between layer visits at decode: the median of the last few decode passes over the
+        layers (None before the first). A pass that began long after the last (between requests)
+        stretches one sample of eight, not the median."""
+        if not self._decode_steps_ms:
+            return None
+        return float(np.median(self._decode_steps_ms)) / self.num_layers
+
     def _leave_to_cpu(self, plan: Plan) -> Plan:
-        """``plan`` less the prefetches the CPU computes instead: at each visit the plan forecasts, up
-        to :meth:`CostModel.misses_left_to_cpu` of its misses that the cache would not keep until
-        their next use (:meth:`Plan.kept_until_next_use` at that visit), among those whose copies have
-        not started, in the plan's order. So the link carries only what the GPU will run, and a
-        prefetch the CPU would overtake at its layer takes no slot (nor evicts) before. The next-use
-        tables stay whole: they still rank evictions and price the layer's choice. Only plans that
-        name later uses (the trace oracles) say which misses are not kept: others apply whole."""
+        """``plan`` less the prefetches the CPU computes instead: those that would land late, the
+        link copying the plan's misses one after another from now (in the plan's order, what is left
+        of each) while the layers come at the recent decode pace (:meth:`_visit_ms`); and among
+        these, at each visit, up to :meth:`CostModel.misses_left_to_cpu` whose copies have not
+        started and that the cache would not keep until their next use (:meth:`Plan.kept_until_next_use`
+        at that visit), in the plan's order. So the link carries only what the GPU will run, and a
+        prefetch the CPU would overtake at its layer takes no slot (nor evicts) before; a copy that
+        lands in time stays, as the GPU then computes its expert at once. The next-use tables stay
+        whole: they still rank evictions and price the layer's choice. Only plans that name later
+        uses (the trace oracles) say which misses are not kept: others apply whole."""
         cost_model = self.cost_model
-        if cost_model is None or plan.following_use is None or not len(plan) or self._step_tokens is None:
+        if (cost_model is None or plan.following_use is None or not len(plan) or self._step_tokens is None
+                or np.isnan(plan.following_use).all()):  # no later use named (the history forecast)
             return plan
         per_visit = cost_model.misses_left_to_cpu(self._step_tokens)
-        if per_visit == 0:
+        visit_ms = self._visit_ms()
+        if per_visit == 0 or visit_ms is None:
             return plan
         num_layers, num_slots = self.num_layers, self.cache.num_slots
-        unstarted = np.zeros(len(plan), dtype=bool)
+        share = np.zeros(len(plan))  # what the link still has to carry of each, in copies
         for layer in np.unique(plan.layers).tolist():  # one native call a layer named
             at = np.flatnonzero(plan.layers == layer)
             unsent = np.asarray(self.cache.bytes_to_submit(layer, plan.experts[at].tolist()))
-            unstarted[at] = (unsent < 0) | (unsent == self.pool.expert_bytes(layer))
+            share[at] = np.where(unsent < 0, 1.0, unsent / self.pool.expert_bytes(layer))
+        unstarted = share == 1.0
+        late = np.cumsum(share) * cost_model.copy_ms() > (plan.due - plan.now) * visit_ms
         leave = np.zeros(len(plan), dtype=bool)
-        for due in np.unique(plan.due[unstarted]).tolist():
-            at = np.flatnonzero(unstarted & (plan.due == due))
+        for due in np.unique(plan.due[unstarted & late]).tolist():
+            at = np.flatnonzero(unstarted & late & (plan.due == due))
             layer = int(plan.layers[at[0]])
             if due % num_layers != layer or (plan.layers[at] != layer).any():
                 continue  # not a visit of one layer (a plan of positions of its own): nothing to say
