@@ -23,20 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"off": "GPU only (off)", "auto": "auto", "on": "CPU for every miss (on)"}
 FORECASTS = {"history": "history forecast", "oracle": "true future (prefetches)"}
 # (forecast, batch) -> the result files of the final code and what they ran. Each is one process; a
-# variants file holds rounds of GPU-only and `auto` in one (benchmarks/cpu_experts_variants.py). With
-# the history forecast the plan names no later use, so the keep rule of the last change does not act:
-# the runs before it are the final code's there. `on` never asks the cost model: its rows from the run
-# before the last change are the final code's too.
-B1_ON = "cpu_experts_fcbackfill_b1_run1_h200.json"
+# variants file holds rounds of GPU-only and `auto` in one (benchmarks/cpu_experts_variants.py; only
+# its `normal` rows are the final code). With the history forecast the plan names no later use, so
+# none of the last two rounds' changes acts: the runs of design 1 of the last round are the final
+# code's there. `on` never asks the cost model. With the true future, batches 4 and 16 did not run on
+# the final code: those panels say "earlier code" (batch 4: the round before's final code; batch
+# 16: the code two rounds before).
+B1_ON = "cpu_experts_leave_final_b1_h200.json"
 RUNS = {
-    ("history", 1): (["cpu_experts_belady_b1_h200.json", B1_ON], "2 runs"),
-    ("history", 4): (["cpu_experts_fcbackfill_h200-b4.json"], "1 run"),
-    ("history", 16): (["cpu_experts_fcbackfill_h200-b16.json"], "1 run"),
-    ("oracle", 1): (["cpu_experts_belady_b1_h200.json", "cpu_experts_belady_variants_16tokens_h200.json",
-                     "cpu_experts_belady_variants_32slots_16tokens_rounds_h200.json", B1_ON],
-                    "3-6 samples; on: 1 run"),
-    ("oracle", 4): (["cpu_experts_belady_h200-b4.json"], "1 run"),
-    ("oracle", 16): (["cpu_experts_fcbackfill_h200-b16.json"], "1 run, keep rule before"),
+    ("history", 1): (["cpu_experts_leave_b1_h200.json", B1_ON], "2 runs, on: 1"),
+    ("history", 4): (["cpu_experts_leave_final_history_h200-b4.json"], "1 run"),
+    ("history", 16): (["cpu_experts_leave_final_history_h200-b16.json"], "1 run"),
+    ("oracle", 1): (["cpu_experts_late_variants_16tokens_h200.json", B1_ON], "2 rounds, on: 1 run"),
+    ("oracle", 4): (["cpu_experts_belady_h200-b4.json"], "1 run, earlier code"),
+    ("oracle", 16): (["cpu_experts_fcbackfill_h200-b16.json"], "1 run, earlier code"),
 }
 ONLY_ON = {("oracle", 1): B1_ON}  # files that give a panel only their `on` rows
 
@@ -55,7 +55,8 @@ def main() -> None:
                     if f == only_on and mode != "on":
                         continue
                     for r in result["rows"]:
-                        if r["policy"] == "expertflow" and r["predictor"] == forecast and r["cpu_experts_asked"] == mode:
+                        if (r["policy"] == "expertflow" and r["predictor"] == forecast and r["cpu_experts_asked"] == mode
+                                and r.get("variant", "normal") == "normal"):
                             by_share.setdefault(100 * r["slot_share"], []).append(r["ms_per_token"])
                 if not by_share:  # runs without this mode
                     continue
