@@ -27,6 +27,10 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   the expert's next use, whether a cache that evicts the farthest next use keeps it that long
   (:meth:`~expertflow.planner.Plan.kept_until_next_use`: a miss used once within the cache's reach
   goes to the CPU, one used again soon is copied), elsewhere the cache's recent hit ratio.
+- Prefetches only what the GPU will run: where the policy's plan names each expert's later uses,
+  the engine leaves out of it the forecast misses whose copies would land late and that the cache
+  would not keep until their next use, as many a visit as the CPU computes within one copy
+  (:meth:`CostModel.misses_left_to_cpu`); the CPU computes them at their layer.
 - :class:`CpuExecutor`: one worker thread that runs the CPU's experts in the order given while the
   GPU works; on the host backend (no GPU to overlap) it runs them inline. Their bf16 products go to
   :class:`HostLinear` (``torch.get_num_threads()`` threads), other dtypes to torch's CPU kernels.
