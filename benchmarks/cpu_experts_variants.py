@@ -10,8 +10,9 @@ variant's place in a round, falls on every variant alike. The variants:
   work (what merely enabling it costs);
 - ``no_reuse``: auto whose cost model does not hear the plan's forecast of which misses the cache
   would keep until their next use (``Plan.kept_until_next_use`` reads NaN): every CPU expert's later
-  copy is priced at the cache's recent hit ratio, as before that forecast was used. Only the price:
-  the runtime still admits backfills by the forecast (``Runtime::backfill``);
+  copy is priced at the cache's recent hit ratio, as before that forecast was used. The price, and so
+  nothing is left to the CPU ahead either (``no_leave``); the runtime still admits backfills by the
+  forecast (``Runtime::backfill``);
 - ``no_leave``: auto that leaves no forecast miss to the CPU ahead (``CostModel.misses_left_to_cpu``
   reads 0): the plan's prefetches apply whole, and the CPU takes only what its layer's choice gives it.
 
@@ -75,7 +76,7 @@ def main() -> None:
             cpu_experts.CostModel.choose = choose if variant != "never" else (
                 lambda self, num_tokens, copy_shares=None, kept=None: [False] * len(num_tokens))
             Plan.kept_until_next_use = kept if variant != "no_reuse" else (  # type: ignore[method-assign]
-                lambda self, layer, experts, num_slots: np.full(len(experts), np.nan))
+                lambda self, layer, experts, num_slots, visit=None: np.full(len(experts), np.nan))
             cpu_experts.CostModel.misses_left_to_cpu = left if variant != "no_leave" else (  # type: ignore[method-assign]
                 lambda self, num_tokens: 0)
             modes = (["off", "auto"] if rnd % 2 == 0 else ["auto", "off"]) if variant == "normal" else ["auto"]

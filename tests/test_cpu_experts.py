@@ -260,16 +260,18 @@ def test_the_cost_model_hears_the_step_plan_in_force(tmp_path):
 
 def test_the_engine_leaves_out_of_the_plan_the_misses_the_cpu_computes_instead(tmp_path):
     """Plans of prefetches for this step's and the next step's visits, drawn at random (the next-use
-    tables too; NaN, inf and past uses among them), some already queued (prefetching paused: not
-    started), some reported started (half their bytes on the link: never left, and half a copy of
-    link time) and some landed, the layers coming at a pace drawn too. The engine applies each plan
-    less, at each visit, the first ``misses_left_to_cpu`` of its late misses that a cache evicting
-    the farthest next use would not keep until their next use (test_planner.reference_kept, the
-    definition), in the plan's order. A miss is late when the link, copying every miss of the
-    plan one after another from now (6.4 ms each), lands it after its visit, the visits coming
-    at the pace of the recent decode steps; a landed one is no miss, a queued one is. Before any
+    tables too; NaN, inf and past uses among them), with, in front as gate-ahead puts its picks, an
+    entry due before now and one naming an expert again; some copies queued (prefetching paused:
+    not started), some reported started (half their bytes on the link) and some landed, the layers
+    coming at a pace drawn too. Against the definition: the link copies the plan's misses one after
+    another from now in the order of their dues (a started one half a copy, a landed one nothing,
+    an entry due before now or naming an expert again nothing), and at each visit, in the plan's
+    order, a miss that would land after its visit, has not started, and that a cache evicting the
+    farthest next use would not keep until its next use (test_planner.reference_kept) is left out,
+    up to ``misses_left_to_cpu`` a visit, and then carried by no link. An expert left is left with
+    every entry naming it; the tables stay whole, the sure flags follow their entries. Before any
     decode step the engine knows no pace and leaves nothing; a plan naming no later use applies
-    whole. The tables stay whole."""
+    whole."""
     from test_planner import reference_kept
 
     folder = save(build("mixtral"), tmp_path / "m", "published")
@@ -288,6 +290,7 @@ def test_the_engine_leaves_out_of_the_plan_the_misses_the_cpu_computes_instead(t
         assert applied[-1].experts.tolist() == [1]
         rng = np.random.default_rng(7)
         half = engine.pool.expert_bytes(0) // 2  # every layer's experts are alike
+        num_left = 0
         for cpu_ms, per_visit in ((2.9, 2), (3.9, 1)):
             engine.cost_model = CostModel(line_calibration(6.4, cpu_ms - 0.1, 0.1), "auto")
             assert engine.cost_model.misses_left_to_cpu(1) == per_visit
@@ -304,47 +307,117 @@ def test_the_engine_leaves_out_of_the_plan_the_misses_the_cpu_computes_instead(t
                 with np.errstate(invalid="ignore"):
                     named = np.flatnonzero((flat >= now) & (flat < now - now % L + 2 * L))
                 named = named[np.argsort(flat[named], kind="stable")]
-                plan = Plan((named // E).astype(np.int32), (named % E).astype(np.int32), flat[named], next_use,
-                            following_use, now)
+                layers, experts, dues = (named // E).tolist(), (named % E).tolist(), flat[named].tolist()
+                if named.size:  # in front: one named again (due as before), one due before now
+                    again = int(rng.integers(named.size))
+                    layers, experts, dues = [layers[again]] + layers, [experts[again]] + experts, [dues[again]] + dues
+                past_layer = int(rng.integers(L))
+                layers, experts = [past_layer] + layers, [int(rng.integers(E))] + experts
+                dues = [float((now // L - 1) * L + past_layer)] + dues
+                sure = rng.random(len(layers)) < 0.7
+                plan = Plan(np.array(layers, np.int32), np.array(experts, np.int32), np.array(dues), next_use,
+                            following_use, now, sure)
                 engine.cache.apply(Plan(empty, empty, np.zeros(0)))  # no prefetch left over
                 engine.cache.synchronize()
-                landed = {(int(layer), int(e)) for layer, e in zip(plan.layers, plan.experts) if rng.random() < 0.2}
+                landed = {(layer, e) for layer, e in zip(layers, experts) if rng.random() < 0.2}
                 for layer, e in landed:
                     engine.cache.release(layer, [e], None) if engine.cache.acquire_slots(layer, [e]) else None
                 engine.cache.pause_prefetch()
-                queued = {(int(layer), int(e)) for layer, e in zip(plan.layers, plan.experts) if rng.random() < 0.3}
-                engine.cache.prefetch([(layer, e, float(now)) for layer, e in queued])
+                queued = {(layer, e) for layer, e, due in zip(layers, experts, dues) if due >= now and rng.random() < 0.3}
+                engine.cache.prefetch([(layer, e, now) for layer, e in queued])
                 # landed: these, and what earlier trials left in slots
-                landed = {(layer, e) for layer, e in zip(plan.layers.tolist(), plan.experts.tolist())
-                          if engine.cache.bytes_to_submit(layer, [e])[0] == 0}
-                # started (half its bytes handed to the link), as the cache reports it: never left
-                started = {(layer, e) for layer, e in zip(plan.layers.tolist(), plan.experts.tolist())
-                           if (layer, e) not in landed and rng.random() < 0.3}
+                landed = {(layer, e) for layer, e in zip(layers, experts) if engine.cache.bytes_to_submit(layer, [e])[0] == 0}
+                # started (half its bytes handed to the link), as the cache reports it
+                started = {(layer, e) for layer, e in zip(layers, experts) if (layer, e) not in landed and rng.random() < 0.3}
                 engine.cache.bytes_to_submit = lambda layer, experts, started=started: [
                     half if (layer, e) in started else b for e, b in zip(experts, bytes_to_submit(layer, experts))]
                 applied.clear()
                 engine._apply(plan)
                 del engine.cache.bytes_to_submit
                 engine.cache.resume_prefetch()
-                want, left_at, link_ms = [], {}, 0.0
-                for layer, e, due in zip(plan.layers.tolist(), plan.experts.tolist(), plan.due.tolist()):
-                    link_ms += 0.0 if (layer, e) in landed else 6.4 * (half / engine.pool.expert_bytes(0) if (layer, e) in started else 1.0)
-                    late = link_ms > (due - now) * visit_ms
-                    is_left = (layer, e) not in landed | started and late and left_at.get(due, 0) < per_visit and reference_kept(
-                        next_use, following_use, due, layer, e, num_slots) == 0.0
-                    left_at[due] = left_at.get(due, 0) + is_left
-                    if not is_left:
-                        want.append((layer, e))
+                first: dict[tuple[int, int], int] = {}
+                for i, (layer, e, due) in enumerate(zip(layers, experts, dues)):
+                    if due >= now:
+                        first.setdefault((layer, e), i)
+                link_ms, left, left_at = 0.0, set(), {}
+                for i in sorted(first.values(), key=lambda i: (dues[i], i)):
+                    key, due = (layers[i], experts[i]), dues[i]
+                    share = 0.0 if key in landed else 0.5 if key in started else 1.0
+                    arrival = link_ms + 6.4 * share
+                    if (share == 1.0 and arrival > (due - now) * visit_ms and left_at.get(due, 0) < per_visit
+                            and reference_kept(next_use, following_use, due, *key, num_slots) == 0.0):
+                        left.add(key)
+                        left_at[due] = left_at.get(due, 0) + 1
+                    else:
+                        link_ms = arrival
+                stays = [key not in left for key in zip(layers, experts)]
                 got = applied[-1]
-                assert list(zip(got.layers.tolist(), got.experts.tolist())) == want, (cpu_ms, trial)
+                assert list(zip(got.layers.tolist(), got.experts.tolist())) == [
+                    key for key, stay in zip(zip(layers, experts), stays) if stay], (cpu_ms, trial)
+                assert got.sure.tolist() == sure[stays].tolist()
                 assert got.next_use is next_use and got.following_use is following_use and engine._plan is plan
-                assert len(want) < len(plan) or not any(left_at.values())
                 if visit_ms == 1e9:  # the layers far apart: only a miss of the visit under way is late
-                    assert all(left_at.get(due, 0) == 0 for due in plan.due.tolist() if due > now)
+                    assert all(due == now for due in left_at)
+                num_left += len(left)
                 engine.cache.synchronize()
                 silent = Plan(plan.layers, plan.experts, plan.due, next_use, np.full((L, E), np.nan), now)
                 engine._apply(silent)  # no later use named (as the history forecast's plans): applied whole
                 assert applied[-1] is silent
+        assert num_left > 10
+    finally:
+        model.expertflow.close()
+
+
+def test_a_miss_left_to_the_cpu_frees_the_link_for_the_misses_after_it(tmp_path):
+    """Worked by hand: copies of 6.4 ms, a visit every 7 ms, two left a visit at most, the clock at
+    layer 0 (position 3) and three experts never used again (none kept): layer 0's expert 1 at
+    this visit, layer 1's experts 2 and 3 at the next. Expert 1 is late (needed now) and left; the
+    link then has expert 2 in 6.4 ms, in time for its visit at 7, so it stays, and expert 3, at
+    12.8 ms, is left. A plan naming layer 1's expert 3 twice, first in front (as gate-ahead puts
+    its picks), orders that visit's misses 3 then 2: expert 3 stays, expert 2 is left, and the
+    second entry of expert 3 adds no copy."""
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    model = ef.from_pretrained(folder, policy="expertflow", expert_slots="7", cpu_experts="on", progress=False)
+    try:
+        engine = model.expertflow
+        L, E = engine.num_layers, engine.num_experts
+        engine.cost_model = CostModel(line_calibration(6.4, 2.8, 0.1), "auto")
+        engine._step_tokens = 1
+        engine._decode_steps_ms.extend([7.0 * L] * 8)
+        applied: list[Plan] = []
+        apply = engine.cache.apply
+        engine.cache.apply = lambda plan: (applied.append(plan), apply(plan))
+        next_use = np.full((L, E), np.inf)
+        next_use[0, 1], next_use[1, 2], next_use[1, 3] = L, L + 1, L + 1
+        for entries, stay in (([(0, 1), (1, 2), (1, 3)], [(1, 2)]),
+                              ([(1, 3), (0, 1), (1, 2), (1, 3)], [(1, 3), (1, 3)])):
+            layers, experts = np.array(entries, np.int32).T
+            engine._apply(Plan(layers, experts, next_use[layers, experts], next_use, np.full((L, E), np.inf), float(L)))
+            assert list(zip(applied[-1].layers.tolist(), applied[-1].experts.tolist())) == stay
+    finally:
+        model.expertflow.close()
+
+
+def test_the_decode_pace_is_the_median_of_decode_passes_without_the_pauses_between_requests(tmp_path):
+    """The pace of the layers (`_visit_ms`) comes from decode passes only: two requests with a pause
+    between them record no sample holding the pause, nor the prompts' passes; it is the median of
+    the last eight samples over the layers; another batch size starts again."""
+    folder = save(build("mixtral"), tmp_path / "m", "published")
+    model = ef.from_pretrained(folder, policy="expertflow", expert_slots="75%", progress=False)
+    try:
+        engine = model.expertflow
+        assert engine._visit_ms() is None
+        _greedy(model, n=4)
+        time.sleep(0.5)
+        _greedy(model, n=4)
+        samples = list(engine._decode_steps_ms)
+        assert len(samples) == 2 * (4 - 2)  # 4 tokens: the prompt's pass and 3 decode passes, timed 2
+        assert max(samples) < 500.0
+        engine._decode_steps_ms.clear()
+        engine._decode_steps_ms.extend([1.0, 2.0, 30.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 90.0])  # the last eight
+        assert engine._visit_ms() == pytest.approx(np.median([30.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 90.0]) / engine.num_layers)
+        _greedy(model, prompt=PROMPT.repeat(2, 1), n=3)  # batch 2: the samples of batch 1 go
+        assert len(engine._decode_steps_ms) == 1
     finally:
         model.expertflow.close()
 

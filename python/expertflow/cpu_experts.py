@@ -260,7 +260,7 @@ class CostModel:
         of which the cache would keep until its next use, are left to the CPU rather than copied
         ahead (the engine leaves them out of the plan's prefetches): 0 unless the mode is ``auto``
         and the CPU computes such an expert sooner than the link copies it; else as many as the CPU
-        computes, one after another, within one copy (at least one). Priced as :meth:`choose` prices
+        computes, one after another, within one copy. Priced as :meth:`choose` prices
         them: the calibration times the in-step scale plus spread, the worse of the two cases.
 
         A copy the cache will not keep until its next use serves that one use and buys no later
@@ -275,9 +275,7 @@ class CostModel:
             price = max(scales[point] + spreads[point] for scales, spreads in zip(self.cpu_scales, self.cpu_spreads))
         cpu_ms = self.calibration.cpu_ms(num_tokens) * price
         copy_ms = self.copy_ms()
-        if not 0 < cpu_ms < copy_ms:
-            return 0
-        return max(1, int(copy_ms // cpu_ms))
+        return int(copy_ms // cpu_ms) if 0 < cpu_ms < copy_ms else 0
 
     def _split(self, num_tokens: list[int], prices: list[list[float]], copy_ms: float, later_copy_ms: list[float],
                copy_shares: list[float] | None = None) -> tuple[list[bool], set[tuple[int, int]]]:

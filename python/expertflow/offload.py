@@ -192,10 +192,12 @@ class OffloadEngine:
         # misses the cache would keep, had they been copied (Plan.kept_until_next_use).
         self._plan: Plan | None = None
         self._step_tokens: int | None = None  # tokens of the forward pass under way (_on_step)
-        # When the pass under way began, and the last few decode passes' times (ms, _visit_ms): the
-        # pace at which the layers ask for their experts.
+        # When the pass under way began, and the last few decode passes' times at one batch size (ms,
+        # _visit_ms): the pace at which the layers ask for their experts. Only a pass followed by
+        # another decode pass of the same sequences is timed, so no pause between requests counts.
         self._step_began: float | None = None
         self._decode_steps_ms: deque[float] = deque(maxlen=8)
+        self._pace_batch = 0
         # A list: run_layer appends a record of each layer visit (a diagnostic: it costs two stats
         # reads a layer). layer, tokens, experts used, misses (demand loads), backfills, cpu_experts,
         # cpu_ms, cpu_wait_ms, host_ms (run_layer's host time; the GPU's work may finish in the next
@@ -316,8 +318,12 @@ class OffloadEngine:
                           positions=positions, previous_path=previous_path)
         self.steps += 1
         began = time.perf_counter()
-        if self._step_began is not None and self._step_tokens == batch:  # the pass that ended decoded
-            self._decode_steps_ms.append((began - self._step_began) * 1e3)
+        if length == 1 and not new:  # a decode pass follows one of the same sequences
+            if self._pace_batch != batch:  # another batch decodes at another pace
+                self._decode_steps_ms.clear()
+                self._pace_batch = batch
+            elif self._step_began is not None and self._step_tokens == batch:  # and the pass that ended decoded
+                self._decode_steps_ms.append((began - self._step_began) * 1e3)
         self._step_began = began
         self._step_tokens = batch * length
         self._plan = None  # a plan's forecast is of its step: one the policy does not renew says nothing now
@@ -342,20 +348,21 @@ class OffloadEngine:
         self.cache.apply(self._leave_to_cpu(plan))
 
     def _visit_ms(self) -> float | None:
-        """The time between layer visits at decode: the median of the last few decode passes over the
-        layers (None before the first). A pass that began long after the last (between requests)
-        stretches one sample of eight, not the median."""
+        """The time between layer visits at decode: the median of the last eight decode passes (of
+        the batch size decoding now) over the layers; None before the first."""
         if not self._decode_steps_ms:
             return None
         return float(np.median(self._decode_steps_ms)) / self.num_layers
 
     def _leave_to_cpu(self, plan: Plan) -> Plan:
-        """``plan`` less the prefetches the CPU computes instead: those that would land late, the
-        link copying the plan's misses one after another from now (in the plan's order, what is left
-        of each) while the layers come at the recent decode pace (:meth:`_visit_ms`); and among
-        these, at each visit, up to :meth:`CostModel.misses_left_to_cpu` whose copies have not
-        started and that the cache would not keep until their next use (:meth:`Plan.kept_until_next_use`
-        at that visit), in the plan's order. So the link carries only what the GPU will run, and a
+        """``plan`` less the prefetches the CPU computes instead. The link is taken to copy the plan's
+        misses one after another from now, in the order of their dues (what is left of each; an
+        entry due before now, or naming an expert again, adds nothing), while the layers come at the
+        recent decode pace (:meth:`_visit_ms`). At each visit, in the plan's order, a miss whose copy
+        would land after the visit, has not started, and that the cache would not keep until its
+        next use (:meth:`Plan.kept_until_next_use` at that visit) is left out, up to
+        :meth:`CostModel.misses_left_to_cpu` a visit; the link then does not carry it, so the misses
+        after it land sooner. So the plan's prefetches carry only what the GPU will run, and a
         prefetch the CPU would overtake at its layer takes no slot (nor evicts) before; a copy that
         lands in time stays, as the GPU then computes its expert at once. The next-use tables stay
         whole: they still rank evictions and price the layer's choice. Only plans that name later
@@ -368,25 +375,39 @@ class OffloadEngine:
         visit_ms = self._visit_ms()
         if per_visit == 0 or visit_ms is None:
             return plan
-        num_layers, num_slots = self.num_layers, self.cache.num_slots
+        num_layers, num_slots, copy_ms = self.num_layers, self.cache.num_slots, cost_model.copy_ms()
+        keys = plan.layers.astype(np.int64) * self.num_experts + plan.experts
+        ahead = np.zeros(len(plan), dtype=bool)  # each expert's first entry still ahead of the clock
+        with np.errstate(invalid="ignore"):
+            upcoming = np.flatnonzero(plan.due >= plan.now)
+        ahead[upcoming[np.unique(keys[upcoming], return_index=True)[1]]] = True
         share = np.zeros(len(plan))  # what the link still has to carry of each, in copies
-        for layer in np.unique(plan.layers).tolist():  # one native call a layer named
-            at = np.flatnonzero(plan.layers == layer)
+        for layer in np.unique(plan.layers[ahead]).tolist():  # one native call a layer named
+            at = np.flatnonzero(ahead & (plan.layers == layer))
             unsent = np.asarray(self.cache.bytes_to_submit(layer, plan.experts[at].tolist()))
             share[at] = np.where(unsent < 0, 1.0, unsent / self.pool.expert_bytes(layer))
-        unstarted = share == 1.0
-        late = np.cumsum(share) * cost_model.copy_ms() > (plan.due - plan.now) * visit_ms
-        leave = np.zeros(len(plan), dtype=bool)
-        for due in np.unique(plan.due[unstarted & late]).tolist():
-            at = np.flatnonzero(unstarted & late & (plan.due == due))
+        left: list[int] = []
+        link_ms = 0.0  # when the link has carried every copy due so far
+        for due in np.unique(plan.due[ahead]).tolist():  # visits in order
+            at = np.flatnonzero(ahead & (plan.due == due))
+            deadline = (due - plan.now) * visit_ms
             layer = int(plan.layers[at[0]])
-            if due % num_layers != layer or (plan.layers[at] != layer).any():
-                continue  # not a visit of one layer (a plan of positions of its own): nothing to say
+            if (link_ms + share[at].sum() * copy_ms <= deadline or due % num_layers != layer
+                    or (plan.layers[at] != layer).any()):  # all in time, or not a visit of one layer
+                link_ms += share[at].sum() * copy_ms
+                continue
             kept = plan.kept_until_next_use(layer, plan.experts[at].tolist(), num_slots, visit=due)
-            leave[at[kept == 0][:per_visit]] = True
-        if not leave.any():
+            num_left = 0
+            for i, k in zip(at.tolist(), kept.tolist()):
+                arrival = link_ms + share[i] * copy_ms
+                if num_left < per_visit and share[i] == 1.0 and k == 0.0 and arrival > deadline:
+                    left.append(i)
+                    num_left += 1
+                else:
+                    link_ms = arrival
+        if not left:
             return plan
-        keep = ~leave
+        keep = ~np.isin(keys, keys[left])  # an expert named twice is left whole
         return Plan(plan.layers[keep], plan.experts[keep], plan.due[keep], plan.next_use, plan.following_use,
                     plan.now, None if plan.sure is None else plan.sure[keep])
 

@@ -75,6 +75,7 @@ class Plan:
         ``[m]`` float64: 1 kept, 0 not (or never used again), NaN where the plan does not say: no
         tables, no clock, a clock past this layer or ``visit`` (a plan of another step), or no use of
         the expert named after this visit (a next use of NaN names none, as for the runtime's cache).
+        Raises ``ValueError`` for a ``visit`` that is not a position of ``layer``.
 
         Belady's rule over the uses the plan names (each expert's next two), from a cache holding
         only this expert: it is kept until its next use ``t`` when, at every visit after this one up
