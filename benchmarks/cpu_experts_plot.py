@@ -34,7 +34,7 @@ RUNS = {
     ("history", 1): (["cpu_experts_leave_b1_h200.json", B1_ON], "2 runs, on: 1"),
     ("history", 4): (["cpu_experts_leave_final_history_h200-b4.json"], "1 run"),
     ("history", 16): (["cpu_experts_leave_final_history_h200-b16.json"], "1 run"),
-    ("oracle", 1): (["cpu_experts_late_variants_16tokens_h200.json", B1_ON], "2 rounds, on: 1 run"),
+    ("oracle", 1): (["cpu_experts_reviewed_variants_16tokens_h200.json", B1_ON], "2 rounds, on: 1 run"),
     ("oracle", 4): (["cpu_experts_belady_h200-b4.json"], "1 run, earlier code"),
     ("oracle", 16): (["cpu_experts_fcbackfill_h200-b16.json"], "1 run, earlier code"),
 }
