@@ -251,6 +251,13 @@ class CostModel:
         return self.mode == "on" or (self.mode == "auto" and any(
             self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms, [0.0] * num_experts)[0]))
 
+    def _prices(self) -> list[list[float]]:
+        """What the CPU is priced at over its calibration, ``[case][point]``: the in-step scale plus
+        its spread (see :attr:`cpu_scales`)."""
+        with self._lock:
+            return [[scale + spread for scale, spread in zip(scales, spreads)]
+                    for scales, spreads in zip(self.cpu_scales, self.cpu_spreads)]
+
     def copy_ms(self) -> float:
         """One expert's copy over the link, as inside steps (the calibration times the link's scale)."""
         return self.calibration.copy_ms * self.link_scale
@@ -270,10 +277,8 @@ class CostModel:
         any miss, with no later copy."""
         if self.mode != "auto" or num_tokens < 1:
             return 0
-        with self._lock:
-            point = self._point(num_tokens)
-            price = max(scales[point] + spreads[point] for scales, spreads in zip(self.cpu_scales, self.cpu_spreads))
-        cpu_ms = self.calibration.cpu_ms(num_tokens) * price
+        point = self._point(num_tokens)
+        cpu_ms = self.calibration.cpu_ms(num_tokens) * max(case[point] for case in self._prices())
         copy_ms = self.copy_ms()
         return int(copy_ms // cpu_ms) if 0 < cpu_ms < copy_ms else 0
 
@@ -354,9 +359,7 @@ class CostModel:
             return [True] * len(num_tokens)
         if self.mode == "off":
             return [False] * len(num_tokens)
-        with self._lock:
-            prices = [[scale + spread for scale, spread in zip(scales, spreads)]
-                      for scales, spreads in zip(self.cpu_scales, self.cpu_spreads)]
+        prices = self._prices()
         copy_ms = self.copy_ms()
         hits = [self.hit_ratio] * len(num_tokens) if kept is None else [
             self.hit_ratio if math.isnan(k) else float(k) for k in kept]

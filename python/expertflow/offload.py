@@ -384,8 +384,7 @@ class OffloadEngine:
         share = np.zeros(len(plan))  # what the link still has to carry of each, in copies
         for layer in np.unique(plan.layers[ahead]).tolist():  # one native call a layer named
             at = np.flatnonzero(ahead & (plan.layers == layer))
-            unsent = np.asarray(self.cache.bytes_to_submit(layer, plan.experts[at].tolist()))
-            share[at] = np.where(unsent < 0, 1.0, unsent / self.pool.expert_bytes(layer))
+            share[at] = self._copy_left(layer, plan.experts[at].tolist())
         left: list[int] = []
         link_ms = 0.0  # when the link has carried every copy due so far
         for due in np.unique(plan.due[ahead]).tolist():  # visits in order
@@ -559,16 +558,13 @@ class OffloadEngine:
         # all on the link waits for them. (Priced as a whole copy, a forecast's prefetches about to
         # land went to the CPU: on the H200 machine, with the trace's true future as the forecast,
         # `auto`'s median step was 13% longer than GPU-only's at 50% slots.)
-        unsent = self.cache.bytes_to_submit(layer, experts)
-        expert_bytes = self.pool.expert_bytes(layer)
-        missed = [(e, b) for e, b in zip(experts, unsent) if b != 0]
+        missed = [(e, share) for e, share in zip(experts, self._copy_left(layer, experts).tolist()) if share != 0]
         self.cost_model.observe_hits(len(experts), len(experts) - len(missed))
         # Whether the cache would keep each miss until its next use, by the plan in force (NaN: it
         # does not say): a copy it would not keep buys no later hit (Plan.kept_until_next_use).
         kept = ([math.nan] * len(missed) if self._plan is None or not missed else
                 self._plan.kept_until_next_use(layer, [e for e, _ in missed], self.cache.num_slots).tolist())
-        choices = self.cost_model.choose([int(counts[e]) for e, _ in missed],
-                                         [1.0 if b < 0 else b / expert_bytes for _, b in missed], kept)
+        choices = self.cost_model.choose([int(counts[e]) for e, _ in missed], [share for _, share in missed], kept)
         to_cpu = [e for (e, _), cpu in zip(missed, choices) if cpu]
         if not to_cpu:
             return {}
@@ -583,6 +579,13 @@ class OffloadEngine:
                                                                 self._cpu.linear, with_demand_loads)), kept_of[e])
         self.num_cpu_experts += len(to_cpu)
         return jobs
+
+    def _copy_left(self, layer: int, experts: list[int]) -> np.ndarray:
+        """``[m]`` float64: what the link still has to carry of each of ``experts`` of ``layer``, in
+        whole copies: 1 for one in no slot, the share of its bytes not yet handed to the link for one
+        on its way, 0 for one landed or with every byte on the link (one native call)."""
+        unsent = np.asarray(self.cache.bytes_to_submit(layer, experts), dtype=np.float64)
+        return np.where(unsent < 0, 1.0, unsent / self.pool.expert_bytes(layer))
 
     def _observe_link(self) -> None:
         """Once a pass: what demand loads took per expert since the last call (timed by the runtime on
