@@ -258,6 +258,14 @@ def test_the_cost_model_hears_the_step_plan_in_force(tmp_path):
             model.expertflow.close()
 
 
+def _record_applied_plans(engine) -> list[Plan]:
+    """The plans the engine hands its cache from now on, in order (each still applied)."""
+    applied: list[Plan] = []
+    apply = engine.cache.apply
+    engine.cache.apply = lambda plan: (applied.append(plan), apply(plan))
+    return applied
+
+
 def test_the_engine_leaves_out_of_the_plan_the_misses_the_cpu_computes_instead(tmp_path):
     """Plans of prefetches for this step's and the next step's visits, drawn at random (the next-use
     tables too; NaN, inf and past uses among them), with, in front as gate-ahead puts its picks, an
@@ -281,9 +289,8 @@ def test_the_engine_leaves_out_of_the_plan_the_misses_the_cpu_computes_instead(t
         L, E, num_slots = engine.num_layers, engine.num_experts, engine.cache.num_slots
         engine._step_tokens = 1
         engine.cost_model = CostModel(line_calibration(6.4, 2.8, 0.1), "auto")
-        applied: list[Plan] = []
-        apply, bytes_to_submit = engine.cache.apply, engine.cache.bytes_to_submit
-        engine.cache.apply = lambda plan: (applied.append(plan), apply(plan))
+        applied = _record_applied_plans(engine)
+        bytes_to_submit = engine.cache.bytes_to_submit
         empty = np.zeros(0, dtype=np.int32)
         never = Plan(np.array([0], np.int32), np.array([1], np.int32), np.zeros(1), np.zeros((L, E)), np.full((L, E), np.inf), 0.0)
         engine._apply(never)  # no decode step yet: no pace
@@ -384,11 +391,10 @@ def test_a_miss_left_to_the_cpu_frees_the_link_for_the_misses_after_it(tmp_path)
         engine.cost_model = CostModel(line_calibration(6.4, 2.8, 0.1), "auto")
         engine._step_tokens = 1
         engine._decode_steps_ms.extend([7.0 * L] * 8)
-        applied: list[Plan] = []
-        apply = engine.cache.apply
-        engine.cache.apply = lambda plan: (applied.append(plan), apply(plan))
+        applied = _record_applied_plans(engine)
         next_use = np.full((L, E), np.inf)
         next_use[0, 1], next_use[1, 2], next_use[1, 3] = L, L + 1, L + 1
+        engine.cache.pause_prefetch()  # the first plan's copies stay queued: none started at the second
         for entries, stay in (([(0, 1), (1, 2), (1, 3)], [(1, 2)]),
                               ([(1, 3), (0, 1), (1, 2), (1, 3)], [(1, 3), (1, 3)])):
             layers, experts = np.array(entries, np.int32).T
