@@ -14,7 +14,18 @@ variant's place in a round, falls on every variant alike. The variants:
   nothing is left to the CPU ahead either (``no_leave``); the runtime still admits backfills by the
   forecast (``Runtime::backfill``);
 - ``no_leave``: auto that leaves no forecast miss to the CPU ahead (``CostModel.misses_left_to_cpu``
-  reads 0): the plan's prefetches apply whole, and the CPU takes only what its layer's choice gives it.
+  reads 0): the plan's prefetches apply whole, and the CPU takes only what its layer's choice gives it;
+- ``leave2``: auto that leaves up to two forecast misses a visit to the CPU ahead, wherever it
+  leaves any (``CostModel.misses_left_to_cpu`` reads at least 2 where it reads more than 0);
+- ``leave_kept``: auto whose plan leaves late forecast misses to the CPU ahead whether or not the
+  cache would keep them until their next use (``Plan.kept_until_next_use`` at a named visit reads 0);
+- ``leave_all``: ``leave2`` and ``leave_kept`` together;
+- ``later_half``: auto whose layer choice prices a CPU expert the cache would keep at half a later
+  copy (the forecast's ``kept`` halved; no effect where it names no later use);
+- ``no_later``: auto whose layer choice prices no later copy for a CPU expert where the forecast
+  names its next use (``kept`` read as 0 there; NaN, no forecast, as built);
+- ``cpu_misses``: auto whose layer choice sends every miss of 1 or 2 tokens with no byte on the link
+  to the CPU, and keeps every copy already on its way on the link.
 
 Each row is a bench row (``expertflow.bench``) with its variant and round, and the resident step
 of its run (``all_gpu_ms``); ``machine`` and ``pinned_gbps`` are the first run's.
@@ -39,7 +50,7 @@ from expertflow.bench.harness import BenchConfig, build_model, run_bench
 from expertflow.planner import Plan
 from expertflow.runtime import ExpertCache
 
-VARIANTS = ("normal", "onway_link", "never", "no_reuse", "no_leave")
+VARIANTS = ("normal", "onway_link", "never", "no_reuse", "no_leave", "leave2", "leave_kept", "leave_all", "later_half", "no_later", "cpu_misses")
 
 
 def main() -> None:
@@ -73,12 +84,24 @@ def main() -> None:
         for rnd, variant in tqdm(order, desc="variants"):
             ExpertCache.bytes_to_submit = bytes_to_submit if variant != "onway_link" else (
                 lambda self, layer, experts: [b if b < 0 else 0 for b in bytes_to_submit(self, layer, experts)])
-            cpu_experts.CostModel.choose = choose if variant != "never" else (
-                lambda self, num_tokens, copy_shares=None, kept=None: [False] * len(num_tokens))
-            Plan.kept_until_next_use = kept if variant != "no_reuse" else (  # type: ignore[method-assign]
-                lambda self, layer, experts, num_slots, visit=None: np.full(len(experts), np.nan))
-            cpu_experts.CostModel.misses_left_to_cpu = left if variant != "no_leave" else (  # type: ignore[method-assign]
-                lambda self, num_tokens: 0)
+            cpu_experts.CostModel.choose = {  # type: ignore[method-assign]
+                "never": lambda self, num_tokens, copy_shares=None, kept=None: [False] * len(num_tokens),
+                "later_half": lambda self, num_tokens, copy_shares=None, kept=None: choose(
+                    self, num_tokens, copy_shares, None if kept is None else [0.5 * k for k in kept]),
+                "no_later": lambda self, num_tokens, copy_shares=None, kept=None: choose(
+                    self, num_tokens, copy_shares, None if kept is None else [0.0 * k for k in kept]),
+                "cpu_misses": lambda self, num_tokens, copy_shares=None, kept=None: [
+                    n <= 2 and share == 1.0 for n, share in zip(num_tokens, copy_shares or [1.0] * len(num_tokens))],
+            }.get(variant, choose)
+            Plan.kept_until_next_use = {  # type: ignore[method-assign]
+                "no_reuse": lambda self, layer, experts, num_slots, visit=None: np.full(len(experts), np.nan),
+                "leave_kept": lambda self, layer, experts, num_slots, visit=None: (
+                    np.zeros(len(experts)) if visit is not None else kept(self, layer, experts, num_slots)),
+            }.get(variant.replace("leave_all", "leave_kept"), kept)
+            cpu_experts.CostModel.misses_left_to_cpu = {  # type: ignore[method-assign]
+                "no_leave": lambda self, num_tokens: 0,
+                "leave2": lambda self, num_tokens: max(left(self, num_tokens), 2) if left(self, num_tokens) else 0,
+            }.get(variant.replace("leave_all", "leave2"), left)
             modes = (["off", "auto"] if rnd % 2 == 0 else ["auto", "off"]) if variant == "normal" else ["auto"]
             result = run_bench(dataclasses.replace(cfg, cpu_experts=modes), model)
             meta = meta or {"machine": result["machine"], "pinned_gbps": result["pinned_gbps"]}
