@@ -1,9 +1,10 @@
 """CPU experts on the H200 machine: ms per token with GPU-only offload (cpu_experts off), the cost
-model (auto) and every miss on the CPU (on), against the slots, at batch 1, 4 and 16, with the
-benchmark's history forecast (top row) and the trace's true future (bottom row: its prefetches),
-from the latest runs of the final code (made by the commands in docs/cpu_experts.md; RUNS says
-which): the median over runs and rounds, with a bar from the fastest to the slowest; the expertflow
-policy's rows only. Writes docs/img/cpu-experts-h200.png.
+model (auto) and every miss on the CPU (on), against the slots, at batch 1, 4 and 16, with three
+forecasts (one a row): the benchmark's history forecast, the trace's true future with each expert
+right with probability 0.8 (``noisy-oracle:0.8``, the trained predictor's recall) and the true
+future itself (its prefetches), from the latest runs of the final code (made by the commands in
+docs/cpu_experts.md; RUNS says which): the median over runs and rounds, with a bar from the fastest
+to the slowest; the expertflow policy's rows only. Writes docs/img/cpu-experts-h200.png.
 
     python benchmarks/cpu_experts_plot.py
 """
@@ -21,20 +22,25 @@ import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"off": "GPU only (off)", "auto": "auto", "on": "CPU for every miss (on)"}
-FORECASTS = {"history": "history forecast", "oracle": "true future (prefetches)"}
+FORECASTS = {"history": "history forecast", "noisy-oracle:0.8": "true future, 80% right",
+             "oracle": "true future (prefetches)"}
 # (forecast, batch) -> the result files of the final code and what they ran. Each is one process; a
 # variants file holds rounds of GPU-only and `auto` in one (benchmarks/cpu_experts_variants.py; only
-# its `normal` rows are the final code). With the history forecast the plan names no later use, so
-# none of the last two rounds' changes acts: the runs of design 1 of the last round are the final
-# code's there. `on` never asks the cost model. With the true future, batches 4 and 16 did not run on
-# the final code: those panels say "earlier code" (batch 4: the round before's final code; batch
-# 16: the code two rounds before).
+# its `normal` rows are the final code). `on` never asks the cost model, so the true future's batch-1
+# `on` comes from an earlier round's run. With the true future, batches 4 and 16 did not run on the
+# final code: those panels say "earlier code" (batch 4: the code two rounds before; batch 16: three).
 B1_ON = "cpu_experts_leave_final_b1_h200.json"
+FORECASTS_B1 = "cpu_experts_forecasts_b1_h200.json"
+ROUNDS_64 = "cpu_experts_forecasts_rounds_64tokens_h200.json"
 RUNS = {
-    ("history", 1): (["cpu_experts_leave_b1_h200.json", B1_ON], "2 runs, on: 1"),
-    ("history", 4): (["cpu_experts_leave_final_history_h200-b4.json"], "1 run"),
-    ("history", 16): (["cpu_experts_leave_final_history_h200-b16.json"], "1 run"),
-    ("oracle", 1): (["cpu_experts_reviewed_variants_16tokens_h200.json", B1_ON], "2 rounds, on: 1 run"),
+    ("history", 1): (["cpu_experts_final_history_b1_h200.json", FORECASTS_B1], "2 runs, on: 1"),
+    ("history", 4): (["cpu_experts_final_history_h200-b4.json"], "1 run"),
+    ("history", 16): (["cpu_experts_final_history_h200-b16.json"], "1 run"),
+    ("noisy-oracle:0.8", 1): ([FORECASTS_B1, ROUNDS_64], "1 run; 25, 50%: 4 rounds more"),
+    ("noisy-oracle:0.8", 4): (["cpu_experts_forecasts_noisy_h200-b4.json"], "1 run"),
+    ("noisy-oracle:0.8", 16): (["cpu_experts_forecasts_noisy_h200-b16.json"], "1 run"),
+    ("oracle", 1): ([FORECASTS_B1, ROUNDS_64, "cpu_experts_reviewed_variants_16tokens_h200.json", B1_ON],
+                    "1 run, 2 rounds; 25, 50%: 4 more; on: 1 run"),
     ("oracle", 4): (["cpu_experts_belady_h200-b4.json"], "1 run, earlier code"),
     ("oracle", 16): (["cpu_experts_fcbackfill_h200-b16.json"], "1 run, earlier code"),
 }
@@ -43,7 +49,7 @@ ONLY_ON = {("oracle", 1): B1_ON}  # files that give a panel only their `on` rows
 
 def main() -> None:
     batches = sorted({batch for _, batch in RUNS})
-    fig, axes = plt.subplots(len(FORECASTS), len(batches), figsize=(12, 7), squeeze=False)
+    fig, axes = plt.subplots(len(FORECASTS), len(batches), figsize=(12, 10), squeeze=False)
     for row, (forecast, forecast_label) in zip(axes, FORECASTS.items()):
         for ax, batch in zip(row, batches):
             files, label = RUNS[(forecast, batch)]
@@ -70,7 +76,7 @@ def main() -> None:
             ax.set_xlabel("slots, % of the experts")
             ax.set_ylabel("ms per decode step")  # a step gives each of the batch's sequences a token
             ax.set_ylim(bottom=0)
-            ax.set_title(f"batch {batch}, {forecast_label} ({label})", fontsize=9)
+            ax.set_title(f"batch {batch}, {forecast_label}\n({label})", fontsize=9)
             ax.legend(fontsize=7)
     first = results[0]
     fig.suptitle(f"{first['arch']} shape, {first['num_layers']} layers, expertflow policy, "
