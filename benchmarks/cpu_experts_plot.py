@@ -28,7 +28,7 @@ FORECASTS = {"history": "history forecast", "noisy-oracle:0.8": "true future, 80
 # variants file holds rounds of GPU-only and `auto` in one (benchmarks/cpu_experts_variants.py; only
 # its `normal` rows are the final code). `on` never asks the cost model, so the true future's batch-1
 # `on` comes from an earlier round's run. With the true future, batches 4 and 16 did not run on the
-# final code: those panels say "earlier code" (batch 4: the code two rounds before; batch 16: three).
+# final code: those panels say "earlier code" (the code two rounds before, docs/cpu_experts.md).
 B1_ON = "cpu_experts_leave_final_b1_h200.json"
 FORECASTS_B1 = "cpu_experts_forecasts_b1_h200.json"
 ROUNDS_64 = "cpu_experts_forecasts_rounds_64tokens_h200.json"
