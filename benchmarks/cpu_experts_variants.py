@@ -75,6 +75,34 @@ def main() -> None:
     model = build_model(cfg)
     bytes_to_submit, choose, kept = ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose, Plan.kept_until_next_use
     left = cpu_experts.CostModel.misses_left_to_cpu
+
+    def scaled_kept(factor: float):
+        """``choose`` with the forecast's ``kept`` times ``factor``: a CPU expert the cache would keep
+        carries that share of a later copy (NaN, no forecast, stays NaN)."""
+        return lambda self, num_tokens, copy_shares=None, kept=None: choose(
+            self, num_tokens, copy_shares, None if kept is None else [factor * k for k in kept])
+
+    def unkept_ahead(self, layer, experts, num_slots, visit=None):
+        """At a named later visit (the leave rule's question) no miss is kept; at its layer, as built."""
+        return np.zeros(len(experts)) if visit is not None else kept(self, layer, experts, num_slots)
+
+    def at_least_two(self, num_tokens):
+        n = left(self, num_tokens)
+        return max(n, 2) if n else 0
+
+    # variant -> the method it replaces (the others keep theirs)
+    bytes_to_submit_of = {
+        "onway_link": lambda self, layer, experts: [b if b < 0 else 0 for b in bytes_to_submit(self, layer, experts)]}
+    choose_of = {
+        "never": lambda self, num_tokens, copy_shares=None, kept=None: [False] * len(num_tokens),
+        "later_half": scaled_kept(0.5),
+        "no_later": scaled_kept(0.0),
+        "cpu_misses": lambda self, num_tokens, copy_shares=None, kept=None: [
+            n <= 2 and share == 1.0 for n, share in zip(num_tokens, copy_shares or [1.0] * len(num_tokens))],
+    }
+    kept_of = {"no_reuse": lambda self, layer, experts, num_slots, visit=None: np.full(len(experts), np.nan),
+               "leave_kept": unkept_ahead, "leave_all": unkept_ahead}
+    left_of = {"no_leave": lambda self, num_tokens: 0, "leave2": at_least_two, "leave_all": at_least_two}
     rows: list[dict] = []
     meta: dict = {}
     command = "python benchmarks/cpu_experts_variants.py " + " ".join(
@@ -82,26 +110,10 @@ def main() -> None:
     try:
         order = [(r, v) for r in range(args.rounds) for v in (variants if r % 2 == 0 else variants[::-1])]
         for rnd, variant in tqdm(order, desc="variants"):
-            ExpertCache.bytes_to_submit = bytes_to_submit if variant != "onway_link" else (
-                lambda self, layer, experts: [b if b < 0 else 0 for b in bytes_to_submit(self, layer, experts)])
-            cpu_experts.CostModel.choose = {  # type: ignore[method-assign]
-                "never": lambda self, num_tokens, copy_shares=None, kept=None: [False] * len(num_tokens),
-                "later_half": lambda self, num_tokens, copy_shares=None, kept=None: choose(
-                    self, num_tokens, copy_shares, None if kept is None else [0.5 * k for k in kept]),
-                "no_later": lambda self, num_tokens, copy_shares=None, kept=None: choose(
-                    self, num_tokens, copy_shares, None if kept is None else [0.0 * k for k in kept]),
-                "cpu_misses": lambda self, num_tokens, copy_shares=None, kept=None: [
-                    n <= 2 and share == 1.0 for n, share in zip(num_tokens, copy_shares or [1.0] * len(num_tokens))],
-            }.get(variant, choose)
-            Plan.kept_until_next_use = {  # type: ignore[method-assign]
-                "no_reuse": lambda self, layer, experts, num_slots, visit=None: np.full(len(experts), np.nan),
-                "leave_kept": lambda self, layer, experts, num_slots, visit=None: (
-                    np.zeros(len(experts)) if visit is not None else kept(self, layer, experts, num_slots)),
-            }.get(variant.replace("leave_all", "leave_kept"), kept)
-            cpu_experts.CostModel.misses_left_to_cpu = {  # type: ignore[method-assign]
-                "no_leave": lambda self, num_tokens: 0,
-                "leave2": lambda self, num_tokens: max(left(self, num_tokens), 2) if left(self, num_tokens) else 0,
-            }.get(variant.replace("leave_all", "leave2"), left)
+            ExpertCache.bytes_to_submit = bytes_to_submit_of.get(variant, bytes_to_submit)  # type: ignore[method-assign]
+            cpu_experts.CostModel.choose = choose_of.get(variant, choose)  # type: ignore[method-assign]
+            Plan.kept_until_next_use = kept_of.get(variant, kept)  # type: ignore[method-assign]
+            cpu_experts.CostModel.misses_left_to_cpu = left_of.get(variant, left)  # type: ignore[method-assign]
             modes = (["off", "auto"] if rnd % 2 == 0 else ["auto", "off"]) if variant == "normal" else ["auto"]
             result = run_bench(dataclasses.replace(cfg, cpu_experts=modes), model)
             meta = meta or {"machine": result["machine"], "pinned_gbps": result["pinned_gbps"]}
@@ -114,7 +126,9 @@ def main() -> None:
             # after every variant, so that a run cut short keeps its finished rounds
             args.out.write_text(json.dumps({"command": command, **meta, "rows": rows}, indent=1))
     finally:
-        ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose, Plan.kept_until_next_use = bytes_to_submit, choose, kept
+        ExpertCache.bytes_to_submit = bytes_to_submit  # type: ignore[method-assign]
+        cpu_experts.CostModel.choose = choose  # type: ignore[method-assign]
+        Plan.kept_until_next_use = kept  # type: ignore[method-assign]
         cpu_experts.CostModel.misses_left_to_cpu = left  # type: ignore[method-assign]
         model.pool.close()
 
