@@ -22,6 +22,7 @@
 #include "expertflow/error.h"
 #include "expertflow/expand.h"
 #include "expertflow/host_linear.h"
+#include "expertflow/policy.h"
 #include "expertflow/pool.h"
 #include "expertflow/runtime.h"
 
@@ -171,6 +172,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
         "Empty when a CUDA device is usable by this build; otherwise the reason.");
 
+  using Table = py::array_t<double, py::array::c_style | py::array::forcecast>;
+  m.def(
+      "kept_until_next_use",
+      [](const Table& next_use, const Table& following_use, int layer, double visit, const std::vector<int>& experts,
+         int num_slots) {
+        EF_CHECK(next_use.ndim() == 2 && following_use.ndim() == 2 && next_use.shape(0) == following_use.shape(0) &&
+                     next_use.shape(1) == following_use.shape(1),
+                 "next_use and following_use must be [num_layers, num_experts] tables of one shape");
+        py::array_t<double> kept(static_cast<py::ssize_t>(experts.size()));
+        kept_until_next_use(next_use.data(), following_use.data(), static_cast<int>(next_use.shape(0)),
+                            static_cast<int>(next_use.shape(1)), layer, visit, experts.data(),
+                            static_cast<int>(experts.size()), num_slots, kept.mutable_data());
+        return kept;
+      },
+      py::arg("next_use"), py::arg("following_use"), py::arg("layer"), py::arg("visit"), py::arg("experts"),
+      py::arg("num_slots"), "[m] float64: whether Belady's cache keeps each expert until its next use (policy.h).");
   m.def("expand_kernels_available", &expand_kernels_available,
         "True when this build has the GPU expansion kernels of compressed experts.");
   m.def(

@@ -221,6 +221,17 @@ def test_the_plan_says_which_misses_the_cache_would_keep_until_their_next_use(nu
     np.testing.assert_array_equal(got, np.array(want, dtype=np.float64))
 
 
+def test_the_native_keep_test_refuses_what_does_not_fit_its_tables():
+    """The native call behind ``Plan.kept_until_next_use`` names what is wrong, not crashes."""
+    tables = np.zeros((2, 3))
+    with pytest.raises(_C.ExpertFlowError, match="expert 3 is out of range for 3 experts"):
+        _C.kept_until_next_use(tables, tables, 0, 0.0, [3], 2)
+    with pytest.raises(_C.ExpertFlowError, match="layer 2 is out of range for 2 layers"):
+        _C.kept_until_next_use(tables, tables, 2, 0.0, [0], 2)
+    with pytest.raises(_C.ExpertFlowError, match="tables of one shape"):
+        _C.kept_until_next_use(tables, np.zeros((3, 2)), 0, 0.0, [0], 2)
+
+
 def test_a_trace_forecast_keeps_what_returns_soon_and_not_what_returns_late():
     """Two layers of four experts. Expert 0 of layer 0 is used at every step; expert 1 of layer 0
     this step and again three steps on (position 6); expert 2 this step, then never. Before position

@@ -11,6 +11,9 @@
 // - For a load due at position `due`, a slot used before `due` is ranked by the access after that
 //   one (following_use): that is the slot's next use as seen from `due`. With due = -inf (a demand
 //   load) the ranking is by next_use alone.
+// - kept_until_next_use answers, from a plan's next-use tables alone, whether that ranking would keep
+//   an expert until its next use: the CPU-expert cost model asks it at every layer with misses, on
+//   the thread that launches the GPU's work, so it is a plain loop over the tables (microseconds).
 #pragma once
 
 #include <cstdint>
@@ -54,5 +57,17 @@ bool evict_before(Policy policy, const SlotMeta& a, int a_index, const SlotMeta&
 // Index (into `slots`) of the victim among `candidates`, or -1 when there are none.
 int choose_victim(Policy policy, const std::vector<SlotMeta>& slots, const std::vector<int>& candidates,
                   double due = kDueNow);
+
+// Whether a cache of `num_slots` slots that evicts the expert needed farthest ahead would keep each
+// of `experts` (`num_queried` ids of `layer`, used at position `visit`) until its next use, by a
+// plan's tables `next_use` and `following_use` ([num_layers * num_experts], row-major by layer;
+// NaN: not forecast, inf: never): writes `kept[i]` 1 (kept), 0 (not, or never used again) or NaN
+// (no use of it named after `visit`). Belady's rule over the uses the tables name (each expert's
+// first use after `visit` and, where it comes later, the one after it): kept until its use t when
+// at every visit in (visit, t] fewer than `num_slots` other experts must be held, counting those
+// used there, those between their first and second use whose second comes before t, and at t those
+// used a second time there. Positions are whole visits. (planner.Plan.kept_until_next_use.)
+void kept_until_next_use(const double* next_use, const double* following_use, int num_layers, int num_experts,
+                         int layer, double visit, const int* experts, int num_queried, int num_slots, double* kept);
 
 }  // namespace expertflow

@@ -172,6 +172,9 @@ class CostModel:
         # where the CPU wins even when slow by its usual spread; a steady CPU pays little for this.
         self.cpu_spreads = [[0.0] * num_points for _ in range(2)]
         self._points: dict[int, int] = {}  # num_tokens -> its point (_point's memo)
+        # num_tokens -> the calibrated time (_calibrated_ms's memo: choose runs at every layer with
+        # misses, between its routing and its loads, on the thread that launches the GPU's work)
+        self._calibrated: dict[int, float] = {}
         # The link's time per copy inside a step over its calibrated time: there a copy runs beside
         # prefetch chunks and the CPU's reads of host memory (on the H200 machine 49-51 GB/s against
         # 55 alone), timed by the runtime on the demand stream (observe_link).
@@ -202,6 +205,13 @@ class CostModel:
             self._points[num_tokens] = point
         return point
 
+    def _calibrated_ms(self, num_tokens: int) -> float:
+        """:meth:`Calibration.cpu_ms`, memoised."""
+        ms = self._calibrated.get(num_tokens)
+        if ms is None:
+            ms = self._calibrated[num_tokens] = self.calibration.cpu_ms(num_tokens)
+        return ms
+
     def by_point(self, values: list[list[float]]) -> dict[str, dict[str, float]]:
         """:attr:`cpu_scales` or :attr:`cpu_spreads` as ``{case: {tokens: value}}``, the cases
         ``without_demand_loads`` and ``with_demand_loads``."""
@@ -225,7 +235,7 @@ class CostModel:
         misses or not: the scale for that case and the expert's point (:meth:`_point`) moves a fifth
         of the way toward what the steps see, and its spread a fifth of the way toward this expert's
         distance from the scale."""
-        calibrated = self.calibration.cpu_ms(num_tokens)
+        calibrated = self._calibrated_ms(num_tokens)
         if calibrated > 0:
             case, point, ratio = int(with_demand_loads), self._point(num_tokens), ms / calibrated
             with self._lock:
@@ -278,7 +288,7 @@ class CostModel:
         if self.mode != "auto" or num_tokens < 1:
             return 0
         point = self._point(num_tokens)
-        cpu_ms = self.calibration.cpu_ms(num_tokens) * max(case[point] for case in self._prices())
+        cpu_ms = self._calibrated_ms(num_tokens) * max(case[point] for case in self._prices())
         copy_ms = self.copy_ms()
         return int(copy_ms // cpu_ms) if 0 < cpu_ms < copy_ms else 0
 
@@ -301,7 +311,7 @@ class CostModel:
         m = len(num_tokens)
 
         def cpu_ms(n: int, case: int) -> float:
-            return c.cpu_ms(n) * prices[case][self._point(n)]
+            return self._calibrated_ms(n) * prices[case][self._point(n)]
 
         shares = copy_shares if copy_shares is not None else [1.0] * m
         link = [copy_ms * share for share in shares]

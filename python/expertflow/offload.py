@@ -558,7 +558,7 @@ class OffloadEngine:
         # all on the link waits for them. (Priced as a whole copy, a forecast's prefetches about to
         # land went to the CPU: on the H200 machine, with the trace's true future as the forecast,
         # `auto`'s median step was 13% longer than GPU-only's at 50% slots.)
-        missed = [(e, share) for e, share in zip(experts, self._copy_left(layer, experts).tolist()) if share != 0]
+        missed = [(e, share) for e, share in zip(experts, self._copy_left(layer, experts)) if share != 0]
         self.cost_model.observe_hits(len(experts), len(experts) - len(missed))
         # Whether the cache would keep each miss until its next use, by the plan in force (NaN: it
         # does not say): a copy it would not keep buys no later hit (Plan.kept_until_next_use).
@@ -580,12 +580,13 @@ class OffloadEngine:
         self.num_cpu_experts += len(to_cpu)
         return jobs
 
-    def _copy_left(self, layer: int, experts: list[int]) -> np.ndarray:
-        """``[m]`` float64: what the link still has to carry of each of ``experts`` of ``layer``, in
-        whole copies: 1 for one in no slot, the share of its bytes not yet handed to the link for one
-        on its way, 0 for one landed or with every byte on the link (one native call)."""
-        unsent = np.asarray(self.cache.bytes_to_submit(layer, experts), dtype=np.float64)
-        return np.where(unsent < 0, 1.0, unsent / self.pool.expert_bytes(layer))
+    def _copy_left(self, layer: int, experts: list[int]) -> list[float]:
+        """``[m]``: what the link still has to carry of each of ``experts`` of ``layer``, in whole
+        copies: 1 for one in no slot, the share of its bytes not yet handed to the link for one on
+        its way, 0 for one landed or with every byte on the link (one native call; a layer names a
+        few experts, so plain floats: this runs at every layer, between its routing and its loads)."""
+        expert_bytes = self.pool.expert_bytes(layer)
+        return [1.0 if unsent < 0 else unsent / expert_bytes for unsent in self.cache.bytes_to_submit(layer, experts)]
 
     def _observe_link(self) -> None:
         """Once a pass: what demand loads took per expert since the last call (timed by the runtime on

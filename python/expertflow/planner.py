@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _C
+
 __all__ = ["Plan", "Forecast", "Calibrator", "Planner"]
 
 
@@ -84,11 +86,13 @@ class Plan:
         ``t`` (needed sooner, the cache keeps it instead); one used and not again before ``t`` is
         evicted first. What no forecast names is not counted. Positions are whole visits. A miss the
         cache would not keep costs no later copy when the CPU computes it; one it would keep does
-        (``cpu_experts.CostModel.choose``)."""
+        (``cpu_experts.CostModel.choose``). One native call (``policy.h``): the engine asks at every
+        layer with misses, between the layer's routing and its loads, where numpy's per-call costs
+        added up to a quarter of a millisecond a step."""
         m = len(experts)
         if self.next_use is None or self.following_use is None or not np.isfinite(self.now):
             return np.full(m, np.nan)
-        num_layers, num_experts = self.next_use.shape
+        num_layers = self.next_use.shape[0]
         if visit is None:
             if self.now % num_layers > layer:  # made after a later layer than this one: not this step's plan
                 return np.full(m, np.nan)
@@ -97,42 +101,8 @@ class Plan:
             raise ValueError(f"position {visit} is not a visit of layer {layer} ({num_layers} layers a step)")
         elif visit < self.now:  # already run: the plan was made after it
             return np.full(m, np.nan)
-        with np.errstate(invalid="ignore"):
-            # each expert's first named use after this visit (NaN: none) and the one after it (NaN: none)
-            ahead = self.next_use > visit
-            later = ~np.isnan(self.next_use) & (self.following_use > visit)
-            first = np.where(ahead, self.next_use, np.where(later, self.following_use, np.nan)).ravel()
-            second = np.where(ahead & (self.following_use > self.next_use), self.following_use, np.nan).ravel()
-        mine = layer * num_experts + np.asarray(experts, dtype=np.int64)
-        at = first[mine]
-        kept = np.where(np.isinf(at), 0.0, np.nan)
-        timed = np.flatnonzero(np.isfinite(at))
-        if timed.size == 0:
-            return kept
-        # Visit q is column q - visit - 1. Held there by a miss used at t: the experts first used at q,
-        # and those between their first and second use (first < q <= second) whose second comes
-        # before t; at t, also those used a second time at t (less the miss itself, used at t).
-        span = int(at[timed].max() - visit)
-        named = np.isfinite(first) & (first - visit <= span)
-        used_at = np.bincount((first[named] - visit - 1).astype(np.int64), minlength=span)[:span]
-        with np.errstate(invalid="ignore"):
-            spans = named & (second - visit < span)  # held between its uses by some miss: second < its t
-        by_second = np.flatnonzero(spans)[np.argsort(second[spans], kind="stable")]
-        seconds, opens = second[by_second] - visit, (first[by_second] - visit).astype(np.int64)
-        between = np.zeros(span + 1)  # +1 at the column after an expert's first use, -1 after its second
-        done = 0
-        # Misses in order of their next use: each holds what the one before held, and more (a sweep).
-        for i in timed[np.argsort(at[timed], kind="stable")]:
-            t = at[i] - visit
-            upto = int(np.searchsorted(seconds, t, side="left"))  # second use before t
-            between += np.bincount(opens[done:upto], minlength=span + 1)
-            between -= np.bincount(seconds[done:upto].astype(np.int64), minlength=span + 1)
-            done = upto
-            n = int(t)
-            held = used_at[:n] + np.cumsum(between)[:n]
-            held[n - 1] += np.count_nonzero(second == at[i]) - 1
-            kept[i] = float(held.max() < num_slots)
-        return kept
+        return _C.kept_until_next_use(self.next_use, self.following_use, layer, float(visit),
+                                      [int(e) for e in experts], num_slots)
 
 
 @dataclass
