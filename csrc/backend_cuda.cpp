@@ -92,6 +92,21 @@ class CudaBackend final : public Backend {
   void wait(Stream stream, Event event) override {
     EF_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event), 0));
   }
+  void wait_signal(Stream stream, std::shared_ptr<HostSignal> signal) override {
+    // The host function runs on CUDA's own thread, after the work queued before it; it makes no CUDA
+    // call, and owns its reference to the signal.
+    auto* held = new std::shared_ptr<HostSignal>(std::move(signal));
+    const cudaError_t status = cudaLaunchHostFunc(
+        static_cast<cudaStream_t>(stream),
+        [](void* data) {
+          auto* signal = static_cast<std::shared_ptr<HostSignal>*>(data);
+          (*signal)->wait();
+          delete signal;
+        },
+        held);
+    if (status != cudaSuccess) delete held;
+    EF_CUDA_CHECK(status);
+  }
   bool query(Event event) override {
     const cudaError_t status = cudaEventQuery(static_cast<cudaEvent_t>(event));
     if (status == cudaErrorNotReady) return false;

@@ -157,6 +157,13 @@ class HostBackend final : public Backend {
     }
     static_cast<HostStream*>(stream)->submit([ev, number] { ev->wait_for(number); });
   }
+  void wait_signal(Stream stream, std::shared_ptr<HostSignal> signal) override {
+    if (stream == nullptr) {
+      signal->wait();
+      return;
+    }
+    static_cast<HostStream*>(stream)->submit([signal] { signal->wait(); });
+  }
   bool query(Event event) override {
     HostEvent* ev = event_ref(event).get();
     std::lock_guard<std::mutex> lk(ev->mu);

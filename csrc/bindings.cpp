@@ -231,6 +231,11 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("base"), py::arg("stream"));
 
+  py::class_<HostSignal, std::shared_ptr<HostSignal>>(m, "HostSignal",
+                                                    "A flag the host sets once, which a stream can wait for.")
+      .def(py::init<>())
+      .def("set", &HostSignal::set, "Sets the flag: the streams waiting for it move on.")
+      .def("is_set", &HostSignal::is_set);
   py::class_<HostLinear>(m, "HostLinear", "A bf16 linear layer on the host's cores (host_linear.h).")
       .def(py::init([](int num_threads, const std::string& isa) {
              HostIsa limit = HostIsa::kAvx512Bf16;
@@ -438,6 +443,14 @@ PYBIND11_MODULE(_C, m) {
              r.wait_ready(slot, compute);
            },
            py::arg("slot"), py::arg("stream") = 0)
+      .def(
+          "wait_signal",
+          [](Runtime& r, std::shared_ptr<HostSignal> signal, uintptr_t stream) {
+            r.wait_signal(std::move(signal), compute_stream(r, stream));
+          },
+          py::arg("signal"), py::arg("stream") = 0,
+          "Makes the stream wait until the signal is set; the caller does not wait (host backend, stream 0: "
+          "the caller waits).")
       .def("is_ready", &Runtime::is_ready, py::arg("slot"))
       .def("release",
            [](Runtime& r, int layer, const std::vector<int>& experts, uintptr_t stream) {

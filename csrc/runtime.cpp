@@ -245,6 +245,15 @@ void Runtime::wait_ready(int slot, Stream compute) {
   engine_->wait_ready(slot, compute);
 }
 
+void Runtime::wait_signal(std::shared_ptr<HostSignal> signal, Stream compute) {
+  EF_CHECK(signal != nullptr, "wait_signal needs a signal");
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    check_open();
+  }
+  backend_->wait_signal(compute, std::move(signal));
+}
+
 bool Runtime::is_ready(int slot) {
   std::lock_guard<std::mutex> lk(mu_);
   check_acquired_locked(slot);

@@ -157,3 +157,35 @@ def test_cpu_experts_in_bf16_agree_with_all_gpu(bf16_checkpoints, arch):
     if first is not None:  # a flipped near-tie: the runs' difference covers the reference's margin
         top2 = want_scores[first].topk(2).values
         assert gap(first) >= top2[0] - top2[1], first
+
+
+def test_a_failing_cpu_expert_raises_in_its_forward(bf16_checkpoints, monkeypatch):
+    """On a GPU the stream waits for a CPU expert's result while the launching thread goes on; an
+    expert that fails on the CPU still releases the stream (no hang) and its error is raised within
+    the forward pass that ran it. The engine then runs on."""
+    import torch.nn.functional as F
+
+    from expertflow.offload import OffloadedExperts
+
+    model, folder = bf16_checkpoints["mixtral"]
+    m = ef.from_pretrained(folder, gpu_memory=quarter_budget(model), headroom=0, policy="lru", cpu_experts="on",
+                           progress=False)
+    compute = OffloadedExperts.compute
+
+    def failing(self, weights, x, linear=F.linear):
+        if x.device.type == "cpu":
+            raise RuntimeError("the CPU expert broke")
+        return compute(self, weights, x, linear)
+
+    try:
+        with torch.no_grad():
+            m(PROMPT.cuda())  # warm: some experts in slots
+            monkeypatch.setattr(OffloadedExperts, "compute", failing)
+            with pytest.raises(RuntimeError, match="the CPU expert broke"):
+                for _ in range(4):  # until a miss goes to the CPU
+                    m(PROMPT.cuda())
+            monkeypatch.setattr(OffloadedExperts, "compute", compute)
+            assert m(PROMPT.cuda()).logits.isfinite().all()
+        torch.cuda.synchronize()
+    finally:
+        m.expertflow.close()

@@ -7,16 +7,46 @@
 //   recent record at the time of the call; an event never recorded counts as complete.
 // - Work submitted to one stream runs in submission order; different streams run concurrently.
 // - Allocation failures throw with the size asked for; free/destroy never throw.
+// - A stream waiting on a HostSignal holds up only its own later work, never the thread that queued
+//   the wait: the CPU computes an expert while the GPU's queue already holds what reads its result.
+//   The signal must be set (the CPU's worker sets it whatever happens) or the stream never moves on.
 #pragma once
 
+#include <condition_variable>
 #include <cstddef>
 #include <memory>
+#include <mutex>
 #include <string>
 
 namespace expertflow {
 
 using Stream = void*;
 using Event = void*;
+
+// A flag the host sets once (Backend::wait_signal).
+class HostSignal {
+ public:
+  void set() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      set_ = true;
+    }
+    cv_.notify_all();
+  }
+  void wait() {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [this] { return set_; });
+  }
+  bool is_set() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return set_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool set_ = false;
+};
 
 class Backend {
  public:
@@ -48,6 +78,10 @@ class Backend {
   virtual void copy_to_device_async(void* dst, const void* src, size_t bytes, Stream stream) = 0;
   virtual void record(Event event, Stream stream) = 0;
   virtual void wait(Stream stream, Event event) = 0;
+  // Work queued on `stream` after this call waits until `signal` is set; the caller does not wait
+  // (CUDA: a host function that blocks the stream until then; the host backend's null stream, the
+  // calling thread itself, waits inline).
+  virtual void wait_signal(Stream stream, std::shared_ptr<HostSignal> signal) = 0;
   virtual bool query(Event event) = 0;
   virtual void synchronize(Event event) = 0;
   virtual void synchronize_stream(Stream stream) = 0;

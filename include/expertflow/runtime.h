@@ -100,6 +100,9 @@ class Runtime {
                            const std::vector<int>& spare = {});
   // Makes `compute` wait for an acquired slot's bytes; is_ready() tells without waiting.
   void wait_ready(int slot, Stream compute);
+  // Makes `compute` wait until `signal` is set on the host, without waiting here: the result of an
+  // expert the CPU computes, which the work queued after this reads (Backend::wait_signal).
+  void wait_signal(std::shared_ptr<HostSignal> signal, Stream compute);
   bool is_ready(int slot);
   void release(int layer, const std::vector<int>& experts, Stream compute);
   // Experts of `layer` computed elsewhere this visit (see the invariants): a BackfillOutcome each.

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from . import _C
 from .cpu_experts import CostModel, CpuExecutor, calibrate, check_mode, check_threads
 from .distributed import assign, deal_prefetches
 from .formats import FORMATS, ExpertFormat, SlotExpander, WeightSpec, kernels_available
@@ -122,10 +123,14 @@ class MoELayer:
 
 class CpuJob(NamedTuple):
     """A missed expert the CPU computes: its result ``[n, H]`` to come, and whether the plan in force
-    says the cache would have kept it until its next use (1 or 0; NaN: the plan does not say)."""
+    says the cache would have kept it until its next use (1 or 0; NaN: the plan does not say). On a
+    GPU the result lands in ``staging`` (pinned ``[n, H]``) and ``signal`` is set once it is there
+    (whatever happens), so the GPU can wait for it instead of the thread that launches its work."""
 
     future: Future
     kept: float
+    staging: torch.Tensor | None = None
+    signal: _C.HostSignal | None = None
 
 
 def hit_ratio(stats: dict) -> float:
@@ -187,6 +192,10 @@ class OffloadEngine:
         self.num_cpu_experts = 0
         self.cpu_ms = 0.0
         self.cpu_wait_ms = 0.0
+        # CPU experts whose results the GPU waits for (CpuJob.signal) while this thread goes on: each
+        # is collected (its error raised) after the next layer's routing has synchronised, by when
+        # the GPU has waited for it, and at the end of the pass.
+        self._cpu_pending: list[Future] = []
         self._link_seen: tuple[int, float] = (0, 0.0)  # the runtime's timed demand bytes and ms at the last _observe_link
         # The policy's plan in force: its forecast of each expert's next use tells the cost model which
         # misses the cache would keep, had they been copied (Plan.kept_until_next_use).
@@ -277,23 +286,29 @@ class OffloadEngine:
         self._cpu = executor
 
     def _cpu_expert(self, module: OffloadedExperts, layer: int, expert: int, x: torch.Tensor, rows: torch.Tensor | None,
-                    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], with_demand_loads: bool) -> torch.Tensor:
+                    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], with_demand_loads: bool,
+                    staging: torch.Tensor | None = None, signal: _C.HostSignal | None = None) -> torch.Tensor:
         """One expert computed on the CPU from its pool tensors (no copy over the link; a compressed
         format expands on the CPU first): the layer's hidden states ``x [T, H]`` on the host, the
         expert's ``rows [n]`` of them (None: all, in order) -> ``[n, H]``, its products by ``linear``;
-        ``with_demand_loads``: its layer also copies misses. On a GPU the result is pinned, so that its
-        copy to the device waits for nothing on the host: a pageable one blocks the calling thread until
-        the compute stream reaches it, behind the layer's demand loads, and a thread spinning there
-        takes a core from the CPU's next expert."""
-        start = time.perf_counter()
-        with torch.no_grad():  # the gather runs here, on the CPU's threads, not on the thread launching the GPU's work
-            inputs = x if rows is None else x[rows]
-            y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), inputs, linear)
-        ms = (time.perf_counter() - start) * 1e3
+        ``with_demand_loads``: its layer also copies misses. With ``staging`` (pinned ``[n, H]``, on a
+        GPU) the result is written there and returned, and ``signal`` is set once it is, or once this
+        fails: the GPU's stream waits for the signal, and must not wait forever."""
+        try:
+            start = time.perf_counter()
+            with torch.no_grad():  # the gather runs here, on the CPU's threads, not on the thread launching the GPU's work
+                inputs = x if rows is None else x[rows]
+                y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), inputs, linear)
+                if staging is not None:
+                    y = staging.copy_(y)
+            ms = (time.perf_counter() - start) * 1e3
+        finally:
+            if signal is not None:
+                signal.set()
         self.cpu_ms += ms  # one worker thread: no race
         if self.cost_model is not None:
             self.cost_model.observe(inputs.shape[0], ms, with_demand_loads)  # what the CPU costs inside a step, not alone
-        return y.pin_memory() if self.cache.device.type == "cuda" else y
+        return y
 
     def next_step(self, positions: torch.Tensor, new_sequences: bool, previous_path: np.ndarray | None = None) -> None:
         """Describes the next forward pass where the caller regroups sequences between passes (a
@@ -460,6 +475,8 @@ class OffloadEngine:
                 order = torch.argsort(routing.t().reshape(-1), stable=True)
                 tokens, choices = order % num_tokens, order // num_tokens
         self.routing[layer.index] = chosen
+        if self._cpu_pending:  # the routing's copy waited for the GPU, which waited for them: done
+            self._collect_cpu_jobs()
         counts = np.bincount(chosen.ravel(), minlength=num_experts + 1)[:num_experts]
         experts = np.flatnonzero(counts).tolist()  # ascending
         cpu_jobs = self._submit_cpu_experts(module, layer.index, experts, counts, chosen, hidden_states)
@@ -522,10 +539,18 @@ class OffloadEngine:
                 outputs[e] = weighted(e, module.compute(expert_weights, inputs(e)))
             self.cache.release(layer.index, wave, stream)
         for e, job in cpu_jobs.items():
-            start = time.perf_counter()
-            y = job.future.result().to(hidden_states.device, non_blocking=True)  # pinned on a GPU (_cpu_expert)
-            self.cpu_wait_ms += (time.perf_counter() - start) * 1e3
+            if job.signal is not None:
+                # The GPU waits for the CPU's result, not this thread: it goes on to queue the layer's
+                # sum and the next layer's attention while the CPU computes (waiting here, it queued
+                # them only after, and the GPU idled meanwhile).
+                self.cache.wait_signal(job.signal, stream)
+                y = cast("torch.Tensor", job.staging).to(hidden_states.device, non_blocking=True)
+                self._cpu_pending.append(job.future)
+            else:  # inline (the host backend): done already
+                y = job.future.result()
             outputs[e] = weighted(e, y)
+        if self._cpu_pending and layer.index == self.num_layers - 1:
+            self._collect_cpu_jobs()  # the pass ends with its errors raised, not in the next one
         if cpu_jobs:
             experts = sorted(outputs)  # the sum runs in ascending expert order, wherever each ran
         if self.shard is not None:
@@ -571,14 +596,28 @@ class OffloadEngine:
         x = hidden_states.to("cpu")  # the layer's one extra host sync, only where the CPU computes
         with_demand_loads = len(to_cpu) < len(missed)
         kept_of = {e: k for (e, _), k in zip(missed, kept)}
+        on_gpu = self.cache.device.type == "cuda"
         jobs = {}
         for e in to_cpu:
             token_idx = np.nonzero(e == chosen.T)[1]
             rows = None if len(token_idx) == x.shape[0] and (token_idx == np.arange(x.shape[0])).all() else torch.from_numpy(token_idx)
-            jobs[e] = CpuJob(self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, x, rows,
-                                                                self._cpu.linear, with_demand_loads)), kept_of[e])
+            # On a GPU the result lands in pinned memory that the GPU copies once the signal is set
+            # (_run_layer queues that copy now, behind a wait for the signal).
+            staging = torch.empty((len(token_idx), x.shape[1]), dtype=x.dtype, pin_memory=True) if on_gpu else None
+            signal = _C.HostSignal() if on_gpu else None
+            jobs[e] = CpuJob(self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, x, rows, self._cpu.linear,
+                                                                with_demand_loads, staging, signal)),
+                             kept_of[e], staging, signal)
         self.num_cpu_experts += len(to_cpu)
         return jobs
+
+    def _collect_cpu_jobs(self) -> None:
+        """Waits for the CPU experts whose results the GPU waited for, raising any error of theirs."""
+        start = time.perf_counter()
+        pending, self._cpu_pending = self._cpu_pending, []
+        for future in pending:
+            future.result()
+        self.cpu_wait_ms += (time.perf_counter() - start) * 1e3
 
     def _copy_left(self, layer: int, experts: list[int]) -> list[float]:
         """``[m]``: what the link still has to carry of each of ``experts`` of ``layer``, in whole
@@ -665,8 +704,9 @@ class OffloadEngine:
             self._hook.remove()
             self._hook = None
         if self._cpu is not None:
-            self._cpu.close()
+            self._cpu.close()  # runs what is queued: every signal a stream may wait for is set
             self._cpu = None
+        self._cpu_pending.clear()
         self._expanders.clear()  # their scratch holds a dense expert per slot layout
         self._expansions.clear()
         self.policy.close()

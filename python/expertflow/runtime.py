@@ -426,6 +426,13 @@ class ExpertCache:
         self._check_open()
         self._native.wait_ready(slot, self._stream_handle(stream))
 
+    def wait_signal(self, signal: _C.HostSignal, stream: StreamLike = None) -> None:
+        """Makes ``stream`` wait until ``signal`` is set on the host (``HostSignal.set``), without
+        waiting here: work queued on it afterwards may read what the setter wrote before. On the host
+        backend the calling thread waits. The signal must be set, or the stream never moves on."""
+        self._check_open()
+        self._native.wait_signal(signal, self._stream_handle(stream))
+
     def slot_tensors(self, slot: int, layer: int) -> dict[str, torch.Tensor]:
         """Zero-copy views of ``slot`` laid out as an expert of ``layer``."""
         self._check_open()

@@ -17,6 +17,7 @@
 #include "expertflow/copy_engine.h"
 #include "expertflow/error.h"
 #include "expertflow/host_linear.h"
+#include "expertflow/policy.h"
 #include "expertflow/pool.h"
 #include "expertflow/runtime.h"
 
@@ -69,6 +70,7 @@ class ForwardingBackend : public Backend {
   }
   void record(Event e, Stream s) override { inner->record(e, s); }
   void wait(Stream s, Event e) override { inner->wait(s, e); }
+  void wait_signal(Stream s, std::shared_ptr<HostSignal> signal) override { inner->wait_signal(s, std::move(signal)); }
   bool query(Event e) override { return inner->query(e); }
   void synchronize(Event e) override { inner->synchronize(e); }
   void synchronize_stream(Stream s) override { inner->synchronize_stream(s); }
@@ -363,6 +365,47 @@ void test_copy_waits_for_the_slot_to_be_freed() {
   backend->destroy_event(gate);
   backend->destroy_stream(compute);
   backend->destroy_stream(blocker);
+}
+
+// A stream waiting on a host signal holds up its later work until the signal is set; the thread that
+// queued the wait goes on at once.
+void test_stream_waits_for_a_host_signal() {
+  auto backend = make_host_backend();
+  Stream compute = backend->create_stream(false);
+  Event done = backend->create_event(false, false);
+  auto signal = std::make_shared<HostSignal>();
+  uint8_t result = 0, seen = 0;
+  backend->wait_signal(compute, signal);                                  // returns without waiting
+  backend->copy_to_device_async(&seen, &result, 1, compute);              // reads what the setter wrote
+  backend->record(done, compute);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT(!backend->query(done) && !signal->is_set());
+  result = 7;
+  signal->set();
+  backend->synchronize(done);
+  EXPECT(seen == 7 && signal->is_set());
+  backend->wait_signal(nullptr, signal);  // the calling thread itself: set already, so no wait
+  backend->destroy_event(done);
+  backend->destroy_stream(compute);
+}
+
+// Belady's keep test over a plan's tables (a two-layer, four-expert example worked by hand; the Python
+// tests check it against the definition over random tables).
+void test_kept_until_next_use() {
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::nan("");
+  // After layer 0's visit at position 0: L0E0 next at 2, L0E1 at 6, L0E2 never, L0E3 not forecast;
+  // L1E3 at 1 and 3 (held between), L1E0 at 5.
+  const std::vector<double> next_use = {2, 6, inf, nan, 5, inf, inf, 1};
+  const std::vector<double> following = {4, inf, inf, nan, 7, inf, inf, 3};
+  const std::vector<int> experts = {0, 1, 2, 3};
+  std::vector<double> kept(4);
+  kept_until_next_use(next_use.data(), following.data(), 2, 4, 0, 0.0, experts.data(), 4, 2, kept.data());
+  EXPECT(kept[0] == 1.0 && kept[1] == 0.0 && kept[2] == 0.0 && std::isnan(kept[3]));
+  kept_until_next_use(next_use.data(), following.data(), 2, 4, 0, 0.0, experts.data(), 4, 3, kept.data());
+  EXPECT(kept[0] == 1.0 && kept[1] == 1.0);
+  const int bad = 4;
+  expect_error([&] { kept_until_next_use(next_use.data(), following.data(), 2, 4, 0, 0.0, &bad, 1, 2, kept.data()); },
+               "expert 4 is out of range for 4 experts");
 }
 
 // Demand loads are timed on their stream, from their first byte to their last; prefetches are not.
@@ -735,6 +778,8 @@ int main() {
       {"copy_engine_counts_a_started_jobs_unsubmitted_bytes", test_copy_engine_counts_a_started_jobs_unsubmitted_bytes},
       {"copy_waits_for_the_slot_to_be_freed", test_copy_waits_for_the_slot_to_be_freed},
       {"copy_engine_times_demand_loads", test_copy_engine_times_demand_loads},
+      {"stream_waits_for_a_host_signal", test_stream_waits_for_a_host_signal},
+      {"kept_until_next_use", test_kept_until_next_use},
       {"copy_engine_demand_fails_before_its_job_changes", test_copy_engine_demand_fails_before_its_job_changes},
       {"runtime_round_trip", test_runtime_round_trip},
       {"runtime_backfill", test_runtime_backfill},
