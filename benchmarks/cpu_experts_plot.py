@@ -2,8 +2,8 @@
 model (auto) and every miss on the CPU (on), against the slots, at batch 1, 4 and 16, with three
 forecasts (one a row): the benchmark's history forecast, the trace's true future with each expert
 right with probability 0.8 (``noisy-oracle:0.8``, the trained predictor's recall) and the true
-future itself (its prefetches), from the latest runs of the final code (made by the commands in
-docs/cpu_experts.md; RUNS says which): the median over runs and rounds, with a bar from the fastest
+future itself (its prefetches), from the latest runs (made by the commands in docs/cpu_experts.md;
+RUNS says which code each panel ran): the median over runs and rounds, with a bar from the fastest
 to the slowest; the expertflow policy's rows only. Writes docs/img/cpu-experts-h200.png.
 
     python benchmarks/cpu_experts_plot.py
@@ -24,27 +24,30 @@ ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"off": "GPU only (off)", "auto": "auto", "on": "CPU for every miss (on)"}
 FORECASTS = {"history": "history forecast", "noisy-oracle:0.8": "true future, 80% right",
              "oracle": "true future (prefetches)"}
-# (forecast, batch) -> the result files of the final code and what they ran. Each is one process; a
-# variants file holds rounds of GPU-only and `auto` in one (benchmarks/cpu_experts_variants.py; only
-# its `normal` rows are the final code). `on` never asks the cost model, so the true future's batch-1
-# `on` comes from an earlier round's run. With the true future, batches 4 and 16 did not run on the
-# final code: those panels say "earlier code" (the code two rounds before, docs/cpu_experts.md).
-B1_ON = "cpu_experts_leave_final_b1_h200.json"
-FORECASTS_B1 = "cpu_experts_forecasts_b1_h200.json"
-ROUNDS_64 = "cpu_experts_forecasts_rounds_64tokens_h200.json"
+# (forecast, batch) -> the result files and what they ran. Each is one process; a variants file holds
+# rounds of GPU-only and `auto` in one (benchmarks/cpu_experts_variants.py; only its `normal` rows
+# count). GPU-only and `auto` come from the final code (the GPU waits for the CPU's results) where it
+# ran: batch 1 and 4. `on` never asks the cost model and was not rerun: it comes from the round
+# before's code (history) or an earlier round's (the true future). Batch 16 did not run on the final
+# code: those panels are the round before's code, and with the true future batches 4 and 16 are
+# earlier code (docs/cpu_experts.md says which).
+B1 = "cpu_experts_gpuwait_forecasts_b1_h200.json"
+ROUNDS_64 = "cpu_experts_gpuwait_rounds_64tokens_h200.json"
+B4 = "cpu_experts_gpuwait_b4_b16_h200-b4.json"
+HISTORY_B1_ON = "cpu_experts_final_history_b1_h200.json"
+ORACLE_B1_ON = "cpu_experts_leave_final_b1_h200.json"
 RUNS = {
-    ("history", 1): (["cpu_experts_final_history_b1_h200.json", FORECASTS_B1], "2 runs, on: 1"),
-    ("history", 4): (["cpu_experts_final_history_h200-b4.json"], "1 run"),
-    ("history", 16): (["cpu_experts_final_history_h200-b16.json"], "1 run"),
-    ("noisy-oracle:0.8", 1): ([FORECASTS_B1, ROUNDS_64], "1 run; 25, 50%: 4 rounds more"),
-    ("noisy-oracle:0.8", 4): (["cpu_experts_forecasts_noisy_h200-b4.json"], "1 run"),
-    ("noisy-oracle:0.8", 16): (["cpu_experts_forecasts_noisy_h200-b16.json"], "1 run"),
-    ("oracle", 1): ([FORECASTS_B1, ROUNDS_64, "cpu_experts_reviewed_variants_16tokens_h200.json", B1_ON],
-                    "1 run, 2 rounds; 25, 50%: 4 more; on: 1 run"),
+    ("history", 1): ([B1, HISTORY_B1_ON], "1 run; on: the round before's code"),
+    ("history", 4): ([B4], "1 run"),
+    ("history", 16): (["cpu_experts_final_history_h200-b16.json"], "1 run, the round before's code"),
+    ("noisy-oracle:0.8", 1): ([B1, ROUNDS_64], "1 run; 25, 50%: 4 rounds more"),
+    ("noisy-oracle:0.8", 4): ([B4], "1 run"),
+    ("noisy-oracle:0.8", 16): (["cpu_experts_forecasts_noisy_h200-b16.json"], "1 run, the round before's code"),
+    ("oracle", 1): ([B1, ROUNDS_64, ORACLE_B1_ON], "1 run; 25, 50%: 4 rounds more; on: earlier code"),
     ("oracle", 4): (["cpu_experts_belady_h200-b4.json"], "1 run, earlier code"),
     ("oracle", 16): (["cpu_experts_fcbackfill_h200-b16.json"], "1 run, earlier code"),
 }
-ONLY_ON = {("oracle", 1): B1_ON}  # files that give a panel only their `on` rows
+ONLY_ON = {("history", 1): HISTORY_B1_ON, ("oracle", 1): ORACLE_B1_ON}  # files that give a panel only their `on` rows
 
 
 def main() -> None:
