@@ -82,8 +82,8 @@ void kept_until_next_use(const double* next_use, const double* following_use, in
   std::sort(timed.begin(), timed.end());
   // Column c is the visit c + 1 after this one, up to the latest miss's use (span). Every expert is
   // held at its first use (used_at); one used again before a miss's use, from after its first use
-  // through its second (a span, listed by the column of its second use, opens_by_close); and at a
-  // miss's use also those used a second time there (seconds_at).
+  // through its second (spans: its second use's column, and its first's); and at a miss's use also
+  // those used a second time there (seconds_at).
   const int64_t span = std::max<int64_t>(1, timed.back().first);
   std::vector<int> used_at(span, 0), seconds_at(span + 1, 0), closing(span + 1, 0);
   std::vector<std::pair<int64_t, int64_t>> spans;  // (close, open)

@@ -542,7 +542,9 @@ class OffloadEngine:
             if job.signal is not None:
                 # The GPU waits for the CPU's result, not this thread: it goes on to queue the layer's
                 # sum and the next layer's attention while the CPU computes (waiting here, it queued
-                # them only after, and the GPU idled meanwhile).
+                # them only after, and the GPU idled meanwhile). Until the signal is set the compute
+                # stream is held, so this thread must not wait for that stream while it holds
+                # Python's lock, which the worker needs: torch's ops and syncs let it go.
                 self.cache.wait_signal(job.signal, stream)
                 y = cast("torch.Tensor", job.staging).to(hidden_states.device, non_blocking=True)
                 self._cpu_pending.append(job.future)
