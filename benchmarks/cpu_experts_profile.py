@@ -22,7 +22,6 @@ traces (``traces.tar.gz``) to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import functools
@@ -32,6 +31,7 @@ import statistics
 import tarfile
 from pathlib import Path
 
+import bench_cli
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -181,17 +181,11 @@ def summarise(trace: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="mixtral-8x7b")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--routing", required=True, help="trace:FILE")
-    parser.add_argument("--slots", default="16,32")
+    parser = bench_cli.parser(__doc__, slots="16,32", new_tokens=32)
     parser.add_argument("--predictors", default="noisy-oracle:0.8")
     parser.add_argument("--modes", default="off,auto")
-    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--trace-rounds", type=int, default=1, help="rounds whose traces are kept")
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     modes = args.modes.split(",")
@@ -201,8 +195,7 @@ def main() -> None:
     model = build_model(cfg)
     annotate()
     profiler = StepProfiler()
-    command = "python benchmarks/cpu_experts_profile.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    command = bench_cli.command(__file__, args)
     rows: list[dict] = []
     traces: list[Path] = []
     order = [(r, p, s, m) for r in range(args.rounds) for p in cfg.predictors for s in cfg.slots

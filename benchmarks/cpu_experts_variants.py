@@ -37,11 +37,10 @@ of its run (``all_gpu_ms``); ``machine`` and ``pinned_gbps`` are the first run's
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-from pathlib import Path
 
+import bench_cli
 import numpy as np
 from tqdm import tqdm
 
@@ -54,16 +53,10 @@ VARIANTS = ("normal", "onway_link", "never", "no_reuse", "no_leave", "leave2", "
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="mixtral-8x7b")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--routing", default="live", help="live, or trace:FILE")
-    parser.add_argument("--slots", default="32")
+    parser = bench_cli.parser(__doc__, slots="32", new_tokens=48, live=True)
     parser.add_argument("--predictors", default="oracle,history")
-    parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default="normal,onway_link")
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -105,8 +98,7 @@ def main() -> None:
     left_of = {"no_leave": lambda self, num_tokens: 0, "leave2": at_least_two, "leave_all": at_least_two}
     rows: list[dict] = []
     meta: dict = {}
-    command = "python benchmarks/cpu_experts_variants.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    command = bench_cli.command(__file__, args)
     try:
         order = [(r, v) for r in range(args.rounds) for v in (variants if r % 2 == 0 else variants[::-1])]
         for rnd, variant in tqdm(order, desc="variants"):

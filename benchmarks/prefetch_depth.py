@@ -13,11 +13,10 @@ with GPU-only offload and with `auto`, at each slot count; each row is a bench r
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
-from pathlib import Path
 
+import bench_cli
 import numpy as np
 
 from expertflow import offload
@@ -27,14 +26,8 @@ AHEAD = 3  # this visit and the next two
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="mixtral-8x7b")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--routing", required=True, help="trace:FILE")
-    parser.add_argument("--slots", default="16,32")
+    parser = bench_cli.parser(__doc__, slots="16,32", new_tokens=16)
     parser.add_argument("--predictor", default="oracle")
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     visits: dict[tuple[str, int], list[list[list[int]]]] = collections.defaultdict(list)
     run_layer = offload.OffloadEngine._run_layer
@@ -74,7 +67,7 @@ def main() -> None:
         rows.append(r)
         print(f"{r['slots']:>4} {r['cpu_experts']:4s} {r['ms_per_token']:.2f} ms/token; per visit ahead "
               f"[landed, started, queued, not admitted]: {r['ahead']}")
-    command = "python benchmarks/prefetch_depth.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    command = bench_cli.command(__file__, args)
     args.out.write_text(json.dumps({"command": command, "machine": result["machine"], "rows": rows}, indent=1))
 
 
