@@ -406,9 +406,10 @@ class OffloadEngine:
             at = np.flatnonzero(ahead & (plan.due == due))
             deadline = (due - plan.now) * visit_ms
             layer = int(plan.layers[at[0]])
-            if (link_ms + share[at].sum() * copy_ms <= deadline or due % num_layers != layer
+            visit_copies_ms = share[at].sum() * copy_ms
+            if (link_ms + visit_copies_ms <= deadline or due % num_layers != layer
                     or (plan.layers[at] != layer).any()):  # all in time, or not a visit of one layer
-                link_ms += share[at].sum() * copy_ms
+                link_ms += visit_copies_ms
                 continue
             kept = plan.kept_until_next_use(layer, plan.experts[at].tolist(), num_slots, visit=due)
             num_left = 0
