@@ -26,6 +26,14 @@ variant's place in a round, falls on every variant alike. The variants:
   names its next use (``kept`` read as 0 there; NaN, no forecast, as built);
 - ``cpu_misses``: auto whose layer choice sends every miss of 1 or 2 tokens with no byte on the link
   to the CPU, and keeps every copy already on its way on the link.
+- ``no_later_all``: auto whose layer choice prices no later copy for any CPU expert (``kept`` read as
+  0 everywhere): each layer's split minimises its own finish time and nothing else;
+- ``later_cheaper``: auto whose layer choice prices a CPU expert's later copy at the cheaper pipe for
+  its tokens (a later miss may go to the CPU too), not at a copy;
+- ``on``: every miss on the CPU (``cpu_experts="on"``), as built;
+- ``guess``: off and auto whose planner prefetches every forecast it trusts (``prefetch_confidence``
+  equal to ``confidence``, 0.5): a forecast measured right 80% of the time is then a sure prefetch,
+  where as built (0.9) it loads only on an idle link into a slot no forecast expects again.
 
 Each row is a bench row (``expertflow.bench``) with its variant and round, and the resident step
 of its run (``all_gpu_ms``); ``machine`` and ``pinned_gbps`` are the first run's.
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import bench_cli
 import numpy as np
@@ -47,9 +56,11 @@ from tqdm import tqdm
 import expertflow.cpu_experts as cpu_experts
 from expertflow.bench.harness import BenchConfig, build_model, run_bench
 from expertflow.planner import Plan
+from expertflow.policies import Expertflow
 from expertflow.runtime import ExpertCache
 
-VARIANTS = ("normal", "onway_link", "never", "no_reuse", "no_leave", "leave2", "leave_kept", "leave_all", "later_half", "no_later", "cpu_misses")
+VARIANTS = ("normal", "onway_link", "never", "no_reuse", "no_leave", "leave2", "leave_kept", "leave_all", "later_half", "no_later",
+            "cpu_misses", "guess", "no_later_all", "later_cheaper", "on")
 
 
 def main() -> None:
@@ -68,12 +79,27 @@ def main() -> None:
     model = build_model(cfg)
     bytes_to_submit, choose, kept = ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose, Plan.kept_until_next_use
     left = cpu_experts.CostModel.misses_left_to_cpu
+    attach = Expertflow.attach
+
+    def trusting_attach(self, info):
+        """``attach`` with every trusted forecast a sure prefetch."""
+        self.prefetch_confidence = self.confidence
+        return attach(self, info)
 
     def scaled_kept(factor: float):
         """``choose`` with the forecast's ``kept`` times ``factor``: a CPU expert the cache would keep
         carries that share of a later copy (NaN, no forecast, stays NaN)."""
         return lambda self, num_tokens, copy_shares=None, kept=None: choose(
             self, num_tokens, copy_shares, None if kept is None else [factor * k for k in kept])
+
+    def later_at_cheaper_pipe(self, num_tokens, copy_shares=None, kept=None):
+        """``choose`` with each CPU expert's later copy priced at the cheaper pipe for its tokens: its
+        ``kept`` (the hit ratio where NaN or absent) times that pipe's time over a copy's."""
+        copy_ms, prices = self.copy_ms(), self._prices()
+        hits = [self.hit_ratio if kept is None or math.isnan(kept[i]) else float(kept[i]) for i in range(len(num_tokens))]
+        cheaper = [min(1.0, self._calibrated_ms(n) * prices[self.WITHOUT_DEMAND_LOADS][self._point(n)] / copy_ms)
+                   for n in num_tokens]
+        return choose(self, num_tokens, copy_shares, [h * c for h, c in zip(hits, cheaper)])
 
     def unkept_ahead(self, layer, experts, num_slots, visit=None):
         """At a named later visit (the leave rule's question) no miss is kept; at its layer, as built."""
@@ -89,6 +115,9 @@ def main() -> None:
     choose_of = {
         "never": lambda self, num_tokens, copy_shares=None, kept=None: [False] * len(num_tokens),
         "later_half": scaled_kept(0.5),
+        "no_later_all": lambda self, num_tokens, copy_shares=None, kept=None: choose(
+            self, num_tokens, copy_shares, [0.0] * len(num_tokens)),
+        "later_cheaper": later_at_cheaper_pipe,
         "no_later": scaled_kept(0.0),
         "cpu_misses": lambda self, num_tokens, copy_shares=None, kept=None: [
             n <= 2 and share == 1.0 for n, share in zip(num_tokens, copy_shares or [1.0] * len(num_tokens))],
@@ -96,6 +125,8 @@ def main() -> None:
     kept_of = {"no_reuse": lambda self, layer, experts, num_slots, visit=None: np.full(len(experts), np.nan),
                "leave_kept": unkept_ahead, "leave_all": unkept_ahead}
     left_of = {"no_leave": lambda self, num_tokens: 0, "leave2": at_least_two, "leave_all": at_least_two}
+    attach_of = {"guess": trusting_attach}
+    both_modes = ("normal", "guess")  # the variants that change GPU-only too run it too
     rows: list[dict] = []
     meta: dict = {}
     command = bench_cli.command(__file__, args)
@@ -106,7 +137,9 @@ def main() -> None:
             cpu_experts.CostModel.choose = choose_of.get(variant, choose)  # type: ignore[method-assign]
             Plan.kept_until_next_use = kept_of.get(variant, kept)  # type: ignore[method-assign]
             cpu_experts.CostModel.misses_left_to_cpu = left_of.get(variant, left)  # type: ignore[method-assign]
-            modes = (["off", "auto"] if rnd % 2 == 0 else ["auto", "off"]) if variant == "normal" else ["auto"]
+            Expertflow.attach = attach_of.get(variant, attach)  # type: ignore[method-assign]
+            modes = (["off", "auto"] if rnd % 2 == 0 else ["auto", "off"]) if variant in both_modes else [
+                "on" if variant == "on" else "auto"]
             result = run_bench(dataclasses.replace(cfg, cpu_experts=modes), model)
             meta = meta or {"machine": result["machine"], "pinned_gbps": result["pinned_gbps"]}
             for r in result["rows"]:
@@ -122,6 +155,7 @@ def main() -> None:
         cpu_experts.CostModel.choose = choose  # type: ignore[method-assign]
         Plan.kept_until_next_use = kept  # type: ignore[method-assign]
         cpu_experts.CostModel.misses_left_to_cpu = left  # type: ignore[method-assign]
+        Expertflow.attach = attach  # type: ignore[method-assign]
         model.pool.close()
 
 
