@@ -8,11 +8,6 @@ variant's place in a round, falls on every variant alike. The variants:
   experts with no slot may go to the CPU (``ExpertCache.bytes_to_submit`` reads 0 for the others);
 - ``never``: auto whose cost model never picks the CPU: the engine's CPU-expert path with no CPU
   work (what merely enabling it costs);
-- ``no_reuse``: auto whose cost model does not hear the plan's forecast of which misses the cache
-  would keep until their next use (``Plan.kept_until_next_use`` reads NaN): every CPU expert's later
-  copy is priced at the cache's recent hit ratio, as before that forecast was used. The price, and so
-  nothing is left to the CPU ahead either (``no_leave``); the runtime still admits backfills by the
-  forecast (``Runtime::backfill``);
 - ``no_leave``: auto that leaves no forecast miss to the CPU ahead (``CostModel.misses_left_to_cpu``
   reads 0): the plan's prefetches apply whole, and the CPU takes only what its layer's choice gives it;
 - ``leave2``: auto that leaves up to two forecast misses a visit to the CPU ahead, wherever it
@@ -20,20 +15,16 @@ variant's place in a round, falls on every variant alike. The variants:
 - ``leave_kept``: auto whose plan leaves late forecast misses to the CPU ahead whether or not the
   cache would keep them until their next use (``Plan.kept_until_next_use`` at a named visit reads 0);
 - ``leave_all``: ``leave2`` and ``leave_kept`` together;
-- ``later_half``: auto whose layer choice prices a CPU expert the cache would keep at half a later
-  copy (the forecast's ``kept`` halved; no effect where it names no later use);
-- ``no_later``: auto whose layer choice prices no later copy for a CPU expert where the forecast
-  names its next use (``kept`` read as 0 there; NaN, no forecast, as built);
 - ``cpu_misses``: auto whose layer choice sends every miss of 1 or 2 tokens with no byte on the link
-  to the CPU, and keeps every copy already on its way on the link.
-- ``no_later_all``: auto whose layer choice prices no later copy for any CPU expert (``kept`` read as
-  0 everywhere): each layer's split minimises its own finish time and nothing else;
-- ``later_cheaper``: auto whose layer choice prices a CPU expert's later copy at the cheaper pipe for
-  its tokens (a later miss may go to the CPU too), not at a copy;
+  to the CPU, and keeps every copy already on its way on the link;
 - ``on``: every miss on the CPU (``cpu_experts="on"``), as built;
 - ``guess``: off and auto whose planner prefetches every forecast it trusts (``prefetch_confidence``
   equal to ``confidence``, 0.5): a forecast measured right 80% of the time is then a sure prefetch,
   where as built (0.9) it loads only on an idle link into a slot no forecast expects again.
+
+The variants that priced a CPU expert's later copy (``no_reuse``, ``later_half``, ``no_later``,
+``no_later_all``, ``later_cheaper``) went with that price (docs/cpu_experts.md, the round that dropped
+it; the script as they ran is in git history).
 
 Each row is a bench row (``expertflow.bench``) with its variant and round, and the resident step
 of its run (``all_gpu_ms``); ``machine`` and ``pinned_gbps`` are the first run's.
@@ -47,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
 import bench_cli
 import numpy as np
@@ -59,8 +49,7 @@ from expertflow.planner import Plan
 from expertflow.policies import Expertflow
 from expertflow.runtime import ExpertCache
 
-VARIANTS = ("normal", "onway_link", "never", "no_reuse", "no_leave", "leave2", "leave_kept", "leave_all", "later_half", "no_later",
-            "cpu_misses", "guess", "no_later_all", "later_cheaper", "on")
+VARIANTS = ("normal", "onway_link", "never", "no_leave", "leave2", "leave_kept", "leave_all", "cpu_misses", "guess", "on")
 
 
 def main() -> None:
@@ -86,24 +75,9 @@ def main() -> None:
         self.prefetch_confidence = self.confidence
         return attach(self, info)
 
-    def scaled_kept(factor: float):
-        """``choose`` with the forecast's ``kept`` times ``factor``: a CPU expert the cache would keep
-        carries that share of a later copy (NaN, no forecast, stays NaN)."""
-        return lambda self, num_tokens, copy_shares=None, kept=None: choose(
-            self, num_tokens, copy_shares, None if kept is None else [factor * k for k in kept])
-
-    def later_at_cheaper_pipe(self, num_tokens, copy_shares=None, kept=None):
-        """``choose`` with each CPU expert's later copy priced at the cheaper pipe for its tokens: its
-        ``kept`` (the hit ratio where NaN or absent) times that pipe's time over a copy's."""
-        copy_ms, prices = self.copy_ms(), self._prices()
-        hits = [self.hit_ratio if kept is None or math.isnan(kept[i]) else float(kept[i]) for i in range(len(num_tokens))]
-        cheaper = [min(1.0, self._calibrated_ms(n) * prices[self.WITHOUT_DEMAND_LOADS][self._point(n)] / copy_ms)
-                   for n in num_tokens]
-        return choose(self, num_tokens, copy_shares, [h * c for h, c in zip(hits, cheaper)])
-
     def unkept_ahead(self, layer, experts, num_slots, visit=None):
-        """At a named later visit (the leave rule's question) no miss is kept; at its layer, as built."""
-        return np.zeros(len(experts)) if visit is not None else kept(self, layer, experts, num_slots)
+        """The leave rule's question (a later visit): no miss is kept."""
+        return np.zeros(len(experts))
 
     def at_least_two(self, num_tokens):
         n = left(self, num_tokens)
@@ -113,17 +87,11 @@ def main() -> None:
     bytes_to_submit_of = {
         "onway_link": lambda self, layer, experts: [b if b < 0 else 0 for b in bytes_to_submit(self, layer, experts)]}
     choose_of = {
-        "never": lambda self, num_tokens, copy_shares=None, kept=None: [False] * len(num_tokens),
-        "later_half": scaled_kept(0.5),
-        "no_later_all": lambda self, num_tokens, copy_shares=None, kept=None: choose(
-            self, num_tokens, copy_shares, [0.0] * len(num_tokens)),
-        "later_cheaper": later_at_cheaper_pipe,
-        "no_later": scaled_kept(0.0),
-        "cpu_misses": lambda self, num_tokens, copy_shares=None, kept=None: [
+        "never": lambda self, num_tokens, copy_shares=None: [False] * len(num_tokens),
+        "cpu_misses": lambda self, num_tokens, copy_shares=None: [
             n <= 2 and share == 1.0 for n, share in zip(num_tokens, copy_shares or [1.0] * len(num_tokens))],
     }
-    kept_of = {"no_reuse": lambda self, layer, experts, num_slots, visit=None: np.full(len(experts), np.nan),
-               "leave_kept": unkept_ahead, "leave_all": unkept_ahead}
+    kept_of = {"leave_kept": unkept_ahead, "leave_all": unkept_ahead}
     left_of = {"no_leave": lambda self, num_tokens: 0, "leave2": at_least_two, "leave_all": at_least_two}
     attach_of = {"guess": trusting_attach}
     both_modes = ("normal", "guess")  # the variants that change GPU-only too run it too

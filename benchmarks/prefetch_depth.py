@@ -21,6 +21,8 @@ import numpy as np
 
 from expertflow import offload
 from expertflow.bench.harness import BenchConfig, run_bench
+from expertflow.planner import Plan
+from expertflow.runtime import ExpertCache
 
 AHEAD = 3  # this visit and the next two
 
@@ -30,10 +32,15 @@ def main() -> None:
     parser.add_argument("--predictor", default="oracle")
     args = parser.parse_args()
     visits: dict[tuple[str, int], list[list[list[int]]]] = collections.defaultdict(list)
-    run_layer = offload.OffloadEngine._run_layer
+    run_layer, apply = offload.OffloadEngine._run_layer, ExpertCache.apply
+    plans: dict[int, Plan] = {}  # id(cache) -> the plan it applied last
+
+    def recording_apply(self, plan):
+        plans[id(self)] = plan
+        return apply(self, plan)
 
     def recording_run_layer(self, module, hidden_states, routing, weights):
-        plan = self._plan
+        plan = plans.get(id(self.cache))
         if plan is not None and plan.next_use is not None and routing.shape[0] == 1:  # decode, batch 1
             L = self.num_layers
             visit = (self.steps - 1) * L + module.layer
@@ -51,6 +58,7 @@ def main() -> None:
         return run_layer(self, module, hidden_states, routing, weights)
 
     offload.OffloadEngine._run_layer = recording_run_layer  # type: ignore[method-assign]
+    ExpertCache.apply = recording_apply  # type: ignore[method-assign]
     try:
         cfg = BenchConfig(arch=args.arch, layers=args.layers, routing=args.routing, slots=args.slots.split(","),
                           policies=["expertflow"], predictors=[args.predictor], cpu_experts=["off", "auto"],
@@ -58,6 +66,7 @@ def main() -> None:
         result = run_bench(cfg)
     finally:
         offload.OffloadEngine._run_layer = run_layer  # type: ignore[method-assign]
+        ExpertCache.apply = apply  # type: ignore[method-assign]
     rows = []
     for r in result["rows"]:
         if r["policy"] != "expertflow":

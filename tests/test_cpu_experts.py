@@ -119,9 +119,9 @@ def test_the_engine_prices_a_queued_prefetch_at_its_bytes_and_skips_landed_exper
         asked = []
         choose = engine.cost_model.choose
 
-        def recording_choose(num_tokens, copy_shares=None, kept=None):
+        def recording_choose(num_tokens, copy_shares=None):
             asked.append((len(num_tokens), copy_shares))
-            return choose(num_tokens, copy_shares, kept)
+            return choose(num_tokens, copy_shares)
 
         engine.cost_model.choose = recording_choose
         one = torch.tensor([[5]])
@@ -152,38 +152,6 @@ def test_the_engine_prices_a_queued_prefetch_at_its_bytes_and_skips_landed_exper
         asked.clear()
         engine._submit_cpu_experts(engine.layers[0].module, 0, [0, 1, 2], counts, np.array([[0, 1, 2]]), torch.zeros(1, 8))
         assert asked == [(2, [quarter / engine.pool.expert_bytes(0), 1.0])]
-    finally:
-        model.expertflow.close()
-
-
-def test_the_engine_tells_the_cost_model_which_misses_the_plan_in_force_would_keep(tmp_path):
-    """The policy's plan in force forecasts, for layer 0's three missed experts: expert 1 used again at
-    the next step's visit (kept: nothing else is named before it), expert 4 never again (not kept),
-    expert 6 not at all (NaN: the hit ratio stands in). The engine hands the cost model those, in
-    the misses' order."""
-    folder = save(build("mixtral"), tmp_path / "m", "published")
-    model = ef.from_pretrained(folder, policy="lru", expert_slots="50%", cpu_experts="on", progress=False)
-    try:
-        engine = model.expertflow
-        engine.cost_model.mode = "auto"
-        asked = []
-
-        def recording_choose(num_tokens, copy_shares=None, kept=None):
-            asked.append(None if kept is None else list(kept))
-            return [False] * len(num_tokens)
-
-        engine.cost_model.choose = recording_choose
-        L, E = engine.num_layers, engine.num_experts
-        next_use, following_use = np.full((L, E), np.inf), np.full((L, E), np.inf)
-        next_use[0, [1, 4]] = 0.0  # this visit (the step's first, position 0)
-        following_use[0, 1] = L  # the next step's visit of layer 0
-        next_use[0, 6] = following_use[0, 6] = np.nan
-        empty = np.zeros(0, dtype=np.int32)
-        engine._plan = Plan(empty, empty, np.zeros(0), next_use, following_use, 0.0)
-        counts = np.zeros(E, dtype=np.int64)
-        counts[[1, 4, 6]] = 1
-        engine._submit_cpu_experts(engine.layers[0].module, 0, [1, 4, 6], counts, np.array([[1, 4, 6]]), torch.zeros(1, 8))
-        assert len(asked) == 1 and asked[0][:2] == [1.0, 0.0] and math.isnan(asked[0][2])
     finally:
         model.expertflow.close()
 
@@ -225,37 +193,6 @@ class _EveryExpertEveryStep:
 
     def close(self):
         pass
-
-
-def test_the_cost_model_hears_the_step_plan_in_force(tmp_path):
-    """Live generation under a policy whose step plans forecast every expert at each step's visit:
-    a miss's next use is its layer's next visit, and before it every other expert is used once,
-    the whole of one layer at each visit, held no longer. So the cache keeps it exactly when one
-    layer's experts fit beside it: with more slots than a layer has experts, every miss is kept; with
-    as many, none. At a step whose plan the policy does not renew, the engine's cost model hears
-    nothing (NaN), not the last step's forecast."""
-    folder = save(build("mixtral"), tmp_path / "m", "published")
-    for slots in ("75%", "8"):
-        model = ef.from_pretrained(folder, policy="expertflow", expert_slots=slots, cpu_experts="on", progress=False)
-        try:
-            engine = model.expertflow
-            engine.policy = _EveryExpertEveryStep(renew=lambda step: step != 2)
-            engine.policy.attach(EngineInfo(engine.num_layers, engine.num_experts, engine.cache.num_slots, 2))
-            heard: list[tuple[int, list[float]]] = []
-
-            def recording_choose(num_tokens, copy_shares=None, kept=None, engine=engine, heard=heard):
-                heard.append((engine.steps - 1, list(kept)))
-                return [False] * len(num_tokens)
-
-            engine.cost_model.choose = recording_choose
-            _greedy(model, n=4)  # steps 0 (the prompt) to 3
-            want = 1.0 if engine.num_experts < engine.cache.num_slots else 0.0
-            assert engine.num_layers >= 2 and {step for step, _ in heard} == {0, 1, 2, 3}
-            for step, kept in heard:
-                assert all(math.isnan(k) for k in kept) if step == 2 else kept == [want] * len(kept), (slots, step, kept)
-            assert want == (1.0 if slots == "75%" else 0.0)
-        finally:
-            model.expertflow.close()
 
 
 def _record_applied_plans(engine) -> list[Plan]:
@@ -362,7 +299,7 @@ def test_the_engine_leaves_out_of_the_plan_the_misses_the_cpu_computes_instead(t
                 assert list(zip(got.layers.tolist(), got.experts.tolist())) == [
                     key for key, stay in zip(zip(layers, experts), stays) if stay], (cpu_ms, trial)
                 assert got.sure.tolist() == sure[stays].tolist()
-                assert got.next_use is next_use and got.following_use is following_use and engine._plan is plan
+                assert got.next_use is next_use and got.following_use is following_use
                 if visit_ms == 1e9:  # the layers far apart: only a miss of the visit under way is late
                     assert all(due == now for due in left_at)
                 num_left += len(left)
@@ -473,29 +410,6 @@ def test_forecast_misses_left_to_the_cpu_give_the_resident_models_tokens(tmp_pat
         model.expertflow.close()
 
 
-def test_the_backfilled_share_counts_only_cpu_experts_the_plan_does_not_rule_out(tmp_path):
-    """Every miss to the CPU, on a cold cache: with no plan each layer's CPU experts count toward the
-    backfilled share; under a plan whose forecast uses none of them again (the cache would not keep
-    them, and their later copy costs nothing), none does."""
-    folder = save(build("mixtral"), tmp_path / "m", "published")
-    for never_again in (False, True):
-        model = ef.from_pretrained(folder, policy="lru", expert_slots="50%", cpu_experts="on", progress=False)
-        try:
-            engine = model.expertflow
-            seen: list[int] = []
-            engine.cost_model.observe_backfills = lambda num_cpu, num_backfilled, seen=seen: seen.append(num_cpu)
-            L, E = engine.num_layers, engine.num_experts
-            if never_again:
-                empty = np.zeros(0, dtype=np.int32)
-                engine._plan = Plan(empty, empty, np.zeros(0), np.full((L, E), np.inf), np.full((L, E), np.inf), 0.0)
-            with torch.no_grad():
-                model(torch.tensor([[5]]))
-            top_k = engine.routing[0].shape[1]
-            assert seen == [0 if never_again else top_k] * L
-        finally:
-            model.expertflow.close()
-
-
 def test_a_prefetch_the_cpu_overtakes_before_its_bytes_go_is_dropped_and_the_misses_spare_its_slot(tmp_path):
     """A layer whose experts all have a prefetch held in the queue: the CPU takes the first miss, the
     link the second (its queued prefetch promoted). The CPU's prefetch moved no byte, so it is
@@ -506,7 +420,7 @@ def test_a_prefetch_the_cpu_overtakes_before_its_bytes_go_is_dropped_and_the_mis
     try:
         engine = model.expertflow
         engine.cost_model.mode = "auto"
-        engine.cost_model.choose = lambda num_tokens, copy_shares=None, kept=None: [i == 0 for i in range(len(num_tokens))]
+        engine.cost_model.choose = lambda num_tokens, copy_shares=None: [i == 0 for i in range(len(num_tokens))]
         acquired, on_cpu = [], []
         acquire_slots, submit = engine.cache.acquire_slots, engine._submit_cpu_experts
 
@@ -587,51 +501,15 @@ def test_host_linear_follows_the_definition(isa, n, in_features, out_features):
         linear.close()
 
 
-def test_a_miss_the_cache_would_keep_is_copied_when_the_cpu_wins_only_by_the_copy_it_saves_now():
-    """CPU 3.4 ms against a 6.4 ms copy: with a cold cache a lone miss goes to the CPU; once 60% of
-    recent experts hit (a copy would likely be reused: 0.6 x 6.4 ms saved later) it is copied, and a
-    second miss still goes to the CPU (it would wait behind the first copy)."""
+def test_a_lone_miss_goes_to_the_cpu_whenever_the_cpu_finishes_it_first():
+    """CPU 3.4 ms against a 6.5 ms copy: a lone miss goes to the CPU. Its next use may miss again (it
+    enters the cache only if backfilled), but that miss, too, may go to the CPU then, so nothing
+    more is priced now: the layer's finish time alone decides. Two misses: one to each pipe (6.5 ms)
+    beats both on the CPU (6.8); a CPU slower than the copy takes none of one."""
     model = CostModel(line_calibration(6.4, 3.3, 0.1), "auto")
     assert model.choose([1]) == [True]
-    for _ in range(200):
-        model.observe_hits(5, 3)
-    assert model.hit_ratio == pytest.approx(0.6, abs=1e-3)
-    assert model.choose([1]) == [False] and model.choose([1, 1]).count(True) == 1
-    assert model.cpu_can_win(8)  # judged with a cold cache, as at load
-
-
-def test_a_miss_the_plan_says_the_cache_would_not_keep_goes_to_the_cpu():
-    """The same 60% hit ratio, the lone miss copied on it. Where the policy's forecast says the cache
-    would not keep the expert until its next use (kept 0: used once within the cache's reach, or
-    never again), no later copy is lost and it goes to the CPU (3.4 ms against 6.5); where it would
-    (kept 1), the CPU's side carries a whole copy and it is copied. Of two misses, one kept and one
-    not, the CPU takes the one not kept; NaN (no forecast) is the hit ratio's price, as before."""
-    model = CostModel(line_calibration(6.4, 3.3, 0.1), "auto")
-    for _ in range(200):
-        model.observe_hits(5, 3)
-    assert model.choose([1]) == [False] and model.choose([1], kept=[math.nan]) == [False]
-    assert model.choose([1], kept=[0.0]) == [True]
-    assert model.choose([1], kept=[1.0]) == [False]
-    assert model.choose([1, 1], kept=[1.0, 0.0]) == [False, True]
-    assert model.choose([1, 1], kept=[0.0, 1.0]) == [True, False]
-
-
-def test_a_miss_goes_to_the_cpu_again_once_the_cpus_experts_are_backfilled():
-    """The same 60% hit ratio: while CPU experts are backfilled into the cache (ExpertCache.backfill),
-    the CPU loses no later hit, so a lone miss goes back to the CPU; with a tenth backfilled, the later
-    copy left (0.6 x 0.9 x 6.4 = 3.5 ms, on the CPU's 3.4 against the link's 6.5) still tips it to the
-    link."""
-    model = CostModel(line_calibration(6.4, 3.3, 0.1), "auto")
-    for _ in range(200):
-        model.observe_hits(5, 3)
-    for _ in range(200):
-        model.observe_backfills(10, 1)
-    assert model.backfilled_share == pytest.approx(0.1, abs=1e-3)
-    assert model.choose([1]) == [False]
-    for _ in range(200):
-        model.observe_backfills(2, 2)
-    assert model.backfilled_share == pytest.approx(1.0, abs=1e-3)
-    assert model.choose([1]) == [True]
+    assert sorted(model.choose([1, 1])) == [False, True]
+    assert CostModel(line_calibration(6.4, 6.6, 0.1), "auto").choose([1]) == [False]
 
 
 def test_host_linear_leaves_what_it_does_not_take_to_torch():
@@ -955,35 +833,27 @@ POINTS = (1, 2, 4, 16, 64, 256)
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(1, 300), min_size=0, max_size=9), st.floats(0.1, 20), st.floats(0.0, 20),
-       st.floats(0.0, 2), st.floats(0.0, 1), st.floats(0.0, 1), st.sampled_from([0, 1, 2, 4, 256]),
+       st.floats(0.0, 2), st.floats(0.0, 1), st.sampled_from([0, 1, 2, 4, 256]),
        st.lists(st.floats(0.5, 3), min_size=2 * len(POINTS), max_size=2 * len(POINTS)),
-       st.lists(st.floats(0.0, 1), min_size=2 * len(POINTS), max_size=2 * len(POINTS)), st.floats(0.5, 2),
-       st.floats(0.0, 1), st.one_of(st.none(), st.lists(st.sampled_from([0.0, 1.0, math.nan]), min_size=9, max_size=9)))
+       st.lists(st.floats(0.0, 1), min_size=2 * len(POINTS), max_size=2 * len(POINTS)), st.floats(0.5, 2))
 def test_auto_plans_the_cheapest_split_and_never_one_slower_than_copying(
-        tokens, copy_ms, fixed, per_token, gpu_ms, hit_ratio, native_max_tokens, scales, spreads, link_scale,
-        backfilled_share, kept):
+        tokens, copy_ms, fixed, per_token, gpu_ms, native_max_tokens, scales, spreads, link_scale):
     """From the definition, against every split of the misses: a layer finishes when both pipes do.
     The link copies its experts one after another at its in-step time (each then computes on the
     GPU); the CPU computes its own one after another, each at its calibrated time times the scale
     plus spread of its calibration point (the nearest in log tokens of those its kernel serves;
     past every point of its kernel, the last point), for a layer that also copies or for one whose
-    misses all run on the CPU. Each CPU expert also costs the later copy it may need. The plan costs
-    the least of all 2^m splits, and finishes no later than copying every miss, with the CPU at
-    its scale or slower by its spread. The later copy is one copy for the share of CPU experts not
-    backfilled, times whether the cache would keep the expert until its next use (``kept``: 1 or 0
-    by the plan's forecast; where it says nothing, NaN or None, the recent hit ratio)."""
+    misses all run on the CPU. The plan costs the least of all 2^m splits, and finishes no later than
+    copying every miss, with the CPU at its scale or slower by its spread."""
     c = Calibration(copy_ms, POINTS, tuple(fixed + per_token * n for n in POINTS), gpu_ms, 4, 0.0, native_max_tokens)
     model = CostModel(c, "auto")
-    model.hit_ratio, model.backfilled_share, model.link_scale = hit_ratio, backfilled_share, link_scale
+    model.link_scale = link_scale
     num_points = len(POINTS)
     model.cpu_scales = [list(scales[:num_points]), list(scales[num_points:])]
     model.cpu_spreads = [list(spreads[:num_points]), list(spreads[num_points:])]
-    kept = None if kept is None else kept[: len(tokens)]
-    on_cpu = model.choose(tokens, kept=kept)
+    on_cpu = model.choose(tokens)
     assert len(on_cpu) == len(tokens)
     link_ms = copy_ms * link_scale
-    reused = [hit_ratio if kept is None or math.isnan(kept[i]) else kept[i] for i in range(len(tokens))]
-    later_ms = [reuse * (1 - backfilled_share) * link_ms for reuse in reused]
 
     def point_of(n):
         native = n <= native_max_tokens
@@ -1000,7 +870,7 @@ def test_auto_plans_the_cheapest_split_and_never_one_slower_than_copying(
         return max(link, cpu)
 
     def cost(assignment):
-        return finish(assignment, 1) + sum(later for later, on in zip(later_ms, assignment) if on)
+        return finish(assignment, 1)
 
     best = min(cost(list(a)) for a in itertools.product([False, True], repeat=len(tokens)))
     assert cost(on_cpu) == pytest.approx(best, rel=1e-9, abs=1e-9)
@@ -1023,16 +893,14 @@ def test_copies_on_their_way_are_priced_at_what_is_left_of_them(misses, copy_ms,
     c = Calibration(copy_ms, (1, 256), (cpu_ms + per_token, cpu_ms + 256 * per_token), gpu_ms, 4, 0.0)
     model = CostModel(c, "auto")
     model.cpu_scales = [[scale, scale], [1.2 * scale, 1.2 * scale]]  # slower beside demand loads
-    model.hit_ratio = 0.5
     scales = [row[0] for row in model.cpu_scales]  # as priced: choose then moves unused prices 1% back
     on_cpu = model.choose(tokens, shares)
-    later = 0.5 * copy_ms
 
     def cost(assignment):
         link = [copy_ms * share for share, cpu in zip(shares, assignment) if not cpu]
         case = 1 if link else 0
         cpu = sum(c.cpu_ms(n) * scales[case] for n, on in zip(tokens, assignment) if on)
-        return max(sum(link) + (gpu_ms if link else 0.0), cpu) + later * sum(assignment)
+        return max(sum(link) + (gpu_ms if link else 0.0), cpu)
 
     assert cost(on_cpu) <= min(cost([False] * len(tokens)), cost([True] * len(tokens))) + 1e-9
     if same_share or len(tokens) <= CostModel.MAX_SPLITS_PRICED:

@@ -11,8 +11,7 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   ``$EXPERTFLOW_CACHE_DIR`` (default ``~/.cache/expertflow``) / ``calibration.json``.
 - :class:`CostModel`: per layer, which of the missed experts go to the CPU: the split whose later
   pipe finishes first, the link copying its misses one after another (each then computed on the
-  GPU) and the CPU computing its own one after another, each CPU expert also carrying the copy it
-  may cost later. Hits always compute on the GPU. Prefill, with many tokens per expert, copies;
+  GPU) and the CPU computing its own one after another. Hits always compute on the GPU. Prefill, with many tokens per expert, copies;
   decode sends a second or third miss to the CPU when the CPU is fast enough. Both pipes are priced
   at what they take inside steps: the CPU's times are the calibration's scaled by what CPU experts
   then take, plus how much that strays (per calibration point, and apart for layers with and
@@ -21,12 +20,10 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
 - Backfill: a CPU expert enters the cache behind its layer while the link has room
   (:meth:`~expertflow.runtime.ExpertCache.backfill`), so the cache evolves as if the GPU had run it
   and the link, which the CPU's misses would leave idle at decode, keeps copying off the layer's
-  critical path. A copied miss may hit at its next use; a CPU expert that was not backfilled misses
-  again, so the CPU's side carries one copy for the share of its experts that were not backfilled,
-  times the chance that the cache would have kept it until then: where the policy's plan forecasts
-  the expert's next use, whether a cache that evicts the farthest next use keeps it that long
-  (:meth:`~expertflow.planner.Plan.kept_until_next_use`: a miss used once within the cache's reach
-  goes to the CPU, one used again soon is copied), elsewhere the cache's recent hit ratio.
+  critical path. A CPU expert that was not backfilled may miss again at its next use, where the
+  CPU may take it again: the layer's choice prices only the layer's own finish time. (Pricing a
+  CPU expert's lost later hit at a whole copy sent too few misses to the CPU: measured on the H200
+  machine, docs/cpu_experts.md.)
 - Prefetches only what the GPU will run: where the policy's plan names each expert's later uses,
   the engine leaves out of it the forecast misses whose copies would land late and that the cache
   would not keep until their next use, as many a visit as the CPU computes within one copy
@@ -179,14 +176,6 @@ class CostModel:
         # prefetch chunks and the CPU's reads of host memory (on the H200 machine 49-51 GB/s against
         # 55 alone), timed by the runtime on the demand stream (observe_link).
         self.link_scale = 1.0
-        # A copied miss stays in its slot and may hit at its next use. One computed on the CPU enters the
-        # cache only when its backfill (ExpertCache.backfill) is admitted; otherwise its next use misses
-        # again. So each CPU expert carries that later copy: one copy times the recent share of the
-        # CPU's experts that were not backfilled, times whether the cache would have kept it until its
-        # next use (choose's ``kept``, from the plan's forecast) or, where no forecast says, the cache's
-        # recent hit ratio (averages over the last few dozen layers).
-        self.hit_ratio = 0.0
-        self.backfilled_share = 0.0
         # observe() runs on the executor's worker thread, choose() on the thread running the model.
         self._lock = threading.Lock()
 
@@ -218,18 +207,6 @@ class CostModel:
         points = [str(n) for n in self.calibration.cpu_tokens]
         return {case: dict(zip(points, row)) for case, row in zip(("without_demand_loads", "with_demand_loads"), values)}
 
-    def observe_hits(self, num_used: int, num_hits: int) -> None:
-        """A layer used ``num_used`` experts, ``num_hits`` of them in slots with every byte landed or on
-        the link."""
-        if num_used:
-            self.hit_ratio += 0.05 * (num_hits / num_used - self.hit_ratio)
-
-    def observe_backfills(self, num_cpu: int, num_backfilled: int) -> None:
-        """Of a layer's ``num_cpu`` CPU experts, ``num_backfilled`` were left in slots (backfilled, or
-        already there with their copy on the way) for their next use, unless evicted first."""
-        if num_cpu:
-            self.backfilled_share += 0.05 * (num_backfilled / num_cpu - self.backfilled_share)
-
     def observe(self, num_tokens: int, ms: float, with_demand_loads: bool) -> None:
         """A CPU expert of ``num_tokens`` took ``ms`` inside a step, in a layer that also demand-loaded
         misses or not: the scale for that case and the expert's point (:meth:`_point`) moves a fifth
@@ -259,7 +236,7 @@ class CostModel:
         link queue) and a cold cache."""
         ones = [1.0] * len(self.calibration.cpu_tokens)
         return self.mode == "on" or (self.mode == "auto" and any(
-            self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms, [0.0] * num_experts)[0]))
+            self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms)[0]))
 
     def _prices(self) -> list[list[float]]:
         """What the CPU is priced at over its calibration, ``[case][point]``: the in-step scale plus
@@ -284,7 +261,7 @@ class CostModel:
         hit, and where misses wait on the link its milliseconds hold up every copy queued behind it
         (a Mixtral expert: 6.4 ms to copy, about 3 on the CPU at decode). Left to the CPU, it also
         takes no slot ahead of its use, so evicts nothing; at its layer :meth:`choose` prices it as
-        any miss, with no later copy."""
+        any miss."""
         if self.mode != "auto" or num_tokens < 1:
             return 0
         point = self._point(num_tokens)
@@ -292,21 +269,20 @@ class CostModel:
         copy_ms = self.copy_ms()
         return int(copy_ms // cpu_ms) if 0 < cpu_ms < copy_ms else 0
 
-    def _split(self, num_tokens: list[int], prices: list[list[float]], copy_ms: float, later_copy_ms: list[float],
+    def _split(self, num_tokens: list[int], prices: list[list[float]], copy_ms: float,
                copy_shares: list[float] | None = None) -> tuple[list[bool], set[tuple[int, int]]]:
         """The split of the misses (``num_tokens [m]``) that costs least -> (``[m]`` True for the CPU,
         the (case, point) prices some candidate plan used).
 
-        A plan costs the later of its two pipes, plus ``later_copy_ms[i]`` for each CPU expert i: the link
-        copies its misses one after another (each ``copy_shares[i]`` times ``copy_ms``: the share
-        left of a copy already on its way, default 1 as for a demand miss; then the GPU computes);
-        the CPU computes its own one after another, each at its calibrated time times
-        ``prices[case][point]``, the case being whether any miss is copied. With one share for all
-        the link's time depends only on how many it copies, and with one later copy for all the
-        cheapest k CPU experts are the k quickest on the CPU, so the plan is the best k from 0 to m.
-        With shares or later copies that differ, every split is priced (up to
-        :attr:`MAX_SPLITS_PRICED` misses; beyond, the CPU takes the k that cost it least, time and
-        later copy, per millisecond of link they save). The fewer CPU experts on a tie."""
+        A plan costs the later of its two pipes: the link copies its misses one after another (each
+        ``copy_shares[i]`` times ``copy_ms``: the share left of a copy already on its way, default 1
+        as for a demand miss; then the GPU computes); the CPU computes its own one after another,
+        each at its calibrated time times ``prices[case][point]``, the case being whether any miss
+        is copied. With one share for all the link's time depends only on how many it copies, so
+        the cheapest k CPU experts are the k quickest on the CPU and the plan is the best k from 0
+        to m. With shares that differ, every split is priced (up to :attr:`MAX_SPLITS_PRICED`
+        misses; beyond, the CPU takes the k that cost it least per millisecond of link they save).
+        The fewer CPU experts on a tie."""
         c = self.calibration
         m = len(num_tokens)
 
@@ -320,30 +296,27 @@ class CostModel:
         # Every expert was priced without demand loads (the plan with all on the CPU); with them, each
         # that some plan gives the CPU beside a copy.
         priced = {(self.WITHOUT_DEMAND_LOADS, self._point(n)) for n in num_tokens}
-        if 1 < m <= self.MAX_SPLITS_PRICED and (len(set(shares)) > 1 or len(set(later_copy_ms)) > 1):
+        if 1 < m <= self.MAX_SPLITS_PRICED and len(set(shares)) > 1:
             masks = _splits(m)  # [2^m, m], fewer CPU experts first
             on = masks.astype(np.float64)
             link_ms = (1.0 - on) @ np.asarray(link) + c.gpu_ms
-            costs = np.maximum(link_ms, on @ np.asarray(with_loads)) + on @ np.asarray(later_copy_ms)
-            costs[-1] = without_loads + sum(later_copy_ms)  # all on the CPU: no demand load beside them
+            costs = np.maximum(link_ms, on @ np.asarray(with_loads))
+            costs[-1] = without_loads  # all on the CPU: no demand load beside them
             priced |= {(self.WITH_DEMAND_LOADS, self._point(n)) for n in num_tokens}
             return masks[int(np.argmin(costs))].tolist(), priced
         # the link takes the first m - k (a cost per link millisecond: with one share, the CPU's time)
-        order = sorted(range(m), key=lambda i: -(with_loads[i] + later_copy_ms[i]) / link[i] if link[i] > 0 else -math.inf)
+        order = sorted(range(m), key=lambda i: -with_loads[i] / link[i] if link[i] > 0 else -math.inf)
         best_k, best_cost = 0, sum(link) + (c.gpu_ms if m else 0.0)
         link_left = sum(link)  # the link's misses: all but the k the CPU takes
         cpu_with_loads = 0.0  # the CPU's k, with demand loads beside them
-        later_ms = 0.0  # and their later copies
         for k in range(1, m + 1):
             i = order[m - k]
-            later_ms += later_copy_ms[i]
             if k < m:
                 link_left -= link[i]
                 cpu_with_loads += with_loads[i]
                 cost = max(link_left + c.gpu_ms, cpu_with_loads)
             else:
                 cost = without_loads
-            cost += later_ms
             if cost < best_cost:
                 best_k, best_cost = k, cost
         on_cpu = [False] * m
@@ -352,13 +325,14 @@ class CostModel:
         priced |= {(self.WITH_DEMAND_LOADS, self._point(num_tokens[i])) for i in order[1:]}
         return on_cpu, priced
 
-    def choose(self, num_tokens: list[int], copy_shares: list[float] | None = None,
-               kept: Sequence[float] | None = None) -> list[bool]:
+    def choose(self, num_tokens: list[int], copy_shares: list[float] | None = None) -> list[bool]:
         """``num_tokens [m]``: tokens of each missed expert; ``copy_shares [m]``: what the link still
         has to carry of each, in whole copies (default 1: a demand miss; less for one whose copy is on
-        its way); ``kept [m]``: whether the cache, had the expert been copied, would keep it until its
-        next use, by the policy's forecast (1 or 0; NaN, or None for all: no forecast, the cache's
-        recent hit ratio stands in) -> ``[m]`` True where the CPU computes it.
+        its way) -> ``[m]`` True where the CPU computes it: the split that finishes the layer first.
+        A CPU expert that is not backfilled may miss again at its next use; that miss, too, goes to
+        the cheaper pipe then, so it is not priced here. (Priced at a whole copy, times whether the
+        cache would keep the expert, it sent too few misses to the CPU: on the H200 machine at 25%
+        slots 1.22-1.29x of GPU-only's speed against 1.40-1.51x without it; docs/cpu_experts.md.)
 
         Only the CPU experts a plan runs are observed, so a price that keeps the CPU out would never
         be measured again: each (case, point) a candidate plan of this layer priced but the chosen
@@ -369,12 +343,7 @@ class CostModel:
             return [True] * len(num_tokens)
         if self.mode == "off":
             return [False] * len(num_tokens)
-        prices = self._prices()
-        copy_ms = self.copy_ms()
-        hits = [self.hit_ratio] * len(num_tokens) if kept is None else [
-            self.hit_ratio if math.isnan(k) else float(k) for k in kept]
-        later_copy_ms = [hit * (1.0 - self.backfilled_share) * copy_ms for hit in hits]
-        on_cpu, priced = self._split(num_tokens, prices, copy_ms, later_copy_ms, copy_shares)
+        on_cpu, priced = self._split(num_tokens, self._prices(), self.copy_ms(), copy_shares)
         ran_case = self.WITHOUT_DEMAND_LOADS if all(on_cpu) else self.WITH_DEMAND_LOADS
         ran = {(ran_case, self._point(n)) for n, cpu in zip(num_tokens, on_cpu) if cpu}
         with self._lock:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from .formats import FORMATS, ExpertFormat, SlotExpander, WeightSpec, kernels_av
 from .models import Architecture, model_dtype
 from .planner import Plan
 from .policies import EngineInfo, Policy, StepContext
-from .runtime import BACKFILL_NOT_ADMITTED, ExpertCache, ExpertPool
+from .runtime import ExpertCache, ExpertPool
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -122,13 +121,11 @@ class MoELayer:
 
 
 class CpuJob(NamedTuple):
-    """A missed expert the CPU computes: its result ``[n, H]`` to come, and whether the plan in force
-    says the cache would have kept it until its next use (1 or 0; NaN: the plan does not say). On a
-    GPU the result lands in ``staging`` (pinned ``[n, H]``) and ``signal`` is set once it is there
-    (whatever happens), so the GPU can wait for it instead of the thread that launches its work."""
+    """A missed expert the CPU computes: its result ``[n, H]`` to come. On a GPU the result lands in
+    ``staging`` (pinned ``[n, H]``) and ``signal`` is set once it is there (whatever happens), so the
+    GPU can wait for it instead of the thread that launches its work."""
 
     future: Future
-    kept: float
     staging: torch.Tensor | None = None
     signal: _C.HostSignal | None = None
 
@@ -197,9 +194,6 @@ class OffloadEngine:
         # the GPU has waited for it, and at the end of the pass.
         self._cpu_pending: list[Future] = []
         self._link_seen: tuple[int, float] = (0, 0.0)  # the runtime's timed demand bytes and ms at the last _observe_link
-        # The policy's plan in force: its forecast of each expert's next use tells the cost model which
-        # misses the cache would keep, had they been copied (Plan.kept_until_next_use).
-        self._plan: Plan | None = None
         self._step_tokens: int | None = None  # tokens of the forward pass under way (_on_step)
         # When the pass under way began, and the last few decode passes' times at one batch size (ms,
         # _visit_ms): the pace at which the layers ask for their experts. Only a pass followed by
@@ -341,7 +335,6 @@ class OffloadEngine:
                 self._decode_steps_ms.append((began - self._step_began) * 1e3)
         self._step_began = began
         self._step_tokens = batch * length
-        self._plan = None  # a plan's forecast is of its step: one the policy does not renew says nothing now
         self._apply(self.policy.on_step(ctx))
 
     def _apply(self, plan: Plan | None) -> None:
@@ -359,7 +352,6 @@ class OffloadEngine:
                         None if plan.next_use is None else np.where(never, np.inf, plan.next_use),
                         None if plan.following_use is None else np.where(never, np.inf, plan.following_use),
                         plan.now, None if plan.sure is None else plan.sure[keep])
-        self._plan = plan
         self.cache.apply(self._leave_to_cpu(plan))
 
     def _visit_ms(self) -> float | None:
@@ -520,13 +512,7 @@ class OffloadEngine:
             # demand loads (they go first), while the first wave is pinned, and before the policy's
             # plan (which would cancel a prefetch the CPU took as stale). Not in a layer of several
             # waves: its experts overflow the slots already.
-            outcomes = self.cache.backfill(layer.index, list(cpu_jobs))
-            # The backfilled share prices the later copy of CPU experts the cache would keep (or of
-            # any, where no forecast says); one the plan says it would not keep carries no later
-            # copy, so whether it was backfilled prices nothing.
-            counted = [o for o, job in zip(outcomes, cpu_jobs.values()) if job.kept != 0.0]
-            cast("CostModel", self.cost_model).observe_backfills(
-                len(counted), sum(o != BACKFILL_NOT_ADMITTED for o in counted))
+            self.cache.backfill(layer.index, list(cpu_jobs))
         # The policy hears the layer once, after the first wave's demand loads are queued (they go
         # first), and also where this rank runs none of the layer's experts.
         self._apply(self.policy.on_layer(layer.index, chosen, gate))
@@ -587,18 +573,12 @@ class OffloadEngine:
         # land went to the CPU: on the H200 machine, with the trace's true future as the forecast,
         # `auto`'s median step was 13% longer than GPU-only's at 50% slots.)
         missed = [(e, share) for e, share in zip(experts, self._copy_left(layer, experts)) if share != 0]
-        self.cost_model.observe_hits(len(experts), len(experts) - len(missed))
-        # Whether the cache would keep each miss until its next use, by the plan in force (NaN: it
-        # does not say): a copy it would not keep buys no later hit (Plan.kept_until_next_use).
-        kept = ([math.nan] * len(missed) if self._plan is None or not missed else
-                self._plan.kept_until_next_use(layer, [e for e, _ in missed], self.cache.num_slots).tolist())
-        choices = self.cost_model.choose([int(counts[e]) for e, _ in missed], [share for _, share in missed], kept)
+        choices = self.cost_model.choose([int(counts[e]) for e, _ in missed], [share for _, share in missed])
         to_cpu = [e for (e, _), cpu in zip(missed, choices) if cpu]
         if not to_cpu:
             return {}
         x = hidden_states.to("cpu")  # the layer's one extra host sync, only where the CPU computes
         with_demand_loads = len(to_cpu) < len(missed)
-        kept_of = {e: k for (e, _), k in zip(missed, kept)}
         on_gpu = self.cache.device.type == "cuda"
         jobs = {}
         for e in to_cpu:
@@ -610,7 +590,7 @@ class OffloadEngine:
             signal = _C.HostSignal() if on_gpu else None
             jobs[e] = CpuJob(self._cpu.submit(functools.partial(self._cpu_expert, module, layer, e, x, rows, self._cpu.linear,
                                                                 with_demand_loads, staging, signal)),
-                             kept_of[e], staging, signal)
+                             staging, signal)
         self.num_cpu_experts += len(to_cpu)
         return jobs
 
