@@ -3,7 +3,7 @@ model (auto) and every miss on the CPU (on), against the slots, at batch 1, 4 an
 forecasts (one a row): the benchmark's history forecast, the trace's true future with each expert
 right with probability 0.8 (``noisy-oracle:0.8``, the trained predictor's recall) and the true
 future itself (its prefetches), from the latest runs (made by the commands in docs/cpu_experts.md;
-RUNS says which code each panel ran): the median over runs and rounds, with a bar from the fastest
+RUNS says which code each panel ran and which rows of a file give each mode): the median over runs and rounds, with a bar from the fastest
 to the slowest; the expertflow policy's rows only. Writes docs/img/cpu-experts-h200.png.
 
     python benchmarks/cpu_experts_plot.py
@@ -24,30 +24,33 @@ ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"off": "GPU only (off)", "auto": "auto", "on": "CPU for every miss (on)"}
 FORECASTS = {"history": "history forecast", "noisy-oracle:0.8": "true future, 80% right",
              "oracle": "true future (prefetches)"}
-# (forecast, batch) -> the result files and what they ran. Each is one process; a variants file holds
-# rounds of GPU-only and `auto` in one (benchmarks/cpu_experts_variants.py; only its `normal` rows
-# count). GPU-only and `auto` come from the final code (the GPU waits for the CPU's results) where it
-# ran: batch 1 and 4. `on` never asks the cost model and was not rerun: it comes from the round
-# before's code (history) or an earlier round's (the true future). Batch 16 did not run on the final
-# code: those panels are the round before's code, and with the true future batches 4 and 16 are
+# (forecast, batch) -> [(result file, {mode: the rows that give it})], and what they ran. A file's
+# rows give a mode only where it names that mode: a bench file's rows by their cpu_experts (None), a
+# variants file's (benchmarks/cpu_experts_variants.py: rounds in one process) by their variant too.
+# Batch 1 is the final code (a layer's choice prices no later copy) where it ran: in the variants
+# file LATER as ``no_later_all``, which is what the final code does, with GPU-only and `on` beside it
+# in the same rounds, at 25% and 50%; at 10% GPU-only and `on` come from one run of the round
+# before's code (`auto` at 10% did not run on the final code, so its curve starts at 25%). Batches 4
+# and 16 are the round before's code (the GPU waits for the CPU's results), and with the true future
 # earlier code (docs/cpu_experts.md says which).
-B1 = "cpu_experts_gpuwait_forecasts_b1_h200.json"
-ROUNDS_64 = "cpu_experts_gpuwait_rounds_64tokens_h200.json"
+LATER = "cpu_experts_later_rounds_48tokens_h200.json"
+FINAL_B1 = {"off": "normal", "auto": "no_later_all", "on": "on"}
+ON_B1 = "cpu_experts_gpuwait_on_b1_h200.json"
 B4 = "cpu_experts_gpuwait_b4_b16_h200-b4.json"
-HISTORY_B1_ON = "cpu_experts_final_history_b1_h200.json"
-ORACLE_B1_ON = "cpu_experts_leave_final_b1_h200.json"
+PLAIN = {"off": None, "auto": None, "on": None}
 RUNS = {
-    ("history", 1): ([B1, HISTORY_B1_ON], "1 run; on: the round before's code"),
-    ("history", 4): ([B4], "1 run"),
-    ("history", 16): (["cpu_experts_final_history_h200-b16.json"], "1 run, the round before's code"),
-    ("noisy-oracle:0.8", 1): ([B1, ROUNDS_64], "1 run; 25, 50%: 4 rounds more"),
-    ("noisy-oracle:0.8", 4): ([B4], "1 run"),
-    ("noisy-oracle:0.8", 16): (["cpu_experts_forecasts_noisy_h200-b16.json"], "1 run, the round before's code"),
-    ("oracle", 1): ([B1, ROUNDS_64, ORACLE_B1_ON], "1 run; 25, 50%: 4 rounds more; on: earlier code"),
-    ("oracle", 4): (["cpu_experts_belady_h200-b4.json"], "1 run, earlier code"),
-    ("oracle", 16): (["cpu_experts_fcbackfill_h200-b16.json"], "1 run, earlier code"),
+    ("history", 1): ([(LATER, FINAL_B1), (ON_B1, {"off": None, "on": None})],
+                     "25, 50%: 2 rounds; 10%: off and on, 1 run, the round before's code"),
+    ("history", 4): ([(B4, PLAIN)], "1 run, the round before's code"),
+    ("history", 16): ([("cpu_experts_gpuwait_b16_h200-history.json", PLAIN)], "1 run, the round before's code"),
+    ("noisy-oracle:0.8", 1): ([(LATER, FINAL_B1), (ON_B1, {"off": None, "on": None})],
+                              "25, 50%: 2 rounds; 10%: off and on, 1 run, the round before's code"),
+    ("noisy-oracle:0.8", 4): ([(B4, PLAIN)], "1 run, the round before's code"),
+    ("noisy-oracle:0.8", 16): ([("cpu_experts_gpuwait_b16_h200-noisy.json", PLAIN)], "1 run, the round before's code"),
+    ("oracle", 1): ([(LATER, FINAL_B1)], "2 rounds"),
+    ("oracle", 4): ([("cpu_experts_belady_h200-b4.json", PLAIN)], "1 run, earlier code"),
+    ("oracle", 16): ([("cpu_experts_fcbackfill_h200-b16.json", PLAIN)], "1 run, earlier code"),
 }
-ONLY_ON = {("history", 1): HISTORY_B1_ON, ("oracle", 1): ORACLE_B1_ON}  # files that give a panel only their `on` rows
 
 
 def main() -> None:
@@ -56,16 +59,15 @@ def main() -> None:
     for row, (forecast, forecast_label) in zip(axes, FORECASTS.items()):
         for ax, batch in zip(row, batches):
             files, label = RUNS[(forecast, batch)]
-            results = [json.loads((ROOT / "benchmarks/results" / f).read_text()) for f in files]
-            only_on = ONLY_ON.get((forecast, batch))
+            results = [json.loads((ROOT / "benchmarks/results" / f).read_text()) for f, _ in files]
             for mode in ("off", "auto", "on"):
                 by_share: dict[float, list[float]] = {}
-                for f, result in zip(files, results):
-                    if f == only_on and mode != "on":
+                for (_, modes), result in zip(files, results):
+                    if mode not in modes:
                         continue
                     for r in result["rows"]:
                         if (r["policy"] == "expertflow" and r["predictor"] == forecast and r["cpu_experts_asked"] == mode
-                                and r.get("variant", "normal") == "normal"):
+                                and r.get("variant") == modes[mode]):
                             by_share.setdefault(100 * r["slot_share"], []).append(r["ms_per_token"])
                 if not by_share:  # runs without this mode
                     continue
@@ -74,7 +76,9 @@ def main() -> None:
                 low = [m - min(by_share[x]) for m, x in zip(mid, shares)]
                 high = [max(by_share[x]) - m for m, x in zip(mid, shares)]
                 ax.errorbar(shares, mid, yerr=[low, high], marker="o", capsize=3, label=LABELS[mode])
-            resident = statistics.median(r["all_gpu_ms"] for r in results if r.get("all_gpu_ms"))
+            # a bench file's resident step, or each round's of a variants file
+            resident = statistics.median([r["all_gpu_ms"] for r in results if r.get("all_gpu_ms")] + [
+                row["all_gpu_ms"] for r in results for row in r["rows"] if "variant" in row and row.get("all_gpu_ms")])
             ax.axhline(resident, color="gray", linestyle="dashed", label="every expert resident")
             ax.set_xlabel("slots, % of the experts")
             ax.set_ylabel("ms per decode step")  # a step gives each of the batch's sequences a token

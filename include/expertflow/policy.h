@@ -12,8 +12,8 @@
 //   one (following_use): that is the slot's next use as seen from `due`. With due = -inf (a demand
 //   load) the ranking is by next_use alone.
 // - kept_until_next_use answers, from a plan's next-use tables alone, whether that ranking would keep
-//   an expert until its next use: the CPU-expert cost model asks it at every layer with misses, on
-//   the thread that launches the GPU's work, so it is a plain loop over the tables (microseconds).
+//   an expert until its next use: the CPU experts' leave rule asks it at each late visit of a plan,
+//   on the thread that launches the GPU's work, so it is a plain loop over the tables (microseconds).
 #pragma once
 
 #include <cstdint>

@@ -84,11 +84,11 @@ class Plan:
         to ``t``, fewer than ``num_slots`` other experts must be held. Another expert must be held at
         each of its uses up to ``t``, and from its first use to its second where that comes before
         ``t`` (needed sooner, the cache keeps it instead); one used and not again before ``t`` is
-        evicted first. What no forecast names is not counted. Positions are whole visits. A miss the
-        cache would not keep costs no later copy when the CPU computes it; one it would keep does
-        (``cpu_experts.CostModel.choose``). One native call (``policy.h``): the engine asks at every
-        layer with misses, between the layer's routing and its loads, where numpy's per-call costs
-        added up to a quarter of a millisecond a step."""
+        evicted first. What no forecast names is not counted. Positions are whole visits. A forecast
+        miss the cache would not keep buys no later hit with its copy: the engine may leave it to the
+        CPU (``OffloadEngine._leave_to_cpu``). One native call (``policy.h``): the leave rule asks
+        at each late visit of a plan, on the thread that launches the GPU's work, where numpy's
+        per-call costs added up."""
         m = len(experts)
         if self.next_use is None or self.following_use is None or not np.isfinite(self.now):
             return np.full(m, np.nan)
