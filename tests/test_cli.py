@@ -71,6 +71,34 @@ def test_generate_prompt_ids_and_sampling(capsys, tmp_path):
     assert "is below the minimum of" in capsys.readouterr().err
 
 
+def test_a_bench_cut_short_keeps_the_configurations_it_finished(capsys, tmp_path, monkeypatch):
+    """The third configuration fails (as a run past its time limit stops): --out holds the two that
+    finished, marked partial, with the command that ran them; no plot is written for a partial run."""
+    import expertflow.bench.harness as harness
+
+    attach = harness.attach
+
+    def failing_attach(model, arch, pool, num_slots, policy, *args, **kwargs):
+        if getattr(policy, "name", policy) == "next_layers":
+            raise RuntimeError("stopped")
+        return attach(model, arch, pool, num_slots, policy, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "attach", failing_attach)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--prompt", "ROMEO:", "--max-new-tokens", "3", "--slots", "25%",
+                 "--policies", "lru,next_layers,gate_ahead", "--json", "--out", str(out)]) == 2
+    assert "stopped" in capsys.readouterr().err
+    saved = json.loads(out.read_text())
+    assert saved["partial"] is True and [r["policy"] for r in saved["rows"]] == ["all_gpu", "lru"]
+    assert saved["all_gpu_ms"] == saved["rows"][0]["ms_per_token"] and "x_lru" not in saved["rows"][1]
+    assert not out.with_suffix(".png").exists()
+    monkeypatch.setattr(harness, "attach", attach)
+    assert main(["bench", "--prompt", "ROMEO:", "--max-new-tokens", "3", "--slots", "25%", "--policies", "lru",
+                 "--json", "--out", str(out), "--force"]) == 0
+    whole = json.loads(out.read_text())
+    assert "partial" not in whole and [r["policy"] for r in whole["rows"]] == ["all_gpu", "lru"]
+
+
 def test_generate_prints_text_and_summary(capsys):
     assert main(["generate", "--prompt", "ROMEO:", "--max-new-tokens", "8", "--expert-slots", "25%"]) == 0
     out = capsys.readouterr().out.strip().splitlines()

@@ -375,13 +375,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         progress=not args.json,
         layer_trace=args.layer_trace,
     )
+    # as typed, or run as python -m expertflow.cli
+    launched = sys.argv[0].endswith(("expertflow", os.path.join("expertflow", "cli.py")))
+    command = "expertflow " + " ".join(sys.argv[1:]) if launched else None
     built = build_model(cfg)  # once for every batch size
     try:
         for batch in batches:
-            result = run_bench(dataclasses.replace(cfg, batch=batch), built)
-            # as typed, or run as python -m expertflow.cli
-            launched = sys.argv[0].endswith(("expertflow", os.path.join("expertflow", "cli.py")))
-            result["command"] = "expertflow " + " ".join(sys.argv[1:]) if launched else None
+            # --out holds the finished configurations as they finish ("partial": true), so a run cut
+            # short keeps them; the whole result replaces them at the end.
+            on_row = (lambda partial, out=outs[batch]: save({**partial, "command": command}, out)) if outs else None
+            result = run_bench(dataclasses.replace(cfg, batch=batch), built, on_row=on_row)
+            result["command"] = command
             if outs:
                 save(result, outs[batch])
                 plot(result, outs[batch].with_suffix(".png"))
@@ -619,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cpu_args(p, several=True)
     p.add_argument("--layer-trace", action="store_true",
                    help="add each row the timed run's per-layer records: misses, CPU experts, CPU and wait ms, host ms")
-    p.add_argument("--out", default=None, help="write the results as JSON here, and a PNG beside it")
+    p.add_argument("--out", default=None, help="write the results as JSON here (after each configuration too, marked partial), and a PNG beside it")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object (one a line for several --batch sizes)")
     p.set_defaults(func=cmd_bench)

@@ -22,6 +22,7 @@ import logging
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -391,10 +392,13 @@ def _checked_device(cfg: BenchConfig) -> tuple:
     return backend, device
 
 
-def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
+def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
+              on_row: Callable[[dict], None] | None = None) -> dict:
     """Runs every configuration of ``cfg``; returns the results (see the module docstring).
     ``model``: one :func:`build_model` made for ``cfg`` earlier, to run it again (the caller closes
-    its pool)."""
+    its pool). ``on_row``: called after each configuration with the results so far, marked
+    ``"partial": True`` (no ``x_lru``, no accelerate run yet), so that a run cut short (a time
+    limit) still leaves the configurations it finished."""
     backend, device = _checked_device(cfg)
     logging.getLogger("expertflow").setLevel(logging.WARNING)
     m = model if model is not None else BenchModel(cfg, device, backend)
@@ -536,6 +540,8 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None) -> dict:
             if cfg.layer_trace:
                 row["layer_trace"] = engine.layer_trace  # the prompt's pass, then each decode step's
             result["rows"].append(row)
+            if on_row is not None:
+                on_row({**result, "all_gpu_ms": all_gpu_ms, "partial": True})
     finally:
         forcing.detach()
     for row in result["rows"]:
