@@ -34,16 +34,18 @@ FORECASTS = {"history": "history forecast", "noisy-oracle:0.8": "true future, 80
 # and 16 are the round before's code (the GPU waits for the CPU's results), and with the true future
 # earlier code (docs/cpu_experts.md says which).
 LATER = "cpu_experts_later_rounds_48tokens_h200.json"
-FINAL_B1 = {"off": "normal", "auto": "no_later_all", "on": "on"}
+Modes = dict[str, str | None]  # mode -> the variant whose rows give it (None: a bench file's rows)
+FINAL_B1: Modes = {"off": "normal", "auto": "no_later_all", "on": "on"}
 ON_B1 = "cpu_experts_gpuwait_on_b1_h200.json"
 B4 = "cpu_experts_gpuwait_b4_b16_h200-b4.json"
-PLAIN = {"off": None, "auto": None, "on": None}
-RUNS = {
-    ("history", 1): ([(LATER, FINAL_B1), (ON_B1, {"off": None, "on": None})],
+PLAIN: Modes = {"off": None, "auto": None, "on": None}
+OFF_ON: Modes = {"off": None, "on": None}
+RUNS: dict[tuple[str, int], tuple[list[tuple[str, Modes]], str]] = {
+    ("history", 1): ([(LATER, FINAL_B1), (ON_B1, OFF_ON)],
                      "25, 50%: 2 rounds; 10%: off and on, 1 run, the round before's code"),
     ("history", 4): ([(B4, PLAIN)], "1 run, the round before's code"),
     ("history", 16): ([("cpu_experts_gpuwait_b16_h200-history.json", PLAIN)], "1 run, the round before's code"),
-    ("noisy-oracle:0.8", 1): ([(LATER, FINAL_B1), (ON_B1, {"off": None, "on": None})],
+    ("noisy-oracle:0.8", 1): ([(LATER, FINAL_B1), (ON_B1, OFF_ON)],
                               "25, 50%: 2 rounds; 10%: off and on, 1 run, the round before's code"),
     ("noisy-oracle:0.8", 4): ([(B4, PLAIN)], "1 run, the round before's code"),
     ("noisy-oracle:0.8", 16): ([("cpu_experts_gpuwait_b16_h200-noisy.json", PLAIN)], "1 run, the round before's code"),

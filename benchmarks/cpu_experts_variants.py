@@ -1,6 +1,7 @@
 """CPU experts' decision rules side by side, in one process on one model, in rounds: GPU-only
-(``cpu_experts`` off) and ``auto``, then ``auto`` under a changed rule, round after round (every
-other round in the reverse order), so that drift in the machine's speed, and any effect of a
+(``cpu_experts`` off) and ``auto``, then each variant (``auto`` under a changed rule; ``on`` runs
+``on``, and ``guess`` GPU-only too), round after round (every other round in the reverse order), so
+that drift in the machine's speed, and any effect of a
 variant's place in a round, falls on every variant alike. The variants:
 
 - ``normal``: off and auto as built;

@@ -21,7 +21,6 @@ import numpy as np
 
 from expertflow import offload
 from expertflow.bench.harness import BenchConfig, run_bench
-from expertflow.planner import Plan
 from expertflow.runtime import ExpertCache
 
 AHEAD = 3  # this visit and the next two
@@ -33,14 +32,12 @@ def main() -> None:
     args = parser.parse_args()
     visits: dict[tuple[str, int], list[list[list[int]]]] = collections.defaultdict(list)
     run_layer, apply = offload.OffloadEngine._run_layer, ExpertCache.apply
-    plans: dict[int, Plan] = {}  # id(cache) -> the plan it applied last
-
     def recording_apply(self, plan):
-        plans[id(self)] = plan
+        self.last_plan = plan  # the plan this cache applied last
         return apply(self, plan)
 
     def recording_run_layer(self, module, hidden_states, routing, weights):
-        plan = plans.get(id(self.cache))
+        plan = getattr(self.cache, "last_plan", None)
         if plan is not None and plan.next_use is not None and routing.shape[0] == 1:  # decode, batch 1
             L = self.num_layers
             visit = (self.steps - 1) * L + module.layer

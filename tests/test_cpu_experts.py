@@ -157,16 +157,11 @@ def test_the_engine_prices_a_queued_prefetch_at_its_bytes_and_skips_landed_exper
 
 
 class _EveryExpertEveryStep:
-    """A policy whose step plans forecast every expert at this step's visit of its layer and at the
-    next step's (no prefetches), except at the steps ``renew`` rules out, where it keeps the plan.
-    ``prefetch``: the plans also prefetch every expert for this step's visit, in layer order, and
-    forecast the odd-numbered experts never used again."""
+    """A policy whose step plans prefetch every expert for this step's visit of its layer, in layer
+    order, and forecast each expert's next use there and the one after at the next step's visit,
+    except the odd-numbered experts, forecast never used again."""
 
     name, cache_policy, gate_from_router, wants_steps = "every-expert", "expertflow", False, True
-
-    def __init__(self, renew, prefetch: bool = False) -> None:
-        self.renew = renew
-        self.prefetch = prefetch
 
     def attach(self, info):
         self.info = info
@@ -175,13 +170,8 @@ class _EveryExpertEveryStep:
         return None
 
     def on_step(self, ctx):
-        if not self.renew(ctx.step):
-            return None
         L, E = self.info.num_layers, self.info.num_experts
         next_use = np.repeat((ctx.step * L + np.arange(L, dtype=np.float64))[:, None], E, axis=1)
-        if not self.prefetch:
-            empty = np.zeros(0, dtype=np.int32)
-            return Plan(empty, empty, np.zeros(0), next_use, next_use + L, float(ctx.step * L))
         following_use = next_use + L
         following_use[:, 1::2] = np.inf
         layers, experts = np.divmod(np.arange(L * E), E)
@@ -379,7 +369,7 @@ def test_forecast_misses_left_to_the_cpu_give_the_resident_models_tokens(tmp_pat
     model = ef.from_pretrained(folder, policy="expertflow", expert_slots="75%", cpu_experts="on", progress=False)
     try:
         engine = model.expertflow
-        engine.policy = _EveryExpertEveryStep(renew=lambda step: True, prefetch=True)
+        engine.policy = _EveryExpertEveryStep()
         engine.policy.attach(EngineInfo(engine.num_layers, engine.num_experts, engine.cache.num_slots, 2))
         engine.cost_model = CostModel(line_calibration(6.4, 2.8, 0.1), "auto")
         # prices as set: the tiny model's copies and CPU experts take microseconds

@@ -233,7 +233,7 @@ class CostModel:
     def cpu_can_win(self, num_experts: int) -> bool:
         """Whether :meth:`choose` would ever send a miss to the CPU, at the calibrated costs: in its most
         favourable layer, every one of ``num_experts`` experts missed with one token each (the longest
-        link queue) and a cold cache."""
+        link queue)."""
         ones = [1.0] * len(self.calibration.cpu_tokens)
         return self.mode == "on" or (self.mode == "auto" and any(
             self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms)[0]))
@@ -332,7 +332,9 @@ class CostModel:
         A CPU expert that is not backfilled may miss again at its next use; that miss, too, goes to
         the cheaper pipe then, so it is not priced here. (Priced at a whole copy, times whether the
         cache would keep the expert, it sent too few misses to the CPU: on the H200 machine at 25%
-        slots 1.22-1.29x of GPU-only's speed against 1.40-1.51x without it; docs/cpu_experts.md.)
+        slots, in the same rounds, 1.36-1.43x of GPU-only's speed with the history forecast and
+        1.25-1.29x with the true future 80% right, against 1.48-1.51x and 1.40-1.46x without it;
+        docs/cpu_experts.md.)
 
         Only the CPU experts a plan runs are observed, so a price that keeps the CPU out would never
         be measured again: each (case, point) a candidate plan of this layer priced but the chosen

@@ -372,7 +372,7 @@ class OffloadEngine:
         after it land sooner. So the plan's prefetches carry only what the GPU will run, and a
         prefetch the CPU would overtake at its layer takes no slot (nor evicts) before; a copy that
         lands in time stays, as the GPU then computes its expert at once. The next-use tables stay
-        whole: they still rank evictions and price the layer's choice. Only plans that name later
+        whole: they still rank evictions and admit backfills. Only plans that name later
         uses (the trace oracles) say which misses are not kept: others apply whole."""
         cost_model = self.cost_model
         if (cost_model is None or plan.following_use is None or not len(plan) or self._step_tokens is None
