@@ -261,6 +261,19 @@ PYBIND11_MODULE(_C, m) {
           py::arg("x"), py::arg("w"), py::arg("y"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
           py::call_guard<py::gil_scoped_release>(),
           "y [n, out] = x [n, in] . w [out, in]^T; host addresses of contiguous bf16 tensors.")
+      .def(
+          "gated_silu_expert_bf16",
+          [](HostLinear& self, uintptr_t x, uintptr_t gate_up, uintptr_t down, uintptr_t y, uintptr_t scratch, int64_t n,
+             int64_t hidden, int64_t inter, const std::shared_ptr<HostSignal>& done) {
+            self.gated_silu_expert_bf16(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(gate_up),
+                                        reinterpret_cast<const uint16_t*>(down), reinterpret_cast<uint16_t*>(y),
+                                        reinterpret_cast<uint16_t*>(scratch), n, hidden, inter, done.get());
+          },
+          py::arg("x"), py::arg("gate_up"), py::arg("down"), py::arg("y"), py::arg("scratch"), py::arg("n"),
+          py::arg("hidden"), py::arg("inter"), py::arg("done") = py::none(), py::call_guard<py::gil_scoped_release>(),
+          "y [n, hidden] = (silu(g) * u) . down^T, [g | u] = x . gate_up^T; host addresses of contiguous bf16 "
+          "tensors (gate_up [2 * inter, hidden], down [hidden, inter], scratch of 3 * n * inter values); `done` "
+          "(a HostSignal) is set once y is written.")
       .def("close", &HostLinear::close, py::call_guard<py::gil_scoped_release>(), "Joins the workers.");
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")

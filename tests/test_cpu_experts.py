@@ -442,21 +442,32 @@ def test_a_prefetch_the_cpu_overtakes_before_its_bytes_go_is_dropped_and_the_mis
         model.expertflow.close()
 
 
-def test_bf16_cpu_experts_run_the_native_kernel_and_stay_close_to_the_resident_model(tmp_path):
-    """bf16: the CPU's experts take their products from HostLinear's native kernel (its sums run in
-    another order than torch's, so logits agree to bf16's precision, not bit for bit)."""
+@pytest.mark.parametrize("whole", [True, False])
+def test_bf16_cpu_experts_run_the_native_kernel_and_stay_close_to_the_resident_model(tmp_path, whole):
+    """bf16: the CPU's experts run on HostLinear's native kernel (its sums run in another order than
+    torch's, so logits agree to bf16's precision, not bit for bit). Mixtral's gated SiLU experts go
+    whole to one native call each (``whole``); composed (as an expert of another activation would
+    be), each takes its two products from the kernel."""
     reference = build("mixtral", dtype=torch.bfloat16)
     folder = save(reference, tmp_path / "m", "published")
     model = ef.from_pretrained(folder, policy="lru", expert_slots="25%", cpu_experts="on", progress=False)
     try:
-        linear = model.expertflow._cpu.linear
+        engine = model.expertflow
+        assert all(layer.module.silu_gated for layer in engine.layers)
+        for layer in engine.layers:
+            layer.module.silu_gated = whole
+        linear = engine._cpu.linear
         linear.max_tokens = None  # whatever this machine's calibration chose
-        kernel, calls = linear._kernel, []
+        kernel, products, experts = linear._kernel, [], []
 
         class Counting:
             def linear_bf16(self, *args):
-                calls.append(args[3])  # n
+                products.append(args[3])  # n
                 kernel.linear_bf16(*args)
+
+            def gated_silu_expert_bf16(self, *args):
+                experts.append(args[5])  # n
+                kernel.gated_silu_expert_bf16(*args)
 
             def close(self):
                 kernel.close()
@@ -464,10 +475,61 @@ def test_bf16_cpu_experts_run_the_native_kernel_and_stay_close_to_the_resident_m
         linear._kernel = Counting()
         with torch.no_grad():
             logits, want = model(PROMPT).logits, reference(PROMPT).logits
-        assert len(calls) >= 2 * model.expertflow.stats()["cpu_experts"] > 0  # two products an expert
+        num_cpu = engine.stats()["cpu_experts"]
+        assert num_cpu > 0
+        assert (len(experts), len(products)) == ((num_cpu, 0) if whole else (0, 2 * num_cpu))
         torch.testing.assert_close(logits.float(), want.float(), rtol=0.05, atol=0.05 * want.float().abs().max().item())
     finally:
         model.expertflow.close()
+
+
+@pytest.mark.parametrize("n,hidden,inter", [(1, 7, 33), (2, 33, 7), (3, 64, 130), (7, 257, 513)])
+def test_a_whole_gated_silu_expert_follows_the_definition(n, hidden, inter):
+    """``HostLinear.gated_silu``: ``(silu(g) * u) @ down.T`` with ``[g | u] = x @ gate_up.T``, in float64
+    from the bf16 operands, within bf16's roundings: of g and u, of silu(g) and of the product (each
+    2^-8 relative), then the down product's own (its fp32 sum rounded once). Against torch's
+    composition of the same kernel's products (F.silu, then the product, each rounded to bf16) it
+    differs at most where silu's fp32 value sits on a bf16 rounding boundary (std::exp against
+    torch's own exp): at most 1% of outputs. ``out`` takes the result and ``signal`` is set."""
+    g = torch.Generator().manual_seed(n * 1000 + hidden)
+    x = torch.randn(n, hidden, generator=g).bfloat16()
+    gate_up = (torch.randn(2 * inter, hidden, generator=g) / hidden**0.5).bfloat16()
+    down = (torch.randn(hidden, inter, generator=g) / inter**0.5).bfloat16()
+    linear = HostLinear(2)
+    try:
+        out = torch.full((n, hidden), float("nan"), dtype=torch.bfloat16)
+        signal = _C.HostSignal()
+        y = linear.gated_silu(x, gate_up, down, out, signal)
+        assert y is out and signal.is_set()
+        gu = x.double() @ gate_up.double().T
+        gate, up = gu[:, :inter], gu[:, inter:]
+        exact = (gate * torch.sigmoid(gate) * up) @ down.double().T
+        # each rounding of g, u, silu(g) and the product moves h by at most 2^-8 of itself: bound the
+        # down product's error by those on |h| . |down|, plus the output's own rounding
+        h_abs = (gate * torch.sigmoid(gate) * up).abs()
+        bound = 4 * 2.0**-8 * (h_abs @ down.double().abs().T) + 2.0**-8 * exact.abs() + 1e-6
+        assert ((y.double() - exact).abs() <= bound).all()
+        a, b = linear(x, gate_up).chunk(2, dim=-1)
+        composed = linear(F.silu(a) * b, down)
+        assert (y != composed).float().mean().item() <= 0.01
+    finally:
+        linear.close()
+
+
+def test_a_whole_expert_the_native_kernel_does_not_take_is_left_to_the_caller():
+    """None (and the signal untouched) for what the composition must compute: fp32, a layout that
+    does not fit, more tokens than the kernel serves, a non-contiguous weight, an ``out`` of another
+    shape, a closed kernel."""
+    x, gate_up, down = torch.ones(2, 8).bfloat16(), torch.ones(12, 8).bfloat16(), torch.ones(8, 6).bfloat16()
+    linear = HostLinear(1, max_tokens=1)
+    signal = _C.HostSignal()
+    assert linear.gated_silu(x[:1], gate_up, down) is not None
+    for args in ((x[:1].float(), gate_up, down), (x[:1], gate_up[:11], down), (x[:1], gate_up, down[:, :5]),
+                 (x, gate_up, down), (x[:1], gate_up.T.contiguous().T, down),
+                 (x[:1], gate_up, down, torch.empty(2, 8, dtype=torch.bfloat16))):
+        assert linear.gated_silu(*args, signal=signal) is None
+    linear.close()
+    assert linear.gated_silu(x[:1], gate_up, down, signal=signal) is None and not signal.is_set()
 
 
 @pytest.mark.parametrize("isa", ["best", "avx512", "portable"])

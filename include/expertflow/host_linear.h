@@ -19,8 +19,15 @@
 // - One call runs at a time (a mutex); calls from several threads take turns.
 // - The kernels: AVX-512 BF16 dot products where the CPU has them, else AVX-512F, else portable C++;
 //   chosen at construction (the CPU is asked at run time, so one build runs on every x86-64 CPU).
+// - gated_silu_expert_bf16 runs a whole gated SiLU expert (Mixtral, Qwen-MoE, DeepSeek, OLMoE) in
+//   one call: both products as linear_bf16 computes them, and between them silu(gate) * up with
+//   torch's roundings (each of gate, up, silu(gate) and the product rounds once to bf16). One call
+//   from Python, so the thread computing it never takes Python's lock back between the expert's
+//   steps, which a busy launching thread would hold it through; and it sets the caller's `done`
+//   signal once y is written, before its caller has the lock back (the GPU waits for that signal).
+//   It does not set `done` when it throws: the caller must, so a waiting stream moves on.
 // - close() (and destruction) joins the workers; a call after close() throws. Nothing is allocated
-//   after construction.
+//   after construction: the expert's intermediates live in the caller's scratch memory.
 #pragma once
 
 #include <atomic>
@@ -30,6 +37,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "expertflow/backend.h"
 
 namespace expertflow {
 
@@ -56,6 +65,11 @@ class HostLinear {
   HostLinear& operator=(const HostLinear&) = delete;
 
   void linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t n, int64_t in, int64_t out);
+  // y [n, hidden] = (silu(g) * u) . down^T where [g | u] = x . gate_up^T: gate_up [2 * inter, hidden]
+  // (the gate's rows first), down [hidden, inter], x [n, hidden]. scratch holds 3 * n * inter values.
+  // done (may be null) is set once y is written.
+  void gated_silu_expert_bf16(const uint16_t* x, const uint16_t* gate_up, const uint16_t* down, uint16_t* y,
+                              uint16_t* scratch, int64_t n, int64_t hidden, int64_t inter, HostSignal* done = nullptr);
   void close() noexcept;  // joins the workers; idempotent
 
   int num_threads() const { return static_cast<int>(workers_.size()) + 1; }
@@ -66,6 +80,7 @@ class HostLinear {
     LinearOperands operands;
     int64_t rows_per_chunk, num_chunks;
   };
+  void run_linear(const LinearOperands& operands);  // one product; call_mu_ held
   void run_chunks(const Job& job, uint32_t generation);
   void worker_loop();
 

@@ -389,6 +389,36 @@ class HostLinear:
         kernel.linear_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], w.shape[0])
         return y
 
+    def gated_silu(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = None,
+                   signal: _C.HostSignal | None = None) -> torch.Tensor | None:
+        """A whole gated SiLU expert, ``(silu(g) * u) @ down.T`` with ``[g | u] = x @ gate_up.T``, in one
+        native call: ``x [n, hidden]``, ``gate_up [2 * inter, hidden]`` (the gate's rows first), ``down
+        [hidden, inter]``, all bf16 on the host -> ``[n, hidden]`` bf16 (``out``, contiguous bf16 of that
+        shape, where given), or None where the native kernel does not take it (another dtype or layout,
+        more than ``max_tokens`` tokens, autograd, closed): then the caller composes the expert from
+        :meth:`__call__` and torch's ops, and ``signal`` is not set. Both products and the roundings
+        between them are what that composition gives (``host_linear.h``), but the thread never takes
+        Python's lock back between them, and ``signal`` is set once the result is written, before
+        this thread has the lock back: a GPU stream waiting for it does not wait for Python too."""
+        kernel = self._kernel
+        if (kernel is None or x.dim() != 2 or gate_up.dim() != 2 or down.dim() != 2 or x.shape[0] == 0
+                or (self.max_tokens is not None and x.shape[0] > self.max_tokens)
+                or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (x, gate_up, down))
+                or gate_up.shape[0] % 2 or gate_up.shape[1] != x.shape[1] or gate_up.numel() == 0
+                or tuple(down.shape) != (x.shape[1], gate_up.shape[0] // 2)
+                or not gate_up.is_contiguous() or not down.is_contiguous()
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down)))
+                or (out is not None and (tuple(out.shape) != tuple(x.shape) or out.dtype != torch.bfloat16
+                                         or out.device.type != "cpu" or not out.is_contiguous()))):
+            return None
+        x = x.contiguous()
+        n, hidden, inter = x.shape[0], x.shape[1], gate_up.shape[0] // 2
+        y = torch.empty(n, hidden, dtype=torch.bfloat16) if out is None else out
+        scratch = torch.empty(3 * n * inter, dtype=torch.bfloat16)
+        kernel.gated_silu_expert_bf16(x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), scratch.data_ptr(),
+                                      n, hidden, inter, signal)
+        return y
+
     def close(self) -> None:
         """Joins the kernel's threads; later calls use ``F.linear``."""
         if self._kernel is not None:

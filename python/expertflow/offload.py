@@ -38,7 +38,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from . import _C
-from .cpu_experts import CostModel, CpuExecutor, calibrate, check_mode, check_threads
+from .cpu_experts import CostModel, CpuExecutor, HostLinear, calibrate, check_mode, check_threads
 from .distributed import assign, deal_prefetches
 from .formats import FORMATS, ExpertFormat, SlotExpander, WeightSpec, kernels_available
 from .models import Architecture, model_dtype
@@ -72,6 +72,9 @@ class OffloadedExperts(nn.Module):
         self.style = architecture.style
         # compute's products go through its `linear` argument (gpt-oss multiplies [in, out] with torch)
         self.takes_linear = self.style != "gpt_oss"
+        # a gated SiLU expert goes whole to a HostLinear's native call (cpu_experts.HostLinear.gated_silu);
+        # transformers maps both names to torch's silu
+        self.silu_gated = self.gated and self.takes_linear and architecture.activation(config) in ("silu", "swish")
         if self.style == "gpt_oss":  # its clamped SwiGLU
             # older transformers (5.17) fix both in the module instead of the config
             self.alpha, self.limit = getattr(config, "swiglu_alpha", 1.702), getattr(config, "swiglu_limit", 7.0)
@@ -100,6 +103,10 @@ class OffloadedExperts(nn.Module):
             up = up.clamp(min=-self.limit, max=self.limit)
             return ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))) @ weights["down"] + weights["down_bias"]
         if self.gated:
+            if self.silu_gated and isinstance(linear, HostLinear):
+                y = linear.gated_silu(x, weights["gate_up"], weights["down"])
+                if y is not None:
+                    return y
             gate, up = linear(x, weights["gate_up"]).chunk(2, dim=-1)
             return linear(self.act_fn(gate) * up, weights["down"])
         h = self.act_fn(linear(x, weights["wi"]))
@@ -292,9 +299,15 @@ class OffloadEngine:
             start = time.perf_counter()
             with torch.no_grad():  # the gather runs here, on the CPU's threads, not on the thread launching the GPU's work
                 inputs = x if rows is None else x[rows]
-                y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), inputs, linear)
-                if staging is not None:
-                    y = staging.copy_(y)
+                weights = self._expand(self.pool.expert(layer, expert), x.dtype)
+                # A gated SiLU expert in one native call, which writes the staging and sets the signal
+                # itself: the GPU waits for neither Python's lock nor this thread's steps after it.
+                y = (linear.gated_silu(inputs, weights["gate_up"], weights["down"], staging, signal)
+                     if module.silu_gated and isinstance(linear, HostLinear) else None)
+                if y is None:
+                    y = module.compute(weights, inputs, linear)
+                    if staging is not None:
+                        y = staging.copy_(y)
             ms = (time.perf_counter() - start) * 1e3
         finally:
             if signal is not None:

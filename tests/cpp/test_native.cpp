@@ -765,6 +765,73 @@ void test_host_linear_concurrent_calls() {
   expect_error([&] { linear.linear_bf16(x.data(), w.data(), y.data(), 1, in, out); }, "after close");
 }
 
+// A gated SiLU expert in one call against its definition from tested parts: the products as
+// linear_bf16 gives them, and between them silu(g) = g / (1 + exp(-g)) of the rounded gate, rounded
+// to bf16, times the rounded up, rounded; bit for bit, over odd sizes and 1 and 3 threads. The
+// signal is set once y is written, and not by a call that throws.
+void test_host_linear_gated_silu_expert() {
+  auto bf16 = [](float f) {  // round to nearest even (finite values)
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<uint16_t>(u >> 16);
+  };
+  auto value = [](uint16_t bits) {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  };
+  for (int threads : {1, 3}) {
+    HostLinear linear(threads);
+    for (int64_t n : {1, 2, 5}) {
+      for (int64_t hidden : {1, 7, 33}) {
+        for (int64_t inter : {1, 9, 70}) {
+          std::vector<uint16_t> x(n * hidden), gate_up(2 * inter * hidden), down(hidden * inter);
+          auto fill = [&](std::vector<uint16_t>& v, int step, int period, float scale) {
+            for (size_t i = 0; i < v.size(); ++i) {
+              v[i] = bf16(static_cast<float>(static_cast<int>(i * step % period) - period / 2) * scale);
+            }
+          };
+          fill(x, 7, 11, 0.25f);
+          fill(gate_up, 5, 13, 0.1f);
+          fill(down, 3, 7, 0.2f);
+          std::vector<uint16_t> y(n * hidden, 0xffff), scratch(3 * n * inter);
+          HostSignal done;
+          linear.gated_silu_expert_bf16(x.data(), gate_up.data(), down.data(), y.data(), scratch.data(), n, hidden, inter,
+                                        &done);
+          EXPECT(done.is_set());
+          std::vector<uint16_t> gu(n * 2 * inter), h(n * inter), want(n * hidden);
+          linear.linear_bf16(x.data(), gate_up.data(), gu.data(), n, hidden, 2 * inter);
+          for (int64_t t = 0; t < n; ++t) {
+            for (int64_t i = 0; i < inter; ++i) {
+              const float g = value(gu[t * 2 * inter + i]), u = value(gu[t * 2 * inter + inter + i]);
+              h[t * inter + i] = bf16(value(bf16(g / (1.0f + std::exp(-g)))) * u);
+            }
+          }
+          linear.linear_bf16(h.data(), down.data(), want.data(), n, inter, hidden);
+          if (y != want) {
+            throw Failure{"gated_silu_expert_bf16 n=" + std::to_string(n) + " hidden=" + std::to_string(hidden) +
+                          " inter=" + std::to_string(inter) + " threads=" + std::to_string(threads)};
+          }
+        }
+      }
+    }
+    std::vector<uint16_t> x(4), w(8), y(4), scratch(6);
+    HostSignal untouched;
+    expect_error(
+        [&] { linear.gated_silu_expert_bf16(x.data(), w.data(), w.data(), y.data(), nullptr, 1, 4, 1, &untouched); },
+        "needs x, gate_up, down, y and scratch");
+    expect_error([&] { linear.gated_silu_expert_bf16(x.data(), w.data(), w.data(), y.data(), scratch.data(), 0, 4, 1); },
+                 "sizes must be positive");
+    linear.close();
+    expect_error(
+        [&] { linear.gated_silu_expert_bf16(x.data(), w.data(), w.data(), y.data(), scratch.data(), 1, 4, 1, &untouched); },
+        "after close");
+    EXPECT(!untouched.is_set());
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -787,6 +854,7 @@ int main() {
       {"runtime_backfill_by_forecast", test_runtime_backfill_by_forecast},
       {"host_linear_exact", test_host_linear_exact},
       {"host_linear_concurrent_calls", test_host_linear_concurrent_calls},
+      {"host_linear_gated_silu_expert", test_host_linear_gated_silu_expert},
   };
   int passed = 0, failed = 0;
   for (const auto& [name, fn] : tests) {
