@@ -516,6 +516,33 @@ def test_a_whole_gated_silu_expert_follows_the_definition(n, hidden, inter):
         linear.close()
 
 
+def test_a_cpu_expert_fills_its_staging_and_sets_its_signal_whether_the_whole_expert_call_takes_it_or_not(tmp_path):
+    """The engine's CPU expert with a staging tensor and a signal, as on a GPU: the whole-expert call
+    writes the result into the staging and sets the signal; where the native kernel declines it (no
+    tokens it serves), the composition runs (torch's kernels: bit for bit ``compute`` with
+    ``F.linear``), its result is copied into the staging, and the signal is set all the same."""
+    folder = save(build("mixtral", dtype=torch.bfloat16), tmp_path / "m", "published")
+    model = ef.from_pretrained(folder, policy="lru", expert_slots="50%", cpu_experts="on", progress=False)
+    try:
+        engine = model.expertflow
+        module, linear = engine.layers[0].module, engine._cpu.linear
+        weights = engine._expand(engine.pool.expert(0, 1), torch.bfloat16)
+        x = torch.randn(3, weights["gate_up"].shape[1], generator=torch.Generator().manual_seed(0)).bfloat16()
+        a, b = linear(x[[0, 2]], weights["gate_up"]).chunk(2, dim=-1)
+        composed = linear(F.silu(a) * b, weights["down"])
+        for max_tokens, want in ((None, composed), (0, module.compute(weights, x[[0, 2]], F.linear))):
+            linear.max_tokens = max_tokens
+            staging, signal = torch.full((2, x.shape[1]), float("nan"), dtype=torch.bfloat16), _C.HostSignal()
+            y = engine._cpu_expert(module, 0, 1, x, torch.tensor([0, 2]), linear, False, staging, signal)
+            assert y is staging and signal.is_set()
+            if max_tokens is None:
+                assert (y != want).float().mean().item() <= 0.01
+            else:
+                assert torch.equal(y, want)
+    finally:
+        model.expertflow.close()
+
+
 def test_a_whole_expert_the_native_kernel_does_not_take_is_left_to_the_caller():
     """None (and the signal untouched) for what the composition must compute: fp32, a layout that
     does not fit, more tokens than the kernel serves, a non-contiguous weight, an ``out`` of another
@@ -525,9 +552,12 @@ def test_a_whole_expert_the_native_kernel_does_not_take_is_left_to_the_caller():
     signal = _C.HostSignal()
     assert linear.gated_silu(x[:1], gate_up, down) is not None
     for args in ((x[:1].float(), gate_up, down), (x[:1], gate_up[:11], down), (x[:1], gate_up, down[:, :5]),
-                 (x, gate_up, down), (x[:1], gate_up.T.contiguous().T, down),
-                 (x[:1], gate_up, down, torch.empty(2, 8, dtype=torch.bfloat16))):
+                 (x, gate_up, down), (x[:1], gate_up.T.contiguous().T, down), (x[:1], gate_up, down.T.contiguous().T),
+                 (x[:1], gate_up, down, torch.empty(2, 8, dtype=torch.bfloat16)),
+                 (x[:1], gate_up, down, torch.empty(1, 8))):
         assert linear.gated_silu(*args, signal=signal) is None
+    with torch.enable_grad():
+        assert linear.gated_silu(x[:1], gate_up.clone().requires_grad_(), down, signal=signal) is None
     linear.close()
     assert linear.gated_silu(x[:1], gate_up, down, signal=signal) is None and not signal.is_set()
 

@@ -82,8 +82,8 @@ CPU_EXPERT_MODES = ("off", "auto", "on")
 # Bumped when the calibration measures differently, so older cached entries are measured over. 2: each
 # timed call reads another expert; bf16 products run on the native kernel up to the token count where
 # it stops being the faster of the two. 3: a point at 2 tokens. 4: timed on the executor's worker thread,
-# with its thread count.
-_CALIBRATION_VERSION = 4
+# with its thread count. 5: a gated SiLU expert timed as one native call (HostLinear.gated_silu).
+_CALIBRATION_VERSION = 5
 # CPU time is measured at these token counts: decode's few (bound by reading the weights) up to
 # prefill's many (bound by arithmetic), so the cost model sees where the CPU stops paying. 2: on the
 # H200 machine the native kernel took 2.6 ms for 1 and 2 tokens and 10.5 ms for 4 (torch's 6.1).
