@@ -376,13 +376,19 @@ class HostLinear:
         self.num_threads = num_threads
         self.max_tokens = max_tokens  # None: no limit
 
+    def _serves(self, x: torch.Tensor, *weights: torch.Tensor) -> bool:
+        """Whether the native kernel takes ``x [n, in]`` against ``weights``: ``n`` from 1 to
+        ``max_tokens``, every tensor bf16 on the host, the weights 2-D, contiguous and not empty, no
+        autograd (the caller checks that the shapes fit each other, and that the kernel is open)."""
+        tensors = (x, *weights)
+        return (x.dim() == 2 and x.shape[0] > 0 and (self.max_tokens is None or x.shape[0] <= self.max_tokens)
+                and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+                and all(w.dim() == 2 and w.is_contiguous() and w.numel() > 0 for w in weights)
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel
-        if (kernel is None or x.dim() != 2 or (self.max_tokens is not None and x.shape[0] > self.max_tokens)
-                or x.dtype != torch.bfloat16
-                or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.device.type != "cpu"
-                or w.dim() != 2 or x.shape[1] != w.shape[1] or x.numel() == 0 or w.numel() == 0
-                or not w.is_contiguous() or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        if kernel is None or not self._serves(x, w) or x.shape[1] != w.shape[1]:
             return F.linear(x, w)  # also raises torch's errors for shapes that do not fit, and keeps autograd
         x = x.contiguous()
         y = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16, device="cpu")
@@ -401,13 +407,8 @@ class HostLinear:
         Python's lock back between them, and ``signal`` is set once the result is written, before
         this thread has the lock back: a GPU stream waiting for it does not wait for Python too."""
         kernel = self._kernel
-        if (kernel is None or x.dim() != 2 or gate_up.dim() != 2 or down.dim() != 2 or x.shape[0] == 0
-                or (self.max_tokens is not None and x.shape[0] > self.max_tokens)
-                or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (x, gate_up, down))
-                or gate_up.shape[0] % 2 or gate_up.shape[1] != x.shape[1] or gate_up.numel() == 0
-                or tuple(down.shape) != (x.shape[1], gate_up.shape[0] // 2)
-                or not gate_up.is_contiguous() or not down.is_contiguous()
-                or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down)))
+        if (kernel is None or not self._serves(x, gate_up, down) or gate_up.shape[0] % 2
+                or gate_up.shape[1] != x.shape[1] or tuple(down.shape) != (x.shape[1], gate_up.shape[0] // 2)
                 or (out is not None and (tuple(out.shape) != tuple(x.shape) or out.dtype != torch.bfloat16
                                          or out.device.type != "cpu" or not out.is_contiguous()))):
             return None
