@@ -172,10 +172,10 @@ def test_a_failing_cpu_expert_raises_in_its_forward(bf16_checkpoints, monkeypatc
                            progress=False)
     compute = OffloadedExperts.compute
 
-    def failing(self, weights, x, linear=F.linear):
+    def failing(self, weights, x, linear=F.linear, *args):
         if x.device.type == "cpu":
             raise RuntimeError("the CPU expert broke")
-        return compute(self, weights, x, linear)
+        return compute(self, weights, x, linear, *args)
 
     try:
         with torch.no_grad():

@@ -91,11 +91,25 @@ class OffloadedExperts(nn.Module):
         return self.engine.run_layer(self, hidden_states, routing, weights)
 
     def compute(self, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear) -> torch.Tensor:
+                linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
+                out: torch.Tensor | None = None, signal: _C.HostSignal | None = None) -> torch.Tensor:
         """One expert on its tokens: ``x [n, hidden] -> [n, hidden]`` (dense ``weights``, the
-        architecture's layout: ``Architecture.weights``). The arithmetic is transformers' own;
-        ``linear`` computes its ``[out, in]`` products (the CPU's experts pass ``cpu_experts.HostLinear``;
-        gpt-oss keeps its weights as ``[in, out]`` and multiplies with torch)."""
+        architecture's layout: ``Architecture.weights``), written into ``out`` where given. The
+        arithmetic is transformers' own; ``linear`` computes its ``[out, in]`` products (the CPU's
+        experts pass ``cpu_experts.HostLinear``; gpt-oss keeps its weights as ``[in, out]`` and
+        multiplies with torch). With a HostLinear, a gated SiLU expert the native kernel takes runs
+        whole in one call (``HostLinear.gated_silu``), which sets ``signal`` once ``out`` is written;
+        otherwise the caller sets it."""
+        if self.silu_gated and isinstance(linear, HostLinear):
+            y = linear.gated_silu(x, weights["gate_up"], weights["down"], out, signal)
+            if y is not None:
+                return y
+        y = self._composed(weights, x, linear)
+        return y if out is None else out.copy_(y)
+
+    def _composed(self, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                  linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """:meth:`compute`'s arithmetic op by op."""
         if self.style == "gpt_oss":
             gate_up = x @ weights["gate_up"] + weights["gate_up_bias"]
             gate, up = gate_up[..., ::2], gate_up[..., 1::2]
@@ -103,10 +117,6 @@ class OffloadedExperts(nn.Module):
             up = up.clamp(min=-self.limit, max=self.limit)
             return ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))) @ weights["down"] + weights["down_bias"]
         if self.gated:
-            if self.silu_gated and isinstance(linear, HostLinear):
-                y = linear.gated_silu(x, weights["gate_up"], weights["down"])
-                if y is not None:
-                    return y
             gate, up = linear(x, weights["gate_up"]).chunk(2, dim=-1)
             return linear(self.act_fn(gate) * up, weights["down"])
         h = self.act_fn(linear(x, weights["wi"]))
@@ -299,15 +309,10 @@ class OffloadEngine:
             start = time.perf_counter()
             with torch.no_grad():  # the gather runs here, on the CPU's threads, not on the thread launching the GPU's work
                 inputs = x if rows is None else x[rows]
-                weights = self._expand(self.pool.expert(layer, expert), x.dtype)
-                # A gated SiLU expert in one native call, which writes the staging and sets the signal
-                # itself: the GPU waits for neither Python's lock nor this thread's steps after it.
-                y = (linear.gated_silu(inputs, weights["gate_up"], weights["down"], staging, signal)
-                     if module.silu_gated and isinstance(linear, HostLinear) else None)
-                if y is None:
-                    y = module.compute(weights, inputs, linear)
-                    if staging is not None:
-                        y = staging.copy_(y)
+                # A gated SiLU expert runs in one native call that writes the staging and sets the
+                # signal itself: the GPU waits for neither Python's lock nor this thread's steps after it.
+                y = module.compute(self._expand(self.pool.expert(layer, expert), x.dtype), inputs, linear,
+                                   staging, signal)
             ms = (time.perf_counter() - start) * 1e3
         finally:
             if signal is not None:
