@@ -1,5 +1,6 @@
-"""What the trace-driven benchmark scripts share (``cpu_experts_variants.py``, ``cpu_experts_profile.py``,
-``prefetch_depth.py``): their common options, and the command line each records in its results."""
+"""What the benchmark scripts share: the trace-driven ones' common options (``cpu_experts_variants.py``,
+``cpu_experts_profile.py``, ``prefetch_depth.py``), and the command line each script records in its
+results (those and ``cpu_experts_gil.py``)."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import bench_cli
 import torch
 import torch.nn.functional as F
 
@@ -94,8 +95,7 @@ def main() -> None:
     finally:
         linear.close()
     args.out.write_text(json.dumps({
-        "command": "python benchmarks/cpu_experts_gil.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "command": bench_cli.command(__file__, args),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "isa": linear.isa}, "rows": rows}, indent=1))
 

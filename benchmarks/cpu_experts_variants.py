@@ -1,8 +1,8 @@
 """CPU experts' decision rules side by side, in one process on one model, in rounds: GPU-only
 (``cpu_experts`` off) and ``auto``, then each variant (``auto`` under a changed rule; ``on`` runs
 ``on``, and ``guess`` GPU-only too), round after round (every other round in the reverse order), so
-that drift in the machine's speed, and any effect of a
-variant's place in a round, falls on every variant alike. The variants:
+that drift in the machine's speed, and any effect of a variant's place in a round, falls on every
+variant alike. The variants:
 
 - ``normal``: off and auto as built;
 - ``onway_link``: auto, but a copy on its way (a prefetch, a backfill) always stays on the link: only

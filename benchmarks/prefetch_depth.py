@@ -32,6 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     visits: dict[tuple[str, int], list[list[list[int]]]] = collections.defaultdict(list)
     run_layer, apply = offload.OffloadEngine._run_layer, ExpertCache.apply
+
     def recording_apply(self, plan):
         self.last_plan = plan  # the plan this cache applied last
         return apply(self, plan)

@@ -11,8 +11,9 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   ``$EXPERTFLOW_CACHE_DIR`` (default ``~/.cache/expertflow``) / ``calibration.json``.
 - :class:`CostModel`: per layer, which of the missed experts go to the CPU: the split whose later
   pipe finishes first, the link copying its misses one after another (each then computed on the
-  GPU) and the CPU computing its own one after another. Hits always compute on the GPU. Prefill, with many tokens per expert, copies;
-  decode sends a second or third miss to the CPU when the CPU is fast enough. Both pipes are priced
+  GPU) and the CPU computing its own one after another. Hits always compute on the GPU. Prefill,
+  with many tokens per expert, copies; decode sends a lone miss, or a second or third, to the CPU
+  when the CPU is fast enough. Both pipes are priced
   at what they take inside steps: the CPU's times are the calibration's scaled by what CPU experts
   then take, plus how much that strays (per calibration point, and apart for layers with and
   without demand loads: :meth:`CostModel.observe`), a copy's by what demand loads take on the link
