@@ -483,6 +483,12 @@ def test_bf16_cpu_experts_run_the_native_kernel_and_stay_close_to_the_resident_m
         model.expertflow.close()
 
 
+def _composed_expert(linear: HostLinear, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """A gated SiLU expert composed op by op from ``linear``'s products and torch's silu and product."""
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, down)
+
+
 @pytest.mark.parametrize("n,hidden,inter", [(1, 7, 33), (2, 33, 7), (3, 64, 130), (7, 257, 513)])
 def test_a_whole_gated_silu_expert_follows_the_definition(n, hidden, inter):
     """``HostLinear.gated_silu``: ``(silu(g) * u) @ down.T`` with ``[g | u] = x @ gate_up.T``, in float64
@@ -509,9 +515,7 @@ def test_a_whole_gated_silu_expert_follows_the_definition(n, hidden, inter):
         h_abs = (gate * torch.sigmoid(gate) * up).abs()
         bound = 4 * 2.0**-8 * (h_abs @ down.double().abs().T) + 2.0**-8 * exact.abs() + 1e-6
         assert ((y.double() - exact).abs() <= bound).all()
-        a, b = linear(x, gate_up).chunk(2, dim=-1)
-        composed = linear(F.silu(a) * b, down)
-        assert (y != composed).float().mean().item() <= 0.01
+        assert (y != _composed_expert(linear, x, gate_up, down)).float().mean().item() <= 0.01
     finally:
         linear.close()
 
@@ -528,8 +532,7 @@ def test_a_cpu_expert_fills_its_staging_and_sets_its_signal_whether_the_whole_ex
         module, linear = engine.layers[0].module, engine._cpu.linear
         weights = engine._expand(engine.pool.expert(0, 1), torch.bfloat16)
         x = torch.randn(3, weights["gate_up"].shape[1], generator=torch.Generator().manual_seed(0)).bfloat16()
-        a, b = linear(x[[0, 2]], weights["gate_up"]).chunk(2, dim=-1)
-        composed = linear(F.silu(a) * b, weights["down"])
+        composed = _composed_expert(linear, x[[0, 2]], weights["gate_up"], weights["down"])
         for max_tokens, want in ((None, composed), (0, module.compute(weights, x[[0, 2]], F.linear))):
             linear.max_tokens = max_tokens
             staging, signal = torch.full((2, x.shape[1]), float("nan"), dtype=torch.bfloat16), _C.HostSignal()
@@ -951,11 +954,9 @@ def test_auto_plans_the_cheapest_split_and_never_one_slower_than_copying(
                   for n, on in zip(tokens, assignment) if on)
         return max(link, cpu)
 
-    def cost(assignment):
-        return finish(assignment, 1)
-
-    best = min(cost(list(a)) for a in itertools.product([False, True], repeat=len(tokens)))
-    assert cost(on_cpu) == pytest.approx(best, rel=1e-9, abs=1e-9)
+    # a plan's cost prices the CPU at its scale plus spread, as the model does
+    best = min(finish(list(a), 1) for a in itertools.product([False, True], repeat=len(tokens)))
+    assert finish(on_cpu, 1) == pytest.approx(best, rel=1e-9, abs=1e-9)
     for slow in (0, 1):
         assert finish(on_cpu, slow) <= finish([False] * len(tokens), slow) + 1e-9
 
