@@ -3,14 +3,15 @@
 # repository root: GPU-only expertflow against `auto` (and `on` at batch 1) on the shared Mixtral
 # trace, Mixtral-8x7B shape, 8 layers, 10 / 25 / 50% slots.
 # Usage: benchmarks/cpu_experts_floors.sh TRACE_DIR OUT_DIR [stage ...]
-#   stages: build, gpu-tests, b1, b4, b16-history, b16-noisy, p512, rounds (default: all, in that order)
+#   stages: build, gpu-tests, gil, b1, b4, b16-history, b16-noisy, p512, rounds, rounds4 (default: all, in
+#   that order)
 # Each stage after build fits a 10-minute device call on the H200 machine (measured: batch 16 takes
-# about 150 s a forecast, the rounds about 330 s); a bench stage cut short keeps the configurations
-# it finished in its JSON ("partial": true).
+# about 120 s a forecast, the rounds about 220 s, rounds4 about 270 s); a bench stage cut short keeps
+# the configurations it finished in its JSON ("partial": true).
 # TRACE_DIR holds mixtral-8x7b-instruct.gsm8k.jsonl (../shared/data/traces).
 set -euo pipefail
 traces=${1:?trace folder}; out=${2:?output folder}; shift 2
-stages=${*:-build gpu-tests b1 b4 b16-history b16-noisy p512 rounds}
+stages=${*:-build gpu-tests gil b1 b4 b16-history b16-noisy p512 rounds rounds4}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 trace="trace:$traces/mixtral-8x7b-instruct.gsm8k.jsonl"
@@ -21,6 +22,7 @@ for stage in $stages; do
   case $stage in
     build) run python3 -m pip install -q --no-build-isolation --no-deps -e . ;;
     gpu-tests) run python3 -m pytest -q -m gpu tests 2>&1 | tail -25 ;;
+    gil) run python3 benchmarks/cpu_experts_gil.py --out "$out/cpu-experts-gil-h200.json" ;;
     b1) run "${bench[@]}" --predictors history,noisy-oracle:0.8,oracle --cpu-experts off,auto,on --new-tokens 32 \
           --out "$out/cpu_experts_floors_b1_h200.json" ;;
     b4) run "${bench[@]}" --predictors history,noisy-oracle:0.8 --cpu-experts off,auto --new-tokens 32 --batch 4 \
@@ -34,6 +36,9 @@ for stage in $stages; do
     rounds) run python3 benchmarks/cpu_experts_variants.py --routing "$trace" --slots 16,32 \
           --predictors history,noisy-oracle:0.8,oracle --variants normal,on --new-tokens 48 --rounds 2 \
           --out "$out/cpu_experts_floors_rounds_h200.json" ;;
+    rounds4) run python3 benchmarks/cpu_experts_variants.py --routing "$trace" --slots 16,32 \
+          --predictors history,noisy-oracle:0.8,oracle --variants normal --new-tokens 48 --rounds 4 \
+          --out "$out/cpu_experts_floors_rounds4_h200.json" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
