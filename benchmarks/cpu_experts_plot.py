@@ -3,8 +3,9 @@ model (auto) and every miss on the CPU (on), against the slots, at batch 1, 4 an
 forecasts (one a row): the benchmark's history forecast, the trace's true future with each expert
 right with probability 0.8 (``noisy-oracle:0.8``, the trained predictor's recall) and the true
 future itself (its prefetches), from the latest runs (made by the commands in docs/cpu_experts.md;
-RUNS says which code each panel ran and which rows of a file give each mode): the median over runs and rounds, with a bar from the fastest
-to the slowest; the expertflow policy's rows only. Writes docs/img/cpu-experts-h200.png.
+RUNS says which code each panel ran and which rows of a file give each mode): the median over runs
+and rounds, with a bar from the fastest to the slowest; the expertflow policy's rows only. Writes
+docs/img/cpu-experts-h200.png.
 
     python benchmarks/cpu_experts_plot.py
 """
@@ -27,29 +28,23 @@ FORECASTS = {"history": "history forecast", "noisy-oracle:0.8": "true future, 80
 # (forecast, batch) -> [(result file, {mode: the rows that give it})], and what they ran. A file's
 # rows give a mode only where it names that mode: a bench file's rows by their cpu_experts (None), a
 # variants file's (benchmarks/cpu_experts_variants.py: rounds in one process) by their variant too.
-# Batch 1 is the final code (a layer's choice prices no later copy) where it ran: in the variants
-# file LATER as ``no_later_all``, which is what the final code does, with GPU-only and `on` beside it
-# in the same rounds, at 25% and 50%; at 10% GPU-only and `on` come from one run of the round
-# before's code (`auto` at 10% did not run on the final code, so its curve starts at 25%). Batches 4
-# and 16 are the round before's code (the GPU waits for the CPU's results), and with the true future
-# earlier code (docs/cpu_experts.md says which).
-LATER = "cpu_experts_later_rounds_48tokens_h200.json"
+# Every panel but two is the final code (4c66b78), run by benchmarks/cpu_experts_floors.sh on one H200
+# machine: batch 1 one run (10, 25, 50%) and six rounds in two processes (25, 50%; `on` in two of
+# them), batches 4 and 16 one run each. Batches 4 and 16 with the true future ran only on earlier code.
 Modes = dict[str, str | None]  # mode -> the variant whose rows give it (None: a bench file's rows)
-FINAL_B1: Modes = {"off": "normal", "auto": "no_later_all", "on": "on"}
-ON_B1 = "cpu_experts_gpuwait_on_b1_h200.json"
-B4 = "cpu_experts_gpuwait_b4_b16_h200-b4.json"
 PLAIN: Modes = {"off": None, "auto": None, "on": None}
-OFF_ON: Modes = {"off": None, "on": None}
+B1 = [("cpu_experts_floors_b1_h200.json", PLAIN),
+      ("cpu_experts_floors_rounds_h200.json", {"off": "normal", "auto": "normal", "on": "on"}),
+      ("cpu_experts_floors_rounds4_h200.json", {"off": "normal", "auto": "normal"})]
+B1_LABEL = "10%: 1 run; 25, 50%: 1 run and 6 rounds (`on`: 2)"
 RUNS: dict[tuple[str, int], tuple[list[tuple[str, Modes]], str]] = {
-    ("history", 1): ([(LATER, FINAL_B1), (ON_B1, OFF_ON)],
-                     "25, 50%: 2 rounds; 10%: off and on, 1 run, the round before's code"),
-    ("history", 4): ([(B4, PLAIN)], "1 run, the round before's code"),
-    ("history", 16): ([("cpu_experts_gpuwait_b16_h200-history.json", PLAIN)], "1 run, the round before's code"),
-    ("noisy-oracle:0.8", 1): ([(LATER, FINAL_B1), (ON_B1, OFF_ON)],
-                              "25, 50%: 2 rounds; 10%: off and on, 1 run, the round before's code"),
-    ("noisy-oracle:0.8", 4): ([(B4, PLAIN)], "1 run, the round before's code"),
-    ("noisy-oracle:0.8", 16): ([("cpu_experts_gpuwait_b16_h200-noisy.json", PLAIN)], "1 run, the round before's code"),
-    ("oracle", 1): ([(LATER, FINAL_B1)], "2 rounds"),
+    ("history", 1): (B1, B1_LABEL),
+    ("history", 4): ([("cpu_experts_floors_b4_h200.json", PLAIN)], "1 run"),
+    ("history", 16): ([("cpu_experts_floors_b16_history_h200.json", PLAIN)], "1 run"),
+    ("noisy-oracle:0.8", 1): (B1, B1_LABEL),
+    ("noisy-oracle:0.8", 4): ([("cpu_experts_floors_b4_h200.json", PLAIN)], "1 run"),
+    ("noisy-oracle:0.8", 16): ([("cpu_experts_floors_b16_noisy_h200.json", PLAIN)], "1 run"),
+    ("oracle", 1): (B1, B1_LABEL),
     ("oracle", 4): ([("cpu_experts_belady_h200-b4.json", PLAIN)], "1 run, earlier code"),
     ("oracle", 16): ([("cpu_experts_fcbackfill_h200-b16.json", PLAIN)], "1 run, earlier code"),
 }
