@@ -76,7 +76,7 @@ def main() -> None:
         self.prefetch_confidence = self.confidence
         return attach(self, info)
 
-    def unkept_ahead(self, layer, experts, num_slots, visit=None):
+    def unkept_ahead(self, layer, experts, num_slots, visit):
         """The leave rule's question (a later visit): no miss is kept."""
         return np.zeros(len(experts))
 

@@ -201,8 +201,8 @@ _USES = st.sampled_from([np.nan, np.inf, -1.0, 0.0, 2.0, 3.0, 5.0, 7.0, 9.0, 12.
 @given(st.integers(1, 4), st.integers(1, 5), st.data())
 def test_the_plan_says_which_misses_the_cache_would_keep_until_their_next_use(num_layers, num_experts, data):
     """Against the definition, over tables holding uses past, at, and after the visit, NaN (not
-    forecast) and inf (never), at any clock of the step; and for a visit of a later step named
-    outright (``visit=``), as the engine asks of a plan's prefetches."""
+    forecast) and inf (never), at any clock of the step, for a visit of this step or of a later one
+    (as the engine asks of a plan's prefetches)."""
     shape = (num_layers, num_experts)
     next_use = np.array(data.draw(st.lists(_USES, min_size=num_layers * num_experts, max_size=num_layers * num_experts))).reshape(shape)
     following_use = np.array(data.draw(st.lists(_USES, min_size=num_layers * num_experts, max_size=num_layers * num_experts))).reshape(shape)
@@ -215,7 +215,7 @@ def test_the_plan_says_which_misses_the_cache_would_keep_until_their_next_use(nu
     plan = Plan(empty, empty, np.zeros(0), next_use, following_use, float(now))
     ahead = data.draw(st.integers(0, 2))  # steps after the clock's: 0 asks of this step's visit
     visit = (step + ahead) * num_layers + layer
-    got = plan.kept_until_next_use(layer, experts, num_slots, **({"visit": float(visit)} if ahead else {}))
+    got = plan.kept_until_next_use(layer, experts, num_slots, visit=float(visit))
     want = [reference_kept(next_use, following_use, visit, layer, e, num_slots) for e in experts]
     assert got.shape == (len(experts),)
     np.testing.assert_array_equal(got, np.array(want, dtype=np.float64))
@@ -253,21 +253,20 @@ def test_a_trace_forecast_keeps_what_returns_soon_and_not_what_returns_late():
     later[:, 1, 0] = [2, 3]  # layer 1's expert 0: two steps on
     plan = planner.begin_step(Forecast(probs, later, exhaustive=True))
     # after layer 0's visit (position 0): L0E0 at 2, L1E3 at 1 and 3, L1E0 at 5, L0E1 at 6, L0E2 never
-    np.testing.assert_array_equal(plan.kept_until_next_use(0, [0, 1, 2], num_slots=2), [1, 0, 0])
-    np.testing.assert_array_equal(plan.kept_until_next_use(0, [0, 1, 2], num_slots=3), [1, 1, 0])
-    assert np.isnan(Plan.prefetch_only([(0, 1, 0.0)]).kept_until_next_use(0, [1], 4)).all()
-    # a clock past layer 0 (made after layer 0 ran): a plan of another step for layer 0, which says nothing
+    np.testing.assert_array_equal(plan.kept_until_next_use(0, [0, 1, 2], num_slots=2, visit=0.0), [1, 0, 0])
+    np.testing.assert_array_equal(plan.kept_until_next_use(0, [0, 1, 2], num_slots=3, visit=0.0), [1, 1, 0])
+    assert np.isnan(Plan.prefetch_only([(0, 1, 0.0)]).kept_until_next_use(0, [1], 4, visit=0.0)).all()
+    # a clock past layer 0 (made after layer 0 ran): that visit ran before the plan, which says nothing of it
     late = Plan(plan.layers, plan.experts, plan.due, plan.next_use, plan.following_use, 1.0)
-    assert np.isnan(late.kept_until_next_use(0, [0, 1, 2], num_slots=5)).all()
-    assert late.kept_until_next_use(1, [3], num_slots=5).tolist() == [1.0]  # layer 1 of that step: used again at 3
+    assert np.isnan(late.kept_until_next_use(0, [0, 1, 2], num_slots=5, visit=0.0)).all()
+    assert late.kept_until_next_use(1, [3], num_slots=5, visit=1.0).tolist() == [1.0]  # layer 1 of that step: used again at 3
     # a visit named outright: layer 1 two steps on (position 5), where its expert 0 is used and then
     # again at 7, with layer 0's expert 1 used between (at 6)
     np.testing.assert_array_equal(plan.kept_until_next_use(1, [0], num_slots=2, visit=5.0), [1])
     np.testing.assert_array_equal(plan.kept_until_next_use(1, [0], num_slots=1, visit=5.0), [0])
-    assert np.isnan(late.kept_until_next_use(0, [0], num_slots=2, visit=0.0)).all()  # run before the clock
     with pytest.raises(ValueError, match="position 3.0 is not a visit of layer 0"):
         plan.kept_until_next_use(0, [0], num_slots=2, visit=3.0)
     history = Planner(L, E)
     trusting(history)
     plan = history.begin_step(Forecast(probs))
-    assert np.isnan(plan.kept_until_next_use(0, [0, 1, 2], num_slots=2)).all()
+    assert np.isnan(plan.kept_until_next_use(0, [0, 1, 2], num_slots=2, visit=0.0)).all()

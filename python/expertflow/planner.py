@@ -69,15 +69,14 @@ class Plan:
     def __len__(self) -> int:
         return int(self.layers.shape[0])
 
-    def kept_until_next_use(self, layer: int, experts: Sequence[int], num_slots: int,
-                            visit: float | None = None) -> np.ndarray:
+    def kept_until_next_use(self, layer: int, experts: Sequence[int], num_slots: int, visit: float) -> np.ndarray:
         """Whether a cache of ``num_slots`` slots that evicts the expert needed farthest ahead would
-        keep each of ``experts`` (ids of ``layer``, used at its visit in the step of :attr:`now`, or
-        at ``visit``, a later position of that layer) until its next use, by this plan's forecast ->
-        ``[m]`` float64: 1 kept, 0 not (or never used again), NaN where the plan does not say: no
-        tables, no clock, a clock past this layer or ``visit`` (a plan of another step), or no use of
-        the expert named after this visit (a next use of NaN names none, as for the runtime's cache).
-        Raises ``ValueError`` for a ``visit`` that is not a position of ``layer``.
+        keep each of ``experts`` (ids of ``layer``, used at ``visit``, a position of that layer) until
+        its next use, by this plan's forecast -> ``[m]`` float64: 1 kept, 0 not (or never used
+        again), NaN where the plan does not say: no tables, no clock, a clock past ``visit`` (the
+        visit ran before the plan was made), or no use of the expert named after this visit (a next
+        use of NaN names none, as for the runtime's cache). Raises ``ValueError`` for a ``visit``
+        that is not a position of ``layer``.
 
         Belady's rule over the uses the plan names (each expert's next two), from a cache holding
         only this expert: it is kept until its next use ``t`` when, at every visit after this one up
@@ -92,14 +91,10 @@ class Plan:
         m = len(experts)
         if self.next_use is None or self.following_use is None or not np.isfinite(self.now):
             return np.full(m, np.nan)
-        num_layers = self.next_use.shape[0]
-        if visit is None:
-            if self.now % num_layers > layer:  # made after a later layer than this one: not this step's plan
-                return np.full(m, np.nan)
-            visit = self.now - self.now % num_layers + layer  # positions count layer visits (module docstring)
-        elif visit % num_layers != layer:
+        num_layers = self.next_use.shape[0]  # positions count layer visits (module docstring)
+        if visit % num_layers != layer:
             raise ValueError(f"position {visit} is not a visit of layer {layer} ({num_layers} layers a step)")
-        elif visit < self.now:  # already run: the plan was made after it
+        if visit < self.now:  # already run: the plan was made after it
             return np.full(m, np.nan)
         return _C.kept_until_next_use(self.next_use, self.following_use, layer, float(visit),
                                       [int(e) for e in experts], num_slots)
