@@ -3,15 +3,15 @@
 # repository root: GPU-only expertflow against `auto` (and `on` at batch 1) on the shared Mixtral
 # trace, Mixtral-8x7B shape, 8 layers, 10 / 25 / 50% slots.
 # Usage: benchmarks/cpu_experts_floors.sh TRACE_DIR OUT_DIR [stage ...]
-#   stages: build, gpu-tests, gil, b1, b4, b16-history, b16-noisy, p512, rounds, rounds4 (default: all, in
-#   that order)
+#   stages: build, gpu-tests, gil, b1, b4, b16-history, b16-noisy, p512, rounds, rounds4, b4-oracle,
+#   b16-oracle (default: all, in that order)
 # Each stage after build fits a 10-minute device call on the H200 machine (measured: batch 16 takes
 # about 120 s a forecast, the rounds about 220 s, rounds4 about 270 s); a bench stage cut short keeps
 # the configurations it finished in its JSON ("partial": true).
 # TRACE_DIR holds mixtral-8x7b-instruct.gsm8k.jsonl (../shared/data/traces).
 set -euo pipefail
 traces=${1:?trace folder}; out=${2:?output folder}; shift 2
-stages=${*:-build gpu-tests gil b1 b4 b16-history b16-noisy p512 rounds rounds4}
+stages=${*:-build gpu-tests gil b1 b4 b16-history b16-noisy p512 rounds rounds4 b4-oracle b16-oracle}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 trace="trace:$traces/mixtral-8x7b-instruct.gsm8k.jsonl"
@@ -39,6 +39,10 @@ for stage in $stages; do
     rounds4) run python3 benchmarks/cpu_experts_variants.py --routing "$trace" --slots 16,32 \
           --predictors history,noisy-oracle:0.8,oracle --variants normal --new-tokens 48 --rounds 4 \
           --out "$out/cpu_experts_floors_rounds4_h200.json" ;;
+    b4-oracle) run "${bench[@]}" --predictors oracle --cpu-experts off,auto --new-tokens 32 --batch 4 \
+          --out "$out/cpu_experts_floors_b4_oracle_h200.json" ;;
+    b16-oracle) run "${bench[@]}" --predictors oracle --cpu-experts off,auto --new-tokens 32 --batch 16 \
+          --out "$out/cpu_experts_floors_b16_oracle_h200.json" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
