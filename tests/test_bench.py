@@ -71,6 +71,26 @@ def test_trace_forced_bench_rows_and_bound(trace_file, tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 10_000
 
 
+def test_cpu_expert_rows_give_their_time_over_gpu_only(trace_file):
+    """Each row of a CPU-expert mode other than ``off`` is divided by the GPU-only row of its own
+    policy, forecast and slots (decode step and prompt pass); GPU-only rows and ``all_gpu`` get none."""
+    result = run_bench(config(trace_file, slots=["25%", "50%"], policies=["all_gpu", "lru", "expertflow"],
+                              predictors=["history", "oracle"], cpu_experts=["off", "on"], new_tokens=4))
+    rows = result["rows"]
+    off = {(r["policy"], r["predictor"], r["slots"]): r for r in rows if r["cpu_experts_asked"] == "off"}
+    on = [r for r in rows if r["cpu_experts_asked"] == "on"]
+    assert len(on) == 2 * 3 and any(r["cpu_experts_per_token"] > 0 for r in on)  # (lru + expertflow x 2 forecasts) x 2 slots
+    for r in on:
+        ref = off[(r["policy"], r["predictor"], r["slots"])]
+        assert r["x_gpu_only"] == pytest.approx(r["ms_per_token"] / ref["ms_per_token"])
+        assert r["prefill_x_gpu_only"] == pytest.approx(r["prefill_ms"] / ref["prefill_ms"])
+    assert all(r["x_gpu_only"] is None and r["prefill_x_gpu_only"] is None for r in off.values())
+    table = [re.split(r"\s{2,}", line.strip()) for line in format_table(result).splitlines() if "  " in line]
+    header, body = table[0], table[2:]
+    assert [cells[header.index("x gpu-only")] for cells in body] == [
+        "-" if r["x_gpu_only"] is None else f"{r['x_gpu_only']:.2f}" for r in rows]
+
+
 def test_belady_bytes_match_replay():
     trace = synthetic_trace(num_layers=4, num_experts=8, top_k=2, num_tokens=30, seed=2)
     visits = list(trace.layer_visits())

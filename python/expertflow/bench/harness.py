@@ -11,7 +11,10 @@ Per configuration (policy, forecast, slots): a warm-up generation, then a measur
 routing. Reported: ms per decoded token (median over the decode steps, host clock at each forward's
 start), bytes copied and demand misses per decoded token, hit ratio, stall share, peak device memory
 beside the budget, and the bound of that slot count from the same run: max(Belady's bytes on the same
-accesses / the pinned bandwidth measured at start, ``all_gpu`` ms per token).
+accesses / the pinned bandwidth measured at start, ``all_gpu`` ms per token). With CPU experts
+(``--cpu-experts``), each row of a mode other than ``off`` also gives its time over the same policy,
+forecast and slots with GPU-only offload: ``x_gpu_only`` for the decode step, ``prefill_x_gpu_only``
+for the prompt's pass (below 1: faster).
 """
 
 from __future__ import annotations
@@ -397,7 +400,7 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
     """Runs every configuration of ``cfg``; returns the results (see the module docstring).
     ``model``: one :func:`build_model` made for ``cfg`` earlier, to run it again (the caller closes
     its pool). ``on_row``: called after each configuration with the results so far, marked
-    ``"partial": True`` (no ``x_lru``, no accelerate run yet), so that a run cut short (a time
+    ``"partial": True`` (no ``x_lru`` nor ``x_gpu_only``, no accelerate run yet), so that a run cut short (a time
     limit) still leaves the configurations it finished."""
     backend, device = _checked_device(cfg)
     logging.getLogger("expertflow").setLevel(logging.WARNING)
@@ -548,6 +551,10 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
         lru = next((r for r in result["rows"] if r["policy"] == "lru" and r["slots"] == row["slots"]
                     and r["cpu_experts"] == "off"), None)
         row["x_lru"] = row["ms_per_token"] / lru["ms_per_token"] if lru else None
+        gpu_only = next((r for r in result["rows"] if row["cpu_experts_asked"] != "off" and r["cpu_experts_asked"] == "off"
+                         and (r["policy"], r["predictor"], r["slots"]) == (row["policy"], row["predictor"], row["slots"])), None)
+        row["x_gpu_only"] = row["ms_per_token"] / gpu_only["ms_per_token"] if gpu_only else None
+        row["prefill_x_gpu_only"] = row["prefill_ms"] / gpu_only["prefill_ms"] if gpu_only else None
     result["all_gpu_ms"] = all_gpu_ms
     if cfg.accelerate and m.resident is not None:
         acc = result["accelerate"] = _accelerate(m, cfg, prompt, forcing, device)
@@ -567,7 +574,7 @@ def format_table(result: dict) -> str:
     # ms/token is the median decode step; mean is the decode steps' total time over their number (they
     # part where steps are bimodal: a forecast's copies in place or the step waiting on the link)
     header = ["policy", "forecast", "cpu", "slots", "ms/token", "mean", "bytes/token", "vs Belady", "hit ratio", "demand/token",
-              "stall", "x bound", "x lru", "same tokens"]
+              "stall", "x bound", "x lru", "x gpu-only", "same tokens"]
     table = [header]
     for r in result["rows"]:
         fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
@@ -577,7 +584,8 @@ def format_table(result: dict) -> str:
             f"{r['slots']} ({r['num_slots']})", f"{r['ms_per_token']:.2f}", f"{r['ms_per_token_mean']:.2f}",
             format_bytes(r["bytes_per_token"], si=True), fmt(r["bytes_vs_belady"], "{:.2f}"), f"{r['hit_ratio']:.1%}",
             f"{r['demand_misses_per_token']:.2f}", f"{r['stall_share']:.0%}", fmt(r["x_bound"], "{:.2f}"),
-            fmt(r["x_lru"], "{:.2f}"), {True: "yes", False: "NO", None: "-"}[r["same_tokens_as_all_gpu"]],
+            fmt(r["x_lru"], "{:.2f}"), fmt(r.get("x_gpu_only"), "{:.2f}"),
+            {True: "yes", False: "NO", None: "-"}[r["same_tokens_as_all_gpu"]],
         ])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
