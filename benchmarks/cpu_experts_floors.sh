@@ -9,6 +9,7 @@
 # about 120 s a forecast, the rounds about 220 s, rounds4 about 270 s); a bench stage cut short keeps
 # the configurations it finished in its JSON ("partial": true).
 # TRACE_DIR holds mixtral-8x7b-instruct.gsm8k.jsonl (../shared/data/traces).
+# benchmarks/cpu_experts_floors_table.py judges the floors from what these stages write.
 set -euo pipefail
 traces=${1:?trace folder}; out=${2:?output folder}; shift 2
 stages=${*:-build gpu-tests gil b1 b4 b16-history b16-noisy p512 rounds rounds4 b4-oracle b16-oracle}
