@@ -1,20 +1,22 @@
 """The CPU-expert floors (docs/cpu_experts.md, "The floors, honestly") judged from the files that
 ``benchmarks/cpu_experts_floors.sh`` writes, so that a verdict is computed, not paired by hand.
 
-Each ratio is GPU-only's median decode step (``cpu_experts`` off) over ``auto``'s, in the same
-process and, for the rounds files (``benchmarks/cpu_experts_variants.py``, variant ``normal``), the
-same round; above 1, ``auto`` is faster. A rounds file's configurations are also pooled: the mean
-of the rounds' GPU-only medians over the mean of ``auto``'s (and the same with the mean steps). The
-512-token prompt's file gives the prompt's pass (``prefill_ms``) and its few decode steps apart.
-The floors:
+Each ratio is GPU-only's decode step (``cpu_experts`` off) over ``auto``'s, by the median step, in
+the same process and, for the rounds files (``benchmarks/cpu_experts_variants.py``, variant
+``normal``), the same round; above 1, ``auto`` is faster. The rounds of both rounds files are also
+pooled: the mean of the rounds' GPU-only medians over the mean of ``auto``'s, and the same with
+their mean steps. The 512-token prompt's file gives the prompt's pass (``prefill_ms``) and its few
+decode steps apart. The floors, each judged over every ratio it covers, pooled ones included:
 
-- batch 1 at 10% and 25% slots: ``auto`` at least 1.3x faster, every measurement (the one-process
-  run and each round) and pooled;
+- batch 1 at 10% and 25% slots: ``auto`` at least 1.3x faster (the one-process batch-1 run and the
+  rounds);
 - no configuration (batch 1, 4, 16, the 512-token prompt) more than 3% slower: every ratio at
   least 1 / 1.03.
 
-Files missing from ``--results`` are named and skipped. Prints a markdown table a forecast a column
-and the failing measurements; ``--out`` writes every ratio as JSON.
+Files missing from ``--results`` are named and skipped, as are files of a run cut short
+(``"partial"``: only the configurations it finished count) and files without a GPU-only and
+``auto`` pair. Prints a markdown table a forecast a column, then every ratio below its floor;
+``--out`` writes every ratio as JSON.
 
     python benchmarks/cpu_experts_floors_table.py --results benchmarks/results
 """
@@ -35,73 +37,103 @@ BENCH_FILES = {  # the floors script's stage -> (its file, its batch)
     "b16-oracle": ("cpu_experts_floors_b16_oracle_h200.json", 16),
     "p512": ("cpu_experts_floors_p512_h200.json", 1),
 }
-ROUNDS_FILES = ("cpu_experts_floors_rounds_h200.json", "cpu_experts_floors_rounds4_h200.json")
+ROUNDS_FILES = {"rounds": "cpu_experts_floors_rounds_h200.json", "rounds4": "cpu_experts_floors_rounds4_h200.json"}
 SPEEDUP_FLOOR, SLOWDOWN_FLOOR = 1.3, 1 / 1.03
+POOLED = ("rounds pooled", "rounds pooled, mean steps")
 
 
-def share_label(row: dict) -> str:
-    """The floors' name for a row's slots: 10% (6 of 64 Mixtral experts), 25% or 50%."""
-    share = row["slot_share"]
+class BadResults(ValueError):
+    """A results file this script cannot read, named with what is wrong."""
+
+
+def share_label(share: float) -> str:
+    """The floors' name for a share of the experts in slots: 10% (6 of 64 Mixtral experts), 25%, 50%."""
     return "10%" if share < 0.2 else "25%" if share < 0.375 else "50%"
 
 
-def paired(rows: list[dict], extra_key: str | None = None) -> dict[tuple, tuple[dict, dict]]:
-    """``{(forecast, slots[, extra]): (off row, auto row)}`` over the expertflow rows that have both."""
+def load_rows(path: Path) -> tuple[list[dict], bool]:
+    """A results file -> (its rows, whether its run was cut short)."""
+    try:
+        result = json.loads(path.read_text())
+        return list(result["rows"]), bool(result.get("partial"))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise BadResults(f"{path}: not a results file of the floors script ({type(e).__name__}: {e})") from e
+
+
+def paired(rows: list[dict], path: Path, by_round: bool = False) -> dict[tuple, tuple[dict, dict]]:
+    """``{(forecast, num_slots[, round]): (GPU-only row, auto row)}`` over the expertflow rows (variant
+    ``normal`` where rows name one) that have both."""
     by: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        if r["policy"] != "expertflow" or r.get("variant", "normal") != "normal":
-            continue
-        key = (r["predictor"], share_label(r)) + ((r[extra_key],) if extra_key else ())
-        by.setdefault(key, {})[r["cpu_experts_asked"]] = r
+    try:
+        for r in rows:
+            if r["policy"] != "expertflow" or r.get("variant", "normal") != "normal":
+                continue
+            key = (r["predictor"], r["num_slots"]) + ((r["round"],) if by_round else ())
+            by.setdefault(key, {})[r["cpu_experts_asked"]] = r
+    except (KeyError, TypeError) as e:
+        raise BadResults(f"{path}: a row lacks {e}: not a bench row") from e
     return {k: (v["off"], v["auto"]) for k, v in by.items() if "off" in v and "auto" in v}
 
 
-def judge(results: Path) -> tuple[list[dict], list[str]]:
-    """-> (one record a ratio, the files missing). A record: forecast, slots, batch, what (decode,
-    prefill, decode after the prompt, round N, pooled, pooled mean steps), source and ratio."""
+def judge(results: Path) -> tuple[list[dict], dict[str, list[str]]]:
+    """-> (one record a ratio, the files skipped by why: not found, cut short, no pair). A record:
+    forecast, slots (10%, 25%, 50%), batch, stage (the floors script's), what (one run, round N,
+    rounds pooled, rounds pooled with mean steps, the prompt's pass, decode after the prompt),
+    source (the files), off_ms, auto_ms and ratio (off over auto)."""
     records: list[dict] = []
-    missing: list[str] = []
+    skipped: dict[str, list[str]] = {"not found": [], "cut short (what finished counts)": [], "no GPU-only and auto pair": []}
 
-    def add(forecast: str, slots: str, batch: int, what: str, source: str, off: float, auto: float) -> None:
-        records.append({"forecast": forecast, "slots": slots, "batch": batch, "what": what, "source": source,
-                        "off_ms": off, "auto_ms": auto, "ratio": off / auto})
+    def add(off: dict, auto: dict, batch: int, stage: str, what: str, source: str, field: str) -> None:
+        records.append({"forecast": off["predictor"], "slots": share_label(off["slot_share"]), "batch": batch, "stage": stage,
+                        "what": what, "source": source, "off_ms": off[field], "auto_ms": auto[field],
+                        "ratio": off[field] / auto[field]})
+
+    def read(name: str, by_round: bool = False) -> dict[tuple, tuple[dict, dict]]:
+        path = results / name
+        if not path.exists():
+            skipped["not found"].append(name)
+            return {}
+        rows, partial = load_rows(path)
+        if partial:
+            skipped["cut short (what finished counts)"].append(name)
+        pairs = paired(rows, path, by_round)
+        if not pairs:
+            skipped["no GPU-only and auto pair"].append(name)
+        return pairs
 
     for stage, (name, batch) in BENCH_FILES.items():
-        path = results / name
-        if not path.exists():
-            missing.append(name)
-            continue
-        for (forecast, slots), (off, auto) in paired(json.loads(path.read_text())["rows"]).items():
+        for off, auto in read(name).values():
             if stage == "p512":
-                add(forecast, slots, batch, "prompt's pass", name, off["prefill_ms"], auto["prefill_ms"])
-                add(forecast, slots, batch, "decode after the prompt", name, off["ms_per_token"], auto["ms_per_token"])
+                add(off, auto, batch, stage, "the prompt's pass", name, "prefill_ms")
+                add(off, auto, batch, stage, "decode after the prompt", name, "ms_per_token")
             else:
-                add(forecast, slots, batch, "decode, one run", name, off["ms_per_token"], auto["ms_per_token"])
-    pools: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
-    for name in ROUNDS_FILES:
-        path = results / name
-        if not path.exists():
-            missing.append(name)
-            continue
-        for (forecast, slots, rnd), (off, auto) in paired(json.loads(path.read_text())["rows"], "round").items():
-            add(forecast, slots, 1, f"decode, round {rnd}", name, off["ms_per_token"], auto["ms_per_token"])
-            pools.setdefault((forecast, slots), []).append((off, auto))
-    for (forecast, slots), pairs in pools.items():
-        for what, field in (("decode, rounds pooled", "ms_per_token"), ("decode, rounds pooled (mean steps)", "ms_per_token_mean")):
-            add(forecast, slots, 1, what, "+".join(ROUNDS_FILES), statistics.fmean(o[field] for o, _ in pairs),
-                statistics.fmean(a[field] for _, a in pairs))
-    return records, missing
+                add(off, auto, batch, stage, "one run", name, "ms_per_token")
+    pools: dict[tuple, list[tuple[dict, dict]]] = {}
+    sources: list[str] = []
+    for stage, name in ROUNDS_FILES.items():
+        pairs = read(name, by_round=True)
+        sources += [name] if pairs else []
+        for (forecast, num_slots, rnd), (off, auto) in pairs.items():
+            add(off, auto, 1, stage, f"round {rnd}", name, "ms_per_token")
+            pools.setdefault((forecast, num_slots), []).append((off, auto))
+    for pairs in pools.values():
+        for what, field in zip(POOLED, ("ms_per_token", "ms_per_token_mean")):
+            mean_off = {**pairs[0][0], field: statistics.fmean(off[field] for off, _ in pairs)}
+            mean_auto = {**pairs[0][1], field: statistics.fmean(auto[field] for _, auto in pairs)}
+            add(mean_off, mean_auto, 1, "rounds", f"{what} ({len(pairs)})", "+".join(sources), field)
+    return records, skipped
 
 
 def cell(records: list[dict]) -> str:
-    """A table cell: the range of the measurements (how many) and of the rounds' pooled medians."""
+    """A table cell: the range of the single measurements (how many), then of the pooled ratios."""
     if not records:
         return "not run"
 
     def span(ratios: list[float]) -> str:
-        return f"{min(ratios):.2f}–{max(ratios):.2f}×" if len(ratios) > 1 else f"{ratios[0]:.2f}×"
-    single = [r["ratio"] for r in records if "pooled" not in r["what"]]
-    pooled = [r["ratio"] for r in records if r["what"] == "decode, rounds pooled"]
+        low, high = f"{min(ratios):.2f}", f"{max(ratios):.2f}"
+        return f"{low}×" if low == high else f"{low}–{high}×"
+    single = [r["ratio"] for r in records if not r["what"].startswith(POOLED)]
+    pooled = [r["ratio"] for r in records if r["what"].startswith(POOLED)]
     return f"{span(single)} ({len(single)})" + (f", pooled {span(pooled)}" if pooled else "")
 
 
@@ -112,20 +144,28 @@ def main() -> None:
     args = parser.parse_args()
     if not args.results.is_dir():
         parser.error(f"--results {args.results} is not a folder: give the folder the floors script wrote into")
-    records, missing = judge(args.results)
+    if args.out and not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: its folder does not exist")
+    try:
+        records, skipped = judge(args.results)
+    except BadResults as e:
+        parser.error(str(e))
     if not records:
-        parser.error(f"none of the floors script's files is in {args.results}: run benchmarks/cpu_experts_floors.sh first")
-    rows = [("batch 1, 10%: ≥ 1.3×", lambda r: r["batch"] == 1 and r["slots"] == "10%" and "prompt" not in r["what"], SPEEDUP_FLOOR),
-            ("batch 1, 25%: ≥ 1.3×", lambda r: r["batch"] == 1 and r["slots"] == "25%" and "prompt" not in r["what"], SPEEDUP_FLOOR),
-            ("never > 3% slower", lambda r: True, SLOWDOWN_FLOOR)]
+        parser.error(f"no GPU-only and auto pair in the floors script's files in {args.results} "
+                     f"({'; '.join(f'{why}: {len(names)}' for why, names in skipped.items() if names)}): "
+                     "run benchmarks/cpu_experts_floors.sh first")
+    batch1_decode = ("b1", "rounds", "rounds4")
+    floors = [("batch 1, 10%: ≥ 1.3×", lambda r: r["stage"] in batch1_decode and r["slots"] == "10%", SPEEDUP_FLOOR),
+              ("batch 1, 25%: ≥ 1.3×", lambda r: r["stage"] in batch1_decode and r["slots"] == "25%", SPEEDUP_FLOOR),
+              ("never > 3% slower", lambda r: True, SLOWDOWN_FLOOR)]
     print("| floor | " + " | ".join(FORECASTS.values()) + " |")
     print("|---|" + "---|" * len(FORECASTS))
     failing = []
-    for label, keep, floor in rows:
+    for label, covers, floor in floors:
         cells = []
         for forecast in FORECASTS:
-            mine = [r for r in records if r["forecast"] == forecast and keep(r)]
-            short = [r for r in mine if r["ratio"] < floor and "mean steps" not in r["what"]]
+            mine = [r for r in records if r["forecast"] == forecast and covers(r)]
+            short = [r for r in mine if r["ratio"] < floor]
             failing += [(label, r) for r in short]
             verdict = "" if not mine else "**met**: " if not short else f"**not met** ({len(short)} below): "
             cells.append(verdict + cell(mine))
@@ -135,10 +175,11 @@ def main() -> None:
         for label, r in failing:
             print(f"- {label}: {FORECASTS[r['forecast']]}, batch {r['batch']}, {r['slots']}, {r['what']} "
                   f"({r['source']}): {r['off_ms']:.1f} / {r['auto_ms']:.1f} ms = {r['ratio']:.3f}×")
-    if missing:
-        print("\nnot found (skipped): " + ", ".join(missing))
+    for why, names in skipped.items():
+        if names:
+            print(f"\n{why}: " + ", ".join(names))
     if args.out:
-        args.out.write_text(json.dumps({"records": records, "missing": missing}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"records": records, "skipped": skipped}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,9 @@ def test_cpu_expert_rows_give_their_time_over_gpu_only(trace_file):
     header, body = table[0], table[2:]
     assert [cells[header.index("x gpu-only")] for cells in body] == [
         "-" if r["x_gpu_only"] is None else f"{r['x_gpu_only']:.2f}" for r in rows]
+    alone = run_bench(config(trace_file, policies=["lru"], cpu_experts=["on"], new_tokens=2))["rows"]
+    assert [(r["policy"], r["cpu_experts_asked"], r["x_gpu_only"]) for r in alone] == [
+        ("all_gpu", "off", None), ("lru", "on", None)]  # no GPU-only lru row to divide by
 
 
 def test_belady_bytes_match_replay():

@@ -400,8 +400,8 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
     """Runs every configuration of ``cfg``; returns the results (see the module docstring).
     ``model``: one :func:`build_model` made for ``cfg`` earlier, to run it again (the caller closes
     its pool). ``on_row``: called after each configuration with the results so far, marked
-    ``"partial": True`` (no ``x_lru`` nor ``x_gpu_only``, no accelerate run yet), so that a run cut short (a time
-    limit) still leaves the configurations it finished."""
+    ``"partial": True`` (no ``x_lru`` nor ``x_gpu_only``, no accelerate run yet), so that a run cut
+    short (a time limit) still leaves the configurations it finished."""
     backend, device = _checked_device(cfg)
     logging.getLogger("expertflow").setLevel(logging.WARNING)
     m = model if model is not None else BenchModel(cfg, device, backend)
@@ -551,8 +551,9 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
         lru = next((r for r in result["rows"] if r["policy"] == "lru" and r["slots"] == row["slots"]
                     and r["cpu_experts"] == "off"), None)
         row["x_lru"] = row["ms_per_token"] / lru["ms_per_token"] if lru else None
-        gpu_only = next((r for r in result["rows"] if row["cpu_experts_asked"] != "off" and r["cpu_experts_asked"] == "off"
-                         and (r["policy"], r["predictor"], r["slots"]) == (row["policy"], row["predictor"], row["slots"])), None)
+        gpu_only = None if row["cpu_experts_asked"] == "off" else next(
+            (r for r in result["rows"] if r["cpu_experts_asked"] == "off"
+             and (r["policy"], r["predictor"], r["slots"]) == (row["policy"], row["predictor"], row["slots"])), None)
         row["x_gpu_only"] = row["ms_per_token"] / gpu_only["ms_per_token"] if gpu_only else None
         row["prefill_x_gpu_only"] = row["prefill_ms"] / gpu_only["prefill_ms"] if gpu_only else None
     result["all_gpu_ms"] = all_gpu_ms
@@ -584,7 +585,7 @@ def format_table(result: dict) -> str:
             f"{r['slots']} ({r['num_slots']})", f"{r['ms_per_token']:.2f}", f"{r['ms_per_token_mean']:.2f}",
             format_bytes(r["bytes_per_token"], si=True), fmt(r["bytes_vs_belady"], "{:.2f}"), f"{r['hit_ratio']:.1%}",
             f"{r['demand_misses_per_token']:.2f}", f"{r['stall_share']:.0%}", fmt(r["x_bound"], "{:.2f}"),
-            fmt(r["x_lru"], "{:.2f}"), fmt(r.get("x_gpu_only"), "{:.2f}"),
+            fmt(r["x_lru"], "{:.2f}"), fmt(r["x_gpu_only"], "{:.2f}"),
             {True: "yes", False: "NO", None: "-"}[r["same_tokens_as_all_gpu"]],
         ])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
