@@ -28,6 +28,8 @@ import json
 import statistics
 from pathlib import Path
 
+from expertflow.bench import gpu_only_row
+
 FORECASTS = {"history": "history forecast", "noisy-oracle:0.8": "true future, 80% right", "oracle": "true future"}
 BENCH_FILES = {  # the floors script's stage -> (its file, its batch)
     "b1": ("cpu_experts_floors_b1_h200.json", 1), "b4": ("cpu_experts_floors_b4_h200.json", 4),
@@ -40,6 +42,7 @@ BENCH_FILES = {  # the floors script's stage -> (its file, its batch)
 ROUNDS_FILES = {"rounds": "cpu_experts_floors_rounds_h200.json", "rounds4": "cpu_experts_floors_rounds4_h200.json"}
 SPEEDUP_FLOOR, SLOWDOWN_FLOOR = 1.3, 1 / 1.03
 POOLED = ("rounds pooled", "rounds pooled, mean steps")
+MEASURED = ("predictor", "slot_share", "ms_per_token", "ms_per_token_mean", "prefill_ms")  # what a pair's rows must give
 
 
 class BadResults(ValueError):
@@ -60,19 +63,21 @@ def load_rows(path: Path) -> tuple[list[dict], bool]:
         raise BadResults(f"{path}: not a results file of the floors script ({type(e).__name__}: {e})") from e
 
 
-def paired(rows: list[dict], path: Path, by_round: bool = False) -> dict[tuple, tuple[dict, dict]]:
-    """``{(forecast, num_slots[, round]): (GPU-only row, auto row)}`` over the expertflow rows (variant
-    ``normal`` where rows name one) that have both."""
-    by: dict[tuple, dict[str, dict]] = {}
+def paired(rows: list[dict], path: Path) -> list[tuple[dict, dict]]:
+    """``[(GPU-only row, auto row)]``: each expertflow ``auto`` row (variant ``normal`` where rows name
+    one) with its GPU-only row (``gpu_only_row``: the same forecast and slots, and round where rows
+    name one)."""
     try:
-        for r in rows:
-            if r["policy"] != "expertflow" or r.get("variant", "normal") != "normal":
-                continue
-            key = (r["predictor"], r["num_slots"]) + ((r["round"],) if by_round else ())
-            by.setdefault(key, {})[r["cpu_experts_asked"]] = r
-    except (KeyError, TypeError) as e:
-        raise BadResults(f"{path}: a row lacks {e}: not a bench row") from e
-    return {k: (v["off"], v["auto"]) for k, v in by.items() if "off" in v and "auto" in v}
+        autos = [r for r in rows if r["policy"] == "expertflow" and r["cpu_experts_asked"] == "auto"
+                 and r.get("variant", "normal") == "normal"]
+        pairs = [(off, auto) for off, auto in (
+            (gpu_only_row(rows, r, ("policy", "predictor", "slots", "variant", "round")), r) for r in autos) if off is not None]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise BadResults(f"{path}: not a bench row ({type(e).__name__}: {e})") from e
+    lacking = sorted({k for pair in pairs for r in pair for k in MEASURED if k not in r})
+    if lacking:
+        raise BadResults(f"{path}: rows without {', '.join(lacking)}: not a bench row")
+    return pairs
 
 
 def judge(results: Path) -> tuple[list[dict], dict[str, list[str]]]:
@@ -83,44 +88,44 @@ def judge(results: Path) -> tuple[list[dict], dict[str, list[str]]]:
     records: list[dict] = []
     skipped: dict[str, list[str]] = {"not found": [], "cut short (what finished counts)": [], "no GPU-only and auto pair": []}
 
-    def add(off: dict, auto: dict, batch: int, stage: str, what: str, source: str, field: str) -> None:
-        records.append({"forecast": off["predictor"], "slots": share_label(off["slot_share"]), "batch": batch, "stage": stage,
-                        "what": what, "source": source, "off_ms": off[field], "auto_ms": auto[field],
-                        "ratio": off[field] / auto[field]})
+    def add(row: dict, batch: int, stage: str, what: str, source: str, off_ms: float, auto_ms: float) -> None:
+        """One ratio; ``row`` (either of the pair) gives its forecast and slots."""
+        records.append({"forecast": row["predictor"], "slots": share_label(row["slot_share"]), "batch": batch,
+                        "stage": stage, "what": what, "source": source, "off_ms": off_ms, "auto_ms": auto_ms,
+                        "ratio": off_ms / auto_ms})
 
-    def read(name: str, by_round: bool = False) -> dict[tuple, tuple[dict, dict]]:
+    def read(name: str) -> list[tuple[dict, dict]]:
         path = results / name
         if not path.exists():
             skipped["not found"].append(name)
-            return {}
+            return []
         rows, partial = load_rows(path)
         if partial:
             skipped["cut short (what finished counts)"].append(name)
-        pairs = paired(rows, path, by_round)
+        pairs = paired(rows, path)
         if not pairs:
             skipped["no GPU-only and auto pair"].append(name)
         return pairs
 
     for stage, (name, batch) in BENCH_FILES.items():
-        for off, auto in read(name).values():
+        for off, auto in read(name):
             if stage == "p512":
-                add(off, auto, batch, stage, "the prompt's pass", name, "prefill_ms")
-                add(off, auto, batch, stage, "decode after the prompt", name, "ms_per_token")
+                add(off, batch, stage, "the prompt's pass", name, off["prefill_ms"], auto["prefill_ms"])
+                add(off, batch, stage, "decode after the prompt", name, off["ms_per_token"], auto["ms_per_token"])
             else:
-                add(off, auto, batch, stage, "one run", name, "ms_per_token")
+                add(off, batch, stage, "one run", name, off["ms_per_token"], auto["ms_per_token"])
     pools: dict[tuple, list[tuple[dict, dict]]] = {}
     sources: list[str] = []
     for stage, name in ROUNDS_FILES.items():
-        pairs = read(name, by_round=True)
+        pairs = read(name)
         sources += [name] if pairs else []
-        for (forecast, num_slots, rnd), (off, auto) in pairs.items():
-            add(off, auto, 1, stage, f"round {rnd}", name, "ms_per_token")
-            pools.setdefault((forecast, num_slots), []).append((off, auto))
+        for off, auto in pairs:
+            add(off, 1, stage, f"round {off['round']}", name, off["ms_per_token"], auto["ms_per_token"])
+            pools.setdefault((off["predictor"], off["slots"]), []).append((off, auto))
     for pairs in pools.values():
         for what, field in zip(POOLED, ("ms_per_token", "ms_per_token_mean")):
-            mean_off = {**pairs[0][0], field: statistics.fmean(off[field] for off, _ in pairs)}
-            mean_auto = {**pairs[0][1], field: statistics.fmean(auto[field] for _, auto in pairs)}
-            add(mean_off, mean_auto, 1, "rounds", f"{what} ({len(pairs)})", "+".join(sources), field)
+            add(pairs[0][0], 1, "rounds", f"{what} ({len(pairs)})", "+".join(sources),
+                statistics.fmean(off[field] for off, _ in pairs), statistics.fmean(auto[field] for _, auto in pairs))
     return records, skipped
 
 

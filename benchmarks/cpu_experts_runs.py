@@ -16,16 +16,15 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from expertflow.bench import gpu_only_row
+
 
 def speedups(result: dict) -> list[dict]:
     """One row per (slots, mode) that has a GPU-only row beside it: its ratios to that row."""
     rows = [r for r in result["rows"] if r["policy"] != "all_gpu"]
     out = []
     for r in rows:
-        if r["cpu_experts_asked"] == "off":
-            continue
-        off = next((o for o in rows if o["slots"] == r["slots"] and o["policy"] == r["policy"]
-                    and o["predictor"] == r["predictor"] and o["cpu_experts_asked"] == "off"), None)
+        off = gpu_only_row(rows, r)
         if off is None:
             continue
         out.append({"batch": result["batch"], "prompt_len": result["prompt_len"], "slots": r["slots"], "policy": r["policy"],

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 __all__ = ["BenchConfig", "BenchModel", "build_model", "run_bench", "plot", "save", "format_table", "TraceForcing",
-           "belady_bytes"]
+           "belady_bytes", "gpu_only_row"]
 
 log = logging.getLogger(__name__)
 
@@ -551,9 +551,7 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
         lru = next((r for r in result["rows"] if r["policy"] == "lru" and r["slots"] == row["slots"]
                     and r["cpu_experts"] == "off"), None)
         row["x_lru"] = row["ms_per_token"] / lru["ms_per_token"] if lru else None
-        gpu_only = None if row["cpu_experts_asked"] == "off" else next(
-            (r for r in result["rows"] if r["cpu_experts_asked"] == "off"
-             and (r["policy"], r["predictor"], r["slots"]) == (row["policy"], row["predictor"], row["slots"])), None)
+        gpu_only = gpu_only_row(result["rows"], row)
         row["x_gpu_only"] = row["ms_per_token"] / gpu_only["ms_per_token"] if gpu_only else None
         row["prefill_x_gpu_only"] = row["prefill_ms"] / gpu_only["prefill_ms"] if gpu_only else None
     result["all_gpu_ms"] = all_gpu_ms
@@ -568,6 +566,16 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
     if model is None:
         m.pool.close()
     return result
+
+
+def gpu_only_row(rows: list[dict], row: dict, same: tuple[str, ...] = ("policy", "predictor", "slots")) -> dict | None:
+    """The GPU-only row (``cpu_experts`` off) of ``rows`` that ``row``, a row of CPU experts, is
+    compared with: the first that agrees with it on ``same`` (a results file of rounds adds
+    ``variant`` and ``round``); None for a GPU-only row itself, or where there is none."""
+    if row["cpu_experts_asked"] == "off":
+        return None
+    key = [row.get(k) for k in same]
+    return next((r for r in rows if r["cpu_experts_asked"] == "off" and [r.get(k) for k in same] == key), None)
 
 
 def format_table(result: dict) -> str:
