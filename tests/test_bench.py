@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from expertflow.bench import BenchConfig, belady_bytes, format_table, make_config, plot, run_bench
+from expertflow.bench import BenchConfig, belady_bytes, format_table, gpu_only_row, make_config, plot, run_bench
 from expertflow.cli import main
 from expertflow.replay import replay
 from expertflow.traces import synthetic_trace, write_jsonl_trace
@@ -92,6 +92,20 @@ def test_cpu_expert_rows_give_their_time_over_gpu_only(trace_file):
     alone = run_bench(config(trace_file, policies=["lru"], cpu_experts=["on"], new_tokens=2))["rows"]
     assert [(r["policy"], r["cpu_experts_asked"], r["x_gpu_only"]) for r in alone] == [
         ("all_gpu", "off", None), ("lru", "on", None)]  # no GPU-only lru row to divide by
+
+
+def test_a_cpu_expert_row_pairs_with_the_gpu_only_row_that_agrees_with_it():
+    """Written from the definition: the GPU-only row of the same policy, forecast and slots, and of
+    the same round where the caller names ``round`` (a rounds file holds one pair a round)."""
+    def row(mode, slots="16", predictor="oracle", rnd=0):
+        return {"policy": "expertflow", "predictor": predictor, "slots": slots, "cpu_experts_asked": mode, "round": rnd}
+    rows = [row("off", rnd=0), row("auto", rnd=0), row("auto", rnd=1), row("off", rnd=1), row("off", slots="32"),
+            row("on", predictor="history")]
+    assert gpu_only_row(rows, rows[0]) is None  # a GPU-only row itself
+    assert gpu_only_row(rows, rows[2]) is rows[0]  # policy, forecast and slots alone: the first such
+    by_round = ("policy", "predictor", "slots", "round")
+    assert gpu_only_row(rows, rows[1], by_round) is rows[0] and gpu_only_row(rows, rows[2], by_round) is rows[3]
+    assert gpu_only_row(rows, rows[5]) is None  # no GPU-only row of its forecast
 
 
 def test_belady_bytes_match_replay():
