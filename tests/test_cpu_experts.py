@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import expertflow as ef
 from expertflow import _C, ExpertFlowError
-from expertflow.cpu_experts import Calibration, CostModel, CpuExecutor, HostLinear, calibrate, default_threads
+from expertflow.cpu_experts import Calibration, CostModel, CpuExecutor, HostLinear, StepGuard, calibrate, default_threads
 from expertflow.planner import Plan
 from expertflow.policies import EngineInfo
 
@@ -374,6 +374,7 @@ def test_forecast_misses_left_to_the_cpu_give_the_resident_models_tokens(tmp_pat
         engine.cost_model = CostModel(line_calibration(6.4, 2.8, 0.1), "auto")
         # prices as set: the tiny model's copies and CPU experts take microseconds
         engine.cost_model.observe = engine.cost_model.observe_link = lambda *args: None
+        engine.cost_model.begin_pass = lambda *args: None  # every step with the CPU (no step guard)
         engine._visit_ms = lambda: 0.0  # the link never ahead: every miss is late
         L, odd = engine.num_layers, [1, 3, 5, 7]
         applied: list[tuple[Plan, list[list[int]]]] = []
@@ -1164,3 +1165,160 @@ def test_a_price_no_plan_used_stays_as_learnt():
     auto.choose([1, 1])
     assert auto.cpu_scales[1][0] == pytest.approx(before + 0.01 * (1 - before))  # ... it drifts back
 
+
+
+def drive_guard(guard: StepGuard, step_ms, num_steps: int) -> list[bool]:
+    """Runs ``num_steps`` decode steps under ``guard``: each takes ``step_ms(step, arm)`` -> the arms."""
+    arms = []
+    for step in range(num_steps):
+        arm = guard.next()
+        arms.append(arm)
+        guard.observe(step_ms(step, arm))
+    return arms
+
+
+def probes_between_leaders(arms: list[bool], leader: bool, start: int) -> bool:
+    """Every step of the other arm from ``start`` on runs between two of the leader's."""
+    return all(arms[i - 1] == leader and (i + 1 == len(arms) or arms[i + 1] == leader)
+               for i in range(start, len(arms)) if arms[i] != leader)
+
+
+def test_the_step_guard_alternates_then_keeps_the_faster_arm_through_drift():
+    """A machine whose steps drift from 13 to 22 ms (linearly: a step's neighbours average to its own
+    base) and where the CPU makes a step 0.7 of GPU-only's: the first steps alternate from the CPU
+    until MIN_RATIOS paired ratios are known, each exactly 0.7; then the CPU leads, GPU-only runs
+    one step in PROBE_EVERY_CLEAR + 1, each between two CPU steps."""
+    n = 200
+    guard = StepGuard()
+    arms = drive_guard(guard, lambda t, cpu: (13.0 + 9.0 * t / n) * (0.7 if cpu else 1.0), n)
+    warm = StepGuard.MIN_RATIOS + 2
+    assert arms[:warm] == [i % 2 == 0 for i in range(warm)]
+    assert guard.ratio() == pytest.approx(0.7)
+    assert all(r == pytest.approx(0.7) for r in guard.ratios)
+    assert probes_between_leaders(arms, True, warm)
+    num_probes = arms[warm:].count(False)
+    assert num_probes == (n - warm) // (StepGuard.PROBE_EVERY_CLEAR + 1)
+    assert guard.summary() == {"cpu_steps": arms.count(True), "gpu_only_steps": arms.count(False),
+                               "cpu_over_gpu_only": guard.ratio()}
+
+
+@pytest.mark.parametrize(("factor", "every"), [(1.05, StepGuard.PROBE_EVERY_NEAR), (1.5, StepGuard.PROBE_EVERY_CLEAR),
+                                               (0.95, StepGuard.PROBE_EVERY_NEAR)])
+def test_the_step_guard_probes_a_near_tie_more_often(factor, every):
+    """Where the CPU makes a step ``factor`` times GPU-only's, the faster arm leads; the other runs
+    one step in ``every`` + 1: often where the two are within CLEAR, rarely where they are not."""
+    n = 150
+    guard = StepGuard()
+    arms = drive_guard(guard, lambda t, cpu: 15.0 * (factor if cpu else 1.0), n)
+    leader = factor < 1.0
+    warm = StepGuard.MIN_RATIOS + 2
+    assert guard.ratio() == pytest.approx(factor)
+    assert probes_between_leaders(arms, leader, warm)
+    # the first step after warm-up leads; each probe follows `every` of the leader's
+    assert arms[warm:].count(not leader) == (n - warm) // (every + 1)
+
+
+def test_the_step_guard_follows_a_machine_that_changes():
+    """The CPU wins (0.7) for 150 steps, then loses (1.4): a probe that disagrees with the leader
+    brings the next one sooner, and within 60 steps GPU-only leads, probing the CPU rarely."""
+    guard = StepGuard()
+    arms = drive_guard(guard, lambda t, cpu: 15.0 * ((0.7 if t < 150 else 1.4) if cpu else 1.0), 300)
+    assert arms[140:150].count(True) >= 9
+    assert guard.ratio() == pytest.approx(1.4)
+    assert probes_between_leaders(arms, False, 210)
+    assert arms[210:].count(True) <= 90 // StepGuard.PROBE_EVERY_CLEAR
+
+
+@settings(max_examples=40, deadline=None)
+@given(factor=st.one_of(st.floats(0.5, 0.85), st.floats(1.2, 2.0)), slope=st.floats(-0.04, 0.04),
+       seed=st.integers(0, 2**16))
+def test_the_step_guard_leads_with_the_faster_arm_under_noise(factor, slope, seed):
+    """Steps drift by ``slope`` ms a step from 15 ms and each strays by up to 4%; the CPU arm's are
+    ``factor`` times GPU-only's. Every paired ratio then lies within 1.083 of ``factor``, so after the
+    warm-up the faster arm leads and the slower runs only as probes between two of its steps."""
+    rng = np.random.default_rng(seed)
+    noise = rng.uniform(0.96, 1.04, size=120)
+    guard = StepGuard()
+    arms = drive_guard(guard, lambda t, cpu: (15.0 + slope * t) * noise[t] * (factor if cpu else 1.0), 120)
+    leader = factor < 1.0
+    assert (guard.ratio() < 1.0) == leader
+    assert probes_between_leaders(arms, leader, StepGuard.MIN_RATIOS + 2)
+    assert arms[StepGuard.MIN_RATIOS + 2 :].count(not leader) <= 113 // (StepGuard.PROBE_EVERY_NEAR + 1) + 1
+
+
+def test_the_step_guard_pairs_only_steps_one_after_another():
+    """An untimed step (None) restarts the pairing: no ratio spans it, and the arms restart at the CPU."""
+    guard = StepGuard()
+    assert guard.next() is True
+    guard.observe(10.0)
+    assert guard.next() is False
+    guard.observe(None)
+    assert guard.next() is True  # restarts
+    guard.observe(10.0)
+    assert guard.next() is False
+    guard.observe(5.0)
+    assert list(guard.ratios) == []
+    assert guard.next() is True
+    guard.observe(10.0)
+    assert list(guard.ratios) == [2.0]  # GPU-only took half: the CPU's steps are twice as long
+    assert guard.ratio() is None  # fewer than MIN_RATIOS
+
+
+def test_begin_pass_gives_each_decode_batch_its_guard_and_a_gpu_only_step_no_cpu():
+    """``auto``: a prompt's pass takes the layers' choices; each decode batch size has its own guard;
+    a GPU-only step sends no miss to the CPU and leaves none to it, and prices nothing (the learnt
+    prices do not drift back toward the calibration). ``on`` has no guard."""
+    quick = line_calibration(6.4, 0.5, 0.0)
+    on = CostModel(quick, "on")
+    on.begin_pass(1, None)
+    assert on.guards == {} and on.choose([1, 1]) == [True, True]
+    auto = CostModel(quick, "auto")
+    auto.begin_pass(None, None)
+    assert auto.guards == {} and auto.cpu_this_pass and auto.choose([1, 1]) == [True, True]
+    auto.begin_pass(1, None)
+    assert auto.cpu_this_pass and list(auto.guards) == [1]
+    with auto._lock:
+        auto.cpu_scales[1][0] = 3.0
+    auto.begin_pass(1, 20.0)  # the CPU step took 20 ms; next, GPU-only
+    assert not auto.cpu_this_pass
+    assert auto.choose([1, 1]) == [False, False] and auto.misses_left_to_cpu(1) == 0
+    assert auto.cpu_scales[1][0] == 3.0
+    auto.begin_pass(4, 8.0)  # another batch size: its own guard; batch 1's pairing restarts
+    assert auto.cpu_this_pass and sorted(auto.guards) == [1, 4]
+    assert auto.guards[1]._run == [] and auto.guards[1].num_steps == [1, 1]
+
+
+def test_auto_runs_gpu_only_decode_steps_without_cpu_experts(tmp_path):
+    """A model decoding under ``auto`` with a CPU that wins every miss: the prompt's pass and the
+    guard's CPU steps send misses to the CPU, its GPU-only steps none, the first decode steps
+    alternate, and the tokens are the resident model's (fp32 on the host backend)."""
+    reference = build("mixtral")
+    folder = save(reference, tmp_path / "m", "published")
+    model = ef.from_pretrained(folder, policy="expertflow", expert_slots="25%", cpu_experts="on", progress=False)
+    try:
+        engine = model.expertflow
+        engine.cost_model = CostModel(line_calibration(6.4, 0.1, 0.0), "auto")
+        passes: list[tuple[bool, int]] = []  # per layer visit: the pass's arm, its CPU experts
+        submit = engine._submit_cpu_experts
+
+        def recording_submit(*args):
+            jobs = submit(*args)
+            passes.append((engine.cost_model.cpu_this_pass, len(jobs)))
+            return jobs
+
+        engine._submit_cpu_experts = recording_submit
+        n = 12
+        tokens = _greedy(model, n=n)
+        L = engine.num_layers
+        arms = [passes[i][0] for i in range(0, len(passes), L)]
+        cpu_per_pass = [sum(c for _, c in passes[i : i + L]) for i in range(0, len(passes), L)]
+        assert len(arms) == n
+        assert arms[0] and cpu_per_pass[0] > 0  # the prompt's pass
+        warm = StepGuard.MIN_RATIOS + 2  # then the arm the host's timings favour leads
+        assert arms[1 : 1 + warm] == [i % 2 == 0 for i in range(warm)]
+        assert all(c == 0 for arm, c in zip(arms, cpu_per_pass) if not arm)
+        assert sum(c for arm, c in zip(arms[1:], cpu_per_pass[1:]) if arm) > 0
+        assert engine.cost_model.guards[1].num_steps == [arms[1:].count(False), arms[1:].count(True)]
+    finally:
+        model.expertflow.close()
+    assert torch.equal(tokens, _greedy(reference, n=n))
