@@ -1177,56 +1177,76 @@ def drive_guard(guard: StepGuard, step_ms, num_steps: int) -> list[bool]:
     return arms
 
 
+WARM = StepGuard.MIN_RATIOS + 1  # alternating steps give a ratio each from the second on
+
+
 def probes_between_leaders(arms: list[bool], leader: bool, start: int) -> bool:
     """Every step of the other arm from ``start`` on runs between two of the leader's."""
     return all(arms[i - 1] == leader and (i + 1 == len(arms) or arms[i + 1] == leader)
                for i in range(start, len(arms)) if arms[i] != leader)
 
 
+def probe_steps(num_steps: int, gaps) -> list[int]:
+    """Where the probes fall from the definition: after the warm-up, ``gaps[i]`` steps of the leader
+    before the i-th probe (the last gap repeating)."""
+    steps, at = [], WARM
+    for i in itertools.count():
+        at += gaps[min(i, len(gaps) - 1)]
+        if at >= num_steps:
+            return steps
+        steps.append(at)
+        at += 1
+
+
+CLEAR_GAPS = [StepGuard.PROBE_EVERY_CLEAR * 2**i for i in range(3)]  # 16, 32, 64, 64, ...
+
+
 def test_the_step_guard_alternates_then_keeps_the_faster_arm_through_drift():
-    """A machine whose steps drift from 13 to 22 ms (linearly: a step's neighbours average to its own
-    base) and where the CPU makes a step 0.7 of GPU-only's: the first steps alternate from the CPU
-    until MIN_RATIOS paired ratios are known, each exactly 0.7; then the CPU leads, GPU-only runs
-    one step in PROBE_EVERY_CLEAR + 1, each between two CPU steps."""
-    n = 200
+    """A machine whose steps drift from 13 to 22 ms and where the CPU makes a step 0.7 of GPU-only's:
+    the first steps alternate from the CPU until MIN_RATIOS ratios of neighbouring steps are known
+    (each within a step's drift of 0.7); then the CPU leads, and GPU-only runs between two CPU steps
+    after 16, 32, then every 64 of them."""
+    n = 260
     guard = StepGuard()
     arms = drive_guard(guard, lambda t, cpu: (13.0 + 9.0 * t / n) * (0.7 if cpu else 1.0), n)
-    warm = StepGuard.MIN_RATIOS + 2
-    assert arms[:warm] == [i % 2 == 0 for i in range(warm)]
-    assert guard.ratio() == pytest.approx(0.7)
-    assert all(r == pytest.approx(0.7) for r in guard.ratios)
-    assert probes_between_leaders(arms, True, warm)
-    num_probes = arms[warm:].count(False)
-    assert num_probes == (n - warm) // (StepGuard.PROBE_EVERY_CLEAR + 1)
+    assert arms[:WARM] == [i % 2 == 0 for i in range(WARM)]
+    assert all(r == pytest.approx(0.7, rel=0.01) for r in guard.ratios)
+    assert probes_between_leaders(arms, True, WARM)
+    assert [i for i in range(WARM, n) if not arms[i]] == probe_steps(n, CLEAR_GAPS) == [23, 56, 121, 186, 251]
     assert guard.summary() == {"cpu_steps": arms.count(True), "gpu_only_steps": arms.count(False),
                                "cpu_over_gpu_only": guard.ratio()}
 
 
-@pytest.mark.parametrize(("factor", "every"), [(1.05, StepGuard.PROBE_EVERY_NEAR), (1.5, StepGuard.PROBE_EVERY_CLEAR),
-                                               (0.95, StepGuard.PROBE_EVERY_NEAR)])
-def test_the_step_guard_probes_a_near_tie_more_often(factor, every):
+@pytest.mark.parametrize(("factor", "gaps"), [(1.05, [StepGuard.PROBE_EVERY_NEAR]), (1.5, CLEAR_GAPS),
+                                              (0.95, [StepGuard.PROBE_EVERY_NEAR])])
+def test_the_step_guard_probes_a_near_tie_more_often(factor, gaps):
     """Where the CPU makes a step ``factor`` times GPU-only's, the faster arm leads; the other runs
-    one step in ``every`` + 1: often where the two are within CLEAR, rarely where they are not."""
+    every PROBE_EVERY_NEAR + 1 steps where the two are within CLEAR, ever more rarely where not."""
     n = 150
     guard = StepGuard()
     arms = drive_guard(guard, lambda t, cpu: 15.0 * (factor if cpu else 1.0), n)
     leader = factor < 1.0
-    warm = StepGuard.MIN_RATIOS + 2
     assert guard.ratio() == pytest.approx(factor)
-    assert probes_between_leaders(arms, leader, warm)
-    # the first step after warm-up leads; each probe follows `every` of the leader's
-    assert arms[warm:].count(not leader) == (n - warm) // (every + 1)
+    assert probes_between_leaders(arms, leader, WARM)
+    assert [i for i in range(WARM, n) if arms[i] != leader] == probe_steps(n, gaps)
 
 
 def test_the_step_guard_follows_a_machine_that_changes():
-    """The CPU wins (0.7) for 150 steps, then loses (1.4): a probe that disagrees with the leader
-    brings the next one sooner, and within 60 steps GPU-only leads, probing the CPU rarely."""
+    """The CPU wins (0.7) for 150 steps, then loses (1.4): the first probe after the change disagrees
+    with the leader, so the next come every PROBE_EVERY_NEAR + 1 steps, and once their ratios are
+    most of the window GPU-only leads, probing the CPU ever more rarely."""
     guard = StepGuard()
-    arms = drive_guard(guard, lambda t, cpu: 15.0 * ((0.7 if t < 150 else 1.4) if cpu else 1.0), 300)
-    assert arms[140:150].count(True) >= 9
+    arms = drive_guard(guard, lambda t, cpu: 15.0 * ((0.7 if t < 150 else 1.4) if cpu else 1.0), 320)
+    assert arms[140:150].count(True) == 10
+    first = probe_steps(320, CLEAR_GAPS)[3]  # the first probe after the change
+    assert first == 186
+    near = StepGuard.PROBE_EVERY_NEAR + 1
+    majority = StepGuard.WINDOW // 2 + 1  # ratios of 1.4 that carry the median: two a probe
+    flip = first + near * ((majority + 1) // 2 - 1)  # the probe after which GPU-only leads
+    assert arms[first : flip + 1 : near] == [False] * ((majority + 1) // 2)
     assert guard.ratio() == pytest.approx(1.4)
-    assert probes_between_leaders(arms, False, 210)
-    assert arms[210:].count(True) <= 90 // StepGuard.PROBE_EVERY_CLEAR
+    assert probes_between_leaders(arms, False, flip + 2)
+    assert arms[flip + 2 :].count(True) <= len(arms[flip + 2 :]) // StepGuard.PROBE_EVERY_CLEAR
 
 
 @settings(max_examples=40, deadline=None)
@@ -1234,16 +1254,17 @@ def test_the_step_guard_follows_a_machine_that_changes():
        seed=st.integers(0, 2**16))
 def test_the_step_guard_leads_with_the_faster_arm_under_noise(factor, slope, seed):
     """Steps drift by ``slope`` ms a step from 15 ms and each strays by up to 4%; the CPU arm's are
-    ``factor`` times GPU-only's. Every paired ratio then lies within 1.083 of ``factor``, so after the
-    warm-up the faster arm leads and the slower runs only as probes between two of its steps."""
+    ``factor`` times GPU-only's. Every ratio of neighbouring steps then lies within 1.09 of
+    ``factor``, so after the warm-up the faster arm leads and the slower runs only as probes between
+    two of its steps."""
     rng = np.random.default_rng(seed)
     noise = rng.uniform(0.96, 1.04, size=120)
     guard = StepGuard()
     arms = drive_guard(guard, lambda t, cpu: (15.0 + slope * t) * noise[t] * (factor if cpu else 1.0), 120)
     leader = factor < 1.0
-    assert (guard.ratio() < 1.0) == leader
-    assert probes_between_leaders(arms, leader, StepGuard.MIN_RATIOS + 2)
-    assert arms[StepGuard.MIN_RATIOS + 2 :].count(not leader) <= 113 // (StepGuard.PROBE_EVERY_NEAR + 1) + 1
+    assert all((r < 1.0) == leader for r in guard.ratios)
+    assert probes_between_leaders(arms, leader, WARM)
+    assert arms[WARM:].count(not leader) <= len(probe_steps(120, [StepGuard.PROBE_EVERY_NEAR]))
 
 
 def test_the_step_guard_pairs_only_steps_one_after_another():
@@ -1253,14 +1274,15 @@ def test_the_step_guard_pairs_only_steps_one_after_another():
     guard.observe(10.0)
     assert guard.next() is False
     guard.observe(None)
+    assert list(guard.ratios) == []
     assert guard.next() is True  # restarts
     guard.observe(10.0)
     assert guard.next() is False
     guard.observe(5.0)
-    assert list(guard.ratios) == []
+    assert list(guard.ratios) == [2.0]  # GPU-only took half: the CPU's step was twice as long
     assert guard.next() is True
-    guard.observe(10.0)
-    assert list(guard.ratios) == [2.0]  # GPU-only took half: the CPU's steps are twice as long
+    guard.observe(12.0)
+    assert list(guard.ratios) == [2.0, 2.4]
     assert guard.ratio() is None  # fewer than MIN_RATIOS
 
 
@@ -1285,7 +1307,7 @@ def test_begin_pass_gives_each_decode_batch_its_guard_and_a_gpu_only_step_no_cpu
     assert auto.cpu_scales[1][0] == 3.0
     auto.begin_pass(4, 8.0)  # another batch size: its own guard; batch 1's pairing restarts
     assert auto.cpu_this_pass and sorted(auto.guards) == [1, 4]
-    assert auto.guards[1]._run == [] and auto.guards[1].num_steps == [1, 1]
+    assert auto.guards[1]._last is None and auto.guards[1].num_steps == [1, 1]
 
 
 def test_auto_runs_gpu_only_decode_steps_without_cpu_experts(tmp_path):
@@ -1314,8 +1336,7 @@ def test_auto_runs_gpu_only_decode_steps_without_cpu_experts(tmp_path):
         cpu_per_pass = [sum(c for _, c in passes[i : i + L]) for i in range(0, len(passes), L)]
         assert len(arms) == n
         assert arms[0] and cpu_per_pass[0] > 0  # the prompt's pass
-        warm = StepGuard.MIN_RATIOS + 2  # then the arm the host's timings favour leads
-        assert arms[1 : 1 + warm] == [i % 2 == 0 for i in range(warm)]
+        assert arms[1 : 1 + WARM] == [i % 2 == 0 for i in range(WARM)]  # then the host's timings decide
         assert all(c == 0 for arm, c in zip(arms, cpu_per_pass) if not arm)
         assert sum(c for arm, c in zip(arms[1:], cpu_per_pass[1:]) if arm) > 0
         assert engine.cost_model.guards[1].num_steps == [arms[1:].count(False), arms[1:].count(True)]

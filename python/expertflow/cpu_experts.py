@@ -156,21 +156,24 @@ class StepGuard:
     (docs/cpu_experts.md). So the steps themselves decide:
 
     - at first the steps alternate, with the CPU and without;
-    - each step run between two steps of the other arm gives one ratio, the CPU's arm over the
-      GPU's, its time over the mean of its neighbours' (so a machine whose speed drifts, as the
-      H200 machine's resident step did from 13 to 22 ms within a process, cancels out);
+    - each two steps one after another that ran different arms give one ratio, the CPU's step's
+      time over the GPU-only one's. A probe runs between two steps of the leading arm and so gives
+      two ratios, one with the probe first and one with it last: where the machine's speed drifts
+      (the H200 machine's resident step moved from 13 to 22 ms within a process) their errors
+      have opposite signs, and the median of many cancels them;
     - once :attr:`MIN_RATIOS` are known the arm of the lesser median ratio (of the last
-      :attr:`WINDOW`) runs, and the other one step in :attr:`PROBE_EVERY_CLEAR` where the two differ
-      by :attr:`CLEAR` or more and the last ratio agrees (a probe then costs that step the
-      difference), else in :attr:`PROBE_EVERY_NEAR` (a near tie costs little, and a machine that
-      changed shows within a few probes); each probe runs between two steps of the leading arm, so
-      it gives a ratio.
+      :attr:`WINDOW`) leads. Where the two differ by :attr:`CLEAR` or more and the last ratio
+      agrees, the other arm runs one step after :attr:`PROBE_EVERY_CLEAR` of the leader's, then
+      after twice and four times as many (each probe costs its step the difference); else after
+      :attr:`PROBE_EVERY_NEAR` (a near tie costs little, and a machine that changed shows within
+      a few probes).
 
-    A break in the steps (a prompt's pass, another batch size) restarts the pairing, not the ratios.
+    A break in the steps (a prompt's pass, another batch size) restarts the pairing, not the ratios:
+    a batch size's guard lives as long as its cost model, so short requests teach it in turn.
     """
 
-    MIN_RATIOS = 5
-    WINDOW = 9
+    MIN_RATIOS = 6
+    WINDOW = 12
     CLEAR = 0.1
     PROBE_EVERY_CLEAR = 16
     PROBE_EVERY_NEAR = 6
@@ -178,9 +181,10 @@ class StepGuard:
     def __init__(self) -> None:
         self.ratios: deque[float] = deque(maxlen=self.WINDOW)  # a CPU step's time over a GPU-only step's, paired
         self.num_steps = [0, 0]  # decode steps run [without the CPU, with it]
-        self._run: list[tuple[bool, float]] = []  # the last three timed steps, one after another: (CPU, ms)
+        self._last: tuple[bool, float] | None = None  # the last timed step, if the one under way follows it: (CPU, ms)
         self._arm = True  # the step under way takes the CPU (as the cost model chooses) or not
         self._since_probe = 0
+        self._clear_probes = 0  # probes run one after another while the lead was clear (each waits longer)
 
     def ratio(self) -> float | None:
         """The median of the last :attr:`WINDOW` ratios, a step with the CPU over one without; None
@@ -191,28 +195,30 @@ class StepGuard:
         """The step under way (its arm: the last :meth:`next`) took ``ms``; None: it was not timed, or
         no step of this batch size follows it at once (the pairing restarts)."""
         if ms is None:
-            self._run.clear()
+            self._last = None
             return
-        self._run = [*self._run[-2:], (self._arm, float(ms))]
-        if len(self._run) == 3:
-            (before, before_ms), (arm, step_ms), (after, after_ms) = self._run
-            if before == after != arm:
-                ratio = step_ms / (0.5 * (before_ms + after_ms))
-                self.ratios.append(ratio if arm else 1.0 / ratio)
+        step = (self._arm, float(ms))
+        if self._last is not None and self._last[0] != step[0]:
+            cpu_ms, gpu_ms = (step[1], self._last[1]) if step[0] else (self._last[1], step[1])
+            self.ratios.append(cpu_ms / gpu_ms)
+        self._last = step
 
     def next(self) -> bool:
         """The arm of the next decode step: True where the CPU may take misses (the cost model then
         chooses which), False for GPU-only."""
-        last = self._run[-1][0] if self._run else None
+        last = self._last[0] if self._last is not None else None
         ratio = self.ratio()
         if ratio is None:  # alternate, starting with the CPU
             arm = True if last is None else not last
         else:
             leader = ratio < 1.0
-            clear = abs(math.log(ratio)) >= math.log1p(self.CLEAR) and (self.ratios[-1] < 1.0) == leader
-            every = self.PROBE_EVERY_CLEAR if clear else self.PROBE_EVERY_NEAR
+            if abs(math.log(ratio)) >= math.log1p(self.CLEAR) and (self.ratios[-1] < 1.0) == leader:
+                every = self.PROBE_EVERY_CLEAR << min(self._clear_probes, 2)
+            else:
+                every, self._clear_probes = self.PROBE_EVERY_NEAR, 0
             if last == leader and self._since_probe >= every:
                 arm, self._since_probe = not leader, 0
+                self._clear_probes += every >= self.PROBE_EVERY_CLEAR
             else:
                 arm, self._since_probe = leader, self._since_probe + 1
         self._arm = arm
