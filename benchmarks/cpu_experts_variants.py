@@ -18,8 +18,6 @@ variant alike. The variants:
 - ``leave_all``: ``leave2`` and ``leave_kept`` together;
 - ``cpu_misses``: auto whose layer choice sends every miss of 1 or 2 tokens with no byte on the link
   to the CPU, and keeps every copy already on its way on the link;
-- ``unguarded``: auto without its step guard (``CostModel.begin_pass`` does nothing): every decode
-  step takes the CPU as the layers' choices give it, as before the guard;
 - ``on``: every miss on the CPU (``cpu_experts="on"``), as built;
 - ``guess``: off and auto whose planner prefetches every forecast it trusts (``prefetch_confidence``
   equal to ``confidence``, 0.5): a forecast measured right 80% of the time is then a sure prefetch,
@@ -52,7 +50,7 @@ from expertflow.planner import Plan
 from expertflow.policies import Expertflow
 from expertflow.runtime import ExpertCache
 
-VARIANTS = ("normal", "onway_link", "never", "no_leave", "leave2", "leave_kept", "leave_all", "cpu_misses", "guess", "unguarded", "on")
+VARIANTS = ("normal", "onway_link", "never", "no_leave", "leave2", "leave_kept", "leave_all", "cpu_misses", "guess", "on")
 
 
 def main() -> None:
@@ -71,7 +69,6 @@ def main() -> None:
     model = build_model(cfg)
     bytes_to_submit, choose, kept = ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose, Plan.kept_until_next_use
     left = cpu_experts.CostModel.misses_left_to_cpu
-    begin_pass = cpu_experts.CostModel.begin_pass
     attach = Expertflow.attach
 
     def trusting_attach(self, info):
@@ -98,7 +95,6 @@ def main() -> None:
     kept_of = {"leave_kept": unkept_ahead, "leave_all": unkept_ahead}
     left_of = {"no_leave": lambda self, num_tokens: 0, "leave2": at_least_two, "leave_all": at_least_two}
     attach_of = {"guess": trusting_attach}
-    begin_pass_of = {"unguarded": lambda self, decode_batch, last_step_ms: None}
     both_modes = ("normal", "guess")  # the variants that change GPU-only too run it too
     rows: list[dict] = []
     meta: dict = {}
@@ -111,7 +107,6 @@ def main() -> None:
             Plan.kept_until_next_use = kept_of.get(variant, kept)  # type: ignore[method-assign]
             cpu_experts.CostModel.misses_left_to_cpu = left_of.get(variant, left)  # type: ignore[method-assign]
             Expertflow.attach = attach_of.get(variant, attach)  # type: ignore[method-assign]
-            cpu_experts.CostModel.begin_pass = begin_pass_of.get(variant, begin_pass)  # type: ignore[method-assign]
             modes = (["off", "auto"] if rnd % 2 == 0 else ["auto", "off"]) if variant in both_modes else [
                 "on" if variant == "on" else "auto"]
             result = run_bench(dataclasses.replace(cfg, cpu_experts=modes), model)
@@ -121,9 +116,7 @@ def main() -> None:
                     rows.append({"variant": variant, "round": rnd, "all_gpu_ms": result["all_gpu_ms"], **r})
                     tqdm.write(f"{variant:10s} round {rnd} {r['predictor']:7s} {r['slots']:>4} {r['cpu_experts']:5s} "
                                f"median {r['ms_per_token']:.2f} mean {r['ms_per_token_mean']:.2f} ms/token, "
-                               f"{r['cpu_experts_per_token']:.2f} CPU experts/token, {r['bytes_per_token'] / 1e9:.2f} GB/token"
-                               + "".join(f", batch {b}: {g['cpu_steps']} steps with the CPU, {g['gpu_only_steps']} without, "
-                                         f"ratio {g['cpu_over_gpu_only']}" for b, g in (r.get("cpu_guard") or {}).items()))
+                               f"{r['cpu_experts_per_token']:.2f} CPU experts/token, {r['bytes_per_token'] / 1e9:.2f} GB/token")
             # after every variant, so that a run cut short keeps its finished rounds
             args.out.write_text(json.dumps({"command": command, **meta, "rows": rows}, indent=1))
     finally:
@@ -132,7 +125,6 @@ def main() -> None:
         Plan.kept_until_next_use = kept  # type: ignore[method-assign]
         cpu_experts.CostModel.misses_left_to_cpu = left  # type: ignore[method-assign]
         Expertflow.attach = attach  # type: ignore[method-assign]
-        cpu_experts.CostModel.begin_pass = begin_pass  # type: ignore[method-assign]
         model.pool.close()
 
 

@@ -25,11 +25,6 @@ the CPU computes another. Whether that pays depends on the machine, so it is mea
   CPU may take it again: the layer's choice prices only the layer's own finish time. (Pricing a
   CPU expert's lost later hit at a whole copy sent too few misses to the CPU: measured on the H200
   machine, docs/cpu_experts.md.)
-- :class:`StepGuard`: in ``auto``, whether decode steps run faster with the CPU or without is
-  measured on the run's own steps, per batch size: the steps alternate at first, then the faster
-  arm runs, the other now and then between two of its steps (:meth:`CostModel.begin_pass`). The
-  layers' choices see one layer each; a CPU expert sits on its step's critical path where a copy
-  may run ahead, and with few misses left (a good forecast, many slots) the two nearly tie.
 - Prefetches only what the GPU will run: where the policy's plan names each expert's later uses,
   the engine leaves out of it the forecast misses whose copies would land late and that the cache
   would not keep until their next use, as many a visit as the CPU computes within one copy
@@ -63,10 +58,8 @@ import math
 import operator
 import os
 import platform
-import statistics
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -81,8 +74,7 @@ from . import _C
 from .files import atomic_output
 from .timing import median_ms
 
-__all__ = ["CPU_EXPERT_MODES", "Calibration", "CostModel", "CpuExecutor", "HostLinear", "StepGuard", "calibrate", "check_mode",
-           "check_threads", "default_threads"]
+__all__ = ["CPU_EXPERT_MODES", "Calibration", "CostModel", "CpuExecutor", "HostLinear", "calibrate", "check_mode", "check_threads", "default_threads"]
 
 log = logging.getLogger("expertflow")
 T = TypeVar("T")
@@ -143,93 +135,6 @@ class Calibration:
                 f"native kernel up to {self.native_max_tokens} tokens), GPU {self.gpu_ms:.3f} ms")
 
 
-class StepGuard:
-    """Whether decode steps of one batch size run faster with the CPU taking misses or without,
-    measured on the run's own steps: the cost model's choice, checked where it counts.
-
-    The cost model prices each layer's misses apart, from a calibration and from what the CPU took
-    in earlier steps. It cannot see the whole step: a CPU expert sits on the step's critical path
-    (its layer waits for it; its input exists only once the layer before has run), while a copy
-    can run ahead of its layer, and where few misses are left (a good forecast, many slots) the
-    copies it replaces would have run beside the compute anyway. On the H200 machine that made
-    `auto` 4-12% slower than GPU-only at 50% slots in some runs, inside the steps' spread
-    (docs/cpu_experts.md). So the steps themselves decide:
-
-    - at first the steps alternate, with the CPU and without;
-    - each two steps one after another that ran different arms give one ratio, the CPU's step's
-      time over the GPU-only one's. A probe runs between two steps of the leading arm and so gives
-      two ratios, one with the probe first and one with it last: where the machine's speed drifts
-      (the H200 machine's resident step moved from 13 to 22 ms within a process) their errors
-      have opposite signs, and the median of many cancels them;
-    - once :attr:`MIN_RATIOS` are known the arm of the lesser median ratio (of the last
-      :attr:`WINDOW`) leads. Where the two differ by :attr:`CLEAR` or more and the last ratio
-      agrees, the other arm runs one step after :attr:`PROBE_EVERY_CLEAR` of the leader's, then
-      after twice and four times as many (each probe costs its step the difference); else after
-      :attr:`PROBE_EVERY_NEAR` (a near tie costs little, and a machine that changed shows within
-      a few probes).
-
-    A break in the steps (a prompt's pass, another batch size) restarts the pairing, not the ratios:
-    a batch size's guard lives as long as its cost model, so short requests teach it in turn.
-    """
-
-    MIN_RATIOS = 6
-    WINDOW = 12
-    CLEAR = 0.1
-    PROBE_EVERY_CLEAR = 16
-    PROBE_EVERY_NEAR = 6
-
-    def __init__(self) -> None:
-        self.ratios: deque[float] = deque(maxlen=self.WINDOW)  # a CPU step's time over a GPU-only step's, paired
-        self.num_steps = [0, 0]  # decode steps run [without the CPU, with it]
-        self._last: tuple[bool, float] | None = None  # the last timed step, if the one under way follows it: (CPU, ms)
-        self._arm = True  # the step under way takes the CPU (as the cost model chooses) or not
-        self._since_probe = 0
-        self._clear_probes = 0  # probes run one after another while the lead was clear (each waits longer)
-
-    def ratio(self) -> float | None:
-        """The median of the last :attr:`WINDOW` ratios, a step with the CPU over one without; None
-        before :attr:`MIN_RATIOS`."""
-        return statistics.median(self.ratios) if len(self.ratios) >= self.MIN_RATIOS else None
-
-    def observe(self, ms: float | None) -> None:
-        """The step under way (its arm: the last :meth:`next`) took ``ms``; None: it was not timed, or
-        no step of this batch size follows it at once (the pairing restarts)."""
-        if ms is None:
-            self._last = None
-            return
-        step = (self._arm, float(ms))
-        if self._last is not None and self._last[0] != step[0]:
-            cpu_ms, gpu_ms = (step[1], self._last[1]) if step[0] else (self._last[1], step[1])
-            self.ratios.append(cpu_ms / gpu_ms)
-        self._last = step
-
-    def next(self) -> bool:
-        """The arm of the next decode step: True where the CPU may take misses (the cost model then
-        chooses which), False for GPU-only."""
-        last = self._last[0] if self._last is not None else None
-        ratio = self.ratio()
-        if ratio is None:  # alternate, starting with the CPU
-            arm = True if last is None else not last
-        else:
-            leader = ratio < 1.0
-            if abs(math.log(ratio)) >= math.log1p(self.CLEAR) and (self.ratios[-1] < 1.0) == leader:
-                every = self.PROBE_EVERY_CLEAR << min(self._clear_probes, 2)
-            else:
-                every, self._clear_probes = self.PROBE_EVERY_NEAR, 0
-            if last == leader and self._since_probe >= every:
-                arm, self._since_probe = not leader, 0
-                self._clear_probes += every >= self.PROBE_EVERY_CLEAR
-            else:
-                arm, self._since_probe = leader, self._since_probe + 1
-        self._arm = arm
-        self.num_steps[arm] += 1
-        return arm
-
-    def summary(self) -> dict:
-        """``{"cpu_steps", "gpu_only_steps", "cpu_over_gpu_only"}`` (the median ratio, None before enough)."""
-        return {"cpu_steps": self.num_steps[True], "gpu_only_steps": self.num_steps[False], "cpu_over_gpu_only": self.ratio()}
-
-
 class CostModel:
     """Chooses, per layer, which missed experts the CPU computes (see the module docstring)."""
 
@@ -274,12 +179,6 @@ class CostModel:
         self.link_scale = 1.0
         # observe() runs on the executor's worker thread, choose() on the thread running the model.
         self._lock = threading.Lock()
-        # `auto`: per decode batch size, whether its steps run faster with the CPU or without, as
-        # measured (StepGuard); cpu_this_pass is the arm of the pass under way (a prompt's pass: the
-        # layers' choices alone), _guarded the batch size of the decode step under way.
-        self.guards: dict[int, StepGuard] = {}
-        self.cpu_this_pass = True
-        self._guarded: int | None = None
 
     def _point(self, num_tokens: int) -> int:
         """Which point of :attr:`cpu_scales` prices an expert of ``num_tokens``: the calibration point
@@ -340,27 +239,6 @@ class CostModel:
         return self.mode == "on" or (self.mode == "auto" and any(
             self._split([1] * num_experts, [ones, ones], self.calibration.copy_ms)[0]))
 
-    def begin_pass(self, decode_batch: int | None, last_step_ms: float | None) -> None:
-        """A forward pass begins: a decode step of ``decode_batch`` sequences (one new token each), or
-        None for another pass (a prompt's); ``last_step_ms``: the pass that just ended was a decode
-        step of the same sequences, timed from its start to this one's (None: it was not). In
-        ``auto`` the decode step's :class:`StepGuard` hears the last step and picks this one's arm:
-        without the CPU :meth:`choose` sends no miss to it, and :meth:`misses_left_to_cpu` leaves
-        none to it."""
-        if self.mode != "auto":
-            return
-        if self._guarded is not None:
-            guard = self.guards[self._guarded]
-            before = guard.ratio()
-            guard.observe(last_step_ms if decode_batch == self._guarded else None)
-            after = guard.ratio()
-            if after is not None and (before is None or (before < 1.0) != (after < 1.0)):
-                log.info("cpu experts: decode steps of %d sequences run %s: with the CPU they took %.2f times "
-                         "those without (median of %d pairs)", self._guarded,
-                         "with the CPU" if after < 1.0 else "GPU-only", after, len(guard.ratios))
-        self._guarded = decode_batch
-        self.cpu_this_pass = decode_batch is None or self.guards.setdefault(decode_batch, StepGuard()).next()
-
     def _prices(self) -> list[list[float]]:
         """What the CPU is priced at over its calibration, ``[case][point]``: the in-step scale plus
         its spread (see :attr:`cpu_scales`)."""
@@ -384,8 +262,8 @@ class CostModel:
         hit, and where misses wait on the link its milliseconds hold up every copy queued behind it
         (a Mixtral expert: 6.4 ms to copy, about 3 on the CPU at decode). Left to the CPU, it also
         takes no slot ahead of its use, so evicts nothing; at its layer :meth:`choose` prices it as
-        any miss. None in a decode step run GPU-only (:meth:`begin_pass`)."""
-        if self.mode != "auto" or num_tokens < 1 or not self.cpu_this_pass:
+        any miss."""
+        if self.mode != "auto" or num_tokens < 1:
             return 0
         point = self._point(num_tokens)
         cpu_ms = self._calibrated_ms(num_tokens) * max(case[point] for case in self._prices())
@@ -463,13 +341,10 @@ class CostModel:
         be measured again: each (case, point) a candidate plan of this layer priced but the chosen
         one did not run goes 1% of the way back to the calibration (scale 1, spread 0), and the CPU
         is tried again now and then, and kept where it has become faster. Near a tie that costs a
-        few layers in a hundred sent to the slower pipe, each by about the tie's margin.
-
-        In a decode step whose :class:`StepGuard` runs it GPU-only (:meth:`begin_pass`), no miss
-        goes to the CPU and nothing is priced."""
+        few layers in a hundred sent to the slower pipe, each by about the tie's margin."""
         if self.mode == "on":
             return [True] * len(num_tokens)
-        if self.mode == "off" or not self.cpu_this_pass:
+        if self.mode == "off":
             return [False] * len(num_tokens)
         on_cpu, priced = self._split(num_tokens, self._prices(), self.copy_ms(), copy_shares)
         ran_case = self.WITHOUT_DEMAND_LOADS if all(on_cpu) else self.WITH_DEMAND_LOADS

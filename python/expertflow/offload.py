@@ -245,9 +245,7 @@ class OffloadEngine:
             self._apply(plan)
             cache.synchronize()  # a preloading policy (all_gpu) starts with its experts in place
             cache.reset_stats()
-        # The passes' starts drive the policy's forecasts, and auto's step guard (CostModel.begin_pass).
-        guarded = self.cost_model is not None and self.cost_model.mode == "auto"
-        if (policy.wants_steps or guarded) and model is not None and not architecture.encoder_decoder:
+        if policy.wants_steps and model is not None and not architecture.encoder_decoder:
             # A transformers model: nn.Module's stubs type the method as a tensor or submodule attribute.
             embeddings = cast("PreTrainedModel", model).get_input_embeddings()
             self._hook = embeddings.register_forward_hook(self._on_step)
@@ -347,18 +345,14 @@ class OffloadEngine:
                           positions=positions, previous_path=previous_path)
         self.steps += 1
         began = time.perf_counter()
-        last_step_ms = None  # the pass that ended, where it was a decode step of these sequences
         if length == 1 and not new:  # a decode pass follows one of the same sequences
             if self._pace_batch != batch:  # another batch decodes at another pace
                 self._decode_steps_ms.clear()
                 self._pace_batch = batch
             elif self._step_began is not None and self._step_tokens == batch:  # and the pass that ended decoded
-                last_step_ms = (began - self._step_began) * 1e3
-                self._decode_steps_ms.append(last_step_ms)
+                self._decode_steps_ms.append((began - self._step_began) * 1e3)
         self._step_began = began
         self._step_tokens = batch * length
-        if self.cost_model is not None:  # auto: this step's arm, with the CPU or without (StepGuard)
-            self.cost_model.begin_pass(batch if length == 1 and not new else None, last_step_ms)
         self._apply(self.policy.on_step(ctx))
 
     def _apply(self, plan: Plan | None) -> None:

@@ -139,13 +139,11 @@ def _cost_model_fields(cost_model: CostModel | None) -> dict:
     """A row's view of the CPU experts' cost model (all None without one): its calibration; the
     in-step CPU time over the calibrated (``{"without_demand_loads" | "with_demand_loads": {calibration
     point's tokens: scale}}``) and how far single experts strayed from it; and a copy's in-step time
-    over its calibrated, as the model had learnt them by the end; and ``auto``'s step guards
-    (``{batch size: StepGuard.summary()}``, warm-up and timed run together)."""
+    over its calibrated, as the model had learnt them by the end."""
     if cost_model is None:
-        return dict.fromkeys(("cpu_calibration", "cpu_scales", "cpu_spreads", "link_scale", "cpu_guard"))
+        return dict.fromkeys(("cpu_calibration", "cpu_scales", "cpu_spreads", "link_scale"))
     return {"cpu_calibration": asdict(cost_model.calibration), "cpu_scales": cost_model.by_point(cost_model.cpu_scales),
-            "cpu_spreads": cost_model.by_point(cost_model.cpu_spreads), "link_scale": cost_model.link_scale,
-            "cpu_guard": {str(batch): guard.summary() for batch, guard in cost_model.guards.items()}}
+            "cpu_spreads": cost_model.by_point(cost_model.cpu_spreads), "link_scale": cost_model.link_scale}
 
 
 def _routers(model: torch.nn.Module, arch: Architecture) -> list[torch.nn.Module]:
