@@ -2,8 +2,8 @@
 ``benchmarks/cpu_experts_floors.sh`` writes, so that a verdict is computed, not paired by hand.
 
 Each ratio is GPU-only's decode step (``cpu_experts`` off) over ``auto``'s, by the median step, in
-the same process and, for the rounds files (``benchmarks/cpu_experts_variants.py``, variant
-``normal``), the same round; above 1, ``auto`` is faster. The rounds of both rounds files are also
+the same process and, for the rounds files (``benchmarks/cpu_experts_variants.py``, ``auto`` of
+the variant each names in ``ROUNDS_FILES``), the same round; above 1, ``auto`` is faster. The rounds of all rounds files are also
 pooled: the mean of the rounds' GPU-only medians over the mean of ``auto``'s, and the same with
 their mean steps. The 512-token prompt's file gives the prompt's pass (``prefill_ms``) and its few
 decode steps apart. The floors, each judged over every ratio it covers, pooled ones included:
@@ -39,7 +39,13 @@ BENCH_FILES = {  # the floors script's stage -> (its file, its batch)
     "b16-oracle": ("cpu_experts_floors_b16_oracle_h200.json", 16),
     "p512": ("cpu_experts_floors_p512_h200.json", 1),
 }
-ROUNDS_FILES = {"rounds": "cpu_experts_floors_rounds_h200.json", "rounds4": "cpu_experts_floors_rounds4_h200.json"}
+# stage -> (its rounds file, the variant whose auto rows are the code judged). The last two ran auto
+# as built under the variant name "unguarded", beside a step guard measured and withdrawn
+# (docs/cpu_experts.md); their GPU-only rows are the variant "normal"'s of the same round.
+ROUNDS_FILES = {"rounds": ("cpu_experts_floors_rounds_h200.json", "normal"),
+                "rounds4": ("cpu_experts_floors_rounds4_h200.json", "normal"),
+                "rounds-unguarded4": ("cpu_experts_guard_rounds1_h200.json", "unguarded"),
+                "rounds-unguarded3": ("cpu_experts_guard_rounds2_h200.json", "unguarded")}
 SPEEDUP_FLOOR, SLOWDOWN_FLOOR = 1.3, 1 / 1.03
 POOLED = ("rounds pooled", "rounds pooled, mean steps")
 MEASURED = ("predictor", "slot_share", "ms_per_token", "ms_per_token_mean", "prefill_ms")  # what a pair's rows must give
@@ -63,15 +69,16 @@ def load_rows(path: Path) -> tuple[list[dict], bool]:
         raise BadResults(f"{path}: not a results file of the floors script ({type(e).__name__}: {e})") from e
 
 
-def paired(rows: list[dict], path: Path) -> list[tuple[dict, dict]]:
-    """``[(GPU-only row, auto row)]``: each expertflow ``auto`` row (variant ``normal`` where rows name
+def paired(rows: list[dict], path: Path, variant: str = "normal") -> list[tuple[dict, dict]]:
+    """``[(GPU-only row, auto row)]``: each expertflow ``auto`` row (of ``variant`` where rows name
     one) with its GPU-only row (``gpu_only_row``: the same forecast and slots, and round where rows
-    name one)."""
+    name one, of the variant ``normal``)."""
     try:
         autos = [r for r in rows if r["policy"] == "expertflow" and r["cpu_experts_asked"] == "auto"
-                 and r.get("variant", "normal") == "normal"]
+                 and r.get("variant", "normal") == variant]
         pairs = [(off, auto) for off, auto in (
-            (gpu_only_row(rows, r, ("policy", "predictor", "slots", "variant", "round")), r) for r in autos) if off is not None]
+            (gpu_only_row(rows, {**r, "variant": "normal"} if "variant" in r else r,
+                          ("policy", "predictor", "slots", "variant", "round")), r) for r in autos) if off is not None]
     except (KeyError, TypeError, AttributeError) as e:
         raise BadResults(f"{path}: not a bench row ({type(e).__name__}: {e})") from e
     lacking = sorted({k for pair in pairs for r in pair for k in MEASURED if k not in r})
@@ -94,7 +101,7 @@ def judge(results: Path) -> tuple[list[dict], dict[str, list[str]]]:
                         "stage": stage, "what": what, "source": source, "off_ms": off_ms, "auto_ms": auto_ms,
                         "ratio": off_ms / auto_ms})
 
-    def read(name: str) -> list[tuple[dict, dict]]:
+    def read(name: str, variant: str = "normal") -> list[tuple[dict, dict]]:
         path = results / name
         if not path.exists():
             skipped["not found"].append(name)
@@ -102,7 +109,7 @@ def judge(results: Path) -> tuple[list[dict], dict[str, list[str]]]:
         rows, partial = load_rows(path)
         if partial:
             skipped["cut short (what finished counts)"].append(name)
-        pairs = paired(rows, path)
+        pairs = paired(rows, path, variant)
         if not pairs:
             skipped["no GPU-only and auto pair"].append(name)
         return pairs
@@ -116,8 +123,8 @@ def judge(results: Path) -> tuple[list[dict], dict[str, list[str]]]:
                 add(off, batch, stage, "one run", name, off["ms_per_token"], auto["ms_per_token"])
     pools: dict[tuple, list[tuple[dict, dict]]] = {}
     sources: list[str] = []
-    for stage, name in ROUNDS_FILES.items():
-        pairs = read(name)
+    for stage, (name, variant) in ROUNDS_FILES.items():
+        pairs = read(name, variant)
         sources += [name] if pairs else []
         for off, auto in pairs:
             add(off, 1, stage, f"round {off['round']}", name, off["ms_per_token"], auto["ms_per_token"])
@@ -159,7 +166,7 @@ def main() -> None:
         parser.error(f"no GPU-only and auto pair in the floors script's files in {args.results} "
                      f"({'; '.join(f'{why}: {len(names)}' for why, names in skipped.items() if names)}): "
                      "run benchmarks/cpu_experts_floors.sh first")
-    batch1_decode = ("b1", "rounds", "rounds4")
+    batch1_decode = ("b1", *ROUNDS_FILES)
     floors = [("batch 1, 10%: ≥ 1.3×", lambda r: r["stage"] in batch1_decode and r["slots"] == "10%", SPEEDUP_FLOOR),
               ("batch 1, 25%: ≥ 1.3×", lambda r: r["stage"] in batch1_decode and r["slots"] == "25%", SPEEDUP_FLOOR),
               ("never > 3% slower", lambda r: True, SLOWDOWN_FLOOR)]

@@ -30,14 +30,18 @@ FORECASTS = {"history": "history forecast", "noisy-oracle:0.8": "true future, 80
 # variants file's (benchmarks/cpu_experts_variants.py: rounds in one process) by their variant too.
 # Every panel but one is the final code (4c66b78), run by benchmarks/cpu_experts_floors.sh on one H200
 # machine: batch 1 one run (10, 25, 50%) and six rounds in two processes (25, 50%; `on` in two of
-# them), batches 4 and 16 one run each. Batch 16 with the true future ran on the final code at 10%
-# only (the device time ran out), so its panel is earlier code.
+# them), batches 4 and 16 one run each; at batch 1 also seven rounds in two processes on a second
+# machine, where auto as built ran as the variant "unguarded" (beside a step guard, since withdrawn:
+# docs/cpu_experts.md). Batch 16 with the true future ran on the final code at 10% only (the device
+# time ran out), so its panel is earlier code.
 Modes = dict[str, str | None]  # mode -> the variant whose rows give it (None: a bench file's rows)
 PLAIN: Modes = {"off": None, "auto": None, "on": None}
 B1 = [("cpu_experts_floors_b1_h200.json", PLAIN),
       ("cpu_experts_floors_rounds_h200.json", {"off": "normal", "auto": "normal", "on": "on"}),
-      ("cpu_experts_floors_rounds4_h200.json", {"off": "normal", "auto": "normal"})]
-B1_LABEL = "10%: 1 run; 25, 50%: 1 run and 6 rounds (on: 2)"
+      ("cpu_experts_floors_rounds4_h200.json", {"off": "normal", "auto": "normal"}),
+      ("cpu_experts_guard_rounds1_h200.json", {"off": "normal", "auto": "unguarded"}),
+      ("cpu_experts_guard_rounds2_h200.json", {"off": "normal", "auto": "unguarded"})]
+B1_LABEL = "10%: 1 run; 25, 50%: 1 run and 13 rounds (on: 2)"
 RUNS: dict[tuple[str, int], tuple[list[tuple[str, Modes]], str]] = {
     ("history", 1): (B1, B1_LABEL),
     ("history", 4): ([("cpu_experts_floors_b4_h200.json", PLAIN)], "1 run"),

@@ -1,0 +1,75 @@
+"""benchmarks/cpu_experts_floors_table.py: the CPU-expert floors judged from result files, on small
+files written here, against ratios computed from their definition (GPU-only's step over auto's)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import cpu_experts_floors_table as table
+
+
+def row(mode: str, ms: float, mean_ms: float, variant: str | None = None, rnd: int | None = None,
+        slots: str = "16", predictor: str = "history") -> dict:
+    r = {"policy": "expertflow", "predictor": predictor, "slots": slots, "slot_share": int(slots) / 64,
+         "cpu_experts_asked": mode, "ms_per_token": ms, "ms_per_token_mean": mean_ms, "prefill_ms": 100.0}
+    if variant is not None:
+        r.update(variant=variant, round=rnd)
+    return r
+
+
+def write(folder: Path, name: str, rows: list[dict], partial: bool = False) -> None:
+    (folder / name).write_text(json.dumps({"rows": rows, **({"partial": True} if partial else {})}))
+
+
+def test_rounds_pair_each_files_auto_variant_with_its_rounds_gpu_only_and_pool_them(tmp_path):
+    """A rounds file of the variant ``normal`` and one whose auto rows are ``unguarded``: each auto row
+    pairs with the GPU-only row of its own round (variant ``normal``), never another variant's auto;
+    the pooled ratios are the mean of the GPU-only medians (mean steps) over auto's, over both files."""
+    normal_name = table.ROUNDS_FILES["rounds"][0]
+    unguarded_name, variant = table.ROUNDS_FILES["rounds-unguarded4"]
+    assert variant == "unguarded"
+    write(tmp_path, normal_name, [row("off", 80.0, 81.0, "normal", 0), row("auto", 60.0, 62.0, "normal", 0),
+                                  row("auto", 55.0, 57.0, "on", 0), row("off", 70.0, 72.0, "normal", 1),
+                                  row("auto", 50.0, 49.0, "normal", 1)])
+    write(tmp_path, unguarded_name, [row("off", 90.0, 91.0, "normal", 0), row("auto", 40.0, 41.0, "normal", 0),
+                                     row("auto", 60.0, 65.0, "unguarded", 0)])
+    records, skipped = table.judge(tmp_path)
+    rounds = {(r["source"], r["what"]): r["ratio"] for r in records if r["what"].startswith("round ")}
+    assert rounds == {(normal_name, "round 0"): pytest.approx(80 / 60), (normal_name, "round 1"): pytest.approx(70 / 50),
+                      (unguarded_name, "round 0"): pytest.approx(90 / 60)}
+    pooled = {r["what"]: r["ratio"] for r in records if r["what"].startswith(table.POOLED)}
+    assert pooled == {
+        "rounds pooled (3)": pytest.approx(statistics.fmean([80, 70, 90]) / statistics.fmean([60, 50, 60])),
+        "rounds pooled, mean steps (3)": pytest.approx(statistics.fmean([81, 72, 91]) / statistics.fmean([62, 49, 65]))}
+    assert all(r["batch"] == 1 and r["slots"] == "25%" for r in records)
+    assert table.ROUNDS_FILES["rounds4"][0] in skipped["not found"]
+    assert table.BENCH_FILES["b1"][0] in skipped["not found"]
+
+
+def test_a_bench_file_cut_short_counts_what_finished_and_a_prompt_file_gives_its_pass_and_decode(tmp_path):
+    b1, _ = table.BENCH_FILES["b1"]
+    p512, _ = table.BENCH_FILES["p512"]
+    write(tmp_path, b1, [row("off", 50.0, 50.0, slots="32"), row("auto", 52.0, 51.0, slots="32")], partial=True)
+    write(tmp_path, p512, [{**row("off", 20.0, 20.0, slots="6"), "prefill_ms": 300.0},
+                           {**row("auto", 25.0, 24.0, slots="6"), "prefill_ms": 250.0}])
+    records, skipped = table.judge(tmp_path)
+    got = {(r["stage"], r["what"], r["slots"]): r["ratio"] for r in records}
+    assert got == {("b1", "one run", "50%"): pytest.approx(50 / 52),
+                   ("p512", "the prompt's pass", "10%"): pytest.approx(300 / 250),
+                   ("p512", "decode after the prompt", "10%"): pytest.approx(20 / 25)}
+    assert skipped["cut short (what finished counts)"] == [b1]
+
+
+def test_a_file_that_is_not_a_results_file_is_named(tmp_path):
+    (tmp_path / table.BENCH_FILES["b4"][0]).write_text("[1, 2]")
+    with pytest.raises(table.BadResults, match=table.BENCH_FILES["b4"][0]):
+        table.judge(tmp_path)
+    (tmp_path / table.BENCH_FILES["b4"][0]).write_text(json.dumps({"rows": [{"policy": "expertflow"}]}))
+    with pytest.raises(table.BadResults, match="not a bench row"):
+        table.judge(tmp_path)
