@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from cpu_experts_floors_table import BENCH_FILES, ROUNDS_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"off": "GPU only (off)", "auto": "auto", "on": "CPU for every miss (on)"}
@@ -28,29 +29,31 @@ FORECASTS = {"history": "history forecast", "noisy-oracle:0.8": "true future, 80
 # (forecast, batch) -> [(result file, {mode: the rows that give it})], and what they ran. A file's
 # rows give a mode only where it names that mode: a bench file's rows by their cpu_experts (None), a
 # variants file's (benchmarks/cpu_experts_variants.py: rounds in one process) by their variant too.
-# Every panel but one is the final code (4c66b78), run by benchmarks/cpu_experts_floors.sh on one H200
-# machine: batch 1 one run (10, 25, 50%) and six rounds in two processes (25, 50%; `on` in two of
-# them), batches 4 and 16 one run each; at batch 1 also seven rounds in two processes on a second
-# machine, where auto as built ran as the variant "unguarded" (beside a step guard, since withdrawn:
-# docs/cpu_experts.md). Batch 16 with the true future ran on the final code at 10% only (the device
-# time ran out), so its panel is earlier code.
+# Every panel but one is the final code (4c66b78), run by benchmarks/cpu_experts_floors.sh: the files
+# the floors table judges (cpu_experts_floors_table.py names them). Batch 1: one run (10, 25, 50%) and
+# the rounds files (25, 50%; `on` in the first only), the last two from a second machine where auto
+# as built ran as the variant "unguarded" (beside a step guard, since withdrawn: docs/cpu_experts.md);
+# batches 4 and 16 one run each. Batch 16 with the true future ran on the final code at 10% only (the
+# device time ran out), so its panel is earlier code.
 Modes = dict[str, str | None]  # mode -> the variant whose rows give it (None: a bench file's rows)
 PLAIN: Modes = {"off": None, "auto": None, "on": None}
-B1 = [("cpu_experts_floors_b1_h200.json", PLAIN),
-      ("cpu_experts_floors_rounds_h200.json", {"off": "normal", "auto": "normal", "on": "on"}),
-      ("cpu_experts_floors_rounds4_h200.json", {"off": "normal", "auto": "normal"}),
-      ("cpu_experts_guard_rounds1_h200.json", {"off": "normal", "auto": "unguarded"}),
-      ("cpu_experts_guard_rounds2_h200.json", {"off": "normal", "auto": "unguarded"})]
+
+
+def bench_file(stage: str) -> list[tuple[str, Modes]]:
+    return [(BENCH_FILES[stage][0], PLAIN)]
+
+
+B1 = bench_file("b1") + [(name, {"off": "normal", "auto": variant, "on": "on"}) for name, variant in ROUNDS_FILES.values()]
 B1_LABEL = "10%: 1 run; 25, 50%: 1 run and 13 rounds (on: 2)"
 RUNS: dict[tuple[str, int], tuple[list[tuple[str, Modes]], str]] = {
     ("history", 1): (B1, B1_LABEL),
-    ("history", 4): ([("cpu_experts_floors_b4_h200.json", PLAIN)], "1 run"),
-    ("history", 16): ([("cpu_experts_floors_b16_history_h200.json", PLAIN)], "1 run"),
+    ("history", 4): (bench_file("b4"), "1 run"),
+    ("history", 16): (bench_file("b16-history"), "1 run"),
     ("noisy-oracle:0.8", 1): (B1, B1_LABEL),
-    ("noisy-oracle:0.8", 4): ([("cpu_experts_floors_b4_h200.json", PLAIN)], "1 run"),
-    ("noisy-oracle:0.8", 16): ([("cpu_experts_floors_b16_noisy_h200.json", PLAIN)], "1 run"),
+    ("noisy-oracle:0.8", 4): (bench_file("b4"), "1 run"),
+    ("noisy-oracle:0.8", 16): (bench_file("b16-noisy"), "1 run"),
     ("oracle", 1): (B1, B1_LABEL),
-    ("oracle", 4): ([("cpu_experts_floors_b4_oracle_h200.json", PLAIN)], "1 run"),
+    ("oracle", 4): (bench_file("b4-oracle"), "1 run"),
     ("oracle", 16): ([("cpu_experts_fcbackfill_h200-b16.json", PLAIN)], "1 run, earlier code"),
 }
 
