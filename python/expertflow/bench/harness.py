@@ -37,9 +37,9 @@ from .. import _C
 from ..cpu_experts import CostModel, check_mode, check_threads
 from ..files import atomic_output
 from ..formats import FORMATS, ExpertFormat, expert_format
-from ..loader import attach, enable_cuda_graphs, load_offloaded, moe_layers, offloaded_experts
+from ..loader import attach, load_offloaded, moe_layers, offloaded_experts
 from ..models import Architecture, architecture_for, model_dtype
-from ..offload import OffloadedExperts, StableHook
+from ..offload import OffloadedExperts
 from ..oracles import GateOracle, TraceOracle, TraceSchedule, parse_forecast
 from ..policies import POLICY_NAMES, Expertflow, GateAhead, make_policy
 from ..replay import next_use_positions
@@ -80,7 +80,6 @@ class BenchConfig:
     recalibrate: bool = False
     cpu_threads: int | None = None  # the CPU experts' threads (None: cpu_experts.default_threads)
     layer_trace: bool = False  # each row gets the timed run's per-layer records (OffloadEngine.layer_trace)
-    cuda_graphs: bool = False  # decode with the non-expert layers as CUDA graphs (loader.enable_cuda_graphs), every row
     config_overrides: dict | None = None  # test hook: smaller dimensions
     progress: bool = True
 
@@ -181,7 +180,7 @@ class TraceForcing:
         self.detach()
         # A transformers model: nn.Module's stubs type the method as a tensor or submodule attribute.
         embeddings = cast("PreTrainedModel", model).get_input_embeddings()
-        self._handles.append(StableHook(embeddings, self._pre, pre=True))
+        self._handles.append(embeddings.register_forward_pre_hook(self._pre))
         if self.schedule is not None:
             self._handles += force_routing(model, arch, lambda layer: self.table[self.schedule.step][:, layer])
 
@@ -216,8 +215,7 @@ def force_routing(model: torch.nn.Module, arch: Architecture, forced) -> list:
 
         return hook
 
-    # StableHook: eager under compile (the schedule's step is a host integer), and the run's own hooks
-    return [StableHook(router, hook_for(layer)) for layer, router in enumerate(_routers(model, arch))]
+    return [router.register_forward_hook(hook_for(layer)) for layer, router in enumerate(_routers(model, arch))]
 
 
 def belady_bytes(visits: list[tuple[int, list[int]]], num_slots: int, expert_bytes: int, count_from: int) -> int:
@@ -407,10 +405,6 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
     backend, device = _checked_device(cfg)
     logging.getLogger("expertflow").setLevel(logging.WARNING)
     m = model if model is not None else BenchModel(cfg, device, backend)
-    if cfg.cuda_graphs:  # every configuration alike (all_gpu, GPU-only, the CPU's modes, transformers' own)
-        for decoder in (m.model, m.resident):
-            if decoder is not None:
-                enable_cuda_graphs(decoder)
     L, E = m.num_layers, m.num_experts
     total = L * E
     if cfg.prompt_ids is not None:
@@ -441,7 +435,7 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
         "expert_bytes": m.expert_bytes, "expert_dtype": m.expert_format.name,
         "dense_expert_bytes": packed_bytes(m.arch.pool_tensors(m.model.config, model_dtype(m.model))),
         "pool_bytes": m.pool.total_bytes, "resident_bytes": m.resident_bytes(),
-        "pinned_gbps": bandwidth / 1e9, "cuda_graphs": cfg.cuda_graphs, "rows": [],
+        "pinned_gbps": bandwidth / 1e9, "rows": [],
     }
 
     # The access sequence of a warm-up plus a measured run; the Belady bytes of its decode steps.
@@ -630,7 +624,7 @@ def _record_live(m: BenchModel, prompt, cfg: BenchConfig, device) -> list[list[t
 
         return f
 
-    handles = [StableHook(r, hook(l)) for l, r in enumerate(routers)]
+    handles = [r.register_forward_hook(hook(l)) for l, r in enumerate(routers)]
     engine = attach(m.model, m.arch, m.pool, m.num_layers * m.num_experts, "all_gpu", owns_pool=False)
     try:
         _generate(m.model, prompt, cfg.new_tokens)
