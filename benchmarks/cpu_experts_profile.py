@@ -191,7 +191,7 @@ def main() -> None:
     modes = args.modes.split(",")
     cfg = BenchConfig(arch=args.arch, layers=args.layers, routing=args.routing, slots=args.slots.split(","),
                       policies=["expertflow"], predictors=args.predictors.split(","), cpu_experts=modes,
-                      new_tokens=args.new_tokens, progress=False)
+                      new_tokens=args.new_tokens, cuda_graphs=args.cuda_graphs, progress=False)
     model = build_model(cfg)
     annotate()
     profiler = StepProfiler()

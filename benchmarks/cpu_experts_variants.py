@@ -65,7 +65,7 @@ def main() -> None:
         parser.error(f"--variants takes {', '.join(VARIANTS)} and --rounds at least 1")
     cfg = BenchConfig(arch=args.arch, layers=args.layers, routing=args.routing, slots=args.slots.split(","),
                       policies=["expertflow"], predictors=args.predictors.split(","), cpu_experts=["off", "auto"],
-                      new_tokens=args.new_tokens, progress=False)
+                      new_tokens=args.new_tokens, cuda_graphs=args.cuda_graphs, progress=False)
     model = build_model(cfg)
     bytes_to_submit, choose, kept = ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose, Plan.kept_until_next_use
     left = cpu_experts.CostModel.misses_left_to_cpu

@@ -60,7 +60,7 @@ def main() -> None:
     try:
         cfg = BenchConfig(arch=args.arch, layers=args.layers, routing=args.routing, slots=args.slots.split(","),
                           policies=["expertflow"], predictors=[args.predictor], cpu_experts=["off", "auto"],
-                          new_tokens=args.new_tokens)
+                          new_tokens=args.new_tokens, cuda_graphs=args.cuda_graphs)
         result = run_bench(cfg)
     finally:
         offload.OffloadEngine._run_layer = run_layer  # type: ignore[method-assign]

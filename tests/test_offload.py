@@ -251,3 +251,43 @@ def test_fp8_checkpoints_with_half_precision_scales_or_without_scales(tmp_path):
     (fused / "config.json").write_text(_json.dumps(config))
     with pytest.raises(ValueError, match="lacks down_scale, gate_up_scale"):
         ef.from_pretrained(fused, expert_slots="25%", progress=False)
+
+
+def test_compiled_decoding_gives_the_resident_tokens_and_follows_a_new_engine(checkpoints):
+    """enable_cuda_graphs' compiled decoding (here on the CPU, torch.compile's default mode: no
+    graphs) around the eager experts gives the resident model's tokens; a second engine attached to
+    the compiled model has its own step hook run (a hook traced with the first must not be called)."""
+    from torch._dynamo.utils import counters
+
+    from expertflow.loader import attach, enable_cuda_graphs, load_offloaded
+
+    reference, folder = checkpoints[("mixtral", "published")]
+    prompt = torch.tensor([[3, 14, 15, 92, 65]])
+
+    def tokens(model):
+        with torch.no_grad():
+            return model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0).tolist()
+
+    want = tokens(reference)
+    model, arch, pool = load_offloaded(folder, progress=False)
+    try:
+        with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+            enable_cuda_graphs(model)
+        with pytest.raises(ValueError, match="mode must be one of"):
+            enable_cuda_graphs(model, mode="fast")
+        enable_cuda_graphs(model, mode="default")
+        assert model.generation_config.cache_implementation == "static"
+        num_slots = pool.num_layers * pool.num_experts(0) // 2
+        # expertflow plans at each step (a hook), lru does not: the third engine's hook is not the first's
+        for n, policy in enumerate(("expertflow", "lru", "expertflow")):
+            graphs_before = counters["stats"]["unique_graphs"]
+            engine = attach(model, arch, pool, num_slots, policy, owns_pool=False)
+            try:
+                assert tokens(model) == want
+                assert engine.steps == (6 if policy == "expertflow" else 0) and engine.stats()["misses"] > 0
+            finally:
+                engine.close()
+            if n == 0:
+                assert counters["stats"]["unique_graphs"] > graphs_before  # it did compile
+    finally:
+        pool.close()

@@ -189,3 +189,25 @@ def test_a_failing_cpu_expert_raises_in_its_forward(bf16_checkpoints, monkeypatc
         torch.cuda.synchronize()
     finally:
         m.expertflow.close()
+
+
+@pytest.mark.parametrize("policy", ["lru", "expertflow"])
+def test_cuda_graphs_give_the_eager_tokens(tmp_path, policy):
+    """fp32: decoding with the non-expert layers as CUDA graphs (cuda_graphs=True) around the eager
+    offloaded experts gives the eager model's 32 tokens, in a first (compiling) and a second generation."""
+    model = build("mixtral", dtype=torch.float32)
+    folder = save(model, tmp_path, "published")
+    eager = ef.from_pretrained(folder, gpu_memory=quarter_budget(model), headroom=0, policy=policy, progress=False)
+    try:
+        want = generate(eager)
+    finally:
+        eager.expertflow.close()
+    graphs = ef.from_pretrained(folder, gpu_memory=quarter_budget(model), headroom=0, policy=policy, progress=False,
+                                cuda_graphs=True)
+    try:
+        assert graphs.generation_config.compile_config.mode == "reduce-overhead"
+        assert generate(graphs) == want
+        assert generate(graphs) == want
+        assert graphs.expertflow.stats()["misses"] > 0
+    finally:
+        graphs.expertflow.close()

@@ -14,6 +14,14 @@ def from_pretrained(*args, **kwargs):
     return load(*args, **kwargs)
 
 
+def enable_cuda_graphs(model, mode=None) -> None:
+    """Decodes with the non-expert layers compiled and replayed as CUDA graphs; see
+    :func:`expertflow.loader.enable_cuda_graphs`."""
+    from .loader import enable_cuda_graphs as enable
+
+    enable(model, mode)
+
+
 def __getattr__(name: str):
     # The serving engine imports transformers' cache classes: loaded on first use.
     if name in ("Engine", "Request", "SamplingParams", "EngineError"):
@@ -35,6 +43,7 @@ __all__ = [
     "Request",
     "SamplingParams",
     "TensorSpec",
+    "enable_cuda_graphs",
     "from_pretrained",
     "get_backend",
     "__version__",

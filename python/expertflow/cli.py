@@ -230,7 +230,7 @@ def _load(args: argparse.Namespace, policy: str):
         progress=not getattr(args, "quiet", False), predictor=predictor if policy == "expertflow" else None,
         distributed=getattr(args, "nproc_per_node", 1) > 1, expert_dtype=getattr(args, "expert_dtype", None),
         cpu_experts=getattr(args, "cpu_experts", "off"), recalibrate=getattr(args, "recalibrate", False),
-        cpu_threads=getattr(args, "cpu_threads", None),
+        cpu_threads=getattr(args, "cpu_threads", None), cuda_graphs=getattr(args, "cuda_graphs", False),
     )
 
 
@@ -373,7 +373,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompt_ids=prompt_ids, transformers=args.arch is not None, accelerate=args.accelerate, expert_dtype=args.expert_dtype,
         cpu_experts=_split(args.cpu_experts, "--cpu-experts"), recalibrate=args.recalibrate, cpu_threads=args.cpu_threads,
         progress=not args.json,
-        layer_trace=args.layer_trace,
+        layer_trace=args.layer_trace, cuda_graphs=args.cuda_graphs,
     )
     # as typed, or run as python -m expertflow.cli
     launched = sys.argv[0].endswith(("expertflow", os.path.join("expertflow", "cli.py")))
@@ -595,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routing-path predictor file for the expertflow policy (the bundled model brings its own)")
     p.add_argument("--nproc-per-node", type=POSITIVE, default=1,
                    help="spread the experts over this many GPUs of this host (one process each, under torchrun)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode with the non-expert layers compiled and replayed as CUDA graphs around the eager experts "
+                        "(a static KV cache; the first generation compiles, tens of seconds)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="decode speed of every policy at several slot counts, against the bound")
@@ -623,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     _cpu_args(p, several=True)
     p.add_argument("--layer-trace", action="store_true",
                    help="add each row the timed run's per-layer records: misses, CPU experts, CPU and wait ms, host ms")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode with the non-expert layers compiled and replayed as CUDA graphs around the eager experts "
+                        "(a static KV cache; the first generation of each configuration compiles, tens of seconds)")
     p.add_argument("--out", default=None, help="write the results as JSON here (after each configuration too, marked partial), and a PNG beside it")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object (one a line for several --batch sizes)")

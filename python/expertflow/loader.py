@@ -30,7 +30,7 @@ from .policies import make_policy
 from .runtime import ExpertCache, ExpertFlowError, ExpertPool, backend_uses_gpu, get_backend, packed_bytes
 from .units import format_bytes, parse_bytes, parse_slots
 
-__all__ = ["from_pretrained", "load_offloaded", "attach", "offloaded_experts", "moe_layers", "plan_slots", "read_config",
+__all__ = ["from_pretrained", "enable_cuda_graphs", "load_offloaded", "attach", "offloaded_experts", "moe_layers", "plan_slots", "read_config",
            "compute_dtype", "parse_bytes", "format_bytes"]
 
 log = logging.getLogger(__name__)
@@ -454,6 +454,54 @@ def load_offloaded(
                                          pool_format=pool_format)
 
 
+def enable_cuda_graphs(model: torch.nn.Module, mode: str | None = None) -> None:
+    """Decodes ``model`` (one :func:`from_pretrained` returned) with its non-expert layers compiled:
+    ``generate()`` then keeps a static KV cache and runs each decoding pass's attention, norms and
+    routers as compiled graphs, replayed as CUDA graphs (``mode``: torch.compile's, by default
+    ``"reduce-overhead"``, which needs a CUDA device; another, such as ``"default"`` on the CPU,
+    compiles without graphs). The routed experts stay eager between the graphs (the engine decides per
+    layer on the host), so each pass is a few graphs a layer instead of some hundred kernel launches
+    a layer from Python. At batch 1 those launches are most of a resident step (transformers' code
+    held the H200 machine's GPU idle 14-37 ms a pass against 2.3-2.7 ms of kernels,
+    docs/cpu_experts.md). The prompt's pass runs eagerly, as transformers compiles decoding only.
+
+    Sets ``model.generation_config`` (``cache_implementation="static"``, a ``compile_config`` that
+    allows graph breaks) and raises torch's recompile limit to cover the layers: each decoder layer
+    compiles once (torch specialises on its index). The first ``generate()`` compiles (tens of
+    seconds); later ones reuse the graphs. A ``generate()`` argument overrides either setting.
+    A hook added to a module later makes the code that calls it compile again (torch's hook guards
+    are turned on); ExpertFlow's own hooks (``offload.StableHook``) are added once a module."""
+    from transformers import CompileConfig
+
+    if not hasattr(model, "generation_config"):
+        raise TypeError(f"enable_cuda_graphs needs a transformers model with generate(), not {type(model).__name__}")
+    device = next(model.parameters()).device
+    if mode is None and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device; this model is on {device.type}. Leave them off here, or "
+                         "pass mode='default' to compile without graphs")
+    mode = mode or "reduce-overhead"
+    if mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise ValueError(f"mode must be one of torch.compile's modes (default, reduce-overhead, ...), got '{mode}'")
+    config = CompileConfig(fullgraph=False, dynamic=False, mode=mode)
+    # transformers compiles on accelerators only unless told (a private flag; harmless where absent)
+    config._compile_all_devices = device.type != "cuda"  # type: ignore[assignment]
+    generation_config = cast(transformers.GenerationConfig, model.generation_config)
+    generation_config.cache_implementation = "static"
+    generation_config.compile_config = config
+    num_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, max(getattr(dynamo, name), 2 * num_layers + 8))
+    # A hook added after compiling (a module's first StableHook) must make its caller compile again,
+    # or the compiled code never calls it: torch skips the guards on hooks by default.
+    dynamo.skip_nnmodule_hook_guards = False
+    # A break inside the experts call resumes in the frames around it (decoder layer, model) instead
+    # of ending a graph in each: one graph from a layer's experts to the next layer's, not about five
+    # (each CUDA-graph replay costs host time: ~190 us under a profiler on the H200 machine).
+    if hasattr(dynamo, "nested_graph_breaks"):
+        dynamo.nested_graph_breaks = True
+
+
 def from_pretrained(
     path: str | Path,
     gpu_memory: int | str = "12GiB",
@@ -471,6 +519,7 @@ def from_pretrained(
     cpu_experts: str = "off",
     recalibrate: bool = False,
     cpu_threads: int | None = None,
+    cuda_graphs: bool = False,
 ) -> torch.nn.Module:
     """Loads a MoE checkpoint folder with its routed experts offloaded.
 
@@ -503,6 +552,9 @@ def from_pretrained(
     differ from ``all_gpu``'s at near-ties. The calibration is cached per machine;
     ``recalibrate=True`` measures again (``cpu_experts.py``). ``cpu_threads``: the CPU experts'
     threads (default: torch's, beside a GPU at most the cores less one: ``cpu_experts.default_threads``).
+
+    ``cuda_graphs=True``: ``generate()`` decodes with the non-expert layers compiled and replayed as
+    CUDA graphs around the eager experts (:func:`enable_cuda_graphs`).
     """
     offload_policy = make_policy(policy)
     check_mode(cpu_experts, distributed)
@@ -544,6 +596,8 @@ def from_pretrained(
     except BaseException:
         pool.close()
         raise
+    if cuda_graphs:
+        enable_cuda_graphs(model)
     dense_bytes = packed_bytes(arch.pool_tensors(config, model_dtype(model)))
     stored = "" if pool_format.dense else f" as {pool_format.name}, {format_bytes(dense_bytes)} dense"
     log.info(

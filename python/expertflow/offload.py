@@ -51,9 +51,52 @@ if TYPE_CHECKING:
 
     from .distributed import ExpertShard
 
-__all__ = ["OffloadedExperts", "OffloadEngine", "MoELayer", "hit_ratio"]
+__all__ = ["OffloadedExperts", "OffloadEngine", "MoELayer", "StableHook", "hit_ratio"]
 
 log = logging.getLogger("expertflow")
+
+
+class StableHook:
+    """A forward hook (or pre-hook) of ``module`` that compiled code calls correctly after it changes.
+
+    torch.compile traces the hooks a module has when it compiles; replacing one by another does not
+    always recompile (its guards may see the same number of hooks), and the compiled code would call
+    the hook it was traced with: a closed engine's, a finished benchmark run's. So each module gets
+    one dispatcher of each kind, registered once and never removed, eager under compile, which calls
+    the hooks present now. ``fn(module, inputs[, output])`` as torch's hooks take them; a forward
+    hook's non-None result replaces the output, a pre-hook's the inputs. :meth:`remove` takes it out.
+    """
+
+    def __init__(self, module: nn.Module, fn: Callable, pre: bool = False) -> None:
+        attr = "_expertflow_pre_hooks" if pre else "_expertflow_hooks"
+        hooks = module.__dict__.get(attr)
+        if hooks is None:
+            hooks = module.__dict__[attr] = {}
+            if pre:
+                module.register_forward_pre_hook(_dispatch_pre_hooks)
+            else:
+                module.register_forward_hook(_dispatch_hooks)
+        self._hooks, self._key = hooks, object()
+        hooks[self._key] = fn
+
+    def remove(self) -> None:
+        self._hooks.pop(self._key, None)
+
+
+@torch.compiler.disable  # host code (the policy's planning, a benchmark's clock): eager under compile
+def _dispatch_hooks(module: nn.Module, inputs, output):
+    for fn in list(module.__dict__["_expertflow_hooks"].values()):
+        result = fn(module, inputs, output)
+        output = output if result is None else result
+    return output
+
+
+@torch.compiler.disable
+def _dispatch_pre_hooks(module: nn.Module, inputs):
+    for fn in list(module.__dict__["_expertflow_pre_hooks"].values()):
+        result = fn(module, inputs)
+        inputs = inputs if result is None else result
+    return inputs
 
 
 class OffloadedExperts(nn.Module):
@@ -80,10 +123,22 @@ class OffloadedExperts(nn.Module):
             self.alpha, self.limit = getattr(config, "swiglu_alpha", 1.702), getattr(config, "swiglu_limit", 7.0)
         self.layer = -1
         self.engine: OffloadEngine | None = None
+        # A benchmark's recorded routing: () -> [num_tokens, k] expert ids that replace the router's
+        # (its weights stay). Here rather than a hook on the router, which compiled decoding would
+        # have to break its graph for (loader.enable_cuda_graphs); this forward runs eagerly anyway.
+        self.forced_routing: Callable[[], torch.Tensor] | None = None
 
+    # Under torch.compile (loader.enable_cuda_graphs) the engine runs eagerly between the compiled
+    # graphs: it decides on the host, per layer, from the routing it reads back.
+    @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.engine is None:
             raise RuntimeError("these experts are not attached to an ExpertFlow engine (was the model closed?)")
+        if self.forced_routing is not None:
+            forced = self.forced_routing()
+            if forced.shape != routing.shape:
+                raise ValueError(f"the forced routing is {tuple(forced.shape)} but the router chose {tuple(routing.shape)}")
+            routing = forced.to(routing.dtype)
         if not self.gated:
             # Switch: a one-hot dispatch mask [T, 1, E]; a token over capacity has none (sentinel E).
             hit = routing.any(dim=-1)
@@ -248,7 +303,7 @@ class OffloadEngine:
         if policy.wants_steps and model is not None and not architecture.encoder_decoder:
             # A transformers model: nn.Module's stubs type the method as a tensor or submodule attribute.
             embeddings = cast("PreTrainedModel", model).get_input_embeddings()
-            self._hook = embeddings.register_forward_hook(self._on_step)
+            self._hook = StableHook(embeddings, self._on_step)
 
     @property
     def num_layers(self) -> int:

@@ -19,6 +19,7 @@ for the prompt's pass (below 1: faster).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -37,9 +38,9 @@ from .. import _C
 from ..cpu_experts import CostModel, check_mode, check_threads
 from ..files import atomic_output
 from ..formats import FORMATS, ExpertFormat, expert_format
-from ..loader import attach, load_offloaded, moe_layers, offloaded_experts
+from ..loader import attach, enable_cuda_graphs, load_offloaded, moe_layers, offloaded_experts
 from ..models import Architecture, architecture_for, model_dtype
-from ..offload import OffloadedExperts
+from ..offload import OffloadedExperts, StableHook
 from ..oracles import GateOracle, TraceOracle, TraceSchedule, parse_forecast
 from ..policies import POLICY_NAMES, Expertflow, GateAhead, make_policy
 from ..replay import next_use_positions
@@ -80,6 +81,7 @@ class BenchConfig:
     recalibrate: bool = False
     cpu_threads: int | None = None  # the CPU experts' threads (None: cpu_experts.default_threads)
     layer_trace: bool = False  # each row gets the timed run's per-layer records (OffloadEngine.layer_trace)
+    cuda_graphs: bool = False  # decode with the non-expert layers as CUDA graphs (loader.enable_cuda_graphs), every row
     config_overrides: dict | None = None  # test hook: smaller dimensions
     progress: bool = True
 
@@ -180,7 +182,7 @@ class TraceForcing:
         self.detach()
         # A transformers model: nn.Module's stubs type the method as a tensor or submodule attribute.
         embeddings = cast("PreTrainedModel", model).get_input_embeddings()
-        self._handles.append(embeddings.register_forward_pre_hook(self._pre))
+        self._handles.append(StableHook(embeddings, self._pre, pre=True))
         if self.schedule is not None:
             self._handles += force_routing(model, arch, lambda layer: self.table[self.schedule.step][:, layer])
 
@@ -202,20 +204,42 @@ class TraceForcing:
         self.times.append(time.perf_counter())
 
 
+class _ForcedExperts:
+    """Offloaded experts that take ``forced()`` as their routing (``OffloadedExperts.forced_routing``)
+    until :meth:`remove`."""
+
+    def __init__(self, module: OffloadedExperts, forced: Callable[[], torch.Tensor]) -> None:
+        self.module = module
+        module.forced_routing = forced
+
+    def remove(self) -> None:
+        self.module.forced_routing = None
+
+
 def force_routing(model: torch.nn.Module, arch: Architecture, forced) -> list:
-    """Forward hooks that replace each MoE router's expert indices with ``forced(layer)`` ``[T, k]``
-    (a trace's choice); returns their handles."""
-    def hook_for(layer: int):
-        def hook(module, inputs, output):
-            logits, weights, indices = output
-            chosen = forced(layer)
-            if chosen.shape[0] != indices.shape[0]:
-                raise ValueError(f"the forced routing gives {chosen.shape[0]} tokens but the model runs {indices.shape[0]}")
-            return logits, weights, chosen.to(indices.dtype)
+    """Replaces each MoE layer's expert indices with ``forced(layer)`` ``[T, k]`` (a trace's choice):
+    offloaded top-k experts take it themselves, eagerly; other routers (the resident model's,
+    Switch's) through a forward hook. Returns the handles (``remove()``)."""
+    handles: list = []
+    experts = [m for m in model.modules() if isinstance(m, OffloadedExperts) or type(m).__name__ == arch.experts_class]
+    for layer, (router, module) in enumerate(zip(_routers(model, arch), experts, strict=True)):
+        if isinstance(module, OffloadedExperts) and module.gated:
+            handles.append(_ForcedExperts(module, functools.partial(forced, layer)))
+        else:
+            handles.append(StableHook(router, _forcing_hook(forced, layer)))
+    return handles
 
-        return hook
 
-    return [router.register_forward_hook(hook_for(layer)) for layer, router in enumerate(_routers(model, arch))]
+def _forcing_hook(forced, layer: int):
+    """A router's forward hook that swaps its expert indices for ``forced(layer)``."""
+    def hook(module, inputs, output):
+        logits, weights, indices = output
+        chosen = forced(layer)
+        if chosen.shape[0] != indices.shape[0]:
+            raise ValueError(f"the forced routing gives {chosen.shape[0]} tokens but the model runs {indices.shape[0]}")
+        return logits, weights, chosen.to(indices.dtype)
+
+    return hook
 
 
 def belady_bytes(visits: list[tuple[int, list[int]]], num_slots: int, expert_bytes: int, count_from: int) -> int:
@@ -405,6 +429,10 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
     backend, device = _checked_device(cfg)
     logging.getLogger("expertflow").setLevel(logging.WARNING)
     m = model if model is not None else BenchModel(cfg, device, backend)
+    if cfg.cuda_graphs:  # every configuration alike (all_gpu, GPU-only, the CPU's modes, transformers' own)
+        for decoder in (m.model, m.resident):
+            if decoder is not None:
+                enable_cuda_graphs(decoder)
     L, E = m.num_layers, m.num_experts
     total = L * E
     if cfg.prompt_ids is not None:
@@ -435,7 +463,7 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
         "expert_bytes": m.expert_bytes, "expert_dtype": m.expert_format.name,
         "dense_expert_bytes": packed_bytes(m.arch.pool_tensors(m.model.config, model_dtype(m.model))),
         "pool_bytes": m.pool.total_bytes, "resident_bytes": m.resident_bytes(),
-        "pinned_gbps": bandwidth / 1e9, "rows": [],
+        "pinned_gbps": bandwidth / 1e9, "cuda_graphs": cfg.cuda_graphs, "rows": [],
     }
 
     # The access sequence of a warm-up plus a measured run; the Belady bytes of its decode steps.
@@ -624,7 +652,7 @@ def _record_live(m: BenchModel, prompt, cfg: BenchConfig, device) -> list[list[t
 
         return f
 
-    handles = [r.register_forward_hook(hook(l)) for l, r in enumerate(routers)]
+    handles = [StableHook(r, hook(l)) for l, r in enumerate(routers)]
     engine = attach(m.model, m.arch, m.pool, m.num_layers * m.num_experts, "all_gpu", owns_pool=False)
     try:
         _generate(m.model, prompt, cfg.new_tokens)
