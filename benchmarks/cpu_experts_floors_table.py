@@ -16,9 +16,10 @@ decode steps apart. The floors, each judged over every ratio it covers, pooled o
 Files missing from ``--results`` are named and skipped, as are files of a run cut short
 (``"partial"``: only the configurations it finished count) and files without a GPU-only and
 ``auto`` pair. Prints a markdown table a forecast a column, then every ratio below its floor;
-``--out`` writes every ratio as JSON.
+``--out`` writes every ratio as JSON. ``--cuda-graphs`` judges the runs with decoding's non-expert
+layers as CUDA graphs (``GRAPHS_BENCH_FILES``, ``GRAPHS_ROUNDS_FILES``) instead.
 
-    python benchmarks/cpu_experts_floors_table.py --results benchmarks/results
+    python benchmarks/cpu_experts_floors_table.py --results benchmarks/results [--cuda-graphs]
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ ROUNDS_FILES = {"rounds": ("cpu_experts_floors_rounds_h200.json", "normal"),
                 "rounds4": ("cpu_experts_floors_rounds4_h200.json", "normal"),
                 "rounds-unguarded4": ("cpu_experts_guard_rounds1_h200.json", "unguarded"),
                 "rounds-unguarded3": ("cpu_experts_guard_rounds2_h200.json", "unguarded")}
+# The same stages run with decoding's non-expert layers as CUDA graphs (GPU-only and auto alike:
+# the floors script with CUDA_GRAPHS=1), judged apart with --cuda-graphs.
+GRAPHS_BENCH_FILES = {stage: (name.replace("_floors_", "_cuda_graphs_"), batch) for stage, (name, batch) in BENCH_FILES.items()}
+GRAPHS_ROUNDS_FILES = {"rounds": ("cpu_experts_cuda_graphs_rounds_h200.json", "normal")}
 SPEEDUP_FLOOR, SLOWDOWN_FLOOR = 1.3, 1 / 1.03
 POOLED = ("rounds pooled", "rounds pooled, mean steps")
 MEASURED = ("predictor", "slot_share", "ms_per_token", "ms_per_token_mean", "prefill_ms")  # what a pair's rows must give
@@ -87,8 +92,10 @@ def paired(rows: list[dict], path: Path, variant: str = "normal") -> list[tuple[
     return pairs
 
 
-def judge(results: Path) -> tuple[list[dict], dict[str, list[str]]]:
-    """-> (one record a ratio, the files skipped by why: not found, cut short, no pair). A record:
+def judge(results: Path, bench_files: dict = BENCH_FILES,
+          rounds_files: dict = ROUNDS_FILES) -> tuple[list[dict], dict[str, list[str]]]:
+    """-> (one record a ratio, the files skipped by why: not found, cut short, no pair), from
+    ``bench_files`` and ``rounds_files`` (stage -> file as ``BENCH_FILES``, ``ROUNDS_FILES``). A record:
     forecast, slots (10%, 25%, 50%), batch, stage (the floors script's), what (one run, round N,
     rounds pooled, rounds pooled with mean steps, the prompt's pass, decode after the prompt),
     source (the files), off_ms, auto_ms and ratio (off over auto)."""
@@ -114,7 +121,7 @@ def judge(results: Path) -> tuple[list[dict], dict[str, list[str]]]:
             skipped["no GPU-only and auto pair"].append(name)
         return pairs
 
-    for stage, (name, batch) in BENCH_FILES.items():
+    for stage, (name, batch) in bench_files.items():
         for off, auto in read(name):
             if stage == "p512":
                 add(off, batch, stage, "the prompt's pass", name, off["prefill_ms"], auto["prefill_ms"])
@@ -123,7 +130,7 @@ def judge(results: Path) -> tuple[list[dict], dict[str, list[str]]]:
                 add(off, batch, stage, "one run", name, off["ms_per_token"], auto["ms_per_token"])
     pools: dict[tuple, list[tuple[dict, dict]]] = {}
     sources: list[str] = []
-    for stage, (name, variant) in ROUNDS_FILES.items():
+    for stage, (name, variant) in rounds_files.items():
         pairs = read(name, variant)
         sources += [name] if pairs else []
         for off, auto in pairs:
@@ -153,20 +160,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--out", type=Path, help="every ratio as JSON")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="judge the runs with CUDA graphs (the floors script with CUDA_GRAPHS=1) instead")
     args = parser.parse_args()
     if not args.results.is_dir():
         parser.error(f"--results {args.results} is not a folder: give the folder the floors script wrote into")
     if args.out and not args.out.parent.is_dir():
         parser.error(f"--out {args.out}: its folder does not exist")
     try:
-        records, skipped = judge(args.results)
+        rounds_files = GRAPHS_ROUNDS_FILES if args.cuda_graphs else ROUNDS_FILES
+        records, skipped = judge(args.results, GRAPHS_BENCH_FILES if args.cuda_graphs else BENCH_FILES, rounds_files)
     except BadResults as e:
         parser.error(str(e))
     if not records:
         parser.error(f"no GPU-only and auto pair in the floors script's files in {args.results} "
                      f"({'; '.join(f'{why}: {len(names)}' for why, names in skipped.items() if names)}): "
                      "run benchmarks/cpu_experts_floors.sh first")
-    batch1_decode = ("b1", *ROUNDS_FILES)
+    batch1_decode = ("b1", *rounds_files)
     floors = [("batch 1, 10%: ≥ 1.3×", lambda r: r["stage"] in batch1_decode and r["slots"] == "10%", SPEEDUP_FLOOR),
               ("batch 1, 25%: ≥ 1.3×", lambda r: r["stage"] in batch1_decode and r["slots"] == "25%", SPEEDUP_FLOOR),
               ("never > 3% slower", lambda r: True, SLOWDOWN_FLOOR)]

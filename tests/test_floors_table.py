@@ -73,3 +73,16 @@ def test_a_file_that_is_not_a_results_file_is_named(tmp_path):
     (tmp_path / table.BENCH_FILES["b4"][0]).write_text(json.dumps({"rows": [{"policy": "expertflow"}]}))
     with pytest.raises(table.BadResults, match="not a bench row"):
         table.judge(tmp_path)
+
+
+def test_the_cuda_graph_runs_are_judged_apart(tmp_path):
+    """The runs with CUDA graphs have files of their own: judging them reads those only, and the
+    default judges the others only."""
+    graphs_b1, _ = table.GRAPHS_BENCH_FILES["b1"]
+    assert graphs_b1 == "cpu_experts_cuda_graphs_b1_h200.json"
+    write(tmp_path, graphs_b1, [row("off", 40.0, 40.0), row("auto", 25.0, 26.0)])
+    write(tmp_path, table.BENCH_FILES["b1"][0], [row("off", 80.0, 80.0), row("auto", 64.0, 64.0)])
+    graphs, _ = table.judge(tmp_path, table.GRAPHS_BENCH_FILES, table.GRAPHS_ROUNDS_FILES)
+    plain, _ = table.judge(tmp_path)
+    assert [(r["source"], r["ratio"]) for r in graphs] == [(graphs_b1, pytest.approx(40 / 25))]
+    assert [(r["source"], r["ratio"]) for r in plain] == [(table.BENCH_FILES["b1"][0], pytest.approx(80 / 64))]
