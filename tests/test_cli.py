@@ -69,6 +69,11 @@ def test_generate_prompt_ids_and_sampling(capsys, tmp_path):
     assert "comma-separated integers" in capsys.readouterr().err
     assert main(["generate", "--model", str(folder), "--prompt-ids", "1", "--gpu-memory", "10KB"]) == 2
     assert "is below the minimum of" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # CUDA graphs: refused before any weight loads
+        assert main(["generate", "--model", str(folder), "--prompt-ids", "1", "--cuda-graphs"]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
+        assert main(["bench", "--model", str(folder), "--prompt-ids", "1", "--cuda-graphs", "--policies", "lru"]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
 
 
 def test_a_bench_cut_short_keeps_the_configurations_it_finished(capsys, tmp_path, monkeypatch):

@@ -582,6 +582,8 @@ def from_pretrained(
     else:
         backend_obj = get_backend(backend)
     device = _device_for(backend_obj, device)
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA device; this model would run on {device.type}. Leave it off here")
     with _resident(Path(path), dtype, device, progress) as (model, arch, layers, ckpt, checkpoint_format):
         config = model.config
         pool_format = requested_format or checkpoint_format

@@ -427,6 +427,8 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
     ``"partial": True`` (no ``x_lru`` nor ``x_gpu_only``, no accelerate run yet), so that a run cut
     short (a time limit) still leaves the configurations it finished."""
     backend, device = _checked_device(cfg)
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise ValueError("--cuda-graphs needs a CUDA device; this machine runs the benchmark on the CPU. Leave it off here")
     logging.getLogger("expertflow").setLevel(logging.WARNING)
     m = model if model is not None else BenchModel(cfg, device, backend)
     if cfg.cuda_graphs:  # every configuration alike (all_gpu, GPU-only, the CPU's modes, transformers' own)
