@@ -27,7 +27,8 @@ for stage in $stages; do
   case $stage in
     build) run python3 -m pip install -q --no-build-isolation --no-deps -e . ;;
     gpu-tests) run python3 -m pytest -q -m gpu tests 2>&1 | tail -25 ;;
-    gil) run python3 benchmarks/cpu_experts_gil.py --out "$out/cpu-experts-gil-h200.json" ;;
+    gil) if [[ $kind == floors ]]; then run python3 benchmarks/cpu_experts_gil.py --out "$out/cpu-experts-gil-h200.json"
+         else echo "gil: graphs do not change it; run it without CUDA_GRAPHS"; fi ;;
     b1) run "${bench[@]}" --predictors history,noisy-oracle:0.8,oracle --cpu-experts off,auto,on --new-tokens 32 \
           --out "$out/cpu_experts_${kind}_b1_h200.json" ;;
     b4) run "${bench[@]}" --predictors history,noisy-oracle:0.8 --cpu-experts off,auto --new-tokens 32 --batch 4 \

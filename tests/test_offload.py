@@ -291,3 +291,60 @@ def test_compiled_decoding_gives_the_resident_tokens_and_follows_a_new_engine(ch
                 assert counters["stats"]["unique_graphs"] > graphs_before  # it did compile
     finally:
         pool.close()
+
+
+def test_stable_hooks_call_the_hooks_present_and_leave_with_the_last():
+    """StableHook: hooks run in the order added, a forward hook's result replaces the output and a
+    pre-hook's the inputs; the module's dispatcher goes with its last hook and comes back with the next."""
+    from expertflow.offload import StableHook
+
+    module = torch.nn.Linear(3, 3)
+    x = torch.ones(1, 3)
+    plain = module(x)
+    calls = []
+    first = StableHook(module, lambda m, i, o: calls.append("first"))
+    second = StableHook(module, lambda m, i, o: o * 2)
+    torch.testing.assert_close(module(x), plain * 2)
+    assert calls == ["first"] and len(module._forward_hooks) == 1
+    pre = StableHook(module, lambda m, i: (i[0] * 0,), pre=True)
+    torch.testing.assert_close(module(x), module.bias.detach().expand(1, 3) * 2)
+    pre.remove()
+    second.remove()
+    first.remove()
+    assert len(module._forward_hooks) == 0 and len(module._forward_pre_hooks) == 0
+    torch.testing.assert_close(module(x), plain)
+    again = StableHook(module, lambda m, i, o: o + 1)
+    torch.testing.assert_close(module(x), plain + 1)
+    again.remove()
+    again.remove()  # twice: nothing left to take
+    assert len(module._forward_hooks) == 0
+
+
+def test_forced_routing_replaces_the_routers_choice_and_the_gate_ahead_guess(checkpoints):
+    """A benchmark's forced routing (bench.harness.force_routing): each layer runs the forced experts,
+    and a policy that guesses the next layer with its router hears the forced choice of that layer."""
+    from expertflow.bench.harness import force_routing
+
+    _, folder = checkpoints[("mixtral", "published")]
+    model = ef.from_pretrained(folder, policy="gate_ahead", expert_slots="50%", headroom=0, progress=False)
+    engine = model.expertflow
+    assert engine.policy.gate_from_router
+    num_layers = engine.num_layers
+    forced = {layer: torch.tensor([[layer % 8, (layer + 3) % 8]]) for layer in range(num_layers)}
+    heard = []
+    on_layer = engine.policy.on_layer
+    engine.policy.on_layer = lambda layer, chosen, gate: heard.append((layer, chosen.tolist(), gate)) or on_layer(layer, chosen, gate)
+    handles = force_routing(model, engine.architecture, lambda layer: forced[layer])
+    try:
+        with torch.no_grad():
+            model(torch.tensor([[3]]))
+    finally:
+        for h in handles:
+            h.remove()
+        engine.close()
+    assert [layer for layer, _, _ in heard] == list(range(num_layers))
+    for layer, chosen, gate in heard:
+        assert chosen == forced[layer].tolist()
+        if layer + 1 < num_layers:
+            assert gate.tolist() == forced[layer + 1].tolist()
+    assert all(m.forced_routing is None for m in model.modules() if hasattr(m, "forced_routing"))

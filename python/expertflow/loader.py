@@ -466,9 +466,13 @@ def enable_cuda_graphs(model: torch.nn.Module, mode: str | None = None) -> None:
     docs/cpu_experts.md). The prompt's pass runs eagerly, as transformers compiles decoding only.
 
     Sets ``model.generation_config`` (``cache_implementation="static"``, a ``compile_config`` that
-    allows graph breaks) and raises torch's recompile limit to cover the layers: each decoder layer
-    compiles once (torch specialises on its index). The first ``generate()`` compiles (tens of
-    seconds); later ones reuse the graphs. A ``generate()`` argument overrides either setting.
+    allows graph breaks), and torch's compiler settings for the whole process: the recompile limit
+    raised to cover the layers (each decoder layer compiles once per decoding shape, as torch
+    specialises on its index), nested graph breaks on (a break at the experts resumes in the frames
+    around it: about two graphs a layer instead of five) and the guards on module hooks on. The
+    first ``generate()`` compiles (tens of seconds); later ones of the same batch size and length
+    (prompt plus new tokens: the static cache's) replay, and each new shape compiles again, up to 8
+    of them. A ``generate()`` argument overrides either generation setting.
     A hook added to a module later makes the code that calls it compile again (torch's hook guards
     are turned on); ExpertFlow's own hooks (``offload.StableHook``) are added once a module."""
     from transformers import CompileConfig
@@ -490,8 +494,13 @@ def enable_cuda_graphs(model: torch.nn.Module, mode: str | None = None) -> None:
     generation_config.compile_config = config
     num_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
     dynamo = torch._dynamo.config
+    # Each layer's frames compile once per decoding shape (batch size, static cache length): room
+    # for 8 shapes; past that, torch runs the layers that hit the limit eagerly.
     name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo, name, max(getattr(dynamo, name), 2 * num_layers + 8))
+    limit = max(getattr(dynamo, name), 8 * (num_layers + 1))
+    setattr(dynamo, name, limit)
+    if hasattr(dynamo, "accumulated_recompile_limit"):
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
     # A hook added after compiling (a module's first StableHook) must make its caller compile again,
     # or the compiled code never calls it: torch skips the guards on hooks by default.
     dynamo.skip_nnmodule_hook_guards = False

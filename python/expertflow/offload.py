@@ -62,30 +62,35 @@ class StableHook:
     torch.compile traces the hooks a module has when it compiles; replacing one by another does not
     always recompile (its guards may see the same number of hooks), and the compiled code would call
     the hook it was traced with: a closed engine's, a finished benchmark run's. So each module gets
-    one dispatcher of each kind, registered once and never removed, eager under compile, which calls
-    the hooks present now. ``fn(module, inputs[, output])`` as torch's hooks take them; a forward
+    one dispatcher of each kind while it has hooks, eager under compile, which calls the hooks
+    present now. ``fn(module, inputs[, output])`` as torch's hooks take them; a forward
     hook's non-None result replaces the output, a pre-hook's the inputs. :meth:`remove` takes it out.
     """
 
     def __init__(self, module: nn.Module, fn: Callable, pre: bool = False) -> None:
-        attr = "_expertflow_pre_hooks" if pre else "_expertflow_hooks"
-        hooks = module.__dict__.get(attr)
+        self._module, self._attr = module, "_expertflow_pre_hooks" if pre else "_expertflow_hooks"
+        hooks = module.__dict__.get(self._attr)
         if hooks is None:
-            hooks = module.__dict__[attr] = {}
-            if pre:
-                module.register_forward_pre_hook(_dispatch_pre_hooks)
-            else:
-                module.register_forward_hook(_dispatch_hooks)
-        self._hooks, self._key = hooks, object()
+            hooks = module.__dict__[self._attr] = {}
+            handle = (module.register_forward_pre_hook(_dispatch_pre_hooks) if pre
+                      else module.register_forward_hook(_dispatch_hooks))
+            module.__dict__[self._attr + "_handle"] = handle
+        self._key = object()
         hooks[self._key] = fn
 
     def remove(self) -> None:
-        self._hooks.pop(self._key, None)
+        """Takes the hook out, and the dispatcher with the module's last one: compiled code then
+        has no break for it (it is the same function when it comes back)."""
+        hooks = self._module.__dict__.get(self._attr)
+        if hooks is None or hooks.pop(self._key, None) is None or hooks:
+            return
+        self._module.__dict__.pop(self._attr + "_handle").remove()
+        del self._module.__dict__[self._attr]
 
 
 @torch.compiler.disable  # host code (the policy's planning, a benchmark's clock): eager under compile
 def _dispatch_hooks(module: nn.Module, inputs, output):
-    for fn in list(module.__dict__["_expertflow_hooks"].values()):
+    for fn in list(module.__dict__.get("_expertflow_hooks", {}).values()):
         result = fn(module, inputs, output)
         output = output if result is None else result
     return output
@@ -93,7 +98,7 @@ def _dispatch_hooks(module: nn.Module, inputs, output):
 
 @torch.compiler.disable
 def _dispatch_pre_hooks(module: nn.Module, inputs):
-    for fn in list(module.__dict__["_expertflow_pre_hooks"].values()):
+    for fn in list(module.__dict__.get("_expertflow_pre_hooks", {}).values()):
         result = fn(module, inputs)
         inputs = inputs if result is None else result
     return inputs
@@ -528,8 +533,9 @@ class OffloadEngine:
         num_experts = self.num_experts
         nxt = layer.next if self.policy.gate_from_router else None
         with torch.no_grad():
-            if nxt is not None:
-                guess = self.architecture.router_top_k(nxt.router, hidden_states)
+            if nxt is not None:  # a benchmark's forced routing stands for the next router's too
+                forced = nxt.module.forced_routing
+                guess = forced() if forced is not None else self.architecture.router_top_k(nxt.router, hidden_states)
                 both = torch.cat([routing, guess.to(routing.dtype)], dim=1).cpu().numpy()
                 chosen, gate = both[:, :k], both[:, k:]
             else:

@@ -209,17 +209,19 @@ class _ForcedExperts:
     until :meth:`remove`."""
 
     def __init__(self, module: OffloadedExperts, forced: Callable[[], torch.Tensor]) -> None:
-        self.module = module
+        self.module, self.forced = module, forced
         module.forced_routing = forced
 
     def remove(self) -> None:
-        self.module.forced_routing = None
+        if self.module.forced_routing is self.forced:  # not a later forcer's
+            self.module.forced_routing = None
 
 
 def force_routing(model: torch.nn.Module, arch: Architecture, forced) -> list:
-    """Replaces each MoE layer's expert indices with ``forced(layer)`` ``[T, k]`` (a trace's choice):
-    offloaded top-k experts take it themselves, eagerly; other routers (the resident model's,
-    Switch's) through a forward hook. Returns the handles (``remove()``)."""
+    """Replaces each MoE layer's expert indices with ``forced(layer)`` ``[T, k]`` (a trace's choice)
+    in top-k models: offloaded experts take it themselves, eagerly (and for the engine's gate-ahead
+    guess of their layer); the resident model's routers through a forward hook. Returns the handles
+    (``remove()``)."""
     handles: list = []
     experts = [m for m in model.modules() if isinstance(m, OffloadedExperts) or type(m).__name__ == arch.experts_class]
     for layer, (router, module) in enumerate(zip(_routers(model, arch), experts, strict=True)):
@@ -416,6 +418,8 @@ def _checked_device(cfg: BenchConfig) -> tuple:
     device = torch.device("cuda" if backend.is_gpu else "cpu")
     if cfg.accelerate and (device.type != "cuda" or cfg.arch is None):
         raise ValueError("--accelerate compares with accelerate's device_map offload: it needs a GPU and an --arch model")
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise ValueError("--cuda-graphs needs a CUDA device; this machine runs the benchmark on the CPU. Leave it off here")
     return backend, device
 
 
@@ -427,8 +431,6 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
     ``"partial": True`` (no ``x_lru`` nor ``x_gpu_only``, no accelerate run yet), so that a run cut
     short (a time limit) still leaves the configurations it finished."""
     backend, device = _checked_device(cfg)
-    if cfg.cuda_graphs and device.type != "cuda":
-        raise ValueError("--cuda-graphs needs a CUDA device; this machine runs the benchmark on the CPU. Leave it off here")
     logging.getLogger("expertflow").setLevel(logging.WARNING)
     m = model if model is not None else BenchModel(cfg, device, backend)
     if cfg.cuda_graphs:  # every configuration alike (all_gpu, GPU-only, the CPU's modes, transformers' own)
