@@ -5,13 +5,15 @@ right with probability 0.8 (``noisy-oracle:0.8``, the trained predictor's recall
 future itself (its prefetches), from the latest runs (made by the commands in docs/cpu_experts.md;
 RUNS says which code each panel ran and which rows of a file give each mode): the median over runs
 and rounds, with a bar from the fastest to the slowest; the expertflow policy's rows only. Writes
-docs/img/cpu-experts-h200.png.
+docs/img/cpu-experts-h200.png; with ``--cuda-graphs``, the runs with decoding's non-expert layers as
+CUDA graphs (GRAPH_RUNS) to docs/img/cpu-experts-cuda-graphs-h200.png.
 
-    python benchmarks/cpu_experts_plot.py
+    python benchmarks/cpu_experts_plot.py [--cuda-graphs]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
@@ -20,7 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from cpu_experts_floors_table import BENCH_FILES, ROUNDS_FILES
+from cpu_experts_floors_table import BENCH_FILES, GRAPHS_BENCH_FILES, GRAPHS_ROUNDS_FILES, ROUNDS_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"off": "GPU only (off)", "auto": "auto", "on": "CPU for every miss (on)"}
@@ -56,14 +58,31 @@ RUNS: dict[tuple[str, int], tuple[list[tuple[str, Modes]], str]] = {
     ("oracle", 4): (bench_file("b4-oracle"), "1 run"),
     ("oracle", 16): ([("cpu_experts_fcbackfill_h200-b16.json", PLAIN)], "1 run, earlier code"),
 }
+# With CUDA graphs (one device session, the floors script with CUDA_GRAPHS=1): batch 1 one run (10,
+# 25, 50%; on too) and 2 rounds (25, 50%; off and auto); batch 4 one run cut short (history at 10 and
+# 25%, the 80%-right forecast at 10%); batch 16 and batch 4 with the true future not run.
+GRAPHS_B1 = [(GRAPHS_BENCH_FILES["b1"][0], PLAIN), (GRAPHS_ROUNDS_FILES["rounds"][0], {"off": "normal", "auto": "normal"})]
+GRAPH_RUNS: dict[tuple[str, int], tuple[list[tuple[str, Modes]], str]] = {
+    **{(forecast, 1): (GRAPHS_B1, "10%: 1 run; 25, 50%: 1 run and 2 rounds") for forecast in FORECASTS},
+    ("history", 4): ([(GRAPHS_BENCH_FILES["b4"][0], PLAIN)], "1 run, cut short: 10, 25%"),
+    ("noisy-oracle:0.8", 4): ([(GRAPHS_BENCH_FILES["b4"][0], PLAIN)], "1 run, cut short: 10% (25%: GPU-only)"),
+}
 
 
 def main() -> None:
-    batches = sorted({batch for _, batch in RUNS})
-    fig, axes = plt.subplots(len(FORECASTS), len(batches), figsize=(12, 10), squeeze=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cuda-graphs", action="store_true", help="plot the runs with CUDA graphs instead")
+    args = parser.parse_args()
+    runs = GRAPH_RUNS if args.cuda_graphs else RUNS
+    batches = sorted({batch for _, batch in runs})
+    fig, axes = plt.subplots(len(FORECASTS), len(batches), figsize=(4 * len(batches), 10), squeeze=False)
     for row, (forecast, forecast_label) in zip(axes, FORECASTS.items()):
         for ax, batch in zip(row, batches):
-            files, label = RUNS[(forecast, batch)]
+            if (forecast, batch) not in runs:
+                ax.set_title(f"batch {batch}, {forecast_label}: not run", fontsize=9)
+                ax.axis("off")
+                continue
+            files, label = runs[(forecast, batch)]
             results = [json.loads((ROOT / "benchmarks/results" / f).read_text()) for f, _ in files]
             for mode in ("off", "auto", "on"):
                 by_share: dict[float, list[float]] = {}
@@ -92,9 +111,11 @@ def main() -> None:
             ax.legend(fontsize=7)
     first = results[0]
     fig.suptitle(f"{first['arch']} shape, {first['num_layers']} layers, expertflow policy, "
-                 f"{first['machine']['device']} and its 16 cores", fontsize=9)
+                 f"{first['machine']['device']} and its 16 cores"
+                 + ("\ndecoding with CUDA graphs (GPU-only and auto alike)" if args.cuda_graphs else ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(ROOT / "docs/img/cpu-experts-h200.png", dpi=120)
+    fig.savefig(ROOT / ("docs/img/cpu-experts-cuda-graphs-h200.png" if args.cuda_graphs else "docs/img/cpu-experts-h200.png"),
+                dpi=120)
 
 
 if __name__ == "__main__":
