@@ -271,7 +271,7 @@ def test_compiled_decoding_gives_the_resident_tokens_and_follows_a_new_engine(ch
     want = tokens(reference)
     model, arch, pool = load_offloaded(folder, progress=False)
     try:
-        with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        with pytest.raises(ValueError, match="CUDA graphs needs a CUDA device"):
             enable_cuda_graphs(model)
         with pytest.raises(ValueError, match="mode must be one of"):
             enable_cuda_graphs(model, mode="fast")

@@ -30,7 +30,7 @@ from .policies import make_policy
 from .runtime import ExpertCache, ExpertFlowError, ExpertPool, backend_uses_gpu, get_backend, packed_bytes
 from .units import format_bytes, parse_bytes, parse_slots
 
-__all__ = ["from_pretrained", "enable_cuda_graphs", "load_offloaded", "attach", "offloaded_experts", "moe_layers", "plan_slots", "read_config",
+__all__ = ["from_pretrained", "enable_cuda_graphs", "compile_mode", "load_offloaded", "attach", "offloaded_experts", "moe_layers", "plan_slots", "read_config",
            "compute_dtype", "parse_bytes", "format_bytes"]
 
 log = logging.getLogger(__name__)
@@ -454,6 +454,19 @@ def load_offloaded(
                                          pool_format=pool_format)
 
 
+def compile_mode(device: torch.device, mode: str | None = None) -> str:
+    """The torch.compile mode decoding on ``device`` compiles with (:func:`enable_cuda_graphs`):
+    ``mode``, by default ``"reduce-overhead"`` (CUDA graphs), which needs a CUDA device. Checked
+    before any weight loads where the device is known first (``from_pretrained``, the benchmark)."""
+    if mode is None and device.type != "cuda":
+        raise ValueError(f"decoding with CUDA graphs needs a CUDA device; this runs on {device.type}. Leave them off "
+                         "here (enable_cuda_graphs(model, mode='default') compiles without graphs)")
+    mode = mode or "reduce-overhead"
+    if mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise ValueError(f"mode must be one of torch.compile's modes (default, reduce-overhead, ...), got '{mode}'")
+    return mode
+
+
 def enable_cuda_graphs(model: torch.nn.Module, mode: str | None = None) -> None:
     """Decodes ``model`` (one :func:`from_pretrained` returned) with its non-expert layers compiled:
     ``generate()`` then keeps a static KV cache and runs each decoding pass's attention, norms and
@@ -474,18 +487,13 @@ def enable_cuda_graphs(model: torch.nn.Module, mode: str | None = None) -> None:
     (prompt plus new tokens: the static cache's) replay, and each new shape compiles again, up to 8
     of them. A ``generate()`` argument overrides either generation setting.
     A hook added to a module later makes the code that calls it compile again (torch's hook guards
-    are turned on); ExpertFlow's own hooks (``offload.StableHook``) are added once a module."""
+    are turned on); ExpertFlow's own hooks (``offload.StableHook``) share one dispatcher a module."""
     from transformers import CompileConfig
 
     if not hasattr(model, "generation_config"):
         raise TypeError(f"enable_cuda_graphs needs a transformers model with generate(), not {type(model).__name__}")
     device = next(model.parameters()).device
-    if mode is None and device.type != "cuda":
-        raise ValueError(f"CUDA graphs need a CUDA device; this model is on {device.type}. Leave them off here, or "
-                         "pass mode='default' to compile without graphs")
-    mode = mode or "reduce-overhead"
-    if mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-        raise ValueError(f"mode must be one of torch.compile's modes (default, reduce-overhead, ...), got '{mode}'")
+    mode = compile_mode(device, mode)
     config = CompileConfig(fullgraph=False, dynamic=False, mode=mode)
     # transformers compiles on accelerators only unless told (a private flag; harmless where absent)
     config._compile_all_devices = device.type != "cuda"  # type: ignore[assignment]
@@ -505,8 +513,8 @@ def enable_cuda_graphs(model: torch.nn.Module, mode: str | None = None) -> None:
     # or the compiled code never calls it: torch skips the guards on hooks by default.
     dynamo.skip_nnmodule_hook_guards = False
     # A break inside the experts call resumes in the frames around it (decoder layer, model) instead
-    # of ending a graph in each: one graph from a layer's experts to the next layer's, not about five
-    # (each CUDA-graph replay costs host time: ~190 us under a profiler on the H200 machine).
+    # of ending a graph in each: about two graphs a layer, not five (each CUDA-graph replay costs
+    # host time: ~190 us under a profiler on the H200 machine).
     if hasattr(dynamo, "nested_graph_breaks"):
         dynamo.nested_graph_breaks = True
 
@@ -591,8 +599,8 @@ def from_pretrained(
     else:
         backend_obj = get_backend(backend)
     device = _device_for(backend_obj, device)
-    if cuda_graphs and device.type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs a CUDA device; this model would run on {device.type}. Leave it off here")
+    if cuda_graphs:
+        compile_mode(device)
     with _resident(Path(path), dtype, device, progress) as (model, arch, layers, ckpt, checkpoint_format):
         config = model.config
         pool_format = requested_format or checkpoint_format

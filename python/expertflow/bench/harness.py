@@ -38,7 +38,7 @@ from .. import _C
 from ..cpu_experts import CostModel, check_mode, check_threads
 from ..files import atomic_output
 from ..formats import FORMATS, ExpertFormat, expert_format
-from ..loader import attach, enable_cuda_graphs, load_offloaded, moe_layers, offloaded_experts
+from ..loader import attach, compile_mode, enable_cuda_graphs, load_offloaded, moe_layers, offloaded_experts
 from ..models import Architecture, architecture_for, model_dtype
 from ..offload import OffloadedExperts, StableHook
 from ..oracles import GateOracle, TraceOracle, TraceSchedule, parse_forecast
@@ -418,8 +418,8 @@ def _checked_device(cfg: BenchConfig) -> tuple:
     device = torch.device("cuda" if backend.is_gpu else "cpu")
     if cfg.accelerate and (device.type != "cuda" or cfg.arch is None):
         raise ValueError("--accelerate compares with accelerate's device_map offload: it needs a GPU and an --arch model")
-    if cfg.cuda_graphs and device.type != "cuda":
-        raise ValueError("--cuda-graphs needs a CUDA device; this machine runs the benchmark on the CPU. Leave it off here")
+    if cfg.cuda_graphs:
+        compile_mode(device)
     return backend, device
 
 
