@@ -1123,14 +1123,17 @@ def test_bench_runs_each_policy_with_and_without_cpu_experts(tmp_path):
 def test_the_bench_traces_each_layer_of_the_timed_run(tmp_path):
     """--layer-trace: every row carries one record per MoE layer per pass of the timed run (the
     prompt's, then each decode step's), in layer order; the decode passes' records add up to the
-    row's per-token counters (taken over the same steps)."""
+    row's per-token counters (taken over the same steps). A thread count given for the CPU's experts
+    sets theirs, and the runs without CPU experts (all_gpu first) run as they would without it."""
     from expertflow.bench import BenchConfig, run_bench
 
     folder = save(build("mixtral"), tmp_path / "m", "published")
     new_tokens, prompt = 5, [3, 14, 15]
     result = run_bench(BenchConfig(model=str(folder), routing="live", slots=["25%"], policies=["lru"],
                                    cpu_experts=["off", "on"], new_tokens=new_tokens, progress=False,
-                                   prompt_ids=prompt, layer_trace=True))
+                                   prompt_ids=prompt, layer_trace=True, cpu_threads=1))
+    assert [(r["policy"], r["cpu_experts"]) for r in result["rows"]] == [("all_gpu", "off"), ("lru", "off"), ("lru", "on")]
+    assert next(r for r in result["rows"] if r["cpu_experts"] == "on")["cpu_calibration"]["cpu_threads"] == 1
     num_layers, decoded = result["num_layers"], new_tokens - 1
     for row in result["rows"]:
         trace = row["layer_trace"]
@@ -1141,6 +1144,7 @@ def test_the_bench_traces_each_layer_of_the_timed_run(tmp_path):
         assert sum(r["misses"] for r in decode) == pytest.approx(row["demand_misses_per_token"] * decoded)
         assert all(1 <= r["experts"] <= 2 for r in decode)  # top-2 of one token
         assert all(r["host_ms"] > 0 and r["cpu_ms"] >= 0 and r["cpu_wait_ms"] >= 0 for r in trace)
+        assert trace[0]["gap_ms"] is None and all(r["gap_ms"] > 0 for r in trace[1:])
     on = next(r for r in result["rows"] if r["cpu_experts"] == "on")
     assert sum(r["cpu_experts"] for r in on["layer_trace"]) > 0 and all(r["misses"] == 0 for r in on["layer_trace"])
 

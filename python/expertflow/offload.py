@@ -281,8 +281,10 @@ class OffloadEngine:
         # A list: run_layer appends a record of each layer visit (a diagnostic: it costs two stats
         # reads a layer). layer, tokens, experts used, misses (demand loads), backfills, cpu_experts,
         # cpu_ms, cpu_wait_ms, host_ms (run_layer's host time; the GPU's work may finish in the next
-        # layer's), demand_ms (demand loads timed on the link since the last record: those landed).
+        # layer's), demand_ms (demand loads timed on the link since the last record: those landed),
+        # gap_ms (the host time since the previous record's visit returned; None for the first).
         self.layer_trace: list[dict] | None = None
+        self._layer_trace_end: float | None = None  # when the last traced visit returned
         self._set_up_cpu_experts(check_mode(cpu_experts, shard is not None), recalibrate, model,
                                  check_threads(cpu_threads, cpu_experts))
         self._expanders: dict[tuple[int, torch.dtype], SlotExpander] = {}  # per slot layout and dtype
@@ -513,14 +515,19 @@ class OffloadEngine:
                     self.cpu_ms, self.cpu_wait_ms)
 
         before = snapshot()
+        # The host time since the previous visit returned: the model's own layers between the two, the
+        # hooks, and at a pass's first layer the policy's step plan and the previous pass's sampling.
+        gap_ms = (before[0] - self._layer_trace_end) * 1e3 if self._layer_trace_end is not None else None
         out = self._run_layer(module, hidden_states, routing, weights)
         now = snapshot()
+        self._layer_trace_end = time.perf_counter()
         chosen = self.routing[module.layer]
         self.layer_trace.append({
             "layer": module.layer, "tokens": routing.shape[0],
             "experts": int(np.unique(chosen[chosen < self.num_experts]).size) if chosen is not None else 0,
             "misses": int(now[1] - before[1]), "backfills": int(now[2] - before[2]), "cpu_experts": now[4] - before[4],
             "cpu_ms": now[5] - before[5], "cpu_wait_ms": now[6] - before[6], "host_ms": (now[0] - before[0]) * 1e3,
+            "gap_ms": gap_ms,
             "demand_ms": now[3] - before[3]})
         return out
 

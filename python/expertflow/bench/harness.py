@@ -530,7 +530,7 @@ def run_bench(cfg: BenchConfig, model: BenchModel | None = None,
                 torch.cuda.reset_peak_memory_stats(device)
             engine = attach(m.model, m.arch, m.pool, num_slots, policy, owns_pool=False,
                             cpu_experts=mode, recalibrate=cfg.recalibrate and not m.recalibrated,
-                            cpu_threads=cfg.cpu_threads)
+                            cpu_threads=cfg.cpu_threads if mode != "off" else None)  # all_gpu, GPU-only: no CPU
             # one measurement serves every later run of the model
             m.recalibrated = m.recalibrated or (cfg.recalibrate and mode != "off")
             try:
