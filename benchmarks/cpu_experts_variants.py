@@ -19,6 +19,13 @@ variant alike. The variants:
 - ``cpu_misses``: auto whose layer choice sends every miss of 1 or 2 tokens with no byte on the link
   to the CPU, and keeps every copy already on its way on the link;
 - ``on``: every miss on the CPU (``cpu_experts="on"``), as built;
+- ``threads:N``: auto with N CPU threads (``cpu_threads``) instead of the default (the cores less
+  one beside a GPU): fewer leave more cores to the launching thread and the copy engine's dispatcher;
+- ``chunks:N``: off and auto with N prefetch chunks in flight (``max_chunks_in_flight``) instead of 2:
+  the link stays busy for longer while the dispatcher thread waits for a core;
+- ``backfill:N``: auto whose backfills are queued while fewer than N prefetch jobs are unfinished
+  (``backfill_max_pending_prefetches``) instead of 2: a CPU expert whose next use the forecast names
+  enters the cache for it behind a longer queue;
 - ``guess``: off and auto whose planner prefetches every forecast it trusts (``prefetch_confidence``
   equal to ``confidence``, 0.5): a forecast measured right 80% of the time is then a sure prefetch,
   where as built (0.9) it loads only on an idle link into a slot no forecast expects again.
@@ -38,6 +45,7 @@ of its run (``all_gpu_ms``); ``machine`` and ``pinned_gbps`` are the first run's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import bench_cli
@@ -60,9 +68,13 @@ def main() -> None:
     parser.add_argument("--variants", default="normal,onway_link")
     args = parser.parse_args()
     variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
+    def count_of(variant: str, kind: str) -> int | None:
+        name, _, n = variant.partition(":")
+        return int(n) if name == kind and n.isdigit() and int(n) >= 1 else None
+
+    unknown = [v for v in variants if v not in VARIANTS and all(count_of(v, kind) is None for kind in ("threads", "chunks", "backfill"))]
     if unknown or args.rounds < 1:
-        parser.error(f"--variants takes {', '.join(VARIANTS)} and --rounds at least 1")
+        parser.error(f"--variants takes {', '.join(VARIANTS)}, threads:N, chunks:N and backfill:N, and --rounds at least 1")
     cfg = BenchConfig(arch=args.arch, layers=args.layers, routing=args.routing, slots=args.slots.split(","),
                       policies=["expertflow"], predictors=args.predictors.split(","), cpu_experts=["off", "auto"],
                       new_tokens=args.new_tokens, cuda_graphs=args.cuda_graphs, progress=False)
@@ -70,6 +82,7 @@ def main() -> None:
     bytes_to_submit, choose, kept = ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose, Plan.kept_until_next_use
     left = cpu_experts.CostModel.misses_left_to_cpu
     attach = Expertflow.attach
+    cache_init = ExpertCache.__init__
 
     def trusting_attach(self, info):
         """``attach`` with every trusted forecast a sure prefetch."""
@@ -95,7 +108,7 @@ def main() -> None:
     kept_of = {"leave_kept": unkept_ahead, "leave_all": unkept_ahead}
     left_of = {"no_leave": lambda self, num_tokens: 0, "leave2": at_least_two, "leave_all": at_least_two}
     attach_of = {"guess": trusting_attach}
-    both_modes = ("normal", "guess")  # the variants that change GPU-only too run it too
+    both_modes = ("normal", "guess")  # the variants that change GPU-only too run it too (and chunks:N)
     rows: list[dict] = []
     meta: dict = {}
     command = bench_cli.command(__file__, args)
@@ -107,9 +120,14 @@ def main() -> None:
             Plan.kept_until_next_use = kept_of.get(variant, kept)  # type: ignore[method-assign]
             cpu_experts.CostModel.misses_left_to_cpu = left_of.get(variant, left)  # type: ignore[method-assign]
             Expertflow.attach = attach_of.get(variant, attach)  # type: ignore[method-assign]
-            modes = (["off", "auto"] if rnd % 2 == 0 else ["auto", "off"]) if variant in both_modes else [
+            chunks, backfills = count_of(variant, "chunks"), count_of(variant, "backfill")
+            options = {k: v for k, v in (("max_chunks_in_flight", chunks), ("backfill_max_pending_prefetches", backfills))
+                       if v is not None}
+            ExpertCache.__init__ = (functools.partialmethod(cache_init, **options)  # type: ignore[method-assign]
+                                    if options else cache_init)
+            modes = (["off", "auto"] if rnd % 2 == 0 else ["auto", "off"]) if variant in both_modes or chunks else [
                 "on" if variant == "on" else "auto"]
-            result = run_bench(dataclasses.replace(cfg, cpu_experts=modes), model)
+            result = run_bench(dataclasses.replace(cfg, cpu_experts=modes, cpu_threads=count_of(variant, "threads")), model)
             meta = meta or {"machine": result["machine"], "pinned_gbps": result["pinned_gbps"]}
             for r in result["rows"]:
                 if r["policy"] == "expertflow":
@@ -125,6 +143,7 @@ def main() -> None:
         Plan.kept_until_next_use = kept  # type: ignore[method-assign]
         cpu_experts.CostModel.misses_left_to_cpu = left  # type: ignore[method-assign]
         Expertflow.attach = attach  # type: ignore[method-assign]
+        ExpertCache.__init__ = cache_init  # type: ignore[method-assign]
         model.pool.close()
 
 
