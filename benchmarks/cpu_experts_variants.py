@@ -23,16 +23,14 @@ variant alike. The variants:
   one beside a GPU): fewer leave more cores to the launching thread and the copy engine's dispatcher;
 - ``chunks:N``: off and auto with N prefetch chunks in flight (``max_chunks_in_flight``) instead of 2:
   the link stays busy for longer while the dispatcher thread waits for a core;
-- ``backfill:N``: auto whose backfills are queued while fewer than N prefetch jobs are unfinished
-  (``backfill_max_pending_prefetches``) instead of 2: a CPU expert whose next use the forecast names
-  enters the cache for it behind a longer queue;
 - ``guess``: off and auto whose planner prefetches every forecast it trusts (``prefetch_confidence``
   equal to ``confidence``, 0.5): a forecast measured right 80% of the time is then a sure prefetch,
   where as built (0.9) it loads only on an idle link into a slot no forecast expects again.
 
 The variants that priced a CPU expert's later copy (``no_reuse``, ``later_half``, ``no_later``,
 ``no_later_all``, ``later_cheaper``) went with that price (docs/cpu_experts.md, the round that dropped
-it; the script as they ran is in git history).
+it; the script as they ran is in git history), and ``backfill:N`` (backfills queued behind up to N
+unfinished prefetch jobs instead of 2) with its native option (26cc02e), measured slower.
 
 Each row is a bench row (``expertflow.bench``) with its variant and round, and the resident step
 of its run (``all_gpu_ms``); ``machine`` and ``pinned_gbps`` are the first run's.
@@ -72,9 +70,9 @@ def main() -> None:
         name, _, n = variant.partition(":")
         return int(n) if name == kind and n.isdigit() and int(n) >= 1 else None
 
-    unknown = [v for v in variants if v not in VARIANTS and all(count_of(v, kind) is None for kind in ("threads", "chunks", "backfill"))]
+    unknown = [v for v in variants if v not in VARIANTS and all(count_of(v, kind) is None for kind in ("threads", "chunks"))]
     if unknown or args.rounds < 1:
-        parser.error(f"--variants takes {', '.join(VARIANTS)}, threads:N, chunks:N and backfill:N, and --rounds at least 1")
+        parser.error(f"--variants takes {', '.join(VARIANTS)}, threads:N and chunks:N, and --rounds at least 1")
     cfg = BenchConfig(arch=args.arch, layers=args.layers, routing=args.routing, slots=args.slots.split(","),
                       policies=["expertflow"], predictors=args.predictors.split(","), cpu_experts=["off", "auto"],
                       new_tokens=args.new_tokens, cuda_graphs=args.cuda_graphs, progress=False)
@@ -120,11 +118,9 @@ def main() -> None:
             Plan.kept_until_next_use = kept_of.get(variant, kept)  # type: ignore[method-assign]
             cpu_experts.CostModel.misses_left_to_cpu = left_of.get(variant, left)  # type: ignore[method-assign]
             Expertflow.attach = attach_of.get(variant, attach)  # type: ignore[method-assign]
-            chunks, backfills = count_of(variant, "chunks"), count_of(variant, "backfill")
-            options = {k: v for k, v in (("max_chunks_in_flight", chunks), ("backfill_max_pending_prefetches", backfills))
-                       if v is not None}
-            ExpertCache.__init__ = (functools.partialmethod(cache_init, **options)  # type: ignore[method-assign]
-                                    if options else cache_init)
+            chunks = count_of(variant, "chunks")
+            ExpertCache.__init__ = (cache_init if chunks is None else  # type: ignore[method-assign]
+                                    functools.partialmethod(cache_init, max_chunks_in_flight=chunks))
             modes = (["off", "auto"] if rnd % 2 == 0 else ["auto", "off"]) if variant in both_modes or chunks else [
                 "on" if variant == "on" else "auto"]
             result = run_bench(dataclasses.replace(cfg, cpu_experts=modes, cpu_threads=count_of(variant, "threads")), model)

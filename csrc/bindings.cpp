@@ -414,19 +414,17 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<Runtime, std::shared_ptr<Runtime>>(m, "Runtime")
       .def(py::init([](std::shared_ptr<ExpertPool> pool, int num_slots, size_t slot_bytes, const std::string& policy,
-                       size_t chunk_bytes, int max_chunks_in_flight, int backfill_max_pending_prefetches) {
+                       size_t chunk_bytes, int max_chunks_in_flight) {
              RuntimeOptions options;
              options.num_slots = num_slots;
              options.slot_bytes = slot_bytes;
              options.policy = policy;
              options.copy.chunk_bytes = chunk_bytes;
              options.copy.max_chunks_in_flight = max_chunks_in_flight;
-             options.backfill_max_pending_prefetches = backfill_max_pending_prefetches;
              return std::make_shared<Runtime>(std::move(pool), options);
            }),
            py::arg("pool"), py::arg("num_slots"), py::arg("slot_bytes") = 0, py::arg("policy") = "lru",
-           py::arg("chunk_bytes") = size_t{8} << 20, py::arg("max_chunks_in_flight") = 2,
-           py::arg("backfill_max_pending_prefetches") = kBackfillMaxPendingPrefetches)
+           py::arg("chunk_bytes") = size_t{8} << 20, py::arg("max_chunks_in_flight") = 2)
       .def_property_readonly("num_slots", &Runtime::num_slots)
       .def_property_readonly("slot_bytes", &Runtime::slot_bytes)
       .def_property_readonly("policy", [](const Runtime& r) { return policy_name(r.policy()); })

@@ -27,8 +27,6 @@ RuntimeOptions validated(const std::shared_ptr<ExpertPool>& pool, RuntimeOptions
            "num_slots=" << options.num_slots << " asks for " << static_cast<size_t>(options.num_slots) * options.slot_bytes
                         << " bytes of slots, more than the pool's " << num_experts << " experts need; give at most "
                         << num_experts << " slots (every expert resident)");
-  EF_CHECK(options.backfill_max_pending_prefetches >= 0,
-           "backfill_max_pending_prefetches must be at least 0, got " << options.backfill_max_pending_prefetches);
   options.slot_bytes = align_up(options.slot_bytes, kTensorAlignment);
   for (int l = 0; l < pool->num_layers(); ++l) {
     EF_CHECK(pool->expert_bytes(l) <= options.slot_bytes,
@@ -311,7 +309,7 @@ std::vector<uint8_t> Runtime::backfill(int layer, const std::vector<int>& expert
     if (state == CopyEngine::JobState::kStarted) cache_.set_backfilled(s);
   }
   for (size_t i = 0; i < experts.size(); ++i) {
-    if (slots[i] >= 0 || engine_->num_pending_prefetches() >= options_.backfill_max_pending_prefetches) continue;
+    if (slots[i] >= 0 || engine_->num_pending_prefetches() >= kBackfillMaxPendingPrefetches) continue;
     // Where the plan forecasts the expert's next use, its backfill is a prefetch for that use: due then,
     // and admitted as a prefetch is (cache.h): not for an expert never used again, and only over an
     // expert not needed before it. In the slot a demand miss takes, a CPU expert used again only

@@ -14,7 +14,7 @@
 //   demand miss would (never another of the call's), all are used in order, then unpinned. But a
 //   missing one's copy goes on the prefetch path, due at the layer's next visit, and nothing waits
 //   for it. So the cache evolves as if the GPU had run them, while the link works off the layer's
-//   critical path. A copy is queued only while fewer than backfill_max_pending_prefetches prefetch
+//   critical path. A copy is queued only while fewer than kBackfillMaxPendingPrefetches prefetch
 //   jobs are unfinished: behind a longer queue it would land late, and meanwhile hold a slot. Under
 //   the expertflow policy, where the plan forecasts a missing one's next use, its copy is a prefetch
 //   for that use instead: due then, and admitted as the plan's prefetches are (never for an expert
@@ -45,9 +45,8 @@
 
 namespace expertflow {
 
-// Unfinished prefetch jobs (queued or being submitted) below which backfill() still queues a copy, by
-// default (RuntimeOptions::backfill_max_pending_prefetches): one copying and one waiting keeps the link
-// busy without falling behind.
+// Unfinished prefetch jobs (queued or being submitted) below which backfill() still queues a copy:
+// one copying and one waiting keeps the link busy without falling behind.
 constexpr int kBackfillMaxPendingPrefetches = 2;
 
 // What backfill() did with each expert.
@@ -62,7 +61,6 @@ struct RuntimeOptions {
   size_t slot_bytes = 0;  // 0: the pool's largest expert
   std::string policy = "lru";
   CopyEngineOptions copy;
-  int backfill_max_pending_prefetches = kBackfillMaxPendingPrefetches;  // >= 0
 };
 
 struct RuntimeStats {

@@ -109,7 +109,6 @@ class Runtime:
         policy: str = "lru",
         chunk_bytes: int = 8388608,
         max_chunks_in_flight: int = 2,
-        backfill_max_pending_prefetches: int = 2,
     ) -> None: ...
     @property
     def num_slots(self) -> int: ...

@@ -319,7 +319,6 @@ class ExpertCache:
         policy: str = "lru",
         chunk_bytes: int = 8 << 20,
         max_chunks_in_flight: int = 2,
-        backfill_max_pending_prefetches: int = _C.BACKFILL_MAX_PENDING_PREFETCHES,
         experts_per_token: int | None = None,
     ) -> None:
         if experts_per_token is not None and num_slots < experts_per_token:
@@ -328,8 +327,7 @@ class ExpertCache:
                 f"give the cache at least {experts_per_token} slots"
             )
         self.pool = pool
-        self._native = _C.Runtime(pool.native, num_slots, slot_bytes or 0, policy, chunk_bytes, max_chunks_in_flight,
-                                  backfill_max_pending_prefetches)
+        self._native = _C.Runtime(pool.native, num_slots, slot_bytes or 0, policy, chunk_bytes, max_chunks_in_flight)
         self._arena: torch.Tensor | None = torch.from_dlpack(self._native.arena_dlpack())
         self._gpu = pool.backend.is_gpu
         pool._caches.add(self)  # closing the pool closes this cache first: its copies read the pool
@@ -526,7 +524,7 @@ class ExpertCache:
         their next use, as if :meth:`acquire` had taken them: each counts as used, and a missing one
         takes the slot a demand miss would (never another of the same call's). Its copy goes on the
         prefetch path, due at the layer's next visit, and nothing waits for it. A copy is queued only
-        while fewer than ``backfill_max_pending_prefetches`` (2 by default) prefetches are unfinished. One held
+        while fewer than ``_C.BACKFILL_MAX_PENDING_PREFETCHES`` (2) prefetches are unfinished. One held
         whose copy has not started is cancelled and then treated as missing (its bytes move only where
         a backfill's would); one whose copy has started is kept. A new plan does not cancel a
         backfill as stale, though a miss or a plan's prefetch may still evict it.
