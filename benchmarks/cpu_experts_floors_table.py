@@ -50,8 +50,13 @@ ROUNDS_FILES = {"rounds": ("cpu_experts_floors_rounds_h200.json", "normal"),
 # The same stages run with decoding's non-expert layers as CUDA graphs (GPU-only and auto alike:
 # the floors script with CUDA_GRAPHS=1), judged apart with --cuda-graphs.
 GRAPHS_BENCH_FILES = {stage: (name.replace("_floors_", "_cuda_graphs_"), batch) for stage, (name, batch) in BENCH_FILES.items()}
+# The screens' files (one round each, 25% slots) hold the code as built under the variant "normal"
+# beside variants measured and not kept (docs/cpu_experts.md); the first stopped at its second variant.
 GRAPHS_ROUNDS_FILES = {"rounds": ("cpu_experts_cuda_graphs_rounds_h200.json", "normal"),
-                       "rounds4": ("cpu_experts_cuda_graphs_rounds4_h200.json", "normal")}
+                       "rounds4": ("cpu_experts_cuda_graphs_rounds4_h200.json", "normal"),
+                       "screen-first": ("cpu_experts_cuda_graphs_threads_chunks_first_h200.json", "normal"),
+                       "screen-threads-chunks": ("cpu_experts_cuda_graphs_threads_chunks_h200.json", "normal"),
+                       "screen-backfill-leave": ("cpu_experts_cuda_graphs_backfill_leave_h200.json", "normal")}
 SPEEDUP_FLOOR, SLOWDOWN_FLOOR = 1.3, 1 / 1.03
 POOLED = ("rounds pooled", "rounds pooled, mean steps")
 MEASURED = ("predictor", "slot_share", "ms_per_token", "ms_per_token_mean", "prefill_ms")  # what a pair's rows must give
