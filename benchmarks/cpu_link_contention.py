@@ -6,8 +6,9 @@ both at once, the "second pipe" of CPU experts slows the first. On the H200 mach
 expert took 5.8 ms on the CPU alone and 9-12 ms inside decode steps (docs/cpu_experts.md); this
 separates the causes. ``--num-experts`` experts take turns, so that every call reads its expert from
 memory, as a step does, not from a last-level cache that one expert nearly fits (300 MB there).
-Each measurement is a median over ``--reps``, for each ``--kernels`` (torch's ``F.linear`` and the
-native ``HostLinear``):
+Each measurement is a median over ``--reps``, for each ``--kernels``: torch's ``F.linear`` (``torch``),
+the native ``HostLinear`` product by product (``native``), and the native whole-expert call that the
+engine's CPU experts run (``whole``: ``HostLinear.gated_silu``, both products and the SiLU in one call):
 
 1. ``cpu_alone_ms``: one expert (``x [tokens, H] @ gate_up.T``, SwiGLU, ``@ down.T``, bf16) from
    pinned memory, for each of ``--tokens``;
@@ -26,6 +27,8 @@ native ``HostLinear``):
         --out benchmarks/results/cpu-link-contention-threads-h200.json
     python benchmarks/cpu_link_contention.py --tokens 64 --contention-tokens 64 --kernels torch --threads 12,14,15,16 \
         --out benchmarks/results/cpu-link-contention-64-tokens-h200.json
+    python benchmarks/cpu_link_contention.py --tokens 1,2,3,4,8 --contention-tokens 4 --kernels whole,native \
+        --out benchmarks/results/cpu-link-contention-whole-4-tokens-h200.json   # batch 16's 4-token experts
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +67,7 @@ def main() -> None:
     p.add_argument("--ffn", type=int, default=14336)
     p.add_argument("--num-experts", type=int, default=4, help="experts taking turns (4 of Mixtral's: 1.4 GB)")
     p.add_argument("--tokens", default="1,4,16", help="comma-separated token counts for cpu_alone_ms")
-    p.add_argument("--kernels", default="torch,native", help="comma-separated: torch, native")
+    p.add_argument("--kernels", default="torch,native", help="comma-separated: torch, native, whole")
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--threads", default="", help="comma-separated CPU thread counts to sweep (default: none)")
     p.add_argument("--contention-tokens", type=int, default=1,
@@ -75,8 +79,8 @@ def main() -> None:
     token_counts = _int_list(args.tokens, "--tokens", p) or [1]
     sweep = _int_list(args.threads, "--threads", p)
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
-    if not kernels or set(kernels) - {"torch", "native"}:
-        p.error(f"--kernels takes torch and/or native, got '{args.kernels}'")
+    if not kernels or set(kernels) - {"torch", "native", "whole"}:
+        p.error(f"--kernels takes torch, native and whole, got '{args.kernels}'")
     gpu = torch.cuda.is_available()
     experts = []
     for _ in range(args.num_experts):
@@ -88,13 +92,17 @@ def main() -> None:
 
     def expert_fn(kernel: str, num_tokens: int, threads: int) -> tuple[Callable[[], None], Callable[[], None]]:
         """(one expert on the CPU, the next expert each call; its close)."""
-        linear = HostLinear(threads) if kernel == "native" else None
+        linear = HostLinear(threads) if kernel != "torch" else None
         product = linear if linear is not None else F.linear
         x = torch.randn(num_tokens, args.hidden, dtype=torch.bfloat16)
         turn = itertools.cycle(experts)
 
         def run() -> None:
             gate_up, down = next(turn)
+            if kernel == "whole":
+                if cast(HostLinear, linear).gated_silu(x, gate_up, down) is None:
+                    raise RuntimeError("the native kernel does not take this expert whole")
+                return
             g, u = product(x, gate_up).chunk(2, dim=-1)
             product(F.silu(g) * u, down)
 
