@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -108,6 +109,17 @@ def test_generate_prints_text_and_summary(capsys):
     assert main(["generate", "--prompt", "ROMEO:", "--max-new-tokens", "8", "--expert-slots", "25%"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("8 tokens in ") and "policy expertflow, 32 slots" in out[-1]
+
+
+def test_the_summary_counts_the_cpus_experts_among_the_uses(capsys):
+    """With CPU experts the hit ratio is over every use, the CPU's too: the fraction printed beside it
+    says so, and names the CPU's share."""
+    assert main(["generate", "--prompt", "ROMEO:", "--max-new-tokens", "4", "--expert-slots", "25%",
+                 "--cpu-experts", "on", "--cpu-threads", "1"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    ratio, hits, uses, num_cpu = re.search(r"hit ratio ([\d.]+)% \((\d+)/(\d+), (\d+) on the CPU", summary).groups()
+    assert int(num_cpu) > 0 and int(hits) < int(uses)
+    assert float(ratio) == pytest.approx(100 * int(hits) / int(uses), abs=0.05)
 
 
 def test_bench_every_policy_same_tokens(capsys, tmp_path):
@@ -242,6 +254,11 @@ def test_force_never_deletes_what_the_output_would_not_hold(tmp_path, capsys):
     (["generate", "--nproc-per-node", "2", "--cpu-experts", "on", "--prompt-ids", "1,2"], "does not combine with distributed"),
     (["bench", "--cpu-experts", "auto", "--cpu-threads", "0"], "--cpu-threads"),
     (["generate", "--cpu-threads", "2", "--prompt-ids", "1,2"], "cpu_threads applies to cpu_experts"),
+    (["generate", "--cpu-experts", "on", "--cpu-threads", "4097", "--prompt-ids", "1,2"], "4097 is more than 4096 threads"),
+    (["bench", "--new-tokens", "1"], "1 is below the minimum of 2"),
+    (["bench", "--out", "r.png"], "give a name that does not end in .png"),
+    (["bench", "--out", " "], "--out is empty"),
+    (["bench", "--layer-trace"], "--layer-trace adds its records to the JSON results"),
 ])
 def test_contradictory_arguments_are_refused(tmp_path, capsys, argv, message):
     if argv[0] == "synth-trace":

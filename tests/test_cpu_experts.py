@@ -688,8 +688,8 @@ def test_bad_modes_are_refused_before_loading(tmp_path):
         ef.from_pretrained(folder, cpu_experts="sometimes", progress=False)
     with pytest.raises(ValueError, match="does not combine with distributed"):
         ef.from_pretrained(folder, cpu_experts="on", distributed=True, progress=False)
-    for bad in (0, -2, 1.5, "4", True):
-        with pytest.raises(ValueError, match="cpu_threads must be a positive number of threads"):
+    for bad in (0, -2, 1.5, "4", True, 4097):
+        with pytest.raises(ValueError, match="cpu_threads must be a number of threads from 1 to 4096"):
             ef.from_pretrained(folder, cpu_experts="on", cpu_threads=bad, progress=False)
     with pytest.raises(ValueError, match="cpu_threads applies to cpu_experts 'auto' or 'on', not 'off'"):
         ef.from_pretrained(folder, cpu_experts="off", cpu_threads=2, progress=False)

@@ -93,6 +93,15 @@ def _port_number(text: str) -> int:
 
 
 POSITIVE = _int_at_least(1)
+
+
+def _cpu_threads(text: str) -> int:
+    from .cpu_experts import MAX_THREADS
+
+    value = _whole_number(text, 1)
+    if value > MAX_THREADS:
+        raise ValueError(f"{value} is more than {MAX_THREADS} threads")
+    return value
 NON_NEGATIVE = _int_at_least(0)
 def _expert_dtype(text: str) -> str:
     from .formats import expert_format
@@ -298,10 +307,14 @@ def _generate(model, input_ids, args: argparse.Namespace) -> tuple[list[int], fl
 
 
 def _summary(stats: dict, n: int, seconds: float) -> str:
+    # The hit ratio is over every expert use, the CPU's included (offload.hit_ratio).
+    num_cpu = stats.get("cpu_experts", 0)
+    cpu = f", {num_cpu} on the CPU ({stats['cpu_ms']:.1f} ms)" if "cpu_experts" in stats else ""
     return (
         f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s) | policy {stats['policy']}, {stats['num_slots']} slots | "
-        f"hit ratio {stats['hit_ratio']:.1%} ({stats['hits']}/{stats['accesses']}), prefetch hits {stats['prefetch_hits']}, "
-        f"wasted {stats['wasted_prefetches']}, copied {format_bytes(stats['bytes_copied'], si=True)}, stalled {stats['stall_ms']:.1f} ms"
+        f"hit ratio {stats['hit_ratio']:.1%} ({stats['hits']}/{stats['accesses'] + num_cpu}{cpu}), "
+        f"prefetch hits {stats['prefetch_hits']}, wasted {stats['wasted_prefetches']}, "
+        f"copied {format_bytes(stats['bytes_copied'], si=True)}, stalled {stats['stall_ms']:.1f} ms"
     )
 
 
@@ -340,6 +353,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .policies import POLICY_NAMES
 
     batches = args.batch
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out is empty: give the results' JSON file, e.g. --out results.json")
+    if args.out is not None and Path(args.out).suffix == ".png":
+        raise ValueError(f"--out {args.out} is the results' JSON file and its plot goes beside it with the suffix .png: "
+                         "give a name that does not end in .png, e.g. results.json")
+    if args.layer_trace and not (args.out or args.json):
+        raise ValueError("--layer-trace adds its records to the JSON results, which the table does not show: "
+                         "give --out FILE or --json")
     if args.accelerate and len(batches) > 1:
         raise ValueError("--accelerate runs with one --batch size: it compares with transformers' model, which the "
                          "first run frees")
@@ -483,7 +504,7 @@ def _cpu_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                        help="compute missed experts on the CPU from host memory: auto (a calibrated cost model "
                             "decides), on (every miss), off (the default)")
     p.add_argument("--recalibrate", action="store_true", help="measure this machine again for --cpu-experts (cached otherwise)")
-    p.add_argument("--cpu-threads", type=POSITIVE, default=None,
+    p.add_argument("--cpu-threads", type=_checked(_cpu_threads, "thread count"), default=None,
                    help="threads computing the CPU's experts, with --cpu-experts auto or on (default: torch's, beside a GPU at most "
                         "the cores less one)")
 
@@ -620,7 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="prompt text (checkpoints with a tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
     p.add_argument("--prompt-len", type=POSITIVE, default=16, help="random prompt length (--arch, or no prompt given)")
-    p.add_argument("--new-tokens", "--max-new-tokens", dest="new_tokens", type=POSITIVE, default=32)
+    p.add_argument("--new-tokens", "--max-new-tokens", dest="new_tokens", type=_int_at_least(2), default=32,
+                   help="tokens to generate, at least 2: the first comes from the prompt's pass, the rest are decode steps")
     p.add_argument("--accelerate", default=None, help="also run accelerate's device_map offload at this slot share's budget")
     _expert_dtype_arg(p)
     _cpu_args(p, several=True)

@@ -428,6 +428,9 @@ class HostLinear:
             self._kernel = None
 
 
+MAX_THREADS = 4096  # the native kernel's bound (HostLinear)
+
+
 def check_threads(num_threads: int | None, mode: str = "auto") -> int | None:
     """``num_threads`` as an int if it is None (the default) or a positive count of CPU threads, and
     ``mode`` (``cpu_experts``) may send experts to the CPU."""
@@ -437,8 +440,9 @@ def check_threads(num_threads: int | None, mode: str = "auto") -> int | None:
         count = operator.index(num_threads) if not isinstance(num_threads, bool) else 0
     except TypeError:
         count = 0
-    if count < 1:
-        raise ValueError(f"cpu_threads must be a positive number of threads (or None: torch's), got {num_threads!r}")
+    if not 1 <= count <= MAX_THREADS:
+        raise ValueError(f"cpu_threads must be a number of threads from 1 to {MAX_THREADS} (or None: torch's), "
+                         f"got {num_threads!r}")
     if mode == "off":
         raise ValueError("cpu_threads applies to cpu_experts 'auto' or 'on', not 'off'")
     return count
