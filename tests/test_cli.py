@@ -259,6 +259,7 @@ def test_force_never_deletes_what_the_output_would_not_hold(tmp_path, capsys):
     (["bench", "--out", "r.png"], "give a name that does not end in .png"),
     (["bench", "--out", " "], "--out is empty"),
     (["bench", "--layer-trace"], "--layer-trace adds its records to the JSON results"),
+    (["bench", "--policies", "lru", "--predictors", "history"], "--predictors drive the expertflow policy only"),
 ])
 def test_contradictory_arguments_are_refused(tmp_path, capsys, argv, message):
     if argv[0] == "synth-trace":

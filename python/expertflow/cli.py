@@ -381,7 +381,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.prompt is not None or args.prompt_ids is not None:
         raise ValueError("--prompt and --prompt-ids need a checkpoint's tokenizer and vocabulary; random-weight --arch "
                          "models take --prompt-len")
+    policies = _split(args.policies, "--policies") if args.policies != "all" else list(POLICY_NAMES)
     predictors = _split(args.predictors, "--predictors") if args.predictors is not None else None
+    if predictors is not None and "expertflow" not in policies:
+        raise ValueError(f"--predictors drive the expertflow policy only, which --policies {args.policies} does not run")
     if predictors is None:
         # The bundled predictor forecasts live generation; trace routing takes named forecasts.
         bundled = model is not None and Path(model).resolve() == BUNDLED_MODEL and args.routing == "live"
@@ -389,7 +392,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         model=model, arch=args.arch, layers=args.layers, routing=args.routing, batch=batches[0],
         slots=_split(args.slots, "--slots"),
-        policies=_split(args.policies, "--policies") if args.policies != "all" else list(POLICY_NAMES),
+        policies=policies,
         predictors=predictors, gate_accuracy=args.gate_accuracy, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
         prompt_ids=prompt_ids, transformers=args.arch is not None, accelerate=args.accelerate, expert_dtype=args.expert_dtype,
         cpu_experts=_split(args.cpu_experts, "--cpu-experts"), recalibrate=args.recalibrate, cpu_threads=args.cpu_threads,
