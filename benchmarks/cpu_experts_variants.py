@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--variants", default="normal,onway_link")
     args = parser.parse_args()
     variants = args.variants.split(",")
+
     def count_of(variant: str, kind: str) -> int | None:
         name, _, n = variant.partition(":")
         return int(n) if name == kind and n.isdigit() and int(n) >= 1 else None

@@ -93,6 +93,7 @@ def _port_number(text: str) -> int:
 
 
 POSITIVE = _int_at_least(1)
+NON_NEGATIVE = _int_at_least(0)
 
 
 def _cpu_threads(text: str) -> int:
@@ -102,7 +103,8 @@ def _cpu_threads(text: str) -> int:
     if value > MAX_THREADS:
         raise ValueError(f"{value} is more than {MAX_THREADS} threads")
     return value
-NON_NEGATIVE = _int_at_least(0)
+
+
 def _expert_dtype(text: str) -> str:
     from .formats import expert_format
 
