@@ -4,7 +4,8 @@
 # trace, Mixtral-8x7B shape, 8 layers, 10 / 25 / 50% slots.
 # Usage: benchmarks/cpu_experts_floors.sh TRACE_DIR OUT_DIR [stage ...]
 #   stages: build, gpu-tests, gil, b1, b4, b16-history, b16-noisy, p512, rounds, rounds4, b4-oracle,
-#   b16-oracle (default: all, in that order)
+#   b16-oracle (default: all, in that order), and p512-rounds (the 512-token prompt in rounds, its
+#   pass and decode steps of each round judged beside the pooled ones; not in the default)
 # Each stage after build fits a 10-minute device call on the H200 machine (measured: batch 16 takes
 # about 120 s a forecast, the rounds about 220 s, rounds4 about 270 s); a bench stage cut short keeps
 # the configurations it finished in its JSON ("partial": true).
@@ -45,6 +46,9 @@ for stage in $stages; do
     rounds4) run python3 benchmarks/cpu_experts_variants.py --routing "$trace" --slots 16,32 "${graphs[@]}" \
           --predictors history,noisy-oracle:0.8,oracle --variants normal --new-tokens 48 --rounds 4 \
           --out "$out/cpu_experts_${kind}_rounds4_h200.json" ;;
+    p512-rounds) run python3 benchmarks/cpu_experts_variants.py --routing "$trace" --slots 6,16,32 "${graphs[@]}" \
+          --predictors history,noisy-oracle:0.8,oracle --variants normal --new-tokens 4 --prompt-len 512 \
+          --rounds "${P512_ROUNDS:-3}" --out "$out/cpu_experts_${kind}_p512_rounds_h200.json" ;;
     b4-oracle) run "${bench[@]}" --predictors oracle --cpu-experts off,auto --new-tokens 32 --batch 4 \
           --out "$out/cpu_experts_${kind}_b4_oracle_h200.json" ;;
     b16-oracle) run "${bench[@]}" --predictors oracle --cpu-experts off,auto --new-tokens 32 --batch 16 \

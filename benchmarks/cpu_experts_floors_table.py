@@ -3,13 +3,15 @@
 
 Each ratio is GPU-only's decode step (``cpu_experts`` off) over ``auto``'s, by the median step, in
 the same process and, for the rounds files (``benchmarks/cpu_experts_variants.py``, ``auto`` of
-the variant each names in ``ROUNDS_FILES``), the same round; above 1, ``auto`` is faster. The rounds of all rounds files are also
-pooled: the mean of the rounds' GPU-only medians over the mean of ``auto``'s, and the same with
-their mean steps. The 512-token prompt's file gives the prompt's pass (``prefill_ms``) and its few
-decode steps apart. The floors, each judged over every ratio it covers, pooled ones included:
+the variant each names in ``ROUNDS_FILES``), the same round; above 1, ``auto`` is faster. The
+rounds of all rounds files are also pooled, by forecast, slots, batch and prompt length: the mean of
+the rounds' GPU-only medians over the mean of ``auto``'s, and the same with their mean steps. The
+512-token prompt's files (a bench file, and rounds files whose rows give ``prompt_len`` 512) give the
+prompt's pass (``prefill_ms``) and its few decode steps apart. The floors, each judged over every
+ratio it covers, pooled ones included:
 
 - batch 1 at 10% and 25% slots: ``auto`` at least 1.3x faster (the one-process batch-1 run and the
-  rounds);
+  batch-1 rounds of the short prompt);
 - no configuration (batch 1, 4, 16, the 512-token prompt) more than 3% slower: every ratio at
   least 1 / 1.03.
 
@@ -45,6 +47,7 @@ BENCH_FILES = {  # the floors script's stage -> (its file, its batch)
 # (docs/cpu_experts.md); their GPU-only rows are the variant "normal"'s of the same round.
 ROUNDS_FILES = {"rounds": ("cpu_experts_floors_rounds_h200.json", "normal"),
                 "rounds4": ("cpu_experts_floors_rounds4_h200.json", "normal"),
+                "p512-rounds": ("cpu_experts_floors_p512_rounds_h200.json", "normal"),
                 "rounds-unguarded4": ("cpu_experts_guard_rounds1_h200.json", "unguarded"),
                 "rounds-unguarded3": ("cpu_experts_guard_rounds2_h200.json", "unguarded")}
 # The same stages run with decoding's non-expert layers as CUDA graphs (GPU-only and auto alike:
@@ -54,12 +57,28 @@ GRAPHS_BENCH_FILES = {stage: (name.replace("_floors_", "_cuda_graphs_"), batch) 
 # beside variants measured and not kept (docs/cpu_experts.md); the first stopped at its second variant.
 GRAPHS_ROUNDS_FILES = {"rounds": ("cpu_experts_cuda_graphs_rounds_h200.json", "normal"),
                        "rounds4": ("cpu_experts_cuda_graphs_rounds4_h200.json", "normal"),
+                       "p512-rounds": ("cpu_experts_cuda_graphs_p512_rounds_h200.json", "normal"),
                        "screen-first": ("cpu_experts_cuda_graphs_threads_chunks_first_h200.json", "normal"),
                        "screen-threads-chunks": ("cpu_experts_cuda_graphs_threads_chunks_h200.json", "normal"),
                        "screen-backfill-leave": ("cpu_experts_cuda_graphs_backfill_leave_h200.json", "normal")}
 SPEEDUP_FLOOR, SLOWDOWN_FLOOR = 1.3, 1 / 1.03
 POOLED = ("rounds pooled", "rounds pooled, mean steps")
 MEASURED = ("predictor", "slot_share", "ms_per_token", "ms_per_token_mean", "prefill_ms")  # what a pair's rows must give
+# The bench's default prompt, and the long prompt whose pass and few decode steps after it are judged
+# apart (the p512 stage, and rounds files whose rows give that prompt_len): only the "never slower" floor.
+SHORT_PROMPT, LONG_PROMPT = 16, 512
+PROMPT_PARTS = (("the prompt's pass", "prefill_ms"), ("decode after the prompt", "ms_per_token"))
+
+
+def batch1_decode(record: dict) -> bool:
+    """Whether a record is of batch-1 decoding after the short prompt: what the speed-up floors cover."""
+    return record["batch"] == 1 and record["prompt_len"] < LONG_PROMPT
+
+
+# (label, which records it covers, the least ratio each must reach)
+FLOORS = (("batch 1, 10%: ≥ 1.3×", lambda r: batch1_decode(r) and r["slots"] == "10%", SPEEDUP_FLOOR),
+          ("batch 1, 25%: ≥ 1.3×", lambda r: batch1_decode(r) and r["slots"] == "25%", SPEEDUP_FLOOR),
+          ("never > 3% slower", lambda r: True, SLOWDOWN_FLOOR))
 
 
 class BadResults(ValueError):
@@ -82,14 +101,15 @@ def load_rows(path: Path) -> tuple[list[dict], bool]:
 
 def paired(rows: list[dict], path: Path, variant: str = "normal") -> list[tuple[dict, dict]]:
     """``[(GPU-only row, auto row)]``: each expertflow ``auto`` row (of ``variant`` where rows name
-    one) with its GPU-only row (``gpu_only_row``: the same forecast and slots, and round where rows
-    name one, of the variant ``normal``)."""
+    one) with its GPU-only row (``gpu_only_row``: the same forecast and slots, and round, batch and
+    prompt length where rows name them, of the variant ``normal``)."""
     try:
         autos = [r for r in rows if r["policy"] == "expertflow" and r["cpu_experts_asked"] == "auto"
                  and r.get("variant", "normal") == variant]
         pairs = [(off, auto) for off, auto in (
             (gpu_only_row(rows, {**r, "variant": "normal"} if "variant" in r else r,
-                          ("policy", "predictor", "slots", "variant", "round")), r) for r in autos) if off is not None]
+                          ("policy", "predictor", "slots", "variant", "round", "batch", "prompt_len")), r)
+            for r in autos) if off is not None]
     except (KeyError, TypeError, AttributeError) as e:
         raise BadResults(f"{path}: not a bench row ({type(e).__name__}: {e})") from e
     lacking = sorted({k for pair in pairs for r in pair for k in MEASURED if k not in r})
@@ -102,17 +122,19 @@ def judge(results: Path, bench_files: dict = BENCH_FILES,
           rounds_files: dict = ROUNDS_FILES) -> tuple[list[dict], dict[str, list[str]]]:
     """-> (one record a ratio, the files skipped by why: not found, cut short, no pair), from
     ``bench_files`` and ``rounds_files`` (stage -> file as ``BENCH_FILES``, ``ROUNDS_FILES``). A record:
-    forecast, slots (10%, 25%, 50%), batch, stage (the floors script's), what (one run, round N,
-    rounds pooled, rounds pooled with mean steps, the prompt's pass, decode after the prompt),
-    source (the files), off_ms, auto_ms and ratio (off over auto)."""
+    forecast, slots (10%, 25%, 50%), batch, prompt_len, stage (the floors script's), what (one run,
+    round N, rounds pooled, rounds pooled with mean steps; for a long prompt the prompt's pass and
+    the decode after it of each), source (the files), off_ms, auto_ms and ratio (off over auto).
+    Rounds pool by forecast, slots, batch and prompt length."""
     records: list[dict] = []
     skipped: dict[str, list[str]] = {"not found": [], "cut short (what finished counts)": [], "no GPU-only and auto pair": []}
 
-    def add(row: dict, batch: int, stage: str, what: str, source: str, off_ms: float, auto_ms: float) -> None:
+    def add(row: dict, batch: int, prompt_len: int, stage: str, what: str, source: str, off_ms: float,
+            auto_ms: float) -> None:
         """One ratio; ``row`` (either of the pair) gives its forecast and slots."""
         records.append({"forecast": row["predictor"], "slots": share_label(row["slot_share"]), "batch": batch,
-                        "stage": stage, "what": what, "source": source, "off_ms": off_ms, "auto_ms": auto_ms,
-                        "ratio": off_ms / auto_ms})
+                        "prompt_len": prompt_len, "stage": stage, "what": what, "source": source, "off_ms": off_ms,
+                        "auto_ms": auto_ms, "ratio": off_ms / auto_ms})
 
     def read(name: str, variant: str = "normal") -> list[tuple[dict, dict]]:
         path = results / name
@@ -130,21 +152,34 @@ def judge(results: Path, bench_files: dict = BENCH_FILES,
     for stage, (name, batch) in bench_files.items():
         for off, auto in read(name):
             if stage == "p512":
-                add(off, batch, stage, "the prompt's pass", name, off["prefill_ms"], auto["prefill_ms"])
-                add(off, batch, stage, "decode after the prompt", name, off["ms_per_token"], auto["ms_per_token"])
+                for what, field in PROMPT_PARTS:
+                    add(off, batch, LONG_PROMPT, stage, what, name, off[field], auto[field])
             else:
-                add(off, batch, stage, "one run", name, off["ms_per_token"], auto["ms_per_token"])
+                add(off, batch, SHORT_PROMPT, stage, "one run", name, off["ms_per_token"], auto["ms_per_token"])
     pools: dict[tuple, list[tuple[dict, dict]]] = {}
-    sources: list[str] = []
+    pool_sources: dict[tuple, list[str]] = {}
     for stage, (name, variant) in rounds_files.items():
-        pairs = read(name, variant)
-        sources += [name] if pairs else []
-        for off, auto in pairs:
-            add(off, 1, stage, f"round {off['round']}", name, off["ms_per_token"], auto["ms_per_token"])
-            pools.setdefault((off["predictor"], off["slots"]), []).append((off, auto))
-    for pairs in pools.values():
-        for what, field in zip(POOLED, ("ms_per_token", "ms_per_token_mean")):
-            add(pairs[0][0], 1, "rounds", f"{what} ({len(pairs)})", "+".join(sources),
+        for off, auto in read(name, variant):
+            batch, prompt_len = off.get("batch", 1), off.get("prompt_len", SHORT_PROMPT)
+            if prompt_len >= LONG_PROMPT:
+                for what, field in PROMPT_PARTS:
+                    add(off, batch, prompt_len, stage, f"round {off['round']}, {what}", name, off[field], auto[field])
+            else:
+                add(off, batch, prompt_len, stage, f"round {off['round']}", name, off["ms_per_token"], auto["ms_per_token"])
+            key = (off["predictor"], off["slots"], batch, prompt_len)
+            pools.setdefault(key, []).append((off, auto))
+            sources = pool_sources.setdefault(key, [])
+            if name not in sources:
+                sources.append(name)
+    for key, pairs in pools.items():
+        _, _, batch, prompt_len = key
+        n = len(pairs)
+        if prompt_len >= LONG_PROMPT:
+            parts = [(f"{POOLED[0]} ({n}), {what}", field) for what, field in PROMPT_PARTS]
+        else:
+            parts = [(f"{what} ({n})", field) for what, field in zip(POOLED, ("ms_per_token", "ms_per_token_mean"))]
+        for what, field in parts:
+            add(pairs[0][0], batch, prompt_len, "rounds", what, "+".join(pool_sources[key]),
                 statistics.fmean(off[field] for off, _ in pairs), statistics.fmean(auto[field] for _, auto in pairs))
     return records, skipped
 
@@ -182,14 +217,10 @@ def main() -> None:
         parser.error(f"no GPU-only and auto pair in the floors script's files in {args.results} "
                      f"({'; '.join(f'{why}: {len(names)}' for why, names in skipped.items() if names)}): "
                      "run benchmarks/cpu_experts_floors.sh first")
-    batch1_decode = ("b1", *rounds_files)
-    floors = [("batch 1, 10%: ≥ 1.3×", lambda r: r["stage"] in batch1_decode and r["slots"] == "10%", SPEEDUP_FLOOR),
-              ("batch 1, 25%: ≥ 1.3×", lambda r: r["stage"] in batch1_decode and r["slots"] == "25%", SPEEDUP_FLOOR),
-              ("never > 3% slower", lambda r: True, SLOWDOWN_FLOOR)]
     print("| floor | " + " | ".join(FORECASTS.values()) + " |")
     print("|---|" + "---|" * len(FORECASTS))
     failing = []
-    for label, covers, floor in floors:
+    for label, covers, floor in FLOORS:
         cells = []
         for forecast in FORECASTS:
             mine = [r for r in records if r["forecast"] == forecast and covers(r)]

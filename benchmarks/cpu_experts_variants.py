@@ -32,8 +32,10 @@ The variants that priced a CPU expert's later copy (``no_reuse``, ``later_half``
 it; the script as they ran is in git history), and ``backfill:N`` (backfills queued behind up to N
 unfinished prefetch jobs instead of 2) with its native option (26cc02e), measured slower.
 
-Each row is a bench row (``expertflow.bench``) with its variant and round, and the resident step
-of its run (``all_gpu_ms``); ``machine`` and ``pinned_gbps`` are the first run's.
+Each row is a bench row (``expertflow.bench``) with its variant and round, the resident step of its
+run (``all_gpu_ms``), and its ``batch`` and ``prompt_len`` (``--batch``, ``--prompt-len``: rounds
+of batch 4 or 16, or of a long prompt's pass, whose ``prefill_ms`` each row gives); ``machine`` and
+``pinned_gbps`` are the first run's.
 
     python benchmarks/cpu_experts_variants.py --routing trace:TRACES/mixtral-8x7b-instruct.gsm8k.jsonl \\
         --slots 32 --predictors oracle,history --new-tokens 48 --rounds 2 --variants normal,onway_link \\
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--predictors", default="oracle,history")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default="normal,onway_link")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    parser.add_argument("--prompt-len", type=int, default=16, help="tokens of each sequence's prompt")
     args = parser.parse_args()
     variants = args.variants.split(",")
 
@@ -74,9 +78,12 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS and all(count_of(v, kind) is None for kind in ("threads", "chunks"))]
     if unknown or args.rounds < 1:
         parser.error(f"--variants takes {', '.join(VARIANTS)}, threads:N and chunks:N, and --rounds at least 1")
+    if args.batch < 1 or args.prompt_len < 1:
+        parser.error("--batch and --prompt-len must be at least 1")
     cfg = BenchConfig(arch=args.arch, layers=args.layers, routing=args.routing, slots=args.slots.split(","),
                       policies=["expertflow"], predictors=args.predictors.split(","), cpu_experts=["off", "auto"],
-                      new_tokens=args.new_tokens, cuda_graphs=args.cuda_graphs, progress=False)
+                      new_tokens=args.new_tokens, batch=args.batch, prompt_len=args.prompt_len,
+                      cuda_graphs=args.cuda_graphs, progress=False)
     model = build_model(cfg)
     bytes_to_submit, choose, kept = ExpertCache.bytes_to_submit, cpu_experts.CostModel.choose, Plan.kept_until_next_use
     left = cpu_experts.CostModel.misses_left_to_cpu
@@ -128,7 +135,8 @@ def main() -> None:
             meta = meta or {"machine": result["machine"], "pinned_gbps": result["pinned_gbps"]}
             for r in result["rows"]:
                 if r["policy"] == "expertflow":
-                    rows.append({"variant": variant, "round": rnd, "all_gpu_ms": result["all_gpu_ms"], **r})
+                    rows.append({"variant": variant, "round": rnd, "all_gpu_ms": result["all_gpu_ms"],
+                                 "batch": result["batch"], "prompt_len": result["prompt_len"], **r})
                     tqdm.write(f"{variant:10s} round {rnd} {r['predictor']:7s} {r['slots']:>4} {r['cpu_experts']:5s} "
                                f"median {r['ms_per_token']:.2f} mean {r['ms_per_token_mean']:.2f} ms/token, "
                                f"{r['cpu_experts_per_token']:.2f} CPU experts/token, {r['bytes_per_token'] / 1e9:.2f} GB/token")

@@ -86,3 +86,39 @@ def test_the_cuda_graph_runs_are_judged_apart(tmp_path):
     plain, _ = table.judge(tmp_path)
     assert [(r["source"], r["ratio"]) for r in graphs] == [(graphs_b1, pytest.approx(40 / 25))]
     assert [(r["source"], r["ratio"]) for r in plain] == [(table.BENCH_FILES["b1"][0], pytest.approx(80 / 64))]
+
+
+def test_rounds_of_a_long_prompt_or_a_larger_batch_pool_apart_and_only_the_slowdown_floor_covers_them(tmp_path):
+    """Rows that give their batch and prompt length (the variants script's ``--batch``,
+    ``--prompt-len``) pool by them: a 512-token prompt's rounds give each round's pass and decode
+    after it, and pooled ratios of each; a batch-4 round pools apart from batch 1's. Neither counts
+    toward the batch-1 speed-up floors, and the slowdown floor covers them all."""
+    name = table.GRAPHS_ROUNDS_FILES["p512-rounds"][0]
+
+    def long(mode: str, ms: float, prefill_ms: float, rnd: int) -> dict:
+        return {**row(mode, ms, ms + 1, "normal", rnd), "batch": 1, "prompt_len": 512, "prefill_ms": prefill_ms}
+    write(tmp_path, name, [long("off", 40.0, 300.0, 0), long("auto", 30.0, 330.0, 0),
+                           long("off", 44.0, 310.0, 1), long("auto", 40.0, 290.0, 1)])
+    batch4 = table.GRAPHS_ROUNDS_FILES["rounds"][0]
+    write(tmp_path, batch4, [{**row("off", 60.0, 61.0, "normal", 0), "batch": 4},
+                             {**row("auto", 50.0, 52.0, "normal", 0), "batch": 4},
+                             row("off", 70.0, 71.0, "normal", 0), row("auto", 50.0, 51.0, "normal", 0)])
+    records, _ = table.judge(tmp_path, {}, table.GRAPHS_ROUNDS_FILES)
+    got = {(r["batch"], r["prompt_len"], r["what"]): r["ratio"] for r in records}
+    assert got == {
+        (1, 512, "round 0, the prompt's pass"): pytest.approx(300 / 330),
+        (1, 512, "round 0, decode after the prompt"): pytest.approx(40 / 30),
+        (1, 512, "round 1, the prompt's pass"): pytest.approx(310 / 290),
+        (1, 512, "round 1, decode after the prompt"): pytest.approx(44 / 40),
+        (1, 512, "rounds pooled (2), the prompt's pass"): pytest.approx((300 + 310) / (330 + 290)),
+        (1, 512, "rounds pooled (2), decode after the prompt"): pytest.approx((40 + 44) / (30 + 40)),
+        (4, 16, "round 0"): pytest.approx(60 / 50),
+        (4, 16, "rounds pooled (1)"): pytest.approx(60 / 50),
+        (4, 16, "rounds pooled, mean steps (1)"): pytest.approx(61 / 52),
+        (1, 16, "round 0"): pytest.approx(70 / 50),
+        (1, 16, "rounds pooled (1)"): pytest.approx(70 / 50),
+        (1, 16, "rounds pooled, mean steps (1)"): pytest.approx(71 / 51)}
+    ten, twenty_five, slowdown = (covers for _, covers, _ in table.FLOORS)
+    assert {(r["batch"], r["prompt_len"]) for r in records if twenty_five(r)} == {(1, 16)}
+    assert not any(ten(r) for r in records)  # all at 25% slots
+    assert all(slowdown(r) for r in records)
