@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -48,8 +49,16 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1)
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1))
     p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--switch-intervals", default=str(sys.getswitchinterval()),
+                   help="comma-separated seconds: Python's switch interval (sys.setswitchinterval), each in turn")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    try:
+        intervals = [float(s) for s in args.switch_intervals.split(",")]
+    except ValueError:
+        intervals = []
+    if not intervals or min(intervals) <= 0:
+        p.error(f"--switch-intervals takes positive seconds, comma-separated; got '{args.switch_intervals}'")
     g = torch.Generator().manual_seed(0)
     experts = [((torch.randn(2 * args.inter, args.hidden, generator=g) * 0.02).bfloat16(),
                 (torch.randn(args.hidden, args.inter, generator=g) * 0.02).bfloat16()) for _ in range(args.experts)]
@@ -67,10 +76,12 @@ def main() -> None:
         return y
 
     rows = []
+    switch_interval = sys.getswitchinterval()
     try:
         with torch.no_grad():
             assert torch.equal(composed(*experts[0]), native(*experts[0]))
-            for beside in ("nothing", "python", "torch ops"):
+            for interval, beside in itertools.product(intervals, ("nothing", "python", "torch ops")):
+                sys.setswitchinterval(interval)
                 stop = threading.Event()
                 thread = None if beside == "nothing" else threading.Thread(
                     target=neighbour, args=("python" if beside == "python" else "torch", stop), daemon=True)
@@ -85,14 +96,16 @@ def main() -> None:
                             start = time.perf_counter()
                             fn(*next(turn))
                             times.append((time.perf_counter() - start) * 1e3)
-                        rows.append({"beside": beside, "path": name, "ms": statistics.median(times),
-                                     "min_ms": min(times), "max_ms": max(times)})
-                        print(f"{beside:10s} {name:9s} {rows[-1]['ms']:8.2f} ms (median of {args.reps})")
+                        rows.append({"switch_interval_s": interval, "beside": beside, "path": name,
+                                     "ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)})
+                        print(f"switch {interval * 1e3:5.2f} ms {beside:10s} {name:9s} {rows[-1]['ms']:8.2f} ms "
+                              f"(median of {args.reps})")
                 finally:
                     stop.set()
                     if thread is not None:
                         thread.join()
     finally:
+        sys.setswitchinterval(switch_interval)
         linear.close()
     args.out.write_text(json.dumps({
         "command": bench_cli.command(__file__, args),

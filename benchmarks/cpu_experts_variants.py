@@ -21,6 +21,9 @@ variant alike. The variants:
 - ``on``: every miss on the CPU (``cpu_experts="on"``), as built;
 - ``threads:N``: auto with N CPU threads (``cpu_threads``) instead of the default (the cores less
   one beside a GPU): fewer leave more cores to the launching thread and the copy engine's dispatcher;
+- ``switch:US``: auto with Python's switch interval at most US microseconds while its CPU experts
+  run (``cpu_experts.FAST_SWITCH_S``, 500 as built); ``switch:5000`` is Python's default, as before
+  the executor lowered it;
 - ``chunks:N``: off and auto with N prefetch chunks in flight (``max_chunks_in_flight``) instead of 2:
   the link stays busy for longer while the dispatcher thread waits for a core;
 - ``guess``: off and auto whose planner prefetches every forecast it trusts (``prefetch_confidence``
@@ -75,9 +78,10 @@ def main() -> None:
         name, _, n = variant.partition(":")
         return int(n) if name == kind and n.isdigit() and int(n) >= 1 else None
 
-    unknown = [v for v in variants if v not in VARIANTS and all(count_of(v, kind) is None for kind in ("threads", "chunks"))]
+    counted = ("threads", "chunks", "switch")
+    unknown = [v for v in variants if v not in VARIANTS and all(count_of(v, kind) is None for kind in counted)]
     if unknown or args.rounds < 1:
-        parser.error(f"--variants takes {', '.join(VARIANTS)}, threads:N and chunks:N, and --rounds at least 1")
+        parser.error(f"--variants takes {', '.join(VARIANTS)}, threads:N, chunks:N and switch:US, and --rounds at least 1")
     if args.batch < 1 or args.prompt_len < 1:
         parser.error("--batch and --prompt-len must be at least 1")
     cfg = BenchConfig(arch=args.arch, layers=args.layers, routing=args.routing, slots=args.slots.split(","),
@@ -89,6 +93,7 @@ def main() -> None:
     left = cpu_experts.CostModel.misses_left_to_cpu
     attach = Expertflow.attach
     cache_init = ExpertCache.__init__
+    fast_switch_s = cpu_experts.FAST_SWITCH_S
 
     def trusting_attach(self, info):
         """``attach`` with every trusted forecast a sure prefetch."""
@@ -126,6 +131,8 @@ def main() -> None:
             Plan.kept_until_next_use = kept_of.get(variant, kept)  # type: ignore[method-assign]
             cpu_experts.CostModel.misses_left_to_cpu = left_of.get(variant, left)  # type: ignore[method-assign]
             Expertflow.attach = attach_of.get(variant, attach)  # type: ignore[method-assign]
+            switch_us = count_of(variant, "switch")
+            cpu_experts.FAST_SWITCH_S = fast_switch_s if switch_us is None else switch_us * 1e-6
             chunks = count_of(variant, "chunks")
             ExpertCache.__init__ = (cache_init if chunks is None else  # type: ignore[method-assign]
                                     functools.partialmethod(cache_init, max_chunks_in_flight=chunks))
@@ -149,6 +156,7 @@ def main() -> None:
         cpu_experts.CostModel.misses_left_to_cpu = left  # type: ignore[method-assign]
         Expertflow.attach = attach  # type: ignore[method-assign]
         ExpertCache.__init__ = cache_init  # type: ignore[method-assign]
+        cpu_experts.FAST_SWITCH_S = fast_switch_s
         model.pool.close()
 
 
