@@ -47,7 +47,7 @@ for stage in $stages; do
           --predictors history,noisy-oracle:0.8,oracle --variants normal --new-tokens 48 --rounds 4 \
           --out "$out/cpu_experts_${kind}_rounds4_h200.json" ;;
     p512-rounds) run python3 benchmarks/cpu_experts_variants.py --routing "$trace" --slots 6,16,32 "${graphs[@]}" \
-          --predictors history,noisy-oracle:0.8,oracle --variants normal --new-tokens 4 --prompt-len 512 \
+          --predictors history,noisy-oracle:0.8,oracle --variants normal --new-tokens 16 --prompt-len 512 \
           --rounds "${P512_ROUNDS:-3}" --out "$out/cpu_experts_${kind}_p512_rounds_h200.json" ;;
     b4-oracle) run "${bench[@]}" --predictors oracle --cpu-experts off,auto --new-tokens 32 --batch 4 \
           --out "$out/cpu_experts_${kind}_b4_oracle_h200.json" ;;

@@ -58,9 +58,15 @@ GRAPHS_BENCH_FILES = {stage: (name.replace("_floors_", "_cuda_graphs_"), batch) 
 GRAPHS_ROUNDS_FILES = {"rounds": ("cpu_experts_cuda_graphs_rounds_h200.json", "normal"),
                        "rounds4": ("cpu_experts_cuda_graphs_rounds4_h200.json", "normal"),
                        "p512-rounds": ("cpu_experts_cuda_graphs_p512_rounds_h200.json", "normal"),
+                       # the same with 3 decode steps after the prompt (--new-tokens 4), two rounds
+                       "p512-rounds-4tokens": ("cpu_experts_cuda_graphs_p512_rounds_4tokens_h200.json", "normal"),
                        "screen-first": ("cpu_experts_cuda_graphs_threads_chunks_first_h200.json", "normal"),
                        "screen-threads-chunks": ("cpu_experts_cuda_graphs_threads_chunks_h200.json", "normal"),
-                       "screen-backfill-leave": ("cpu_experts_cuda_graphs_backfill_leave_h200.json", "normal")}
+                       "screen-backfill-leave": ("cpu_experts_cuda_graphs_backfill_leave_h200.json", "normal"),
+                       # the switch interval's screens (batch 1 and 16) and two more rounds at 10 and 25%
+                       "screen-switch-b1": ("cpu_experts_cuda_graphs_switch_b1_h200.json", "normal"),
+                       "screen-switch-b16": ("cpu_experts_cuda_graphs_switch_b16_h200.json", "normal"),
+                       "rounds-switch": ("cpu_experts_cuda_graphs_rounds_switch_h200.json", "normal")}
 SPEEDUP_FLOOR, SLOWDOWN_FLOOR = 1.3, 1 / 1.03
 POOLED = ("rounds pooled", "rounds pooled, mean steps")
 MEASURED = ("predictor", "slot_share", "ms_per_token", "ms_per_token_mean", "prefill_ms")  # what a pair's rows must give

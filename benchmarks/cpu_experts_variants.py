@@ -21,6 +21,8 @@ variant alike. The variants:
 - ``on``: every miss on the CPU (``cpu_experts="on"``), as built;
 - ``threads:N``: auto with N CPU threads (``cpu_threads``) instead of the default (the cores less
   one beside a GPU): fewer leave more cores to the launching thread and the copy engine's dispatcher;
+- ``max_tokens:N``: auto whose layer choice keeps every miss of more than N tokens on the link
+  (a prompt's experts copy, as GPU-only's do);
 - ``switch:US``: auto with Python's switch interval at most US microseconds while its CPU experts
   run (``cpu_experts.FAST_SWITCH_S``, 500 as built); ``switch:5000`` is Python's default, as before
   the executor lowered it;
@@ -78,10 +80,10 @@ def main() -> None:
         name, _, n = variant.partition(":")
         return int(n) if name == kind and n.isdigit() and int(n) >= 1 else None
 
-    counted = ("threads", "chunks", "switch")
+    counted = ("threads", "chunks", "switch", "max_tokens")
     unknown = [v for v in variants if v not in VARIANTS and all(count_of(v, kind) is None for kind in counted)]
     if unknown or args.rounds < 1:
-        parser.error(f"--variants takes {', '.join(VARIANTS)}, threads:N, chunks:N and switch:US, and --rounds at least 1")
+        parser.error(f"--variants takes {', '.join(VARIANTS)}, threads:N, chunks:N, switch:US and max_tokens:N, and --rounds at least 1")
     if args.batch < 1 or args.prompt_len < 1:
         parser.error("--batch and --prompt-len must be at least 1")
     cfg = BenchConfig(arch=args.arch, layers=args.layers, routing=args.routing, slots=args.slots.split(","),
@@ -127,7 +129,11 @@ def main() -> None:
         order = [(r, v) for r in range(args.rounds) for v in (variants if r % 2 == 0 else variants[::-1])]
         for rnd, variant in tqdm(order, desc="variants"):
             ExpertCache.bytes_to_submit = bytes_to_submit_of.get(variant, bytes_to_submit)  # type: ignore[method-assign]
-            cpu_experts.CostModel.choose = choose_of.get(variant, choose)  # type: ignore[method-assign]
+            max_tokens = count_of(variant, "max_tokens")
+            cpu_experts.CostModel.choose = (  # type: ignore[method-assign]
+                choose_of.get(variant, choose) if max_tokens is None else
+                lambda self, num_tokens, copy_shares=None, cap=max_tokens: [
+                    cpu and n <= cap for cpu, n in zip(choose(self, num_tokens, copy_shares), num_tokens)])
             Plan.kept_until_next_use = kept_of.get(variant, kept)  # type: ignore[method-assign]
             cpu_experts.CostModel.misses_left_to_cpu = left_of.get(variant, left)  # type: ignore[method-assign]
             Expertflow.attach = attach_of.get(variant, attach)  # type: ignore[method-assign]
