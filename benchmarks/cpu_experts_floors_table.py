@@ -4,7 +4,8 @@
 Each ratio is GPU-only's decode step (``cpu_experts`` off) over ``auto``'s, by the median step, in
 the same process and, for the rounds files (``benchmarks/cpu_experts_variants.py``, ``auto`` of
 the variant each names in ``ROUNDS_FILES``), the same round; above 1, ``auto`` is faster. The
-rounds of all rounds files are also pooled, by forecast, slots, batch and prompt length: the mean of
+rounds of all rounds files are also pooled, by forecast, slots, batch and prompt length (a long
+prompt's rounds by file too: its files decode different numbers of steps after it): the mean of
 the rounds' GPU-only medians over the mean of ``auto``'s, and the same with their mean steps. The
 512-token prompt's files (a bench file, and rounds files whose rows give ``prompt_len`` 512) give the
 prompt's pass (``prefill_ms``) and its few decode steps apart. The floors, each judged over every
@@ -131,7 +132,7 @@ def judge(results: Path, bench_files: dict = BENCH_FILES,
     forecast, slots (10%, 25%, 50%), batch, prompt_len, stage (the floors script's), what (one run,
     round N, rounds pooled, rounds pooled with mean steps; for a long prompt the prompt's pass and
     the decode after it of each), source (the files), off_ms, auto_ms and ratio (off over auto).
-    Rounds pool by forecast, slots, batch and prompt length."""
+    Rounds pool by forecast, slots, batch and prompt length, and a long prompt's by file too."""
     records: list[dict] = []
     skipped: dict[str, list[str]] = {"not found": [], "cut short (what finished counts)": [], "no GPU-only and auto pair": []}
 
@@ -172,13 +173,14 @@ def judge(results: Path, bench_files: dict = BENCH_FILES,
                     add(off, batch, prompt_len, stage, f"round {off['round']}, {what}", name, off[field], auto[field])
             else:
                 add(off, batch, prompt_len, stage, f"round {off['round']}", name, off["ms_per_token"], auto["ms_per_token"])
-            key = (off["predictor"], off["slots"], batch, prompt_len)
+            # A long prompt's files differ in the decode steps after it: each file pools apart.
+            key = (off["predictor"], off["slots"], batch, prompt_len, stage if prompt_len >= LONG_PROMPT else None)
             pools.setdefault(key, []).append((off, auto))
             sources = pool_sources.setdefault(key, [])
             if name not in sources:
                 sources.append(name)
     for key, pairs in pools.items():
-        _, _, batch, prompt_len = key
+        _, _, batch, prompt_len, _ = key
         n = len(pairs)
         if prompt_len >= LONG_PROMPT:
             parts = [(f"{POOLED[0]} ({n}), {what}", field) for what, field in PROMPT_PARTS]
