@@ -45,7 +45,8 @@ def bench_file(stage: str) -> list[tuple[str, Modes]]:
     return [(BENCH_FILES[stage][0], PLAIN)]
 
 
-B1 = bench_file("b1") + [(name, {"off": "normal", "auto": variant, "on": "on"}) for name, variant in ROUNDS_FILES.values()]
+B1 = bench_file("b1") + [(name, {"off": "normal", "auto": variant, "on": "on"})
+                         for stage, (name, variant) in ROUNDS_FILES.items() if not stage.startswith("p512")]
 B1_LABEL = "10%: 1 run; 25, 50%: 1 run and 13 rounds (on: 2)"
 RUNS: dict[tuple[str, int], tuple[list[tuple[str, Modes]], str]] = {
     ("history", 1): (B1, B1_LABEL),
@@ -58,20 +59,27 @@ RUNS: dict[tuple[str, int], tuple[list[tuple[str, Modes]], str]] = {
     ("oracle", 4): (bench_file("b4-oracle"), "1 run"),
     ("oracle", 16): ([("cpu_experts_fcbackfill_h200-b16.json", PLAIN)], "1 run, earlier code"),
 }
-# With CUDA graphs (two device sessions, the floors script with CUDA_GRAPHS=1, and the second's
-# screens): batch 1 one run (10, 25, 50%; on too), 2 rounds (25, 50%; off and auto) and 3 screens'
-# rounds of the code as built (25%; the first without the 80%-right forecast); batch 4 one run cut
-# short (history at 10 and 25%, the 80%-right forecast at 10%); batch 16 one run (history), one cut
-# short (the 80%-right forecast at 10 and 25%); batch 4 and 16 with the true future not run.
+# With CUDA graphs (three device sessions, the floors script with CUDA_GRAPHS=1, and the screens):
+# batch 1 one run (10, 25, 50%; on too), 2 rounds (25, 50%; off and auto), 2 more (10, 25%) and the
+# screens' rounds of the code as built (25%; not every screen ran every forecast); batch 4 one run cut
+# short (history at 10 and 25%, the 80%-right forecast at 10%) and one with the true future; batch 16
+# one run (history) and the switch interval's screen (history, 25%: 2 rounds), one cut short (the
+# 80%-right forecast at 10 and 25%) and one with the true future.
 GRAPHS_B1 = [(GRAPHS_BENCH_FILES["b1"][0], PLAIN)] + [
     (GRAPHS_ROUNDS_FILES[stage][0], {"off": "normal", "auto": "normal"})
-    for stage in ("rounds", "screen-first", "screen-threads-chunks", "screen-backfill-leave")]
+    for stage in ("rounds", "rounds-switch", "screen-first", "screen-threads-chunks", "screen-backfill-leave",
+                  "screen-switch-b1")]
 GRAPH_RUNS: dict[tuple[str, int], tuple[list[tuple[str, Modes]], str]] = {
-    **{(forecast, 1): (GRAPHS_B1, "10%: 1 run; 25%: 1 run and 4-5 rounds; 50%: 1 run and 2 rounds") for forecast in FORECASTS},
+    **{(forecast, 1): (GRAPHS_B1, "1 run a share; rounds: 2 at 10%,\n5-9 at 25%, 2 at 50%")
+       for forecast in FORECASTS},
     ("history", 4): ([(GRAPHS_BENCH_FILES["b4"][0], PLAIN)], "1 run, cut short: 10, 25%"),
     ("noisy-oracle:0.8", 4): ([(GRAPHS_BENCH_FILES["b4"][0], PLAIN)], "1 run, cut short: 10% (25%: GPU-only)"),
-    ("history", 16): ([(GRAPHS_BENCH_FILES["b16-history"][0], PLAIN)], "1 run"),
+    ("oracle", 4): ([(GRAPHS_BENCH_FILES["b4-oracle"][0], PLAIN)], "1 run"),
+    ("history", 16): ([(GRAPHS_BENCH_FILES["b16-history"][0], PLAIN),
+                       (GRAPHS_ROUNDS_FILES["screen-switch-b16"][0], {"off": "normal", "auto": "normal"})],
+                      "1 run; 25%: 1 run and 2 rounds"),
     ("noisy-oracle:0.8", 16): ([(GRAPHS_BENCH_FILES["b16-noisy"][0], PLAIN)], "1 run, cut short: 10, 25%"),
+    ("oracle", 16): ([(GRAPHS_BENCH_FILES["b16-oracle"][0], PLAIN)], "1 run"),
 }
 
 
