@@ -725,7 +725,7 @@ def test_the_executor_runs_torch_with_its_own_thread_count_on_its_worker():
         inline.close()
 
 
-def test_an_open_asynchronous_executor_shortens_pythons_switch_interval_until_the_last_closes():
+def test_an_open_asynchronous_executor_shortens_pythons_switch_interval_until_the_last_closes(monkeypatch):
     """The worker needs Python's lock to start and end each expert: while an asynchronous executor is
     open the interval is at most FAST_SWITCH_S; it is restored (whatever it was) when the last one
     closes, and an inline executor leaves it alone. A shorter interval set by the caller stays."""
@@ -748,6 +748,16 @@ def test_an_open_asynchronous_executor_shortens_pythons_switch_interval_until_th
         sys.setswitchinterval(0.005)
         CpuExecutor(asynchronous=False, num_threads=1).close()
         assert sys.getswitchinterval() == pytest.approx(0.005)
+        # An executor that fails to start holds nothing: neither the interval nor its worker.
+        from expertflow import cpu_experts as module
+
+        def broken(num_threads):
+            raise RuntimeError("no kernel")
+        monkeypatch.setattr(module, "HostLinear", broken)
+        workers = threading.active_count()
+        with pytest.raises(RuntimeError, match="no kernel"):
+            CpuExecutor(asynchronous=True, num_threads=1)
+        assert sys.getswitchinterval() == pytest.approx(0.005) and threading.active_count() == workers
     finally:
         sys.setswitchinterval(before)
 

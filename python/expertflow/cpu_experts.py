@@ -517,8 +517,14 @@ class CpuExecutor:
             caller = torch.get_num_threads()
             self._pool.submit(lambda: None).result()
             torch.set_num_threads(caller)
+        try:
+            self.linear = HostLinear(self.num_threads)
+        except BaseException:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            raise
+        if self._pool is not None:  # last: nothing after it can fail and leave it held
             _hold_fast_switch()
-        self.linear = HostLinear(self.num_threads)
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         if self._pool is not None:
