@@ -58,7 +58,6 @@ import math
 import operator
 import os
 import platform
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -469,43 +468,13 @@ def default_threads(asynchronous: bool) -> int:
     return max(1, min(threads, cores - 1))
 
 
-# Python hands its lock to a thread that waits for it only once the holder has run for the switch
-# interval (5 ms by default). The worker needs the lock to start each expert and to end it, while the
-# thread launching the GPU's work runs the model's Python: a 3 ms expert could wait that long at
-# each end (on this repository's machine, an expert of 4.3 ms alone took 10.4 beside a thread of
-# pure Python at 5 ms, 5.0 at 0.5 ms: benchmarks/cpu_experts_gil.py). While an asynchronous
-# executor is open the interval is at most FAST_SWITCH_S; the last one to close restores it.
-FAST_SWITCH_S = 0.0005
-_switch_lock = threading.Lock()
-_switch_users = 0
-_switch_before = 0.0
-
-
-def _hold_fast_switch() -> None:
-    global _switch_users, _switch_before
-    with _switch_lock:
-        if _switch_users == 0:
-            _switch_before = sys.getswitchinterval()
-            sys.setswitchinterval(min(_switch_before, FAST_SWITCH_S))
-        _switch_users += 1
-
-
-def _release_fast_switch() -> None:
-    global _switch_users
-    with _switch_lock:
-        _switch_users -= 1
-        if _switch_users == 0:
-            sys.setswitchinterval(_switch_before)
-
-
 class CpuExecutor:
     """Runs CPU experts one after another on a worker thread (``asynchronous``) or inline; ``linear``
     is their products' kernel (:class:`HostLinear`).
 
     ``num_threads``: the native kernel's threads, and on the worker thread torch's too. Inline, torch's
     kernels keep the caller's threads. By default (:func:`default_threads`) the worker leaves a core
-    to the thread launching the GPU's work. While an asynchronous executor is open, Python's switch
-    interval is at most :data:`FAST_SWITCH_S` (see there)."""
+    to the thread launching the GPU's work."""
 
     def __init__(self, asynchronous: bool, num_threads: int | None = None) -> None:
         self.num_threads = check_threads(num_threads) or default_threads(asynchronous)
@@ -519,12 +488,10 @@ class CpuExecutor:
             torch.set_num_threads(caller)
         try:
             self.linear = HostLinear(self.num_threads)
-        except BaseException:
+        except BaseException:  # no worker left behind
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
             raise
-        if self._pool is not None:  # last: nothing after it can fail and leave it held
-            _hold_fast_switch()
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         if self._pool is not None:
@@ -541,7 +508,6 @@ class CpuExecutor:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-            _release_fast_switch()
         self.linear.close()
 
 
