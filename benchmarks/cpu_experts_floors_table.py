@@ -165,32 +165,28 @@ def judge(results: Path, bench_files: dict = BENCH_FILES,
                     add(off, batch, LONG_PROMPT, stage, what, name, off[field], auto[field])
             else:
                 add(off, batch, SHORT_PROMPT, stage, "one run", name, off["ms_per_token"], auto["ms_per_token"])
-    pools: dict[tuple, list[tuple[dict, dict]]] = {}
-    pool_sources: dict[tuple, list[str]] = {}
+    pools: dict[tuple, list[tuple[dict, dict, str]]] = {}  # (GPU-only row, auto row, file) by what pools
     for stage, (name, variant) in rounds_files.items():
         for off, auto in read(name, variant):
             batch, prompt_len = off.get("batch", 1), off.get("prompt_len", SHORT_PROMPT)
-            if prompt_len >= LONG_PROMPT:
-                for what, field in PROMPT_PARTS:
-                    add(off, batch, prompt_len, stage, f"round {off['round']}, {what}", name, off[field], auto[field])
-            else:
-                add(off, batch, prompt_len, stage, f"round {off['round']}", name, off["ms_per_token"], auto["ms_per_token"])
+            long_prompt = prompt_len >= LONG_PROMPT
+            parts = PROMPT_PARTS if long_prompt else (("", "ms_per_token"),)
+            for what, field in parts:
+                add(off, batch, prompt_len, stage, f"round {off['round']}" + (f", {what}" if what else ""), name,
+                    off[field], auto[field])
             # A long prompt's files differ in the decode steps after it: each file pools apart.
-            key = (off["predictor"], off["slots"], batch, prompt_len, name if prompt_len >= LONG_PROMPT else None)
-            pools.setdefault(key, []).append((off, auto))
-            sources = pool_sources.setdefault(key, [])
-            if name not in sources:
-                sources.append(name)
-    for key, pairs in pools.items():
-        _, _, batch, prompt_len, _ = key
-        n = len(pairs)
+            key = (off["predictor"], off["slots"], batch, prompt_len, name if long_prompt else None)
+            pools.setdefault(key, []).append((off, auto, name))
+    for (_, _, batch, prompt_len, _), pooled in pools.items():
+        n = len(pooled)
         if prompt_len >= LONG_PROMPT:
-            parts = [(f"{POOLED[0]} ({n}), {what}", field) for what, field in PROMPT_PARTS]
+            parts = tuple((f"{POOLED[0]} ({n}), {what}", field) for what, field in PROMPT_PARTS)
         else:
-            parts = [(f"{what} ({n})", field) for what, field in zip(POOLED, ("ms_per_token", "ms_per_token_mean"))]
+            parts = tuple((f"{what} ({n})", field) for what, field in zip(POOLED, ("ms_per_token", "ms_per_token_mean")))
+        sources = "+".join(dict.fromkeys(name for _, _, name in pooled))  # each file once, in order
         for what, field in parts:
-            add(pairs[0][0], batch, prompt_len, "rounds", what, "+".join(pool_sources[key]),
-                statistics.fmean(off[field] for off, _ in pairs), statistics.fmean(auto[field] for _, auto in pairs))
+            add(pooled[0][0], batch, prompt_len, "rounds", what, sources,
+                statistics.fmean(off[field] for off, _, _ in pooled), statistics.fmean(auto[field] for _, auto, _ in pooled))
     return records, skipped
 
 

@@ -118,7 +118,6 @@ def test_rounds_of_a_long_prompt_or_a_larger_batch_pool_apart_and_count_toward_n
         (1, 16, "round 0"): pytest.approx(70 / 50),
         (1, 16, "rounds pooled (1)"): pytest.approx(70 / 50),
         (1, 16, "rounds pooled, mean steps (1)"): pytest.approx(71 / 51)}
-    ten, twenty_five, _ = (covers for _, covers, _ in table.FLOORS)
     # Another file of the long prompt (fewer decode steps after it) pools apart from the first.
     write(tmp_path, table.GRAPHS_ROUNDS_FILES["p512-rounds-4tokens"][0], [long("off", 20.0, 200.0, 0), long("auto", 25.0, 250.0, 0)])
     pooled = {(r["source"], r["what"]): r["ratio"] for r in table.judge(tmp_path, {}, table.GRAPHS_ROUNDS_FILES)[0]
@@ -128,5 +127,6 @@ def test_rounds_of_a_long_prompt_or_a_larger_batch_pool_apart_and_count_toward_n
                       (name, "rounds pooled (2), decode after the prompt"): pytest.approx(84 / 70),
                       (short_name, "rounds pooled (1), the prompt's pass"): pytest.approx(200 / 250),
                       (short_name, "rounds pooled (1), decode after the prompt"): pytest.approx(20 / 25)}
+    ten, twenty_five, _ = (covers for _, covers, _ in table.FLOORS)
     assert {(r["batch"], r["prompt_len"]) for r in records if twenty_five(r)} == {(1, 16)}
     assert not any(ten(r) for r in records)  # all at 25% slots
